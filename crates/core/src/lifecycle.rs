@@ -1,0 +1,539 @@
+//! The request lifecycle as a pure state machine (DESIGN §2).
+//!
+//! `create` turns a policy decision into a new request; `step` applies one
+//! command to an existing request at a given `now`. Both return a
+//! [`Transition`]: the request as it must be stored and the audit events that
+//! must be committed with it, or neither. Authorization that depends on the
+//! request (who may approve, deny, revoke, review) is decided here too, so it
+//! is the same for every caller.
+
+use serde_json::json;
+use thiserror::Error;
+
+use crate::model::{
+    Actor, Approval, COMMENT_LEN_MAX, EndReason, NAME_LEN_MAX, NOTES_LEN_MAX, Principal,
+    REASON_LEN_MAX, Request, Review, ReviewOutcome, State, TICKET_LEN_MAX,
+};
+use crate::policy::Decision;
+use crate::time::{DURATION_MAX_S, Timestamp, format_duration};
+
+/// What a requester asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRequest {
+    pub target: String,
+    pub role: String,
+    pub duration_s: u64,
+    pub reason: String,
+    pub ticket: Option<String>,
+    pub emergency: bool,
+}
+
+/// A command applied to an existing request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Approve a pending request, or countersign an active emergency grant.
+    Approve { comment: Option<String> },
+    Deny { reason: String },
+    Cancel,
+    /// End an active grant early: a release when the requester does it.
+    Revoke { reason: String },
+    Review { outcome: ReviewOutcome, notes: String },
+    /// Apply whatever deadline has passed at `now` (system only).
+    Tick,
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Approve { .. } => "approve",
+            Command::Deny { .. } => "deny",
+            Command::Cancel => "cancel",
+            Command::Revoke { .. } => "revoke",
+            Command::Review { .. } => "review",
+            Command::Tick => "tick",
+        }
+    }
+}
+
+/// An audit event before the store gives it a `seq` and a place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventDraft {
+    pub actor: String,
+    pub action: String,
+    pub request_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// The outcome of a successful step: the new request (version bumped) and its
+/// events. `expected_version` is the version the step was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub expected_version: u64,
+    pub request: Request,
+    pub events: Vec<EventDraft>,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LifecycleError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("no policy permits this: {0}")]
+    PolicyDenied(String),
+    #[error(
+        "requested duration {} exceeds the maximum of {} set by policy {policy}",
+        format_duration(*requested_s),
+        format_duration(*max_s)
+    )]
+    DurationExceedsPolicy {
+        requested_s: u64,
+        max_s: u64,
+        policy: String,
+    },
+    #[error("{0}")]
+    Ticket(String),
+    #[error("the requester cannot approve, deny, countersign or review their own request")]
+    SelfApproval,
+    #[error("{who} is not an eligible approver for this request (eligible groups: {groups})")]
+    NotEligible { who: String, groups: String },
+    #[error("only the requester can {0} this request")]
+    NotRequester(&'static str),
+    #[error("{who} may not revoke this grant: only the requester, an eligible approver or an admin can")]
+    NotAllowedToRevoke { who: String },
+    #[error("{0} has already approved this request")]
+    AlreadyApproved(String),
+    #[error("this request has already been reviewed")]
+    AlreadyReviewed,
+    #[error("cannot {action} a request that is {state}{detail}")]
+    WrongState {
+        action: &'static str,
+        state: State,
+        detail: String,
+    },
+    #[error("nothing is due")]
+    NotDue,
+}
+
+fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), LifecycleError> {
+    if required && value.trim().is_empty() {
+        return Err(LifecycleError::Invalid(format!("{field} must not be empty")));
+    }
+    if value.len() > max {
+        return Err(LifecycleError::Invalid(format!(
+            "{field} is {} bytes long, the limit is {max}",
+            value.len()
+        )));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(LifecycleError::Invalid(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a name (target, role, principal): printable, no spaces, bounded.
+pub fn check_name(field: &str, value: &str) -> Result<(), LifecycleError> {
+    check_text(field, value, NAME_LEN_MAX, true)?;
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':'))
+    {
+        return Err(LifecycleError::Invalid(format!(
+            "{field} {value:?} may only contain letters, digits and - _ . @ :"
+        )));
+    }
+    Ok(())
+}
+
+fn wrong_state(action: &'static str, req: &Request, detail: &str) -> LifecycleError {
+    LifecycleError::WrongState {
+        action,
+        state: req.state,
+        detail: detail.to_string(),
+    }
+}
+
+fn event(actor: &str, action: &str, req: &Request, details: serde_json::Value) -> EventDraft {
+    EventDraft {
+        actor: actor.to_string(),
+        action: action.to_string(),
+        request_id: Some(req.id.clone()),
+        details,
+    }
+}
+
+fn activate(req: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>, actor: &str) {
+    req.state = State::Active;
+    req.activated_at = Some(now);
+    let expires = now.plus_secs(req.duration_s);
+    req.expires_at = Some(expires);
+    if req.emergency {
+        req.review_required = true;
+    }
+    let mut details = json!({
+        "expires_at": expires.to_rfc3339(),
+        "duration_s": req.duration_s,
+        "emergency": req.emergency,
+    });
+    if let Some(by) = req.countersign_by {
+        details["countersign_by"] = json!(by.to_rfc3339());
+    }
+    events.push(event(actor, "request.activated", req, details));
+}
+
+/// Creates a request from what the requester asked and the policy decision
+/// for it. A request whose policy needs no approval is active at once.
+pub fn create(
+    input: &NewRequest,
+    requester: &Principal,
+    decision: &Decision,
+    id: String,
+    now: Timestamp,
+    pending_timeout_s: u64,
+) -> Result<Transition, LifecycleError> {
+    check_name("target", &input.target)?;
+    check_name("role", &input.role)?;
+    check_text("reason", &input.reason, REASON_LEN_MAX, true)?;
+    if let Some(t) = &input.ticket {
+        check_text("ticket", t, TICKET_LEN_MAX, true)?;
+    }
+    if input.duration_s == 0 || input.duration_s > DURATION_MAX_S {
+        return Err(LifecycleError::Invalid(format!(
+            "duration must be between 1s and {}",
+            format_duration(DURATION_MAX_S)
+        )));
+    }
+    let Some(ob) = decision.obligations.as_ref().filter(|_| decision.allowed) else {
+        return Err(LifecycleError::PolicyDenied(decision.explain()));
+    };
+    let policy = decision.governing.join(",");
+    if input.duration_s > ob.max_duration_s {
+        return Err(LifecycleError::DurationExceedsPolicy {
+            requested_s: input.duration_s,
+            max_s: ob.max_duration_s,
+            policy,
+        });
+    }
+    ob.check_ticket(input.ticket.as_deref())
+        .map_err(LifecycleError::Ticket)?;
+
+    let mut req = Request {
+        id,
+        requester: requester.name.clone(),
+        target: input.target.clone(),
+        role: input.role.clone(),
+        reason: input.reason.clone(),
+        ticket: input.ticket.clone(),
+        emergency: input.emergency,
+        state: State::Pending,
+        policy,
+        approvals_required: ob.approvals,
+        approver_groups: ob.approver_groups.iter().cloned().collect(),
+        approvals: Vec::new(),
+        duration_s: input.duration_s,
+        max_duration_s: ob.max_duration_s,
+        created_at: now,
+        pending_until: now.plus_secs(pending_timeout_s),
+        activated_at: None,
+        expires_at: None,
+        countersign_by: None,
+        countersignature: None,
+        ended_at: None,
+        end_reason: None,
+        ended_by: None,
+        end_comment: None,
+        review_required: input.emergency,
+        review: None,
+        version: 1,
+    };
+    if input.emergency {
+        req.countersign_by = ob.countersign_within_s.map(|s| now.plus_secs(s));
+    }
+    let mut events = vec![event(
+        &requester.name,
+        "request.created",
+        &req,
+        json!({
+            "target": req.target,
+            "role": req.role,
+            "duration_s": req.duration_s,
+            "reason": req.reason,
+            "ticket": req.ticket,
+            "emergency": req.emergency,
+            "policy": req.policy,
+            "approvals_required": req.approvals_required,
+            "approver_groups": req.approver_groups,
+        }),
+    )];
+    if req.approvals_required == 0 {
+        activate(&mut req, now, &mut events, &requester.name);
+    } else {
+        req.countersign_by = None;
+    }
+    Ok(Transition {
+        expected_version: 0,
+        request: req,
+        events,
+    })
+}
+
+/// Whether a deadline of this request has passed at `now`.
+pub fn is_due(req: &Request, now: Timestamp) -> bool {
+    req.deadline().is_some_and(|d| now >= d)
+}
+
+/// Applies `cmd` by `actor` to `req` at `now`.
+///
+/// A request whose deadline has passed accepts only `Tick`: a grant past
+/// `expires_at` cannot be approved, countersigned or extended, even if the
+/// scheduler has not ended it yet.
+pub fn step(
+    req: &Request,
+    actor: &Actor,
+    cmd: &Command,
+    now: Timestamp,
+) -> Result<Transition, LifecycleError> {
+    let mut next = req.clone();
+    next.version = req.version + 1;
+    let mut events = Vec::new();
+
+    if req.state.is_final() && !matches!(cmd, Command::Review { .. }) {
+        return Err(wrong_state(cmd.name(), req, ""));
+    }
+    let due = is_due(req, now);
+    match (cmd, actor) {
+        (Command::Tick, Actor::System) => {
+            if !due {
+                return Err(LifecycleError::NotDue);
+            }
+            tick(&mut next, now, &mut events);
+        }
+        (Command::Tick, Actor::Principal(_)) => {
+            return Err(LifecycleError::Invalid("tick is for the service only".into()));
+        }
+        (_, Actor::System) => {
+            return Err(LifecycleError::Invalid(format!(
+                "{} needs a person",
+                cmd.name()
+            )));
+        }
+        (_, Actor::Principal(_)) if due => {
+            let detail = match req.state {
+                State::Pending => " but past its pending timeout",
+                _ => " but past its deadline",
+            };
+            return Err(wrong_state(cmd.name(), req, detail));
+        }
+        (Command::Approve { comment }, Actor::Principal(p)) => {
+            check_comment(comment.as_deref())?;
+            approve(&mut next, p, comment, now, &mut events)?;
+        }
+        (Command::Deny { reason }, Actor::Principal(p)) => {
+            check_text("reason", reason, REASON_LEN_MAX, true)?;
+            if req.state != State::Pending {
+                return Err(wrong_state("deny", req, ""));
+            }
+            require_approver(req, p)?;
+            end(&mut next, State::Denied, EndReason::Denied, &p.name, Some(reason), now);
+            events.push(event(&p.name, "request.denied", &next, json!({"reason": reason})));
+        }
+        (Command::Cancel, Actor::Principal(p)) => {
+            if req.state != State::Pending {
+                return Err(wrong_state("cancel", req, ""));
+            }
+            if p.name != req.requester {
+                return Err(LifecycleError::NotRequester("cancel"));
+            }
+            end(&mut next, State::Cancelled, EndReason::Cancelled, &p.name, None, now);
+            events.push(event(&p.name, "request.cancelled", &next, json!({})));
+        }
+        (Command::Revoke { reason }, Actor::Principal(p)) => {
+            check_text("reason", reason, REASON_LEN_MAX, true)?;
+            if req.state != State::Active {
+                return Err(wrong_state("revoke", req, ""));
+            }
+            let end_reason = if p.name == req.requester {
+                EndReason::Released
+            } else if p.admin || req.is_eligible_approver(p) {
+                EndReason::Revoked
+            } else {
+                return Err(LifecycleError::NotAllowedToRevoke {
+                    who: p.name.clone(),
+                });
+            };
+            end(&mut next, State::Revoked, end_reason, &p.name, Some(reason), now);
+            events.push(event(
+                &p.name,
+                "request.revoked",
+                &next,
+                json!({"reason": reason, "end_reason": end_reason.as_str()}),
+            ));
+        }
+        (Command::Review { outcome, notes }, Actor::Principal(p)) => {
+            check_text("notes", notes, NOTES_LEN_MAX, true)?;
+            if !matches!(req.state, State::Expired | State::Revoked) {
+                return Err(wrong_state(
+                    "review",
+                    req,
+                    ": only ended grants (expired or revoked) are reviewed",
+                ));
+            }
+            if req.review.is_some() {
+                return Err(LifecycleError::AlreadyReviewed);
+            }
+            require_approver(req, p)?;
+            next.review = Some(Review {
+                by: p.name.clone(),
+                at: now,
+                outcome: *outcome,
+                notes: notes.clone(),
+            });
+            events.push(event(
+                &p.name,
+                "request.reviewed",
+                &next,
+                json!({"outcome": outcome, "notes": notes}),
+            ));
+        }
+    }
+    Ok(Transition {
+        expected_version: req.version,
+        request: next,
+        events,
+    })
+}
+
+fn check_comment(comment: Option<&str>) -> Result<(), LifecycleError> {
+    match comment {
+        Some(c) => check_text("comment", c, COMMENT_LEN_MAX, false),
+        None => Ok(()),
+    }
+}
+
+fn require_approver(req: &Request, p: &Principal) -> Result<(), LifecycleError> {
+    if p.name == req.requester {
+        return Err(LifecycleError::SelfApproval);
+    }
+    if !req.is_eligible_approver(p) {
+        return Err(LifecycleError::NotEligible {
+            who: p.name.clone(),
+            groups: req.approver_groups.join(", "),
+        });
+    }
+    Ok(())
+}
+
+fn approve(
+    next: &mut Request,
+    p: &Principal,
+    comment: &Option<String>,
+    now: Timestamp,
+    events: &mut Vec<EventDraft>,
+) -> Result<(), LifecycleError> {
+    let approval = Approval {
+        by: p.name.clone(),
+        at: now,
+        comment: comment.clone(),
+    };
+    match next.state {
+        State::Pending => {
+            require_approver(next, p)?;
+            // INVARIANT: approvals holds distinct people; a second approval by
+            // the same person is refused, never counted.
+            if next.approvals.iter().any(|a| a.by == p.name) {
+                return Err(LifecycleError::AlreadyApproved(p.name.clone()));
+            }
+            next.approvals.push(approval);
+            events.push(event(
+                &p.name,
+                "request.approved",
+                next,
+                json!({
+                    "comment": comment,
+                    "approvals": next.approvals.len(),
+                    "approvals_required": next.approvals_required,
+                }),
+            ));
+            if next.approvals.len() as u32 >= next.approvals_required {
+                activate(next, now, events, &p.name);
+            }
+            Ok(())
+        }
+        State::Active if next.countersign_by.is_some() && next.countersignature.is_none() => {
+            require_approver(next, p)?;
+            next.countersignature = Some(approval);
+            events.push(event(
+                &p.name,
+                "request.countersigned",
+                next,
+                json!({"comment": comment}),
+            ));
+            Ok(())
+        }
+        State::Active => {
+            let detail = if next.countersignature.is_some() {
+                " and already countersigned"
+            } else {
+                " and needs no countersignature"
+            };
+            Err(wrong_state("approve", next, detail))
+        }
+        _ => Err(wrong_state("approve", next, "")),
+    }
+}
+
+fn end(
+    next: &mut Request,
+    state: State,
+    reason: EndReason,
+    by: &str,
+    comment: Option<&String>,
+    now: Timestamp,
+) {
+    next.state = state;
+    next.end_reason = Some(reason);
+    next.ended_by = Some(by.to_string());
+    next.end_comment = comment.cloned();
+    next.ended_at = Some(now);
+}
+
+fn tick(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
+    match next.state {
+        State::Pending => {
+            end(next, State::TimedOut, EndReason::TimedOut, "system", None, now);
+            let details = json!({"pending_until": next.pending_until.to_rfc3339()});
+            events.push(event("system", "request.timed_out", next, details));
+        }
+        State::Active => {
+            let expires = next.expires_at.unwrap_or(now);
+            let countersign_missed = match (next.countersign_by, &next.countersignature) {
+                (Some(by), None) => by <= expires && now >= by,
+                _ => false,
+            };
+            if countersign_missed {
+                end(
+                    next,
+                    State::Revoked,
+                    EndReason::NotCountersigned,
+                    "system",
+                    None,
+                    now,
+                );
+                let details = json!({
+                    "end_reason": "not_countersigned",
+                    "countersign_by": next.countersign_by.map(|t| t.to_rfc3339()),
+                    "lateness_ms": now.millis() - next.countersign_by.map_or(now.millis(), |t| t.millis()),
+                });
+                events.push(event("system", "request.revoked", next, details));
+            } else {
+                end(next, State::Expired, EndReason::Expired, "system", None, now);
+                let details = json!({
+                    "expires_at": expires.to_rfc3339(),
+                    "lateness_ms": now.millis() - expires.millis(),
+                });
+                events.push(event("system", "request.expired", next, details));
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,250 @@
+//! The domain objects: a break-glass request (which becomes a grant when it is
+//! active), its approvals and review, and the principals acting on it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::time::Timestamp;
+
+/// Limits on the free-text fields a person types. Named with the unit last.
+pub const REASON_LEN_MAX: usize = 1024;
+pub const TICKET_LEN_MAX: usize = 128;
+pub const NAME_LEN_MAX: usize = 128;
+pub const COMMENT_LEN_MAX: usize = 1024;
+pub const NOTES_LEN_MAX: usize = 4096;
+/// Upper bound on `@approvals`: more than this is a policy mistake, not rigour.
+pub const APPROVALS_MAX: u32 = 10;
+
+/// The lifecycle state of a request (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Active,
+    Denied,
+    Cancelled,
+    TimedOut,
+    Expired,
+    Revoked,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Pending,
+        State::Active,
+        State::Denied,
+        State::Cancelled,
+        State::TimedOut,
+        State::Expired,
+        State::Revoked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Active => "active",
+            State::Denied => "denied",
+            State::Cancelled => "cancelled",
+            State::TimedOut => "timed_out",
+            State::Expired => "expired",
+            State::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// A final state never changes again (DESIGN §2).
+    pub fn is_final(self) -> bool {
+        !matches!(self, State::Pending | State::Active)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request reached its final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    Denied,
+    Cancelled,
+    TimedOut,
+    Expired,
+    /// Ended early by the requester.
+    Released,
+    /// Ended early by an approver or an admin.
+    Revoked,
+    /// An emergency grant nobody countersigned in time.
+    NotCountersigned,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Denied => "denied",
+            EndReason::Cancelled => "cancelled",
+            EndReason::TimedOut => "timed_out",
+            EndReason::Expired => "expired",
+            EndReason::Released => "released",
+            EndReason::Revoked => "revoked",
+            EndReason::NotCountersigned => "not_countersigned",
+        }
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Approval {
+    pub by: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewOutcome {
+    Ok,
+    Misuse,
+}
+
+impl ReviewOutcome {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ok" => Some(ReviewOutcome::Ok),
+            "misuse" => Some(ReviewOutcome::Misuse),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Review {
+    pub by: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    pub outcome: ReviewOutcome,
+    pub notes: String,
+}
+
+/// A break-glass request. While `state == active` it is a grant.
+///
+/// The fields named in DESIGN §7 are the contract; the others (`approver_groups`,
+/// `max_duration_s`, deadlines, `version`) make the object self-contained, so a
+/// lifecycle step needs nothing but the request, the actor and `now`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Request {
+    pub id: String,
+    pub requester: String,
+    pub target: String,
+    pub role: String,
+    pub reason: String,
+    pub ticket: Option<String>,
+    pub emergency: bool,
+    pub state: State,
+    /// The governing policies' ids, comma-separated.
+    pub policy: String,
+    pub approvals_required: u32,
+    /// Groups whose members (other than the requester) may approve, deny,
+    /// countersign and review.
+    pub approver_groups: Vec<String>,
+    pub approvals: Vec<Approval>,
+    pub duration_s: u64,
+    pub max_duration_s: u64,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// A pending request times out at this moment.
+    #[schema(value_type = String, format = DateTime)]
+    pub pending_until: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub activated_at: Option<Timestamp>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+    /// For an emergency grant whose policy sets `@countersign_within`: the
+    /// moment it is revoked unless countersigned.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub countersign_by: Option<Timestamp>,
+    pub countersignature: Option<Approval>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub ended_at: Option<Timestamp>,
+    pub end_reason: Option<EndReason>,
+    /// Who ended it (denied, cancelled, revoked), or `system`.
+    pub ended_by: Option<String>,
+    /// The reason given by whoever ended it.
+    pub end_comment: Option<String>,
+    pub review_required: bool,
+    pub review: Option<Review>,
+    /// Bumped by every transition; the store applies transitions as
+    /// compare-and-set on it.
+    pub version: u64,
+}
+
+impl Request {
+    /// The next moment at which the scheduler must act on this request, if any.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        match self.state {
+            State::Pending => Some(self.pending_until),
+            State::Active => {
+                let countersign = match (self.countersign_by, &self.countersignature) {
+                    (Some(by), None) => Some(by),
+                    _ => None,
+                };
+                match (self.expires_at, countersign) {
+                    (Some(e), Some(c)) => Some(e.min(c)),
+                    (e, c) => e.or(c),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether this request is a live grant at `now`: active and not past
+    /// `expires_at`, whatever the scheduler has or has not done yet.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.state == State::Active && self.expires_at.is_some_and(|e| now < e)
+    }
+
+    pub fn is_eligible_approver(&self, who: &Principal) -> bool {
+        who.name != self.requester && self.approver_groups.iter().any(|g| who.groups.contains(g))
+    }
+}
+
+/// Someone the service knows: a local principal from the config, or later an
+/// identity from an identity provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub groups: BTreeSet<String>,
+    /// Member of one of the configured `admin_groups`.
+    pub admin: bool,
+}
+
+/// Who causes a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    Principal(Principal),
+    /// The service itself: expiry, timeouts, missed countersignatures.
+    System,
+}
+
+impl Actor {
+    pub fn name(&self) -> &str {
+        match self {
+            Actor::Principal(p) => &p.name,
+            Actor::System => "system",
+        }
+    }
+}

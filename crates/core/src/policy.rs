@@ -1,0 +1,507 @@
+//! Policy evaluation with Cedar (DESIGN §3).
+//!
+//! Policies are Cedar `permit`/`forbid` statements; break-glass obligations are
+//! annotations on permits. Loading parses, validates against the breakglass
+//! schema and checks every annotation, naming the line of the first mistake.
+//! Evaluation is fail-closed: any evaluation error denies, unlike Cedar's
+//! default of skipping the erroring policy.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicyId, PolicySet, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use regex::Regex;
+use thiserror::Error;
+
+use crate::model::APPROVALS_MAX;
+use crate::time::{Timestamp, format_duration, parse_duration};
+
+/// Policy files larger than this are refused: a policy set is hand-written.
+pub const POLICY_FILE_LEN_MAX: usize = 1024 * 1024;
+/// Ticket patterns are compiled with this size limit, so a policy cannot make
+/// every request pay for a huge automaton.
+const TICKET_REGEX_SIZE_MAX: usize = 64 * 1024;
+
+/// The schema every policy is validated against. Typos in entity types,
+/// actions or context attributes are caught at load, not at 2 a.m.
+pub const SCHEMA: &str = r#"
+entity Group;
+entity User in [Group];
+entity TargetGroup;
+entity Target in [TargetGroup];
+action request, emergency appliesTo {
+  principal: [User],
+  resource: [Target],
+  context: {
+    role: String,
+    duration_s: Long,
+    reason: String,
+    ticket: String,
+    hour_utc: Long,
+    weekday: Long,
+  }
+};
+"#;
+
+const KNOWN_ANNOTATIONS: [&str; 6] = [
+    "id",
+    "approvals",
+    "approvers",
+    "max_duration",
+    "require_ticket",
+    "countersign_within",
+];
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("{file}:{line}:{column}: {reason}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+}
+
+/// `normal` requests go through approvals; `emergency` ones self-activate
+/// when the policy allows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Request,
+    Emergency,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Request => "request",
+            Action::Emergency => "emergency",
+        }
+    }
+}
+
+/// Everything a decision depends on; the caller resolves groups.
+#[derive(Debug, Clone)]
+pub struct PolicyInput<'a> {
+    pub principal: &'a str,
+    pub principal_groups: &'a [String],
+    pub target: &'a str,
+    pub target_groups: &'a [String],
+    pub action: Action,
+    pub role: &'a str,
+    pub duration_s: u64,
+    pub reason: &'a str,
+    pub ticket: Option<&'a str>,
+    pub now: Timestamp,
+}
+
+/// A ticket pattern from `@require_ticket`, with the policy that set it.
+#[derive(Debug, Clone)]
+pub struct TicketRule {
+    pub policy: String,
+    pub pattern: Regex,
+}
+
+/// The obligations of the governing policies, strictest combined.
+#[derive(Debug, Clone)]
+pub struct Obligations {
+    pub approvals: u32,
+    pub approver_groups: BTreeSet<String>,
+    pub max_duration_s: u64,
+    pub tickets: Vec<TicketRule>,
+    pub countersign_within_s: Option<u64>,
+}
+
+impl Obligations {
+    fn combine(&mut self, o: &Obligations) {
+        self.approvals = self.approvals.max(o.approvals);
+        self.approver_groups.extend(o.approver_groups.iter().cloned());
+        self.max_duration_s = self.max_duration_s.min(o.max_duration_s);
+        self.tickets.extend(o.tickets.iter().cloned());
+        self.countersign_within_s = match (self.countersign_within_s, o.countersign_within_s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Every ticket pattern of every governing policy must match.
+    pub fn check_ticket(&self, ticket: Option<&str>) -> Result<(), String> {
+        for rule in &self.tickets {
+            match ticket {
+                None => {
+                    return Err(format!(
+                        "policy {} requires a ticket matching {}",
+                        rule.policy,
+                        rule.pattern.as_str()
+                    ));
+                }
+                Some(t) if !rule.pattern.is_match(t) => {
+                    return Err(format!(
+                        "ticket {t:?} does not match {} required by policy {}",
+                        rule.pattern.as_str(),
+                        rule.policy
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} approval(s) from [{}], at most {}",
+            self.approvals,
+            self.approver_groups
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            format_duration(self.max_duration_s)
+        );
+        for t in &self.tickets {
+            s.push_str(&format!(", ticket matching {}", t.pattern.as_str()));
+        }
+        if let Some(c) = self.countersign_within_s {
+            s.push_str(&format!(
+                ", emergency grants countersigned within {}",
+                format_duration(c)
+            ));
+        }
+        s
+    }
+}
+
+/// The answer to "may this principal ask for this?", with its reasons.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Ids (`@id`) of the permits that matched (allowed) or the forbids that
+    /// matched (denied).
+    pub governing: Vec<String>,
+    pub obligations: Option<Obligations>,
+    /// Evaluation errors: any one of them denies.
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    /// One sentence on why the decision is what it is.
+    pub fn explain(&self) -> String {
+        if !self.errors.is_empty() {
+            return format!(
+                "denied because a policy failed to evaluate (fail closed): {}",
+                self.errors.join("; ")
+            );
+        }
+        match (self.allowed, &self.obligations) {
+            (true, Some(ob)) => format!(
+                "permitted by {}: {}",
+                self.governing.join(", "),
+                ob.describe()
+            ),
+            _ if !self.governing.is_empty() => {
+                format!("forbidden by {}", self.governing.join(", "))
+            }
+            _ => "no permit policy matches this principal, action, target and context".into(),
+        }
+    }
+}
+
+struct PolicyMeta {
+    name: String,
+    /// `Some` for permits.
+    obligations: Option<Obligations>,
+}
+
+/// A loaded, validated policy set.
+pub struct PolicyEngine {
+    set: PolicySet,
+    meta: BTreeMap<PolicyId, PolicyMeta>,
+    authorizer: Authorizer,
+    schema: Schema,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("policies", &self.policy_names())
+            .finish()
+    }
+}
+
+/// Line and column (1-based) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn diag_error(file: &str, src: &str, d: &dyn Diagnostic) -> PolicyError {
+    let offset = d
+        .labels()
+        .and_then(|mut l| l.next())
+        .map_or(0, |l| l.offset());
+    let (line, column) = line_col(src, offset);
+    let mut reason = d.to_string();
+    if let Some(help) = d.help() {
+        reason.push_str(&format!(" ({help})"));
+    }
+    PolicyError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        reason,
+    }
+}
+
+fn schema() -> Result<Schema, String> {
+    Schema::from_cedarschema_str(SCHEMA)
+        .map(|(s, _warnings)| s)
+        .map_err(|e| e.to_string())
+}
+
+impl PolicyEngine {
+    /// Parses, validates and checks the annotations of a policy set. `file`
+    /// only labels errors.
+    pub fn load(src: &str, file: &str) -> Result<PolicyEngine, PolicyError> {
+        let file_err = |reason: String| PolicyError::File {
+            file: file.to_string(),
+            reason,
+        };
+        if src.len() > POLICY_FILE_LEN_MAX {
+            return Err(file_err(format!(
+                "policy file is {} bytes, the limit is {POLICY_FILE_LEN_MAX}",
+                src.len()
+            )));
+        }
+        let set = PolicySet::from_str(src).map_err(|e| diag_error(file, src, &e))?;
+        if set.templates().next().is_some() {
+            return Err(file_err("policy templates are not supported".into()));
+        }
+        let schema = schema().map_err(file_err)?;
+        let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        if let Some(e) = validation.validation_errors().next() {
+            return Err(diag_error(file, src, e));
+        }
+        // Cedar's public API does not expose where a policy starts; the core
+        // parser does, under the same ids (policy0, policy1, ...).
+        let locations: BTreeMap<String, usize> =
+            match cedar_policy_core::parser::parse_policyset(src) {
+                Ok(ast) => ast
+                    .policies()
+                    .filter_map(|p| p.loc().map(|l| (p.id().to_string(), l.span.offset())))
+                    .collect(),
+                Err(_) => BTreeMap::new(),
+            };
+        let mut meta = BTreeMap::new();
+        let mut names = HashSet::new();
+        for p in set.policies() {
+            let (line, column) = line_col(src, locations.get(&p.id().to_string()).copied().unwrap_or(0));
+            let at = |reason: String| PolicyError::Invalid {
+                file: file.to_string(),
+                line,
+                column,
+                reason,
+            };
+            let name = p.annotation("id").unwrap_or(p.id().as_ref()).to_string();
+            if !names.insert(name.clone()) {
+                return Err(at(format!("duplicate policy @id({name:?})")));
+            }
+            for (key, _) in p.annotations() {
+                if !KNOWN_ANNOTATIONS.contains(&key) {
+                    return Err(at(format!(
+                        "policy {name}: unknown annotation @{key} (known: {})",
+                        KNOWN_ANNOTATIONS.join(", ")
+                    )));
+                }
+            }
+            let obligations = match p.effect() {
+                cedar_policy::Effect::Permit => {
+                    Some(parse_obligations(&name, |k| p.annotation(k)).map_err(at)?)
+                }
+                cedar_policy::Effect::Forbid => {
+                    if let Some((key, _)) = p.annotations().find(|(k, _)| *k != "id") {
+                        return Err(at(format!(
+                            "policy {name}: @{key} has no meaning on a forbid policy"
+                        )));
+                    }
+                    None
+                }
+            };
+            meta.insert(p.id().clone(), PolicyMeta { name, obligations });
+        }
+        Ok(PolicyEngine {
+            set,
+            meta,
+            authorizer: Authorizer::new(),
+            schema,
+        })
+    }
+
+    pub fn policy_names(&self) -> Vec<String> {
+        self.meta.values().map(|m| m.name.clone()).collect()
+    }
+
+    /// Decides whether `input` is permitted and under which obligations.
+    pub fn evaluate(&self, input: &PolicyInput<'_>) -> Decision {
+        match self.try_evaluate(input) {
+            Ok(d) => d,
+            Err(e) => Decision {
+                allowed: false,
+                governing: Vec::new(),
+                obligations: None,
+                errors: vec![e],
+            },
+        }
+    }
+
+    fn try_evaluate(&self, input: &PolicyInput<'_>) -> Result<Decision, String> {
+        let uid = |ty: &str, id: &str| -> Result<EntityUid, String> {
+            let ty = EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
+            Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+        };
+        let principal = uid("User", input.principal)?;
+        let resource = uid("Target", input.target)?;
+        let action = uid("Action", input.action.as_str())?;
+        let mut entities = Vec::new();
+        let mut parents = HashSet::new();
+        for g in input.principal_groups {
+            let g = uid("Group", g)?;
+            entities.push(Entity::new_no_attrs(g.clone(), HashSet::new()));
+            parents.insert(g);
+        }
+        entities.push(Entity::new_no_attrs(principal.clone(), parents));
+        let mut parents = HashSet::new();
+        for g in input.target_groups {
+            let g = uid("TargetGroup", g)?;
+            entities.push(Entity::new_no_attrs(g.clone(), HashSet::new()));
+            parents.insert(g);
+        }
+        entities.push(Entity::new_no_attrs(resource.clone(), parents));
+        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
+        let context = Context::from_pairs([
+            ("role".to_string(), RestrictedExpression::new_string(input.role.into())),
+            (
+                "duration_s".to_string(),
+                RestrictedExpression::new_long(i64::try_from(input.duration_s).unwrap_or(i64::MAX)),
+            ),
+            ("reason".to_string(), RestrictedExpression::new_string(input.reason.into())),
+            (
+                "ticket".to_string(),
+                RestrictedExpression::new_string(input.ticket.unwrap_or("").into()),
+            ),
+            ("hour_utc".to_string(), RestrictedExpression::new_long(input.now.hour_utc())),
+            ("weekday".to_string(), RestrictedExpression::new_long(input.now.weekday())),
+        ])
+        .map_err(|e| e.to_string())?;
+        let request = cedar_policy::Request::new(
+            principal,
+            action,
+            resource,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| e.to_string())?;
+        let response = self.authorizer.is_authorized(&request, &self.set, &entities);
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        let governing_ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
+        let governing: Vec<String> = governing_ids
+            .iter()
+            .map(|id| self.meta.get(*id).map_or(id.to_string(), |m| m.name.clone()))
+            .collect();
+        // INVARIANT: fail closed. An erroring policy might have been a forbid.
+        if !errors.is_empty() || response.decision() != CedarDecision::Allow {
+            return Ok(Decision {
+                allowed: false,
+                governing: if errors.is_empty() { governing } else { Vec::new() },
+                obligations: None,
+                errors,
+            });
+        }
+        let mut combined: Option<Obligations> = None;
+        for id in governing_ids {
+            let Some(ob) = self.meta.get(id).and_then(|m| m.obligations.as_ref()) else {
+                continue;
+            };
+            match combined.as_mut() {
+                Some(c) => c.combine(ob),
+                None => combined = Some(ob.clone()),
+            }
+        }
+        match combined {
+            Some(ob) => Ok(Decision {
+                allowed: true,
+                governing,
+                obligations: Some(ob),
+                errors,
+            }),
+            None => Err("allowed without a governing permit".into()),
+        }
+    }
+}
+
+fn parse_obligations<'a>(
+    name: &str,
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Obligations, String> {
+    let approvals_text = get("approvals")
+        .ok_or_else(|| format!("policy {name}: a permit needs @approvals(\"N\")"))?;
+    let approvals: u32 = approvals_text.trim().parse().map_err(|_| {
+        format!("policy {name}: @approvals({approvals_text:?}) is not a whole number")
+    })?;
+    if approvals > APPROVALS_MAX {
+        return Err(format!(
+            "policy {name}: @approvals({approvals}) is more than the maximum of {APPROVALS_MAX}"
+        ));
+    }
+    let max_text = get("max_duration")
+        .ok_or_else(|| format!("policy {name}: a permit needs @max_duration(\"15m\")"))?;
+    let max_duration_s =
+        parse_duration(max_text).map_err(|e| format!("policy {name}: @max_duration: {e}"))?;
+    let approver_groups: BTreeSet<String> = get("approvers")
+        .unwrap_or("")
+        .split(',')
+        .map(|g| g.trim().to_string())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let countersign_within_s = get("countersign_within")
+        .map(|t| parse_duration(t).map_err(|e| format!("policy {name}: @countersign_within: {e}")))
+        .transpose()?;
+    if approver_groups.is_empty() && (approvals > 0 || countersign_within_s.is_some()) {
+        return Err(format!(
+            "policy {name}: @approvers(\"group,...\") is required when approvals or a countersignature are needed"
+        ));
+    }
+    let tickets = match get("require_ticket") {
+        Some(p) => {
+            let pattern = regex::RegexBuilder::new(p)
+                .size_limit(TICKET_REGEX_SIZE_MAX)
+                .build()
+                .map_err(|e| format!("policy {name}: @require_ticket is not a valid pattern: {e}"))?;
+            vec![TicketRule {
+                policy: name.to_string(),
+                pattern,
+            }]
+        }
+        None => Vec::new(),
+    };
+    Ok(Obligations {
+        approvals,
+        approver_groups,
+        max_duration_s,
+        tickets,
+        countersign_within_s,
+    })
+}

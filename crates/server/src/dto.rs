@@ -1,0 +1,121 @@
+//! The JSON bodies of the HTTP API, shared by the server and the CLI client
+//! so both sides always agree. The request object itself is
+//! [`breakglass_core::Request`].
+
+use breakglass_core::audit::AuditEventJson;
+use breakglass_core::{Request, Timestamp};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub target: String,
+    pub role: String,
+    /// Like `90s`, `15m`, `1h`.
+    pub duration: String,
+    pub reason: String,
+    #[serde(default)]
+    pub ticket: Option<String>,
+    #[serde(default)]
+    pub emergency: bool,
+}
+
+/// `POST /v1/requests/{id}/approve` (also countersigns an emergency grant).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// `POST /v1/requests/{id}/deny` and `/revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    pub reason: String,
+}
+
+/// `POST /v1/requests/{id}/review`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewBody {
+    /// `ok` or `misuse`.
+    pub outcome: String,
+    pub notes: String,
+}
+
+/// `GET /v1/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RequestList {
+    pub requests: Vec<Request>,
+    /// Pass as `after` to get the next page; null on the last page.
+    pub next: Option<String>,
+}
+
+/// `POST /v1/requests/{id}/credentials`: shown once, stored only as a hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Credentials {
+    pub token: String,
+    pub request_id: String,
+    pub requester: String,
+    pub target: String,
+    pub role: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
+    /// What the target's gateway expects, when one is configured.
+    pub connection: Option<Connection>,
+}
+
+/// How to reach the target through its gateway with these credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Connection {
+    pub kind: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: Option<String>,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub admin: bool,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub events: Vec<AuditEventJson>,
+    /// Pass as `after` to continue; null when there is nothing more now.
+    pub next: Option<u64>,
+}
+
+/// `GET /v1/audit/verify` and `breakglass audit verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyReport {
+    pub ok: bool,
+    /// Events checked.
+    pub events: u64,
+    /// Signed checkpoints checked.
+    pub checkpoints: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    /// The first `seq` where the chain or a checkpoint does not hold.
+    pub first_bad_seq: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// An RFC 9457 problem document. `code` is stable; `detail` is for people.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub code: String,
+}

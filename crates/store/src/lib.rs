@@ -1,1 +1,118 @@
-//! placeholder
+//! Durable state of breakglass behind one [`Store`] trait, in domain terms:
+//! create a request, apply a transition, issue a credential, append audit
+//! events, read them back. Every write commits its audit events in the same
+//! transaction, assigning `seq` and chaining hashes.
+//!
+//! [`SqliteStore`] is the embedded default. A PostgreSQL implementation for
+//! several nodes implements the same trait; nothing above the trait changes.
+
+mod sqlite;
+pub mod verify;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use breakglass_core::audit::{AuditEvent, Checkpoint, Hash};
+use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
+use thiserror::Error;
+use tokio::sync::broadcast;
+
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// The most rows one list or audit page returns.
+pub const PAGE_LEN_MAX: u32 = 10_000;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Compare-and-set lost: the request changed since it was read.
+    #[error("request {id} was changed concurrently (expected version {expected})")]
+    Conflict { id: String, expected: u64 },
+    #[error("request {0} already exists")]
+    Duplicate(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// A grant credential as stored: only the SHA-256 of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    pub hash: Hash,
+    pub request_id: String,
+    pub principal: String,
+    pub target: String,
+    pub role: String,
+    pub expires_at: Timestamp,
+    pub issued_at: Timestamp,
+}
+
+/// Which requests `list` returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<State>,
+    /// Only requests by this principal.
+    pub requester: Option<String>,
+    /// `None`: everything (admins). `Some`: requests by this principal or that
+    /// one of these groups may approve.
+    pub visible_to: Option<(String, Vec<String>)>,
+    /// Continue after this id (exclusive).
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// What the store committed: the events with their `seq` and hash.
+pub type Committed = Vec<AuditEvent>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new request (`t.expected_version == 0`) with its events.
+    async fn create(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
+
+    /// Applies a transition as compare-and-set on the request's version,
+    /// together with its events; `Conflict` if the version moved.
+    async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
+
+    /// Stores a credential with its audit event.
+    async fn issue_credential(
+        &self,
+        cred: CredentialRecord,
+        event: EventDraft,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError>;
+
+    /// Appends events that belong to no request transition (sessions, service
+    /// start). Committed in one transaction.
+    async fn append(&self, events: Vec<EventDraft>, now: Timestamp) -> Result<Committed, StoreError>;
+
+    async fn get(&self, id: &str) -> Result<Option<Request>, StoreError>;
+
+    async fn list(&self, q: ListQuery) -> Result<Vec<Request>, StoreError>;
+
+    /// Every request with a deadline (pending or active), for the scheduler.
+    async fn open_requests(&self) -> Result<Vec<Request>, StoreError>;
+
+    async fn credential(&self, hash: Hash) -> Result<Option<CredentialRecord>, StoreError>;
+
+    /// Events with `seq > after`, ascending, at most `limit`.
+    async fn audit(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+
+    async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError>;
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The newest `(seq, hash)` of the chain, as the writer holds it.
+    fn head(&self) -> (u64, Hash);
+
+    /// Committed events, in `seq` order, as they commit. A subscriber that
+    /// lags catches up with [`Store::audit`] from its last `seq`.
+    fn subscribe(&self) -> broadcast::Receiver<Arc<AuditEvent>>;
+
+    async fn count_by_state(&self) -> Result<Vec<(State, u64)>, StoreError>;
+}

@@ -1,0 +1,472 @@
+//! The HTTP client of the breakglass API (DESIGN §7): one method per route,
+//! the JSON bodies of `breakglass_server::dto`, and every failure mapped to an
+//! [`ApiError`] that knows its exit code.
+//!
+//! Limits: every call has a global timeout and every response body is read up
+//! to a cap, so a slow or hostile server cannot hang or exhaust the CLI.
+
+use std::fmt;
+use std::time::Duration;
+
+use breakglass_core::Request;
+use breakglass_server::dto::{
+    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RequestList,
+    ReviewBody, WhoAmI,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::exit::Exit;
+
+/// The whole exchange (connect, send, receive the body) must finish within this.
+pub const CALL_TIMEOUT_S: u64 = 30;
+/// Connecting alone gets less, so an unreachable server is reported quickly.
+pub const CONNECT_TIMEOUT_S: u64 = 5;
+/// The most bytes of one response body the client reads.
+pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// The most characters of a base URL accepted.
+pub const URL_LEN_MAX: usize = 2048;
+
+/// The caller's API token. Its `Debug` never shows it, so it cannot leak
+/// through an error message or a log line.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// `None` for an empty value, so `BREAKGLASS_TOKEN=` means "no token".
+    pub fn new(s: &str) -> Option<Token> {
+        let t = s.trim();
+        (!t.is_empty()).then(|| Token(t.to_string()))
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The server answered with an error status and an RFC 9457 problem.
+    Problem { status: u16, problem: Problem },
+    /// An error status without a readable problem document (a proxy in the
+    /// way, or not a breakglass server).
+    Status { status: u16 },
+    /// Nothing answered at the URL.
+    Unreachable { url: String, cause: String },
+    /// The server did not finish answering in time.
+    Timeout { url: String },
+    /// The server answered something this client cannot read.
+    BadResponse { detail: String },
+    /// The token cannot be sent as a header (for example it holds a line
+    /// break). The token itself is never part of the message.
+    BadToken,
+}
+
+impl ApiError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            ApiError::Problem { status, .. } | ApiError::Status { status } => {
+                Exit::for_status(*status)
+            }
+            ApiError::Unreachable { .. }
+            | ApiError::Timeout { .. }
+            | ApiError::BadResponse { .. } => Exit::Error,
+            ApiError::BadToken => Exit::Usage,
+        }
+    }
+
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Problem { status, .. } | ApiError::Status { status } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The stable code: the server's problem `code`, or a local one.
+    pub fn code(&self) -> String {
+        match self {
+            ApiError::Problem { problem, .. } => problem.code.clone(),
+            ApiError::Status { status } => format!("http_{status}"),
+            ApiError::Unreachable { .. } => "unreachable".to_string(),
+            ApiError::Timeout { .. } => "timeout".to_string(),
+            ApiError::BadResponse { .. } => "bad_response".to_string(),
+            ApiError::BadToken => "bad_token".to_string(),
+        }
+    }
+
+    /// What went wrong, for people.
+    pub fn detail(&self) -> String {
+        match self {
+            ApiError::Problem { problem, .. } => {
+                if problem.detail.trim().is_empty() {
+                    problem.title.clone()
+                } else {
+                    problem.detail.clone()
+                }
+            }
+            ApiError::Status { status } => {
+                format!("the server answered HTTP {status} without a problem document")
+            }
+            ApiError::Unreachable { url, cause } => {
+                format!("cannot reach the breakglass server at {url}: {cause}")
+            }
+            ApiError::Timeout { url } => {
+                format!("no complete answer from {url} within {CALL_TIMEOUT_S}s")
+            }
+            ApiError::BadResponse { detail } => {
+                format!("unexpected answer from the server: {detail}")
+            }
+            ApiError::BadToken => {
+                "the token cannot be sent in an HTTP header (it contains invalid characters)"
+                    .to_string()
+            }
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.detail(), self.code())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Checks and normalizes a base URL: `http://host[:port][/prefix]`, without
+/// credentials, query or fragment, trailing slashes removed.
+pub fn parse_base_url(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    if t.len() > URL_LEN_MAX {
+        return Err(format!("the URL is longer than {URL_LEN_MAX} characters"));
+    }
+    let lower = t.to_ascii_lowercase();
+    if lower.starts_with("https://") {
+        return Err(format!(
+            "{t}: https is not supported by this build yet; use http:// on loopback"
+        ));
+    }
+    if !lower.starts_with("http://") {
+        return Err(format!("{t}: expected a URL like http://127.0.0.1:8080"));
+    }
+    let rest = &t["http://".len()..];
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("{t}: the URL has no host"));
+    }
+    if authority.contains('@') {
+        return Err(format!(
+            "{t}: credentials in the URL are not allowed; use --token or BREAKGLASS_TOKEN"
+        ));
+    }
+    if t.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+    {
+        return Err(format!(
+            "{t}: the URL must not contain spaces, a query or a fragment"
+        ));
+    }
+    Ok(format!("http://{}", rest.trim_end_matches('/')))
+}
+
+/// A client of one breakglass server, acting as the holder of one token.
+#[derive(Debug)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<Token>,
+}
+
+impl Client {
+    /// `base` must come from [`parse_base_url`].
+    pub fn new(base: String, token: Option<Token>) -> Client {
+        let config = ureq::Agent::config_builder()
+            // Error statuses carry problem documents we want to read.
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
+            .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_S)))
+            // The API never redirects; a redirect means something else answered.
+            .max_redirects(0)
+            // The bearer token travels in clear over http: never hand it to a
+            // proxy picked up from the environment.
+            .proxy(None)
+            .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Client {
+            agent: config.into(),
+            base,
+            token,
+        }
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    // ---- routes (DESIGN §7) ----
+
+    /// `POST /v1/requests`.
+    pub fn create_request(&self, body: &CreateRequest) -> Result<Request, ApiError> {
+        self.post("/v1/requests", Some(body))
+    }
+
+    /// `GET /v1/requests?state=&limit=&after=`.
+    pub fn list_requests(
+        &self,
+        state: Option<&str>,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> Result<RequestList, ApiError> {
+        let mut query = Vec::new();
+        if let Some(s) = state {
+            query.push(("state", s.to_string()));
+        }
+        if let Some(l) = limit {
+            query.push(("limit", l.to_string()));
+        }
+        if let Some(a) = after {
+            query.push(("after", a.to_string()));
+        }
+        self.get("/v1/requests", &query)
+    }
+
+    /// `GET /v1/requests/{id}`.
+    pub fn get_request(&self, id: &str) -> Result<Request, ApiError> {
+        self.get(&format!("/v1/requests/{id}"), &[])
+    }
+
+    /// `POST /v1/requests/{id}/approve` (also countersigns).
+    pub fn approve(&self, id: &str, body: &ApproveBody) -> Result<Request, ApiError> {
+        self.post(&format!("/v1/requests/{id}/approve"), Some(body))
+    }
+
+    /// `POST /v1/requests/{id}/deny`.
+    pub fn deny(&self, id: &str, body: &ReasonBody) -> Result<Request, ApiError> {
+        self.post(&format!("/v1/requests/{id}/deny"), Some(body))
+    }
+
+    /// `POST /v1/requests/{id}/cancel`.
+    pub fn cancel(&self, id: &str) -> Result<Request, ApiError> {
+        self.post::<(), _>(&format!("/v1/requests/{id}/cancel"), None)
+    }
+
+    /// `POST /v1/requests/{id}/revoke`.
+    pub fn revoke(&self, id: &str, body: &ReasonBody) -> Result<Request, ApiError> {
+        self.post(&format!("/v1/requests/{id}/revoke"), Some(body))
+    }
+
+    /// `POST /v1/requests/{id}/review`.
+    pub fn review(&self, id: &str, body: &ReviewBody) -> Result<Request, ApiError> {
+        self.post(&format!("/v1/requests/{id}/review"), Some(body))
+    }
+
+    /// `POST /v1/requests/{id}/credentials`.
+    pub fn credentials(&self, id: &str) -> Result<Credentials, ApiError> {
+        self.post::<(), _>(&format!("/v1/requests/{id}/credentials"), None)
+    }
+
+    /// `GET /v1/audit?after=SEQ&limit=N`.
+    pub fn audit_page(&self, after: Option<u64>, limit: u32) -> Result<AuditPage, ApiError> {
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(a) = after {
+            query.push(("after", a.to_string()));
+        }
+        self.get("/v1/audit", &query)
+    }
+
+    /// `GET /v1/whoami`.
+    pub fn whoami(&self) -> Result<WhoAmI, ApiError> {
+        self.get("/v1/whoami", &[])
+    }
+
+    // ---- plumbing ----
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn auth_header(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {}", t.0))
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ApiError> {
+        let url = self.url(path);
+        let mut req = self
+            .agent
+            .get(&url)
+            .header("Accept", "application/json, application/problem+json");
+        if let Some(auth) = self.auth_header() {
+            req = req.header("Authorization", auth);
+        }
+        for (k, v) in query {
+            req = req.query(*k, v);
+        }
+        self.finish(req.call())
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ApiError> {
+        let url = self.url(path);
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("Accept", "application/json, application/problem+json");
+        if let Some(auth) = self.auth_header() {
+            req = req.header("Authorization", auth);
+        }
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.send_empty(),
+        };
+        self.finish(result)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ApiError> {
+        let mut resp = result.map_err(|e| self.transport_error(e))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(RESPONSE_BYTES_MAX)
+            .read_to_vec();
+        if (200..300).contains(&status) {
+            let bytes = body.map_err(|e| self.transport_error(e))?;
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
+                detail: format!("cannot decode the JSON body of an HTTP {status} answer: {e}"),
+            })
+        } else {
+            // Whatever went wrong reading an error body, the status decides.
+            let problem = body
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Problem>(&bytes).ok());
+            Err(match problem {
+                Some(problem) => ApiError::Problem { status, problem },
+                None => ApiError::Status { status },
+            })
+        }
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> ApiError {
+        let url = self.base.clone();
+        match e {
+            ureq::Error::Timeout(_) => ApiError::Timeout { url },
+            ureq::Error::BodyExceedsLimit(n) => ApiError::BadResponse {
+                detail: format!("the answer is larger than {n} bytes"),
+            },
+            ureq::Error::Http(_) => ApiError::BadToken,
+            ureq::Error::Protocol(p) => ApiError::BadResponse {
+                detail: format!("not a valid HTTP answer: {p}"),
+            },
+            ureq::Error::Json(j) => ApiError::BadResponse {
+                detail: format!("JSON: {j}"),
+            },
+            other => ApiError::Unreachable {
+                url,
+                cause: other.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("http://127.0.0.1:8080/").as_deref(),
+            Ok("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            parse_base_url(" HTTP://localhost:9/bg// ").as_deref(),
+            Ok("http://localhost:9/bg")
+        );
+        for bad in [
+            "",
+            "127.0.0.1:8080",
+            "http://",
+            "http:///v1",
+            "http://user:pw@host",
+            "http://host/?x=1",
+            "http://ho st",
+            "ftp://host",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad:?} accepted");
+        }
+        let https = parse_base_url("https://bg.example.com").unwrap_err();
+        assert!(https.contains("https is not supported"), "{https}");
+    }
+
+    #[test]
+    fn token_is_never_shown() {
+        let t = Token::new("s3cret-value").expect("token");
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        let c = Client::new("http://127.0.0.1:1".to_string(), Some(t));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(Token::new("  ").is_none());
+    }
+
+    #[test]
+    fn api_errors_map_to_exit_codes_and_codes() {
+        let problem = |status: u16, code: &str| ApiError::Problem {
+            status,
+            problem: Problem {
+                type_: "about:blank".to_string(),
+                title: "Forbidden".to_string(),
+                status,
+                detail: "you cannot approve your own request".to_string(),
+                code: code.to_string(),
+            },
+        };
+        let e = problem(403, "self_approval");
+        assert_eq!(e.exit(), Exit::Refused);
+        assert_eq!(
+            e.to_string(),
+            "you cannot approve your own request (self_approval)"
+        );
+        assert_eq!(problem(401, "unauthenticated").exit(), Exit::Refused);
+        assert_eq!(problem(409, "wrong_state").exit(), Exit::Error);
+        assert_eq!(ApiError::Status { status: 502 }.exit(), Exit::Error);
+        assert_eq!(ApiError::Status { status: 502 }.code(), "http_502");
+        let down = ApiError::Unreachable {
+            url: "http://127.0.0.1:1".to_string(),
+            cause: "connection refused".to_string(),
+        };
+        assert_eq!(down.exit(), Exit::Error);
+        assert_eq!(
+            down.to_string(),
+            "cannot reach the breakglass server at http://127.0.0.1:1: connection refused (unreachable)"
+        );
+        assert_eq!(ApiError::BadToken.exit(), Exit::Usage);
+    }
+
+    #[test]
+    fn unreachable_server_is_an_error() {
+        // Port 1 on loopback: nothing listens there, the connect fails fast.
+        let c = Client::new("http://127.0.0.1:1".to_string(), Token::new("t"));
+        let e = c.whoami().expect_err("nothing listens on port 1");
+        assert_eq!(e.exit(), Exit::Error);
+        assert!(
+            matches!(e, ApiError::Unreachable { .. } | ApiError::Timeout { .. }),
+            "{e:?}"
+        );
+    }
+}

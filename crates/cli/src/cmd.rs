@@ -1,0 +1,473 @@
+//! The glue of each verb: call the client or the offline functions, print the
+//! result as text or JSON, and choose the exit code.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use breakglass_core::time::format_duration;
+use breakglass_core::{Request, State, Timestamp};
+use breakglass_server::dto::{ApproveBody, CreateRequest, ReasonBody, RequestList, ReviewBody};
+use breakglass_server::offline::{self, Sample};
+use serde::Serialize;
+
+use crate::Output;
+use crate::client::{ApiError, Client, Token, parse_base_url};
+use crate::exit::{Exit, Failure};
+use crate::render;
+
+/// `--wait` polls this often at first, when a quick approval is likely and
+/// every millisecond of time-to-access counts...
+const POLL_FAST_MS: u64 = 250;
+/// ...for this long, then backs off.
+const POLL_FAST_FOR_S: u64 = 10;
+const POLL_SLOW_MS: u64 = 1000;
+/// Page size asked of `GET /v1/requests`.
+const LIST_PAGE_SIZE_MAX: u32 = 100;
+/// Pages `list` reads at most, whatever the server's cursors do.
+const LIST_PAGES_MAX: usize = 100;
+/// Page size asked of `GET /v1/audit`.
+const AUDIT_PAGE_SIZE: u32 = 500;
+
+/// What every verb needs: where the server is, who we are, how to print.
+pub struct Ctx {
+    url: String,
+    token: Option<Token>,
+    pub output: Output,
+}
+
+impl Ctx {
+    pub fn new(url: String, token: Option<&str>, output: Output) -> Ctx {
+        Ctx {
+            url,
+            token: token.and_then(Token::new),
+            output,
+        }
+    }
+
+    /// The client, built only by verbs that talk to the server, so a bad
+    /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs.
+    fn client(&self) -> Result<Client, Failure> {
+        let base = parse_base_url(&self.url)
+            .map_err(|m| Failure::usage("bad_url", format!("invalid --url: {m}")))?;
+        Ok(Client::new(base, self.token.clone()))
+    }
+
+    fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
+/// The wall clock, as the core's timestamp.
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+fn print_text(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// One JSON document, pretty-printed, then a newline.
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
+    text.push('\n');
+    print_text(&text)?;
+    Ok(())
+}
+
+/// Prints a request as JSON, or as `heading` plus what happens next.
+fn print_request(ctx: &Ctx, heading: Option<String>, r: &Request) -> anyhow::Result<()> {
+    if ctx.json() {
+        return print_json(r);
+    }
+    let mut text = heading.map(|h| h + "\n").unwrap_or_default();
+    text.push_str(&render::next_steps(r, now()));
+    print_text(&text)?;
+    Ok(())
+}
+
+/// Prints `error: <detail> (<code>)` (and a hint where one helps) to stderr
+/// and returns the exit code the error stands for.
+pub fn report_error(ctx: &Ctx, err: &anyhow::Error) -> Exit {
+    // A closed pipe (`breakglass audit export | head`) is the reader's choice,
+    // not a failure.
+    let broken_pipe = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe);
+    if broken_pipe {
+        return Exit::Success;
+    }
+    let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>());
+    let failure = err.chain().find_map(|e| e.downcast_ref::<Failure>());
+    let exit = match (api, failure) {
+        (Some(a), _) => a.exit(),
+        (None, Some(f)) => f.exit,
+        (None, None) => Exit::Error,
+    };
+    let mut stderr = io::stderr().lock();
+    let _ = writeln!(stderr, "error: {}", render::clean(&format!("{err:#}")));
+    let hint = match api {
+        Some(a) if a.status() == Some(401) && ctx.token.is_none() => Some(
+            "no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token"
+                .to_string(),
+        ),
+        Some(a) if a.status() == Some(401) => Some(
+            "the server did not accept your token: check BREAKGLASS_TOKEN (or --token)".to_string(),
+        ),
+        Some(ApiError::Unreachable { .. }) => Some(
+            "is the server running? `breakglass serve --dev` starts one; \
+             set BREAKGLASS_URL (or --url) to reach another"
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(h) = hint {
+        let _ = writeln!(stderr, "hint: {h}");
+    }
+    exit
+}
+
+pub fn serve(opts: breakglass_server::ServeOptions) -> anyhow::Result<Exit> {
+    breakglass_server::serve(opts)?;
+    Ok(Exit::Success)
+}
+
+pub fn request(ctx: &Ctx, body: CreateRequest, wait_s: Option<u64>) -> anyhow::Result<Exit> {
+    let client = ctx.client()?;
+    let created = client.create_request(&body)?;
+    let Some(wait_s) = wait_s else {
+        print_request(ctx, None, &created)?;
+        return Ok(Exit::Success);
+    };
+    if created.state != State::Pending {
+        print_request(ctx, None, &created)?;
+        return decided(&created);
+    }
+    if !ctx.json() {
+        print_text(&render::next_steps(&created, now()))?;
+        eprintln!(
+            "Waiting up to {} for a decision on {} (Ctrl-C stops waiting, not the request)...",
+            format_duration(wait_s),
+            render::clean(&created.id)
+        );
+    }
+    let latest = wait_for_decision(&client, created, Duration::from_secs(wait_s))?;
+    // In text the pending state was shown above; say only what changed.
+    if ctx.json() || latest.state != State::Pending {
+        print_request(ctx, None, &latest)?;
+    }
+    decided(&latest)
+}
+
+/// Polls until the request leaves `pending` or `limit` has passed; returns
+/// the last state seen.
+fn wait_for_decision(client: &Client, mut r: Request, limit: Duration) -> anyhow::Result<Request> {
+    let start = Instant::now();
+    let deadline = start + limit;
+    while r.state == State::Pending {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let interval = if now.duration_since(start) < Duration::from_secs(POLL_FAST_FOR_S) {
+            Duration::from_millis(POLL_FAST_MS)
+        } else {
+            Duration::from_millis(POLL_SLOW_MS)
+        };
+        thread::sleep(interval.min(deadline - now));
+        r = client.get_request(&r.id).with_context(|| {
+            format!(
+                "lost track of request {} while waiting; check it with: breakglass show {}",
+                r.id, r.id
+            )
+        })?;
+    }
+    Ok(r)
+}
+
+/// The exit code of `request --wait` for the state it ended in (DESIGN §7).
+pub fn exit_after_wait(state: State) -> Exit {
+    match state {
+        State::Active => Exit::Success,
+        State::Denied => Exit::Refused,
+        State::Pending => Exit::WaitTimeout,
+        State::Cancelled | State::TimedOut | State::Expired | State::Revoked => Exit::Error,
+    }
+}
+
+/// `Ok` for an active grant; otherwise an error line on stderr with the
+/// matching exit code.
+fn decided(r: &Request) -> anyhow::Result<Exit> {
+    let exit = exit_after_wait(r.state);
+    let id = &r.id;
+    let failure = match r.state {
+        State::Active => return Ok(exit),
+        State::Pending => Failure::new(
+            exit,
+            "wait_timeout",
+            format!("request {id} is still pending; keep waiting with: breakglass show {id}"),
+        ),
+        State::Denied => Failure::new(exit, "denied", format!("request {id} was denied")),
+        State::Cancelled => Failure::new(exit, "cancelled", format!("request {id} was cancelled")),
+        State::TimedOut => Failure::new(
+            exit,
+            "timed_out",
+            format!("request {id} timed out undecided"),
+        ),
+        State::Expired | State::Revoked => Failure::new(
+            exit,
+            "ended",
+            format!(
+                "request {id} was granted but has already ended ({})",
+                r.state
+            ),
+        ),
+    };
+    Err(failure.into())
+}
+
+pub fn approve(ctx: &Ctx, id: &str, comment: Option<String>) -> anyhow::Result<Exit> {
+    let r = ctx.client()?.approve(id, &ApproveBody { comment })?;
+    let heading = match (&r.countersignature, r.state) {
+        (Some(_), State::Active) if r.emergency => format!("Countersigned {}.", render::clean(id)),
+        _ => format!(
+            "Approved {} ({} of {} approval(s)).",
+            render::clean(id),
+            r.approvals.len(),
+            r.approvals_required
+        ),
+    };
+    print_request(ctx, Some(heading), &r)?;
+    Ok(Exit::Success)
+}
+
+pub fn deny(ctx: &Ctx, id: &str, reason: String) -> anyhow::Result<Exit> {
+    let r = ctx.client()?.deny(id, &ReasonBody { reason })?;
+    print_request(ctx, None, &r)?;
+    Ok(Exit::Success)
+}
+
+pub fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+    let r = ctx.client()?.cancel(id)?;
+    print_request(ctx, None, &r)?;
+    Ok(Exit::Success)
+}
+
+pub fn revoke(ctx: &Ctx, id: &str, reason: String) -> anyhow::Result<Exit> {
+    let r = ctx.client()?.revoke(id, &ReasonBody { reason })?;
+    print_request(ctx, None, &r)?;
+    Ok(Exit::Success)
+}
+
+pub fn review(ctx: &Ctx, id: &str, outcome: &str, notes: String) -> anyhow::Result<Exit> {
+    let body = ReviewBody {
+        outcome: outcome.to_string(),
+        notes,
+    };
+    let r = ctx.client()?.review(id, &body)?;
+    print_request(
+        ctx,
+        Some(format!(
+            "Review recorded for {}: {outcome}.",
+            render::clean(id)
+        )),
+        &r,
+    )?;
+    Ok(Exit::Success)
+}
+
+pub fn list(ctx: &Ctx, state: Option<State>, mine: bool, limit: u32) -> anyhow::Result<Exit> {
+    let client = ctx.client()?;
+    // The API has no "mine" filter; the CLI keeps the caller's own requests.
+    let me = if mine {
+        Some(client.whoami()?.name)
+    } else {
+        None
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut requests = Vec::new();
+    let mut after: Option<String> = None;
+    let mut next = None;
+    for _ in 0..LIST_PAGES_MAX {
+        let wanted = limit.saturating_sub(requests.len());
+        let page_size = if me.is_some() {
+            LIST_PAGE_SIZE_MAX
+        } else {
+            u32::try_from(wanted)
+                .unwrap_or(LIST_PAGE_SIZE_MAX)
+                .min(LIST_PAGE_SIZE_MAX)
+        };
+        let page =
+            client.list_requests(state.map(State::as_str), Some(page_size), after.as_deref())?;
+        let got = page.requests.len();
+        requests.extend(
+            page.requests
+                .into_iter()
+                .filter(|r| me.as_ref().is_none_or(|m| &r.requester == m)),
+        );
+        next = page.next;
+        // Stop on a full list, the last page, or a cursor that does not move.
+        if requests.len() >= limit || got == 0 || next.is_none() || next == after {
+            break;
+        }
+        after = next.clone();
+    }
+    if requests.len() > limit {
+        requests.truncate(limit);
+    }
+    let list = RequestList { requests, next };
+    if ctx.json() {
+        print_json(&list)?;
+    } else {
+        print_text(&render::request_table(&list, now()))?;
+    }
+    Ok(Exit::Success)
+}
+
+pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+    let r = ctx.client()?.get_request(id)?;
+    if ctx.json() {
+        print_json(&r)?;
+    } else {
+        print_text(&render::request_block(&r, now()))?;
+    }
+    Ok(Exit::Success)
+}
+
+pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+    let c = ctx.client()?.credentials(id)?;
+    if ctx.json() {
+        print_json(&c)?;
+    } else {
+        print_text(&render::credentials(&c, now()))?;
+    }
+    Ok(Exit::Success)
+}
+
+pub fn whoami(ctx: &Ctx) -> anyhow::Result<Exit> {
+    let w = ctx.client()?.whoami()?;
+    if ctx.json() {
+        print_json(&w)?;
+    } else {
+        print_text(&render::whoami(&w))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// Offline: reads the store named by the config.
+pub fn audit_verify(ctx: &Ctx, config: &Path) -> anyhow::Result<Exit> {
+    let report = offline::audit_verify(config)?;
+    if ctx.json() {
+        print_json(&report)?;
+    } else {
+        print_text(&render::verify_report(&report))?;
+    }
+    if report.ok {
+        return Ok(Exit::Success);
+    }
+    let seq = report
+        .first_bad_seq
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "?".to_string());
+    let reason = report.reason.as_deref().unwrap_or("no reason given");
+    Err(Failure::new(
+        Exit::Error,
+        "audit_broken",
+        format!("the audit chain does not hold at seq {seq}: {reason}"),
+    )
+    .into())
+}
+
+/// Every event after `after`, one JSON object a line, page by page until the
+/// server says there is nothing more. Always JSON lines, whatever `--output`.
+pub fn audit_export(ctx: &Ctx, mut after: Option<u64>) -> anyhow::Result<Exit> {
+    let client = ctx.client()?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    loop {
+        let page = client.audit_page(after, AUDIT_PAGE_SIZE)?;
+        for event in &page.events {
+            serde_json::to_writer(&mut out, event).context("cannot encode an audit event")?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        match page.next {
+            None => break,
+            _ if page.events.is_empty() => break,
+            Some(n) if after.is_some_and(|a| n <= a) => {
+                return Err(Failure::new(
+                    Exit::Error,
+                    "bad_response",
+                    format!("the audit cursor went from {after:?} to {n}; stopping"),
+                )
+                .into());
+            }
+            Some(n) => after = Some(n),
+        }
+    }
+    Ok(Exit::Success)
+}
+
+/// Offline: validates the config and policies; with a sample, explains the
+/// decision and exits 3 when the sample would be refused.
+pub fn policy_check(ctx: &Ctx, config: &Path, sample: Option<&Sample>) -> anyhow::Result<Exit> {
+    let report = offline::policy_check(config, sample)?;
+    if ctx.json() {
+        print_json(&report)?;
+    } else {
+        print_text(&render::policy_report(&report))?;
+    }
+    match &report.sample {
+        Some(s) if !s.allowed => Ok(Exit::Refused),
+        _ => Ok(Exit::Success),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_outcomes_map_to_the_contract() {
+        assert_eq!(exit_after_wait(State::Active), Exit::Success);
+        assert_eq!(exit_after_wait(State::Denied).code(), 3);
+        assert_eq!(exit_after_wait(State::Pending).code(), 4);
+        assert_eq!(exit_after_wait(State::Cancelled).code(), 1);
+        assert_eq!(exit_after_wait(State::TimedOut).code(), 1);
+        assert_eq!(exit_after_wait(State::Expired).code(), 1);
+        assert_eq!(exit_after_wait(State::Revoked).code(), 1);
+    }
+
+    #[test]
+    fn errors_choose_their_exit_code() {
+        let ctx = Ctx::new("http://127.0.0.1:1".to_string(), None, Output::Text);
+        let refused = anyhow::Error::new(ApiError::Status { status: 403 });
+        assert_eq!(report_error(&ctx, &refused), Exit::Refused);
+        let wrapped = anyhow::Error::new(ApiError::Status { status: 401 }).context("while waiting");
+        assert_eq!(report_error(&ctx, &wrapped), Exit::Refused);
+        let timeout = anyhow::Error::new(Failure::new(Exit::WaitTimeout, "wait_timeout", "x"));
+        assert_eq!(report_error(&ctx, &timeout), Exit::WaitTimeout);
+        assert_eq!(
+            report_error(&ctx, &anyhow::anyhow!("disk on fire")),
+            Exit::Error
+        );
+        let pipe = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(report_error(&ctx, &pipe), Exit::Success);
+    }
+
+    #[test]
+    fn a_bad_url_is_a_usage_error() {
+        let ctx = Ctx::new("https://example.com".to_string(), Some("t"), Output::Text);
+        let err = anyhow::Error::new(ctx.client().expect_err("https is refused"));
+        assert_eq!(report_error(&ctx, &err), Exit::Usage);
+    }
+}

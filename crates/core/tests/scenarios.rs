@@ -1,0 +1,1808 @@
+//! Lifecycle scenarios as data (DESIGN §2 and §3).
+//!
+//! Every test is a short script run against one fixed Cedar policy set and
+//! one fixed set of principals. The interpreter drives the real
+//! `PolicyEngine`, `lifecycle::create` and `lifecycle::step`, applies each
+//! `Transition` the way a store would (compare-and-set on the version) and
+//! prints a transcript: the events and the resulting state, or the refusal.
+//! The transcript is an `expect!` snapshot; refresh them with
+//! `UPDATE_EXPECT=1 cargo test -p breakglass-core`.
+//!
+//! Script lines (times are relative to a fixed epoch, e.g. `@15m4s999ms`):
+//!
+//! ```text
+//! request WHO TARGET ROLE DURATION ["reason"] [ticket=T] @T
+//! emergency WHO TARGET ROLE DURATION ["reason"] [ticket=T] @T
+//! approve WHO ["comment"] @T      deny WHO "reason" @T
+//! cancel WHO @T                   revoke WHO "reason" @T
+//! review WHO ok|misuse "notes" @T
+//! tick [WHO] @T                   live @T
+//! ```
+//!
+//! `WHO` may be `system`. The file ends with the authorization matrix: every
+//! principal and command against every reachable state, judged by rules
+//! written here independently of the core and compared with `step`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use breakglass_core::audit::canonical_json;
+use breakglass_core::lifecycle::{self, Command, NewRequest, Transition};
+use breakglass_core::policy::{Action, PolicyEngine, PolicyInput};
+use breakglass_core::time::parse_duration;
+use breakglass_core::{Actor, EndReason, Principal, Request, ReviewOutcome, State, Timestamp};
+use expect_test::{Expect, expect};
+
+/// Every script starts here: 2027-01-15T08:00:00Z, a Friday.
+const EPOCH_MS: i64 = 1_800_000_000_000;
+const PENDING_TIMEOUT_S: u64 = 30 * 60;
+const MINUTE_MS: i64 = 60_000;
+
+/// Modelled on DESIGN §3, plus a few policies that make the combination
+/// rules observable: `pay-db` is in both `production` and `payments`, so two
+/// permits match every request for it.
+const POLICY: &str = r#"
+@id("oncall-db-read")
+@approvals("1")
+@approvers("sre-leads")
+@max_duration("30m")
+permit (principal in Group::"oncall", action == Action::"request",
+        resource in TargetGroup::"production")
+when { context.role == "read" };
+
+@id("oncall-db-admin")
+@approvals("2")
+@approvers("sre-leads,security")
+@max_duration("15m")
+@require_ticket("^INC-[0-9]+$")
+permit (principal in Group::"oncall", action == Action::"request",
+        resource in TargetGroup::"production")
+when { context.role == "admin" };
+
+@id("ic-emergency")
+@approvals("0")
+@approvers("sre-leads")
+@countersign_within("10m")
+@max_duration("10m")
+permit (principal in Group::"incident-commanders", action == Action::"emergency",
+        resource in TargetGroup::"production");
+
+@id("oncall-emergency-read")
+@approvals("0")
+@approvers("sre-leads")
+@countersign_within("2m")
+@max_duration("10m")
+permit (principal in Group::"oncall", action == Action::"emergency",
+        resource in TargetGroup::"production")
+when { context.role == "read" };
+
+@id("payments")
+@approvals("2")
+@approvers("payments-leads")
+@max_duration("20m")
+@require_ticket("^[A-Z]+-[0-9]{4,}$")
+permit (principal in Group::"oncall", action == Action::"request",
+        resource in TargetGroup::"payments");
+
+@id("batch-window")
+@approvals("1")
+@approvers("sre-leads")
+@max_duration("4h")
+permit (principal in Group::"oncall", action == Action::"request",
+        resource in TargetGroup::"production")
+when { context.role == "batch" };
+
+@id("drill")
+@approvals("0")
+@max_duration("5m")
+permit (principal in Group::"drillers", action == Action::"request",
+        resource == Target::"canary-db");
+
+@id("no-long-grants")
+forbid (principal, action, resource) when { context.duration_s > 3600 };
+"#;
+
+/// name, groups, admin (member of the service's `admin_groups`).
+const PRINCIPALS: &[(&str, &[&str], bool)] = &[
+    ("alice", &["oncall"], false),
+    ("bob", &["sre-leads"], false),
+    ("carol", &["sre-leads", "security"], false),
+    ("dave", &["security"], false),
+    ("erin", &["incident-commanders", "oncall"], false),
+    // Requester and eligible approver at once: self-approval must still fail.
+    ("frank", &["oncall", "sre-leads"], false),
+    ("paula", &["payments-leads"], false),
+    ("drill-bot", &["drillers"], false),
+    ("mallory", &[], false),
+    ("root", &["security"], true),
+];
+
+const TARGETS: &[(&str, &[&str])] = &[
+    ("prod-db", &["production"]),
+    ("pay-db", &["production", "payments"]),
+    ("canary-db", &["canaries"]),
+    ("staging-db", &["staging"]),
+];
+
+fn principal(name: &str) -> Principal {
+    let (name, groups, admin) = PRINCIPALS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .unwrap_or_else(|| panic!("script names unknown principal {name:?}"));
+    Principal {
+        name: name.to_string(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        admin: *admin,
+    }
+}
+
+fn actor(name: &str) -> Actor {
+    match name {
+        "system" => Actor::System,
+        _ => Actor::Principal(principal(name)),
+    }
+}
+
+fn at(rel_ms: i64) -> Timestamp {
+    Timestamp(EPOCH_MS + rel_ms)
+}
+
+/// `@15m4s999ms` style, relative to the epoch.
+fn rel(t: Timestamp) -> String {
+    let ms = t.millis() - EPOCH_MS;
+    let mut out = String::from(if ms < 0 { "@-" } else { "@" });
+    let ms = ms.unsigned_abs();
+    if ms == 0 {
+        out.push_str("0s");
+    }
+    let parts = [
+        (ms / 3_600_000, "h"),
+        (ms / 60_000 % 60, "m"),
+        (ms / 1000 % 60, "s"),
+        (ms % 1000, "ms"),
+    ];
+    for (n, unit) in parts {
+        if n > 0 {
+            let _ = write!(out, "{n}{unit}");
+        }
+    }
+    out
+}
+
+fn parse_at(token: &str) -> i64 {
+    let body = token.strip_prefix('@').expect("time starts with @");
+    let mut total = 0;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (n, after) = rest.split_at(digits);
+        let letters = after.len() - after.trim_start_matches(|c: char| c.is_ascii_alphabetic()).len();
+        let (unit, after) = after.split_at(letters);
+        let n: i64 = n.parse().unwrap_or_else(|_| panic!("bad time {token:?}"));
+        total += n * match unit {
+            "h" => 3_600_000,
+            "m" => 60_000,
+            "s" => 1000,
+            "ms" => 1,
+            _ => panic!("bad time unit in {token:?}"),
+        };
+        rest = after;
+    }
+    total
+}
+
+/// One script line, split shell-style: bare words, quoted strings, the
+/// `ticket=` option and the `@time`.
+struct Line {
+    words: Vec<String>,
+    quoted: Vec<String>,
+    ticket: Option<String>,
+    now: Timestamp,
+}
+
+impl Line {
+    fn parse(text: &str) -> Line {
+        let mut words = Vec::new();
+        let mut quoted = Vec::new();
+        let mut ticket = None;
+        let mut now = None;
+        let mut chars = text.chars().peekable();
+        while let Some(&c) = chars.peek() {
+            if c.is_whitespace() {
+                chars.next();
+            } else if c == '"' {
+                chars.next();
+                let s: String = chars.by_ref().take_while(|&c| c != '"').collect();
+                quoted.push(s);
+            } else {
+                let mut w = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_whitespace() {
+                        break;
+                    }
+                    w.push(c);
+                    chars.next();
+                }
+                if let Some(t) = w.strip_prefix("ticket=") {
+                    ticket = Some(t.to_string());
+                } else if w.starts_with('@') {
+                    now = Some(at(parse_at(&w)));
+                } else {
+                    words.push(w);
+                }
+            }
+        }
+        Line {
+            words,
+            quoted,
+            ticket,
+            now: now.unwrap_or_else(|| panic!("line without @time: {text:?}")),
+        }
+    }
+
+    fn word(&self, i: usize) -> &str {
+        self.words
+            .get(i)
+            .unwrap_or_else(|| panic!("missing argument {i} in {:?}", self.words))
+    }
+
+    fn text(&self, i: usize) -> String {
+        self.quoted
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| panic!("missing quoted argument {i}"))
+    }
+}
+
+/// The script interpreter: one policy engine and the request the script is
+/// about (a later successful `request` replaces it).
+struct World {
+    engine: PolicyEngine,
+    request: Option<Request>,
+    created: u32,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            engine: PolicyEngine::load(POLICY, "scenarios.cedar").expect("scenario policy loads"),
+            request: None,
+            created: 0,
+        }
+    }
+
+    fn current(&self) -> &Request {
+        self.request.as_ref().expect("script acts before any request exists")
+    }
+
+    /// Runs one line; `Ok` is the transcript of a transition, `Err` a refusal.
+    fn run(&mut self, line: &Line) -> Result<String, String> {
+        let verb = line.word(0);
+        let now = line.now;
+        let cmd = match verb {
+            "request" | "emergency" => return self.create(line, verb == "emergency"),
+            "live" => {
+                let live = self.current().is_live(now);
+                return Ok(format!("  live: {}\n", if live { "yes" } else { "no" }));
+            }
+            "approve" => Command::Approve {
+                comment: line.quoted.first().cloned(),
+            },
+            "deny" => Command::Deny {
+                reason: line.text(0),
+            },
+            "cancel" => Command::Cancel,
+            "revoke" => Command::Revoke {
+                reason: line.text(0),
+            },
+            "review" => Command::Review {
+                outcome: ReviewOutcome::parse(line.word(2)).expect("review outcome is ok or misuse"),
+                notes: line.text(0),
+            },
+            "tick" => Command::Tick,
+            _ => panic!("unknown verb {verb:?}"),
+        };
+        let who = match verb {
+            "tick" => actor(line.words.get(1).map_or("system", String::as_str)),
+            _ => actor(line.word(1)),
+        };
+        let req = self.current().clone();
+        let t = lifecycle::step(&req, &who, &cmd, now).map_err(|e| e.to_string())?;
+        Ok(self.apply(t))
+    }
+
+    fn create(&mut self, line: &Line, emergency: bool) -> Result<String, String> {
+        let who = principal(line.word(1));
+        let target = line.word(2);
+        let role = line.word(3);
+        // Plain seconds (`0s`, `604801s`) bypass the parser's own limits so
+        // the lifecycle's checks show.
+        let text = line.word(4);
+        let duration_s = match text.strip_suffix('s').map(str::parse::<u64>) {
+            Some(Ok(s)) => s,
+            _ => parse_duration(text).expect("script duration parses"),
+        };
+        let reason = line.quoted.first().cloned().unwrap_or_else(|| "incident".into());
+        let groups: Vec<String> = who.groups.iter().cloned().collect();
+        let target_groups: Vec<String> = TARGETS
+            .iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, g)| g.iter().map(|g| g.to_string()).collect())
+            .unwrap_or_default();
+        let input = PolicyInput {
+            principal: &who.name,
+            principal_groups: &groups,
+            target,
+            target_groups: &target_groups,
+            action: if emergency {
+                Action::Emergency
+            } else {
+                Action::Request
+            },
+            role,
+            duration_s,
+            reason: &reason,
+            ticket: line.ticket.as_deref(),
+            now: line.now,
+        };
+        let decision = self.engine.evaluate(&input);
+        let new = NewRequest {
+            target: target.to_string(),
+            role: role.to_string(),
+            duration_s,
+            reason,
+            ticket: line.ticket.clone(),
+            emergency,
+        };
+        let id = format!("r{}", self.created + 1);
+        let t = lifecycle::create(&new, &who, &decision, id, line.now, PENDING_TIMEOUT_S)
+            .map_err(|e| e.to_string())?;
+        self.created += 1;
+        // A new request starts a new compare-and-set history.
+        self.request = None;
+        Ok(self.apply(t))
+    }
+
+    /// Applies a transition as a store would, checking the invariants that
+    /// hold after every step, and describes it.
+    fn apply(&mut self, t: Transition) -> String {
+        let before = self.request.take();
+        let expected = before.as_ref().map_or(0, |r| r.version);
+        assert_eq!(t.expected_version, expected, "compare-and-set version");
+        assert_eq!(t.request.version, expected + 1, "version is bumped");
+        assert!(!t.events.is_empty(), "every transition has an audit event");
+        let new = t.request;
+        for e in &t.events {
+            assert_eq!(e.request_id.as_deref(), Some(new.id.as_str()));
+        }
+        check_invariants(before.as_ref(), &new);
+        let mut out = String::new();
+        for e in &t.events {
+            let _ = writeln!(out, "  {} by {}:{}", e.action, e.actor, details(&e.details));
+        }
+        let _ = writeln!(out, "  => {}", describe(&new));
+        self.request = Some(new);
+        out
+    }
+}
+
+/// DESIGN §2 rules that must hold after every successful step, whatever the
+/// script did.
+fn check_invariants(before: Option<&Request>, new: &Request) {
+    if let Some(old) = before {
+        assert_eq!(old.id, new.id);
+        if old.state.is_final() {
+            // Only a review may be added to an ended request.
+            assert_eq!(old.state, new.state, "a final state never changes");
+            assert!(old.review.is_none() && new.review.is_some());
+            let mut unreviewed = new.clone();
+            unreviewed.review = None;
+            unreviewed.version = old.version;
+            assert_eq!(&unreviewed, old, "a review changes nothing else");
+        }
+    }
+    assert!(new.duration_s <= new.max_duration_s);
+    let approvers: BTreeSet<&str> = new.approvals.iter().map(|a| a.by.as_str()).collect();
+    assert_eq!(approvers.len(), new.approvals.len(), "approvals are distinct");
+    assert!(!approvers.contains(new.requester.as_str()), "no self-approval");
+    if let Some(c) = &new.countersignature {
+        assert_ne!(c.by, new.requester, "no self-countersignature");
+    }
+    if let Some(r) = &new.review {
+        assert_ne!(r.by, new.requester, "no self-review");
+    }
+    if new.emergency {
+        assert!(new.review_required, "emergency grants are always reviewed");
+    }
+    if let Some(activated) = new.activated_at {
+        assert!(new.approvals.len() as u32 >= new.approvals_required);
+        assert_eq!(new.expires_at, Some(activated.plus_secs(new.duration_s)));
+    }
+    if new.state == State::Active {
+        let ends = [new.expires_at, new.countersign_by];
+        assert!(ends.iter().flatten().all(|&e| Some(e) >= new.activated_at));
+    }
+}
+
+/// Event details as `key=value`, timestamps shown relative to the epoch.
+fn details(v: &serde_json::Value) -> String {
+    let serde_json::Value::Object(map) = v else {
+        return format!(" {}", canonical_json(v));
+    };
+    let mut out = String::new();
+    for (k, v) in map {
+        let shown = match v {
+            serde_json::Value::String(s) => match Timestamp::parse_rfc3339(s) {
+                Ok(t) => rel(t),
+                Err(_) => canonical_json(v),
+            },
+            _ => canonical_json(v),
+        };
+        let _ = write!(out, " {k}={shown}");
+    }
+    out
+}
+
+fn describe(r: &Request) -> String {
+    let mut parts = vec![r.state.to_string()];
+    if r.emergency {
+        parts.push("emergency".into());
+    }
+    if r.state == State::Pending {
+        let by: Vec<&str> = r.approvals.iter().map(|a| a.by.as_str()).collect();
+        parts.push(format!(
+            "approvals {}/{} [{}]",
+            r.approvals.len(),
+            r.approvals_required,
+            by.join(", ")
+        ));
+        parts.push(format!("pending until {}", rel(r.pending_until)));
+    }
+    if let Some(t) = r.activated_at {
+        parts.push(format!("activated {}", rel(t)));
+    }
+    if let Some(t) = r.expires_at {
+        parts.push(format!("expires {}", rel(t)));
+    }
+    match (&r.countersignature, r.countersign_by) {
+        (Some(c), _) => parts.push(format!("countersigned by {} {}", c.by, rel(c.at))),
+        (None, Some(t)) => parts.push(format!("countersign by {}", rel(t))),
+        (None, None) => {}
+    }
+    if let (Some(t), Some(reason)) = (r.ended_at, r.end_reason) {
+        let by = r.ended_by.as_deref().unwrap_or("?");
+        parts.push(format!("ended {} by {by} ({reason})", rel(t)));
+    }
+    if r.review_required {
+        parts.push("review required".into());
+    }
+    if let Some(rv) = &r.review {
+        parts.push(format!(
+            "reviewed {:?} by {} {}",
+            rv.outcome,
+            rv.by,
+            rel(rv.at)
+        ));
+    }
+    parts.join("; ")
+}
+
+fn transcript(script: &str) -> (String, World) {
+    let mut world = World::new();
+    let mut out = String::new();
+    for text in script.lines().map(str::trim) {
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let _ = writeln!(out, "{text}");
+        match world.run(&Line::parse(text)) {
+            Ok(s) => out.push_str(&s),
+            Err(e) => {
+                let _ = writeln!(out, "  error: {e}");
+            }
+        }
+    }
+    (out, world)
+}
+
+fn check(script: &str, expect: Expect) {
+    let (out, _) = transcript(script);
+    expect.assert_eq(&out);
+}
+
+#[test]
+fn dsl_times_roundtrip() {
+    for text in ["@0s", "@1ms", "@5s", "@15m4s999ms", "@1h30m", "@2h0m1s"] {
+        let t = at(parse_at(text));
+        assert_eq!(at(parse_at(&rel(t))), t, "{text}");
+    }
+    assert_eq!(rel(at(15 * MINUTE_MS + 4_999)), "@15m4s999ms");
+    assert_eq!(rel(at(-1)), "@-1ms");
+}
+
+#[test]
+fn one_approval_then_expiry_to_the_millisecond() {
+    check(
+        r#"
+        request alice prod-db read 15m "slow queries on orders" @0s
+        approve bob "go" @5s
+        live @15m4s999ms
+        tick @15m4s999ms
+        live @15m5s
+        approve carol @15m5s
+        tick @15m5s
+        tick @15m6s
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "slow queries on orders" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="slow queries on orders" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob "go" @5s
+              request.approved by bob: comment="go" approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@15m5s duration_s=900 emergency=false
+              => active; activated @5s; expires @15m5s
+            live @15m4s999ms
+              live: yes
+            tick @15m4s999ms
+              error: nothing is due
+            live @15m5s
+              live: no
+            approve carol @15m5s
+              error: cannot approve a request that is active but past its deadline
+            tick @15m5s
+              request.expired by system: expires_at=@15m5s lateness_ms=0
+              => expired; activated @5s; expires @15m5s; ended @15m5s by system (expired)
+            tick @15m6s
+              error: cannot tick a request that is expired
+        "#]],
+    );
+}
+
+#[test]
+fn clock_starts_at_activation_not_at_request() {
+    check(
+        r#"
+        request alice prod-db read 30m "backfill check" @0s
+        live @10m
+        approve bob @20m
+        # 30 minutes after the request: a clock started at request would expire here.
+        tick @30m
+        live @30m
+        tick @49m59s999ms
+        tick @50m
+        "#,
+        expect![[r#"
+            request alice prod-db read 30m "backfill check" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=1800 reason="backfill check" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            live @10m
+              live: no
+            approve bob @20m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@50m duration_s=1800 emergency=false
+              => active; activated @20m; expires @50m
+            tick @30m
+              error: nothing is due
+            live @30m
+              live: yes
+            tick @49m59s999ms
+              error: nothing is due
+            tick @50m
+              request.expired by system: expires_at=@50m lateness_ms=0
+              => expired; activated @20m; expires @50m; ended @50m by system (expired)
+        "#]],
+    );
+}
+
+#[test]
+fn two_approvals_from_distinct_people() {
+    check(
+        r#"
+        request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
+        approve bob @1m
+        # The same person twice is refused and does not count.
+        approve bob "again" @2m
+        # carol is in both sre-leads and security: she still counts once.
+        approve carol @3m
+        approve carol @4m
+        "#,
+        expect![[r#"
+            request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
+              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="drop a stuck lock" ticket="INC-42" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=2
+              => pending; approvals 1/2 [bob]; pending until @30m
+            approve bob "again" @2m
+              error: bob has already approved this request
+            approve carol @3m
+              request.approved by carol: comment=null approvals=2 approvals_required=2
+              request.activated by carol: expires_at=@18m duration_s=900 emergency=false
+              => active; activated @3m; expires @18m
+            approve carol @4m
+              error: cannot approve a request that is active and needs no countersignature
+        "#]],
+    );
+    check(
+        r#"
+        request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
+        approve carol @1m
+        approve carol @2m
+        approve dave @3m
+        "#,
+        expect![[r#"
+            request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
+              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="drop a stuck lock" ticket="INC-42" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            approve carol @1m
+              request.approved by carol: comment=null approvals=1 approvals_required=2
+              => pending; approvals 1/2 [carol]; pending until @30m
+            approve carol @2m
+              error: carol has already approved this request
+            approve dave @3m
+              request.approved by dave: comment=null approvals=2 approvals_required=2
+              request.activated by dave: expires_at=@18m duration_s=900 emergency=false
+              => active; activated @3m; expires @18m
+        "#]],
+    );
+}
+
+#[test]
+fn self_approval_is_refused_even_for_an_eligible_approver() {
+    check(
+        r#"
+        # frank is oncall and in sre-leads, the approver group of his own request.
+        request frank prod-db read 10m "look at replication" @0s
+        approve frank @1m
+        deny frank "changed my mind" @1m
+        approve bob @2m
+        tick @12m
+        review frank ok "all fine" @13m
+        review bob ok "all fine" @13m
+        "#,
+        expect![[r#"
+            request frank prod-db read 10m "look at replication" @0s
+              request.created by frank: target="prod-db" role="read" duration_s=600 reason="look at replication" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve frank @1m
+              error: the requester cannot approve, deny, countersign or review their own request
+            deny frank "changed my mind" @1m
+              error: the requester cannot approve, deny, countersign or review their own request
+            approve bob @2m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@12m duration_s=600 emergency=false
+              => active; activated @2m; expires @12m
+            tick @12m
+              request.expired by system: expires_at=@12m lateness_ms=0
+              => expired; activated @2m; expires @12m; ended @12m by system (expired)
+            review frank ok "all fine" @13m
+              error: the requester cannot approve, deny, countersign or review their own request
+            review bob ok "all fine" @13m
+              request.reviewed by bob: outcome="ok" notes="all fine"
+              => expired; activated @2m; expires @12m; ended @12m by system (expired); reviewed Ok by bob @13m
+        "#]],
+    );
+}
+
+#[test]
+fn admin_cannot_approve_outside_approvers_but_can_revoke() {
+    check(
+        r#"
+        request alice prod-db read 15m "read logs table" @0s
+        approve root @1m
+        deny root "no" @1m
+        # dave is in security, which does not approve read grants, and is no admin.
+        approve dave @1m
+        approve bob @2m
+        revoke dave "stop" @3m
+        revoke mallory "stop" @3m
+        revoke root "suspicious activity" @4m
+        revoke bob "too late" @5m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "read logs table" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="read logs table" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve root @1m
+              error: root is not an eligible approver for this request (eligible groups: sre-leads)
+            deny root "no" @1m
+              error: root is not an eligible approver for this request (eligible groups: sre-leads)
+            approve dave @1m
+              error: dave is not an eligible approver for this request (eligible groups: sre-leads)
+            approve bob @2m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@17m duration_s=900 emergency=false
+              => active; activated @2m; expires @17m
+            revoke dave "stop" @3m
+              error: dave may not revoke this grant: only the requester, an eligible approver or an admin can
+            revoke mallory "stop" @3m
+              error: mallory may not revoke this grant: only the requester, an eligible approver or an admin can
+            revoke root "suspicious activity" @4m
+              request.revoked by root: reason="suspicious activity" end_reason="revoked"
+              => revoked; activated @2m; expires @17m; ended @4m by root (revoked)
+            revoke bob "too late" @5m
+              error: cannot revoke a request that is revoked
+        "#]],
+    );
+}
+
+#[test]
+fn requester_release_and_approver_revoke() {
+    check(
+        r#"
+        request alice prod-db read 15m "quick look" @0s
+        approve bob @1m
+        revoke alice "done early" @3m
+        review bob ok "short and clean" @4m
+        request alice prod-db read 15m "another look" @10m
+        approve carol @11m
+        revoke bob "enough" @12m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "quick look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="quick look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@16m duration_s=900 emergency=false
+              => active; activated @1m; expires @16m
+            revoke alice "done early" @3m
+              request.revoked by alice: reason="done early" end_reason="released"
+              => revoked; activated @1m; expires @16m; ended @3m by alice (released)
+            review bob ok "short and clean" @4m
+              request.reviewed by bob: outcome="ok" notes="short and clean"
+              => revoked; activated @1m; expires @16m; ended @3m by alice (released); reviewed Ok by bob @4m
+            request alice prod-db read 15m "another look" @10m
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="another look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @40m
+            approve carol @11m
+              request.approved by carol: comment=null approvals=1 approvals_required=1
+              request.activated by carol: expires_at=@26m duration_s=900 emergency=false
+              => active; activated @11m; expires @26m
+            revoke bob "enough" @12m
+              request.revoked by bob: reason="enough" end_reason="revoked"
+              => revoked; activated @11m; expires @26m; ended @12m by bob (revoked)
+        "#]],
+    );
+}
+
+#[test]
+fn any_eligible_approver_can_veto() {
+    check(
+        r#"
+        request alice prod-db admin 15m "rebuild index" ticket=INC-7 @0s
+        approve bob @1m
+        deny mallory "no" @2m
+        deny dave "not during the freeze" @2m
+        approve carol @3m
+        cancel alice @3m
+        "#,
+        expect![[r#"
+            request alice prod-db admin 15m "rebuild index" ticket=INC-7 @0s
+              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="rebuild index" ticket="INC-7" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=2
+              => pending; approvals 1/2 [bob]; pending until @30m
+            deny mallory "no" @2m
+              error: mallory is not an eligible approver for this request (eligible groups: security, sre-leads)
+            deny dave "not during the freeze" @2m
+              request.denied by dave: reason="not during the freeze"
+              => denied; ended @2m by dave (denied)
+            approve carol @3m
+              error: cannot approve a request that is denied
+            cancel alice @3m
+              error: cannot cancel a request that is denied
+        "#]],
+    );
+}
+
+#[test]
+fn only_the_requester_cancels_and_only_while_pending() {
+    check(
+        r#"
+        request alice prod-db read 15m "check a row" @0s
+        cancel bob @1m
+        cancel root @1m
+        cancel alice @2m
+        cancel alice @3m
+        approve bob @3m
+        request alice prod-db read 15m "check again" @5m
+        approve bob @6m
+        cancel alice @7m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "check a row" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="check a row" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            cancel bob @1m
+              error: only the requester can cancel this request
+            cancel root @1m
+              error: only the requester can cancel this request
+            cancel alice @2m
+              request.cancelled by alice:
+              => cancelled; ended @2m by alice (cancelled)
+            cancel alice @3m
+              error: cannot cancel a request that is cancelled
+            approve bob @3m
+              error: cannot approve a request that is cancelled
+            request alice prod-db read 15m "check again" @5m
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="check again" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @35m
+            approve bob @6m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@21m duration_s=900 emergency=false
+              => active; activated @6m; expires @21m
+            cancel alice @7m
+              error: cannot cancel a request that is active
+        "#]],
+    );
+}
+
+#[test]
+fn pending_requests_time_out() {
+    check(
+        r#"
+        request alice prod-db read 15m "nobody around" @0s
+        tick @29m59s999ms
+        approve bob @30m
+        deny bob "late" @30m
+        cancel alice @30m
+        tick @30m
+        approve bob @31m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "nobody around" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="nobody around" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            tick @29m59s999ms
+              error: nothing is due
+            approve bob @30m
+              error: cannot approve a request that is pending but past its pending timeout
+            deny bob "late" @30m
+              error: cannot deny a request that is pending but past its pending timeout
+            cancel alice @30m
+              error: cannot cancel a request that is pending but past its pending timeout
+            tick @30m
+              request.timed_out by system: pending_until=@30m
+              => timed_out; ended @30m by system (timed_out)
+            approve bob @31m
+              error: cannot approve a request that is timed_out
+        "#]],
+    );
+}
+
+#[test]
+fn duration_beyond_the_policy_is_refused_not_shortened() {
+    check(
+        r#"
+        request alice prod-db read 31m "long look" @0s
+        request alice prod-db read 30m1s "long look" @0s
+        request alice prod-db admin 16m "long fix" ticket=INC-1 @0s
+        emergency erin prod-db admin 11m "long outage" @0s
+        request alice prod-db read 30m "long look" @0s
+        request alice prod-db read 0s "no time" @0s
+        "#,
+        expect![[r#"
+            request alice prod-db read 31m "long look" @0s
+              error: requested duration 31m exceeds the maximum of 30m set by policy oncall-db-read
+            request alice prod-db read 30m1s "long look" @0s
+              error: requested duration 30m1s exceeds the maximum of 30m set by policy oncall-db-read
+            request alice prod-db admin 16m "long fix" ticket=INC-1 @0s
+              error: requested duration 16m exceeds the maximum of 15m set by policy oncall-db-admin
+            emergency erin prod-db admin 11m "long outage" @0s
+              error: requested duration 11m exceeds the maximum of 10m set by policy ic-emergency
+            request alice prod-db read 30m "long look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=1800 reason="long look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            request alice prod-db read 0s "no time" @0s
+              error: invalid request: duration must be between 1s and 168h
+        "#]],
+    );
+}
+
+#[test]
+fn tickets_must_match_the_policy_pattern() {
+    check(
+        r#"
+        request alice prod-db admin 10m "fix" @0s
+        request alice prod-db admin 10m "fix" ticket=inc-12 @0s
+        request alice prod-db admin 10m "fix" ticket=INC-12x @0s
+        request alice prod-db admin 10m "fix" ticket=INC-12 @0s
+        # A ticket nobody asked for is kept but not checked.
+        request alice prod-db read 10m "look" ticket=whatever @0s
+        "#,
+        expect![[r#"
+            request alice prod-db admin 10m "fix" @0s
+              error: policy oncall-db-admin requires a ticket matching ^INC-[0-9]+$
+            request alice prod-db admin 10m "fix" ticket=inc-12 @0s
+              error: ticket "inc-12" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
+            request alice prod-db admin 10m "fix" ticket=INC-12x @0s
+              error: ticket "INC-12x" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
+            request alice prod-db admin 10m "fix" ticket=INC-12 @0s
+              request.created by alice: target="prod-db" role="admin" duration_s=600 reason="fix" ticket="INC-12" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            request alice prod-db read 10m "look" ticket=whatever @0s
+              request.created by alice: target="prod-db" role="read" duration_s=600 reason="look" ticket="whatever" emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+        "#]],
+    );
+}
+
+#[test]
+fn emergency_activates_at_once_and_is_countersigned() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down, nobody answers" @0s
+        live @0s
+        approve erin @1m
+        approve dave @1m
+        approve bob "seen, go ahead" @2m
+        approve carol @3m
+        tick @9m59s999ms
+        tick @10m
+        review erin ok "fine" @11m
+        review bob ok "justified: primary was down" @11m
+        review carol misuse "second opinion" @12m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down, nobody answers" @0s
+              request.created by erin: target="prod-db" role="admin" duration_s=600 reason="primary down, nobody answers" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
+              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+            live @0s
+              live: yes
+            approve erin @1m
+              error: the requester cannot approve, deny, countersign or review their own request
+            approve dave @1m
+              error: dave is not an eligible approver for this request (eligible groups: sre-leads)
+            approve bob "seen, go ahead" @2m
+              request.countersigned by bob: comment="seen, go ahead"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @2m; review required
+            approve carol @3m
+              error: cannot approve a request that is active and already countersigned
+            tick @9m59s999ms
+              error: nothing is due
+            tick @10m
+              request.expired by system: expires_at=@10m lateness_ms=0
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @10m by system (expired); review required
+            review erin ok "fine" @11m
+              error: the requester cannot approve, deny, countersign or review their own request
+            review bob ok "justified: primary was down" @11m
+              request.reviewed by bob: outcome="ok" notes="justified: primary was down"
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @10m by system (expired); review required; reviewed Ok by bob @11m
+            review carol misuse "second opinion" @12m
+              error: this request has already been reviewed
+        "#]],
+    );
+}
+
+#[test]
+fn emergency_without_countersignature_is_revoked() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        tick @9m59s999ms
+        # The deadline has passed: countersigning now is refused, only tick works.
+        approve bob @10m
+        tick @10m
+        approve bob @11m
+        review bob misuse "nobody countersigned" @12m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: target="prod-db" role="admin" duration_s=600 reason="primary down" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
+              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+            tick @9m59s999ms
+              error: nothing is due
+            approve bob @10m
+              error: cannot approve a request that is active but past its deadline
+            tick @10m
+              request.revoked by system: end_reason="not_countersigned" countersign_by=@10m lateness_ms=0
+              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required
+            approve bob @11m
+              error: cannot approve a request that is revoked
+            review bob misuse "nobody countersigned" @12m
+              request.reviewed by bob: outcome="misuse" notes="nobody countersigned"
+              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required; reviewed Misuse by bob @12m
+        "#]],
+    );
+    // The countersignature window of oncall-emergency-read (2m) is shorter
+    // than the grant: the grant is revoked before it expires.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        tick @1m59s999ms
+        tick @2m
+        "#,
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=600 reason="dashboards down" ticket=null emergency=true policy="oncall-emergency-read" approvals_required=0 approver_groups=["sre-leads"]
+              request.activated by alice: expires_at=@10m duration_s=600 emergency=true countersign_by=@2m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            tick @1m59s999ms
+              error: nothing is due
+            tick @2m
+              request.revoked by system: end_reason="not_countersigned" countersign_by=@2m lateness_ms=0
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
+        "#]],
+    );
+    // A grant that expires before its countersignature is due just expires.
+    check(
+        r#"
+        emergency erin prod-db admin 5m "quick fix" @0s
+        tick @5m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 5m "quick fix" @0s
+              request.created by erin: target="prod-db" role="admin" duration_s=300 reason="quick fix" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
+              request.activated by erin: expires_at=@5m duration_s=300 emergency=true countersign_by=@10m
+              => active; emergency; activated @0s; expires @5m; countersign by @10m; review required
+            tick @5m
+              request.expired by system: expires_at=@5m lateness_ms=0
+              => expired; emergency; activated @0s; expires @5m; countersign by @10m; ended @5m by system (expired); review required
+        "#]],
+    );
+}
+
+#[test]
+fn emergency_needs_an_emergency_policy() {
+    check(
+        r#"
+        emergency alice prod-db admin 5m "I am not an incident commander" @0s
+        emergency mallory prod-db read 5m "me neither" @0s
+        # erin matches ic-emergency and oncall-emergency-read: the 2m window governs.
+        emergency erin prod-db read 10m "both" @0s
+        "#,
+        expect![[r#"
+            emergency alice prod-db admin 5m "I am not an incident commander" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            emergency mallory prod-db read 5m "me neither" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            emergency erin prod-db read 10m "both" @0s
+              request.created by erin: target="prod-db" role="read" duration_s=600 reason="both" ticket=null emergency=true policy="ic-emergency,oncall-emergency-read" approvals_required=0 approver_groups=["sre-leads"]
+              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@2m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+        "#]],
+    );
+}
+
+#[test]
+fn reviews_only_on_ended_grants_by_others_and_once() {
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        review bob ok "too early" @1m
+        approve bob @1m
+        review bob ok "still too early" @2m
+        tick @16m
+        review alice ok "I reviewed myself" @17m
+        review mallory ok "drive-by" @17m
+        review root ok "admin is not an approver here" @17m
+        review bob ok "" @17m
+        review bob ok "fine" @17m
+        review carol misuse "disagree" @18m
+        request alice prod-db read 15m "look again" @20m
+        deny bob "no" @21m
+        review carol ok "denied requests are not grants" @22m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            review bob ok "too early" @1m
+              error: cannot review a request that is pending: only ended grants (expired or revoked) are reviewed
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@16m duration_s=900 emergency=false
+              => active; activated @1m; expires @16m
+            review bob ok "still too early" @2m
+              error: cannot review a request that is active: only ended grants (expired or revoked) are reviewed
+            tick @16m
+              request.expired by system: expires_at=@16m lateness_ms=0
+              => expired; activated @1m; expires @16m; ended @16m by system (expired)
+            review alice ok "I reviewed myself" @17m
+              error: the requester cannot approve, deny, countersign or review their own request
+            review mallory ok "drive-by" @17m
+              error: mallory is not an eligible approver for this request (eligible groups: sre-leads)
+            review root ok "admin is not an approver here" @17m
+              error: root is not an eligible approver for this request (eligible groups: sre-leads)
+            review bob ok "" @17m
+              error: invalid request: notes must not be empty
+            review bob ok "fine" @17m
+              request.reviewed by bob: outcome="ok" notes="fine"
+              => expired; activated @1m; expires @16m; ended @16m by system (expired); reviewed Ok by bob @17m
+            review carol misuse "disagree" @18m
+              error: this request has already been reviewed
+            request alice prod-db read 15m "look again" @20m
+              request.created by alice: target="prod-db" role="read" duration_s=900 reason="look again" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @50m
+            deny bob "no" @21m
+              request.denied by bob: reason="no"
+              => denied; ended @21m by bob (denied)
+            review carol ok "denied requests are not grants" @22m
+              error: cannot review a request that is denied: only ended grants (expired or revoked) are reviewed
+        "#]],
+    );
+}
+
+#[test]
+fn final_states_never_change() {
+    check(
+        r#"
+        request alice prod-db read 5m "look" @0s
+        approve bob @1m
+        tick @6m
+        approve carol @7m
+        deny carol "no" @7m
+        cancel alice @7m
+        revoke root "stop" @7m
+        revoke alice "release" @7m
+        tick @7m
+        tick @1h
+        "#,
+        expect![[r#"
+            request alice prod-db read 5m "look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@6m duration_s=300 emergency=false
+              => active; activated @1m; expires @6m
+            tick @6m
+              request.expired by system: expires_at=@6m lateness_ms=0
+              => expired; activated @1m; expires @6m; ended @6m by system (expired)
+            approve carol @7m
+              error: cannot approve a request that is expired
+            deny carol "no" @7m
+              error: cannot deny a request that is expired
+            cancel alice @7m
+              error: cannot cancel a request that is expired
+            revoke root "stop" @7m
+              error: cannot revoke a request that is expired
+            revoke alice "release" @7m
+              error: cannot revoke a request that is expired
+            tick @7m
+              error: cannot tick a request that is expired
+            tick @1h
+              error: cannot tick a request that is expired
+        "#]],
+    );
+}
+
+#[test]
+fn past_its_deadline_only_tick_acts() {
+    check(
+        r#"
+        request alice prod-db read 5m "look" @0s
+        approve bob @1m
+        revoke root "stop" @6m
+        revoke alice "release" @6m
+        review bob ok "early" @6m
+        live @6m
+        tick @6m
+        "#,
+        expect![[r#"
+            request alice prod-db read 5m "look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=1
+              request.activated by bob: expires_at=@6m duration_s=300 emergency=false
+              => active; activated @1m; expires @6m
+            revoke root "stop" @6m
+              error: cannot revoke a request that is active but past its deadline
+            revoke alice "release" @6m
+              error: cannot revoke a request that is active but past its deadline
+            review bob ok "early" @6m
+              error: cannot review a request that is active but past its deadline
+            live @6m
+              live: no
+            tick @6m
+              request.expired by system: expires_at=@6m lateness_ms=0
+              => expired; activated @1m; expires @6m; ended @6m by system (expired)
+        "#]],
+    );
+}
+
+#[test]
+fn service_and_people_have_separate_commands() {
+    check(
+        r#"
+        request alice prod-db read 5m "look" @0s
+        tick alice @1m
+        tick bob @31m
+        approve system @1m
+        cancel system @1m
+        "#,
+        expect![[r#"
+            request alice prod-db read 5m "look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            tick alice @1m
+              error: invalid request: tick is for the service only
+            tick bob @31m
+              error: invalid request: tick is for the service only
+            approve system @1m
+              error: invalid request: approve needs a person
+            cancel system @1m
+              error: invalid request: cancel needs a person
+        "#]],
+    );
+}
+
+#[test]
+fn strictest_obligations_govern_when_permits_overlap() {
+    // pay-db is production and payments: oncall-db-read (1 approval from
+    // sre-leads, 30m) and payments (2 from payments-leads, 20m, long ticket).
+    check(
+        r#"
+        request alice pay-db read 25m "refund stuck" ticket=PAY-1234 @0s
+        request alice pay-db read 20m "refund stuck" @0s
+        request alice pay-db read 20m "refund stuck" ticket=PAY-1 @0s
+        request alice pay-db read 20m "refund stuck" ticket=PAY-1234 @0s
+        approve bob @1m
+        approve paula @2m
+        "#,
+        expect![[r#"
+            request alice pay-db read 25m "refund stuck" ticket=PAY-1234 @0s
+              error: requested duration 25m exceeds the maximum of 20m set by policy oncall-db-read,payments
+            request alice pay-db read 20m "refund stuck" @0s
+              error: policy payments requires a ticket matching ^[A-Z]+-[0-9]{4,}$
+            request alice pay-db read 20m "refund stuck" ticket=PAY-1 @0s
+              error: ticket "PAY-1" does not match ^[A-Z]+-[0-9]{4,}$ required by policy payments
+            request alice pay-db read 20m "refund stuck" ticket=PAY-1234 @0s
+              request.created by alice: target="pay-db" role="read" duration_s=1200 reason="refund stuck" ticket="PAY-1234" emergency=false policy="payments,oncall-db-read" approvals_required=2 approver_groups=["payments-leads","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: comment=null approvals=1 approvals_required=2
+              => pending; approvals 1/2 [bob]; pending until @30m
+            approve paula @2m
+              request.approved by paula: comment=null approvals=2 approvals_required=2
+              request.activated by paula: expires_at=@22m duration_s=1200 emergency=false
+              => active; activated @2m; expires @22m
+        "#]],
+    );
+    // Admin on pay-db: both ticket patterns must match.
+    check(
+        r#"
+        request alice pay-db admin 15m "fix ledger" ticket=INC-12 @0s
+        request alice pay-db admin 15m "fix ledger" ticket=PAY-1234 @0s
+        request alice pay-db admin 15m "fix ledger" ticket=INC-1234 @0s
+        approve dave @1m
+        approve paula @2m
+        "#,
+        expect![[r#"
+            request alice pay-db admin 15m "fix ledger" ticket=INC-12 @0s
+              error: ticket "INC-12" does not match ^[A-Z]+-[0-9]{4,}$ required by policy payments
+            request alice pay-db admin 15m "fix ledger" ticket=PAY-1234 @0s
+              error: ticket "PAY-1234" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
+            request alice pay-db admin 15m "fix ledger" ticket=INC-1234 @0s
+              request.created by alice: target="pay-db" role="admin" duration_s=900 reason="fix ledger" ticket="INC-1234" emergency=false policy="oncall-db-admin,payments" approvals_required=2 approver_groups=["payments-leads","security","sre-leads"]
+              => pending; approvals 0/2 []; pending until @30m
+            approve dave @1m
+              request.approved by dave: comment=null approvals=1 approvals_required=2
+              => pending; approvals 1/2 [dave]; pending until @30m
+            approve paula @2m
+              request.approved by paula: comment=null approvals=2 approvals_required=2
+              request.activated by paula: expires_at=@17m duration_s=900 emergency=false
+              => active; activated @2m; expires @17m
+        "#]],
+    );
+}
+
+#[test]
+fn forbid_wins_over_any_permit() {
+    check(
+        r#"
+        request alice prod-db batch 2h "reindex" @0s
+        request alice prod-db batch 1h1s "reindex" @0s
+        request alice prod-db batch 1h "reindex" @0s
+        "#,
+        expect![[r#"
+            request alice prod-db batch 2h "reindex" @0s
+              error: no policy permits this: forbidden by no-long-grants
+            request alice prod-db batch 1h1s "reindex" @0s
+              error: no policy permits this: forbidden by no-long-grants
+            request alice prod-db batch 1h "reindex" @0s
+              request.created by alice: target="prod-db" role="batch" duration_s=3600 reason="reindex" ticket=null emergency=false policy="batch-window" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+        "#]],
+    );
+}
+
+#[test]
+fn requests_outside_every_policy_are_denied_with_a_reason() {
+    check(
+        r#"
+        request mallory prod-db read 5m "curious" @0s
+        request alice staging-db read 5m "wrong target" @0s
+        request alice prod-db write 5m "wrong role" @0s
+        request bob prod-db read 5m "approvers are not requesters" @0s
+        request drill-bot prod-db read 5m "drills stay on the canary" @0s
+        "#,
+        expect![[r#"
+            request mallory prod-db read 5m "curious" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            request alice staging-db read 5m "wrong target" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            request alice prod-db write 5m "wrong role" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            request bob prod-db read 5m "approvers are not requesters" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+            request drill-bot prod-db read 5m "drills stay on the canary" @0s
+              error: no policy permits this: no permit policy matches this principal, action, target and context
+        "#]],
+    );
+}
+
+#[test]
+fn zero_approval_drill_activates_at_once() {
+    check(
+        r#"
+        request drill-bot canary-db read 2m "scheduled drill" @0s
+        live @1m59s999ms
+        live @2m
+        tick @2m
+        review bob ok "nobody approves drills" @3m
+        request drill-bot canary-db read 2m "scheduled drill" @10m
+        revoke drill-bot "drill done" @10m500ms
+        "#,
+        expect![[r#"
+            request drill-bot canary-db read 2m "scheduled drill" @0s
+              request.created by drill-bot: target="canary-db" role="read" duration_s=120 reason="scheduled drill" ticket=null emergency=false policy="drill" approvals_required=0 approver_groups=[]
+              request.activated by drill-bot: expires_at=@2m duration_s=120 emergency=false
+              => active; activated @0s; expires @2m
+            live @1m59s999ms
+              live: yes
+            live @2m
+              live: no
+            tick @2m
+              request.expired by system: expires_at=@2m lateness_ms=0
+              => expired; activated @0s; expires @2m; ended @2m by system (expired)
+            review bob ok "nobody approves drills" @3m
+              error: bob is not an eligible approver for this request (eligible groups: )
+            request drill-bot canary-db read 2m "scheduled drill" @10m
+              request.created by drill-bot: target="canary-db" role="read" duration_s=120 reason="scheduled drill" ticket=null emergency=false policy="drill" approvals_required=0 approver_groups=[]
+              request.activated by drill-bot: expires_at=@12m duration_s=120 emergency=false
+              => active; activated @10m; expires @12m
+            revoke drill-bot "drill done" @10m500ms
+              request.revoked by drill-bot: reason="drill done" end_reason="released"
+              => revoked; activated @10m; expires @12m; ended @10m500ms by drill-bot (released)
+        "#]],
+    );
+}
+
+#[test]
+fn bad_input_is_refused_before_policy() {
+    check(
+        r#"
+        request alice prod-db read 5m "" @0s
+        request alice prod-db read 5m "   " @0s
+        request alice prod/db read 5m "look" @0s
+        request alice prod-db read 604801s "look" @0s
+        request alice prod-db read 5m "look" ticket= @0s
+        request alice prod-db read 5m "look" @0s
+        deny bob "" @1m
+        revoke bob "" @1m
+        "#,
+        expect![[r#"
+            request alice prod-db read 5m "" @0s
+              error: invalid request: reason must not be empty
+            request alice prod-db read 5m "   " @0s
+              error: invalid request: reason must not be empty
+            request alice prod/db read 5m "look" @0s
+              error: invalid request: target "prod/db" may only contain letters, digits and - _ . @ :
+            request alice prod-db read 604801s "look" @0s
+              error: invalid request: duration must be between 1s and 168h
+            request alice prod-db read 5m "look" ticket= @0s
+              error: invalid request: ticket must not be empty
+            request alice prod-db read 5m "look" @0s
+              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              => pending; approvals 0/1 []; pending until @30m
+            deny bob "" @1m
+              error: invalid request: reason must not be empty
+            revoke bob "" @1m
+              error: invalid request: reason must not be empty
+        "#]],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Authorization matrix (DESIGN §2, §4, §9): every actor and command against
+// every reachable state, judged by an oracle written from the design and
+// compared with `lifecycle::step`. Zero bypasses, zero wrongful refusals.
+// ---------------------------------------------------------------------------
+
+/// A reachable state, produced by a script, and what the policy that governs
+/// it says (written here from the policy text, not read from the request).
+struct MatrixCase {
+    name: &'static str,
+    script: &'static str,
+    /// The governing policies' `@approvers`.
+    approvers: &'static [&'static str],
+    /// `@countersign_within` of the governing policies, for emergency grants.
+    countersign_within_s: Option<u64>,
+}
+
+const MATRIX: &[MatrixCase] = &[
+    MatrixCase {
+        name: "pending read, requester is an approver",
+        script: r#"request frank prod-db read 15m "r" @0s"#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "pending admin, 1 of 2 approvals",
+        script: r#"
+            request alice prod-db admin 10m "r" ticket=INC-7 @0s
+            approve bob @1m
+        "#,
+        approvers: &["sre-leads", "security"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "pending pay-db read, 2 policies",
+        script: r#"request alice pay-db read 20m "r" ticket=PAY-1234 @0s"#,
+        approvers: &["sre-leads", "payments-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "active read",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            approve bob @1m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "active emergency, awaiting countersignature",
+        script: r#"emergency erin prod-db admin 10m "r" @0s"#,
+        approvers: &["sre-leads"],
+        countersign_within_s: Some(600),
+    },
+    MatrixCase {
+        name: "active emergency, countersign due before expiry",
+        script: r#"emergency alice prod-db read 10m "r" @0s"#,
+        approvers: &["sre-leads"],
+        countersign_within_s: Some(120),
+    },
+    MatrixCase {
+        name: "active emergency, countersigned",
+        script: r#"
+            emergency erin prod-db admin 10m "r" @0s
+            approve carol @1m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: Some(600),
+    },
+    MatrixCase {
+        name: "active drill, nobody approves",
+        script: r#"request drill-bot canary-db read 5m "r" @0s"#,
+        approvers: &[],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "denied",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            deny carol "no" @1m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "cancelled",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            cancel alice @1m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "timed out",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            tick @30m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "expired",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            approve bob @1m
+            tick @16m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "expired emergency",
+        script: r#"
+            emergency erin prod-db admin 5m "r" @0s
+            tick @5m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: Some(600),
+    },
+    MatrixCase {
+        name: "revoked by an admin",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            approve bob @1m
+            revoke root "stop" @2m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "released by the requester",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            approve bob @1m
+            revoke alice "done" @2m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+    MatrixCase {
+        name: "revoked, not countersigned",
+        script: r#"
+            emergency erin prod-db admin 10m "r" @0s
+            tick @10m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: Some(600),
+    },
+    MatrixCase {
+        name: "expired and reviewed",
+        script: r#"
+            request alice prod-db read 15m "r" @0s
+            approve bob @1m
+            tick @16m
+            review carol ok "fine" @17m
+        "#,
+        approvers: &["sre-leads"],
+        countersign_within_s: None,
+    },
+];
+
+fn matrix_commands() -> Vec<Command> {
+    vec![
+        Command::Approve { comment: None },
+        Command::Deny { reason: "no".into() },
+        Command::Cancel,
+        Command::Revoke {
+            reason: "stop".into(),
+        },
+        Command::Review {
+            outcome: ReviewOutcome::Ok,
+            notes: "checked".into(),
+        },
+        Command::Tick,
+    ]
+}
+
+/// What the design says should happen: `None` if the actor may not do this,
+/// else the resulting state and end reason.
+fn oracle(
+    case: &MatrixCase,
+    req: &Request,
+    who: &Actor,
+    cmd: &Command,
+    now: Timestamp,
+) -> Option<(State, Option<EndReason>)> {
+    // Deadlines from the design: pending timeout from creation; grants end
+    // at activation + duration, or earlier when an emergency grant is not
+    // countersigned within the policy's window (counted from activation).
+    let pending_until = req.created_at.plus_secs(PENDING_TIMEOUT_S);
+    let expires = req.activated_at.map(|a| a.plus_secs(req.duration_s));
+    let countersign_by = match (req.emergency, case.countersign_within_s, req.activated_at) {
+        (true, Some(w), Some(a)) if req.countersignature.is_none() => Some(a.plus_secs(w)),
+        _ => None,
+    };
+    let due = match req.state {
+        State::Pending => now >= pending_until,
+        State::Active => {
+            expires.is_some_and(|e| now >= e) || countersign_by.is_some_and(|c| now >= c)
+        }
+        _ => false,
+    };
+    let p = match who {
+        Actor::System => {
+            return match (cmd, req.state) {
+                (Command::Tick, State::Pending) if due => {
+                    Some((State::TimedOut, Some(EndReason::TimedOut)))
+                }
+                (Command::Tick, State::Active) if due => {
+                    let missed = countersign_by.is_some_and(|c| now >= c);
+                    Some(if missed {
+                        (State::Revoked, Some(EndReason::NotCountersigned))
+                    } else {
+                        (State::Expired, Some(EndReason::Expired))
+                    })
+                }
+                _ => None,
+            };
+        }
+        Actor::Principal(p) => p,
+    };
+    let is_requester = p.name == req.requester;
+    let in_approver_group = case.approvers.iter().any(|g| p.groups.contains(*g));
+    let eligible = !is_requester && in_approver_group;
+    let already_approved = req.approvals.iter().any(|a| a.by == p.name);
+    let unchanged = Some((req.state, req.end_reason));
+    match (cmd, req.state) {
+        (Command::Tick, _) => None,
+        (_, State::Pending | State::Active) if due => None,
+        (Command::Approve { .. }, State::Pending) if eligible && !already_approved => {
+            let have = req.approvals.len() as u32 + 1;
+            if have >= req.approvals_required {
+                Some((State::Active, None))
+            } else {
+                unchanged
+            }
+        }
+        (Command::Approve { .. }, State::Active)
+            if eligible && countersign_by.is_some() && req.countersignature.is_none() =>
+        {
+            unchanged
+        }
+        (Command::Deny { .. }, State::Pending) if eligible => {
+            Some((State::Denied, Some(EndReason::Denied)))
+        }
+        (Command::Cancel, State::Pending) if is_requester => {
+            Some((State::Cancelled, Some(EndReason::Cancelled)))
+        }
+        (Command::Revoke { .. }, State::Active) if is_requester => {
+            Some((State::Revoked, Some(EndReason::Released)))
+        }
+        (Command::Revoke { .. }, State::Active) if p.admin || eligible => {
+            Some((State::Revoked, Some(EndReason::Revoked)))
+        }
+        (Command::Review { .. }, State::Expired | State::Revoked)
+            if eligible && req.review.is_none() =>
+        {
+            unchanged
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn authorization_matrix_has_no_bypass() {
+    let mut actors: Vec<Actor> = vec![Actor::System];
+    actors.extend(PRINCIPALS.iter().map(|(n, _, _)| actor(n)));
+    let mut summary = String::new();
+    let mut mismatches = Vec::new();
+    let (mut tried, mut allowed) = (0, 0);
+    for case in MATRIX {
+        let (log, world) = transcript(case.script);
+        assert!(!log.contains("error:"), "{}: setup failed:\n{log}", case.name);
+        let req = world.current().clone();
+        let approver_groups: BTreeSet<&str> =
+            req.approver_groups.iter().map(String::as_str).collect();
+        let expected: BTreeSet<&str> = case.approvers.iter().copied().collect();
+        assert_eq!(approver_groups, expected, "{}: approver groups", case.name);
+        // One moment well inside every deadline, the last millisecond before
+        // the first deadline, the deadline itself, and much later.
+        let last = [Some(req.created_at), req.activated_at, req.ended_at]
+            .into_iter()
+            .flatten()
+            .chain(req.approvals.iter().map(|a| a.at))
+            .max()
+            .unwrap_or(req.created_at);
+        let mut times = vec![Timestamp(last.millis() + 1000)];
+        if let Some(d) = req.deadline() {
+            times.extend([Timestamp(d.millis() - 1), d]);
+        }
+        times.push(Timestamp(last.millis() + 24 * 60 * MINUTE_MS));
+        for now in times {
+            let mut line = Vec::new();
+            for cmd in matrix_commands() {
+                let mut who_ok = Vec::new();
+                for who in &actors {
+                    tried += 1;
+                    let want = oracle(case, &req, who, &cmd, now);
+                    let got = lifecycle::step(&req, who, &cmd, now)
+                        .map(|t| (t.request.state, t.request.end_reason));
+                    if got.as_ref().ok() != want.as_ref() {
+                        mismatches.push(format!(
+                            "{} {}: {} by {}: design says {:?}, step gave {:?}",
+                            case.name,
+                            rel(now),
+                            cmd.name(),
+                            who.name(),
+                            want,
+                            got
+                        ));
+                    }
+                    if got.is_ok() {
+                        allowed += 1;
+                        who_ok.push(who.name().to_string());
+                    }
+                }
+                if !who_ok.is_empty() {
+                    line.push(format!("{} by {}", cmd.name(), who_ok.join(",")));
+                }
+            }
+            let _ = writeln!(
+                summary,
+                "{} {}: {}",
+                case.name,
+                rel(now),
+                if line.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    line.join("; ")
+                }
+            );
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatch(es) between design and lifecycle:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    let _ = writeln!(summary, "{tried} combinations, {allowed} allowed, 0 mismatches");
+    expect![[r#"
+        pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank
+        pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank
+        pending read, requester is an approver @30m: tick by system
+        pending read, requester is an approver @24h: tick by system
+        pending admin, 1 of 2 approvals @1m1s: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
+        pending admin, 1 of 2 approvals @29m59s999ms: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
+        pending admin, 1 of 2 approvals @30m: tick by system
+        pending admin, 1 of 2 approvals @24h1m: tick by system
+        pending pay-db read, 2 policies @1s: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
+        pending pay-db read, 2 policies @29m59s999ms: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
+        pending pay-db read, 2 policies @30m: tick by system
+        pending pay-db read, 2 policies @24h: tick by system
+        active read @1m1s: revoke by alice,bob,carol,frank,root
+        active read @15m59s999ms: revoke by alice,bob,carol,frank,root
+        active read @16m: tick by system
+        active read @24h1m: tick by system
+        active emergency, awaiting countersignature @1s: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
+        active emergency, awaiting countersignature @9m59s999ms: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
+        active emergency, awaiting countersignature @10m: tick by system
+        active emergency, awaiting countersignature @24h: tick by system
+        active emergency, countersign due before expiry @1s: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
+        active emergency, countersign due before expiry @1m59s999ms: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
+        active emergency, countersign due before expiry @2m: tick by system
+        active emergency, countersign due before expiry @24h: tick by system
+        active emergency, countersigned @1s: revoke by bob,carol,erin,frank,root
+        active emergency, countersigned @9m59s999ms: revoke by bob,carol,erin,frank,root
+        active emergency, countersigned @10m: tick by system
+        active emergency, countersigned @24h: tick by system
+        active drill, nobody approves @1s: revoke by drill-bot,root
+        active drill, nobody approves @4m59s999ms: revoke by drill-bot,root
+        active drill, nobody approves @5m: tick by system
+        active drill, nobody approves @24h: tick by system
+        denied @1m1s: nothing
+        denied @24h1m: nothing
+        cancelled @1m1s: nothing
+        cancelled @24h1m: nothing
+        timed out @30m1s: nothing
+        timed out @24h30m: nothing
+        expired @16m1s: review by bob,carol,frank
+        expired @24h16m: review by bob,carol,frank
+        expired emergency @5m1s: review by bob,carol,frank
+        expired emergency @24h5m: review by bob,carol,frank
+        revoked by an admin @2m1s: review by bob,carol,frank
+        revoked by an admin @24h2m: review by bob,carol,frank
+        released by the requester @2m1s: review by bob,carol,frank
+        released by the requester @24h2m: review by bob,carol,frank
+        revoked, not countersigned @10m1s: review by bob,carol,frank
+        revoked, not countersigned @24h10m: review by bob,carol,frank
+        expired and reviewed @16m1s: nothing
+        expired and reviewed @24h16m: nothing
+        3300 combinations, 150 allowed, 0 mismatches
+    "#]]
+    .assert_eq(&summary);
+}

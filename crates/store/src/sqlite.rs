@@ -1,0 +1,648 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`, so an
+//! acknowledged change survives `kill -9` and power loss.
+//!
+//! One writer thread owns the write connection and commits in groups: it takes
+//! every job waiting in its queue, applies each inside a savepoint (a failed
+//! job rolls back alone), and commits them all with one fsync. Readers use a
+//! small pool of their own connections; WAL lets them run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use breakglass_core::audit::{AuditEvent, Checkpoint, GENESIS, Hash, canonical_json, chain_hash};
+use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
+
+/// Jobs the writer takes into one transaction at most.
+const BATCH_LEN_MAX: usize = 512;
+/// Jobs waiting for the writer at most; beyond that writers are refused
+/// (the API answers 503) rather than queueing without bound.
+const QUEUE_DEPTH_MAX: usize = 16_384;
+/// Idle read connections kept open.
+const READERS_IDLE_MAX: usize = 8;
+/// How long a connection waits on a lock held by another process.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    deadline INTEGER,
+    body TEXT NOT NULL
+) STRICT;
+CREATE INDEX requests_deadline ON requests(deadline) WHERE deadline IS NOT NULL;
+CREATE INDEX requests_state ON requests(state, id);
+CREATE INDEX requests_requester ON requests(requester, id);
+CREATE TABLE request_groups (
+    request_id TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    PRIMARY KEY (grp, request_id)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    request_id TEXT,
+    details TEXT NOT NULL,
+    hash BLOB NOT NULL
+) STRICT;
+CREATE TABLE checkpoints (
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL
+) STRICT;
+CREATE TABLE credentials (
+    hash BLOB PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    target TEXT NOT NULL,
+    role TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    issued_at INTEGER NOT NULL
+) STRICT;
+"#];
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `synchronous=FULL` (durable) when true; `NORMAL` otherwise. Only
+    /// tests that measure the difference turn it off.
+    pub durable: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { durable: true }
+    }
+}
+
+enum Op {
+    Create(Transition),
+    Apply(Transition),
+    Credential(CredentialRecord, EventDraft),
+    Append(Vec<EventDraft>),
+    Checkpoint(Checkpoint),
+}
+
+struct Job {
+    op: Op,
+    now: Timestamp,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+struct Shared {
+    path: PathBuf,
+    head: Mutex<(u64, Hash)>,
+    readers: Mutex<Vec<Connection>>,
+    events: broadcast::Sender<Arc<AuditEvent>>,
+}
+
+/// The embedded SQLite store. Cloning shares the same writer and readers.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    jobs: SyncSender<Job>,
+}
+
+fn open_conn(path: &Path, durable: bool) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {version}, newer than this binary knows ({known}); refusing to touch it"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent
+    // (plain values and idle connections), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn hash_from(blob: Vec<u8>) -> Result<Hash, rusqlite::Error> {
+    blob.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            32,
+            rusqlite::types::Type::Blob,
+            "hash is not 32 bytes".into(),
+        )
+    })
+}
+
+fn row_to_event(r: &rusqlite::Row<'_>) -> Result<AuditEvent, rusqlite::Error> {
+    Ok(AuditEvent {
+        seq: r.get::<_, i64>(0)? as u64,
+        time: Timestamp(r.get(1)?),
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        request_id: r.get(4)?,
+        details: r.get(5)?,
+        hash: hash_from(r.get(6)?)?,
+    })
+}
+
+fn parse_request(body: &str) -> Result<Request, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("request row: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let mut conn = open_conn(path, opts.durable)?;
+        migrate(&mut conn)?;
+        let head = conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, hash_from(r.get(1)?)?)),
+            )
+            .optional()?
+            .unwrap_or((0, GENESIS));
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            head: Mutex::new(head),
+            readers: Mutex::new(Vec::new()),
+            events,
+        });
+        let (jobs, rx) = sync_channel(QUEUE_DEPTH_MAX);
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_shared))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore { shared, jobs })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn submit(&self, op: Op, now: Timestamp) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        match self.jobs.try_send(Job { op, now, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(StoreError::Unavailable("write queue is full".into()));
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(StoreError::Unavailable("writer has stopped".into()));
+            }
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("writer has stopped".into()))?
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = match lock(&self.shared.readers).pop() {
+            Some(c) => c,
+            None => {
+                let c = open_conn(&self.shared.path, true)?;
+                c.pragma_update(None, "query_only", "ON")?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut idle = lock(&self.shared.readers);
+        if idle.len() < READERS_IDLE_MAX {
+            idle.push(conn);
+        }
+        out
+    }
+
+    /// Like `read`, on the blocking pool: for scans that take milliseconds.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read(f))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+
+    /// Synchronous audit scan for offline tools: calls `f` for every event
+    /// with `seq > after` in order.
+    pub fn scan_audit(
+        &self,
+        after: u64,
+        mut f: impl FnMut(AuditEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE seq > ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([after as i64])?;
+            while let Some(r) = rows.next()? {
+                if !f(row_to_event(r)?) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_LEN_MAX {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let start = *lock(&shared.head);
+        let mut head = start;
+        let mut results: Vec<Result<Committed, StoreError>> = Vec::with_capacity(batch.len());
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for job in batch {
+                let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
+            }
+            continue;
+        }
+        for job in &batch {
+            let before = head;
+            let r = conn
+                .execute_batch("SAVEPOINT job")
+                .map_err(StoreError::from)
+                .and_then(|()| apply_op(&conn, &job.op, job.now, &mut head));
+            match r {
+                Ok(events) => {
+                    let _ = conn.execute_batch("RELEASE job");
+                    results.push(Ok(events));
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    head = before;
+                    results.push(Err(e));
+                }
+            }
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                *lock(&shared.head) = head;
+                for (job, result) in batch.into_iter().zip(results) {
+                    if let Ok(events) = &result {
+                        for e in events {
+                            let _ = shared.events.send(Arc::new(e.clone()));
+                        }
+                    }
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; rolling back the batch");
+                let _ = conn.execute_batch("ROLLBACK");
+                let msg = e.to_string();
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn insert_events(
+    conn: &Connection,
+    drafts: &[EventDraft],
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut out = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let seq = head.0 + 1;
+        let details = canonical_json(&d.details);
+        let hash = chain_hash(
+            &head.1,
+            seq,
+            now,
+            &d.actor,
+            &d.action,
+            d.request_id.as_deref(),
+            &details,
+        );
+        stmt.execute(params![
+            seq as i64,
+            now.millis(),
+            d.actor,
+            d.action,
+            d.request_id,
+            details,
+            &hash[..]
+        ])?;
+        *head = (seq, hash);
+        out.push(AuditEvent {
+            seq,
+            time: now,
+            actor: d.actor.clone(),
+            action: d.action.clone(),
+            request_id: d.request_id.clone(),
+            details,
+            hash,
+        });
+    }
+    Ok(out)
+}
+
+fn body_of(r: &Request) -> Result<String, StoreError> {
+    serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("cannot encode request: {e}")))
+}
+
+fn apply_op(
+    conn: &Connection,
+    op: &Op,
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    match op {
+        Op::Create(t) => {
+            let r = &t.request;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute(params![
+                    r.id,
+                    r.version as i64,
+                    r.state.as_str(),
+                    r.requester,
+                    r.created_at.millis(),
+                    r.deadline().map(Timestamp::millis),
+                    body_of(r)?
+                ])?;
+            if inserted == 0 {
+                return Err(StoreError::Duplicate(r.id.clone()));
+            }
+            let mut groups = conn.prepare_cached(
+                "INSERT OR IGNORE INTO request_groups (request_id, grp) VALUES (?1, ?2)",
+            )?;
+            for g in &r.approver_groups {
+                groups.execute(params![r.id, g])?;
+            }
+            insert_events(conn, &t.events, now, head)
+        }
+        Op::Apply(t) => {
+            let r = &t.request;
+            // INVARIANT: compare-and-set on version; two writers racing on one
+            // request cannot both win.
+            let updated = conn
+                .prepare_cached(
+                    "UPDATE requests SET version = ?1, state = ?2, deadline = ?3, body = ?4 WHERE id = ?5 AND version = ?6",
+                )?
+                .execute(params![
+                    r.version as i64,
+                    r.state.as_str(),
+                    r.deadline().map(Timestamp::millis),
+                    body_of(r)?,
+                    r.id,
+                    t.expected_version as i64
+                ])?;
+            if updated == 0 {
+                return Err(StoreError::Conflict {
+                    id: r.id.clone(),
+                    expected: t.expected_version,
+                });
+            }
+            insert_events(conn, &t.events, now, head)
+        }
+        Op::Credential(c, event) => {
+            conn.prepare_cached(
+                "INSERT INTO credentials (hash, request_id, principal, target, role, expires_at, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                &c.hash[..],
+                c.request_id,
+                c.principal,
+                c.target,
+                c.role,
+                c.expires_at.millis(),
+                c.issued_at.millis()
+            ])?;
+            insert_events(conn, std::slice::from_ref(event), now, head)
+        }
+        Op::Append(events) => insert_events(conn, events, now, head),
+        Op::Checkpoint(cp) => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                cp.seq as i64,
+                cp.time.millis(),
+                &cp.hash[..],
+                &cp.signature[..]
+            ])?;
+            Ok(Vec::new())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError> {
+        self.submit(Op::Create(t), now).await
+    }
+
+    async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError> {
+        self.submit(Op::Apply(t), now).await
+    }
+
+    async fn issue_credential(
+        &self,
+        cred: CredentialRecord,
+        event: EventDraft,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
+        self.submit(Op::Credential(cred, event), now).await
+    }
+
+    async fn append(&self, events: Vec<EventDraft>, now: Timestamp) -> Result<Committed, StoreError> {
+        self.submit(Op::Append(events), now).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        self.read(|c| {
+            let body: Option<String> = c
+                .prepare_cached("SELECT body FROM requests WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            body.map(|b| parse_request(&b)).transpose()
+        })
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Vec<Request>, StoreError> {
+        self.read_blocking(move |c| {
+            let mut sql = String::from("SELECT body FROM requests WHERE 1=1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(s) = q.state {
+                sql.push_str(" AND state = ?");
+                args.push(s.as_str().to_string().into());
+            }
+            if let Some(r) = &q.requester {
+                sql.push_str(" AND requester = ?");
+                args.push(r.clone().into());
+            }
+            if let Some((name, groups)) = &q.visible_to {
+                sql.push_str(" AND (requester = ?");
+                args.push(name.clone().into());
+                if !groups.is_empty() {
+                    sql.push_str(" OR id IN (SELECT request_id FROM request_groups WHERE grp IN (");
+                    for (i, g) in groups.iter().enumerate() {
+                        sql.push_str(if i == 0 { "?" } else { ",?" });
+                        args.push(g.clone().into());
+                    }
+                    sql.push_str("))");
+                }
+                sql.push(')');
+            }
+            if let Some(a) = &q.after {
+                sql.push_str(" AND id < ?");
+                args.push(a.clone().into());
+            }
+            sql.push_str(" ORDER BY id DESC LIMIT ?");
+            args.push(i64::from(q.limit.clamp(1, PAGE_LEN_MAX)).into());
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for body in rows {
+                out.push(parse_request(&body?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn open_requests(&self) -> Result<Vec<Request>, StoreError> {
+        self.read_blocking(|c| {
+            let mut stmt =
+                c.prepare("SELECT body FROM requests WHERE deadline IS NOT NULL ORDER BY deadline")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for body in rows {
+                out.push(parse_request(&body?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn credential(&self, hash: Hash) -> Result<Option<CredentialRecord>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT hash, request_id, principal, target, role, expires_at, issued_at FROM credentials WHERE hash = ?1",
+            )?
+            .query_row([&hash[..]], |r| {
+                Ok(CredentialRecord {
+                    hash: hash_from(r.get(0)?)?,
+                    request_id: r.get(1)?,
+                    principal: r.get(2)?,
+                    target: r.get(3)?,
+                    role: r.get(4)?,
+                    expires_at: Timestamp(r.get(5)?),
+                    issued_at: Timestamp(r.get(6)?),
+                })
+            })
+            .optional()?)
+        })
+    }
+
+    async fn audit(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![after as i64, i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+                row_to_event,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
+        let time = cp.time;
+        self.submit(Op::Checkpoint(cp), time).await.map(|_| ())
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        self.read_blocking(|c| {
+            let mut stmt =
+                c.prepare("SELECT seq, time, hash, signature FROM checkpoints ORDER BY seq")?;
+            let rows = stmt.query_map([], |r| {
+                let sig: Vec<u8> = r.get(3)?;
+                let signature: [u8; 64] = sig.try_into().map_err(|_| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        3,
+                        rusqlite::types::Type::Blob,
+                        "signature is not 64 bytes".into(),
+                    )
+                })?;
+                Ok(Checkpoint {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    time: Timestamp(r.get(1)?),
+                    hash: hash_from(r.get(2)?)?,
+                    signature,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    fn head(&self) -> (u64, Hash) {
+        *lock(&self.shared.head)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<AuditEvent>> {
+        self.shared.events.subscribe()
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(State, u64)>, StoreError> {
+        self.read_blocking(|c| {
+            let mut stmt = c.prepare("SELECT state, count(*) FROM requests GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (s, n) = row?;
+                let state = State::parse(&s)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown state {s:?}")))?;
+                out.push((state, n as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -119,3 +119,17 @@ pub struct Problem {
     pub detail: String,
     pub code: String,
 }
+
+impl From<breakglass_store::verify::Verification> for VerifyReport {
+    fn from(v: breakglass_store::verify::Verification) -> Self {
+        VerifyReport {
+            ok: v.ok,
+            events: v.events,
+            checkpoints: v.checkpoints,
+            head_seq: v.head_seq,
+            head_hash: v.head_hash,
+            first_bad_seq: v.first_bad_seq,
+            reason: v.reason,
+        }
+    }
+}

@@ -1,10 +1,32 @@
 //! The breakglass service: configuration, the application layer over the
-//! store, the expiry scheduler, and the HTTP API.
+//! store, the deadline scheduler, audit checkpoints and the HTTP API.
 
+pub mod app;
+pub mod checkpoint;
+pub mod config;
+pub mod dev;
 pub mod dto;
+pub mod http;
+pub mod keys;
+pub mod metrics;
 pub mod offline;
+pub mod scheduler;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use breakglass_core::policy::PolicyEngine;
+use breakglass_core::token::sha256_hex;
+use breakglass_store::{SqliteOptions, SqliteStore, Store};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::app::{App, now};
+use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// How `breakglass serve` writes its logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,9 +49,207 @@ pub struct ServeOptions {
     pub log_format: LogFormat,
 }
 
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BREAKGLASS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Loads and validates the policy file named by the config.
+pub fn load_policy(config: &Config) -> anyhow::Result<PolicyEngine> {
+    let path = &config.policy.file;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    if meta.len() > breakglass_core::policy::POLICY_FILE_LEN_MAX as u64 {
+        anyhow::bail!("{}: policy file is too large ({} bytes)", path.display(), meta.len());
+    }
+    let src = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    Ok(PolicyEngine::load(&src, &path.display().to_string())?)
+}
+
+/// A running service.
+pub struct Running {
+    pub app: Arc<App>,
+    pub addr: SocketAddr,
+    pub overdue_ended: usize,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, signs a last
+    /// checkpoint.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        match tokio::time::timeout(Duration::from_secs(10), self.server).await {
+            Ok(res) => res.context("server task failed")?.context("server failed")?,
+            Err(_) => tracing::warn!("in-flight requests did not finish within 10s"),
+        }
+        for h in &self.background {
+            h.abort();
+        }
+        let app = &self.app;
+        let last = app
+            .store
+            .checkpoints()
+            .await
+            .ok()
+            .and_then(|c| c.last().map(|c| c.seq))
+            .unwrap_or(0);
+        checkpoint::checkpoint_once(
+            app.store.as_ref(),
+            app.signing_key(),
+            app.config.audit.checkpoint_file.as_deref(),
+            last,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Resolves when the server task ends on its own (it should not).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// Starts the service on `listener`: opens the store, checks the audit
+/// chain's tail, ends overdue grants, then serves.
+pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let policy = load_policy(&config)?;
+    let key = keys::load_or_create(&config.server.data_dir)?;
+    let db = config.db_path();
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db, SqliteOptions::default())
+            .with_context(|| format!("cannot open the store {}", db.display()))?,
+    );
+    let broken = checkpoint::check_tail(store.as_ref(), &key.verifying_key()).await?;
+    if let Some(why) = &broken {
+        tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
+    }
+    let metrics = Arc::new(Metrics::default());
+    let policy_sha = sha256_hex(
+        std::fs::read(&config.policy.file)
+            .unwrap_or_default()
+            .as_slice(),
+    );
+    let interval = Duration::from_secs(config.checkpoint_interval_s());
+    let checkpoint_file = config.audit.checkpoint_file.clone();
+    let app = App::new(config, store.clone(), policy, metrics, key.clone(), broken.clone());
+    // INVARIANT: overdue grants end before the API serves anything.
+    let overdue_ended = app.scheduler.recover().await?;
+    if broken.is_none() {
+        store
+            .append(
+                vec![breakglass_core::EventDraft {
+                    actor: "system".into(),
+                    action: "service.started".into(),
+                    request_id: None,
+                    details: json!({
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "policy_sha256": policy_sha,
+                        "policies": app.policy.policy_names(),
+                        "overdue_ended": overdue_ended,
+                    }),
+                }],
+                now(),
+            )
+            .await?;
+    }
+    let background = vec![
+        app.scheduler.spawn(),
+        checkpoint::spawn(store.clone(), key, checkpoint_file, interval),
+    ];
+    let addr = listener.local_addr()?;
+    let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+    let router = http::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    Ok(Running {
+        app,
+        addr,
+        overdue_ended,
+        server,
+        shutdown,
+        background,
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Runs the service until SIGTERM or SIGINT. Returns an error (with a message
 /// naming the file, key or line) when the config or policy is wrong.
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    let _ = opts;
-    anyhow::bail!("not implemented yet")
+    let started = Instant::now();
+    init_tracing(opts.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let (config, banner) = if opts.dev {
+            let listen = SocketAddr::from(([127, 0, 0, 1], 8080));
+            let setup = dev::prepare(opts.data_dir.as_deref(), listen)?;
+            let banner = dev::banner(&setup, &format!("http://{listen}"));
+            (setup.config, Some(banner))
+        } else {
+            let path = opts
+                .config
+                .as_deref()
+                .context("serve needs --config FILE (or --dev for a demo)")?;
+            (Config::load(path)?, None)
+        };
+        let listen = config.server.listen;
+        if opts.dev && !listen.ip().is_loopback() {
+            anyhow::bail!("--dev binds loopback only");
+        }
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let running = start(config, listener).await?;
+        tracing::info!(
+            addr = %running.addr,
+            startup_ms = started.elapsed().as_millis() as u64,
+            overdue_ended = running.overdue_ended,
+            "ready"
+        );
+        if let Some(b) = banner {
+            eprintln!("{b}");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.shutdown().await
+    })
 }

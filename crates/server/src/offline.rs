@@ -1,9 +1,18 @@
 //! Commands that read the config and the store directly, without a running
-//! server: `audit verify`, `audit export` and `policy check`.
+//! server: `audit verify` and `policy check`.
 
 use std::path::Path;
 
+use anyhow::{Context, bail};
+use breakglass_core::policy::{Action, PolicyInput};
+use breakglass_core::time::parse_duration;
+use breakglass_store::verify::Verifier;
+use breakglass_store::{SqliteOptions, SqliteStore};
+
+use crate::app::now;
+use crate::config::Config;
 use crate::dto::VerifyReport;
+use crate::{keys, load_policy};
 
 /// A sample request for `policy check`.
 #[derive(Debug, Clone)]
@@ -35,15 +44,87 @@ pub struct SampleDecision {
     pub max_duration_s: Option<u64>,
 }
 
-/// Verifies the audit chain, every checkpoint signature, offline.
+/// Verifies the audit chain and every checkpoint signature, offline, from
+/// the store and public key in the config's `data_dir`.
 pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
-    let _ = config;
-    anyhow::bail!("not implemented yet")
+    let config = Config::load(config)?;
+    let db = config.db_path();
+    if !db.exists() {
+        bail!("no store at {} (has the service ever started with this config?)", db.display());
+    }
+    let key = keys::load_public(&config.server.data_dir)?;
+    let store = SqliteStore::open(&db, SqliteOptions::default())
+        .with_context(|| format!("cannot open {}", db.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let checkpoints = rt.block_on(breakglass_store::Store::checkpoints(&store))?;
+    let mut v = Verifier::new(checkpoints, Some(&key));
+    store.scan_audit(0, |e| v.push(&e))?;
+    Ok(v.finish().into())
 }
 
 /// Validates the config and its policy file; with a sample, explains which
 /// policy governs it.
 pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<PolicyReport> {
-    let _ = (config, sample);
-    anyhow::bail!("not implemented yet")
+    let config = Config::load(config)?;
+    let engine = load_policy(&config)?;
+    let policies = engine.policy_names();
+    let Some(s) = sample else {
+        return Ok(PolicyReport {
+            policies,
+            sample: None,
+        });
+    };
+    let principal = config
+        .principals
+        .iter()
+        .find(|p| p.name == s.principal)
+        .with_context(|| format!("no principal {:?} in the config", s.principal))?;
+    let target = config
+        .target(&s.target)
+        .with_context(|| format!("no target {:?} in the config", s.target))?;
+    if !target.roles.contains_key(&s.role) {
+        bail!("target {} has no role {:?}", target.name, s.role);
+    }
+    let duration_s = parse_duration(&s.duration).map_err(|e| anyhow::anyhow!("duration: {e}"))?;
+    let decision = engine.evaluate(&PolicyInput {
+        principal: &principal.name,
+        principal_groups: &principal.groups,
+        target: &target.name,
+        target_groups: &target.groups,
+        action: if s.emergency { Action::Emergency } else { Action::Request },
+        role: &s.role,
+        duration_s,
+        reason: "policy check",
+        ticket: s.ticket.as_deref(),
+        now: now(),
+    });
+    let mut explanation = decision.explain();
+    let mut allowed = decision.allowed;
+    if let Some(ob) = &decision.obligations {
+        if duration_s > ob.max_duration_s {
+            allowed = false;
+            explanation.push_str(&format!(
+                "; but {} exceeds the maximum duration, so the request would be refused",
+                s.duration
+            ));
+        }
+        if let Err(e) = ob.check_ticket(s.ticket.as_deref()) {
+            allowed = false;
+            explanation.push_str(&format!("; but {e}"));
+        }
+    }
+    let ob = decision.obligations.as_ref();
+    Ok(PolicyReport {
+        policies,
+        sample: Some(SampleDecision {
+            allowed,
+            governing: decision.governing.clone(),
+            explanation,
+            approvals_required: ob.map(|o| o.approvals),
+            approver_groups: ob.map_or_else(Vec::new, |o| o.approver_groups.iter().cloned().collect()),
+            max_duration_s: ob.map(|o| o.max_duration_s),
+        }),
+    })
 }

@@ -1,0 +1,554 @@
+//! The HTTP API (DESIGN §7): axum routes over the application layer,
+//! RFC 9457 problem documents with stable codes, body limits, metrics, and
+//! the OpenAPI document generated from these handlers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use breakglass_core::audit::AuditEventJson;
+use breakglass_core::lifecycle::Command;
+use breakglass_core::{Principal, Request, ReviewOutcome};
+use breakglass_store::verify::verify_store;
+use breakglass_store::{ListQuery, PAGE_LEN_MAX};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+
+use crate::app::{App, AppError};
+use crate::dto::{
+    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RequestList,
+    ReviewBody, VerifyReport, WhoAmI,
+};
+
+/// Request bodies larger than this are refused with 413.
+pub const BODY_LEN_MAX: usize = 64 * 1024;
+/// Default and maximum page sizes.
+const LIST_LEN_DEFAULT: u32 = 100;
+const LIST_LEN_MAX: u32 = 500;
+const AUDIT_PAGE_LEN_DEFAULT: u32 = 1000;
+
+type AppState = Arc<App>;
+
+/// An error on its way to the client as `application/problem+json`.
+pub struct ApiError {
+    status: StatusCode,
+    code: String,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        let (status, code) = e.status_and_code();
+        let detail = if e.is_internal() {
+            // INVARIANT: internal causes are logged, never returned.
+            tracing::error!(error = %e, code, "internal error");
+            match status {
+                503 => "the store is unavailable; try again shortly".to_string(),
+                _ => "internal error; see the server log".to_string(),
+            }
+        } else {
+            e.to_string()
+        };
+        ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            detail,
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            type_: format!("urn:breakglass:problem:{}", self.code),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            code: self.code,
+        };
+        let mut resp = (self.status, Json(problem)).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// A JSON body whose rejections become problem documents.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => {
+                let status = rej.status();
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "body_too_large"
+                } else {
+                    "bad_request"
+                };
+                Err(ApiError::new(status, code, rej.body_text()))
+            }
+        }
+    }
+}
+
+/// Query parameters whose rejections become problem documents.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|rej| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", rej.body_text()))
+    }
+}
+
+/// The authenticated caller.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        app.authenticate(token).map(Auth).map_err(ApiError::from)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only requests in this state.
+    state: Option<String>,
+    /// Page size (default 100, at most 500).
+    limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    after: Option<String>,
+    /// Only the caller's own requests.
+    mine: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Events with a greater `seq` (default 0: from the start).
+    after: Option<u64>,
+    /// Page size (default 1000, at most 10000).
+    limit: Option<u32>,
+}
+
+/// `POST /v1/credentials/verify`: is this grant credential usable now?
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectBody {
+    pub token: String,
+    /// Also require that the credential belongs to this principal.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Also require that it is for this target.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Introspection {
+    pub active: bool,
+    /// Why it is not active.
+    pub reason: Option<String>,
+    pub request_id: Option<String>,
+    pub requester: Option<String>,
+    pub target: Option<String>,
+    pub role: Option<String>,
+    pub expires_at: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/requests", request_body = CreateRequest,
+    responses((status = 201, body = Request), (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)),
+    security(("bearer" = [])))]
+async fn create_request(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    ApiJson(body): ApiJson<CreateRequest>,
+) -> ApiResult<(StatusCode, Json<Request>)> {
+    let req = app.create_request(&who, body).await?;
+    Ok((StatusCode::CREATED, Json(req)))
+}
+
+#[utoipa::path(get, path = "/v1/requests", params(ListParams),
+    responses((status = 200, body = RequestList), (status = 400, body = Problem)),
+    security(("bearer" = [])))]
+async fn list_requests(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> ApiResult<Json<RequestList>> {
+    let state = match p.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(breakglass_core::State::parse(s).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("unknown state {s:?}"))
+        })?),
+    };
+    let limit = p.limit.unwrap_or(LIST_LEN_DEFAULT).clamp(1, LIST_LEN_MAX);
+    if p.after.as_ref().is_some_and(|a| a.len() > 64) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "after: cursor too long"));
+    }
+    let q = ListQuery {
+        state,
+        requester: None,
+        visible_to: None,
+        after: p.after,
+        limit,
+    };
+    let requests = app.list(&who, q, p.mine.unwrap_or(false)).await?;
+    let next = if requests.len() as u32 == limit {
+        requests.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(RequestList { requests, next }))
+}
+
+#[utoipa::path(get, path = "/v1/requests/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Request), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn get_request(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Request>> {
+    Ok(Json(app.get_visible(&who, &id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/approve", params(("id" = String, Path)), request_body = ApproveBody,
+    responses((status = 200, body = Request), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn approve(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Request>> {
+    // The body is optional: `approve` with no comment needs none.
+    let comment = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<ApproveBody>(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid JSON body: {e}")))?
+            .comment
+    };
+    Ok(Json(app.act(&who, &id, Command::Approve { comment }).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/deny", params(("id" = String, Path)), request_body = ReasonBody,
+    responses((status = 200, body = Request), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn deny(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> ApiResult<Json<Request>> {
+    Ok(Json(app.act(&who, &id, Command::Deny { reason: body.reason }).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = Request), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn cancel(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Request>> {
+    Ok(Json(app.act(&who, &id, Command::Cancel).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/revoke", params(("id" = String, Path)), request_body = ReasonBody,
+    responses((status = 200, body = Request), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn revoke(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> ApiResult<Json<Request>> {
+    Ok(Json(app.act(&who, &id, Command::Revoke { reason: body.reason }).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/review", params(("id" = String, Path)), request_body = ReviewBody,
+    responses((status = 200, body = Request), (status = 400, body = Problem), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn review(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReviewBody>,
+) -> ApiResult<Json<Request>> {
+    let outcome = ReviewOutcome::parse(&body.outcome).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("outcome must be ok or misuse, not {:?}", body.outcome),
+        )
+    })?;
+    let cmd = Command::Review {
+        outcome,
+        notes: body.notes,
+    };
+    Ok(Json(app.act(&who, &id, cmd).await?))
+}
+
+#[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)),
+    responses((status = 200, body = Credentials), (status = 403, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn credentials(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Credentials>> {
+    Ok(Json(app.issue_credentials(&who, &id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/credentials/verify", request_body = IntrospectBody,
+    responses((status = 200, body = Introspection)),
+    security(("bearer" = [])))]
+async fn introspect(
+    State(app): State<AppState>,
+    Auth(_who): Auth,
+    ApiJson(body): ApiJson<IntrospectBody>,
+) -> ApiResult<Json<Introspection>> {
+    let out = match app
+        .check_grant(&body.token, body.principal.as_deref(), body.target.as_deref())
+        .await
+    {
+        Ok(g) => Introspection {
+            active: true,
+            reason: None,
+            request_id: Some(g.request.id),
+            requester: Some(g.credential.principal),
+            target: Some(g.credential.target),
+            role: Some(g.credential.role),
+            expires_at: Some(g.credential.expires_at.to_rfc3339()),
+        },
+        Err(why) => Introspection {
+            active: false,
+            reason: Some(why.to_string()),
+            request_id: None,
+            requester: None,
+            target: None,
+            role: None,
+            expires_at: None,
+        },
+    };
+    Ok(Json(out))
+}
+
+fn require_admin(app: &App, who: &Principal) -> ApiResult<()> {
+    if app.is_admin(who) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_only",
+            "the audit log is readable by members of the admin groups only",
+        ))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/audit", params(AuditParams),
+    responses((status = 200, body = AuditPage), (status = 403, body = Problem)),
+    security(("bearer" = [])))]
+async fn audit(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    ApiQuery(p): ApiQuery<AuditParams>,
+) -> ApiResult<Json<AuditPage>> {
+    require_admin(&app, &who)?;
+    let limit = p.limit.unwrap_or(AUDIT_PAGE_LEN_DEFAULT).clamp(1, PAGE_LEN_MAX);
+    let events = app
+        .store
+        .audit(p.after.unwrap_or(0), limit)
+        .await
+        .map_err(AppError::from)?;
+    let next = if events.len() as u32 == limit {
+        events.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    let events: Vec<AuditEventJson> = events.iter().map(|e| e.to_json()).collect();
+    Ok(Json(AuditPage { events, next }))
+}
+
+#[utoipa::path(get, path = "/v1/audit/verify",
+    responses((status = 200, body = VerifyReport), (status = 403, body = Problem)),
+    security(("bearer" = [])))]
+async fn audit_verify(State(app): State<AppState>, Auth(who): Auth) -> ApiResult<Json<VerifyReport>> {
+    require_admin(&app, &who)?;
+    let key = app.verifying_key();
+    let v = verify_store(app.store.as_ref(), Some(&key))
+        .await
+        .map_err(AppError::from)?;
+    Ok(Json(VerifyReport::from(v)))
+}
+
+#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = Problem)),
+    security(("bearer" = [])))]
+async fn whoami(Auth(who): Auth) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        name: who.name,
+        groups: who.groups.into_iter().collect(),
+        admin: who.admin,
+    })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
+    if let Some(why) = app.writes_blocked() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_chain_broken",
+            why.to_string(),
+        ));
+    }
+    app.store.get("").await.map_err(AppError::from)?;
+    Ok("ready\n")
+}
+
+async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
+    let states = app.store.count_by_state().await.map_err(AppError::from)?;
+    let body = app
+        .metrics
+        .render(&states, app.store.head().0, app.scheduler.tracked());
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response())
+}
+
+async fn openapi_json() -> Response {
+    let doc = ApiDoc::openapi();
+    match doc.to_json() {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn track_metrics(State(app): State<AppState>, req: axum::extract::Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    app.metrics.observe_http(
+        &method,
+        &route,
+        resp.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
+    paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
+          introspect, audit, audit_verify, whoami),
+    components(schemas(Problem, AuditEventJson)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// Builds the router.
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/v1/requests", post(create_request).get(list_requests))
+        .route("/v1/requests/{id}", get(get_request))
+        .route("/v1/requests/{id}/approve", post(approve))
+        .route("/v1/requests/{id}/deny", post(deny))
+        .route("/v1/requests/{id}/cancel", post(cancel))
+        .route("/v1/requests/{id}/revoke", post(revoke))
+        .route("/v1/requests/{id}/review", post(review))
+        .route("/v1/requests/{id}/credentials", post(credentials))
+        .route("/v1/credentials/verify", post(introspect))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/whoami", get(whoami))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), track_metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LEN_MAX))
+        .with_state(app)
+}

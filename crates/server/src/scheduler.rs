@@ -1,0 +1,186 @@
+//! The deadline scheduler: ends grants at `expires_at`, revokes emergency
+//! grants nobody countersigned, times out pending requests.
+//!
+//! It keeps one timer on the earliest deadline (not a periodic sweep), so a
+//! grant ends within milliseconds of `expires_at`. Everything due at once is
+//! ticked concurrently, so the store commits them in one group.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use breakglass_core::Request;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::app::{App, AppError, now};
+
+/// Due requests ticked concurrently at most; the rest wait for the next round.
+const TICKS_IN_FLIGHT_MAX: usize = 2048;
+
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Reverse<(i64, String)>>,
+    /// The current deadline of each tracked request; heap entries that do
+    /// not match are stale and skipped.
+    deadlines: HashMap<String, i64>,
+}
+
+struct Inner {
+    app: Weak<App>,
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Scheduler {
+    pub(crate) fn new(app: Weak<App>) -> Scheduler {
+        Scheduler {
+            inner: Arc::new(Inner {
+                app,
+                queue: Mutex::new(Queue::default()),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// Follows a request's deadline after any change to it.
+    pub fn track(&self, req: &Request) {
+        let mut q = lock(&self.inner.queue);
+        match req.deadline() {
+            Some(d) => {
+                let d = d.millis();
+                if q.deadlines.get(&req.id) == Some(&d) {
+                    return;
+                }
+                let earliest = q.heap.peek().map(|Reverse((t, _))| *t);
+                q.deadlines.insert(req.id.clone(), d);
+                q.heap.push(Reverse((d, req.id.clone())));
+                if earliest.is_none_or(|e| d < e) {
+                    self.inner.wake.notify_one();
+                }
+            }
+            None => {
+                q.deadlines.remove(&req.id);
+            }
+        }
+    }
+
+    /// Number of requests with a pending deadline.
+    pub fn tracked(&self) -> usize {
+        lock(&self.inner.queue).deadlines.len()
+    }
+
+    /// Loads every open request and ends the overdue ones. Called before the
+    /// API serves anything, so no grant is active past `expires_at` after a
+    /// crash or restart.
+    pub async fn recover(&self) -> Result<usize, AppError> {
+        let Some(app) = self.inner.app.upgrade() else {
+            return Ok(0);
+        };
+        for req in app.store.open_requests().await? {
+            self.track(&req);
+        }
+        let mut ended = 0;
+        loop {
+            let n = self.run_due().await?;
+            if n == 0 {
+                break;
+            }
+            ended += n;
+        }
+        Ok(ended)
+    }
+
+    fn take_due(&self, now_ms: i64) -> Vec<String> {
+        let mut q = lock(&self.inner.queue);
+        let mut due = Vec::new();
+        while due.len() < TICKS_IN_FLIGHT_MAX {
+            let Some(Reverse((t, _))) = q.heap.peek() else { break };
+            if *t > now_ms {
+                break;
+            }
+            let Some(Reverse((t, id))) = q.heap.pop() else { break };
+            if q.deadlines.get(&id) == Some(&t) {
+                q.deadlines.remove(&id);
+                due.push(id);
+            }
+        }
+        due
+    }
+
+    /// Ticks every request due now; returns how many were ticked.
+    async fn run_due(&self) -> Result<usize, AppError> {
+        let Some(app) = self.inner.app.upgrade() else {
+            return Ok(0);
+        };
+        let due = self.take_due(now().millis());
+        let n = due.len();
+        let mut set = JoinSet::new();
+        for id in due {
+            let app = app.clone();
+            set.spawn(async move { (app.tick(&id).await, id) });
+        }
+        let mut first_err = None;
+        while let Some(res) = set.join_next().await {
+            match res {
+                Ok((Ok(_), _)) => {}
+                Ok((Err(e), id)) => {
+                    tracing::error!(request = %id, error = %e, "could not apply deadline; retrying");
+                    // Put it back so it is retried rather than forgotten.
+                    if let Ok(Some(req)) = app.store.get(&id).await {
+                        self.track(&req);
+                    }
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => tracing::error!(error = %e, "deadline task failed"),
+            }
+        }
+        match first_err {
+            Some(e) if n == 1 => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    /// Runs the timer loop until the process ends.
+    pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let q = lock(&this.inner.queue);
+                    q.heap.peek().map(|Reverse((t, _))| *t)
+                };
+                let now_ms = now().millis();
+                match next {
+                    Some(t) if t <= now_ms => {
+                        if let Err(e) = this.run_due().await {
+                            tracing::error!(error = %e, "deadline processing failed; backing off");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                    Some(t) => {
+                        let wait = Duration::from_millis((t - now_ms) as u64);
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = this.inner.wake.notified() => {}
+                        }
+                    }
+                    None => this.inner.wake.notified().await,
+                }
+                if this.inner.app.strong_count() == 0 {
+                    return;
+                }
+            }
+        })
+    }
+}

@@ -202,14 +202,6 @@ impl Client {
         }
     }
 
-    pub fn has_token(&self) -> bool {
-        self.token.is_some()
-    }
-
-    pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
     // ---- routes (DESIGN §7) ----
 
     /// `POST /v1/requests`.
@@ -217,16 +209,21 @@ impl Client {
         self.post("/v1/requests", Some(body))
     }
 
-    /// `GET /v1/requests?state=&limit=&after=`.
+    /// `GET /v1/requests?state=&mine=&limit=&after=`.
     pub fn list_requests(
         &self,
         state: Option<&str>,
+        mine: bool,
         limit: Option<u32>,
         after: Option<&str>,
     ) -> Result<RequestList, ApiError> {
         let mut query = Vec::new();
         if let Some(s) = state {
             query.push(("state", s.to_string()));
+        }
+        // Only sent when asked for, so a plain list works with any server.
+        if mine {
+            query.push(("mine", "true".to_string()));
         }
         if let Some(l) = limit {
             query.push(("limit", l.to_string()));
@@ -411,7 +408,7 @@ mod tests {
         ] {
             assert!(parse_base_url(bad).is_err(), "{bad:?} accepted");
         }
-        let https = parse_base_url("https://bg.example.com").unwrap_err();
+        let https = parse_base_url("https://bg.example.com").expect_err("https");
         assert!(https.contains("https is not supported"), "{https}");
     }
 

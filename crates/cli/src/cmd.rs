@@ -94,46 +94,63 @@ fn print_request(ctx: &Ctx, heading: Option<String>, r: &Request) -> anyhow::Res
     Ok(())
 }
 
-/// Prints `error: <detail> (<code>)` (and a hint where one helps) to stderr
-/// and returns the exit code the error stands for.
-pub fn report_error(ctx: &Ctx, err: &anyhow::Error) -> Exit {
-    // A closed pipe (`breakglass audit export | head`) is the reader's choice,
-    // not a failure.
-    let broken_pipe = err
-        .chain()
-        .filter_map(|e| e.downcast_ref::<io::Error>())
-        .any(|e| e.kind() == io::ErrorKind::BrokenPipe);
-    if broken_pipe {
+/// The exit code an error stands for: the HTTP status of an API error, the
+/// code of a local failure, 1 for anything else, 0 for a closed pipe
+/// (`breakglass audit export | head` is the reader's choice, not a failure).
+pub fn exit_for(err: &anyhow::Error) -> Exit {
+    if is_broken_pipe(err) {
         return Exit::Success;
     }
+    if let Some(a) = err.chain().find_map(|e| e.downcast_ref::<ApiError>()) {
+        return a.exit();
+    }
+    match err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
+        Some(f) => f.exit,
+        None => Exit::Error,
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// `error: <detail> (<code>)`, and a `hint:` line where one helps; nothing
+/// for a closed pipe. Never contains the token.
+pub fn error_text(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
+    if is_broken_pipe(err) {
+        return None;
+    }
+    let mut text = format!("error: {}\n", render::clean(&format!("{err:#}")));
     let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>());
-    let failure = err.chain().find_map(|e| e.downcast_ref::<Failure>());
-    let exit = match (api, failure) {
-        (Some(a), _) => a.exit(),
-        (None, Some(f)) => f.exit,
-        (None, None) => Exit::Error,
-    };
-    let mut stderr = io::stderr().lock();
-    let _ = writeln!(stderr, "error: {}", render::clean(&format!("{err:#}")));
     let hint = match api {
-        Some(a) if a.status() == Some(401) && ctx.token.is_none() => Some(
-            "no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token"
-                .to_string(),
-        ),
-        Some(a) if a.status() == Some(401) => Some(
-            "the server did not accept your token: check BREAKGLASS_TOKEN (or --token)".to_string(),
-        ),
+        Some(a) if a.status() == Some(401) && ctx.token.is_none() => {
+            Some("no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token")
+        }
+        Some(a) if a.status() == Some(401) => {
+            Some("the server did not accept your token: check BREAKGLASS_TOKEN (or --token)")
+        }
         Some(ApiError::Unreachable { .. }) => Some(
             "is the server running? `breakglass serve --dev` starts one; \
-             set BREAKGLASS_URL (or --url) to reach another"
-                .to_string(),
+             set BREAKGLASS_URL (or --url) to reach another",
         ),
         _ => None,
     };
     if let Some(h) = hint {
-        let _ = writeln!(stderr, "hint: {h}");
+        text.push_str("hint: ");
+        text.push_str(h);
+        text.push('\n');
     }
-    exit
+    Some(text)
+}
+
+/// Prints the error to stderr and returns its exit code.
+pub fn report_error(ctx: &Ctx, err: &anyhow::Error) -> Exit {
+    if let Some(text) = error_text(ctx, err) {
+        let _ = io::stderr().lock().write_all(text.as_bytes());
+    }
+    exit_for(err)
 }
 
 pub fn serve(opts: breakglass_server::ServeOptions) -> anyhow::Result<Exit> {
@@ -214,7 +231,9 @@ fn decided(r: &Request) -> anyhow::Result<Exit> {
         State::Pending => Failure::new(
             exit,
             "wait_timeout",
-            format!("request {id} is still pending; keep waiting with: breakglass show {id}"),
+            format!(
+                "request {id} is still pending after the wait; check on it with: breakglass show {id}"
+            ),
         ),
         State::Denied => Failure::new(exit, "denied", format!("request {id} was denied")),
         State::Cancelled => Failure::new(exit, "cancelled", format!("request {id} was cancelled")),
@@ -287,33 +306,23 @@ pub fn review(ctx: &Ctx, id: &str, outcome: &str, notes: String) -> anyhow::Resu
 
 pub fn list(ctx: &Ctx, state: Option<State>, mine: bool, limit: u32) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
-    // The API has no "mine" filter; the CLI keeps the caller's own requests.
-    let me = if mine {
-        Some(client.whoami()?.name)
-    } else {
-        None
-    };
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let mut requests = Vec::new();
     let mut after: Option<String> = None;
     let mut next = None;
     for _ in 0..LIST_PAGES_MAX {
         let wanted = limit.saturating_sub(requests.len());
-        let page_size = if me.is_some() {
-            LIST_PAGE_SIZE_MAX
-        } else {
-            u32::try_from(wanted)
-                .unwrap_or(LIST_PAGE_SIZE_MAX)
-                .min(LIST_PAGE_SIZE_MAX)
-        };
-        let page =
-            client.list_requests(state.map(State::as_str), Some(page_size), after.as_deref())?;
+        let page_size = u32::try_from(wanted)
+            .unwrap_or(LIST_PAGE_SIZE_MAX)
+            .min(LIST_PAGE_SIZE_MAX);
+        let page = client.list_requests(
+            state.map(State::as_str),
+            mine,
+            Some(page_size),
+            after.as_deref(),
+        )?;
         let got = page.requests.len();
-        requests.extend(
-            page.requests
-                .into_iter()
-                .filter(|r| me.as_ref().is_none_or(|m| &r.requester == m)),
-        );
+        requests.extend(page.requests);
         next = page.next;
         // Stop on a full list, the last page, or a cursor that does not move.
         if requests.len() >= limit || got == 0 || next.is_none() || next == after {
@@ -321,9 +330,8 @@ pub fn list(ctx: &Ctx, state: Option<State>, mine: bool, limit: u32) -> anyhow::
         }
         after = next.clone();
     }
-    if requests.len() > limit {
-        requests.truncate(limit);
-    }
+    // A server that ignores the page size must not make the list longer.
+    requests.truncate(limit);
     let list = RequestList { requests, next };
     if ctx.json() {
         print_json(&list)?;
@@ -436,6 +444,8 @@ pub fn policy_check(ctx: &Ctx, config: &Path, sample: Option<&Sample>) -> anyhow
 mod tests {
     use super::*;
 
+    const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
     #[test]
     fn wait_outcomes_map_to_the_contract() {
         assert_eq!(exit_after_wait(State::Active), Exit::Success);
@@ -449,25 +459,57 @@ mod tests {
 
     #[test]
     fn errors_choose_their_exit_code() {
-        let ctx = Ctx::new("http://127.0.0.1:1".to_string(), None, Output::Text);
         let refused = anyhow::Error::new(ApiError::Status { status: 403 });
-        assert_eq!(report_error(&ctx, &refused), Exit::Refused);
+        assert_eq!(exit_for(&refused), Exit::Refused);
         let wrapped = anyhow::Error::new(ApiError::Status { status: 401 }).context("while waiting");
-        assert_eq!(report_error(&ctx, &wrapped), Exit::Refused);
+        assert_eq!(exit_for(&wrapped), Exit::Refused);
+        let conflict = anyhow::Error::new(ApiError::Status { status: 409 });
+        assert_eq!(exit_for(&conflict), Exit::Error);
         let timeout = anyhow::Error::new(Failure::new(Exit::WaitTimeout, "wait_timeout", "x"));
-        assert_eq!(report_error(&ctx, &timeout), Exit::WaitTimeout);
+        assert_eq!(exit_for(&timeout), Exit::WaitTimeout);
+        assert_eq!(exit_for(&anyhow::anyhow!("disk on fire")), Exit::Error);
+        let pipe = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(exit_for(&pipe), Exit::Success);
+    }
+
+    #[test]
+    fn error_text_has_the_code_and_a_hint_for_401() {
+        let problem = |status| {
+            anyhow::Error::new(ApiError::Problem {
+                status,
+                problem: breakglass_server::dto::Problem {
+                    type_: "about:blank".to_string(),
+                    title: "Unauthorized".to_string(),
+                    status,
+                    detail: "missing or invalid bearer token".to_string(),
+                    code: "unauthenticated".to_string(),
+                },
+            })
+        };
+        let anonymous = Ctx::new(DEFAULT_URL.to_string(), None, Output::Text);
         assert_eq!(
-            report_error(&ctx, &anyhow::anyhow!("disk on fire")),
-            Exit::Error
+            error_text(&anonymous, &problem(401)).as_deref(),
+            Some(
+                "error: missing or invalid bearer token (unauthenticated)\n\
+                 hint: no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token\n"
+            )
+        );
+        let with_token = Ctx::new(DEFAULT_URL.to_string(), Some("s3cret"), Output::Text);
+        let text = error_text(&with_token, &problem(401)).expect("text");
+        assert!(text.contains("did not accept your token"), "{text}");
+        assert!(!text.contains("s3cret"));
+        assert_eq!(
+            error_text(&with_token, &problem(409)).as_deref(),
+            Some("error: missing or invalid bearer token (unauthenticated)\n")
         );
         let pipe = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe));
-        assert_eq!(report_error(&ctx, &pipe), Exit::Success);
+        assert_eq!(error_text(&with_token, &pipe), None);
     }
 
     #[test]
     fn a_bad_url_is_a_usage_error() {
         let ctx = Ctx::new("https://example.com".to_string(), Some("t"), Output::Text);
         let err = anyhow::Error::new(ctx.client().expect_err("https is refused"));
-        assert_eq!(report_error(&ctx, &err), Exit::Usage);
+        assert_eq!(exit_for(&err), Exit::Usage);
     }
 }

@@ -17,9 +17,8 @@ use breakglass_core::State;
 use breakglass_core::time::parse_duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::exit::Exit;
-
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+const GLOBAL_HEADING: &str = "Global options";
 /// What `--wait` without a value waits for.
 const WAIT_DEFAULT: &str = "15m";
 /// Request ids are short opaque strings; anything else is a typo (or an
@@ -54,7 +53,14 @@ struct Cli {
 #[derive(Debug, Args)]
 struct GlobalArgs {
     /// The breakglass server.
-    #[arg(long, global = true, env = "BREAKGLASS_URL", default_value = DEFAULT_URL, value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "BREAKGLASS_URL",
+        default_value = DEFAULT_URL,
+        value_name = "URL",
+        help_heading = GLOBAL_HEADING
+    )]
     url: String,
     /// Your API token. Prefer the environment variable: arguments show up in
     /// process lists and shell history.
@@ -63,11 +69,19 @@ struct GlobalArgs {
         global = true,
         env = "BREAKGLASS_TOKEN",
         hide_env_values = true,
-        value_name = "TOKEN"
+        value_name = "TOKEN",
+        help_heading = GLOBAL_HEADING
     )]
     token: Option<String>,
     /// `text` for people, `json` for scripts.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = Output::Text,
+        value_name = "FORMAT",
+        help_heading = GLOBAL_HEADING
+    )]
     output: Output,
 }
 
@@ -182,6 +196,7 @@ struct IdArgs {
 
 #[derive(Debug, Args)]
 struct ApproveArgs {
+    /// The request id.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// A note recorded with the approval.
@@ -191,6 +206,7 @@ struct ApproveArgs {
 
 #[derive(Debug, Args)]
 struct ReasonArgs {
+    /// The request id.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// Why; recorded in the audit log and shown to the requester.
@@ -200,6 +216,7 @@ struct ReasonArgs {
 
 #[derive(Debug, Args)]
 struct ReviewArgs {
+    /// The request id.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// Was the access justified and used as stated?
@@ -331,11 +348,12 @@ fn parse_id(s: &str) -> Result<String, String> {
 fn main() -> ExitCode {
     // Usage errors exit 2 here (clap's default), --help and --version exit 0.
     let cli = Cli::parse();
-    let ctx = cmd::Ctx::new(
-        cli.global.url,
-        cli.global.token.as_deref(),
-        cli.global.output,
-    );
+    // `BREAKGLASS_URL=` (set but empty) means the default, like an unset one.
+    let url = match cli.global.url.trim() {
+        "" => DEFAULT_URL.to_string(),
+        _ => cli.global.url,
+    };
+    let ctx = cmd::Ctx::new(url, cli.global.token.as_deref(), cli.global.output);
     let result = match cli.command {
         Command::Serve(a) => cmd::serve(breakglass_server::ServeOptions {
             config: a.config,

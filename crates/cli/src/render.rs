@@ -113,7 +113,7 @@ pub fn next_steps(r: &Request, now: Timestamp) -> String {
     let mut out = String::new();
     let ended = r
         .ended_at
-        .map(|t| format!("{} ({})", clock(now, t), relative(now, t)))
+        .map(|t| format!("at {} ({})", clock(now, t), relative(now, t)))
         .unwrap_or_else(|| "at an unknown time".to_string());
     let comment = r
         .end_comment
@@ -219,7 +219,7 @@ pub fn next_steps(r: &Request, now: Timestamp) -> String {
                     " automatically: nobody countersigned it in time".to_string()
                 }
                 Some(EndReason::Released) => {
-                    format!(" (released{})", by(r.ended_by.as_deref()))
+                    format!(", released{}", by(r.ended_by.as_deref()))
                 }
                 _ => by(r.ended_by.as_deref()),
             };
@@ -258,7 +258,12 @@ pub fn next_steps(r: &Request, now: Timestamp) -> String {
 pub fn request_block(r: &Request, now: Timestamp) -> String {
     let mut out = String::new();
     let mut field = |label: &str, value: String| {
-        let _ = writeln!(out, "{:<16}{}", format!("{label}:"), value);
+        let label = if label.is_empty() {
+            String::new()
+        } else {
+            format!("{label}:")
+        };
+        let _ = writeln!(out, "{label:<16}{value}");
     };
     let opt_time =
         |t: Option<Timestamp>| t.map(|t| when(now, t)).unwrap_or_else(|| "-".to_string());
@@ -406,7 +411,7 @@ pub fn request_table(list: &RequestList, now: Timestamp) -> String {
         out.push_str("(! = emergency grant)\n");
     }
     if list.next.is_some() {
-        out.push_str("More requests exist: raise --limit to see them.\n");
+        out.push_str("There may be more: raise --limit to see them.\n");
     }
     out
 }
@@ -670,7 +675,7 @@ mod tests {
         r.end_comment = Some("use the replica".to_string());
         assert_eq!(
             next_steps(&r, at(5)),
-            "Request 0190a1b2-c3d4 was DENIED by bob 02:18:05Z (3m ago): use the replica.\n"
+            "Request 0190a1b2-c3d4 was DENIED by bob at 02:18:05Z (3m ago): use the replica.\n"
         );
 
         let mut r = pending();
@@ -683,7 +688,7 @@ mod tests {
         r.ended_by = Some("system".to_string());
         assert_eq!(
             next_steps(&r, at(10)),
-            "The grant 0190a1b2-c3d4 was REVOKED 02:26:05Z (now) automatically: nobody countersigned it in time.\n\
+            "The grant 0190a1b2-c3d4 was REVOKED at 02:26:05Z (now) automatically: nobody countersigned it in time.\n\
              Its credentials no longer work and its live sessions are cut.\n\
              A POST-INCIDENT REVIEW IS REQUIRED: an approver runs: breakglass review 0190a1b2-c3d4 --outcome ok|misuse --notes TEXT\n"
         );
@@ -752,7 +757,7 @@ mod tests {
              0190a1b2-c3d4  pending  alice      prod-db  admin  created 1m ago\n\
              0190ffff       active!  bob        prod-db  admin  expires in 14m\n\
              (! = emergency grant)\n\
-             More requests exist: raise --limit to see them.\n"
+             There may be more: raise --limit to see them.\n"
         );
         let empty = RequestList {
             requests: vec![],

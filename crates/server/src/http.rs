@@ -115,7 +115,12 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rej) => {
-                let status = rej.status();
+                // Axum answers 422 for well-formed JSON of the wrong shape;
+                // to the client both are bad input (DESIGN §7: 400).
+                let status = match rej.status() {
+                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+                    s => s,
+                };
                 let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     "body_too_large"
                 } else {

@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -28,7 +30,14 @@ fn test() -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    run(cargo().args(["build", "--release", "-p", "breakglass", "-p", "breakglass-bench"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "breakglass",
+        "-p",
+        "breakglass-bench",
+    ]))?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let bin = std::path::Path::new(&target).join("release");
     run(Command::new(bin.join("breakglass-bench"))

@@ -100,7 +100,9 @@ pub fn chain_hash(
 ) -> Hash {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(canonical_bytes(seq, time, actor, action, request_id, details));
+    h.update(canonical_bytes(
+        seq, time, actor, action, request_id, details,
+    ));
     h.finalize().into()
 }
 
@@ -184,12 +186,21 @@ impl ChainVerifier {
     pub fn push(&mut self, e: &AuditEvent) -> Result<(), ChainError> {
         if e.seq != self.next_seq {
             let reason = if e.seq > self.next_seq {
-                format!("expected seq {}, found {} (events missing)", self.next_seq, e.seq)
+                format!(
+                    "expected seq {}, found {} (events missing)",
+                    self.next_seq, e.seq
+                )
             } else {
-                format!("expected seq {}, found {} (duplicate or reordered)", self.next_seq, e.seq)
+                format!(
+                    "expected seq {}, found {} (duplicate or reordered)",
+                    self.next_seq, e.seq
+                )
             };
+            // INVARIANT: name the first bad row. A gap is bad at the first
+            // missing seq; a duplicate or step back is bad at the row itself,
+            // not at the seq that was expected there.
             return Err(ChainError {
-                seq: self.next_seq,
+                seq: self.next_seq.min(e.seq),
                 reason,
             });
         }
@@ -299,7 +310,15 @@ mod tests {
             action: "request.created".into(),
             request_id: Some("r1".into()),
             details: details.into(),
-            hash: chain_hash(prev, seq, t, "alice", "request.created", Some("r1"), details),
+            hash: chain_hash(
+                prev,
+                seq,
+                t,
+                "alice",
+                "request.created",
+                Some("r1"),
+                details,
+            ),
         }
     }
 
@@ -314,7 +333,9 @@ mod tests {
 
     fn first_bad(events: &[AuditEvent]) -> Option<u64> {
         let mut v = ChainVerifier::new();
-        events.iter().find_map(|e| v.push(e).err().map(|err| err.seq))
+        events
+            .iter()
+            .find_map(|e| v.push(e).err().map(|err| err.seq))
     }
 
     #[test]
@@ -345,8 +366,8 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys() {
-        let v: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":null}}"#)
-            .expect("valid json");
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":null}}"#).expect("valid json");
         assert_eq!(canonical_json(&v), r#"{"a":{"c":null,"d":[1,"x"]},"b":1}"#);
     }
 

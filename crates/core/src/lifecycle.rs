@@ -32,12 +32,21 @@ pub struct NewRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Approve a pending request, or countersign an active emergency grant.
-    Approve { comment: Option<String> },
-    Deny { reason: String },
+    Approve {
+        comment: Option<String>,
+    },
+    Deny {
+        reason: String,
+    },
     Cancel,
     /// End an active grant early: a release when the requester does it.
-    Revoke { reason: String },
-    Review { outcome: ReviewOutcome, notes: String },
+    Revoke {
+        reason: String,
+    },
+    Review {
+        outcome: ReviewOutcome,
+        notes: String,
+    },
     /// Apply whatever deadline has passed at `now` (system only).
     Tick,
 }
@@ -97,7 +106,9 @@ pub enum LifecycleError {
     NotEligible { who: String, groups: String },
     #[error("only the requester can {0} this request")]
     NotRequester(&'static str),
-    #[error("{who} may not revoke this grant: only the requester, an eligible approver or an admin can")]
+    #[error(
+        "{who} may not revoke this grant: only the requester, an eligible approver or an admin can"
+    )]
     NotAllowedToRevoke { who: String },
     #[error("{0} has already approved this request")]
     AlreadyApproved(String),
@@ -115,7 +126,9 @@ pub enum LifecycleError {
 
 fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), LifecycleError> {
     if required && value.trim().is_empty() {
-        return Err(LifecycleError::Invalid(format!("{field} must not be empty")));
+        return Err(LifecycleError::Invalid(format!(
+            "{field} must not be empty"
+        )));
     }
     if value.len() > max {
         return Err(LifecycleError::Invalid(format!(
@@ -123,7 +136,10 @@ fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<()
             value.len()
         )));
     }
-    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(LifecycleError::Invalid(format!(
             "{field} contains control characters"
         )));
@@ -309,7 +325,9 @@ pub fn step(
             tick(&mut next, now, &mut events);
         }
         (Command::Tick, Actor::Principal(_)) => {
-            return Err(LifecycleError::Invalid("tick is for the service only".into()));
+            return Err(LifecycleError::Invalid(
+                "tick is for the service only".into(),
+            ));
         }
         (_, Actor::System) => {
             return Err(LifecycleError::Invalid(format!(
@@ -334,8 +352,20 @@ pub fn step(
                 return Err(wrong_state("deny", req, ""));
             }
             require_approver(req, p)?;
-            end(&mut next, State::Denied, EndReason::Denied, &p.name, Some(reason), now);
-            events.push(event(&p.name, "request.denied", &next, json!({"reason": reason})));
+            end(
+                &mut next,
+                State::Denied,
+                EndReason::Denied,
+                &p.name,
+                Some(reason),
+                now,
+            );
+            events.push(event(
+                &p.name,
+                "request.denied",
+                &next,
+                json!({"reason": reason}),
+            ));
         }
         (Command::Cancel, Actor::Principal(p)) => {
             if req.state != State::Pending {
@@ -344,7 +374,14 @@ pub fn step(
             if p.name != req.requester {
                 return Err(LifecycleError::NotRequester("cancel"));
             }
-            end(&mut next, State::Cancelled, EndReason::Cancelled, &p.name, None, now);
+            end(
+                &mut next,
+                State::Cancelled,
+                EndReason::Cancelled,
+                &p.name,
+                None,
+                now,
+            );
             events.push(event(&p.name, "request.cancelled", &next, json!({})));
         }
         (Command::Revoke { reason }, Actor::Principal(p)) => {
@@ -361,7 +398,14 @@ pub fn step(
                     who: p.name.clone(),
                 });
             };
-            end(&mut next, State::Revoked, end_reason, &p.name, Some(reason), now);
+            end(
+                &mut next,
+                State::Revoked,
+                end_reason,
+                &p.name,
+                Some(reason),
+                now,
+            );
             events.push(event(
                 &p.name,
                 "request.revoked",
@@ -500,7 +544,14 @@ fn end(
 fn tick(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
     match next.state {
         State::Pending => {
-            end(next, State::TimedOut, EndReason::TimedOut, "system", None, now);
+            end(
+                next,
+                State::TimedOut,
+                EndReason::TimedOut,
+                "system",
+                None,
+                now,
+            );
             let details = json!({"pending_until": next.pending_until.to_rfc3339()});
             events.push(event("system", "request.timed_out", next, details));
         }
@@ -526,7 +577,14 @@ fn tick(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
                 });
                 events.push(event("system", "request.revoked", next, details));
             } else {
-                end(next, State::Expired, EndReason::Expired, "system", None, now);
+                end(
+                    next,
+                    State::Expired,
+                    EndReason::Expired,
+                    "system",
+                    None,
+                    now,
+                );
                 let details = json!({
                     "expires_at": expires.to_rfc3339(),
                     "lateness_ms": now.millis() - expires.millis(),

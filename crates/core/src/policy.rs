@@ -121,7 +121,8 @@ pub struct Obligations {
 impl Obligations {
     fn combine(&mut self, o: &Obligations) {
         self.approvals = self.approvals.max(o.approvals);
-        self.approver_groups.extend(o.approver_groups.iter().cloned());
+        self.approver_groups
+            .extend(o.approver_groups.iter().cloned());
         self.max_duration_s = self.max_duration_s.min(o.max_duration_s);
         self.tickets.extend(o.tickets.iter().cloned());
         self.countersign_within_s = match (self.countersign_within_s, o.countersign_within_s) {
@@ -304,7 +305,10 @@ impl PolicyEngine {
         let mut meta = BTreeMap::new();
         let mut names = HashSet::new();
         for p in set.policies() {
-            let (line, column) = line_col(src, locations.get(&p.id().to_string()).copied().unwrap_or(0));
+            let (line, column) = line_col(
+                src,
+                locations.get(&p.id().to_string()).copied().unwrap_or(0),
+            );
             let at = |reason: String| PolicyError::Invalid {
                 file: file.to_string(),
                 line,
@@ -388,44 +392,70 @@ impl PolicyEngine {
         entities.push(Entity::new_no_attrs(resource.clone(), parents));
         let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
         let context = Context::from_pairs([
-            ("role".to_string(), RestrictedExpression::new_string(input.role.into())),
+            (
+                "role".to_string(),
+                RestrictedExpression::new_string(input.role.into()),
+            ),
             (
                 "duration_s".to_string(),
                 RestrictedExpression::new_long(i64::try_from(input.duration_s).unwrap_or(i64::MAX)),
             ),
-            ("reason".to_string(), RestrictedExpression::new_string(input.reason.into())),
+            (
+                "reason".to_string(),
+                RestrictedExpression::new_string(input.reason.into()),
+            ),
             (
                 "ticket".to_string(),
                 RestrictedExpression::new_string(input.ticket.unwrap_or("").into()),
             ),
-            ("hour_utc".to_string(), RestrictedExpression::new_long(input.now.hour_utc())),
-            ("weekday".to_string(), RestrictedExpression::new_long(input.now.weekday())),
+            (
+                "hour_utc".to_string(),
+                RestrictedExpression::new_long(input.now.hour_utc()),
+            ),
+            (
+                "weekday".to_string(),
+                RestrictedExpression::new_long(input.now.weekday()),
+            ),
         ])
         .map_err(|e| e.to_string())?;
-        let request = cedar_policy::Request::new(
-            principal,
-            action,
-            resource,
-            context,
-            Some(&self.schema),
-        )
-        .map_err(|e| e.to_string())?;
-        let response = self.authorizer.is_authorized(&request, &self.set, &entities);
-        let errors: Vec<String> = response
+        let request =
+            cedar_policy::Request::new(principal, action, resource, context, Some(&self.schema))
+                .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.set, &entities);
+        // Cedar reports reasons as a set and errors in evaluation order, both
+        // unordered: sort them so the stored `policy`, the messages and the
+        // first failing ticket rule are the same on every run and every node.
+        let mut errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| e.to_string())
             .collect();
-        let governing_ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
+        errors.sort();
+        let mut governing_ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
+        governing_ids.sort_by_key(|id| {
+            self.meta
+                .get(*id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        });
         let governing: Vec<String> = governing_ids
             .iter()
-            .map(|id| self.meta.get(*id).map_or(id.to_string(), |m| m.name.clone()))
+            .map(|id| {
+                self.meta
+                    .get(*id)
+                    .map_or(id.to_string(), |m| m.name.clone())
+            })
             .collect();
         // INVARIANT: fail closed. An erroring policy might have been a forbid.
         if !errors.is_empty() || response.decision() != CedarDecision::Allow {
             return Ok(Decision {
                 allowed: false,
-                governing: if errors.is_empty() { governing } else { Vec::new() },
+                governing: if errors.is_empty() {
+                    governing
+                } else {
+                    Vec::new()
+                },
                 obligations: None,
                 errors,
             });
@@ -489,7 +519,9 @@ fn parse_obligations<'a>(
             let pattern = regex::RegexBuilder::new(p)
                 .size_limit(TICKET_REGEX_SIZE_MAX)
                 .build()
-                .map_err(|e| format!("policy {name}: @require_ticket is not a valid pattern: {e}"))?;
+                .map_err(|e| {
+                    format!("policy {name}: @require_ticket is not a valid pattern: {e}")
+                })?;
             vec![TicketRule {
                 policy: name.to_string(),
                 pattern,

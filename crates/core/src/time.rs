@@ -178,15 +178,24 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(900));
         assert_eq!(parse_duration("1h30m"), Ok(5400));
         assert_eq!(parse_duration("1d"), Ok(86_400));
-        assert!(matches!(parse_duration("15"), Err(DurationError::Syntax(_))));
+        assert!(matches!(
+            parse_duration("15"),
+            Err(DurationError::Syntax(_))
+        ));
         assert!(matches!(parse_duration("m"), Err(DurationError::Syntax(_))));
         assert!(matches!(parse_duration("0s"), Err(DurationError::Zero(_))));
-        assert!(matches!(parse_duration("-5m"), Err(DurationError::Syntax(_))));
+        assert!(matches!(
+            parse_duration("-5m"),
+            Err(DurationError::Syntax(_))
+        ));
         assert!(matches!(
             parse_duration("99999999999999999999h"),
             Err(DurationError::TooLong(_))
         ));
-        assert!(matches!(parse_duration("8d"), Err(DurationError::TooLong(_))));
+        assert!(matches!(
+            parse_duration("8d"),
+            Err(DurationError::TooLong(_))
+        ));
         assert_eq!(format_duration(5400), "1h30m");
         assert_eq!(format_duration(90), "1m30s");
     }
@@ -195,10 +204,10 @@ mod tests {
     fn timestamps_roundtrip() {
         let t = Timestamp(1_795_225_310_123);
         let s = t.to_rfc3339();
-        assert_eq!(s, "2026-11-21T23:41:50.123Z");
+        assert_eq!(s, "2026-11-21T01:41:50.123Z");
         assert_eq!(Timestamp::parse_rfc3339(&s), Ok(t));
         // 2026-11-21 is a Saturday.
         assert_eq!(t.weekday(), 5);
-        assert_eq!(t.hour_utc(), 23);
+        assert_eq!(t.hour_utc(), 1);
     }
 }

@@ -35,7 +35,10 @@ pub fn digest_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// Finds which of `candidates` (SHA-256 digests) `token` hashes to. Every
 /// candidate is compared, in constant time, whatever matches first.
-pub fn match_token<'a, T>(token: &str, candidates: impl IntoIterator<Item = (&'a [u8; 32], T)>) -> Option<T> {
+pub fn match_token<'a, T>(
+    token: &str,
+    candidates: impl IntoIterator<Item = (&'a [u8; 32], T)>,
+) -> Option<T> {
     if token.is_empty() || token.len() > TOKEN_LEN_MAX {
         return None;
     }

@@ -19,9 +19,11 @@
 //! tick [WHO] @T                   live @T
 //! ```
 //!
-//! `WHO` may be `system`. The file ends with the authorization matrix: every
-//! principal and command against every reachable state, judged by rules
-//! written here independently of the core and compared with `step`.
+//! `WHO` may be `system`. The file ends with two authorization matrices,
+//! judged by rules written here independently of the core: every principal
+//! and command against every reachable state (compared with `step`), and
+//! every principal, target, role, action and duration (compared with
+//! `evaluate` + `create`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -176,7 +178,10 @@ fn parse_at(token: &str) -> i64 {
     while !rest.is_empty() {
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         let (n, after) = rest.split_at(digits);
-        let letters = after.len() - after.trim_start_matches(|c: char| c.is_ascii_alphabetic()).len();
+        let letters = after.len()
+            - after
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
         let (unit, after) = after.split_at(letters);
         let n: i64 = n.parse().unwrap_or_else(|_| panic!("bad time {token:?}"));
         total += n * match unit {
@@ -272,7 +277,9 @@ impl World {
     }
 
     fn current(&self) -> &Request {
-        self.request.as_ref().expect("script acts before any request exists")
+        self.request
+            .as_ref()
+            .expect("script acts before any request exists")
     }
 
     /// Runs one line; `Ok` is the transcript of a transition, `Err` a refusal.
@@ -296,7 +303,8 @@ impl World {
                 reason: line.text(0),
             },
             "review" => Command::Review {
-                outcome: ReviewOutcome::parse(line.word(2)).expect("review outcome is ok or misuse"),
+                outcome: ReviewOutcome::parse(line.word(2))
+                    .expect("review outcome is ok or misuse"),
                 notes: line.text(0),
             },
             "tick" => Command::Tick,
@@ -322,7 +330,11 @@ impl World {
             Some(Ok(s)) => s,
             _ => parse_duration(text).expect("script duration parses"),
         };
-        let reason = line.quoted.first().cloned().unwrap_or_else(|| "incident".into());
+        let reason = line
+            .quoted
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "incident".into());
         let groups: Vec<String> = who.groups.iter().cloned().collect();
         let target_groups: Vec<String> = TARGETS
             .iter()
@@ -403,8 +415,15 @@ fn check_invariants(before: Option<&Request>, new: &Request) {
     }
     assert!(new.duration_s <= new.max_duration_s);
     let approvers: BTreeSet<&str> = new.approvals.iter().map(|a| a.by.as_str()).collect();
-    assert_eq!(approvers.len(), new.approvals.len(), "approvals are distinct");
-    assert!(!approvers.contains(new.requester.as_str()), "no self-approval");
+    assert_eq!(
+        approvers.len(),
+        new.approvals.len(),
+        "approvals are distinct"
+    );
+    assert!(
+        !approvers.contains(new.requester.as_str()),
+        "no self-approval"
+    );
     if let Some(c) = &new.countersignature {
         assert_ne!(c.by, new.requester, "no self-countersignature");
     }
@@ -429,8 +448,10 @@ fn details(v: &serde_json::Value) -> String {
     let serde_json::Value::Object(map) = v else {
         return format!(" {}", canonical_json(v));
     };
+    // Sorted, whatever serde_json's map order features are.
+    let sorted: std::collections::BTreeMap<&String, &serde_json::Value> = map.iter().collect();
     let mut out = String::new();
-    for (k, v) in map {
+    for (k, v) in sorted {
         let shown = match v {
             serde_json::Value::String(s) => match Timestamp::parse_rfc3339(s) {
                 Ok(t) => rel(t),
@@ -489,6 +510,11 @@ fn describe(r: &Request) -> String {
 
 fn transcript(script: &str) -> (String, World) {
     let mut world = World::new();
+    let out = run_script(&mut world, script);
+    (out, world)
+}
+
+fn run_script(world: &mut World, script: &str) -> String {
     let mut out = String::new();
     for text in script.lines().map(str::trim) {
         if text.is_empty() || text.starts_with('#') {
@@ -502,7 +528,7 @@ fn transcript(script: &str) -> (String, World) {
             }
         }
     }
-    (out, world)
+    out
 }
 
 fn check(script: &str, expect: Expect) {
@@ -535,11 +561,11 @@ fn one_approval_then_expiry_to_the_millisecond() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "slow queries on orders" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="slow queries on orders" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="slow queries on orders" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob "go" @5s
-              request.approved by bob: comment="go" approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@15m5s duration_s=900 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment="go"
+              request.activated by bob: duration_s=900 emergency=false expires_at=@15m5s
               => active; activated @5s; expires @15m5s
             live @15m4s999ms
               live: yes
@@ -573,13 +599,13 @@ fn clock_starts_at_activation_not_at_request() {
         "#,
         expect![[r#"
             request alice prod-db read 30m "backfill check" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=1800 reason="backfill check" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=1800 emergency=false policy="oncall-db-read" reason="backfill check" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             live @10m
               live: no
             approve bob @20m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@50m duration_s=1800 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=1800 emergency=false expires_at=@50m
               => active; activated @20m; expires @50m
             tick @30m
               error: nothing is due
@@ -608,16 +634,16 @@ fn two_approvals_from_distinct_people() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
-              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="drop a stuck lock" ticket="INC-42" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=2
+              request.approved by bob: approvals=1 approvals_required=2 comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             approve bob "again" @2m
               error: bob has already approved this request
             approve carol @3m
-              request.approved by carol: comment=null approvals=2 approvals_required=2
-              request.activated by carol: expires_at=@18m duration_s=900 emergency=false
+              request.approved by carol: approvals=2 approvals_required=2 comment=null
+              request.activated by carol: duration_s=900 emergency=false expires_at=@18m
               => active; activated @3m; expires @18m
             approve carol @4m
               error: cannot approve a request that is active and needs no countersignature
@@ -632,16 +658,16 @@ fn two_approvals_from_distinct_people() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
-              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="drop a stuck lock" ticket="INC-42" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
               => pending; approvals 0/2 []; pending until @30m
             approve carol @1m
-              request.approved by carol: comment=null approvals=1 approvals_required=2
+              request.approved by carol: approvals=1 approvals_required=2 comment=null
               => pending; approvals 1/2 [carol]; pending until @30m
             approve carol @2m
               error: carol has already approved this request
             approve dave @3m
-              request.approved by dave: comment=null approvals=2 approvals_required=2
-              request.activated by dave: expires_at=@18m duration_s=900 emergency=false
+              request.approved by dave: approvals=2 approvals_required=2 comment=null
+              request.activated by dave: duration_s=900 emergency=false expires_at=@18m
               => active; activated @3m; expires @18m
         "#]],
     );
@@ -662,15 +688,15 @@ fn self_approval_is_refused_even_for_an_eligible_approver() {
         "#,
         expect![[r#"
             request frank prod-db read 10m "look at replication" @0s
-              request.created by frank: target="prod-db" role="read" duration_s=600 reason="look at replication" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by frank: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve frank @1m
               error: the requester cannot approve, deny, countersign or review their own request
             deny frank "changed my mind" @1m
               error: the requester cannot approve, deny, countersign or review their own request
             approve bob @2m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@12m duration_s=600 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=600 emergency=false expires_at=@12m
               => active; activated @2m; expires @12m
             tick @12m
               request.expired by system: expires_at=@12m lateness_ms=0
@@ -678,7 +704,7 @@ fn self_approval_is_refused_even_for_an_eligible_approver() {
             review frank ok "all fine" @13m
               error: the requester cannot approve, deny, countersign or review their own request
             review bob ok "all fine" @13m
-              request.reviewed by bob: outcome="ok" notes="all fine"
+              request.reviewed by bob: notes="all fine" outcome="ok"
               => expired; activated @2m; expires @12m; ended @12m by system (expired); reviewed Ok by bob @13m
         "#]],
     );
@@ -701,7 +727,7 @@ fn admin_cannot_approve_outside_approvers_but_can_revoke() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "read logs table" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="read logs table" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="read logs table" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve root @1m
               error: root is not an eligible approver for this request (eligible groups: sre-leads)
@@ -710,15 +736,15 @@ fn admin_cannot_approve_outside_approvers_but_can_revoke() {
             approve dave @1m
               error: dave is not an eligible approver for this request (eligible groups: sre-leads)
             approve bob @2m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@17m duration_s=900 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@17m
               => active; activated @2m; expires @17m
             revoke dave "stop" @3m
               error: dave may not revoke this grant: only the requester, an eligible approver or an admin can
             revoke mallory "stop" @3m
               error: mallory may not revoke this grant: only the requester, an eligible approver or an admin can
             revoke root "suspicious activity" @4m
-              request.revoked by root: reason="suspicious activity" end_reason="revoked"
+              request.revoked by root: end_reason="revoked" reason="suspicious activity"
               => revoked; activated @2m; expires @17m; ended @4m by root (revoked)
             revoke bob "too late" @5m
               error: cannot revoke a request that is revoked
@@ -740,27 +766,27 @@ fn requester_release_and_approver_revoke() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "quick look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="quick look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="quick look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@16m duration_s=900 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
               => active; activated @1m; expires @16m
             revoke alice "done early" @3m
-              request.revoked by alice: reason="done early" end_reason="released"
+              request.revoked by alice: end_reason="released" reason="done early"
               => revoked; activated @1m; expires @16m; ended @3m by alice (released)
             review bob ok "short and clean" @4m
-              request.reviewed by bob: outcome="ok" notes="short and clean"
+              request.reviewed by bob: notes="short and clean" outcome="ok"
               => revoked; activated @1m; expires @16m; ended @3m by alice (released); reviewed Ok by bob @4m
             request alice prod-db read 15m "another look" @10m
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="another look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="another look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @40m
             approve carol @11m
-              request.approved by carol: comment=null approvals=1 approvals_required=1
-              request.activated by carol: expires_at=@26m duration_s=900 emergency=false
+              request.approved by carol: approvals=1 approvals_required=1 comment=null
+              request.activated by carol: duration_s=900 emergency=false expires_at=@26m
               => active; activated @11m; expires @26m
             revoke bob "enough" @12m
-              request.revoked by bob: reason="enough" end_reason="revoked"
+              request.revoked by bob: end_reason="revoked" reason="enough"
               => revoked; activated @11m; expires @26m; ended @12m by bob (revoked)
         "#]],
     );
@@ -779,10 +805,10 @@ fn any_eligible_approver_can_veto() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "rebuild index" ticket=INC-7 @0s
-              request.created by alice: target="prod-db" role="admin" duration_s=900 reason="rebuild index" ticket="INC-7" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="rebuild index" role="admin" target="prod-db" ticket="INC-7"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=2
+              request.approved by bob: approvals=1 approvals_required=2 comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             deny mallory "no" @2m
               error: mallory is not an eligible approver for this request (eligible groups: security, sre-leads)
@@ -813,7 +839,7 @@ fn only_the_requester_cancels_and_only_while_pending() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "check a row" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="check a row" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="check a row" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             cancel bob @1m
               error: only the requester can cancel this request
@@ -827,11 +853,11 @@ fn only_the_requester_cancels_and_only_while_pending() {
             approve bob @3m
               error: cannot approve a request that is cancelled
             request alice prod-db read 15m "check again" @5m
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="check again" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="check again" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @35m
             approve bob @6m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@21m duration_s=900 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@21m
               => active; activated @6m; expires @21m
             cancel alice @7m
               error: cannot cancel a request that is active
@@ -853,7 +879,7 @@ fn pending_requests_time_out() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "nobody around" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="nobody around" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="nobody around" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             tick @29m59s999ms
               error: nothing is due
@@ -893,7 +919,7 @@ fn duration_beyond_the_policy_is_refused_not_shortened() {
             emergency erin prod-db admin 11m "long outage" @0s
               error: requested duration 11m exceeds the maximum of 10m set by policy ic-emergency
             request alice prod-db read 30m "long look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=1800 reason="long look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=1800 emergency=false policy="oncall-db-read" reason="long look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             request alice prod-db read 0s "no time" @0s
               error: invalid request: duration must be between 1s and 168h
@@ -920,10 +946,10 @@ fn tickets_must_match_the_policy_pattern() {
             request alice prod-db admin 10m "fix" ticket=INC-12x @0s
               error: ticket "INC-12x" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
             request alice prod-db admin 10m "fix" ticket=INC-12 @0s
-              request.created by alice: target="prod-db" role="admin" duration_s=600 reason="fix" ticket="INC-12" emergency=false policy="oncall-db-admin" approvals_required=2 approver_groups=["security","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=600 emergency=false policy="oncall-db-admin" reason="fix" role="admin" target="prod-db" ticket="INC-12"
               => pending; approvals 0/2 []; pending until @30m
             request alice prod-db read 10m "look" ticket=whatever @0s
-              request.created by alice: target="prod-db" role="read" duration_s=600 reason="look" ticket="whatever" emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket="whatever"
               => pending; approvals 0/1 []; pending until @30m
         "#]],
     );
@@ -947,8 +973,8 @@ fn emergency_activates_at_once_and_is_countersigned() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down, nobody answers" @0s
-              request.created by erin: target="prod-db" role="admin" duration_s=600 reason="primary down, nobody answers" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
-              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down, nobody answers" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
             live @0s
               live: yes
@@ -969,7 +995,7 @@ fn emergency_activates_at_once_and_is_countersigned() {
             review erin ok "fine" @11m
               error: the requester cannot approve, deny, countersign or review their own request
             review bob ok "justified: primary was down" @11m
-              request.reviewed by bob: outcome="ok" notes="justified: primary was down"
+              request.reviewed by bob: notes="justified: primary was down" outcome="ok"
               => expired; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @10m by system (expired); review required; reviewed Ok by bob @11m
             review carol misuse "second opinion" @12m
               error: this request has already been reviewed
@@ -991,20 +1017,20 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: target="prod-db" role="admin" duration_s=600 reason="primary down" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
-              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
             tick @9m59s999ms
               error: nothing is due
             approve bob @10m
               error: cannot approve a request that is active but past its deadline
             tick @10m
-              request.revoked by system: end_reason="not_countersigned" countersign_by=@10m lateness_ms=0
+              request.revoked by system: countersign_by=@10m end_reason="not_countersigned" lateness_ms=0
               => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required
             approve bob @11m
               error: cannot approve a request that is revoked
             review bob misuse "nobody countersigned" @12m
-              request.reviewed by bob: outcome="misuse" notes="nobody countersigned"
+              request.reviewed by bob: notes="nobody countersigned" outcome="misuse"
               => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required; reviewed Misuse by bob @12m
         "#]],
     );
@@ -1018,13 +1044,13 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=600 reason="dashboards down" ticket=null emergency=true policy="oncall-emergency-read" approvals_required=0 approver_groups=["sre-leads"]
-              request.activated by alice: expires_at=@10m duration_s=600 emergency=true countersign_by=@2m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             tick @1m59s999ms
               error: nothing is due
             tick @2m
-              request.revoked by system: end_reason="not_countersigned" countersign_by=@2m lateness_ms=0
+              request.revoked by system: countersign_by=@2m end_reason="not_countersigned" lateness_ms=0
               => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
         "#]],
     );
@@ -1036,8 +1062,8 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 5m "quick fix" @0s
-              request.created by erin: target="prod-db" role="admin" duration_s=300 reason="quick fix" ticket=null emergency=true policy="ic-emergency" approvals_required=0 approver_groups=["sre-leads"]
-              request.activated by erin: expires_at=@5m duration_s=300 emergency=true countersign_by=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=300 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@10m duration_s=300 emergency=true expires_at=@5m
               => active; emergency; activated @0s; expires @5m; countersign by @10m; review required
             tick @5m
               request.expired by system: expires_at=@5m lateness_ms=0
@@ -1061,8 +1087,8 @@ fn emergency_needs_an_emergency_policy() {
             emergency mallory prod-db read 5m "me neither" @0s
               error: no policy permits this: no permit policy matches this principal, action, target and context
             emergency erin prod-db read 10m "both" @0s
-              request.created by erin: target="prod-db" role="read" duration_s=600 reason="both" ticket=null emergency=true policy="ic-emergency,oncall-emergency-read" approvals_required=0 approver_groups=["sre-leads"]
-              request.activated by erin: expires_at=@10m duration_s=600 emergency=true countersign_by=@2m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="both" role="read" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
         "#]],
     );
@@ -1089,13 +1115,13 @@ fn reviews_only_on_ended_grants_by_others_and_once() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             review bob ok "too early" @1m
               error: cannot review a request that is pending: only ended grants (expired or revoked) are reviewed
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@16m duration_s=900 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
               => active; activated @1m; expires @16m
             review bob ok "still too early" @2m
               error: cannot review a request that is active: only ended grants (expired or revoked) are reviewed
@@ -1111,12 +1137,12 @@ fn reviews_only_on_ended_grants_by_others_and_once() {
             review bob ok "" @17m
               error: invalid request: notes must not be empty
             review bob ok "fine" @17m
-              request.reviewed by bob: outcome="ok" notes="fine"
+              request.reviewed by bob: notes="fine" outcome="ok"
               => expired; activated @1m; expires @16m; ended @16m by system (expired); reviewed Ok by bob @17m
             review carol misuse "disagree" @18m
               error: this request has already been reviewed
             request alice prod-db read 15m "look again" @20m
-              request.created by alice: target="prod-db" role="read" duration_s=900 reason="look again" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look again" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @50m
             deny bob "no" @21m
               request.denied by bob: reason="no"
@@ -1144,11 +1170,11 @@ fn final_states_never_change() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@6m duration_s=300 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=300 emergency=false expires_at=@6m
               => active; activated @1m; expires @6m
             tick @6m
               request.expired by system: expires_at=@6m lateness_ms=0
@@ -1185,11 +1211,11 @@ fn past_its_deadline_only_tick_acts() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=1
-              request.activated by bob: expires_at=@6m duration_s=300 emergency=false
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=300 emergency=false expires_at=@6m
               => active; activated @1m; expires @6m
             revoke root "stop" @6m
               error: cannot revoke a request that is active but past its deadline
@@ -1218,7 +1244,7 @@ fn service_and_people_have_separate_commands() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             tick alice @1m
               error: invalid request: tick is for the service only
@@ -1253,14 +1279,14 @@ fn strictest_obligations_govern_when_permits_overlap() {
             request alice pay-db read 20m "refund stuck" ticket=PAY-1 @0s
               error: ticket "PAY-1" does not match ^[A-Z]+-[0-9]{4,}$ required by policy payments
             request alice pay-db read 20m "refund stuck" ticket=PAY-1234 @0s
-              request.created by alice: target="pay-db" role="read" duration_s=1200 reason="refund stuck" ticket="PAY-1234" emergency=false policy="payments,oncall-db-read" approvals_required=2 approver_groups=["payments-leads","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["payments-leads","sre-leads"] duration_s=1200 emergency=false policy="oncall-db-read,payments" reason="refund stuck" role="read" target="pay-db" ticket="PAY-1234"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: comment=null approvals=1 approvals_required=2
+              request.approved by bob: approvals=1 approvals_required=2 comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             approve paula @2m
-              request.approved by paula: comment=null approvals=2 approvals_required=2
-              request.activated by paula: expires_at=@22m duration_s=1200 emergency=false
+              request.approved by paula: approvals=2 approvals_required=2 comment=null
+              request.activated by paula: duration_s=1200 emergency=false expires_at=@22m
               => active; activated @2m; expires @22m
         "#]],
     );
@@ -1279,14 +1305,14 @@ fn strictest_obligations_govern_when_permits_overlap() {
             request alice pay-db admin 15m "fix ledger" ticket=PAY-1234 @0s
               error: ticket "PAY-1234" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
             request alice pay-db admin 15m "fix ledger" ticket=INC-1234 @0s
-              request.created by alice: target="pay-db" role="admin" duration_s=900 reason="fix ledger" ticket="INC-1234" emergency=false policy="oncall-db-admin,payments" approvals_required=2 approver_groups=["payments-leads","security","sre-leads"]
+              request.created by alice: approvals_required=2 approver_groups=["payments-leads","security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin,payments" reason="fix ledger" role="admin" target="pay-db" ticket="INC-1234"
               => pending; approvals 0/2 []; pending until @30m
             approve dave @1m
-              request.approved by dave: comment=null approvals=1 approvals_required=2
+              request.approved by dave: approvals=1 approvals_required=2 comment=null
               => pending; approvals 1/2 [dave]; pending until @30m
             approve paula @2m
-              request.approved by paula: comment=null approvals=2 approvals_required=2
-              request.activated by paula: expires_at=@17m duration_s=900 emergency=false
+              request.approved by paula: approvals=2 approvals_required=2 comment=null
+              request.activated by paula: duration_s=900 emergency=false expires_at=@17m
               => active; activated @2m; expires @17m
         "#]],
     );
@@ -1306,7 +1332,7 @@ fn forbid_wins_over_any_permit() {
             request alice prod-db batch 1h1s "reindex" @0s
               error: no policy permits this: forbidden by no-long-grants
             request alice prod-db batch 1h "reindex" @0s
-              request.created by alice: target="prod-db" role="batch" duration_s=3600 reason="reindex" ticket=null emergency=false policy="batch-window" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=3600 emergency=false policy="batch-window" reason="reindex" role="batch" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
         "#]],
     );
@@ -1351,8 +1377,8 @@ fn zero_approval_drill_activates_at_once() {
         "#,
         expect![[r#"
             request drill-bot canary-db read 2m "scheduled drill" @0s
-              request.created by drill-bot: target="canary-db" role="read" duration_s=120 reason="scheduled drill" ticket=null emergency=false policy="drill" approvals_required=0 approver_groups=[]
-              request.activated by drill-bot: expires_at=@2m duration_s=120 emergency=false
+              request.created by drill-bot: approvals_required=0 approver_groups=[] duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
+              request.activated by drill-bot: duration_s=120 emergency=false expires_at=@2m
               => active; activated @0s; expires @2m
             live @1m59s999ms
               live: yes
@@ -1364,11 +1390,11 @@ fn zero_approval_drill_activates_at_once() {
             review bob ok "nobody approves drills" @3m
               error: bob is not an eligible approver for this request (eligible groups: )
             request drill-bot canary-db read 2m "scheduled drill" @10m
-              request.created by drill-bot: target="canary-db" role="read" duration_s=120 reason="scheduled drill" ticket=null emergency=false policy="drill" approvals_required=0 approver_groups=[]
-              request.activated by drill-bot: expires_at=@12m duration_s=120 emergency=false
+              request.created by drill-bot: approvals_required=0 approver_groups=[] duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
+              request.activated by drill-bot: duration_s=120 emergency=false expires_at=@12m
               => active; activated @10m; expires @12m
             revoke drill-bot "drill done" @10m500ms
-              request.revoked by drill-bot: reason="drill done" end_reason="released"
+              request.revoked by drill-bot: end_reason="released" reason="drill done"
               => revoked; activated @10m; expires @12m; ended @10m500ms by drill-bot (released)
         "#]],
     );
@@ -1399,7 +1425,7 @@ fn bad_input_is_refused_before_policy() {
             request alice prod-db read 5m "look" ticket= @0s
               error: invalid request: ticket must not be empty
             request alice prod-db read 5m "look" @0s
-              request.created by alice: target="prod-db" role="read" duration_s=300 reason="look" ticket=null emergency=false policy="oncall-db-read" approvals_required=1 approver_groups=["sre-leads"]
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             deny bob "" @1m
               error: invalid request: reason must not be empty
@@ -1575,7 +1601,9 @@ const MATRIX: &[MatrixCase] = &[
 fn matrix_commands() -> Vec<Command> {
     vec![
         Command::Approve { comment: None },
-        Command::Deny { reason: "no".into() },
+        Command::Deny {
+            reason: "no".into(),
+        },
         Command::Cancel,
         Command::Revoke {
             reason: "stop".into(),
@@ -1683,7 +1711,11 @@ fn authorization_matrix_has_no_bypass() {
     let (mut tried, mut allowed) = (0, 0);
     for case in MATRIX {
         let (log, world) = transcript(case.script);
-        assert!(!log.contains("error:"), "{}: setup failed:\n{log}", case.name);
+        assert!(
+            !log.contains("error:"),
+            "{}: setup failed:\n{log}",
+            case.name
+        );
         let req = world.current().clone();
         let approver_groups: BTreeSet<&str> =
             req.approver_groups.iter().map(String::as_str).collect();
@@ -1750,7 +1782,10 @@ fn authorization_matrix_has_no_bypass() {
         mismatches.len(),
         mismatches.join("\n")
     );
-    let _ = writeln!(summary, "{tried} combinations, {allowed} allowed, 0 mismatches");
+    let _ = writeln!(
+        summary,
+        "{tried} combinations, {allowed} allowed, 0 mismatches"
+    );
     expect![[r#"
         pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank
         pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank
@@ -1803,6 +1838,217 @@ fn authorization_matrix_has_no_bypass() {
         expired and reviewed @16m1s: nothing
         expired and reviewed @24h16m: nothing
         3300 combinations, 150 allowed, 0 mismatches
+    "#]]
+    .assert_eq(&summary);
+}
+
+/// One permit of `POLICY`, restated by hand for the creation oracle.
+struct PermitRule {
+    group: &'static str,
+    emergency: bool,
+    /// Matches a target in this target group, or this exact target.
+    target_group: Option<&'static str>,
+    target: Option<&'static str>,
+    role: Option<&'static str>,
+    approvals: u32,
+    max_duration_s: u64,
+}
+
+const PERMITS: &[PermitRule] = &[
+    // oncall-db-read
+    PermitRule {
+        group: "oncall",
+        emergency: false,
+        target_group: Some("production"),
+        target: None,
+        role: Some("read"),
+        approvals: 1,
+        max_duration_s: 1800,
+    },
+    // oncall-db-admin
+    PermitRule {
+        group: "oncall",
+        emergency: false,
+        target_group: Some("production"),
+        target: None,
+        role: Some("admin"),
+        approvals: 2,
+        max_duration_s: 900,
+    },
+    // ic-emergency
+    PermitRule {
+        group: "incident-commanders",
+        emergency: true,
+        target_group: Some("production"),
+        target: None,
+        role: None,
+        approvals: 0,
+        max_duration_s: 600,
+    },
+    // oncall-emergency-read
+    PermitRule {
+        group: "oncall",
+        emergency: true,
+        target_group: Some("production"),
+        target: None,
+        role: Some("read"),
+        approvals: 0,
+        max_duration_s: 600,
+    },
+    // payments
+    PermitRule {
+        group: "oncall",
+        emergency: false,
+        target_group: Some("payments"),
+        target: None,
+        role: None,
+        approvals: 2,
+        max_duration_s: 1200,
+    },
+    // batch-window
+    PermitRule {
+        group: "oncall",
+        emergency: false,
+        target_group: Some("production"),
+        target: None,
+        role: Some("batch"),
+        approvals: 1,
+        max_duration_s: 4 * 3600,
+    },
+    // drill
+    PermitRule {
+        group: "drillers",
+        emergency: false,
+        target_group: None,
+        target: Some("canary-db"),
+        role: None,
+        approvals: 0,
+        max_duration_s: 300,
+    },
+];
+
+/// Who may ask for what (DESIGN §3, §9: requester outside the policy, role,
+/// duration or target beyond it): every principal, target, role, action and
+/// duration, judged by the hand-written `PERMITS` and the forbid, against
+/// `PolicyEngine::evaluate` + `lifecycle::create`.
+#[test]
+fn creation_matrix_has_no_bypass() {
+    let durations_s = [1, 300, 600, 601, 900, 1200, 1800, 3600, 3601, 4 * 3600];
+    let mut mismatches = Vec::new();
+    let mut summary = String::new();
+    let (mut tried, mut allowed) = (0, 0);
+    let mut world = World::new();
+    for (name, groups, _) in PRINCIPALS {
+        for (target, target_groups) in TARGETS {
+            for emergency in [false, true] {
+                for role in ["read", "admin", "batch", "write"] {
+                    let matching: Vec<&PermitRule> = PERMITS
+                        .iter()
+                        .filter(|r| {
+                            groups.contains(&r.group)
+                                && r.emergency == emergency
+                                && r.target_group.is_none_or(|g| target_groups.contains(&g))
+                                && r.target.is_none_or(|t| t == *target)
+                                && r.role.is_none_or(|x| x == role)
+                        })
+                        .collect();
+                    let mut longest_ok = None;
+                    for d in durations_s {
+                        tried += 1;
+                        // The ticket matches every pattern, so only who, what
+                        // and how long decide.
+                        let verb = if emergency { "emergency" } else { "request" };
+                        let script = format!(
+                            "{verb} {name} {target} {role} {d}s \"matrix\" ticket=INC-1234 @0s"
+                        );
+                        world.request = None;
+                        run_script(&mut world, &script);
+                        let got = world
+                            .request
+                            .as_ref()
+                            .map(|r| (r.approvals_required, r.state, r.max_duration_s));
+                        let forbidden = d > 3600;
+                        let want = match matching.iter().map(|r| r.max_duration_s).min() {
+                            Some(max) if !forbidden && d <= max => {
+                                let approvals =
+                                    matching.iter().map(|r| r.approvals).max().unwrap_or(0);
+                                let state = if approvals == 0 {
+                                    State::Active
+                                } else {
+                                    State::Pending
+                                };
+                                Some((approvals, state, max))
+                            }
+                            _ => None,
+                        };
+                        if got != want {
+                            mismatches.push(format!("{script}: design {want:?}, core {got:?}"));
+                        }
+                        if let Some((approvals, _, _)) = got {
+                            allowed += 1;
+                            longest_ok = Some((d, approvals));
+                        }
+                    }
+                    if let Some((d, n)) = longest_ok {
+                        let verb = if emergency { "emergency" } else { "request" };
+                        let _ = writeln!(
+                            summary,
+                            "{name} {verb} {target} {role}: up to {d}s, {n} approval(s)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatch(es) between design and core:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    let _ = writeln!(
+        summary,
+        "{tried} combinations, {allowed} allowed, 0 mismatches"
+    );
+    expect![[r#"
+        alice request prod-db read: up to 1800s, 1 approval(s)
+        alice request prod-db admin: up to 900s, 2 approval(s)
+        alice request prod-db batch: up to 3600s, 1 approval(s)
+        alice emergency prod-db read: up to 600s, 0 approval(s)
+        alice request pay-db read: up to 1200s, 2 approval(s)
+        alice request pay-db admin: up to 900s, 2 approval(s)
+        alice request pay-db batch: up to 1200s, 2 approval(s)
+        alice request pay-db write: up to 1200s, 2 approval(s)
+        alice emergency pay-db read: up to 600s, 0 approval(s)
+        erin request prod-db read: up to 1800s, 1 approval(s)
+        erin request prod-db admin: up to 900s, 2 approval(s)
+        erin request prod-db batch: up to 3600s, 1 approval(s)
+        erin emergency prod-db read: up to 600s, 0 approval(s)
+        erin emergency prod-db admin: up to 600s, 0 approval(s)
+        erin emergency prod-db batch: up to 600s, 0 approval(s)
+        erin emergency prod-db write: up to 600s, 0 approval(s)
+        erin request pay-db read: up to 1200s, 2 approval(s)
+        erin request pay-db admin: up to 900s, 2 approval(s)
+        erin request pay-db batch: up to 1200s, 2 approval(s)
+        erin request pay-db write: up to 1200s, 2 approval(s)
+        erin emergency pay-db read: up to 600s, 0 approval(s)
+        erin emergency pay-db admin: up to 600s, 0 approval(s)
+        erin emergency pay-db batch: up to 600s, 0 approval(s)
+        erin emergency pay-db write: up to 600s, 0 approval(s)
+        frank request prod-db read: up to 1800s, 1 approval(s)
+        frank request prod-db admin: up to 900s, 2 approval(s)
+        frank request prod-db batch: up to 3600s, 1 approval(s)
+        frank emergency prod-db read: up to 600s, 0 approval(s)
+        frank request pay-db read: up to 1200s, 2 approval(s)
+        frank request pay-db admin: up to 900s, 2 approval(s)
+        frank request pay-db batch: up to 1200s, 2 approval(s)
+        frank request pay-db write: up to 1200s, 2 approval(s)
+        frank emergency pay-db read: up to 600s, 0 approval(s)
+        drill-bot request canary-db read: up to 300s, 0 approval(s)
+        drill-bot request canary-db admin: up to 300s, 0 approval(s)
+        drill-bot request canary-db batch: up to 300s, 0 approval(s)
+        drill-bot request canary-db write: up to 300s, 0 approval(s)
+        3200 combinations, 173 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
 }

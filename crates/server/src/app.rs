@@ -17,7 +17,7 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::config::Config;
-use crate::dto::{Connection, Credentials, CreateRequest};
+use crate::dto::{Connection, CreateRequest, Credentials};
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 
@@ -87,7 +87,10 @@ impl AppError {
     /// Whether the message may be shown to the caller. Store failures are
     /// logged, never returned.
     pub fn is_internal(&self) -> bool {
-        matches!(self, AppError::Store(StoreError::Unavailable(_) | StoreError::Corrupt(_)))
+        matches!(
+            self,
+            AppError::Store(StoreError::Unavailable(_) | StoreError::Corrupt(_))
+        )
     }
 }
 
@@ -206,7 +209,12 @@ impl App {
     }
 
     /// Evaluates policy for a would-be request without creating it.
-    pub fn decide(&self, who: &Principal, input: &NewRequest, now: Timestamp) -> Result<Decision, AppError> {
+    pub fn decide(
+        &self,
+        who: &Principal,
+        input: &NewRequest,
+        now: Timestamp,
+    ) -> Result<Decision, AppError> {
         let target = self
             .config
             .target(&input.target)
@@ -225,7 +233,11 @@ impl App {
             principal_groups: &groups,
             target: &target.name,
             target_groups: &target.groups,
-            action: if input.emergency { Action::Emergency } else { Action::Request },
+            action: if input.emergency {
+                Action::Emergency
+            } else {
+                Action::Request
+            },
             role: &input.role,
             duration_s: input.duration_s,
             reason: &input.reason,
@@ -234,7 +246,11 @@ impl App {
         }))
     }
 
-    pub async fn create_request(&self, who: &Principal, body: CreateRequest) -> Result<Request, AppError> {
+    pub async fn create_request(
+        &self,
+        who: &Principal,
+        body: CreateRequest,
+    ) -> Result<Request, AppError> {
         self.check_writable()?;
         let duration_s = parse_duration(&body.duration)
             .map_err(|e| AppError::BadInput(format!("duration: {e}")))?;
@@ -256,7 +272,12 @@ impl App {
     }
 
     /// Commits a transition and tells the scheduler and metrics about it.
-    async fn commit(&self, t: Transition, now: Timestamp, create: bool) -> Result<Request, AppError> {
+    async fn commit(
+        &self,
+        t: Transition,
+        now: Timestamp,
+        create: bool,
+    ) -> Result<Request, AppError> {
         let request = t.request.clone();
         let events = if create {
             self.store.create(t, now).await?
@@ -343,7 +364,12 @@ impl App {
         ))
     }
 
-    pub async fn list(&self, who: &Principal, mut q: ListQuery, mine: bool) -> Result<Vec<Request>, AppError> {
+    pub async fn list(
+        &self,
+        who: &Principal,
+        mut q: ListQuery,
+        mine: bool,
+    ) -> Result<Vec<Request>, AppError> {
         if mine {
             q.requester = Some(who.name.clone());
         }
@@ -355,7 +381,11 @@ impl App {
 
     /// Issues a credential for the requester's live grant. The token is
     /// returned once; only its SHA-256 is stored.
-    pub async fn issue_credentials(&self, who: &Principal, id: &str) -> Result<Credentials, AppError> {
+    pub async fn issue_credentials(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Credentials, AppError> {
         self.check_writable()?;
         let req = self.get_visible(who, id).await?;
         if req.requester != who.name {
@@ -366,7 +396,11 @@ impl App {
         }
         let now = now();
         if !req.is_live(now) {
-            let state = if req.state == State::Active { "past its expiry" } else { req.state.as_str() };
+            let state = if req.state == State::Active {
+                "past its expiry"
+            } else {
+                req.state.as_str()
+            };
             return Err(AppError::Conflict(
                 "wrong_state",
                 format!("request {id} is {state}; credentials exist only for an active grant"),

@@ -72,20 +72,31 @@ pub fn spawn(
 /// checkpoint's signature, that the log still holds it, and every link after
 /// it. Without checkpoints, the whole (short) chain. Returns why the chain is
 /// broken, if it is.
-pub async fn check_tail(store: &dyn Store, key: &VerifyingKey) -> Result<Option<String>, StoreError> {
+pub async fn check_tail(
+    store: &dyn Store,
+    key: &VerifyingKey,
+) -> Result<Option<String>, StoreError> {
     let cps = store.checkpoints().await?;
     let Some(cp) = cps.last() else {
         let v = verify_store(store, Some(key)).await?;
-        return Ok(v.reason.map(|r| format!("seq {}: {r}", v.first_bad_seq.unwrap_or(0))));
+        return Ok(v
+            .reason
+            .map(|r| format!("seq {}: {r}", v.first_bad_seq.unwrap_or(0))));
     };
     if !cp.verify(key) {
-        return Ok(Some(format!("checkpoint at seq {} has an invalid signature", cp.seq)));
+        return Ok(Some(format!(
+            "checkpoint at seq {} has an invalid signature",
+            cp.seq
+        )));
     }
     let at = store.audit(cp.seq - 1, 1).await?;
     match at.first() {
         Some(e) if e.seq == cp.seq && e.hash == cp.hash => {}
         Some(e) if e.seq == cp.seq => {
-            return Ok(Some(format!("seq {}: event differs from the signed checkpoint", cp.seq)));
+            return Ok(Some(format!(
+                "seq {}: event differs from the signed checkpoint",
+                cp.seq
+            )));
         }
         _ => {
             return Ok(Some(format!(

@@ -151,7 +151,8 @@ impl Config {
     /// relative paths.
     pub fn parse(text: &str, label: &str, base: &Path) -> anyhow::Result<Config> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
-        cfg.validate().map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -292,7 +293,9 @@ mod tests {
             "{base}[[targets]]\nname = \"db\"\nkind = \"mysql\"\n[targets.roles.read]\n"
         ));
         assert!(e.contains("targets[0].kind"), "{e}");
-        let e = parse("[server]\ndata_dir = \"d\"\npending_timeout = \"soon\"\n[policy]\nfile = \"p\"\n");
+        let e = parse(
+            "[server]\ndata_dir = \"d\"\npending_timeout = \"soon\"\n[policy]\nfile = \"p\"\n",
+        );
         assert!(e.contains("server.pending_timeout"), "{e}");
     }
 

@@ -51,9 +51,21 @@ forbid (principal, action, resource) when { context.duration_s > 3600 };
 pub const DEMO_PRINCIPALS: [(&str, &[&str], &str); 5] = [
     ("alice", &["oncall"], "on-call engineer: requests access"),
     ("bob", &["sre-leads"], "SRE lead: approves"),
-    ("carol", &["sre-leads", "security"], "SRE lead and security (admin): approves, revokes, reads the audit log"),
-    ("dave", &["security"], "security (admin): second approver for admin access"),
-    ("erin", &["incident-commanders", "oncall"], "incident commander: emergency self-activation"),
+    (
+        "carol",
+        &["sre-leads", "security"],
+        "SRE lead and security (admin): approves, revokes, reads the audit log",
+    ),
+    (
+        "dave",
+        &["security"],
+        "security (admin): second approver for admin access",
+    ),
+    (
+        "erin",
+        &["incident-commanders", "oncall"],
+        "incident commander: emergency self-activation",
+    ),
 ];
 
 /// A prepared dev setup: the config written into `data_dir`, and the tokens.
@@ -124,7 +136,10 @@ pub fn banner(setup: &DevSetup, url: &str) -> String {
     s.push_str("  breakglass DEV MODE: demo principals, demo policy, throwaway data.\n");
     s.push_str("  NOT FOR PRODUCTION. Tokens below are printed in clear on purpose.\n");
     s.push_str("==================================================================\n\n");
-    s.push_str(&format!("API:     {url}\nConfig:  {}\n\n", setup.config_path.display()));
+    s.push_str(&format!(
+        "API:     {url}\nConfig:  {}\n\n",
+        setup.config_path.display()
+    ));
     for ((name, token), (_, _, what)) in setup.tokens.iter().zip(DEMO_PRINCIPALS) {
         s.push_str(&format!("  {name:<6} {token}   # {what}\n"));
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -156,7 +158,10 @@ pub struct Auth(pub Principal);
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -242,12 +247,20 @@ async fn list_requests(
     let state = match p.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(breakglass_core::State::parse(s).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("unknown state {s:?}"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("unknown state {s:?}"),
+            )
         })?),
     };
     let limit = p.limit.unwrap_or(LIST_LEN_DEFAULT).clamp(1, LIST_LEN_MAX);
     if p.after.as_ref().is_some_and(|a| a.len() > 64) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "after: cursor too long"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "after: cursor too long",
+        ));
     }
     let q = ListQuery {
         state,
@@ -290,10 +303,18 @@ async fn approve(
         None
     } else {
         serde_json::from_slice::<ApproveBody>(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid JSON body: {e}")))?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("invalid JSON body: {e}"),
+                )
+            })?
             .comment
     };
-    Ok(Json(app.act(&who, &id, Command::Approve { comment }).await?))
+    Ok(Json(
+        app.act(&who, &id, Command::Approve { comment }).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/requests/{id}/deny", params(("id" = String, Path)), request_body = ReasonBody,
@@ -305,7 +326,16 @@ async fn deny(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ReasonBody>,
 ) -> ApiResult<Json<Request>> {
-    Ok(Json(app.act(&who, &id, Command::Deny { reason: body.reason }).await?))
+    Ok(Json(
+        app.act(
+            &who,
+            &id,
+            Command::Deny {
+                reason: body.reason,
+            },
+        )
+        .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/requests/{id}/cancel", params(("id" = String, Path)),
@@ -328,7 +358,16 @@ async fn revoke(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ReasonBody>,
 ) -> ApiResult<Json<Request>> {
-    Ok(Json(app.act(&who, &id, Command::Revoke { reason: body.reason }).await?))
+    Ok(Json(
+        app.act(
+            &who,
+            &id,
+            Command::Revoke {
+                reason: body.reason,
+            },
+        )
+        .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/requests/{id}/review", params(("id" = String, Path)), request_body = ReviewBody,
@@ -374,7 +413,11 @@ async fn introspect(
     ApiJson(body): ApiJson<IntrospectBody>,
 ) -> ApiResult<Json<Introspection>> {
     let out = match app
-        .check_grant(&body.token, body.principal.as_deref(), body.target.as_deref())
+        .check_grant(
+            &body.token,
+            body.principal.as_deref(),
+            body.target.as_deref(),
+        )
         .await
     {
         Ok(g) => Introspection {
@@ -420,7 +463,10 @@ async fn audit(
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<AuditPage>> {
     require_admin(&app, &who)?;
-    let limit = p.limit.unwrap_or(AUDIT_PAGE_LEN_DEFAULT).clamp(1, PAGE_LEN_MAX);
+    let limit = p
+        .limit
+        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
+        .clamp(1, PAGE_LEN_MAX);
     let events = app
         .store
         .audit(p.after.unwrap_or(0), limit)
@@ -438,7 +484,10 @@ async fn audit(
 #[utoipa::path(get, path = "/v1/audit/verify",
     responses((status = 200, body = VerifyReport), (status = 403, body = Problem)),
     security(("bearer" = [])))]
-async fn audit_verify(State(app): State<AppState>, Auth(who): Auth) -> ApiResult<Json<VerifyReport>> {
+async fn audit_verify(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+) -> ApiResult<Json<VerifyReport>> {
     require_admin(&app, &who)?;
     let key = app.verifying_key();
     let v = verify_store(app.store.as_ref(), Some(&key))
@@ -479,7 +528,10 @@ async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
         .metrics
         .render(&states, app.store.head().0, app.scheduler.tracked());
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
         .into_response())
@@ -489,7 +541,8 @@ async fn openapi_json() -> Response {
     let doc = ApiDoc::openapi();
     match doc.to_json() {
         Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .into_response(),
     }
 }
 
@@ -497,7 +550,11 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-async fn track_metrics(State(app): State<AppState>, req: axum::extract::Request, next: Next) -> Response {
+async fn track_metrics(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
     let route = req
@@ -519,7 +576,10 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }
 
@@ -552,7 +612,10 @@ pub fn router(app: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), track_metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            track_metrics,
+        ))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LEN_MAX))
         .with_state(app)

@@ -45,7 +45,8 @@ fn parse_hex32(text: &str, path: &Path) -> anyhow::Result<[u8; 32]> {
 
 /// Loads the signing key, creating it (and the data dir) on first start.
 pub fn load_or_create(dir: &Path) -> anyhow::Result<SigningKey> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
     let secret = secret_path(dir);
     let key = if secret.exists() {
         let text = std::fs::read_to_string(&secret)

@@ -67,7 +67,11 @@ pub fn load_policy(config: &Config) -> anyhow::Result<PolicyEngine> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
     if meta.len() > breakglass_core::policy::POLICY_FILE_LEN_MAX as u64 {
-        anyhow::bail!("{}: policy file is too large ({} bytes)", path.display(), meta.len());
+        anyhow::bail!(
+            "{}: policy file is too large ({} bytes)",
+            path.display(),
+            meta.len()
+        );
     }
     let src = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
@@ -90,7 +94,9 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         match tokio::time::timeout(Duration::from_secs(10), self.server).await {
-            Ok(res) => res.context("server task failed")?.context("server failed")?,
+            Ok(res) => res
+                .context("server task failed")?
+                .context("server failed")?,
             Err(_) => tracing::warn!("in-flight requests did not finish within 10s"),
         }
         for h in &self.background {
@@ -142,7 +148,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     );
     let interval = Duration::from_secs(config.checkpoint_interval_s());
     let checkpoint_file = config.audit.checkpoint_file.clone();
-    let app = App::new(config, store.clone(), policy, metrics, key.clone(), broken.clone());
+    let app = App::new(
+        config,
+        store.clone(),
+        policy,
+        metrics,
+        key.clone(),
+        broken.clone(),
+    );
     // INVARIANT: overdue grants end before the API serves anything.
     let overdue_ended = app.scheduler.recover().await?;
     if broken.is_none() {
@@ -191,7 +204,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

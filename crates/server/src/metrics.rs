@@ -113,9 +113,14 @@ impl Metrics {
     /// Renders every metric; `states` are the current request counts.
     pub fn render(&self, states: &[(State, u64)], head_seq: u64, tracked: usize) -> String {
         let mut out = String::new();
-        out.push_str("# HELP breakglass_requests Requests by state.\n# TYPE breakglass_requests gauge\n");
+        out.push_str(
+            "# HELP breakglass_requests Requests by state.\n# TYPE breakglass_requests gauge\n",
+        );
         for s in State::ALL {
-            let n = states.iter().find(|(st, _)| *st == s).map_or(0, |(_, n)| *n);
+            let n = states
+                .iter()
+                .find(|(st, _)| *st == s)
+                .map_or(0, |(_, n)| *n);
             let _ = writeln!(out, "breakglass_requests{{state=\"{s}\"}} {n}");
         }
         out.push_str("# HELP breakglass_grant_activations_total Grants activated since start.\n# TYPE breakglass_grant_activations_total counter\n");
@@ -141,7 +146,11 @@ impl Metrics {
         let map = self.http.lock().unwrap_or_else(|p| p.into_inner());
         for ((method, route, status), h) in map.iter() {
             let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
-            h.render(&mut out, "breakglass_http_request_duration_seconds", &labels);
+            h.render(
+                &mut out,
+                "breakglass_http_request_duration_seconds",
+                &labels,
+            );
         }
         out
     }

@@ -50,7 +50,10 @@ pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
     let config = Config::load(config)?;
     let db = config.db_path();
     if !db.exists() {
-        bail!("no store at {} (has the service ever started with this config?)", db.display());
+        bail!(
+            "no store at {} (has the service ever started with this config?)",
+            db.display()
+        );
     }
     let key = keys::load_public(&config.server.data_dir)?;
     let store = SqliteStore::open(&db, SqliteOptions::default())
@@ -93,7 +96,11 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
         principal_groups: &principal.groups,
         target: &target.name,
         target_groups: &target.groups,
-        action: if s.emergency { Action::Emergency } else { Action::Request },
+        action: if s.emergency {
+            Action::Emergency
+        } else {
+            Action::Request
+        },
         role: &s.role,
         duration_s,
         reason: "policy check",
@@ -123,7 +130,8 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
             governing: decision.governing.clone(),
             explanation,
             approvals_required: ob.map(|o| o.approvals),
-            approver_groups: ob.map_or_else(Vec::new, |o| o.approver_groups.iter().cloned().collect()),
+            approver_groups: ob
+                .map_or_else(Vec::new, |o| o.approver_groups.iter().cloned().collect()),
             max_duration_s: ob.map(|o| o.max_duration_s),
         }),
     })

@@ -105,11 +105,15 @@ impl Scheduler {
         let mut q = lock(&self.inner.queue);
         let mut due = Vec::new();
         while due.len() < TICKS_IN_FLIGHT_MAX {
-            let Some(Reverse((t, _))) = q.heap.peek() else { break };
+            let Some(Reverse((t, _))) = q.heap.peek() else {
+                break;
+            };
             if *t > now_ms {
                 break;
             }
-            let Some(Reverse((t, id))) = q.heap.pop() else { break };
+            let Some(Reverse((t, id))) = q.heap.pop() else {
+                break;
+            };
             if q.deadlines.get(&id) == Some(&t) {
                 q.deadlines.remove(&id);
                 due.push(id);

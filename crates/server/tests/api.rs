@@ -27,34 +27,74 @@ fn read_req(s: &TestServer, who: &str) -> String {
 fn approval_activates_and_credentials_work_until_revoked() {
     let s = TestServer::start();
     let id = read_req(&s, "alice");
-    let (st, r) = s.call("bob", "POST", &format!("/v1/requests/{id}/approve"), Some(json!({"comment": "go"})));
+    let (st, r) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{id}/approve"),
+        Some(json!({"comment": "go"})),
+    );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["state"], "active");
     assert_eq!(r["approvals"][0]["by"], "bob");
     assert!(r["expires_at"].is_string());
 
     // Only the requester gets credentials.
-    let (st, p) = s.call("bob", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    let (st, p) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{id}/credentials"),
+        None,
+    );
     assert_eq!((st, p["code"].as_str()), (403, Some("not_requester")));
-    let (st, c) = s.call("alice", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    let (st, c) = s.call(
+        "alice",
+        "POST",
+        &format!("/v1/requests/{id}/credentials"),
+        None,
+    );
     assert_eq!(st, 200, "{c}");
     let tok = c["token"].as_str().expect("token").to_string();
     assert!(tok.starts_with("bgg_"));
 
-    let introspect = |body: Value| s.call("dave", "POST", "/v1/credentials/verify", Some(body)).1;
+    let introspect = |body: Value| {
+        s.call("dave", "POST", "/v1/credentials/verify", Some(body))
+            .1
+    };
     assert_eq!(introspect(json!({"token": tok}))["active"], true);
-    assert_eq!(introspect(json!({"token": tok, "principal": "bob"}))["active"], false);
-    assert_eq!(introspect(json!({"token": tok, "target": "drill-db"}))["active"], false);
+    assert_eq!(
+        introspect(json!({"token": tok, "principal": "bob"}))["active"],
+        false
+    );
+    assert_eq!(
+        introspect(json!({"token": tok, "target": "drill-db"}))["active"],
+        false
+    );
     assert_eq!(introspect(json!({"token": "bgg_00"}))["active"], false);
 
     // An admin revokes; the credential is refused at once.
-    let (st, r) = s.call("dave", "POST", &format!("/v1/requests/{id}/revoke"), Some(json!({"reason": "done"})));
+    let (st, r) = s.call(
+        "dave",
+        "POST",
+        &format!("/v1/requests/{id}/revoke"),
+        Some(json!({"reason": "done"})),
+    );
     assert_eq!(st, 200, "{r}");
-    assert_eq!((r["state"].as_str(), r["end_reason"].as_str()), (Some("revoked"), Some("revoked")));
+    assert_eq!(
+        (r["state"].as_str(), r["end_reason"].as_str()),
+        (Some("revoked"), Some("revoked"))
+    );
     let v = introspect(json!({"token": tok}));
     assert_eq!(v["active"], false, "{v}");
-    assert!(v["reason"].as_str().unwrap_or("").contains("revoked"), "{v}");
-    let (st, p) = s.call("alice", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    assert!(
+        v["reason"].as_str().unwrap_or("").contains("revoked"),
+        "{v}"
+    );
+    let (st, p) = s.call(
+        "alice",
+        "POST",
+        &format!("/v1/requests/{id}/credentials"),
+        None,
+    );
     assert_eq!((st, p["code"].as_str()), (409, Some("wrong_state")));
 
     // The token itself never appears in the audit log.
@@ -70,7 +110,13 @@ fn approval_activates_and_credentials_work_until_revoked() {
         .collect();
     assert_eq!(
         actions,
-        ["request.created", "request.approved", "request.activated", "credentials.issued", "request.revoked"]
+        [
+            "request.created",
+            "request.approved",
+            "request.activated",
+            "credentials.issued",
+            "request.revoked"
+        ]
     );
     let (st, v) = s.call("carol", "GET", "/v1/audit/verify", None);
     assert_eq!((st, v["ok"].as_bool()), (200, Some(true)), "{v}");
@@ -87,7 +133,11 @@ fn authorization_refusals_have_stable_codes() {
     assert_eq!(approve("dave").1["code"], "not_eligible");
     // Mallory cannot even see it.
     assert_eq!(approve("mallory").0, 404);
-    assert_eq!(s.call("mallory", "GET", &format!("/v1/requests/{id}"), None).0, 404);
+    assert_eq!(
+        s.call("mallory", "GET", &format!("/v1/requests/{id}"), None)
+            .0,
+        404
+    );
     assert_eq!(approve("bob").0, 200);
     assert_eq!(approve("carol").1["code"], "wrong_state");
 
@@ -98,30 +148,69 @@ fn authorization_refusals_have_stable_codes() {
     assert_eq!(st, 401);
 
     // Policy refusals: outside policy, beyond max duration, missing ticket.
-    let body = |role: &str, dur: &str, ticket: Option<&str>| {
-        json!({"target": "prod-db", "role": role, "duration": dur, "reason": "x", "ticket": ticket})
-    };
-    assert_eq!(create(&s, "mallory", body("read", "5m", None)).1["code"], "policy_denied");
-    assert_eq!(create(&s, "alice", body("read", "45m", None)).1["code"], "duration_exceeds_policy");
-    assert_eq!(create(&s, "alice", body("read", "2h", None)).1["code"], "policy_denied");
-    assert_eq!(create(&s, "alice", body("admin", "5m", None)).1["code"], "ticket_required");
-    assert_eq!(create(&s, "alice", body("admin", "5m", Some("JIRA-1"))).1["code"], "ticket_required");
+    let body = |role: &str, dur: &str, ticket: Option<&str>| json!({"target": "prod-db", "role": role, "duration": dur, "reason": "x", "ticket": ticket});
+    assert_eq!(
+        create(&s, "mallory", body("read", "5m", None)).1["code"],
+        "policy_denied"
+    );
+    assert_eq!(
+        create(&s, "alice", body("read", "45m", None)).1["code"],
+        "duration_exceeds_policy"
+    );
+    assert_eq!(
+        create(&s, "alice", body("read", "2h", None)).1["code"],
+        "policy_denied"
+    );
+    assert_eq!(
+        create(&s, "alice", body("admin", "5m", None)).1["code"],
+        "ticket_required"
+    );
+    assert_eq!(
+        create(&s, "alice", body("admin", "5m", Some("JIRA-1"))).1["code"],
+        "ticket_required"
+    );
     let (st, r) = create(&s, "alice", body("admin", "5m", Some("INC-42")));
-    assert_eq!((st, r["approvals_required"].as_u64()), (201, Some(2)), "{r}");
+    assert_eq!(
+        (st, r["approvals_required"].as_u64()),
+        (201, Some(2)),
+        "{r}"
+    );
     let admin_id = r["id"].as_str().expect("id").to_string();
-    let approve2 = |who: &str| s.call(who, "POST", &format!("/v1/requests/{admin_id}/approve"), None);
+    let approve2 = |who: &str| {
+        s.call(
+            who,
+            "POST",
+            &format!("/v1/requests/{admin_id}/approve"),
+            None,
+        )
+    };
     assert_eq!(approve2("bob").1["state"], "pending");
     assert_eq!(approve2("bob").1["code"], "already_approved");
     assert_eq!(approve2("dave").1["state"], "active");
 
     // Only the requester cancels; only approvers deny.
     let id2 = read_req(&s, "alice");
-    assert_eq!(s.call("bob", "POST", &format!("/v1/requests/{id2}/cancel"), None).1["code"], "not_requester");
     assert_eq!(
-        s.call("alice", "POST", &format!("/v1/requests/{id2}/deny"), Some(json!({"reason": "x"}))).1["code"],
+        s.call("bob", "POST", &format!("/v1/requests/{id2}/cancel"), None)
+            .1["code"],
+        "not_requester"
+    );
+    assert_eq!(
+        s.call(
+            "alice",
+            "POST",
+            &format!("/v1/requests/{id2}/deny"),
+            Some(json!({"reason": "x"}))
+        )
+        .1["code"],
         "self_approval"
     );
-    let (st, r) = s.call("bob", "POST", &format!("/v1/requests/{id2}/deny"), Some(json!({"reason": "not now"})));
+    let (st, r) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{id2}/deny"),
+        Some(json!({"reason": "not now"})),
+    );
     assert_eq!((st, r["state"].as_str()), (200, Some("denied")));
 
     // Visibility in lists.
@@ -130,33 +219,78 @@ fn authorization_refusals_have_stable_codes() {
     let (_, l) = s.call("bob", "GET", "/v1/requests?state=denied", None);
     assert_eq!(l["requests"].as_array().map(Vec::len), Some(1));
     // The audit log is for admins.
-    assert_eq!(s.call("bob", "GET", "/v1/audit", None).1["code"], "admin_only");
+    assert_eq!(
+        s.call("bob", "GET", "/v1/audit", None).1["code"],
+        "admin_only"
+    );
 }
 
 #[test]
 fn bad_input_gets_a_problem_that_names_it() {
     let s = TestServer::start();
     let cases = [
-        (json!({"target": "prod-db", "role": "read", "duration": "15", "reason": "x"}), "duration"),
-        (json!({"target": "nope", "role": "read", "duration": "5m", "reason": "x"}), "unknown target"),
-        (json!({"target": "prod-db", "role": "root", "duration": "5m", "reason": "x"}), "no role"),
-        (json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": ""}), "reason"),
-        (json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": "x".repeat(2000)}), "reason is 2000 bytes"),
-        (json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": "x", "extra": 1}), "extra"),
-        (json!({"target": "prod-db", "role": "read", "reason": "x"}), "duration"),
-        (json!({"target": "prod db", "role": "read", "duration": "5m", "reason": "x"}), "target"),
+        (
+            json!({"target": "prod-db", "role": "read", "duration": "15", "reason": "x"}),
+            "duration",
+        ),
+        (
+            json!({"target": "nope", "role": "read", "duration": "5m", "reason": "x"}),
+            "unknown target",
+        ),
+        (
+            json!({"target": "prod-db", "role": "root", "duration": "5m", "reason": "x"}),
+            "no role",
+        ),
+        (
+            json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": ""}),
+            "reason",
+        ),
+        (
+            json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": "x".repeat(2000)}),
+            "reason is 2000 bytes",
+        ),
+        (
+            json!({"target": "prod-db", "role": "read", "duration": "5m", "reason": "x", "extra": 1}),
+            "extra",
+        ),
+        (
+            json!({"target": "prod-db", "role": "read", "reason": "x"}),
+            "duration",
+        ),
+        (
+            json!({"target": "prod db", "role": "read", "duration": "5m", "reason": "x"}),
+            "target",
+        ),
     ];
     for (body, needle) in cases {
         let (st, p) = create(&s, "alice", body.clone());
         assert_eq!(st, 400, "{body} -> {p}");
         let detail = p["detail"].as_str().unwrap_or("");
-        assert!(detail.contains(needle), "{body}: {detail:?} should mention {needle:?}");
-        assert!(p["code"].is_string() && p["type"].is_string() && p["status"] == 400, "{p}");
+        assert!(
+            detail.contains(needle),
+            "{body}: {detail:?} should mention {needle:?}"
+        );
+        assert!(
+            p["code"].is_string() && p["type"].is_string() && p["status"] == 400,
+            "{p}"
+        );
     }
-    let (st, p) = call_raw(&s.url, Some("token-alice"), "POST", "/v1/requests", Some("{not json".into()));
+    let (st, p) = call_raw(
+        &s.url,
+        Some("token-alice"),
+        "POST",
+        "/v1/requests",
+        Some("{not json".into()),
+    );
     assert_eq!((st, p["code"].as_str()), (400, Some("bad_request")));
     let huge = format!("{{\"reason\": \"{}\"}}", "x".repeat(100_000));
-    let (st, p) = call_raw(&s.url, Some("token-alice"), "POST", "/v1/requests", Some(huge));
+    let (st, p) = call_raw(
+        &s.url,
+        Some("token-alice"),
+        "POST",
+        "/v1/requests",
+        Some(huge),
+    );
     assert_eq!((st, p["code"].as_str()), (413, Some("body_too_large")));
     let (st, _) = s.call("alice", "GET", "/v1/requests?limit=abc", None);
     assert_eq!(st, 400);
@@ -170,24 +304,50 @@ fn bad_input_gets_a_problem_that_names_it() {
 #[test]
 fn grants_expire_on_time_and_pending_requests_time_out() {
     let s = TestServer::start();
-    let (st, r) = create(&s, "alice", json!({"target": "drill-db", "role": "read", "duration": "1s", "reason": "drill"}));
+    let (st, r) = create(
+        &s,
+        "alice",
+        json!({"target": "drill-db", "role": "read", "duration": "1s", "reason": "drill"}),
+    );
     assert_eq!((st, r["state"].as_str()), (201, Some("active")), "{r}");
     let id = r["id"].as_str().expect("id").to_string();
-    let (_, c) = s.call("alice", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    let (_, c) = s.call(
+        "alice",
+        "POST",
+        &format!("/v1/requests/{id}/credentials"),
+        None,
+    );
     let tok = c["token"].as_str().expect("token").to_string();
     let pending = read_req(&s, "alice");
     std::thread::sleep(Duration::from_millis(1300));
     let (_, r) = s.call("alice", "GET", &format!("/v1/requests/{id}"), None);
-    assert_eq!((r["state"].as_str(), r["end_reason"].as_str()), (Some("expired"), Some("expired")), "{r}");
-    let v = s.call("alice", "POST", "/v1/credentials/verify", Some(json!({"token": tok}))).1;
+    assert_eq!(
+        (r["state"].as_str(), r["end_reason"].as_str()),
+        (Some("expired"), Some("expired")),
+        "{r}"
+    );
+    let v = s
+        .call(
+            "alice",
+            "POST",
+            "/v1/credentials/verify",
+            Some(json!({"token": tok})),
+        )
+        .1;
     assert_eq!(v["active"], false);
     std::thread::sleep(Duration::from_millis(2000));
     let (_, r) = s.call("alice", "GET", &format!("/v1/requests/{pending}"), None);
     assert_eq!(r["state"], "timed_out", "{r}");
     let (_, m) = call_raw(&s.url, None, "GET", "/metrics", None);
     let m = m.as_str().unwrap_or("").to_string();
-    assert!(m.contains("breakglass_requests{state=\"expired\"} 1"), "{m}");
-    assert!(m.contains("breakglass_expiry_lateness_seconds_count 1"), "{m}");
+    assert!(
+        m.contains("breakglass_requests{state=\"expired\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("breakglass_expiry_lateness_seconds_count 1"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -195,25 +355,53 @@ fn emergency_grants_must_be_countersigned() {
     let s = TestServer::start();
     let body = json!({"target": "prod-db", "role": "admin", "duration": "5m", "reason": "site down", "emergency": true});
     let (st, r) = create(&s, "erin", body.clone());
-    assert_eq!((st, r["state"].as_str(), r["emergency"].as_bool()), (201, Some("active"), Some(true)), "{r}");
+    assert_eq!(
+        (st, r["state"].as_str(), r["emergency"].as_bool()),
+        (201, Some("active"), Some(true)),
+        "{r}"
+    );
     assert_eq!(r["review_required"], true);
     let signed = r["id"].as_str().expect("id").to_string();
     assert_eq!(
-        s.call("erin", "POST", &format!("/v1/requests/{signed}/approve"), None).1["code"],
+        s.call(
+            "erin",
+            "POST",
+            &format!("/v1/requests/{signed}/approve"),
+            None
+        )
+        .1["code"],
         "self_approval"
     );
-    let (st, r) = s.call("bob", "POST", &format!("/v1/requests/{signed}/approve"), Some(json!({"comment": "seen"})));
-    assert_eq!((st, r["countersignature"]["by"].as_str()), (200, Some("bob")), "{r}");
+    let (st, r) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{signed}/approve"),
+        Some(json!({"comment": "seen"})),
+    );
+    assert_eq!(
+        (st, r["countersignature"]["by"].as_str()),
+        (200, Some("bob")),
+        "{r}"
+    );
     let (_, r) = create(&s, "erin", body);
     let unsigned = r["id"].as_str().expect("id").to_string();
     std::thread::sleep(Duration::from_millis(2500));
     let (_, r) = s.call("erin", "GET", &format!("/v1/requests/{unsigned}"), None);
-    assert_eq!((r["state"].as_str(), r["end_reason"].as_str()), (Some("revoked"), Some("not_countersigned")), "{r}");
+    assert_eq!(
+        (r["state"].as_str(), r["end_reason"].as_str()),
+        (Some("revoked"), Some("not_countersigned")),
+        "{r}"
+    );
     let (_, r) = s.call("erin", "GET", &format!("/v1/requests/{signed}"), None);
     assert_eq!(r["state"], "active");
     // Review: not by the requester, once, by an eligible approver.
     let review = |who: &str| {
-        s.call(who, "POST", &format!("/v1/requests/{unsigned}/review"), Some(json!({"outcome": "ok", "notes": "fine"})))
+        s.call(
+            who,
+            "POST",
+            &format!("/v1/requests/{unsigned}/review"),
+            Some(json!({"outcome": "ok", "notes": "fine"})),
+        )
     };
     assert_eq!(review("erin").1["code"], "self_approval");
     assert_eq!(review("bob").1["review"]["outcome"], "ok");
@@ -223,7 +411,11 @@ fn emergency_grants_must_be_countersigned() {
 #[test]
 fn state_survives_restart_and_overdue_grants_end_before_serving() {
     let s = TestServer::start();
-    let (_, r) = create(&s, "alice", json!({"target": "drill-db", "role": "read", "duration": "1s", "reason": "drill"}));
+    let (_, r) = create(
+        &s,
+        "alice",
+        json!({"target": "drill-db", "role": "read", "duration": "1s", "reason": "drill"}),
+    );
     let id = r["id"].as_str().expect("id").to_string();
     let dir = s.stop();
     std::thread::sleep(Duration::from_millis(1200));
@@ -242,7 +434,10 @@ fn service_endpoints_answer() {
     assert_eq!(call_raw(&s.url, None, "GET", "/readyz", None).0, 200);
     let (st, doc) = call_raw(&s.url, None, "GET", "/openapi.json", None);
     assert_eq!(st, 200);
-    assert!(doc["paths"]["/v1/requests/{id}/approve"]["post"].is_object(), "{doc}");
+    assert!(
+        doc["paths"]["/v1/requests/{id}/approve"]["post"].is_object(),
+        "{doc}"
+    );
     assert!(doc["components"]["schemas"]["Request"].is_object());
     let (st, p) = call_raw(&s.url, None, "GET", "/nope", None);
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));

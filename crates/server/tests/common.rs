@@ -113,13 +113,17 @@ impl TestServer {
             rt.block_on(async move {
                 probe.set_nonblocking(true).expect("nonblocking");
                 let listener = tokio::net::TcpListener::from_std(probe).expect("listener");
-                let running = breakglass_server::start(config, listener).await.expect("start");
+                let running = breakglass_server::start(config, listener)
+                    .await
+                    .expect("start");
                 ready_tx.send(()).expect("ready");
                 let _ = stop_rx.await;
                 running.shutdown().await.expect("shutdown");
             });
         });
-        ready_rx.recv_timeout(Duration::from_secs(30)).expect("server ready");
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server ready");
         TestServer {
             dir,
             url: format!("http://{addr}"),
@@ -130,7 +134,13 @@ impl TestServer {
     }
 
     pub fn call(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        call_raw(&self.url, Some(&token(who)), method, path, body.map(|b| b.to_string()))
+        call_raw(
+            &self.url,
+            Some(&token(who)),
+            method,
+            path,
+            body.map(|b| b.to_string()),
+        )
     }
 
     /// Stops the server and returns its data directory.
@@ -164,7 +174,13 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
-pub fn call_raw(url: &str, token: Option<&str>, method: &str, path: &str, body: Option<String>) -> (u16, Value) {
+pub fn call_raw(
+    url: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> (u16, Value) {
     let agent = agent();
     let uri = format!("{url}{path}");
     let auth = token.map(|t| format!("Bearer {t}"));

@@ -89,7 +89,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends events that belong to no request transition (sessions, service
     /// start). Committed in one transaction.
-    async fn append(&self, events: Vec<EventDraft>, now: Timestamp) -> Result<Committed, StoreError>;
+    async fn append(
+        &self,
+        events: Vec<EventDraft>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError>;
 
     async fn get(&self, id: &str) -> Result<Option<Request>, StoreError>;
 

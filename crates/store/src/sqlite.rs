@@ -221,7 +221,10 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a pooled read connection.
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = match lock(&self.shared.readers).pop() {
             Some(c) => c,
             None => {
@@ -488,7 +491,11 @@ impl Store for SqliteStore {
         self.submit(Op::Credential(cred, event), now).await
     }
 
-    async fn append(&self, events: Vec<EventDraft>, now: Timestamp) -> Result<Committed, StoreError> {
+    async fn append(
+        &self,
+        events: Vec<EventDraft>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
         self.submit(Op::Append(events), now).await
     }
 
@@ -534,7 +541,8 @@ impl Store for SqliteStore {
             sql.push_str(" ORDER BY id DESC LIMIT ?");
             args.push(i64::from(q.limit.clamp(1, PAGE_LEN_MAX)).into());
             let mut stmt = c.prepare(&sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for body in rows {
                 out.push(parse_request(&body?)?);
@@ -546,8 +554,9 @@ impl Store for SqliteStore {
 
     async fn open_requests(&self) -> Result<Vec<Request>, StoreError> {
         self.read_blocking(|c| {
-            let mut stmt =
-                c.prepare("SELECT body FROM requests WHERE deadline IS NOT NULL ORDER BY deadline")?;
+            let mut stmt = c.prepare(
+                "SELECT body FROM requests WHERE deadline IS NOT NULL ORDER BY deadline",
+            )?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for body in rows {

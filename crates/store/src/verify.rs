@@ -44,7 +44,10 @@ impl Verifier {
         for cp in checkpoints {
             let valid = key.is_some_and(|k| cp.verify(k));
             if !valid {
-                v.fail(cp.seq, "checkpoint signature does not verify with the server key".into());
+                v.fail(
+                    cp.seq,
+                    "checkpoint signature does not verify with the server key".into(),
+                );
             }
             v.checkpoints.insert(cp.seq, cp);
         }

@@ -430,7 +430,13 @@ impl PolicyEngine {
         let mut errors: Vec<String> = response
             .diagnostics()
             .errors()
-            .map(|e| e.to_string())
+            .map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => {
+                    let id = pe.policy_id();
+                    let name = self.meta.get(id).map_or(id.to_string(), |m| m.name.clone());
+                    format!("policy {name}: {}", pe.inner())
+                }
+            })
             .collect();
         errors.sort();
         let mut governing_ids: Vec<&PolicyId> = response.diagnostics().reason().collect();
@@ -488,7 +494,13 @@ fn parse_obligations<'a>(
 ) -> Result<Obligations, String> {
     let approvals_text = get("approvals")
         .ok_or_else(|| format!("policy {name}: a permit needs @approvals(\"N\")"))?;
-    let approvals: u32 = approvals_text.trim().parse().map_err(|_| {
+    let digits = approvals_text.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "policy {name}: @approvals({approvals_text:?}) is not a whole number"
+        ));
+    }
+    let approvals: u32 = digits.parse().map_err(|_| {
         format!("policy {name}: @approvals({approvals_text:?}) is not a whole number")
     })?;
     if approvals > APPROVALS_MAX {

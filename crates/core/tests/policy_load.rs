@@ -447,9 +447,9 @@ fn evaluation_errors_deny() {
     .join("\n");
     expect![[r#"
         allowed=true governing=["oncall-db-read"]: permitted by oncall-db-read: 1 approval(s) from [sre-leads], at most 30m
-        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): error while evaluating policy `policy1`: integer overflow while attempting to multiply the values `600` and `9223372036854775807`
-        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): error while evaluating policy `policy1`: integer overflow while attempting to multiply the values `600` and `9223372036854775807`
-        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): error while evaluating policy `policy1`: integer overflow while attempting to multiply the values `600` and `9223372036854775807`"#]].assert_eq(&out);
+        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): policy broken-forbid: integer overflow while attempting to multiply the values `600` and `9223372036854775807`
+        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): policy broken-permit: integer overflow while attempting to multiply the values `600` and `9223372036854775807`
+        allowed=false governing=[]: denied because a policy failed to evaluate (fail closed): policy broken-permit: integer overflow while attempting to multiply the values `600` and `9223372036854775807`"#]].assert_eq(&out);
 }
 
 /// Cedar hands back its reasons as a set; the governing policies, and so the

@@ -11,13 +11,14 @@ use breakglass_core::policy::{Action, Decision, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_core::token::{self, match_token};
 use breakglass_core::{Actor, Principal, Request, State, Timestamp, Transition};
-use breakglass_store::{CredentialRecord, ListQuery, Store, StoreError};
+use breakglass_gateway_postgres::recording::{Recorder, read_recording};
+use breakglass_store::{CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
 use rand::RngCore;
 use serde_json::json;
 use thiserror::Error;
 
 use crate::config::Config;
-use crate::dto::{Connection, CreateRequest, Credentials};
+use crate::dto::{Connection, CreateRequest, Credentials, RecordingPage, SessionSummary};
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 
@@ -444,9 +445,123 @@ impl App {
         })
     }
 
-    fn connection_for(&self, _req: &Request) -> Option<Connection> {
-        // Gateways fill this in when they are configured.
-        None
+    /// The gateway sessions of a request the principal may see, from the
+    /// audit events `session.started` and `session.ended`.
+    pub async fn sessions(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Vec<SessionSummary>, AppError> {
+        let req = self.get_visible(who, id).await?;
+        let events = self.store.request_events(&req.id, PAGE_LEN_MAX).await?;
+        let mut out: Vec<SessionSummary> = Vec::new();
+        for e in events {
+            let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details) else {
+                continue;
+            };
+            let sid = d["session_id"].as_str().unwrap_or("").to_string();
+            let text = |k: &str| d[k].as_str().map(str::to_string);
+            match e.action.as_str() {
+                "session.started" => out.push(SessionSummary {
+                    session_id: sid,
+                    request_id: req.id.clone(),
+                    principal: e.actor.clone(),
+                    target: text("target"),
+                    role: text("role"),
+                    upstream_user: text("upstream_user"),
+                    client: text("client"),
+                    started_at: e.time,
+                    ended_at: None,
+                    end_reason: None,
+                    statements: None,
+                    recording_sha256: None,
+                }),
+                "session.ended" => {
+                    if let Some(s) = out.iter_mut().find(|s| s.session_id == sid) {
+                        s.ended_at = Some(e.time);
+                        s.end_reason = text("end_reason");
+                        s.statements = d["statements"].as_u64();
+                        s.recording_sha256 = text("recording_sha256");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// A page of a session recording, its chain checked while reading.
+    pub async fn recording(
+        &self,
+        who: &Principal,
+        session_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<RecordingPage, AppError> {
+        let not_found = || AppError::NotFound(format!("no session {session_id}"));
+        if !crate::verify::is_session_id(session_id) {
+            return Err(not_found());
+        }
+        let path = Recorder::path_of(&self.config.recordings_dir(), session_id);
+        if !path.exists() {
+            return Err(not_found());
+        }
+        let (summary, entries, complete) = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::new();
+            let mut complete = false;
+            let summary = read_recording(&path, |v| {
+                complete = v["kind"] == "end";
+                let seq = v["seq"].as_u64().unwrap_or(0);
+                if seq > after && entries.len() < limit as usize {
+                    entries.push(v.clone());
+                }
+            });
+            (summary, entries, complete)
+        })
+        .await
+        .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?;
+        let summary = summary.map_err(|e| {
+            tracing::error!(session = %session_id, error = %e, "recording does not verify");
+            AppError::Conflict("recording_broken", e.to_string())
+        })?;
+        let request_id = summary.header["request_id"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        // Visible exactly when its request is.
+        self.get_visible(who, &request_id)
+            .await
+            .map_err(|_| not_found())?;
+        let next = match entries.last().and_then(|v| v["seq"].as_u64()) {
+            Some(last) if last < summary.entries => Some(last),
+            _ => None,
+        };
+        Ok(RecordingPage {
+            session_id: session_id.to_string(),
+            request_id,
+            entries,
+            next,
+            complete,
+        })
+    }
+
+    /// How to reach a grant's target through its gateway, if one serves it.
+    pub fn connection_for(&self, req: &Request) -> Option<Connection> {
+        let target = self.config.target(&req.target)?;
+        let pg = self.config.gateway.postgres.as_ref()?;
+        if target.kind != "postgres" {
+            return None;
+        }
+        Some(Connection {
+            kind: "postgres".into(),
+            host: pg
+                .advertise_host
+                .clone()
+                .unwrap_or_else(|| pg.listen.ip().to_string()),
+            port: pg.listen.port(),
+            user: req.requester.clone(),
+            database: Some(req.target.clone()),
+        })
     }
 
     /// Checks a grant credential for use against `target` by `principal` at

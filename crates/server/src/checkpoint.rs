@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use breakglass_core::audit::{ChainVerifier, Checkpoint};
-use breakglass_store::verify::verify_store;
 use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
@@ -78,7 +77,18 @@ pub async fn check_tail(
 ) -> Result<Option<String>, StoreError> {
     let cps = store.checkpoints().await?;
     let Some(cp) = cps.last() else {
-        let v = verify_store(store, Some(key)).await?;
+        // Without a checkpoint the chain is young: check all of it.
+        let mut v = breakglass_store::verify::Verifier::new(Vec::new(), Some(key));
+        let mut after = 0;
+        loop {
+            let page = store.audit(after, PAGE_LEN_MAX).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            if !page.iter().all(|e| v.push(e)) || page.len() < PAGE_LEN_MAX as usize {
+                break;
+            }
+        }
+        let v = v.finish();
         return Ok(v
             .reason
             .map(|r| format!("seq {}: {r}", v.first_bad_seq.unwrap_or(0))));

@@ -29,6 +29,16 @@ pub struct Config {
     pub principals: Vec<PrincipalConfig>,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+}
+
+/// `[gateway.*]`: protocol gateways in front of targets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(default)]
+    pub postgres: Option<breakglass_gateway_postgres::PgGatewayConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +123,9 @@ pub struct TargetConfig {
     /// role is refused.
     #[serde(default)]
     pub roles: BTreeMap<String, RoleConfig>,
+    /// Keep bound parameter values out of session recordings.
+    #[serde(default)]
+    pub redact_parameters: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -183,6 +196,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("server.pending_timeout: {e}"))?;
         parse_duration(&self.audit.checkpoint_interval)
             .map_err(|e| anyhow::anyhow!("audit.checkpoint_interval: {e}"))?;
+        if let Some(pg) = &self.gateway.postgres {
+            pg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         if self.principals.len() > PRINCIPALS_MAX {
             bail!("principals: more than {PRINCIPALS_MAX} entries");
         }
@@ -238,6 +254,20 @@ impl Config {
                 if role.password_env.is_some() && role.password_file.is_some() {
                     bail!("{at}.roles.{name}: set password_env or password_file, not both");
                 }
+                if t.kind == "postgres" && role.user.is_none() {
+                    bail!(
+                        "{at}.roles.{name}.user: a postgres target's role needs the upstream user to connect as"
+                    );
+                }
+            }
+            if t.kind == "postgres" {
+                let Some(url) = &t.upstream else {
+                    bail!(
+                        "{at}.upstream: a postgres target needs upstream = \"postgres://host:port/db\""
+                    );
+                };
+                breakglass_gateway_postgres::upstream::parse_url(url)
+                    .map_err(|e| anyhow::anyhow!("{at}.upstream: {e}"))?;
             }
         }
         Ok(())
@@ -253,6 +283,10 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.server.data_dir.join("breakglass.db")
+    }
+
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.server.data_dir.join("recordings")
     }
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {

@@ -102,6 +102,9 @@ pub struct VerifyReport {
     pub events: u64,
     /// Signed checkpoints checked.
     pub checkpoints: u64,
+    /// Session recordings checked against their `session.ended` event.
+    #[serde(default)]
+    pub recordings: u64,
     pub head_seq: u64,
     pub head_hash: String,
     /// The first `seq` where the chain or a checkpoint does not hold.
@@ -126,10 +129,50 @@ impl From<breakglass_store::verify::Verification> for VerifyReport {
             ok: v.ok,
             events: v.events,
             checkpoints: v.checkpoints,
+            recordings: 0,
             head_seq: v.head_seq,
             head_hash: v.head_hash,
             first_bad_seq: v.first_bad_seq,
             reason: v.reason,
         }
     }
+}
+
+/// One gateway session of a grant, from its audit events.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub request_id: String,
+    pub principal: String,
+    pub target: Option<String>,
+    pub role: Option<String>,
+    pub upstream_user: Option<String>,
+    pub client: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub ended_at: Option<Timestamp>,
+    pub end_reason: Option<String>,
+    pub statements: Option<u64>,
+    pub recording_sha256: Option<String>,
+}
+
+/// `GET /v1/requests/{id}/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionSummary>,
+}
+
+/// `GET /v1/sessions/{id}/recording`: entries in order, chain verified.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RecordingPage {
+    pub session_id: String,
+    pub request_id: String,
+    /// Entries with `seq` greater than the `after` asked for.
+    #[schema(value_type = Vec<Object>)]
+    pub entries: Vec<serde_json::Value>,
+    /// Pass as `after` to continue; null at the end.
+    pub next: Option<u64>,
+    /// The recording has its `end` entry (the session is over).
+    pub complete: bool,
 }

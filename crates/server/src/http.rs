@@ -18,7 +18,6 @@ use axum::{Json, Router};
 use breakglass_core::audit::AuditEventJson;
 use breakglass_core::lifecycle::Command;
 use breakglass_core::{Principal, Request, ReviewOutcome};
-use breakglass_store::verify::verify_store;
 use breakglass_store::{ListQuery, PAGE_LEN_MAX};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -26,8 +25,8 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError};
 use crate::dto::{
-    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RequestList,
-    ReviewBody, VerifyReport, WhoAmI,
+    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
+    RequestList, ReviewBody, SessionList, VerifyReport, WhoAmI,
 };
 
 /// Request bodies larger than this are refused with 413.
@@ -442,6 +441,38 @@ async fn introspect(
     Ok(Json(out))
 }
 
+#[utoipa::path(get, path = "/v1/requests/{id}/sessions", params(("id" = String, Path)),
+    responses((status = 200, body = SessionList), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn sessions(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionList>> {
+    Ok(Json(SessionList {
+        sessions: app.sessions(&who, &id).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}/recording", params(("id" = String, Path), AuditParams),
+    responses((status = 200, body = RecordingPage), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn recording(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    ApiQuery(p): ApiQuery<AuditParams>,
+) -> ApiResult<Json<RecordingPage>> {
+    let limit = p
+        .limit
+        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
+        .clamp(1, PAGE_LEN_MAX);
+    Ok(Json(
+        app.recording(&who, &id, p.after.unwrap_or(0), limit)
+            .await?,
+    ))
+}
+
 fn require_admin(app: &App, who: &Principal) -> ApiResult<()> {
     if app.is_admin(who) {
         Ok(())
@@ -490,10 +521,11 @@ async fn audit_verify(
 ) -> ApiResult<Json<VerifyReport>> {
     require_admin(&app, &who)?;
     let key = app.verifying_key();
-    let v = verify_store(app.store.as_ref(), Some(&key))
-        .await
-        .map_err(AppError::from)?;
-    Ok(Json(VerifyReport::from(v)))
+    let report =
+        crate::verify::verify_store(app.store.as_ref(), Some(&key), &app.config.recordings_dir())
+            .await
+            .map_err(AppError::from)?;
+    Ok(Json(report))
 }
 
 #[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = Problem)),
@@ -587,7 +619,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          introspect, audit, audit_verify, whoami),
+          sessions, recording, introspect, audit, audit_verify, whoami),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth)
 )]
@@ -604,6 +636,8 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/requests/{id}/revoke", post(revoke))
         .route("/v1/requests/{id}/review", post(review))
         .route("/v1/requests/{id}/credentials", post(credentials))
+        .route("/v1/requests/{id}/sessions", get(sessions))
+        .route("/v1/sessions/{id}/recording", get(recording))
         .route("/v1/credentials/verify", post(introspect))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))

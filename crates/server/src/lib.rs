@@ -6,11 +6,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod dev;
 pub mod dto;
+pub mod gateway;
 pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod offline;
 pub mod scheduler;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +84,8 @@ pub fn load_policy(config: &Config) -> anyhow::Result<PolicyEngine> {
 pub struct Running {
     pub app: Arc<App>,
     pub addr: SocketAddr,
+    /// Where the PostgreSQL gateway listens, when configured.
+    pub pg_addr: Option<SocketAddr>,
     pub overdue_ended: usize,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -103,6 +107,9 @@ impl Running {
             h.abort();
         }
         let app = &self.app;
+        if app.writes_blocked().is_some() {
+            return Ok(());
+        }
         let last = app
             .store
             .checkpoints()
@@ -176,10 +183,49 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             )
             .await?;
     }
-    let background = vec![
-        app.scheduler.spawn(),
-        checkpoint::spawn(store.clone(), key, checkpoint_file, interval),
-    ];
+    let mut background = vec![app.scheduler.spawn()];
+    // INVARIANT: a service that found the chain broken signs nothing: a new
+    // checkpoint would vouch for the tampered log, and would replace (erase)
+    // a tampered checkpoint at the head.
+    if broken.is_none() {
+        background.push(checkpoint::spawn(
+            store.clone(),
+            key,
+            checkpoint_file,
+            interval,
+        ));
+    }
+    let mut pg_addr = None;
+    if broken.is_none() {
+        let closed = gateway::recover_sessions(&app).await?;
+        if closed > 0 {
+            tracing::warn!(
+                sessions = closed,
+                "closed session recordings interrupted by the last stop"
+            );
+        }
+    }
+    if let Some(pg) = app.config.gateway.postgres.clone() {
+        if broken.is_some() {
+            tracing::error!("the PostgreSQL gateway stays off while the audit chain is broken");
+        } else {
+            let authority = Arc::new(gateway::PgAuthority {
+                app: Arc::downgrade(&app),
+            });
+            let gw = breakglass_gateway_postgres::Gateway::new(
+                pg.clone(),
+                authority,
+                app.config.recordings_dir(),
+            )
+            .context("cannot open the session recordings directory")?;
+            let pg_listener = TcpListener::bind(pg.listen).await.with_context(|| {
+                format!("gateway.postgres.listen: cannot listen on {}", pg.listen)
+            })?;
+            pg_addr = Some(pg_listener.local_addr()?);
+            background.push(gateway::spawn_cutter(&app, gw.clone()));
+            background.push(tokio::spawn(gw.serve(pg_listener)));
+        }
+    }
     let addr = listener.local_addr()?;
     let (shutdown, mut rx) = tokio::sync::watch::channel(false);
     let router = http::router(app.clone());
@@ -193,6 +239,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     Ok(Running {
         app,
         addr,
+        pg_addr,
         overdue_ended,
         server,
         shutdown,
@@ -257,6 +304,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let running = start(config, listener).await?;
         tracing::info!(
             addr = %running.addr,
+            postgres_gateway = ?running.pg_addr,
             startup_ms = started.elapsed().as_millis() as u64,
             overdue_ended = running.overdue_ended,
             "ready"

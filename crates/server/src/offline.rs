@@ -6,12 +6,12 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use breakglass_core::policy::{Action, PolicyInput};
 use breakglass_core::time::parse_duration;
-use breakglass_store::verify::Verifier;
 use breakglass_store::{SqliteOptions, SqliteStore};
 
 use crate::app::now;
 use crate::config::Config;
 use crate::dto::VerifyReport;
+use crate::verify::FullVerifier;
 use crate::{keys, load_policy};
 
 /// A sample request for `policy check`.
@@ -62,9 +62,9 @@ pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
         .enable_all()
         .build()?;
     let checkpoints = rt.block_on(breakglass_store::Store::checkpoints(&store))?;
-    let mut v = Verifier::new(checkpoints, Some(&key));
+    let mut v = FullVerifier::new(checkpoints, Some(&key));
     store.scan_audit(0, |e| v.push(&e))?;
-    Ok(v.finish().into())
+    Ok(v.finish(&config.recordings_dir()))
 }
 
 /// Validates the config and its policy file; with a sample, explains which

@@ -107,6 +107,13 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after`, ascending, at most `limit`.
     async fn audit(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
 
+    /// Every event of one request, ascending, at most `limit`.
+    async fn request_events(
+        &self,
+        request_id: &str,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError>;
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;

@@ -29,7 +29,8 @@ const READERS_IDLE_MAX: usize = 8;
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id TEXT PRIMARY KEY,
     version INTEGER NOT NULL,
@@ -71,7 +72,11 @@ CREATE TABLE credentials (
     expires_at INTEGER NOT NULL,
     issued_at INTEGER NOT NULL
 ) STRICT;
-"#];
+"#,
+    r#"
+CREATE INDEX audit_request ON audit(request_id, seq) WHERE request_id IS NOT NULL;
+"#,
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -594,6 +599,25 @@ impl Store for SqliteStore {
             )?;
             let rows = stmt.query_map(
                 params![after as i64, i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+                row_to_event,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn request_events(
+        &self,
+        request_id: &str,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let id = request_id.to_string();
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE request_id = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![id, i64::from(limit.clamp(1, PAGE_LEN_MAX))],
                 row_to_event,
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

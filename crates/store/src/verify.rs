@@ -7,8 +7,6 @@ use std::collections::BTreeMap;
 use breakglass_core::audit::{AuditEvent, ChainVerifier, Checkpoint, GENESIS};
 use ed25519_dalek::VerifyingKey;
 
-use crate::{PAGE_LEN_MAX, Store, StoreError};
-
 /// The outcome of a verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {
@@ -108,23 +106,4 @@ impl Verifier {
             reason,
         }
     }
-}
-
-/// Verifies everything in `store`, page by page.
-pub async fn verify_store(
-    store: &dyn Store,
-    key: Option<&VerifyingKey>,
-) -> Result<Verification, StoreError> {
-    let mut v = Verifier::new(store.checkpoints().await?, key);
-    let mut after = 0;
-    loop {
-        let page = store.audit(after, PAGE_LEN_MAX).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        let full = page.len() as u32 == PAGE_LEN_MAX;
-        if !page.iter().all(|e| v.push(e)) || !full {
-            break;
-        }
-    }
-    Ok(v.finish())
 }

@@ -1,0 +1,316 @@
+//! The PostgreSQL gateway: operators connect with `psql` or any driver as
+//! their principal, to a database named like the target, with a grant
+//! credential as password. The gateway checks the grant, logs in to the real
+//! database as the role's configured user, relays the protocol while
+//! recording every statement, and cuts the session the moment the grant ends.
+//!
+//! `codec` is sans-IO framing; `session` is the per-connection driver;
+//! `upstream` is the leg to the database; `recording` the per-session log.
+//! What the gateway needs from the rest of breakglass is the [`Authority`]
+//! trait, so this crate knows nothing of stores or HTTP.
+
+pub mod codec;
+pub mod recording;
+mod session;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use breakglass_core::Timestamp;
+use breakglass_core::time::parse_duration;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::recording::Recorder;
+pub use crate::upstream::UpstreamTarget;
+
+/// `[gateway.postgres]` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgGatewayConfig {
+    pub listen: SocketAddr,
+    /// Host name clients should use (shown by `breakglass credentials` and
+    /// used by `connect`); defaults to the listen address.
+    #[serde(default)]
+    pub advertise_host: Option<String>,
+    /// fsync every recorded statement before forwarding it (slower; the
+    /// default makes entries durable within a few milliseconds and never
+    /// loses one to a crash of breakglass).
+    #[serde(default)]
+    pub strict_recording: bool,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_per_grant")]
+    pub max_connections_per_grant: usize,
+    /// A session with no traffic either way for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+    /// The client must finish start-up and authentication within this.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: String,
+    /// Largest client message (a query, a COPY chunk) in bytes.
+    #[serde(default = "default_message_len_max")]
+    pub message_len_max: usize,
+}
+
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_per_grant() -> usize {
+    16
+}
+fn default_idle_timeout() -> String {
+    "30m".into()
+}
+fn default_startup_timeout() -> String {
+    "10s".into()
+}
+fn default_message_len_max() -> usize {
+    16 * 1024 * 1024
+}
+
+impl PgGatewayConfig {
+    /// Checks every field; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        parse_duration(&self.idle_timeout)
+            .map_err(|e| format!("gateway.postgres.idle_timeout: {e}"))?;
+        parse_duration(&self.startup_timeout)
+            .map_err(|e| format!("gateway.postgres.startup_timeout: {e}"))?;
+        if self.max_connections == 0 || self.max_connections > 100_000 {
+            return Err("gateway.postgres.max_connections must be between 1 and 100000".into());
+        }
+        if self.max_connections_per_grant == 0 {
+            return Err("gateway.postgres.max_connections_per_grant must be at least 1".into());
+        }
+        if !(1024..=1 << 30).contains(&self.message_len_max) {
+            return Err("gateway.postgres.message_len_max must be between 1 KiB and 1 GiB".into());
+        }
+        Ok(())
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_secs(parse_duration(&self.idle_timeout).unwrap_or(1800))
+    }
+
+    fn startup(&self) -> Duration {
+        Duration::from_secs(parse_duration(&self.startup_timeout).unwrap_or(10))
+    }
+}
+
+/// A grant the authority accepted for a connection.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub request_id: String,
+    pub principal: String,
+    pub target: String,
+    pub role: String,
+    pub expires_at: Timestamp,
+    pub upstream: UpstreamTarget,
+    pub redact_parameters: bool,
+}
+
+/// Why a connection is refused, each with its SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 3D000: no such target, or not a PostgreSQL target.
+    UnknownDatabase(String),
+    /// 28P01: the password is not a valid grant credential.
+    BadCredential(String),
+    /// 28000: a valid credential that does not allow this (ended grant,
+    /// another principal's, another target's).
+    NotAuthorized(String),
+    /// 58000: breakglass cannot check or record right now.
+    Unavailable(String),
+}
+
+impl Refusal {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Refusal::UnknownDatabase(_) => "3D000",
+            Refusal::BadCredential(_) => "28P01",
+            Refusal::NotAuthorized(_) => "28000",
+            Refusal::Unavailable(_) => "58000",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::UnknownDatabase(m)
+            | Refusal::BadCredential(m)
+            | Refusal::NotAuthorized(m)
+            | Refusal::Unavailable(m) => m,
+        }
+    }
+}
+
+/// Identity of a live session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub request_id: String,
+    pub principal: String,
+    pub target: String,
+    pub role: String,
+    pub upstream_user: String,
+    pub client: SocketAddr,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    pub reason: String,
+    pub statements: u64,
+    pub entries: u64,
+    pub final_hash: [u8; 32],
+}
+
+/// What the gateway needs from breakglass.
+#[async_trait]
+pub trait Authority: Send + Sync + 'static {
+    /// Checks a connection's user, database and password (grant credential).
+    async fn authorize(
+        &self,
+        user: &str,
+        database: &str,
+        password: &str,
+    ) -> Result<Authorized, Refusal>;
+    /// Records the start of a session (in the audit chain); an error refuses
+    /// the session.
+    async fn session_started(&self, info: &SessionInfo) -> Result<(), String>;
+    /// Records the end of a session.
+    async fn session_ended(&self, info: &SessionInfo, end: &SessionEnd);
+}
+
+struct SessionHandle {
+    session_id: String,
+    cut: watch::Sender<Option<String>>,
+}
+
+/// Where a client's cancel key really points.
+#[derive(Clone)]
+struct CancelTarget {
+    host: String,
+    port: u16,
+    pid: i32,
+    secret: i32,
+    /// The session the key belongs to; removed when it ends.
+    session: String,
+}
+
+pub(crate) struct Shared {
+    config: PgGatewayConfig,
+    authority: Arc<dyn Authority>,
+    recorder: Recorder,
+    sessions: Mutex<HashMap<String, Vec<SessionHandle>>>,
+    cancel_keys: Mutex<HashMap<(i32, i32), CancelTarget>>,
+    connections: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The gateway. Cloning shares it.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// `recordings` is the directory of session recordings.
+    pub fn new(
+        config: PgGatewayConfig,
+        authority: Arc<dyn Authority>,
+        recordings: PathBuf,
+    ) -> std::io::Result<Gateway> {
+        let recorder = Recorder::new(&recordings, config.strict_recording)?;
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                connections: Arc::new(Semaphore::new(config.max_connections)),
+                config,
+                authority,
+                recorder,
+                sessions: Mutex::new(HashMap::new()),
+                cancel_keys: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move { session::handle(shared, stream, peer).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Cuts every live session of a grant; returns how many were signalled.
+    pub fn cut(&self, request_id: &str, reason: &str) -> usize {
+        let sessions = lock(&self.shared.sessions);
+        let Some(list) = sessions.get(request_id) else {
+            return 0;
+        };
+        for h in list {
+            let _ = h.cut.send(Some(reason.to_string()));
+        }
+        list.len()
+    }
+
+    /// Live sessions, in all.
+    pub fn live_sessions(&self) -> usize {
+        lock(&self.shared.sessions).values().map(Vec::len).sum()
+    }
+
+    /// Request ids of grants with live sessions.
+    pub fn live_grants(&self) -> Vec<String> {
+        lock(&self.shared.sessions).keys().cloned().collect()
+    }
+
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.shared.recorder.dir().to_path_buf()
+    }
+}
+
+impl Shared {
+    fn register(
+        &self,
+        request_id: &str,
+        session_id: &str,
+    ) -> Option<watch::Receiver<Option<String>>> {
+        let mut sessions = lock(&self.sessions);
+        let list = sessions.entry(request_id.to_string()).or_default();
+        if list.len() >= self.config.max_connections_per_grant {
+            return None;
+        }
+        let (tx, rx) = watch::channel(None);
+        list.push(SessionHandle {
+            session_id: session_id.to_string(),
+            cut: tx,
+        });
+        Some(rx)
+    }
+
+    fn unregister(&self, request_id: &str, session_id: &str) {
+        let mut sessions = lock(&self.sessions);
+        if let Some(list) = sessions.get_mut(request_id) {
+            list.retain(|h| h.session_id != session_id);
+            if list.is_empty() {
+                sessions.remove(request_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Per-session recordings: JSON lines with their own hash chain.
+//!
+//! Entry `n` is a JSON object with `seq` (from 1), `time`, `kind` and the
+//! kind's fields; `hash(n) = SHA-256(hash(n-1) || canonical(n))` where
+//! `canonical(n)` is the entry's canonical JSON without its `hash` field and
+//! `hash(0)` is 32 zero bytes. The final hash goes into the main audit chain's
+//! `session.ended` event.
+//!
+//! Durability: each entry is written to the file with one `write` before the
+//! statement it records is forwarded, so a `kill -9` of breakglass cannot
+//! lose a statement that reached the database. A flusher thread makes
+//! written entries durable (`fdatasync`) within `FLUSH_INTERVAL_MS`; strict
+//! mode syncs before forwarding instead.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use breakglass_core::Timestamp;
+use breakglass_core::audit::canonical_json;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Written entries become durable within this bound (group-committed).
+pub const FLUSH_INTERVAL_MS: u64 = 5;
+/// A recording line longer than this is refused when reading.
+const LINE_LEN_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum RecordingError {
+    #[error("recording {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("recording {path} broken at entry {seq}: {reason}")]
+    Broken {
+        path: String,
+        seq: u64,
+        reason: String,
+    },
+}
+
+struct Dirty {
+    file: Weak<File>,
+    dirty: Arc<AtomicBool>,
+}
+
+/// Opens recordings in one directory and keeps them flushed.
+pub struct Recorder {
+    dir: PathBuf,
+    strict: bool,
+    dirty: Arc<Mutex<Vec<Dirty>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Recorder {
+    /// `strict`: fsync every entry before the statement is forwarded.
+    pub fn new(dir: &Path, strict: bool) -> std::io::Result<Recorder> {
+        std::fs::create_dir_all(dir)?;
+        let dirty: Arc<Mutex<Vec<Dirty>>> = Arc::default();
+        let weak = Arc::downgrade(&dirty);
+        std::thread::Builder::new()
+            .name("recording-flush".into())
+            .spawn(move || flush_loop(weak))?;
+        Ok(Recorder {
+            dir: dir.to_path_buf(),
+            strict,
+            dirty,
+        })
+    }
+
+    pub fn path_of(dir: &Path, session_id: &str) -> PathBuf {
+        dir.join(format!("{session_id}.jsonl"))
+    }
+
+    fn marker_of(dir: &Path, session_id: &str) -> PathBuf {
+        dir.join(format!("{session_id}.open"))
+    }
+
+    /// Closes the recordings of sessions that were live when the process
+    /// died (their `.open` marker is still there): drops a torn last line,
+    /// appends an `end` entry with `reason`, and returns each session's id
+    /// and summary.
+    pub fn recover_interrupted(
+        dir: &Path,
+        reason: &str,
+        now: Timestamp,
+    ) -> Vec<(String, Result<RecordingSummary, RecordingError>)> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(id) = name.strip_suffix(".open") else {
+                continue;
+            };
+            let result = close_interrupted(dir, id, reason, now);
+            if result.is_ok() {
+                let _ = std::fs::remove_file(e.path());
+            }
+            out.push((id.to_string(), result));
+        }
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the recording of a new session, starting with `header`.
+    pub fn open(
+        &self,
+        session_id: &str,
+        header: Value,
+        now: Timestamp,
+    ) -> std::io::Result<Recording> {
+        let path = Self::path_of(&self.dir, session_id);
+        let marker = Self::marker_of(&self.dir, session_id);
+        std::fs::File::create(&marker)?;
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)?,
+        );
+        let dirty = Arc::new(AtomicBool::new(false));
+        if !self.strict {
+            lock(&self.dirty).push(Dirty {
+                file: Arc::downgrade(&file),
+                dirty: dirty.clone(),
+            });
+        }
+        let mut rec = Recording {
+            file,
+            dirty,
+            strict: self.strict,
+            seq: 0,
+            prev: [0; 32],
+            statements: 0,
+            marker: Some(marker),
+        };
+        rec.append("session", header, now)?;
+        Ok(rec)
+    }
+}
+
+fn flush_loop(list: Weak<Mutex<Vec<Dirty>>>) {
+    loop {
+        std::thread::sleep(Duration::from_millis(FLUSH_INTERVAL_MS));
+        let Some(list) = list.upgrade() else { return };
+        let files: Vec<Arc<File>> = {
+            let mut l = lock(&list);
+            l.retain(|d| d.file.strong_count() > 0);
+            l.iter()
+                .filter(|d| d.dirty.swap(false, Ordering::AcqRel))
+                .filter_map(|d| d.file.upgrade())
+                .collect()
+        };
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                tracing::error!(error = %e, "cannot sync a session recording");
+            }
+        }
+    }
+}
+
+/// One session's recording.
+pub struct Recording {
+    file: Arc<File>,
+    dirty: Arc<AtomicBool>,
+    strict: bool,
+    seq: u64,
+    prev: [u8; 32],
+    statements: u64,
+    /// Removed when the session ends cleanly.
+    marker: Option<PathBuf>,
+}
+
+fn close_interrupted(
+    dir: &Path,
+    id: &str,
+    reason: &str,
+    now: Timestamp,
+) -> Result<RecordingSummary, RecordingError> {
+    let path = Recorder::path_of(dir, id);
+    let label = path.display().to_string();
+    let io = |source| RecordingError::Io {
+        path: label.clone(),
+        source,
+    };
+    let s = read_recording(&path, |_| {})?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    // A line torn by the crash never reached the database (entries are
+    // written before forwarding), so it is dropped.
+    file.set_len(s.valid_len).map_err(io)?;
+    drop(file);
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io)?;
+    let mut rec = Recording {
+        file: Arc::new(file),
+        dirty: Arc::new(AtomicBool::new(false)),
+        strict: true,
+        seq: s.entries,
+        prev: s.final_hash,
+        statements: s.statements,
+        marker: None,
+    };
+    rec.append("end", json!({"reason": reason}), now)
+        .map_err(io)?;
+    Ok(RecordingSummary {
+        entries: rec.seq,
+        statements: rec.statements,
+        final_hash: rec.prev,
+        header: s.header,
+        valid_len: s.valid_len,
+    })
+}
+
+fn entry_hash(prev: &[u8; 32], canonical: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical.as_bytes());
+    h.finalize().into()
+}
+
+impl Recording {
+    /// Writes one entry; returns its `seq`. `fields` must be a JSON object.
+    pub fn append(&mut self, kind: &str, fields: Value, now: Timestamp) -> std::io::Result<u64> {
+        let seq = self.seq + 1;
+        let mut entry = match fields {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        entry.insert("seq".into(), json!(seq));
+        entry.insert("time".into(), json!(now.to_rfc3339()));
+        entry.insert("kind".into(), json!(kind));
+        let mut value = Value::Object(entry);
+        let hash = entry_hash(&self.prev, &canonical_json(&value));
+        value["hash"] = json!(hex::encode(hash));
+        let mut line = canonical_json(&value);
+        line.push('\n');
+        (&*self.file).write_all(line.as_bytes())?;
+        if self.strict {
+            self.file.sync_data()?;
+        } else {
+            self.dirty.store(true, Ordering::Release);
+        }
+        self.seq = seq;
+        self.prev = hash;
+        if matches!(kind, "query" | "execute") {
+            self.statements += 1;
+        }
+        Ok(seq)
+    }
+
+    pub fn final_hash(&self) -> [u8; 32] {
+        self.prev
+    }
+
+    pub fn statements(&self) -> u64 {
+        self.statements
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.seq
+    }
+
+    /// Makes everything written so far durable and marks the recording
+    /// complete.
+    pub fn close(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        if let Some(m) = self.marker.take() {
+            std::fs::remove_file(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a verified recording holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingSummary {
+    pub entries: u64,
+    pub statements: u64,
+    pub final_hash: [u8; 32],
+    /// The `session` header (first entry).
+    pub header: Value,
+    /// Bytes of complete entries (a torn last line is not counted).
+    pub valid_len: u64,
+}
+
+/// Reads a recording, checking every link; `visit` sees each entry.
+pub fn read_recording(
+    path: &Path,
+    mut visit: impl FnMut(&Value),
+) -> Result<RecordingSummary, RecordingError> {
+    let label = path.display().to_string();
+    let io = |source| RecordingError::Io {
+        path: label.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut reader = BufReader::new(file);
+    let mut prev = [0u8; 32];
+    let mut seq = 0u64;
+    let mut statements = 0;
+    let mut header = Value::Null;
+    let mut valid_len = 0u64;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader
+            .by_ref()
+            .take(LINE_LEN_MAX as u64 + 1)
+            .read_line(&mut line)
+            .map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        let broken = |reason: &str| RecordingError::Broken {
+            path: label.clone(),
+            seq: seq + 1,
+            reason: reason.to_string(),
+        };
+        if !line.ends_with('\n') {
+            // A torn last line (crash mid-write) is not part of the chain.
+            if n > LINE_LEN_MAX {
+                return Err(broken("entry too long"));
+            }
+            break;
+        }
+        let mut v: Value = serde_json::from_str(&line).map_err(|_| broken("not JSON"))?;
+        let stored = v
+            .as_object_mut()
+            .and_then(|m| m.remove("hash"))
+            .and_then(|h| h.as_str().map(str::to_string))
+            .ok_or_else(|| broken("no hash"))?;
+        if v["seq"].as_u64() != Some(seq + 1) {
+            return Err(broken("seq out of order"));
+        }
+        let hash = entry_hash(&prev, &canonical_json(&v));
+        if hex::encode(hash) != stored {
+            return Err(broken("hash does not match the entry and its predecessor"));
+        }
+        if seq == 0 {
+            header = v.clone();
+        }
+        if matches!(v["kind"].as_str(), Some("query" | "execute")) {
+            statements += 1;
+        }
+        v["hash"] = Value::String(stored);
+        visit(&v);
+        prev = hash;
+        seq += 1;
+        valid_len += n as u64;
+    }
+    Ok(RecordingSummary {
+        entries: seq,
+        statements,
+        final_hash: prev,
+        header,
+        valid_len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recordings_chain_and_detect_tampering() {
+        let dir = std::env::temp_dir().join(format!("bg-rec-{}", std::process::id()));
+        let rec = Recorder::new(&dir, false).expect("recorder");
+        let mut r = rec
+            .open("s1", json!({"request_id": "r1"}), Timestamp(1))
+            .expect("open");
+        r.append("query", json!({"text": "select 1"}), Timestamp(2))
+            .expect("append");
+        r.append(
+            "result",
+            json!({"statement": 2, "tag": "SELECT 1"}),
+            Timestamp(3),
+        )
+        .expect("append");
+        let path = Recorder::path_of(&dir, "s1");
+        let s = read_recording(&path, |_| {}).expect("verifies");
+        assert_eq!(
+            (s.entries, s.statements, s.final_hash),
+            (3, 1, r.final_hash())
+        );
+        // A crash: torn last line, marker still there.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"{\"kind\":\"qu"))
+            .expect("tear");
+        let rec2 = Recorder::recover_interrupted(&dir, "service_restart", Timestamp(9));
+        assert_eq!(rec2.len(), 1);
+        let (id, summary) = &rec2[0];
+        let summary = summary.as_ref().expect("recovered");
+        assert_eq!(
+            (id.as_str(), summary.entries, summary.statements),
+            ("s1", 4, 1)
+        );
+        let again = read_recording(&path, |_| {}).expect("verifies after recovery");
+        assert_eq!(again.final_hash, summary.final_hash);
+        assert!(Recorder::recover_interrupted(&dir, "x", Timestamp(10)).is_empty());
+        assert_eq!(s.header["request_id"], "r1");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replace("select 1", "select 2")).expect("write");
+        let err = read_recording(&path, |_| {}).expect_err("tampered");
+        assert!(err.to_string().contains("entry 2"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,713 @@
+//! One client connection: start-up, grant check, upstream login, then the
+//! relay loop that records every statement before forwarding it and ends
+//! the session when the grant ends, the client leaves, or it idles out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use breakglass_core::Timestamp;
+use bytes::{Buf, BytesMut};
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::codec::{
+    Severity, Startup, authentication, backend_key_data, cstr, decode_frame, decode_startup,
+    error_response, parse_error_fields,
+};
+use crate::recording::Recording;
+use crate::upstream;
+use crate::{Authorized, CancelTarget, SessionEnd, SessionInfo, Shared};
+
+/// Passwords (grant credentials) are short.
+const PASSWORD_LEN_MAX: usize = 4096;
+/// Largest message accepted from the upstream database.
+const UPSTREAM_FRAME_LEN_MAX: usize = 1 << 30;
+/// Prepared statements and portals tracked per session at most.
+const NAMES_TRACKED_MAX: usize = 10_000;
+/// Bytes of one parameter value kept in a recording.
+const PARAM_LEN_RECORDED_MAX: usize = 4096;
+const READ_CHUNK: usize = 64 * 1024;
+
+fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp(d.as_millis() as i64)
+}
+
+struct Fail {
+    code: &'static str,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: &'static str, message: impl Into<String>) -> Fail {
+        Fail {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+async fn fatal(client: &mut TcpStream, code: &str, message: &str) {
+    let _ = client
+        .write_all(&error_response(Severity::Fatal, code, message))
+        .await;
+    let _ = client.shutdown().await;
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
+        fatal(
+            &mut client,
+            "53300",
+            "breakglass gateway: too many connections",
+        )
+        .await;
+        return;
+    };
+    let startup = tokio::time::timeout(shared.config.startup(), start(&shared, &mut client)).await;
+    let ready = match startup {
+        Err(_) => {
+            fatal(
+                &mut client,
+                "08P01",
+                "breakglass gateway: start-up not completed in time",
+            )
+            .await;
+            return;
+        }
+        Ok(Err(f)) => {
+            tracing::info!(client = %peer, code = f.code, reason = %f.message, "gateway connection refused");
+            fatal(&mut client, f.code, &f.message).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(ready))) => ready,
+    };
+    run(shared, client, peer, ready).await;
+}
+
+struct Ready {
+    auth: Authorized,
+    params: Vec<(String, String)>,
+    upstream: TcpStream,
+    ubuf: BytesMut,
+    cbuf: BytesMut,
+}
+
+async fn read_more(client: &mut TcpStream, buf: &mut BytesMut) -> Result<bool, Fail> {
+    match client.read_buf(buf).await {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(Fail::new("08006", format!("connection failure: {e}"))),
+    }
+}
+
+/// Start-up and authentication. `Ok(None)`: nothing more to do (a cancel
+/// request was forwarded, or the client left).
+async fn start(shared: &Shared, client: &mut TcpStream) -> Result<Option<Ready>, Fail> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let params = loop {
+        match decode_startup(&buf) {
+            Err(e) => return Err(Fail::new("08P01", format!("invalid start-up packet: {e}"))),
+            Ok(None) => {
+                if !read_more(client, &mut buf).await? {
+                    return Ok(None);
+                }
+            }
+            Ok(Some((packet, n))) => {
+                buf.advance(n);
+                match packet {
+                    // No TLS on this listener: the client may continue in
+                    // plaintext (loopback) or give up.
+                    Startup::Ssl | Startup::GssEnc => {
+                        client
+                            .write_all(b"N")
+                            .await
+                            .map_err(|e| Fail::new("08006", e.to_string()))?;
+                    }
+                    Startup::Cancel { pid, secret } => {
+                        let target = shared
+                            .cancel_keys
+                            .lock()
+                            .ok()
+                            .and_then(|k| k.get(&(pid, secret)).cloned());
+                        if let Some(t) = target
+                            && let Err(e) = upstream::cancel(&t.host, t.port, t.pid, t.secret).await
+                        {
+                            tracing::warn!(error = %e, "cannot forward cancel request");
+                        }
+                        return Ok(None);
+                    }
+                    Startup::Message { params } => break params,
+                }
+            }
+        }
+    };
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(user) = get("user").map(str::to_string) else {
+        return Err(Fail::new("28000", "no user name in the start-up message"));
+    };
+    let database = get("database").unwrap_or(&user).to_string();
+    if get("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+        return Err(Fail::new(
+            "28000",
+            "replication connections are not allowed through the breakglass gateway",
+        ));
+    }
+    client
+        .write_all(&authentication(3, &[]))
+        .await
+        .map_err(|e| Fail::new("08006", e.to_string()))?;
+    let password = loop {
+        match decode_frame(&buf, PASSWORD_LEN_MAX) {
+            Err(e) => return Err(Fail::new("08P01", format!("invalid password message: {e}"))),
+            Ok(None) => {
+                if !read_more(client, &mut buf).await? {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(f)) if f.tag == b'p' => {
+                let pw = cstr(f.payload(&buf))
+                    .map(|(s, _)| s.to_string())
+                    .ok_or_else(|| Fail::new("08P01", "malformed password message"))?;
+                buf.advance(f.len);
+                break pw;
+            }
+            Ok(Some(f)) => {
+                return Err(Fail::new(
+                    "08P01",
+                    format!("expected a password message, got {:?}", f.tag as char),
+                ));
+            }
+        }
+    };
+    let auth = shared
+        .authority
+        .authorize(&user, &database, &password)
+        .await
+        .map_err(|r| Fail::new(r.sqlstate(), format!("breakglass: {}", r.message())))?;
+    let (upstream, ubuf) = upstream::connect(&auth.upstream, &params)
+        .await
+        .map_err(|e| {
+            tracing::error!(target_name = %auth.target, error = %e, "upstream login failed");
+            Fail::new("08001", format!("breakglass gateway: {e}"))
+        })?;
+    Ok(Some(Ready {
+        auth,
+        params,
+        upstream,
+        ubuf,
+        cbuf: buf,
+    }))
+}
+
+/// Bookkeeping that maps protocol messages to recording entries.
+struct Tracker {
+    redact: bool,
+    statements: HashMap<String, String>,
+    portals: HashMap<String, (String, Value)>,
+    /// Recorded statements awaiting their outcome: (seq, simple query).
+    pending: VecDeque<(u64, bool)>,
+}
+
+fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, Value)> {
+    let (portal, rest) = cstr(payload)?;
+    let (stmt, mut rest) = cstr(rest)?;
+    let take_i16 = |b: &mut &[u8]| -> Option<i16> {
+        let v = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
+        *b = &b[2..];
+        Some(v)
+    };
+    let nfmt = take_i16(&mut rest)?.max(0) as usize;
+    let mut formats = Vec::with_capacity(nfmt.min(64));
+    for _ in 0..nfmt {
+        formats.push(take_i16(&mut rest)?);
+    }
+    let nparams = take_i16(&mut rest)?.max(0) as usize;
+    if redact {
+        return Some((portal.into(), stmt.into(), json!({"redacted": nparams})));
+    }
+    let mut values = Vec::with_capacity(nparams.min(1024));
+    for i in 0..nparams {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        rest = &rest[4..];
+        if len < 0 {
+            values.push(Value::Null);
+            continue;
+        }
+        let len = len as usize;
+        let bytes = rest.get(..len)?;
+        rest = &rest[len..];
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i).copied() == Some(1),
+        };
+        let shown = &bytes[..bytes.len().min(PARAM_LEN_RECORDED_MAX)];
+        values.push(if binary {
+            Value::String(format!("\\x{}", hex::encode(shown)))
+        } else {
+            Value::String(String::from_utf8_lossy(shown).into_owned())
+        });
+    }
+    Some((portal.into(), stmt.into(), Value::Array(values)))
+}
+
+impl Tracker {
+    /// Records what a client frame asks the database to do. Returns true
+    /// for Terminate.
+    fn client_frame(
+        &mut self,
+        tag: u8,
+        payload: &[u8],
+        rec: &mut Recording,
+    ) -> std::io::Result<bool> {
+        match tag {
+            b'Q' => {
+                let text = cstr(payload).map_or("", |(s, _)| s);
+                let seq = rec.append("query", json!({"text": text}), now())?;
+                self.pending.push_back((seq, true));
+            }
+            b'P' => {
+                if let Some((name, rest)) = cstr(payload)
+                    && let Some((text, _)) = cstr(rest)
+                    && (self.statements.len() < NAMES_TRACKED_MAX
+                        || self.statements.contains_key(name))
+                {
+                    self.statements.insert(name.to_string(), text.to_string());
+                }
+            }
+            b'B' => {
+                if let Some((portal, stmt, params)) = bind_params(payload, self.redact)
+                    && (self.portals.len() < NAMES_TRACKED_MAX
+                        || self.portals.contains_key(&portal))
+                {
+                    self.portals.insert(portal, (stmt, params));
+                }
+            }
+            b'E' => {
+                let portal = cstr(payload).map_or("", |(s, _)| s);
+                let (stmt, params) = self
+                    .portals
+                    .get(portal)
+                    .cloned()
+                    .unwrap_or_else(|| (String::new(), Value::Null));
+                let text = self
+                    .statements
+                    .get(&stmt)
+                    .map_or("<unknown statement>", String::as_str);
+                let seq = rec.append(
+                    "execute",
+                    json!({"statement": stmt, "portal": portal, "text": text, "params": params}),
+                    now(),
+                )?;
+                self.pending.push_back((seq, false));
+            }
+            b'C' => {
+                if let Some((&kind, rest)) = payload.split_first()
+                    && let Some((name, _)) = cstr(rest)
+                {
+                    match kind {
+                        b'S' => {
+                            self.statements.remove(name);
+                        }
+                        b'P' => {
+                            self.portals.remove(name);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            b'X' => return Ok(true),
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Records outcomes from a server frame.
+    fn server_frame(
+        &mut self,
+        tag: u8,
+        payload: &[u8],
+        rec: &mut Recording,
+    ) -> std::io::Result<()> {
+        let front = self.pending.front().copied();
+        let mut outcome = |fields: Value, rec: &mut Recording| -> std::io::Result<()> {
+            if let Some((seq, simple)) = front {
+                let mut f = fields;
+                f["statement"] = json!(seq);
+                let kind = if f.get("code").is_some() {
+                    "error"
+                } else {
+                    "result"
+                };
+                rec.append(kind, f, now())?;
+                if !simple {
+                    self.pending.pop_front();
+                }
+            }
+            Ok(())
+        };
+        match tag {
+            b'C' => {
+                let tag_text = cstr(payload).map_or("", |(s, _)| s);
+                outcome(json!({"tag": tag_text}), rec)?;
+            }
+            b'I' => outcome(json!({"tag": ""}), rec)?,
+            b's' => outcome(json!({"tag": "portal suspended"}), rec)?,
+            b'E' => {
+                let fields = parse_error_fields(payload);
+                let get = |c: u8| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| *k == c)
+                        .map_or("", |(_, v)| v.as_str())
+                        .to_string()
+                };
+                outcome(json!({"code": get(b'C'), "message": get(b'M')}), rec)?;
+            }
+            b'Z' => self.pending.clear(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn cut_message(reason: &str) -> String {
+    match reason {
+        "expired" => "breakglass: the grant expired; session closed".to_string(),
+        "idle_timeout" => "breakglass: session idle for too long; closed".to_string(),
+        other => format!("breakglass: the grant has ended ({other}); session closed"),
+    }
+}
+
+enum End {
+    /// The grant ended or the session idled out: tell the client, cancel
+    /// the upstream query.
+    Cut(String),
+    /// The client or the upstream went away, or broke the protocol.
+    Closed(String),
+    Protocol(String),
+}
+
+async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ready: Ready) {
+    let Ready {
+        auth,
+        params,
+        mut upstream,
+        mut ubuf,
+        mut cbuf,
+    } = ready;
+    let session_id = uuid::Uuid::now_v7().to_string();
+    let info = SessionInfo {
+        session_id: session_id.clone(),
+        request_id: auth.request_id.clone(),
+        principal: auth.principal.clone(),
+        target: auth.target.clone(),
+        role: auth.role.clone(),
+        upstream_user: auth.upstream.user.clone(),
+        client: peer,
+    };
+    let application = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone());
+    let header = json!({
+        "session_id": session_id,
+        "request_id": auth.request_id,
+        "principal": auth.principal,
+        "target": auth.target,
+        "role": auth.role,
+        "upstream_user": auth.upstream.user,
+        "client": peer.to_string(),
+        "application_name": application,
+        "expires_at": auth.expires_at.to_rfc3339(),
+    });
+    let mut rec = match shared.recorder.open(&session_id, header, now()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create session recording");
+            fatal(
+                &mut client,
+                "58000",
+                "breakglass: cannot record this session; refusing it",
+            )
+            .await;
+            return;
+        }
+    };
+    let Some(mut cut_rx) = shared.register(&auth.request_id, &session_id) else {
+        fatal(
+            &mut client,
+            "53300",
+            "breakglass: too many sessions for this grant",
+        )
+        .await;
+        return;
+    };
+    if let Err(e) = shared.authority.session_started(&info).await {
+        tracing::error!(error = %e, "cannot audit session start");
+        shared.unregister(&auth.request_id, &session_id);
+        fatal(
+            &mut client,
+            "58000",
+            "breakglass: cannot audit this session; refusing it",
+        )
+        .await;
+        return;
+    }
+    let end = relay(
+        &shared,
+        &mut client,
+        &mut upstream,
+        &mut cbuf,
+        &mut ubuf,
+        &mut cut_rx,
+        &auth,
+        &mut rec,
+        &session_id,
+    )
+    .await;
+    let reason = match &end {
+        End::Cut(r) => {
+            let _ = client
+                .write_all(&error_response(Severity::Fatal, "57P01", &cut_message(r)))
+                .await;
+            r.clone()
+        }
+        End::Closed(r) => r.clone(),
+        End::Protocol(m) => {
+            let _ = client
+                .write_all(&error_response(Severity::Fatal, "08P01", m))
+                .await;
+            "protocol_violation".to_string()
+        }
+    };
+    let _ = client.shutdown().await;
+    drop(client);
+    // Stop whatever the upstream is running, then close it.
+    let key = shared.cancel_keys.lock().ok().and_then(|mut k| {
+        let found = k
+            .iter()
+            .find(|(_, t)| t.session == session_id)
+            .map(|(fk, t)| (*fk, t.clone()));
+        if let Some((fk, _)) = &found {
+            k.remove(fk);
+        }
+        found.map(|(_, t)| t)
+    });
+    if matches!(end, End::Cut(_) | End::Protocol(_))
+        && let Some(t) = &key
+        && let Err(e) = upstream::cancel(&t.host, t.port, t.pid, t.secret).await
+    {
+        tracing::warn!(error = %e, "cannot cancel the upstream query");
+    }
+    let mut terminate = Vec::new();
+    crate::codec::put_frame(&mut terminate, b'X', &[]);
+    let _ = upstream.write_all(&terminate).await;
+    let _ = upstream.shutdown().await;
+    drop(upstream);
+    if let Err(e) = rec.append("end", json!({"reason": reason}), now()) {
+        tracing::error!(error = %e, "cannot record session end");
+    }
+    if let Err(e) = rec.close() {
+        tracing::error!(error = %e, "cannot sync session recording");
+    }
+    shared.unregister(&auth.request_id, &session_id);
+    let end = SessionEnd {
+        reason,
+        statements: rec.statements(),
+        entries: rec.entries(),
+        final_hash: rec.final_hash(),
+    };
+    shared.authority.session_ended(&info, &end).await;
+}
+
+fn expiry_deadline(expires_at: Timestamp) -> tokio::time::Instant {
+    let left = (expires_at.millis() - now().millis()).max(0) as u64;
+    tokio::time::Instant::now() + Duration::from_millis(left)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    shared: &Shared,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    ubuf: &mut BytesMut,
+    cut_rx: &mut watch::Receiver<Option<String>>,
+    auth: &Authorized,
+    rec: &mut Recording,
+    session_id: &str,
+) -> End {
+    let mut tracker = Tracker {
+        redact: auth.redact_parameters,
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        pending: VecDeque::new(),
+    };
+    let idle = shared.config.idle();
+    let expiry = tokio::time::sleep_until(expiry_deadline(auth.expires_at));
+    tokio::pin!(expiry);
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    let message_max = shared.config.message_len_max;
+    if client.write_all(&authentication(0, &[])).await.is_err() {
+        return End::Closed("client_closed".into());
+    }
+    // Whatever the upstream sent after login (parameters, key data, ready)
+    // is processed like any other upstream data.
+    let mut upstream_pending = !ubuf.is_empty();
+    let mut client_pending = !cbuf.is_empty();
+    let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        if client_pending {
+            client_pending = false;
+            let mut consumed = 0;
+            let mut terminate = false;
+            loop {
+                match decode_frame(&cbuf[consumed..], message_max) {
+                    Err(e) => return End::Protocol(format!("breakglass gateway: {e}")),
+                    Ok(None) => break,
+                    Ok(Some(f)) => {
+                        let start = consumed;
+                        let payload = &cbuf[start + 5..start + f.len];
+                        match tracker.client_frame(f.tag, payload, rec) {
+                            Ok(t) => terminate = t,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot write session recording; closing session");
+                                return End::Cut("recording_failed".into());
+                            }
+                        }
+                        consumed += f.len;
+                        if terminate {
+                            break;
+                        }
+                    }
+                }
+            }
+            if consumed > 0 {
+                // INVARIANT: everything forwarded here was recorded above.
+                let write = upstream.write_all(&cbuf[..consumed]);
+                tokio::select! {
+                    biased;
+                    _ = cut_rx.changed() => return End::Cut(cut_reason(cut_rx)),
+                    r = write => if r.is_err() { return End::Closed("upstream_closed".into()) },
+                }
+                cbuf.advance(consumed);
+            }
+            if terminate {
+                return End::Closed("client_terminated".into());
+            }
+        }
+        if upstream_pending {
+            upstream_pending = false;
+            let mut consumed = 0;
+            out.clear();
+            let mut rewritten = false;
+            loop {
+                match decode_frame(&ubuf[consumed..], UPSTREAM_FRAME_LEN_MAX) {
+                    Err(e) => return End::Protocol(format!("breakglass gateway: upstream {e}")),
+                    Ok(None) => break,
+                    Ok(Some(f)) => {
+                        let frame = &ubuf[consumed..consumed + f.len];
+                        let payload = &frame[5..];
+                        if let Err(e) = tracker.server_frame(f.tag, payload, rec) {
+                            tracing::error!(error = %e, "cannot write session recording; closing session");
+                            return End::Cut("recording_failed".into());
+                        }
+                        if f.tag == b'K' && payload.len() == 8 {
+                            let pid = i32::from_be_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]);
+                            let secret = i32::from_be_bytes([
+                                payload[4], payload[5], payload[6], payload[7],
+                            ]);
+                            let (fake_pid, fake_secret) = {
+                                let mut rng = rand::thread_rng();
+                                (rng.gen_range(1..i32::MAX), rng.r#gen::<i32>())
+                            };
+                            if let Ok(mut keys) = shared.cancel_keys.lock() {
+                                keys.insert(
+                                    (fake_pid, fake_secret),
+                                    CancelTarget {
+                                        host: auth.upstream.host.clone(),
+                                        port: auth.upstream.port,
+                                        pid,
+                                        secret,
+                                        session: session_id.to_string(),
+                                    },
+                                );
+                            }
+                            if !rewritten {
+                                out.extend_from_slice(&ubuf[..consumed]);
+                                rewritten = true;
+                            }
+                            out.extend_from_slice(&backend_key_data(fake_pid, fake_secret));
+                        } else if rewritten {
+                            out.extend_from_slice(frame);
+                        }
+                        consumed += f.len;
+                    }
+                }
+            }
+            if consumed > 0 {
+                let bytes: &[u8] = if rewritten { &out } else { &ubuf[..consumed] };
+                let write = client.write_all(bytes);
+                tokio::select! {
+                    biased;
+                    _ = cut_rx.changed() => return End::Closed(format!("cut_while_writing:{}", cut_reason(cut_rx))),
+                    r = write => if r.is_err() { return End::Closed("client_closed".into()) },
+                }
+                ubuf.advance(consumed);
+            }
+        }
+        if cbuf.capacity() - cbuf.len() < 4096 {
+            cbuf.reserve(READ_CHUNK);
+        }
+        if ubuf.capacity() - ubuf.len() < 4096 {
+            ubuf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            _ = cut_rx.changed() => return End::Cut(cut_reason(cut_rx)),
+            () = &mut expiry => return End::Cut("expired".into()),
+            r = client.read_buf(cbuf) => match r {
+                Ok(0) | Err(_) => return End::Closed("client_closed".into()),
+                Ok(_) => client_pending = true,
+            },
+            r = upstream.read_buf(ubuf) => match r {
+                Ok(0) | Err(_) => {
+                    // Pass on whatever the upstream said last (often a FATAL).
+                    let _ = client.write_all(ubuf).await;
+                    return End::Closed("upstream_closed".into());
+                }
+                Ok(_) => upstream_pending = true,
+            },
+            () = &mut idle_timer => return End::Cut("idle_timeout".into()),
+        }
+        idle_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle);
+    }
+}
+
+fn cut_reason(rx: &watch::Receiver<Option<String>>) -> String {
+    rx.borrow().clone().unwrap_or_else(|| "revoked".into())
+}

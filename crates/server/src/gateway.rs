@@ -1,0 +1,260 @@
+//! Glue between the application and the protocol gateways: the
+//! [`Authority`] the PostgreSQL gateway asks, session events in the audit
+//! chain, and the follower that cuts live sessions when a grant ends.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use breakglass_core::EventDraft;
+use breakglass_gateway_postgres::recording::Recorder;
+use breakglass_gateway_postgres::upstream::parse_url;
+use breakglass_gateway_postgres::{
+    Authority, Authorized, Gateway, Refusal, SessionEnd, SessionInfo, UpstreamTarget,
+};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::app::{App, GrantRefusal, now};
+use crate::config::RoleConfig;
+
+/// Secrets read from files are at most this long.
+const SECRET_FILE_LEN_MAX: u64 = 4096;
+
+/// The upstream password of a role, from its environment variable or file.
+pub fn role_password(role: &RoleConfig) -> Result<Option<String>, String> {
+    if let Some(var) = &role.password_env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| format!("environment variable {var} is not set"));
+    }
+    if let Some(path) = &role.password_file {
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.len() > SECRET_FILE_LEN_MAX {
+            return Err(format!(
+                "{}: longer than {SECRET_FILE_LEN_MAX} bytes",
+                path.display()
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    Ok(None)
+}
+
+/// Answers the PostgreSQL gateway's questions from the application.
+pub struct PgAuthority {
+    pub app: Weak<App>,
+}
+
+#[async_trait]
+impl Authority for PgAuthority {
+    async fn authorize(
+        &self,
+        user: &str,
+        database: &str,
+        password: &str,
+    ) -> Result<Authorized, Refusal> {
+        let app = self
+            .app
+            .upgrade()
+            .ok_or_else(|| Refusal::Unavailable("the service is shutting down".into()))?;
+        let target = app
+            .config
+            .target(database)
+            .ok_or_else(|| Refusal::UnknownDatabase(format!("no target named {database:?}")))?;
+        if target.kind != "postgres" {
+            return Err(Refusal::UnknownDatabase(format!(
+                "target {database:?} is not a PostgreSQL target (kind {})",
+                target.kind
+            )));
+        }
+        let grant = app
+            .check_grant(password, Some(user), Some(database))
+            .await
+            .map_err(|r| match r {
+                GrantRefusal::Unknown => Refusal::BadCredential(format!(
+                    "password authentication failed for user {user:?}: not a valid grant credential (get one with `breakglass credentials ID`)"
+                )),
+                GrantRefusal::WrongPrincipal => Refusal::NotAuthorized(format!(
+                    "this grant credential does not belong to {user:?}"
+                )),
+                GrantRefusal::WrongTarget => Refusal::NotAuthorized(format!(
+                    "this grant credential is not for target {database:?}"
+                )),
+                GrantRefusal::Ended(why) => {
+                    Refusal::NotAuthorized(format!("the grant has ended ({why})"))
+                }
+                GrantRefusal::Unavailable => {
+                    Refusal::Unavailable("cannot check the grant right now".into())
+                }
+            })?;
+        let role = target.roles.get(&grant.request.role).ok_or_else(|| {
+            Refusal::NotAuthorized(format!(
+                "role {:?} is no longer configured on {database:?}",
+                grant.request.role
+            ))
+        })?;
+        let url = target.upstream.as_deref().unwrap_or("");
+        let (host, port, db) = parse_url(url).map_err(Refusal::Unavailable)?;
+        let password = role_password(role).map_err(|e| {
+            tracing::error!(target_name = %target.name, error = %e, "upstream password unavailable");
+            Refusal::Unavailable("the upstream credentials are not available; see the server log".into())
+        })?;
+        let expires_at = grant
+            .request
+            .expires_at
+            .unwrap_or(grant.credential.expires_at)
+            .min(grant.credential.expires_at);
+        Ok(Authorized {
+            request_id: grant.request.id.clone(),
+            principal: grant.request.requester.clone(),
+            target: target.name.clone(),
+            role: grant.request.role.clone(),
+            expires_at,
+            upstream: UpstreamTarget {
+                host,
+                port,
+                database: db,
+                user: role.user.clone().unwrap_or_default(),
+                password,
+            },
+            redact_parameters: target.redact_parameters,
+        })
+    }
+
+    async fn session_started(&self, info: &SessionInfo) -> Result<(), String> {
+        let app = self.app.upgrade().ok_or("shutting down")?;
+        let event = EventDraft {
+            actor: info.principal.clone(),
+            action: "session.started".into(),
+            request_id: Some(info.request_id.clone()),
+            details: json!({
+                "session_id": info.session_id,
+                "target": info.target,
+                "role": info.role,
+                "upstream_user": info.upstream_user,
+                "client": info.client.to_string(),
+                "gateway": "postgres",
+            }),
+        };
+        app.store
+            .append(vec![event], now())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn session_ended(&self, info: &SessionInfo, end: &SessionEnd) {
+        let Some(app) = self.app.upgrade() else {
+            return;
+        };
+        let event = session_ended_event(
+            &info.principal,
+            &info.request_id,
+            &info.session_id,
+            &end.reason,
+            end.statements,
+            end.entries,
+            &end.final_hash,
+        );
+        if let Err(e) = app.store.append(vec![event], now()).await {
+            tracing::error!(session = %info.session_id, error = %e, "cannot audit session end");
+        }
+    }
+}
+
+fn session_ended_event(
+    actor: &str,
+    request_id: &str,
+    session_id: &str,
+    reason: &str,
+    statements: u64,
+    entries: u64,
+    hash: &[u8; 32],
+) -> EventDraft {
+    EventDraft {
+        actor: actor.to_string(),
+        action: "session.ended".into(),
+        request_id: Some(request_id.to_string()),
+        details: json!({
+            "session_id": session_id,
+            "end_reason": reason,
+            "statements": statements,
+            "recording_entries": entries,
+            "recording_sha256": hex::encode(hash),
+        }),
+    }
+}
+
+/// Ends the recordings of sessions that were live when the process died,
+/// and records their end in the audit chain.
+pub async fn recover_sessions(app: &App) -> anyhow::Result<usize> {
+    let dir = app.config.recordings_dir();
+    let recovered = Recorder::recover_interrupted(&dir, "service_restart", now());
+    let mut events = Vec::new();
+    for (id, result) in &recovered {
+        match result {
+            Ok(s) => {
+                let request_id = s.header["request_id"].as_str().unwrap_or("");
+                let principal = s.header["principal"].as_str().unwrap_or("system");
+                events.push(session_ended_event(
+                    principal,
+                    request_id,
+                    id,
+                    "service_restart",
+                    s.statements,
+                    s.entries,
+                    &s.final_hash,
+                ));
+            }
+            Err(e) => {
+                tracing::error!(session = %id, error = %e, "cannot close an interrupted session recording")
+            }
+        }
+    }
+    let n = events.len();
+    if n > 0 {
+        app.store.append(events, now()).await?;
+    }
+    Ok(n)
+}
+
+/// Follows the event feed and cuts the sessions of every grant that ends.
+pub fn spawn_cutter(app: &Arc<App>, gateway: Gateway) -> tokio::task::JoinHandle<()> {
+    let mut feed = app.store.subscribe();
+    let app = Arc::downgrade(app);
+    tokio::spawn(async move {
+        loop {
+            match feed.recv().await {
+                Ok(e) => {
+                    let reason = match e.action.as_str() {
+                        "request.expired" => "expired".to_string(),
+                        "request.revoked" => serde_json::from_str::<serde_json::Value>(&e.details)
+                            .ok()
+                            .and_then(|d| d["end_reason"].as_str().map(str::to_string))
+                            .unwrap_or_else(|| "revoked".into()),
+                        _ => continue,
+                    };
+                    if let Some(id) = &e.request_id {
+                        let n = gateway.cut(id, &reason);
+                        if n > 0 {
+                            tracing::info!(request = %id, sessions = n, reason, "cutting live sessions");
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    // Missed events: check every grant with live sessions.
+                    let Some(app) = app.upgrade() else { return };
+                    for id in gateway.live_grants() {
+                        let live =
+                            matches!(app.store.get(&id).await, Ok(Some(r)) if r.is_live(now()));
+                        if !live {
+                            gateway.cut(&id, "ended");
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    })
+}

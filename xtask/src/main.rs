@@ -20,7 +20,63 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Installs the system tools the tests start for real (PostgreSQL server
+/// and client, pgbench, pgbouncer) when any is missing; needs root.
+fn ensure_system_packages() -> anyhow::Result<()> {
+    let in_pg_bin = |tool: &str| {
+        std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|version| version.path().join("bin").join(tool).is_file())
+    };
+    let mut missing = Vec::new();
+    for tool in ["initdb", "pgbench"] {
+        if !in_pg_bin(tool) {
+            missing.push(format!("/usr/lib/postgresql/*/bin/{tool}"));
+        }
+    }
+    for path in ["/usr/bin/psql", "/usr/sbin/pgbouncer"] {
+        if !std::path::Path::new(path).is_file() {
+            missing.push(path.to_owned());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages = ["postgresql", "postgresql-contrib", "pgbouncer"];
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"));
+        uids.and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
+    });
+    if !root {
+        bail!(
+            "the tests need {} (missing); install them with `sudo apt-get install -y {}`",
+            missing.join(", "),
+            packages.join(" ")
+        );
+    }
+    eprintln!(
+        "xtask: missing {}; installing {}",
+        missing.join(", "),
+        packages.join(" ")
+    );
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        eprintln!("xtask: install failed; updating the package lists and retrying");
+        run(Command::new("apt-get").arg("update"))?;
+        install()?;
+    }
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
+    ensure_system_packages()?;
     // Build everything first so test binaries that start the real
     // `breakglass` binary find it built.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;

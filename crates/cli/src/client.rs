@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use breakglass_core::Request;
 use breakglass_server::dto::{
-    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RequestList,
-    ReviewBody, WhoAmI,
+    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
+    RequestList, ReviewBody, SessionList, WhoAmI,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -276,6 +276,22 @@ impl Client {
             query.push(("after", a.to_string()));
         }
         self.get("/v1/audit", &query)
+    }
+
+    /// `GET /v1/requests/{id}/sessions`.
+    pub fn sessions(&self, id: &str) -> Result<SessionList, ApiError> {
+        self.get(&format!("/v1/requests/{id}/sessions"), &[])
+    }
+
+    /// `GET /v1/sessions/{id}/recording?after=&limit=`.
+    pub fn recording_page(
+        &self,
+        id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<RecordingPage, ApiError> {
+        let query = vec![("after", after.to_string()), ("limit", limit.to_string())];
+        self.get(&format!("/v1/sessions/{id}/recording"), &query)
     }
 
     /// `GET /v1/whoami`.

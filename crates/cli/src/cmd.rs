@@ -361,6 +361,117 @@ pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
+/// Fetches fresh credentials and runs the target's client against its
+/// gateway. The token travels in the client's environment (PGPASSWORD),
+/// never on a command line.
+pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::Result<Exit> {
+    let c = ctx.client()?.credentials(id)?;
+    let Some(conn) = c.connection.as_ref() else {
+        return Err(Failure::new(
+            Exit::Error,
+            "no_gateway",
+            format!(
+                "target {} has no gateway on this server; use the credentials directly",
+                c.target
+            ),
+        )
+        .into());
+    };
+    if conn.kind != "postgres" {
+        return Err(Failure::new(
+            Exit::Error,
+            "no_gateway",
+            format!(
+                "connect does not know how to run a client for {} targets",
+                conn.kind
+            ),
+        )
+        .into());
+    }
+    let mut child = std::process::Command::new(program);
+    child
+        .env("PGPASSWORD", &c.token)
+        .env("PGHOST", &conn.host)
+        .env("PGPORT", conn.port.to_string())
+        .env("PGUSER", &conn.user)
+        .env("PGDATABASE", conn.database.as_deref().unwrap_or(&c.target))
+        .env("PGAPPNAME", format!("breakglass:{id}"))
+        .args(args);
+    eprintln!(
+        "Connecting to {} as {} (role {}) until {}; every statement is recorded.",
+        c.target,
+        c.requester,
+        c.role,
+        c.expires_at.to_rfc3339()
+    );
+    let status = child.status().map_err(|e| {
+        Failure::new(
+            Exit::Error,
+            "client_failed",
+            format!("cannot run {program}: {e}"),
+        )
+    })?;
+    Ok(if status.success() {
+        Exit::Success
+    } else {
+        Exit::Error
+    })
+}
+
+pub fn sessions(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+    let list = ctx.client()?.sessions(id)?;
+    if ctx.json() {
+        print_json(&list)?;
+        return Ok(Exit::Success);
+    }
+    if list.sessions.is_empty() {
+        print_text(&format!("No gateway sessions for {id}.\n"))?;
+        return Ok(Exit::Success);
+    }
+    let mut out = String::new();
+    for s in &list.sessions {
+        out.push_str(&format!(
+            "{}  {}  started {}  {}  statements {}  client {}\n",
+            s.session_id,
+            s.principal,
+            s.started_at.to_rfc3339(),
+            match (&s.ended_at, &s.end_reason) {
+                (Some(t), Some(r)) => format!("ended {} ({r})", t.to_rfc3339()),
+                _ => "LIVE".to_string(),
+            },
+            s.statements.map_or("-".to_string(), |n| n.to_string()),
+            s.client.as_deref().unwrap_or("-"),
+        ));
+    }
+    print_text(&out)?;
+    Ok(Exit::Success)
+}
+
+/// Prints a recording page by page; JSON lines with `--output json`.
+pub fn recording(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+    let client = ctx.client()?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut after = 0;
+    loop {
+        let page = client.recording_page(id, after, AUDIT_PAGE_SIZE)?;
+        for e in &page.entries {
+            if ctx.json() {
+                serde_json::to_writer(&mut out, e).context("cannot encode an entry")?;
+                out.write_all(b"\n")?;
+            } else {
+                out.write_all(render::recording_entry(e).as_bytes())?;
+            }
+        }
+        out.flush()?;
+        match page.next {
+            Some(n) if n > after && !page.entries.is_empty() => after = n,
+            _ => break,
+        }
+    }
+    Ok(Exit::Success)
+}
+
 pub fn whoami(ctx: &Ctx) -> anyhow::Result<Exit> {
     let w = ctx.client()?.whoami()?;
     if ctx.json() {

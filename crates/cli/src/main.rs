@@ -115,6 +115,13 @@ enum Command {
     Show(IdArgs),
     /// Get the token (and connection details) of an active grant; shown once.
     Credentials(IdArgs),
+    /// Connect to the target through its gateway (runs psql with the grant's
+    /// credentials; arguments after -- go to psql).
+    Connect(ConnectArgs),
+    /// List the gateway sessions of a request.
+    Sessions(IdArgs),
+    /// Show what happened in a session (JSON lines with --output json).
+    Recording(IdArgs),
     /// Verify or export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -192,6 +199,19 @@ struct IdArgs {
     /// The request id.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// The request id of an active grant.
+    #[arg(value_name = "ID", value_parser = parse_id)]
+    id: String,
+    /// The client program to run (default: psql from PATH).
+    #[arg(long, value_name = "PROGRAM", default_value = "psql")]
+    client: String,
+    /// Arguments passed to the client, after --.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -384,6 +404,9 @@ fn main() -> ExitCode {
         Command::List(a) => cmd::list(&ctx, a.state, a.mine, a.limit),
         Command::Show(a) => cmd::show(&ctx, &a.id),
         Command::Credentials(a) => cmd::credentials(&ctx, &a.id),
+        Command::Connect(a) => cmd::connect(&ctx, &a.id, &a.client, &a.args),
+        Command::Sessions(a) => cmd::sessions(&ctx, &a.id),
+        Command::Recording(a) => cmd::recording(&ctx, &a.id),
         Command::Audit(AuditCommand::Verify { config }) => cmd::audit_verify(&ctx, &config),
         Command::Audit(AuditCommand::Export { after }) => cmd::audit_export(&ctx, after),
         Command::Policy(PolicyCommand::Check(a)) => {

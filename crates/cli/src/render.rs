@@ -474,9 +474,10 @@ pub fn whoami(w: &WhoAmI) -> String {
 pub fn verify_report(r: &VerifyReport) -> String {
     if r.ok {
         format!(
-            "Audit chain OK: {} events, {} signed checkpoints, head seq {} hash {}.\n",
+            "Audit chain OK: {} events, {} signed checkpoints, {} session recordings, head seq {} hash {}.\n",
             r.events,
             r.checkpoints,
+            r.recordings,
             r.head_seq,
             clean(&r.head_hash)
         )
@@ -529,6 +530,46 @@ pub fn policy_report(r: &PolicyReport) -> String {
         let _ = writeln!(out, "  why: {}", clean(&s.explanation));
     }
     out
+}
+
+/// One recording entry as a line of text.
+pub fn recording_entry(e: &serde_json::Value) -> String {
+    let seq = e["seq"].as_u64().unwrap_or(0);
+    let time = e["time"].as_str().unwrap_or("");
+    let text = |k: &str| clean(e[k].as_str().unwrap_or(""));
+    let body = match e["kind"].as_str().unwrap_or("") {
+        "session" => format!(
+            "session of {} on {} as {} (request {}), from {}",
+            text("principal"),
+            text("target"),
+            text("role"),
+            text("request_id"),
+            text("client")
+        ),
+        "query" => format!("query: {}", text("text")),
+        "execute" => {
+            let params = &e["params"];
+            if params.is_null() || params.as_array().is_some_and(Vec::is_empty) {
+                format!("execute: {}", text("text"))
+            } else {
+                format!(
+                    "execute: {}  params {}",
+                    text("text"),
+                    clean(&params.to_string())
+                )
+            }
+        }
+        "result" => format!("  -> {} (statement {})", text("tag"), e["statement"]),
+        "error" => format!(
+            "  -> ERROR {} {} (statement {})",
+            text("code"),
+            text("message"),
+            e["statement"]
+        ),
+        "end" => format!("session ended: {}", text("reason")),
+        other => format!("{}: {}", clean(other), clean(&e.to_string())),
+    };
+    format!("{seq:>6} {time}  {body}\n")
 }
 
 #[cfg(test)]
@@ -807,6 +848,7 @@ mod tests {
             ok: false,
             events: 41,
             checkpoints: 3,
+            recordings: 0,
             head_seq: 100,
             head_hash: "ab".to_string(),
             first_bad_seq: Some(42),

@@ -39,6 +39,17 @@ pub struct PgGatewayConfig {
     /// used by `connect`); defaults to the listen address.
     #[serde(default)]
     pub advertise_host: Option<String>,
+    /// PEM certificate chain and private key: with both set, clients may
+    /// (and off loopback must) use TLS. Production needs TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Accept plaintext password logins from clients that are not on
+    /// loopback. Off by default: grant credentials must not cross a network
+    /// in clear.
+    #[serde(default)]
+    pub allow_plaintext_off_loopback: bool,
     /// fsync every recorded statement before forwarding it (slower; the
     /// default makes entries durable within a few milliseconds and never
     /// loses one to a crash of breakglass).
@@ -87,6 +98,9 @@ impl PgGatewayConfig {
         }
         if self.max_connections_per_grant == 0 {
             return Err("gateway.postgres.max_connections_per_grant must be at least 1".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("gateway.postgres: set both tls_cert and tls_key, or neither".into());
         }
         if !(1024..=1 << 30).contains(&self.message_len_max) {
             return Err("gateway.postgres.message_len_max must be between 1 KiB and 1 GiB".into());
@@ -205,6 +219,7 @@ struct CancelTarget {
 
 pub(crate) struct Shared {
     config: PgGatewayConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     authority: Arc<dyn Authority>,
     recorder: Recorder,
     sessions: Mutex<HashMap<String, Vec<SessionHandle>>>,
@@ -230,8 +245,13 @@ impl Gateway {
         recordings: PathBuf,
     ) -> std::io::Result<Gateway> {
         let recorder = Recorder::new(&recordings, config.strict_recording)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
         Ok(Gateway {
             shared: Arc::new(Shared {
+                tls,
                 connections: Arc::new(Semaphore::new(config.max_connections)),
                 config,
                 authority,
@@ -283,6 +303,37 @@ impl Gateway {
     pub fn recordings_dir(&self) -> PathBuf {
         self.shared.recorder.dir().to_path_buf()
     }
+}
+
+/// Loads a PEM certificate chain and key into a TLS acceptor (TLS 1.2+).
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {e}", what.display()),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, &"no certificate found"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad(key, &e))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Shared {

@@ -11,7 +11,7 @@ use breakglass_core::Timestamp;
 use bytes::{Buf, BytesMut};
 use rand::Rng;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -54,25 +54,41 @@ impl Fail {
     }
 }
 
-async fn fatal(client: &mut TcpStream, code: &str, message: &str) {
+/// A client connection, plain or TLS.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Client = Box<dyn Io>;
+
+async fn fatal<W: AsyncWrite + Unpin + ?Sized>(client: &mut W, code: &str, message: &str) {
     let _ = client
         .write_all(&error_response(Severity::Fatal, code, message))
         .await;
     let _ = client.shutdown().await;
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
+pub(crate) async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
     let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
         fatal(
-            &mut client,
+            &mut tcp,
             "53300",
             "breakglass gateway: too many connections",
         )
         .await;
         return;
     };
-    let startup = tokio::time::timeout(shared.config.startup(), start(&shared, &mut client)).await;
+    let deadline = tokio::time::Instant::now() + shared.config.startup();
+    let (mut client, buf, tls) = match negotiate(&shared, tcp, deadline).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return,
+        Err((mut client, f)) => {
+            tracing::info!(client = %peer, code = f.code, reason = %f.message, "gateway connection refused");
+            fatal(&mut client, f.code, &f.message).await;
+            return;
+        }
+    };
+    let startup =
+        tokio::time::timeout_at(deadline, start(&shared, &mut client, buf, tls, peer)).await;
     let ready = match startup {
         Err(_) => {
             fatal(
@@ -94,6 +110,78 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut client: TcpStream, peer: Soc
     run(shared, client, peer, ready).await;
 }
 
+/// Answers SSLRequest / GSSENCRequest on the raw socket and upgrades to TLS
+/// when configured. Returns the client stream, the bytes already read, and
+/// whether TLS is on; `None` when the client left.
+async fn negotiate(
+    shared: &Shared,
+    mut tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(Client, BytesMut, bool)>, (Client, Fail)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let packet = match decode_startup(&buf) {
+            Err(e) => {
+                return Err((
+                    Box::new(tcp),
+                    Fail::new("08P01", format!("invalid start-up packet: {e}")),
+                ));
+            }
+            Ok(p) => p,
+        };
+        match packet {
+            None => match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    return Err((
+                        Box::new(tcp),
+                        Fail::new(
+                            "08P01",
+                            "breakglass gateway: start-up not completed in time",
+                        ),
+                    ));
+                }
+            },
+            Some((Startup::Ssl, n)) => {
+                buf.advance(n);
+                // INVARIANT: nothing may follow an SSLRequest before the
+                // handshake; bytes sent ahead would bypass TLS.
+                if !buf.is_empty() {
+                    return Err((
+                        Box::new(tcp),
+                        Fail::new("08P01", "unexpected data after SSLRequest"),
+                    ));
+                }
+                let Some(acceptor) = &shared.tls else {
+                    if tcp.write_all(b"N").await.is_err() {
+                        return Ok(None);
+                    }
+                    continue;
+                };
+                if tcp.write_all(b"S").await.is_err() {
+                    return Ok(None);
+                }
+                return match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => Ok(Some((Box::new(tls), buf, true))),
+                    Ok(Err(e)) => {
+                        tracing::info!(error = %e, "gateway TLS handshake failed");
+                        Ok(None)
+                    }
+                    Err(_) => Ok(None),
+                };
+            }
+            Some((Startup::GssEnc, n)) => {
+                buf.advance(n);
+                if tcp.write_all(b"N").await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Some(_) => return Ok(Some((Box::new(tcp), buf, false))),
+        }
+    }
+}
+
 struct Ready {
     auth: Authorized,
     params: Vec<(String, String)>,
@@ -102,7 +190,7 @@ struct Ready {
     cbuf: BytesMut,
 }
 
-async fn read_more(client: &mut TcpStream, buf: &mut BytesMut) -> Result<bool, Fail> {
+async fn read_more(client: &mut Client, buf: &mut BytesMut) -> Result<bool, Fail> {
     match client.read_buf(buf).await {
         Ok(0) => Ok(false),
         Ok(_) => Ok(true),
@@ -112,8 +200,13 @@ async fn read_more(client: &mut TcpStream, buf: &mut BytesMut) -> Result<bool, F
 
 /// Start-up and authentication. `Ok(None)`: nothing more to do (a cancel
 /// request was forwarded, or the client left).
-async fn start(shared: &Shared, client: &mut TcpStream) -> Result<Option<Ready>, Fail> {
-    let mut buf = BytesMut::with_capacity(1024);
+async fn start(
+    shared: &Shared,
+    client: &mut Client,
+    mut buf: BytesMut,
+    tls: bool,
+    peer: SocketAddr,
+) -> Result<Option<Ready>, Fail> {
     let params = loop {
         match decode_startup(&buf) {
             Err(e) => return Err(Fail::new("08P01", format!("invalid start-up packet: {e}"))),
@@ -125,13 +218,11 @@ async fn start(shared: &Shared, client: &mut TcpStream) -> Result<Option<Ready>,
             Ok(Some((packet, n))) => {
                 buf.advance(n);
                 match packet {
-                    // No TLS on this listener: the client may continue in
-                    // plaintext (loopback) or give up.
                     Startup::Ssl | Startup::GssEnc => {
-                        client
-                            .write_all(b"N")
-                            .await
-                            .map_err(|e| Fail::new("08006", e.to_string()))?;
+                        return Err(Fail::new(
+                            "08P01",
+                            "encryption was already negotiated; unexpected second request",
+                        ));
                     }
                     Startup::Cancel { pid, secret } => {
                         let target = shared
@@ -165,6 +256,12 @@ async fn start(shared: &Shared, client: &mut TcpStream) -> Result<Option<Ready>,
         return Err(Fail::new(
             "28000",
             "replication connections are not allowed through the breakglass gateway",
+        ));
+    }
+    if !tls && !peer.ip().is_loopback() && !shared.config.allow_plaintext_off_loopback {
+        return Err(Fail::new(
+            "28000",
+            "breakglass gateway: TLS is required for connections that are not on loopback (use sslmode=require)",
         ));
     }
     client
@@ -406,7 +503,7 @@ enum End {
     Protocol(String),
 }
 
-async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ready: Ready) {
+async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: Ready) {
     let Ready {
         auth,
         params,
@@ -547,7 +644,7 @@ fn expiry_deadline(expires_at: Timestamp) -> tokio::time::Instant {
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     shared: &Shared,
-    client: &mut TcpStream,
+    client: &mut Client,
     upstream: &mut TcpStream,
     cbuf: &mut BytesMut,
     ubuf: &mut BytesMut,

@@ -28,7 +28,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::recording::Recorder;
-pub use crate::upstream::UpstreamTarget;
+pub use crate::upstream::{UpstreamTarget, UpstreamTls};
+
+/// A byte stream to a client or the upstream, plain or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// `[gateway.postgres]` in the config.
 #[derive(Debug, Clone, Deserialize)]

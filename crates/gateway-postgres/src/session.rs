@@ -11,7 +11,7 @@ use breakglass_core::Timestamp;
 use bytes::{Buf, BytesMut};
 use rand::Rng;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -21,7 +21,7 @@ use crate::codec::{
 };
 use crate::recording::Recording;
 use crate::upstream;
-use crate::{Authorized, CancelTarget, SessionEnd, SessionInfo, Shared};
+use crate::{Authorized, CancelTarget, Io, SessionEnd, SessionInfo, Shared};
 
 /// Passwords (grant credentials) are short.
 const PASSWORD_LEN_MAX: usize = 4096;
@@ -54,9 +54,6 @@ impl Fail {
     }
 }
 
-/// A client connection, plain or TLS.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Client = Box<dyn Io>;
 
 async fn fatal<W: AsyncWrite + Unpin + ?Sized>(client: &mut W, code: &str, message: &str) {
@@ -185,7 +182,7 @@ async fn negotiate(
 struct Ready {
     auth: Authorized,
     params: Vec<(String, String)>,
-    upstream: TcpStream,
+    upstream: Box<dyn Io>,
     ubuf: BytesMut,
     cbuf: BytesMut,
 }
@@ -645,7 +642,7 @@ fn expiry_deadline(expires_at: Timestamp) -> tokio::time::Instant {
 async fn relay(
     shared: &Shared,
     client: &mut Client,
-    upstream: &mut TcpStream,
+    upstream: &mut Box<dyn Io>,
     cbuf: &mut BytesMut,
     ubuf: &mut BytesMut,
     cut_rx: &mut watch::Receiver<Option<String>>,

@@ -95,7 +95,7 @@ impl Authority for PgAuthority {
             ))
         })?;
         let url = target.upstream.as_deref().unwrap_or("");
-        let (host, port, db) = parse_url(url).map_err(Refusal::Unavailable)?;
+        let parsed = parse_url(url).map_err(Refusal::Unavailable)?;
         let password = role_password(role).map_err(|e| {
             tracing::error!(target_name = %target.name, error = %e, "upstream password unavailable");
             Refusal::Unavailable("the upstream credentials are not available; see the server log".into())
@@ -112,11 +112,12 @@ impl Authority for PgAuthority {
             role: grant.request.role.clone(),
             expires_at,
             upstream: UpstreamTarget {
-                host,
-                port,
-                database: db,
+                host: parsed.host,
+                port: parsed.port,
+                database: parsed.database,
                 user: role.user.clone().unwrap_or_default(),
                 password,
+                tls: parsed.tls,
             },
             redact_parameters: target.redact_parameters,
         })

@@ -311,4 +311,42 @@ mod tests {
         assert!(fields.contains(&(b'C', "28P01".to_string())));
         assert!(fields.contains(&(b'M', "no".to_string())));
     }
+
+    /// Random and mutated inputs never panic and never report a frame past
+    /// the buffer (the `fuzz/` targets do the same, coverage-guided).
+    #[test]
+    fn random_input_is_refused_or_framed_safely() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut valid = startup_message(&[("user", "alice"), ("database", "db")]);
+        put_frame(&mut valid, b'Q', b"select 1\0");
+        valid.extend_from_slice(&error_response(Severity::Error, "42P01", "nope"));
+        for round in 0..20_000 {
+            let mut buf = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..(next() % 64)).map(|_| next() as u8).collect()
+            };
+            for _ in 0..(next() % 4) {
+                if !buf.is_empty() {
+                    let i = (next() as usize) % buf.len();
+                    buf[i] = next() as u8;
+                }
+            }
+            if let Ok(Some((_, used))) = decode_startup(&buf) {
+                assert!(used <= buf.len());
+            }
+            let mut at = 0;
+            while let Ok(Some(f)) = decode_frame(&buf[at..], 4096) {
+                assert!(f.len >= 5 && at + f.len <= buf.len());
+                let _ = parse_error_fields(f.payload(&buf[at..]));
+                at += f.len;
+            }
+        }
+    }
 }

@@ -1,0 +1,642 @@
+//! Tampering with the store behind the server's back (DESIGN §5, §9): a
+//! store with some dozens of events is made through the real server, then
+//! copies of it are altered with SQLite directly. `breakglass audit verify`
+//! must fail and name the first bad `seq` every time; an untouched copy
+//! verifies. A server started on a tampered store refuses writes and says
+//! why on `/readyz`, while reads go on working.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Api, Server, Setup};
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// A tamper case: its name, what it does to the store, the first bad seq
+/// verification must name.
+type Case = (&'static str, Box<dyn Fn(&Connection)>, u64);
+
+/// The store every case starts from.
+struct Base {
+    setup: Setup,
+    /// The last seq.
+    head: u64,
+    /// Seqs of the signed checkpoints, ascending.
+    checkpoints: Vec<u64>,
+    /// A request that exists in the store.
+    request_id: String,
+}
+
+/// One full lifecycle through the API: create, approve, credentials,
+/// revoke: five audit events.
+fn lifecycle(api: &Api, i: usize) -> String {
+    let (st, r) = api.post(
+        "alice",
+        "/v1/requests",
+        Some(json!({"target": "prod-db", "role": "read", "duration": "10m", "reason": format!("tamper base {i}")})),
+    );
+    assert_eq!(st, 201, "{r}");
+    let id = r["id"].as_str().expect("id").to_string();
+    let (st, r) = api.post("bob", &format!("/v1/requests/{id}/approve"), None);
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = api.post("alice", &format!("/v1/requests/{id}/credentials"), None);
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = api.post(
+        "dave",
+        &format!("/v1/requests/{id}/revoke"),
+        Some(json!({"reason": "done"})),
+    );
+    assert_eq!(st, 200, "{r}");
+    id
+}
+
+/// Builds the base store: two batches of lifecycles with a periodic
+/// checkpoint between them, then a graceful stop (which signs the head).
+fn base() -> Base {
+    let setup = Setup::new();
+    let mut server = Server::start(&setup);
+    let api = Api::new(&setup.url());
+    let mut request_id = String::new();
+    for i in 0..6 {
+        request_id = lifecycle(&api, i);
+    }
+    // Let the 1s checkpoint task sign a head in the middle of the log.
+    std::thread::sleep(Duration::from_millis(1300));
+    for i in 6..10 {
+        lifecycle(&api, i);
+    }
+    let status = server
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no exit on SIGTERM; stderr:\n{}", server.stderr()));
+    assert!(status.success(), "{status}");
+    let conn = Connection::open(setup.db_path()).expect("open base store");
+    let head: i64 = conn
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .expect("head");
+    let checkpoints: Vec<u64> = conn
+        .prepare("SELECT seq FROM checkpoints ORDER BY seq")
+        .expect("prepare")
+        .query_map([], |r| r.get::<_, i64>(0))
+        .expect("query")
+        .map(|s| s.expect("seq") as u64)
+        .collect();
+    let head = head as u64;
+    assert_eq!(head, 51, "service.started + 10 lifecycles of 5 events");
+    assert_eq!(checkpoints.last(), Some(&head), "the stop signs the head");
+    assert!(
+        checkpoints.iter().any(|&c| c > 10 && c < head),
+        "a checkpoint between seq 10 and the head: {checkpoints:?}"
+    );
+    Base {
+        setup,
+        head,
+        checkpoints,
+        request_id,
+    }
+}
+
+/// The documented chain hash (DESIGN §5, `breakglass_core::audit` docs),
+/// written again here so the test checks the documentation too:
+/// `SHA-256(prev || seq u64 BE || time_ms i64 BE || str actor || str action
+/// || str request_id || str details)`, `str` = u32 BE length + UTF-8.
+fn chain_hash(prev: &[u8], row: &Row) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(row.seq.to_be_bytes());
+    h.update(row.time.to_be_bytes());
+    for s in [
+        row.actor.as_str(),
+        row.action.as_str(),
+        row.request_id.as_deref().unwrap_or(""),
+        row.details.as_str(),
+    ] {
+        h.update((s.len() as u32).to_be_bytes());
+        h.update(s.as_bytes());
+    }
+    h.finalize().to_vec()
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    seq: i64,
+    time: i64,
+    actor: String,
+    action: String,
+    request_id: Option<String>,
+    details: String,
+    hash: Vec<u8>,
+}
+
+fn rows(conn: &Connection) -> Vec<Row> {
+    conn.prepare(
+        "SELECT seq, time, actor, action, request_id, details, hash FROM audit ORDER BY seq",
+    )
+    .expect("prepare")
+    .query_map([], |r| {
+        Ok(Row {
+            seq: r.get(0)?,
+            time: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            request_id: r.get(4)?,
+            details: r.get(5)?,
+            hash: r.get(6)?,
+        })
+    })
+    .expect("query")
+    .map(|r| r.expect("row"))
+    .collect()
+}
+
+fn row(conn: &Connection, seq: i64) -> Row {
+    rows(conn)
+        .into_iter()
+        .find(|r| r.seq == seq)
+        .unwrap_or_else(|| panic!("no row {seq}"))
+}
+
+/// Overwrites everything but the seq of row `seq` with `content`.
+fn put(conn: &Connection, seq: i64, content: &Row) {
+    let n = conn
+        .execute(
+            "UPDATE audit SET time = ?1, actor = ?2, action = ?3, request_id = ?4, details = ?5, hash = ?6 WHERE seq = ?7",
+            params![
+                content.time,
+                content.actor,
+                content.action,
+                content.request_id,
+                content.details,
+                content.hash,
+                seq
+            ],
+        )
+        .expect("update row");
+    assert_eq!(n, 1);
+}
+
+/// Runs `audit verify` on `setup` (text and JSON); returns the first bad seq
+/// it names, or `None` when it says the chain holds. Checks that text, JSON
+/// and exit code agree.
+#[track_caller]
+fn verify(setup: &Setup) -> Option<u64> {
+    let config = setup.config_path().display().to_string();
+    let text = setup.cli(None, &["audit", "verify", "--config", &config]);
+    let json = setup.cli(
+        None,
+        &["audit", "verify", "--config", &config, "--output", "json"],
+    );
+    assert_eq!(text.code, json.code, "{text:#?} {json:#?}");
+    let report = json.json();
+    if report["ok"] == true {
+        text.expect_code(0);
+        assert!(text.stdout.starts_with("Audit chain OK: "), "{text:#?}");
+        assert!(report["first_bad_seq"].is_null(), "{report}");
+        return None;
+    }
+    text.expect_code(1);
+    let seq = report["first_bad_seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a broken chain names no seq: {report}"));
+    assert!(
+        text.stdout
+            .starts_with(&format!("Audit chain BROKEN at seq {seq}: ")),
+        "{text:#?}"
+    );
+    assert!(
+        text.stderr
+            .contains(&format!("the audit chain does not hold at seq {seq}")),
+        "{text:#?}"
+    );
+    assert!(text.stderr.contains("(audit_broken)"), "{text:#?}");
+    Some(seq)
+}
+
+/// A copy of a stopped server's setup and store, altered by `tamper`.
+fn tampered(setup: &Setup, tamper: impl FnOnce(&Connection)) -> Setup {
+    let copy = setup.copy();
+    let conn = Connection::open(copy.db_path()).expect("open copy");
+    tamper(&conn);
+    drop(conn);
+    copy
+}
+
+#[test]
+fn every_single_tamper_is_detected_offline_at_its_seq() {
+    let base = base();
+    let head = base.head as i64;
+    let mid_cp = *base
+        .checkpoints
+        .iter()
+        .find(|&&c| c > 10 && (c as i64) < head)
+        .expect("a middle checkpoint") as i64;
+
+    // The untouched copy verifies, and the documented hash matches every row.
+    let copy = base.setup.copy();
+    assert_eq!(verify(&copy), None);
+    let conn = Connection::open(copy.db_path()).expect("open copy");
+    let all = rows(&conn);
+    assert_eq!(all.len() as i64, head);
+    let mut prev = vec![0u8; 32];
+    for r in &all {
+        assert_eq!(
+            chain_hash(&prev, r),
+            r.hash,
+            "row {} does not follow the documented encoding",
+            r.seq
+        );
+        prev = r.hash.clone();
+    }
+    drop(conn);
+
+    let cases: Vec<Case> = vec![
+        (
+            "alter one row's details",
+            Box::new(|c: &Connection| {
+                let n = c
+                    .execute(
+                        "UPDATE audit SET details = replace(details, 'done', 'nothing to see') WHERE seq = 26",
+                        [],
+                    )
+                    .expect("update");
+                assert_eq!(n, 1);
+                assert!(
+                    row(c, 26).details.contains("nothing to see"),
+                    "seq 26 is a revoke"
+                );
+            }),
+            26,
+        ),
+        (
+            "alter one row's actor",
+            Box::new(|c: &Connection| {
+                c.execute("UPDATE audit SET actor = 'carol' WHERE seq = 13", [])
+                    .expect("update");
+            }),
+            13,
+        ),
+        (
+            "alter one row's stored hash",
+            Box::new(|c: &Connection| {
+                c.execute("UPDATE audit SET hash = zeroblob(32) WHERE seq = 30", [])
+                    .expect("update");
+            }),
+            30,
+        ),
+        (
+            "delete one row",
+            Box::new(|c: &Connection| {
+                assert_eq!(
+                    c.execute("DELETE FROM audit WHERE seq = 17", [])
+                        .expect("delete"),
+                    1
+                );
+            }),
+            17,
+        ),
+        (
+            "insert one row (later rows renumbered)",
+            Box::new(|c: &Connection| {
+                c.execute_batch(
+                    "UPDATE audit SET seq = -seq WHERE seq >= 20;
+                     UPDATE audit SET seq = -seq + 1 WHERE seq < 0;",
+                )
+                .expect("renumber");
+                // A forged approval, shaped like its neighbour.
+                let mut forged = row(c, 19);
+                forged.action = "request.approved".into();
+                c.execute(
+                    "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES (20, ?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![forged.time, forged.actor, forged.action, forged.request_id, forged.details, forged.hash],
+                )
+                .expect("insert");
+            }),
+            20,
+        ),
+        (
+            "swap two rows' contents (reorder)",
+            Box::new(|c: &Connection| {
+                let (a, b) = (row(c, 33), row(c, 34));
+                put(c, 33, &b);
+                put(c, 34, &a);
+            }),
+            33,
+        ),
+        (
+            "truncate the tail a signed checkpoint covers",
+            Box::new(move |c: &Connection| {
+                let n = c
+                    .execute("DELETE FROM audit WHERE seq > ?1", params![head - 5])
+                    .expect("delete tail");
+                assert_eq!(n, 5);
+            }),
+            base.head - 4,
+        ),
+        (
+            "alter a checkpoint's signature",
+            Box::new(move |c: &Connection| {
+                let n = c
+                    .execute(
+                        "UPDATE checkpoints SET signature = zeroblob(64) WHERE seq = ?1",
+                        params![mid_cp],
+                    )
+                    .expect("update checkpoint");
+                assert_eq!(n, 1);
+            }),
+            mid_cp as u64,
+        ),
+        (
+            "move a checkpoint to another hash",
+            Box::new(move |c: &Connection| {
+                c.execute(
+                    "UPDATE checkpoints SET hash = (SELECT hash FROM audit WHERE seq = 3) WHERE seq = ?1",
+                    params![mid_cp],
+                )
+                .expect("update checkpoint");
+            }),
+            mid_cp as u64,
+        ),
+        (
+            // The hash chain itself is not keyed: someone who rewrites a row
+            // and recomputes every later hash is caught by the first signed
+            // checkpoint after the change, which is the seq named.
+            "alter a row and recompute every later hash",
+            Box::new(|c: &Connection| {
+                let mut all = rows(c);
+                let mut prev = vec![0u8; 32];
+                for r in &mut all {
+                    if r.seq == 12 {
+                        assert_eq!(r.actor, "alice");
+                        r.actor = "mallory".into();
+                    }
+                    r.hash = chain_hash(&prev, r);
+                    prev = r.hash.clone();
+                    put(c, r.seq, r);
+                }
+            }),
+            base.checkpoints
+                .iter()
+                .copied()
+                .find(|&cp| cp >= 12)
+                .expect("a checkpoint at or after seq 12"),
+        ),
+    ];
+    for (name, tamper, first_bad) in &cases {
+        let copy = tampered(&base.setup, tamper);
+        assert_eq!(verify(&copy), Some(*first_bad), "case: {name}");
+    }
+
+    // Limits of what the store alone can prove, asserted as they are today:
+    //
+    // 1. A forged event appended after the last checkpoint with a correctly
+    //    computed hash verifies: nothing signed covers it yet.
+    let copy = tampered(&base.setup, |c| {
+        let last = row(c, head);
+        let mut forged = last.clone();
+        forged.seq = head + 1;
+        forged.action = "request.reviewed".into();
+        forged.hash = chain_hash(&last.hash, &forged);
+        c.execute(
+            "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![forged.seq, forged.time, forged.actor, forged.action, forged.request_id, forged.details, forged.hash],
+        )
+        .expect("append");
+    });
+    assert_eq!(
+        verify(&copy),
+        None,
+        "an unsigned tail cannot be told from a real one"
+    );
+    // 2. Truncating the tail AND deleting the checkpoints that cover it
+    //    verifies too. FIXME: DESIGN §5 keeps a copy of every checkpoint
+    //    outside the database (`audit.checkpoint_file`) so that this is
+    //    detected, but `audit verify` does not read that file yet.
+    let copy = tampered(&base.setup, move |c| {
+        c.execute("DELETE FROM audit WHERE seq > ?1", params![head - 5])
+            .expect("truncate");
+        c.execute("DELETE FROM checkpoints WHERE seq > ?1", params![head - 5])
+            .expect("drop checkpoints");
+    });
+    assert_eq!(
+        verify(&copy),
+        None,
+        "FIXME: checkpoint_file is not consulted"
+    );
+}
+
+/// Starts a server on `setup` and returns `/readyz`'s answer.
+fn start_on(setup: &Setup) -> (Server, u16, Value) {
+    let mut server = Server::spawn(setup);
+    let (status, body) = server.wait_answer();
+    (server, status, body)
+}
+
+#[test]
+fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
+    let base = base();
+    let head = base.head as i64;
+    let id = base.request_id.clone();
+
+    // Start-up checks the newest checkpoint and the chain after it (not the
+    // whole log, which could be long). These tampers are within its reach:
+    let reach: Vec<Case> = vec![
+        (
+            "the newest checkpoint's signature",
+            Box::new(move |c: &Connection| {
+                c.execute(
+                    "UPDATE checkpoints SET signature = zeroblob(64) WHERE seq = ?1",
+                    params![head],
+                )
+                .expect("update");
+            }),
+            base.head,
+        ),
+        (
+            "the tail under the newest checkpoint, truncated",
+            Box::new(move |c: &Connection| {
+                c.execute("DELETE FROM audit WHERE seq > ?1", params![head - 3])
+                    .expect("truncate");
+            }),
+            base.head - 2,
+        ),
+        (
+            "the stored hash of the checkpointed event",
+            Box::new(move |c: &Connection| {
+                c.execute(
+                    "UPDATE audit SET hash = zeroblob(32) WHERE seq = ?1",
+                    params![head],
+                )
+                .expect("update");
+            }),
+            base.head,
+        ),
+    ];
+    for (name, tamper, first_bad) in &reach {
+        let copy = tampered(&base.setup, tamper);
+        let (server, status, body) = start_on(&copy);
+        assert_eq!(status, 503, "case {name}: {body}");
+        assert_eq!(body["code"], "audit_chain_broken", "case {name}: {body}");
+        assert!(
+            server.stderr().contains("AUDIT CHAIN BROKEN"),
+            "case {name}: {}",
+            server.stderr()
+        );
+        let api = Api::new(&copy.url());
+        // Writes are refused with the same code...
+        let (st, p) = api.post(
+            "alice",
+            "/v1/requests",
+            Some(json!({"target": "drill-db", "role": "read", "duration": "5m", "reason": "x"})),
+        );
+        assert_eq!(
+            (st, p["code"].as_str()),
+            (503, Some("audit_chain_broken")),
+            "{name}: {p}"
+        );
+        let (st, p) = api.post(
+            "dave",
+            &format!("/v1/requests/{id}/revoke"),
+            Some(json!({"reason": "x"})),
+        );
+        assert_eq!(
+            (st, p["code"].as_str()),
+            (503, Some("audit_chain_broken")),
+            "{name}: {p}"
+        );
+        // ...and through the CLI that is an error (1) naming the code.
+        let out = copy.cli(
+            Some("alice"),
+            &[
+                "request",
+                "drill-db",
+                "--role",
+                "read",
+                "--duration",
+                "5m",
+                "--reason",
+                "x",
+            ],
+        );
+        out.expect_code(1);
+        assert!(out.stderr.contains("audit_chain_broken"), "{out:#?}");
+        // Reads still work.
+        let (st, r) = api.get("alice", &format!("/v1/requests/{id}"));
+        assert_eq!(
+            (st, r["state"].as_str()),
+            (200, Some("revoked")),
+            "{name}: {r}"
+        );
+        assert_eq!(api.all_requests("dave").len(), 10, "{name}");
+        copy.cli(Some("alice"), &["whoami"]).expect_code(0);
+        copy.cli(Some("alice"), &["list"]).expect_code(0);
+        let (st, v) = api.get("dave", "/v1/audit/verify");
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["ok"], false, "{name}: {v}");
+        assert_eq!(v["first_bad_seq"].as_u64(), Some(*first_bad), "{name}: {v}");
+        // Nothing was written: the store still fails offline at the same seq.
+        drop(server);
+        assert_eq!(verify(&copy), Some(*first_bad), "{name}");
+    }
+
+    // Tampering before the newest checkpoint is out of start-up's reach
+    // today: the server starts and serves writes. `GET /v1/audit/verify` and
+    // `breakglass audit verify` still name the row. The same holds for a
+    // changed row AT the newest checkpoint when its stored hash is left
+    // alone: start-up compares the stored hash with the checkpoint but does
+    // not recompute it from the row.
+    let beyond: Vec<Case> = vec![
+        (
+            "a row in the middle",
+            Box::new(|c: &Connection| {
+                c.execute("UPDATE audit SET actor = 'carol' WHERE seq = 13", [])
+                    .expect("update");
+            }),
+            13,
+        ),
+        (
+            "the checkpointed row's details",
+            Box::new(move |c: &Connection| {
+                c.execute(
+                    "UPDATE audit SET details = replace(details, 'done', 'nothing') WHERE seq = ?1",
+                    params![head],
+                )
+                .expect("update");
+            }),
+            base.head,
+        ),
+    ];
+    for (name, tamper, first_bad) in &beyond {
+        let copy = tampered(&base.setup, tamper);
+        let (server, status, body) = start_on(&copy);
+        assert_eq!(status, 200, "case {name}: {body}");
+        let api = Api::new(&copy.url());
+        let (st, v) = api.get("dave", "/v1/audit/verify");
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["ok"], false, "{name}: {v}");
+        assert_eq!(v["first_bad_seq"].as_u64(), Some(*first_bad), "{name}: {v}");
+        drop(server);
+        assert_eq!(verify(&copy), Some(*first_bad), "{name}");
+    }
+}
+
+#[test]
+fn start_up_catches_tampering_after_the_newest_checkpoint() {
+    // A server that crashed (kill -9) leaves events no checkpoint covers yet;
+    // start-up verifies every link of that tail.
+    let mut setup = Setup::new();
+    setup.audit = "checkpoint_interval = \"1h\"\n".to_string();
+    setup.write_config();
+    let mut server = Server::start(&setup);
+    let api = Api::new(&setup.url());
+    let id = lifecycle(&api, 0);
+    lifecycle(&api, 1);
+    server.kill9();
+
+    let conn = Connection::open(setup.db_path()).expect("open store");
+    let last_cp: Option<i64> = conn
+        .query_row("SELECT max(seq) FROM checkpoints", [], |r| r.get(0))
+        .expect("checkpoints");
+    let head: i64 = conn
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .expect("head");
+    drop(conn);
+    let victim = last_cp.unwrap_or(0) + 3;
+    assert!(
+        victim < head,
+        "events after the newest checkpoint: {last_cp:?} {head}"
+    );
+    // The crashed store itself is fine.
+    assert_eq!(verify(&setup), None);
+
+    let copy = tampered(&setup, |c| {
+        c.execute(
+            "UPDATE audit SET actor = 'mallory' WHERE seq = ?1",
+            params![victim],
+        )
+        .expect("update");
+    });
+    assert_eq!(verify(&copy), Some(victim as u64));
+    let (_server, status, body) = start_on(&copy);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "audit_chain_broken");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("seq {victim}"))),
+        "{body}"
+    );
+    let api = Api::new(&copy.url());
+    let (st, r) = api.get("alice", &format!("/v1/requests/{id}"));
+    assert_eq!((st, r["state"].as_str()), (200, Some("revoked")), "{r}");
+    let (st, p) = api.post(
+        "alice",
+        "/v1/requests",
+        Some(json!({"target": "drill-db", "role": "read", "duration": "5m", "reason": "x"})),
+    );
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (503, Some("audit_chain_broken")),
+        "{p}"
+    );
+}

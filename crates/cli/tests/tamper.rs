@@ -539,12 +539,10 @@ fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
         assert_eq!(verify(&copy), Some(*first_bad), "{name}");
     }
 
-    // Tampering before the newest checkpoint is out of start-up's reach
-    // today: the server starts and serves writes. `GET /v1/audit/verify` and
-    // `breakglass audit verify` still name the row. The same holds for a
-    // changed row AT the newest checkpoint when its stored hash is left
-    // alone: start-up compares the stored hash with the checkpoint but does
-    // not recompute it from the row.
+    // Tampering before the newest checkpoint is out of the start-up check's
+    // reach (it affords only the tail), but the full verification that runs
+    // in the background right after start-up finds it and blocks writes.
+    // A changed row AT the newest checkpoint is recomputed at start-up.
     let beyond: Vec<Case> = vec![
         (
             "a row in the middle",
@@ -568,9 +566,30 @@ fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
     ];
     for (name, tamper, first_bad) in &beyond {
         let copy = tampered(&base.setup, tamper);
-        let (server, status, body) = start_on(&copy);
-        assert_eq!(status, 200, "case {name}: {body}");
+        let (server, _status, _body) = start_on(&copy);
         let api = Api::new(&copy.url());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (st, p) = api.post(
+                "alice",
+                "/v1/requests",
+                Some(
+                    json!({"target": "drill-db", "role": "read", "duration": "5m", "reason": "x"}),
+                ),
+            );
+            if st == 503 {
+                assert_eq!(p["code"], "audit_chain_broken", "{name}: {p}");
+                break;
+            }
+            // A write that slipped in before the background check finished
+            // is committed properly; it does not hide the tampering.
+            assert_eq!(st, 201, "{name}: {p}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: writes never blocked"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let (st, v) = api.get("dave", "/v1/audit/verify");
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["ok"], false, "{name}: {v}");
@@ -639,4 +658,38 @@ fn start_up_catches_tampering_after_the_newest_checkpoint() {
         (503, Some("audit_chain_broken")),
         "{p}"
     );
+}
+
+#[test]
+fn the_external_checkpoint_file_catches_a_truncation_the_store_hides() {
+    // Deleting the tail of the log together with the checkpoints that
+    // cover it leaves a consistent-looking store; the copy of every
+    // checkpoint in `audit.checkpoint_file` still names what was signed.
+    let mut setup = Setup::new();
+    setup.audit =
+        "checkpoint_interval = \"1s\"\ncheckpoint_file = \"checkpoints.jsonl\"\n".to_string();
+    setup.write_config();
+    let mut server = Server::start(&setup);
+    let api = Api::new(&setup.url());
+    lifecycle(&api, 0);
+    lifecycle(&api, 1);
+    assert!(
+        server.terminate(Duration::from_secs(10)).is_some(),
+        "server did not stop"
+    );
+    assert_eq!(verify(&setup), None);
+    let conn = Connection::open(setup.db_path()).expect("open store");
+    let head: i64 = conn
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .expect("head");
+    let keep = head - 3;
+    conn.execute("DELETE FROM audit WHERE seq > ?1", params![keep])
+        .expect("truncate");
+    conn.execute("DELETE FROM checkpoints WHERE seq > ?1", params![keep])
+        .expect("truncate checkpoints");
+    drop(conn);
+    assert_eq!(verify(&setup), Some(keep as u64 + 1));
+    // Without the file the truncation would go unnoticed.
+    std::fs::remove_file(setup.path().join("checkpoints.jsonl")).expect("remove file");
+    assert_eq!(verify(&setup), None);
 }

@@ -131,7 +131,8 @@ pub struct App {
     principals: Vec<LocalPrincipal>,
     admin_groups: BTreeSet<String>,
     pending_timeout_s: u64,
-    writes_blocked: Option<String>,
+    /// Set when the audit chain was found broken: every write is refused.
+    writes_blocked: std::sync::RwLock<Option<String>>,
     signing_key: ed25519_dalek::SigningKey,
 }
 
@@ -170,7 +171,7 @@ impl App {
             principals,
             admin_groups,
             pending_timeout_s,
-            writes_blocked,
+            writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
         })
     }
@@ -187,9 +188,21 @@ impl App {
     }
 
     fn check_writable(&self) -> Result<(), AppError> {
-        match &self.writes_blocked {
-            Some(why) => Err(AppError::WritesBlocked(why.clone())),
+        match self.writes_blocked() {
+            Some(why) => Err(AppError::WritesBlocked(why)),
             None => Ok(()),
+        }
+    }
+
+    /// Refuses every write from now on (fail closed on a broken chain).
+    pub fn block_writes(&self, why: String) {
+        tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
+        let mut w = self
+            .writes_blocked
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = Some(why);
         }
     }
 
@@ -201,8 +214,11 @@ impl App {
         &self.signing_key
     }
 
-    pub fn writes_blocked(&self) -> Option<&str> {
-        self.writes_blocked.as_deref()
+    pub fn writes_blocked(&self) -> Option<String> {
+        self.writes_blocked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn is_admin(&self, p: &Principal) -> bool {

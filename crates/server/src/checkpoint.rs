@@ -3,15 +3,15 @@
 //! checkpoint can live outside the database (`audit.checkpoint_file`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::Weak;
 use std::time::Duration;
 
 use breakglass_core::audit::{ChainVerifier, Checkpoint};
 use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
-use crate::app::now;
+use crate::app::{App, now};
 
 /// Signs the current head if it moved since `last_seq`; returns the new
 /// checkpointed seq.
@@ -47,22 +47,50 @@ fn append_line(path: &Path, cp: &Checkpoint) -> std::io::Result<()> {
 }
 
 /// Signs a checkpoint every `interval` while events flow.
-pub fn spawn(
-    store: Arc<dyn Store>,
-    key: SigningKey,
-    file: Option<PathBuf>,
-    interval: Duration,
-) -> tokio::task::JoinHandle<()> {
+///
+/// INVARIANT: nothing is signed while the chain is known broken: a new
+/// checkpoint would vouch for the tampered log.
+pub fn spawn(app: Weak<App>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = 0;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match checkpoint_once(store.as_ref(), &key, file.as_deref(), last).await {
+            let Some(app) = app.upgrade() else { return };
+            if app.writes_blocked().is_some() {
+                continue;
+            }
+            let file = app.config.audit.checkpoint_file.as_deref();
+            match checkpoint_once(app.store.as_ref(), app.signing_key(), file, last).await {
                 Ok(seq) => last = seq,
                 Err(e) => tracing::error!(error = %e, "cannot store audit checkpoint"),
             }
+        }
+    })
+}
+
+/// Verifies the whole log in the background after start-up (start-up itself
+/// only affords the tail) and blocks writes if anything does not hold.
+pub fn spawn_full_verify(app: Weak<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(app) = app.upgrade() else { return };
+        let key = app.verifying_key();
+        let result = crate::verify::verify_store(
+            app.store.as_ref(),
+            Some(&key),
+            &app.config.recordings_dir(),
+            app.config.audit.checkpoint_file.as_deref(),
+        )
+        .await;
+        match result {
+            Ok(r) if r.ok => tracing::info!(events = r.events, "audit log verified"),
+            Ok(r) => app.block_writes(format!(
+                "seq {}: {}",
+                r.first_bad_seq.unwrap_or(0),
+                r.reason.unwrap_or_default()
+            )),
+            Err(e) => tracing::error!(error = %e, "cannot verify the audit log"),
         }
     })
 }
@@ -99,21 +127,32 @@ pub async fn check_tail(
             cp.seq
         )));
     }
-    let at = store.audit(cp.seq - 1, 1).await?;
-    match at.first() {
-        Some(e) if e.seq == cp.seq && e.hash == cp.hash => {}
-        Some(e) if e.seq == cp.seq => {
-            return Ok(Some(format!(
-                "seq {}: event differs from the signed checkpoint",
-                cp.seq
-            )));
-        }
-        _ => {
-            return Ok(Some(format!(
-                "seq {}: the log no longer holds the signed checkpoint's event (truncated)",
-                cp.seq
-            )));
-        }
+    // Recompute the checkpointed event itself from its predecessor, so an
+    // edited row whose stored hash was left alone is caught too.
+    let from = cp.seq.saturating_sub(2);
+    let around = store.audit(from, 2).await?;
+    let prev = around
+        .iter()
+        .find(|e| e.seq + 1 == cp.seq)
+        .map_or(breakglass_core::audit::GENESIS, |e| e.hash);
+    let Some(at) = around.iter().find(|e| e.seq == cp.seq) else {
+        return Ok(Some(format!(
+            "seq {}: the log no longer holds the signed checkpoint's event (truncated)",
+            cp.seq
+        )));
+    };
+    if at.hash != cp.hash {
+        return Ok(Some(format!(
+            "seq {}: event differs from the signed checkpoint",
+            cp.seq
+        )));
+    }
+    let mut check = ChainVerifier::resume(cp.seq - 1, prev);
+    if cp.seq > 1 && around.len() < 2 {
+        return Ok(Some(format!("seq {}: events missing", cp.seq - 1)));
+    }
+    if let Err(err) = check.push(at) {
+        return Ok(Some(err.to_string()));
     }
     let mut chain = ChainVerifier::resume(cp.seq, cp.hash);
     let mut after = cp.seq;
@@ -130,4 +169,47 @@ pub async fn check_tail(
         }
     }
     Ok(None)
+}
+
+/// Reads the checkpoints exported to `audit.checkpoint_file`, so that
+/// verification also holds the log to what was signed outside the database.
+/// Lines that do not parse are reported as an error naming the line.
+pub fn read_checkpoint_file(path: &Path) -> Result<Vec<Checkpoint>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A torn last line (crash while appending) is not a checkpoint.
+        if i + 1 == text.lines().count() && !text.ends_with('\n') {
+            break;
+        }
+        let cp: Checkpoint = serde_json::from_str(line)
+            .map_err(|e| format!("{}:{}: not a checkpoint: {e}", path.display(), i + 1))?;
+        out.push(cp);
+    }
+    Ok(out)
+}
+
+/// The checkpoints of the store and of the external file, by seq; when both
+/// hold one for the same seq, both are checked.
+pub async fn all_checkpoints(
+    store: &dyn Store,
+    file: Option<&Path>,
+) -> Result<Vec<Checkpoint>, String> {
+    let mut cps = store.checkpoints().await.map_err(|e| e.to_string())?;
+    if let Some(f) = file {
+        for cp in read_checkpoint_file(f)? {
+            if !cps.contains(&cp) {
+                cps.push(cp);
+            }
+        }
+    }
+    cps.sort_by_key(|c| c.seq);
+    Ok(cps)
 }

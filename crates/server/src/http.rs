@@ -521,10 +521,14 @@ async fn audit_verify(
 ) -> ApiResult<Json<VerifyReport>> {
     require_admin(&app, &who)?;
     let key = app.verifying_key();
-    let report =
-        crate::verify::verify_store(app.store.as_ref(), Some(&key), &app.config.recordings_dir())
-            .await
-            .map_err(AppError::from)?;
+    let report = crate::verify::verify_store(
+        app.store.as_ref(),
+        Some(&key),
+        &app.config.recordings_dir(),
+        app.config.audit.checkpoint_file.as_deref(),
+    )
+    .await
+    .map_err(AppError::from)?;
     Ok(Json(report))
 }
 

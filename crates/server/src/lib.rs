@@ -154,7 +154,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .as_slice(),
     );
     let interval = Duration::from_secs(config.checkpoint_interval_s());
-    let checkpoint_file = config.audit.checkpoint_file.clone();
     let app = App::new(
         config,
         store.clone(),
@@ -184,17 +183,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .await?;
     }
     let mut background = vec![app.scheduler.spawn()];
-    // INVARIANT: a service that found the chain broken signs nothing: a new
-    // checkpoint would vouch for the tampered log, and would replace (erase)
-    // a tampered checkpoint at the head.
-    if broken.is_none() {
-        background.push(checkpoint::spawn(
-            store.clone(),
-            key,
-            checkpoint_file,
-            interval,
-        ));
-    }
+    background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
+    background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
     let mut pg_addr = None;
     if broken.is_none() {
         let closed = gateway::recover_sessions(&app).await?;

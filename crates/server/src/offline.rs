@@ -61,7 +61,12 @@ pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let checkpoints = rt.block_on(breakglass_store::Store::checkpoints(&store))?;
+    let checkpoints = rt
+        .block_on(crate::checkpoint::all_checkpoints(
+            &store,
+            config.audit.checkpoint_file.as_deref(),
+        ))
+        .map_err(|e| anyhow::anyhow!("checkpoints: {e}"))?;
     let mut v = FullVerifier::new(checkpoints, Some(&key));
     store.scan_audit(0, |e| v.push(&e))?;
     Ok(v.finish(&config.recordings_dir()))

@@ -93,8 +93,12 @@ pub async fn verify_store(
     store: &dyn Store,
     key: Option<&VerifyingKey>,
     recordings: &Path,
+    checkpoint_file: Option<&Path>,
 ) -> Result<VerifyReport, StoreError> {
-    let mut v = FullVerifier::new(store.checkpoints().await?, key);
+    let checkpoints = crate::checkpoint::all_checkpoints(store, checkpoint_file)
+        .await
+        .map_err(StoreError::Corrupt)?;
+    let mut v = FullVerifier::new(checkpoints, key);
     let mut after = 0;
     loop {
         let page = store.audit(after, PAGE_LEN_MAX).await?;

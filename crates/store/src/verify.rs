@@ -22,7 +22,8 @@ pub struct Verification {
 /// Feeds events in order; keeps the first failure.
 pub struct Verifier {
     chain: ChainVerifier,
-    checkpoints: BTreeMap<u64, Checkpoint>,
+    /// Several checkpoints may cover one seq (the store and an external copy).
+    checkpoints: BTreeMap<u64, Vec<Checkpoint>>,
     checked: u64,
     events: u64,
     failure: Option<(u64, String)>,
@@ -47,7 +48,7 @@ impl Verifier {
                     "checkpoint signature does not verify with the server key".into(),
                 );
             }
-            v.checkpoints.insert(cp.seq, cp);
+            v.checkpoints.entry(cp.seq).or_default().push(cp);
         }
         v
     }
@@ -70,9 +71,9 @@ impl Verifier {
             return false;
         }
         self.events += 1;
-        if let Some(cp) = self.checkpoints.get(&e.seq) {
-            self.checked += 1;
-            if cp.hash != e.hash {
+        if let Some(cps) = self.checkpoints.get(&e.seq) {
+            self.checked += cps.len() as u64;
+            if cps.iter().any(|cp| cp.hash != e.hash) {
                 let seq = e.seq;
                 self.fail(seq, "event hash differs from the signed checkpoint".into());
                 return false;

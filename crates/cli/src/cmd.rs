@@ -122,7 +122,11 @@ pub fn error_text(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
     if is_broken_pipe(err) {
         return None;
     }
-    let mut text = format!("error: {}\n", render::clean(&format!("{err:#}")));
+    // Multi-line messages (a TOML error with its excerpt) keep their line
+    // breaks; every other control character is still escaped.
+    let message = format!("{err:#}");
+    let lines: Vec<String> = message.lines().map(render::clean).collect();
+    let mut text = format!("error: {}\n", lines.join("\n"));
     let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>());
     let hint = match api {
         Some(a) if a.status() == Some(401) && ctx.token.is_none() => {

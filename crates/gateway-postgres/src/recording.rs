@@ -116,6 +116,16 @@ impl Recorder {
         &self.dir
     }
 
+    /// Removes the recording of a session refused before it started
+    /// (nothing of it reached the database). The marker goes first: a crash
+    /// in between leaves a headless file no event refers to, not a marker
+    /// that a restart would close as an interrupted session.
+    pub fn discard(&self, rec: Recording, session_id: &str) -> std::io::Result<()> {
+        drop(rec);
+        std::fs::remove_file(Self::marker_of(&self.dir, session_id))?;
+        std::fs::remove_file(Self::path_of(&self.dir, session_id))
+    }
+
     /// Creates the recording of a new session, starting with `header`.
     pub fn open(
         &self,

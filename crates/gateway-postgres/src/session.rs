@@ -32,6 +32,13 @@ const NAMES_TRACKED_MAX: usize = 10_000;
 /// Bytes of one parameter value kept in a recording.
 const PARAM_LEN_RECORDED_MAX: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
+/// A cut that lands while a reply is half written to the client lets the
+/// client take the rest of it for this long, so the FATAL can follow at a
+/// message boundary; a client that does not read is simply disconnected.
+const CUT_FLUSH_TIMEOUT: Duration = Duration::from_millis(100);
+/// The last words to a client (a FATAL) wait this long at most: a client
+/// that stopped reading must not keep its upstream query alive.
+const GOODBYE_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn now() -> Timestamp {
     let d = SystemTime::now()
@@ -492,12 +499,25 @@ fn cut_message(reason: &str) -> String {
 }
 
 enum End {
-    /// The grant ended or the session idled out: tell the client, cancel
-    /// the upstream query.
-    Cut(String),
+    /// The grant ended or the session idled out: tell the client (when the
+    /// stream to it is at a message boundary), cancel the upstream query.
+    Cut {
+        reason: String,
+        tell_client: bool,
+    },
     /// The client or the upstream went away, or broke the protocol.
     Closed(String),
     Protocol(String),
+}
+
+impl End {
+    /// A cut at a message boundary of the stream to the client.
+    fn cut(reason: &str) -> End {
+        End::Cut {
+            reason: reason.to_string(),
+            tell_client: true,
+        }
+    }
 }
 
 async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: Ready) {
@@ -533,19 +553,9 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         "application_name": application,
         "expires_at": auth.expires_at.to_rfc3339(),
     });
-    let mut rec = match shared.recorder.open(&session_id, header, now()) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot create session recording");
-            fatal(
-                &mut client,
-                "58000",
-                "breakglass: cannot record this session; refusing it",
-            )
-            .await;
-            return;
-        }
-    };
+    // INVARIANT: a session refused here leaves no recording (and no `.open`
+    // marker, which a restart would turn into a `session.ended` for a
+    // session that never started).
     let Some(mut cut_rx) = shared.register(&auth.request_id, &session_id) else {
         fatal(
             &mut client,
@@ -555,9 +565,26 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         .await;
         return;
     };
+    let mut rec = match shared.recorder.open(&session_id, header, now()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create session recording");
+            shared.unregister(&auth.request_id, &session_id);
+            fatal(
+                &mut client,
+                "58000",
+                "breakglass: cannot record this session; refusing it",
+            )
+            .await;
+            return;
+        }
+    };
     if let Err(e) = shared.authority.session_started(&info).await {
         tracing::error!(error = %e, "cannot audit session start");
         shared.unregister(&auth.request_id, &session_id);
+        if let Err(e) = shared.recorder.discard(rec, &session_id) {
+            tracing::error!(error = %e, "cannot remove the recording of a refused session");
+        }
         fatal(
             &mut client,
             "58000",
@@ -579,17 +606,20 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     )
     .await;
     let reason = match &end {
-        End::Cut(r) => {
-            let _ = client
-                .write_all(&error_response(Severity::Fatal, "57P01", &cut_message(r)))
-                .await;
+        End::Cut {
+            reason: r,
+            tell_client,
+        } => {
+            if *tell_client {
+                let msg = error_response(Severity::Fatal, "57P01", &cut_message(r));
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.write_all(&msg)).await;
+            }
             r.clone()
         }
         End::Closed(r) => r.clone(),
         End::Protocol(m) => {
-            let _ = client
-                .write_all(&error_response(Severity::Fatal, "08P01", m))
-                .await;
+            let msg = error_response(Severity::Fatal, "08P01", m);
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.write_all(&msg)).await;
             "protocol_violation".to_string()
         }
     };
@@ -606,7 +636,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         }
         found.map(|(_, t)| t)
     });
-    if matches!(end, End::Cut(_) | End::Protocol(_))
+    if matches!(end, End::Cut { .. } | End::Protocol(_))
         && let Some(t) = &key
         && let Err(e) = upstream::cancel(&t.host, t.port, t.pid, t.secret).await
     {
@@ -686,7 +716,7 @@ async fn relay(
                             Ok(t) => terminate = t,
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot write session recording; closing session");
-                                return End::Cut("recording_failed".into());
+                                return End::cut("recording_failed");
                             }
                         }
                         consumed += f.len;
@@ -701,7 +731,7 @@ async fn relay(
                 let write = upstream.write_all(&cbuf[..consumed]);
                 tokio::select! {
                     biased;
-                    _ = cut_rx.changed() => return End::Cut(cut_reason(cut_rx)),
+                    _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
                     r = write => if r.is_err() { return End::Closed("upstream_closed".into()) },
                 }
                 cbuf.advance(consumed);
@@ -724,7 +754,7 @@ async fn relay(
                         let payload = &frame[5..];
                         if let Err(e) = tracker.server_frame(f.tag, payload, rec) {
                             tracing::error!(error = %e, "cannot write session recording; closing session");
-                            return End::Cut("recording_failed".into());
+                            return End::cut("recording_failed");
                         }
                         if f.tag == b'K' && payload.len() == 8 {
                             let pid = i32::from_be_bytes([
@@ -764,10 +794,27 @@ async fn relay(
             if consumed > 0 {
                 let bytes: &[u8] = if rewritten { &out } else { &ubuf[..consumed] };
                 let write = client.write_all(bytes);
-                tokio::select! {
+                tokio::pin!(write);
+                let cut = tokio::select! {
                     biased;
-                    _ = cut_rx.changed() => return End::Closed(format!("cut_while_writing:{}", cut_reason(cut_rx))),
-                    r = write => if r.is_err() { return End::Closed("client_closed".into()) },
+                    _ = cut_rx.changed() => Some(cut_reason(cut_rx)),
+                    () = &mut expiry => Some("expired".to_string()),
+                    r = &mut write => match r {
+                        Ok(()) => None,
+                        Err(_) => return End::Closed("client_closed".into()),
+                    },
+                };
+                if let Some(reason) = cut {
+                    // The client may be mid-message: a FATAL now would
+                    // corrupt its stream unless the rest goes first.
+                    let whole = matches!(
+                        tokio::time::timeout(CUT_FLUSH_TIMEOUT, write).await,
+                        Ok(Ok(()))
+                    );
+                    return End::Cut {
+                        reason,
+                        tell_client: whole,
+                    };
                 }
                 ubuf.advance(consumed);
             }
@@ -780,8 +827,8 @@ async fn relay(
         }
         tokio::select! {
             biased;
-            _ = cut_rx.changed() => return End::Cut(cut_reason(cut_rx)),
-            () = &mut expiry => return End::Cut("expired".into()),
+            _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
+            () = &mut expiry => return End::cut("expired"),
             r = client.read_buf(cbuf) => match r {
                 Ok(0) | Err(_) => return End::Closed("client_closed".into()),
                 Ok(_) => client_pending = true,
@@ -794,7 +841,7 @@ async fn relay(
                 }
                 Ok(_) => upstream_pending = true,
             },
-            () = &mut idle_timer => return End::Cut("idle_timeout".into()),
+            () = &mut idle_timer => return End::cut("idle_timeout"),
         }
         idle_timer
             .as_mut()

@@ -359,6 +359,10 @@ impl Shared {
         Some(rx)
     }
 
+    fn grant_sessions(&self, request_id: &str) -> usize {
+        lock(&self.sessions).get(request_id).map_or(0, Vec::len)
+    }
+
     fn unregister(&self, request_id: &str, session_id: &str) {
         let mut sessions = lock(&self.sessions);
         if let Some(list) = sessions.get_mut(request_id) {

@@ -300,6 +300,14 @@ async fn start(
         .authorize(&user, &database, &password)
         .await
         .map_err(|r| Fail::new(r.sqlstate(), format!("breakglass: {}", r.message())))?;
+    // A cheap early refusal, so a client over its grant's limit does not
+    // cost an upstream login; `register` enforces the limit for real.
+    if shared.grant_sessions(&auth.request_id) >= shared.config.max_connections_per_grant {
+        return Err(Fail::new(
+            "53300",
+            "breakglass: too many sessions for this grant",
+        ));
+    }
     let (upstream, ubuf) = upstream::connect(&auth.upstream, &params)
         .await
         .map_err(|e| {
@@ -692,6 +700,8 @@ async fn relay(
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let message_max = shared.config.message_len_max;
+    // (real upstream pid, fake pid shown to the client), once known.
+    let mut pids: Option<(i32, i32)> = None;
     if client.write_all(&authentication(0, &[])).await.is_err() {
         return End::Closed("client_closed".into());
     }
@@ -784,6 +794,21 @@ async fn relay(
                                 rewritten = true;
                             }
                             out.extend_from_slice(&backend_key_data(fake_pid, fake_secret));
+                            pids = Some((pid, fake_pid));
+                        } else if f.tag == b'A'
+                            && payload.len() >= 4
+                            && let Some((real, fake)) = pids
+                            && payload[..4] == real.to_be_bytes()
+                        {
+                            // Notifications name the sending backend; the
+                            // client knows its own backend by the fake pid.
+                            if !rewritten {
+                                out.extend_from_slice(&ubuf[..consumed]);
+                                rewritten = true;
+                            }
+                            let start = out.len();
+                            out.extend_from_slice(frame);
+                            out[start + 5..start + 9].copy_from_slice(&fake.to_be_bytes());
                         } else if rewritten {
                             out.extend_from_slice(frame);
                         }

@@ -422,7 +422,12 @@ pub async fn connect(
 
 /// Sends a CancelRequest for `(pid, secret)` to the upstream.
 pub async fn cancel(host: &str, port: u16, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut s = TcpStream::connect((host, port)).await?;
+    let connect = TcpStream::connect((host, port));
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel: connect timed out")
+        })??;
     s.write_all(&codec::cancel_request(pid, secret)).await?;
     // The server closes the connection once it has read the request.
     let mut b = [0u8; 1];

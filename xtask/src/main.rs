@@ -75,13 +75,53 @@ fn ensure_system_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test` with the given arguments, echoing its output, and
+/// adds up its `test result:` lines.
+fn cargo_test(args: &[&str], passed: &mut u64, failed: &mut u64) -> anyhow::Result<bool> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = cargo();
+    cmd.arg("test").args(args).stdout(std::process::Stdio::piped());
+    eprintln!("$ {cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next().map(str::to_owned))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            *passed += count(" passed");
+            *failed += count(" failed");
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
 fn test() -> anyhow::Result<()> {
     ensure_system_packages()?;
     // Build everything first so test binaries that start the real
     // `breakglass` binary find it built.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]))?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    let (mut passed, mut failed) = (0, 0);
+    let units = cargo_test(
+        &["--workspace", "--all-targets", "--no-fail-fast"],
+        &mut passed,
+        &mut failed,
+    )?;
+    let docs = cargo_test(&["--workspace", "--doc"], &mut passed, &mut failed)?;
+    // The one closing line a reader (or CI) needs.
+    println!("tests: {passed} passed, {failed} failed");
+    if !(units && docs) || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
 }
 

@@ -294,6 +294,15 @@ impl Gateway {
         list.len()
     }
 
+    /// Cuts every live session (service shutdown).
+    pub fn cut_all(&self, reason: &str) -> usize {
+        let sessions = lock(&self.shared.sessions);
+        for h in sessions.values().flatten() {
+            let _ = h.cut.send(Some(reason.to_string()));
+        }
+        sessions.values().map(Vec::len).sum()
+    }
+
     /// Live sessions, in all.
     pub fn live_sessions(&self) -> usize {
         lock(&self.shared.sessions).values().map(Vec::len).sum()

@@ -502,6 +502,10 @@ fn cut_message(reason: &str) -> String {
     match reason {
         "expired" => "breakglass: the grant expired; session closed".to_string(),
         "idle_timeout" => "breakglass: session idle for too long; closed".to_string(),
+        "service_shutdown" => {
+            "breakglass: the gateway is shutting down; session closed (the grant itself is unchanged)"
+                .to_string()
+        }
         other => format!("breakglass: the grant has ended ({other}); session closed"),
     }
 }
@@ -661,7 +665,6 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     if let Err(e) = rec.close() {
         tracing::error!(error = %e, "cannot sync session recording");
     }
-    shared.unregister(&auth.request_id, &session_id);
     let end = SessionEnd {
         reason,
         statements: rec.statements(),
@@ -669,6 +672,9 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         final_hash: rec.final_hash(),
     };
     shared.authority.session_ended(&info, &end).await;
+    // Only now is the session gone: a shutdown waiting for live sessions
+    // must not stop before `session.ended` is committed.
+    shared.unregister(&auth.request_id, &session_id);
 }
 
 fn expiry_deadline(expires_at: Timestamp) -> tokio::time::Instant {

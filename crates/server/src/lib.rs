@@ -87,6 +87,7 @@ pub struct Running {
     /// Where the PostgreSQL gateway listens, when configured.
     pub pg_addr: Option<SocketAddr>,
     pub overdue_ended: usize,
+    gateway: Option<breakglass_gateway_postgres::Gateway>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -97,6 +98,16 @@ impl Running {
     /// checkpoint.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
+        // Live gateway sessions end with a FATAL and a `session.ended` event
+        // rather than being dropped mid-statement.
+        if let Some(gw) = &self.gateway
+            && gw.cut_all("service_shutdown") > 0
+        {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while gw.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         match tokio::time::timeout(Duration::from_secs(10), self.server).await {
             Ok(res) => res
                 .context("server task failed")?
@@ -186,6 +197,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
     background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
     let mut pg_addr = None;
+    let mut pg_gateway = None;
     if broken.is_none() {
         let closed = gateway::recover_sessions(&app).await?;
         if closed > 0 {
@@ -213,6 +225,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             })?;
             pg_addr = Some(pg_listener.local_addr()?);
             background.push(gateway::spawn_cutter(&app, gw.clone()));
+            pg_gateway = Some(gw.clone());
             background.push(tokio::spawn(gw.serve(pg_listener)));
         }
     }
@@ -231,6 +244,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         addr,
         pg_addr,
         overdue_ended,
+        gateway: pg_gateway,
         server,
         shutdown,
         background,

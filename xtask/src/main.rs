@@ -80,7 +80,9 @@ fn ensure_system_packages() -> anyhow::Result<()> {
 fn cargo_test(args: &[&str], passed: &mut u64, failed: &mut u64) -> anyhow::Result<bool> {
     use std::io::{BufRead, BufReader};
     let mut cmd = cargo();
-    cmd.arg("test").args(args).stdout(std::process::Stdio::piped());
+    cmd.arg("test")
+        .args(args)
+        .stdout(std::process::Stdio::piped());
     eprintln!("$ {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
     let stdout = child.stdout.take().context("no stdout")?;

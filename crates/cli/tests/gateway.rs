@@ -1272,3 +1272,40 @@ fn audit_verify_names_a_tampered_recording() {
     let (st, body) = bg.get("alice", &format!("/v1/sessions/{sid}/recording"));
     assert_eq!(st, 409, "{body}");
 }
+
+#[test]
+fn tls_is_offered_with_a_certificate_and_refused_without() {
+    let up = upstream();
+    let bg = Bg::start(
+        &up,
+        GwOptions {
+            tls: true,
+            ..GwOptions::default()
+        },
+    );
+    let g = bg.grant("alice", "pg", "scram", "10m");
+    let out = gateway_support::run(
+        psql_cmd(bg.gw_port, "alice", &g.token, "pg", &["-c", "\\conninfo"])
+            .env("PGSSLMODE", "require"),
+    );
+    let out = out.ok();
+    assert!(
+        out.stdout.contains("SSL connection (protocol: TLSv1."),
+        "{out:#?}"
+    );
+    // Without a certificate the gateway answers N to SSLRequest, so a
+    // client that insists on TLS gives up instead of sending its token.
+    let plain = Bg::start(&up, GwOptions::default());
+    let g = plain.grant("alice", "pg", "scram", "10m");
+    let out = gateway_support::run(
+        psql_cmd(plain.gw_port, "alice", &g.token, "pg", &["-c", "select 1"])
+            .env("PGSSLMODE", "require"),
+    );
+    assert_eq!(out.code, 2, "{out:#?}");
+    assert!(
+        out.stderr.contains("does not support SSL"),
+        "{}",
+        out.stderr
+    );
+    assert!(plain.sessions("alice", &g.id).is_empty());
+}

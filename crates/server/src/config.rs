@@ -176,6 +176,14 @@ impl Config {
         if let Some(f) = cfg.audit.checkpoint_file.as_mut() {
             resolve(f);
         }
+        if let Some(pg) = cfg.gateway.postgres.as_mut() {
+            for f in [pg.tls_cert.as_mut(), pg.tls_key.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                resolve(f);
+            }
+        }
         for t in &mut cfg.targets {
             for r in t.roles.values_mut() {
                 if let Some(f) = r.password_file.as_mut() {

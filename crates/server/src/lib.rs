@@ -219,7 +219,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                 authority,
                 app.config.recordings_dir(),
             )
-            .context("cannot open the session recordings directory")?;
+            .context("gateway.postgres: cannot start (TLS certificate or key, or the recordings directory)")?;
             let pg_listener = TcpListener::bind(pg.listen).await.with_context(|| {
                 format!("gateway.postgres.listen: cannot listen on {}", pg.listen)
             })?;

@@ -156,6 +156,8 @@ pub struct GwOptions {
     pub message_len_max: usize,
     pub max_connections_per_grant: usize,
     pub strict_recording: bool,
+    /// Serve TLS with a fresh self-signed certificate (made with openssl).
+    pub tls: bool,
 }
 
 impl Default for GwOptions {
@@ -167,6 +169,7 @@ impl Default for GwOptions {
             message_len_max: 16 * 1024 * 1024,
             max_connections_per_grant: 16,
             strict_recording: false,
+            tls: false,
         }
     }
 }
@@ -437,6 +440,32 @@ impl Bg {
             opts.max_connections_per_grant,
             opts.strict_recording,
         );
+        if opts.tls {
+            let status = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=localhost",
+                    "-keyout",
+                ])
+                .arg(dir.path().join("gw.key"))
+                .arg("-out")
+                .arg(dir.path().join("gw.crt"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl (Debian package openssl) makes the test certificate");
+            assert!(status.success(), "openssl failed");
+            // The table [gateway.postgres] is still open at this point.
+            let at = cfg.rfind("\n\n").expect("gateway table");
+            cfg.insert_str(at, "\ntls_cert = \"gw.crt\"\ntls_key = \"gw.key\"");
+        }
         for (name, groups) in PRINCIPALS {
             let g: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();
             cfg.push_str(&format!(

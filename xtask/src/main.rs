@@ -36,7 +36,7 @@ fn ensure_system_packages() -> anyhow::Result<()> {
             missing.push(format!("/usr/lib/postgresql/*/bin/{tool}"));
         }
     }
-    for path in ["/usr/bin/psql", "/usr/sbin/pgbouncer"] {
+    for path in ["/usr/bin/psql", "/usr/sbin/pgbouncer", "/usr/bin/openssl"] {
         if !std::path::Path::new(path).is_file() {
             missing.push(path.to_owned());
         }
@@ -44,7 +44,7 @@ fn ensure_system_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let packages = ["postgresql", "postgresql-contrib", "pgbouncer"];
+    let packages = ["postgresql", "postgresql-contrib", "pgbouncer", "openssl"];
     let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"));
         uids.and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
@@ -127,17 +127,34 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> std::path::PathBuf {
+    let xtask = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    run(cargo().args([
+    let root = workspace_root();
+    // A relative CARGO_TARGET_DIR is relative to where cargo was started,
+    // as cargo itself reads it; the default is the workspace's `target`.
+    let custom = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| std::env::current_dir().map(|cwd| cwd.join(dir)))
+        .transpose()?;
+    let target = custom.clone().unwrap_or_else(|| root.join("target"));
+    let mut build = cargo();
+    build.current_dir(&root).args([
         "build",
         "--release",
         "-p",
         "breakglass",
         "-p",
         "breakglass-bench",
-    ]))?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let bin = std::path::Path::new(&target).join("release");
+    ]);
+    if let Some(dir) = &custom {
+        build.env("CARGO_TARGET_DIR", dir);
+    }
+    run(&mut build)?;
+    let bin = target.join("release");
     run(Command::new(bin.join("breakglass-bench"))
         .arg("--breakglass")
         .arg(bin.join("breakglass"))

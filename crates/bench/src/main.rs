@@ -11,6 +11,7 @@
 
 mod baseline;
 mod cpu;
+mod gateway;
 mod scenarios;
 mod seed;
 mod server;
@@ -28,10 +29,10 @@ use crate::stats::{Row, fmt_secs};
 const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--only NAME[,NAME...]]
 
   --breakglass PATH  the breakglass binary to measure (default: next to this one)
-  --quick            much smaller counts: a smoke run in well under a minute
+  --quick            much smaller counts: a smoke run of about a minute
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
-                     audit-verify, memory, startup
+                     audit-verify, memory, startup, gateway
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -49,7 +50,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 8] = [
+pub const BENCHMARKS: [&str; 9] = [
     "access",
     "approve",
     "lifecycles",
@@ -58,6 +59,7 @@ pub const BENCHMARKS: [&str; 8] = [
     "audit-verify",
     "memory",
     "startup",
+    "gateway",
 ];
 
 #[derive(Debug)]
@@ -299,6 +301,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "audit-verify" => c.audit_verify(),
                 "memory" => c.memory(),
                 "startup" => c.startup(),
+                "gateway" => c.gateway(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

@@ -32,6 +32,8 @@ const NAMES_TRACKED_MAX: usize = 10_000;
 /// Bytes of one parameter value kept in a recording.
 const PARAM_LEN_RECORDED_MAX: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
+/// Outcome entries wait at most this long for the next statement's write.
+const OUTCOME_FLUSH_DELAY: Duration = Duration::from_millis(2);
 /// A cut that lands while a reply is half written to the client lets the
 /// client take the rest of it for this long, so the FATAL can follow at a
 /// message boundary; a client that does not read is simply disconnected.
@@ -466,7 +468,7 @@ impl Tracker {
                 } else {
                     "result"
                 };
-                rec.append(kind, f, now())?;
+                rec.append_deferred(kind, f, now());
                 if !simple {
                     self.pending.pop_front();
                 }
@@ -705,6 +707,11 @@ async fn relay(
     tokio::pin!(expiry);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    // Deferred outcome entries are written with the next statement, or by
+    // this timer when the session goes quiet.
+    let flush_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(flush_timer);
+    let mut flush_armed = false;
     let message_max = shared.config.message_len_max;
     // (real upstream pid, fake pid shown to the client), once known.
     let mut pids: Option<(i32, i32)> = None;
@@ -856,6 +863,14 @@ async fn relay(
         if ubuf.capacity() - ubuf.len() < 4096 {
             ubuf.reserve(READ_CHUNK);
         }
+        if !rec.has_pending() {
+            flush_armed = false;
+        } else if !flush_armed {
+            flush_armed = true;
+            flush_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + OUTCOME_FLUSH_DELAY);
+        }
         tokio::select! {
             biased;
             _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
@@ -873,6 +888,14 @@ async fn relay(
                 Ok(_) => upstream_pending = true,
             },
             () = &mut idle_timer => return End::cut("idle_timeout"),
+            () = &mut flush_timer, if flush_armed => {
+                flush_armed = false;
+                if let Err(e) = rec.flush() {
+                    tracing::error!(error = %e, "cannot write session recording; closing session");
+                    return End::cut("recording_failed");
+                }
+                continue;
+            }
         }
         idle_timer
             .as_mut()

@@ -115,10 +115,11 @@ fn test() -> anyhow::Result<()> {
         &mut passed,
         &mut failed,
     )?;
-    let docs = cargo_test(&["--workspace", "--doc"], &mut passed, &mut failed)?;
+    // There are no doc tests: `cargo test --doc` would only rebuild every
+    // dependency in another mode, minutes on a cold CI machine.
     // The one closing line a reader (or CI) needs.
     println!("tests: {passed} passed, {failed} failed");
-    if !(units && docs) || failed > 0 {
+    if !units || failed > 0 {
         bail!("tests failed");
     }
     if passed == 0 {

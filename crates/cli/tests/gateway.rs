@@ -1309,3 +1309,114 @@ fn tls_is_offered_with_a_certificate_and_refused_without() {
     );
     assert!(plain.sessions("alice", &g.id).is_empty());
 }
+
+/// Makes a CA and a server certificate for `localhost` with openssl.
+fn make_ca_and_server_cert(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=bg-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn upstream_tls_as_the_url_asks() {
+    let up = upstream();
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_ca_and_server_cert(certs.path());
+    up.pg
+        .enable_tls(&certs.path().join("srv.pem"), &certs.path().join("srv.key"))
+        .expect("TLS on the upstream");
+    let ca = certs.path().join("ca.pem").display().to_string();
+    let ssl_of = |opts: GwOptions| {
+        let bg = Bg::start(&up, opts);
+        let g = bg.grant("alice", "pg", "scram", "10m");
+        psql(
+            bg.gw_port,
+            "alice",
+            &g.token,
+            "pg",
+            &[
+                "-c",
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            ],
+        )
+    };
+    // Encrypted without verification, like libpq's sslmode=require.
+    let out = ssl_of(GwOptions {
+        upstream_query: "?sslmode=require".into(),
+        ..GwOptions::default()
+    });
+    assert_eq!(out.ok().stdout.trim(), "t");
+    // Verified against the CA and the host name.
+    let out = ssl_of(GwOptions {
+        upstream_host: "localhost",
+        upstream_query: format!("?sslmode=verify-full&sslrootcert={ca}"),
+        ..GwOptions::default()
+    });
+    assert_eq!(out.ok().stdout.trim(), "t");
+    // The certificate names localhost, not 127.0.0.1: refused, fail closed.
+    let out = ssl_of(GwOptions {
+        upstream_query: format!("?sslmode=verify-full&sslrootcert={ca}"),
+        ..GwOptions::default()
+    });
+    assert_eq!(out.code, 2, "{out:#?}");
+    assert!(out.stderr.contains("upstream TLS failed"), "{}", out.stderr);
+    // Plaintext still works where the URL does not ask for TLS.
+    let out = ssl_of(GwOptions::default());
+    assert_eq!(out.ok().stdout.trim(), "f");
+}

@@ -415,7 +415,7 @@ impl PgCluster {
         let conf = self.data_dir().join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf)
             .with_context(|| format!("cannot read {}", conf.display()))?;
-        text.push_str("\ninclude 'breakglass.conf'\n");
+        text.push_str("\ninclude 'breakglass.conf'\ninclude_if_exists 'breakglass-tls.conf'\n");
         self.run_as.write(&conf, &text)
     }
 
@@ -475,6 +475,35 @@ impl PgCluster {
                 os::log_tail(&self.log_file(), 20)
             )
         })?;
+        Ok(())
+    }
+
+    /// Turns on TLS (`ssl = on`) with the given PEM certificate and key,
+    /// copied into the data directory; takes effect after the reload here.
+    pub fn enable_tls(&self, cert_pem: &Path, key_pem: &Path) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        for (src, name) in [(cert_pem, "server.crt"), (key_pem, "server.key")] {
+            let text = std::fs::read_to_string(src)
+                .with_context(|| format!("cannot read {}", src.display()))?;
+            let dst = data.join(name);
+            self.run_as.write(&dst, &text)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot chmod {}", dst.display()))?;
+        }
+        self.run_as.write(
+            &data.join("breakglass-tls.conf"),
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )?;
+        self.reload()?;
+        let on = self.psql("postgres", "SHOW ssl")?;
+        if on.trim() != "on" {
+            bail!(
+                "TLS did not come on (ssl = {}); server log:\n{}",
+                on.trim(),
+                os::log_tail(&self.log_file(), 20)
+            );
+        }
         Ok(())
     }
 

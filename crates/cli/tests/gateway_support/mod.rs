@@ -158,6 +158,10 @@ pub struct GwOptions {
     pub strict_recording: bool,
     /// Serve TLS with a fresh self-signed certificate (made with openssl).
     pub tls: bool,
+    /// Host of the upstream URL (default 127.0.0.1).
+    pub upstream_host: &'static str,
+    /// Query of the upstream URL, e.g. `?sslmode=require`.
+    pub upstream_query: String,
 }
 
 impl Default for GwOptions {
@@ -170,6 +174,8 @@ impl Default for GwOptions {
             max_connections_per_grant: 16,
             strict_recording: false,
             tls: false,
+            upstream_host: "127.0.0.1",
+            upstream_query: String::new(),
         }
     }
 }
@@ -423,7 +429,10 @@ impl Bg {
         std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("write policy");
         let http_port = free_port();
         let gw_port = free_port();
-        let upstream = format!("postgres://127.0.0.1:{}/{DB}", up.pg.port);
+        let upstream = format!(
+            "postgres://{}:{}/{DB}{}",
+            opts.upstream_host, up.pg.port, opts.upstream_query
+        );
         let mut cfg = format!(
             "[server]\nlisten = \"127.0.0.1:{http_port}\"\ndata_dir = \"data\"\n\
              admin_groups = [\"security\"]\n\n\

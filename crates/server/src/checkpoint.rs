@@ -8,7 +8,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use breakglass_core::audit::{ChainVerifier, Checkpoint};
-use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
+use breakglass_store::{Store, StoreError, for_each_event};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::app::{App, now};
@@ -107,15 +107,7 @@ pub async fn check_tail(
     let Some(cp) = cps.last() else {
         // Without a checkpoint the chain is young: check all of it.
         let mut v = breakglass_store::verify::Verifier::new(Vec::new(), Some(key));
-        let mut after = 0;
-        loop {
-            let page = store.audit(after, PAGE_LEN_MAX).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            if !page.iter().all(|e| v.push(e)) || page.len() < PAGE_LEN_MAX as usize {
-                break;
-            }
-        }
+        for_each_event(store, 0, |e| v.push(e)).await?;
         let v = v.finish();
         return Ok(v
             .reason
@@ -155,20 +147,16 @@ pub async fn check_tail(
         return Ok(Some(err.to_string()));
     }
     let mut chain = ChainVerifier::resume(cp.seq, cp.hash);
-    let mut after = cp.seq;
-    loop {
-        let page = store.audit(after, PAGE_LEN_MAX).await?;
-        for e in &page {
-            if let Err(err) = chain.push(e) {
-                return Ok(Some(err.to_string()));
-            }
+    let mut broken = None;
+    for_each_event(store, cp.seq, |e| match chain.push(e) {
+        Ok(()) => true,
+        Err(err) => {
+            broken = Some(err.to_string());
+            false
         }
-        match page.last() {
-            Some(last) if page.len() as u32 == PAGE_LEN_MAX => after = last.seq,
-            _ => break,
-        }
-    }
-    Ok(None)
+    })
+    .await?;
+    Ok(broken)
 }
 
 /// Reads the checkpoints exported to `audit.checkpoint_file`, so that

@@ -65,6 +65,12 @@ fn init_tracing(format: LogFormat) {
 
 /// Loads and validates the policy file named by the config.
 pub fn load_policy(config: &Config) -> anyhow::Result<PolicyEngine> {
+    load_policy_with_digest(config).map(|(engine, _)| engine)
+}
+
+/// Like [`load_policy`], with the SHA-256 of exactly the text that was
+/// loaded (for the `service.started` event).
+pub fn load_policy_with_digest(config: &Config) -> anyhow::Result<(PolicyEngine, String)> {
     let path = &config.policy.file;
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
@@ -77,7 +83,8 @@ pub fn load_policy(config: &Config) -> anyhow::Result<PolicyEngine> {
     }
     let src = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
-    Ok(PolicyEngine::load(&src, &path.display().to_string())?)
+    let engine = PolicyEngine::load(&src, &path.display().to_string())?;
+    Ok((engine, sha256_hex(src.as_bytes())))
 }
 
 /// A running service.
@@ -147,7 +154,7 @@ impl Running {
 /// Starts the service on `listener`: opens the store, checks the audit
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
-    let policy = load_policy(&config)?;
+    let (policy, policy_sha) = load_policy_with_digest(&config)?;
     let key = keys::load_or_create(&config.server.data_dir)?;
     let db = config.db_path();
     let store: Arc<dyn Store> = Arc::new(
@@ -159,11 +166,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
     }
     let metrics = Arc::new(Metrics::default());
-    let policy_sha = sha256_hex(
-        std::fs::read(&config.policy.file)
-            .unwrap_or_default()
-            .as_slice(),
-    );
     let interval = Duration::from_secs(config.checkpoint_interval_s());
     let app = App::new(
         config,

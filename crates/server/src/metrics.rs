@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use breakglass_core::audit::AuditEvent;
-use breakglass_core::{State, Timestamp};
+use breakglass_core::State;
 
 /// Latency buckets in seconds, from 100 µs to 10 s.
 const BUCKETS_S: [f64; 14] = [
@@ -82,7 +82,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counts what a committed event means.
-    pub fn observe_event(&self, e: &AuditEvent, now: Timestamp) {
+    pub fn observe_event(&self, e: &AuditEvent) {
         self.events.fetch_add(1, Ordering::Relaxed);
         match e.action.as_str() {
             "request.activated" => {
@@ -95,7 +95,6 @@ impl Metrics {
                 {
                     self.expiry_lateness.observe(ms as f64 / 1000.0);
                 }
-                let _ = now;
             }
             _ => {}
         }

@@ -149,9 +149,12 @@ impl Scheduler {
                 Err(e) => tracing::error!(error = %e, "deadline task failed"),
             }
         }
+        // Any failure is retried after the caller's back-off: the failed
+        // requests are tracked again with their (past) deadline, so
+        // answering Ok here would spin on a store that keeps failing.
         match first_err {
-            Some(e) if n == 1 => Err(e),
-            _ => Ok(n),
+            Some(e) => Err(e),
+            None => Ok(n),
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use breakglass_core::audit::{AuditEvent, Checkpoint};
 use breakglass_gateway_postgres::recording::{Recorder, read_recording};
 use breakglass_store::verify::Verifier;
-use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
+use breakglass_store::{Store, StoreError};
 use ed25519_dalek::VerifyingKey;
 
 use crate::dto::VerifyReport;
@@ -99,15 +99,6 @@ pub async fn verify_store(
         .await
         .map_err(StoreError::Corrupt)?;
     let mut v = FullVerifier::new(checkpoints, key);
-    let mut after = 0;
-    loop {
-        let page = store.audit(after, PAGE_LEN_MAX).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        let full = page.len() as u32 == PAGE_LEN_MAX;
-        if !page.iter().all(|e| v.push(e)) || !full {
-            break;
-        }
-    }
+    breakglass_store::for_each_event(store, 0, |e| v.push(e)).await?;
     Ok(v.finish(recordings))
 }

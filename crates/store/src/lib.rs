@@ -127,3 +127,22 @@ pub trait Store: Send + Sync + 'static {
 
     async fn count_by_state(&self) -> Result<Vec<(State, u64)>, StoreError>;
 }
+
+/// Calls `f` for every event with `seq > after`, in order, a page at a time,
+/// until the log ends or `f` returns false.
+pub async fn for_each_event(
+    store: &dyn Store,
+    mut after: u64,
+    mut f: impl FnMut(&AuditEvent) -> bool,
+) -> Result<(), StoreError> {
+    loop {
+        let page = store.audit(after, PAGE_LEN_MAX).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last.seq;
+        if !page.iter().all(&mut f) || page.len() < PAGE_LEN_MAX as usize {
+            return Ok(());
+        }
+    }
+}

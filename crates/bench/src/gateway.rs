@@ -11,8 +11,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -816,7 +816,28 @@ impl Ctx {
             .map(String::from)
             .to_vec()
         };
+        // BREAKGLASS_BENCH_PERF_DIR=DIR: a system-wide `perf record -g` of
+        // each path's first throughput run goes to DIR/<path>.data.
+        let perf_dir = std::env::var_os("BREAKGLASS_BENCH_PERF_DIR").map(PathBuf::from);
+        let perfed = std::cell::RefCell::new(std::collections::HashSet::new());
         let run = |via: Via, mode: &str| -> anyhow::Result<Run> {
+            let perf = match &perf_dir {
+                Some(d) if perfed.borrow_mut().insert(via.label()) => {
+                    std::fs::create_dir_all(d)?;
+                    let out = d.join(format!("{}.data", via.label()));
+                    Some(
+                        Command::new("perf")
+                            .args(["record", "-a", "-g", "-F", "1999", "-q", "-o"])
+                            .arg(&out)
+                            .args(["--", "sleep", &secs.to_string()])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .context("cannot run perf (BREAKGLASS_BENCH_PERF_DIR is set)")?,
+                    )
+                }
+                _ => None,
+            };
             let rec0 = dir_bytes(&recordings);
             let a = procs.mark();
             let out = pgbench(
@@ -826,6 +847,9 @@ impl Ctx {
                 work.path(),
                 secs,
             )?;
+            if let Some(mut p) = perf {
+                p.wait()?;
+            }
             // Let the backends exit and be reaped before the second mark.
             std::thread::sleep(Duration::from_millis(200));
             let b = procs.mark();

@@ -3,7 +3,7 @@
 //! and a blocking keep-alive HTTP client for it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,10 +81,12 @@ impl Setup {
     }
 }
 
-/// A free loopback port (bound, then released for the server to take).
+/// A free loopback port (see [`breakglass_testkit::free_port`]).
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(l.local_addr()?)
+    Ok(SocketAddr::from((
+        [127, 0, 0, 1],
+        breakglass_testkit::free_port(),
+    )))
 }
 
 /// Writes a config and policy into a new temp dir.

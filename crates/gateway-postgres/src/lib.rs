@@ -10,6 +10,7 @@
 //! trait, so this crate knows nothing of stores or HTTP.
 
 pub mod codec;
+mod entry;
 pub mod recording;
 mod session;
 pub mod upstream;

@@ -21,9 +21,12 @@ use std::time::Duration;
 
 use breakglass_core::Timestamp;
 use breakglass_core::audit::canonical_json;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::entry::write_entry;
+pub use crate::entry::{Field, RESERVED};
 
 /// Written entries become durable within this bound (group-committed).
 pub const FLUSH_INTERVAL_MS: u64 = 5;
@@ -158,8 +161,9 @@ impl Recorder {
             statements: 0,
             marker: Some(marker),
             pending: Vec::new(),
+            time: (i64::MIN, String::new()),
         };
-        rec.append("session", header, now)?;
+        rec.append_value("session", header, now)?;
         Ok(rec)
     }
 }
@@ -196,6 +200,8 @@ pub struct Recording {
     marker: Option<PathBuf>,
     /// Encoded entries not yet written (see `append_deferred`).
     pending: Vec<u8>,
+    /// The last entry's time (ms) and its RFC 3339 text.
+    time: (i64, String),
 }
 
 fn close_interrupted(
@@ -232,8 +238,9 @@ fn close_interrupted(
         statements: s.statements,
         marker: None,
         pending: Vec::new(),
+        time: (i64::MIN, String::new()),
     };
-    rec.append("end", json!({"reason": reason}), now)
+    rec.append("end", &[("reason", Field::Str(reason))], now)
         .map_err(io)?;
     Ok(RecordingSummary {
         entries: rec.seq,
@@ -244,26 +251,60 @@ fn close_interrupted(
     })
 }
 
-fn entry_hash(prev: &[u8; 32], canonical: &str) -> [u8; 32] {
+fn entry_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(canonical.as_bytes());
+    h.update(canonical);
     h.finalize().into()
 }
 
 impl Recording {
     /// Writes one entry, after any deferred ones, with one `write`; returns
-    /// its `seq`. `fields` must be a JSON object.
-    pub fn append(&mut self, kind: &str, fields: Value, now: Timestamp) -> std::io::Result<u64> {
+    /// its `seq`. `fields` are sorted by key, without [`RESERVED`] keys.
+    pub fn append(
+        &mut self,
+        kind: &str,
+        fields: &[(&str, Field<'_>)],
+        now: Timestamp,
+    ) -> std::io::Result<u64> {
         let seq = self.encode(kind, fields, now);
         self.flush()?;
         Ok(seq)
     }
 
+    /// [`Recording::append`] of a JSON object's members (members with
+    /// [`RESERVED`] keys are dropped).
+    pub fn append_value(
+        &mut self,
+        kind: &str,
+        fields: Value,
+        now: Timestamp,
+    ) -> std::io::Result<u64> {
+        let members: Vec<(String, String)> = match &fields {
+            Value::Object(m) => m
+                .iter()
+                .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), canonical_json(v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut sorted: Vec<(&str, Field<'_>)> = members
+            .iter()
+            .map(|(k, v)| (k.as_str(), Field::Json(v)))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        self.append(kind, &sorted, now)
+    }
+
     /// Chains an entry now but writes it with the next `append` or `flush`
     /// (outcomes: they need not precede anything, and sharing a write with
     /// the next statement halves the writes of a busy session).
-    pub fn append_deferred(&mut self, kind: &str, fields: Value, now: Timestamp) -> u64 {
+    pub fn append_deferred(
+        &mut self,
+        kind: &str,
+        fields: &[(&str, Field<'_>)],
+        now: Timestamp,
+    ) -> u64 {
         self.encode(kind, fields, now)
     }
 
@@ -288,27 +329,26 @@ impl Recording {
     }
 
     /// Encodes an entry into `pending` and advances the chain.
-    fn encode(&mut self, kind: &str, fields: Value, now: Timestamp) -> u64 {
+    fn encode(&mut self, kind: &str, fields: &[(&str, Field<'_>)], now: Timestamp) -> u64 {
         let seq = self.seq + 1;
-        let mut entry = match fields {
-            Value::Object(m) => m,
-            _ => serde_json::Map::new(),
-        };
-        entry.insert("seq".into(), json!(seq));
-        entry.insert("time".into(), json!(now.to_rfc3339()));
-        entry.insert("kind".into(), json!(kind));
-        let canonical = canonical_json(&Value::Object(entry));
-        let hash = entry_hash(&self.prev, &canonical);
+        if self.time.0 != now.0 {
+            self.time = (now.0, now.to_rfc3339());
+        }
+        let start = self.pending.len();
+        write_entry(&mut self.pending, fields, kind, seq, &self.time.1);
+        let hash = entry_hash(&self.prev, &self.pending[start..]);
         // The line is the canonical entry with its hash appended as the last
         // member (readers remove it and re-canonicalise), so it is encoded
-        // once.
-        let body = canonical.strip_suffix('}').unwrap_or(&canonical);
-        self.pending.extend_from_slice(body.as_bytes());
-        if body.len() > 1 {
-            self.pending.push(b',');
+        // once. An entry always has members (`kind`, `seq`, `time`).
+        self.pending.pop();
+        self.pending.extend_from_slice(b",\"hash\":\"");
+        let mut hex = [0u8; 64];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(hash) {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
         }
-        self.pending.extend_from_slice(b"\"hash\":\"");
-        self.pending.extend_from_slice(hex::encode(hash).as_bytes());
+        self.pending.extend_from_slice(&hex);
         self.pending.extend_from_slice(b"\"}\n");
         self.seq = seq;
         self.prev = hash;
@@ -403,7 +443,7 @@ pub fn read_recording(
         if v["seq"].as_u64() != Some(seq + 1) {
             return Err(broken("seq out of order"));
         }
-        let hash = entry_hash(&prev, &canonical_json(&v));
+        let hash = entry_hash(&prev, canonical_json(&v).as_bytes());
         if hex::encode(hash) != stored {
             return Err(broken("hash does not match the entry and its predecessor"));
         }
@@ -431,6 +471,7 @@ pub fn read_recording(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn recordings_chain_and_detect_tampering() {
@@ -439,11 +480,14 @@ mod tests {
         let mut r = rec
             .open("s1", json!({"request_id": "r1"}), Timestamp(1))
             .expect("open");
-        r.append("query", json!({"text": "select 1"}), Timestamp(2))
+        r.append("query", &[("text", Field::Str("select 1"))], Timestamp(2))
             .expect("append");
         r.append(
             "result",
-            json!({"statement": 2, "tag": "SELECT 1"}),
+            &[
+                ("statement", Field::U64(2)),
+                ("tag", Field::Str("SELECT 1")),
+            ],
             Timestamp(3),
         )
         .expect("append");

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use breakglass_core::Timestamp;
 use bytes::{Buf, BytesMut};
 use rand::Rng;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -19,7 +19,8 @@ use crate::codec::{
     Severity, Startup, authentication, backend_key_data, cstr, decode_frame, decode_startup,
     error_response, parse_error_fields,
 };
-use crate::recording::Recording;
+use crate::entry::write_str;
+use crate::recording::{Field, Recording};
 use crate::upstream;
 use crate::{Authorized, CancelTarget, Io, SessionEnd, SessionInfo, Shared};
 
@@ -329,12 +330,15 @@ async fn start(
 struct Tracker {
     redact: bool,
     statements: HashMap<String, String>,
-    portals: HashMap<String, (String, Value)>,
+    /// Portal name -> (statement name, parameters as canonical JSON).
+    portals: HashMap<String, (String, String)>,
     /// Recorded statements awaiting their outcome: (seq, simple query).
     pending: VecDeque<(u64, bool)>,
 }
 
-fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, Value)> {
+/// A Bind's portal, statement and parameters (canonical JSON: an array of
+/// strings and nulls, or `{"redacted":N}`).
+fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, String)> {
     let (portal, rest) = cstr(payload)?;
     let (stmt, mut rest) = cstr(rest)?;
     let take_i16 = |b: &mut &[u8]| -> Option<i16> {
@@ -349,17 +353,25 @@ fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, Value)> 
     }
     let nparams = take_i16(&mut rest)?.max(0) as usize;
     if redact {
-        return Some((portal.into(), stmt.into(), json!({"redacted": nparams})));
+        return Some((
+            portal.into(),
+            stmt.into(),
+            format!("{{\"redacted\":{nparams}}}"),
+        ));
     }
-    let mut values = Vec::with_capacity(nparams.min(1024));
+    let mut values = Vec::with_capacity(64);
+    values.push(b'[');
     for i in 0..nparams {
         if rest.len() < 4 {
             return None;
         }
+        if i > 0 {
+            values.push(b',');
+        }
         let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
         rest = &rest[4..];
         if len < 0 {
-            values.push(Value::Null);
+            values.extend_from_slice(b"null");
             continue;
         }
         let len = len as usize;
@@ -371,13 +383,16 @@ fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, Value)> 
             _ => formats.get(i).copied() == Some(1),
         };
         let shown = &bytes[..bytes.len().min(PARAM_LEN_RECORDED_MAX)];
-        values.push(if binary {
-            Value::String(format!("\\x{}", hex::encode(shown)))
+        if binary {
+            write_str(&mut values, &format!("\\x{}", hex::encode(shown)));
         } else {
-            Value::String(String::from_utf8_lossy(shown).into_owned())
-        });
+            write_str(&mut values, &String::from_utf8_lossy(shown));
+        }
     }
-    Some((portal.into(), stmt.into(), Value::Array(values)))
+    values.push(b']');
+    // Only escaped strings, `null` and punctuation were written.
+    let values = String::from_utf8(values).ok()?;
+    Some((portal.into(), stmt.into(), values))
 }
 
 impl Tracker {
@@ -392,7 +407,7 @@ impl Tracker {
         match tag {
             b'Q' => {
                 let text = cstr(payload).map_or("", |(s, _)| s);
-                let seq = rec.append("query", json!({"text": text}), now())?;
+                let seq = rec.append("query", &[("text", Field::Str(text))], now())?;
                 self.pending.push_back((seq, true));
             }
             b'P' => {
@@ -417,15 +432,19 @@ impl Tracker {
                 let (stmt, params) = self
                     .portals
                     .get(portal)
-                    .cloned()
-                    .unwrap_or_else(|| (String::new(), Value::Null));
+                    .map_or(("", "null"), |(s, p)| (s.as_str(), p.as_str()));
                 let text = self
                     .statements
-                    .get(&stmt)
+                    .get(stmt)
                     .map_or("<unknown statement>", String::as_str);
                 let seq = rec.append(
                     "execute",
-                    json!({"statement": stmt, "portal": portal, "text": text, "params": params}),
+                    &[
+                        ("params", Field::Json(params)),
+                        ("portal", Field::Str(portal)),
+                        ("statement", Field::Str(stmt)),
+                        ("text", Field::Str(text)),
+                    ],
                     now(),
                 )?;
                 self.pending.push_back((seq, false));
@@ -451,52 +470,52 @@ impl Tracker {
         Ok(false)
     }
 
-    /// Records outcomes from a server frame.
-    fn server_frame(
-        &mut self,
-        tag: u8,
-        payload: &[u8],
-        rec: &mut Recording,
-    ) -> std::io::Result<()> {
-        let front = self.pending.front().copied();
-        let mut outcome = |fields: Value, rec: &mut Recording| -> std::io::Result<()> {
-            if let Some((seq, simple)) = front {
-                let mut f = fields;
-                f["statement"] = json!(seq);
-                let kind = if f.get("code").is_some() {
-                    "error"
-                } else {
-                    "result"
-                };
-                rec.append_deferred(kind, f, now());
+    /// Records outcomes from a server frame (deferred: written with the
+    /// next statement or by the session's flush timer).
+    fn server_frame(&mut self, tag: u8, payload: &[u8], rec: &mut Recording) {
+        let statement = match (tag, self.pending.front()) {
+            (b'Z', _) => {
+                self.pending.clear();
+                return;
+            }
+            (b'C' | b'I' | b's' | b'E', Some(&(seq, simple))) => {
                 if !simple {
                     self.pending.pop_front();
                 }
+                Field::U64(seq)
             }
-            Ok(())
+            _ => return,
+        };
+        let result = |tag: &str, rec: &mut Recording| {
+            rec.append_deferred(
+                "result",
+                &[("statement", statement), ("tag", Field::Str(tag))],
+                now(),
+            );
         };
         match tag {
-            b'C' => {
-                let tag_text = cstr(payload).map_or("", |(s, _)| s);
-                outcome(json!({"tag": tag_text}), rec)?;
-            }
-            b'I' => outcome(json!({"tag": ""}), rec)?,
-            b's' => outcome(json!({"tag": "portal suspended"}), rec)?,
-            b'E' => {
+            b'C' => result(cstr(payload).map_or("", |(s, _)| s), rec),
+            b'I' => result("", rec),
+            b's' => result("portal suspended", rec),
+            _ => {
                 let fields = parse_error_fields(payload);
                 let get = |c: u8| {
                     fields
                         .iter()
                         .find(|(k, _)| *k == c)
                         .map_or("", |(_, v)| v.as_str())
-                        .to_string()
                 };
-                outcome(json!({"code": get(b'C'), "message": get(b'M')}), rec)?;
+                rec.append_deferred(
+                    "error",
+                    &[
+                        ("code", Field::Str(get(b'C'))),
+                        ("message", Field::Str(get(b'M'))),
+                        ("statement", statement),
+                    ],
+                    now(),
+                );
             }
-            b'Z' => self.pending.clear(),
-            _ => {}
         }
-        Ok(())
     }
 }
 
@@ -661,7 +680,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     let _ = upstream.write_all(&terminate).await;
     let _ = upstream.shutdown().await;
     drop(upstream);
-    if let Err(e) = rec.append("end", json!({"reason": reason}), now()) {
+    if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], now()) {
         tracing::error!(error = %e, "cannot record session end");
     }
     if let Err(e) = rec.close() {
@@ -775,10 +794,7 @@ async fn relay(
                     Ok(Some(f)) => {
                         let frame = &ubuf[consumed..consumed + f.len];
                         let payload = &frame[5..];
-                        if let Err(e) = tracker.server_frame(f.tag, payload, rec) {
-                            tracing::error!(error = %e, "cannot write session recording; closing session");
-                            return End::cut("recording_failed");
-                        }
+                        tracker.server_frame(f.tag, payload, rec);
                         if f.tag == b'K' && payload.len() == 8 {
                             let pid = i32::from_be_bytes([
                                 payload[0], payload[1], payload[2], payload[3],

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use breakglass_core::audit::AuditEvent;
 use breakglass_core::State;
+use breakglass_core::audit::AuditEvent;
 
 /// Latency buckets in seconds, from 100 µs to 10 s.
 const BUCKETS_S: [f64; 14] = [

@@ -24,19 +24,32 @@ mod postgres;
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
 pub use postgres::{AuthMethod, PgCluster, client_command, pg_bin_dir, psql_at};
 
-/// Returns a TCP port on `127.0.0.1` that was free a moment ago.
+/// Returns a TCP port on `127.0.0.1` that is free right now.
 ///
-/// Binds port 0, reads the port the kernel picked and closes the socket.
-/// Another process may take the port before the caller binds it; the
-/// servers started here retry with a new port when that happens.
+/// Ports come from below the kernel's ephemeral range (32768 and up by
+/// default), so neither an outgoing connection nor another `bind(0)` can
+/// take the port between this call and the caller's own bind. Each port is
+/// handed out once per process, from a start that differs per process, and
+/// is checked by binding it. Another process choosing the same port at the
+/// same moment is still possible; the servers started here retry with a
+/// new port when that happens.
 ///
 /// # Panics
 ///
-/// Panics if the loopback interface cannot be bound at all, which means the
-/// machine cannot run these tests.
+/// Panics if no port in the range can be bound, which means the machine
+/// cannot run these tests.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("cannot bind 127.0.0.1:0 to find a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 16_384;
+    const COUNT: u32 = 16_384;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {FIRST}..{}", FIRST + COUNT)
 }

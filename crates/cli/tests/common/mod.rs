@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::io::Read as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -79,11 +78,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A loopback port nothing listens on right now (bound, read, released).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    l.local_addr().expect("probe port address").port()
-}
+pub use breakglass_testkit::free_port;
 
 /// A config and policy in a temporary directory; the store lives in
 /// `data/` beside them.

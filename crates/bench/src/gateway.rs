@@ -733,7 +733,12 @@ impl Ctx {
     pub fn gateway(&mut self) -> anyhow::Result<()> {
         let quick = self.quick;
         let secs: u64 = if quick { 3 } else { 10 };
-        let rounds = if quick { 1 } else { 3 };
+        // BREAKGLASS_BENCH_GATEWAY_ROUNDS=N overrides the number of
+        // throughput rounds (to compare builds with less noise).
+        let rounds = std::env::var("BREAKGLASS_BENCH_GATEWAY_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(if quick { 1 } else { 3 });
         let warm: u64 = if quick { 1 } else { 2 };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
 

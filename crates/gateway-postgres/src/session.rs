@@ -873,11 +873,16 @@ async fn relay(
                 ubuf.advance(consumed);
             }
         }
-        if cbuf.capacity() - cbuf.len() < 4096 {
-            cbuf.reserve(READ_CHUNK);
-        }
-        if ubuf.capacity() - ubuf.len() < 4096 {
-            ubuf.reserve(READ_CHUNK);
+        for buf in [&mut *cbuf, &mut *ubuf] {
+            // A drained buffer reads at its front again, so a busy session
+            // reuses the same few cache lines instead of walking through
+            // READ_CHUNK bytes (and the cache of the database beside it).
+            if buf.is_empty() {
+                let _ = buf.try_reclaim(READ_CHUNK);
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_CHUNK);
+            }
         }
         if !rec.has_pending() {
             flush_armed = false;

@@ -79,6 +79,7 @@ impl AppError {
             },
             AppError::Store(StoreError::Conflict { .. }) => (409, "conflict"),
             AppError::Store(StoreError::Duplicate(_)) => (409, "conflict"),
+            AppError::Store(StoreError::Limit(_)) => (409, "credential_limit"),
             AppError::Store(StoreError::Unavailable(_)) => (503, "store_unavailable"),
             AppError::Store(StoreError::Corrupt(_)) => (500, "internal"),
             AppError::WritesBlocked(_) => (503, "audit_chain_broken"),

@@ -17,6 +17,8 @@ use serde::Deserialize;
 pub const CONFIG_FILE_LEN_MAX: u64 = 4 * 1024 * 1024;
 pub const PRINCIPALS_MAX: usize = 10_000;
 pub const TARGETS_MAX: usize = 10_000;
+/// The largest `server.max_connections` accepted.
+pub const API_CONNECTIONS_MAX: usize = 65_536;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +60,20 @@ pub struct ServerConfig {
     /// Members may read everything and revoke any grant.
     #[serde(default)]
     pub admin_groups: Vec<String>,
+    /// API connections served at once; one more is answered 503.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// An API connection on which nothing moves for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_idle_timeout() -> String {
+    "60s".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -202,6 +218,14 @@ impl Config {
         }
         parse_duration(&self.server.pending_timeout)
             .map_err(|e| anyhow::anyhow!("server.pending_timeout: {e}"))?;
+        if !(1..=API_CONNECTIONS_MAX).contains(&self.server.max_connections) {
+            bail!("server.max_connections: must be between 1 and {API_CONNECTIONS_MAX}");
+        }
+        let idle = parse_duration(&self.server.idle_timeout)
+            .map_err(|e| anyhow::anyhow!("server.idle_timeout: {e}"))?;
+        if !(1..=3600).contains(&idle) {
+            bail!("server.idle_timeout: must be between 1s and 1h");
+        }
         parse_duration(&self.audit.checkpoint_interval)
             .map_err(|e| anyhow::anyhow!("audit.checkpoint_interval: {e}"))?;
         if let Some(pg) = &self.gateway.postgres {
@@ -279,6 +303,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `server.idle_timeout` (validated at load).
+    pub fn api_idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(parse_duration(&self.server.idle_timeout).unwrap_or(60))
     }
 
     pub fn pending_timeout_s(&self) -> u64 {

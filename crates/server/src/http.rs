@@ -392,8 +392,11 @@ async fn review(
     Ok(Json(app.act(&who, &id, cmd).await?))
 }
 
+/// Issues a grant credential to the requester of an active grant. A grant
+/// has at most 64 (409 `credential_limit`); each is valid for the whole
+/// grant.
 #[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)),
-    responses((status = 200, body = Credentials), (status = 403, body = Problem), (status = 409, body = Problem)),
+    responses((status = 200, body = Credentials), (status = 403, body = Problem), (status = 409, body = Problem, description = "wrong_state, or credential_limit")),
     security(("bearer" = [])))]
 async fn credentials(
     State(app): State<AppState>,

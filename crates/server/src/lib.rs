@@ -9,6 +9,7 @@ pub mod dto;
 pub mod gateway;
 pub mod http;
 pub mod keys;
+mod listener;
 pub mod metrics;
 pub mod offline;
 pub mod scheduler;
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{App, now};
 use crate::config::Config;
+use crate::listener::LimitedListener;
 use crate::metrics::Metrics;
 
 /// How `breakglass serve` writes its logs.
@@ -234,6 +236,12 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     let addr = listener.local_addr()?;
     let (shutdown, mut rx) = tokio::sync::watch::channel(false);
     let router = http::router(app.clone());
+    let listener = LimitedListener::new(
+        listener,
+        app.config.server.max_connections,
+        app.config.api_idle_timeout(),
+        app.metrics.clone(),
+    );
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub activations: AtomicU64,
     pub expiry_lateness: Histogram,
     pub events: AtomicU64,
+    /// API connections refused over `server.max_connections`.
+    pub refused_connections: AtomicU64,
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
 }
 
@@ -141,6 +143,12 @@ impl Metrics {
         let _ = writeln!(out, "breakglass_audit_head_seq {head_seq}");
         out.push_str("# HELP breakglass_scheduled_deadlines Requests with a pending deadline.\n# TYPE breakglass_scheduled_deadlines gauge\n");
         let _ = writeln!(out, "breakglass_scheduled_deadlines {tracked}");
+        out.push_str("# HELP breakglass_http_connections_refused_total API connections refused over server.max_connections.\n# TYPE breakglass_http_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "breakglass_http_connections_refused_total {}",
+            self.refused_connections.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP breakglass_http_request_duration_seconds HTTP request latency.\n# TYPE breakglass_http_request_duration_seconds histogram\n");
         let map = self.http.lock().unwrap_or_else(|p| p.into_inner());
         for ((method, route, status), h) in map.iter() {

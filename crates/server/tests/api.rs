@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{TestServer, call_raw};
@@ -443,4 +444,115 @@ fn service_endpoints_answer() {
     assert_eq!((st, p["code"].as_str()), (404, Some("not_found")));
     let (st, w) = s.call("carol", "GET", "/v1/whoami", None);
     assert_eq!((st, w["admin"].as_bool()), (200, Some(true)));
+}
+
+/// Sends `request` on a new connection and reads until the server closes
+/// it (or 5 s pass); returns what came back.
+fn raw_exchange(addr: &str, request: &[u8]) -> String {
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    c.write_all(request).expect("send");
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn api_connections_are_capped_and_idle_ones_closed() {
+    let s = TestServer::start_with(
+        tempfile::tempdir().expect("tempdir"),
+        "max_connections = 2\nidle_timeout = \"1s\"\n",
+    );
+    let addr = s.url.trim_start_matches("http://").to_string();
+    // Wait out any pooled connection of an earlier call, then take both
+    // slots: one sends half a header and stalls, one sends nothing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a header");
+    let mut silent = std::net::TcpStream::connect(&addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+
+    // A third connection is told why it is refused.
+    let refused = raw_exchange(&addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"too_many_connections\""),
+        "{refused}"
+    );
+    assert!(refused.contains("server.max_connections"), "{refused}");
+
+    // Both held connections are closed once idle for 1 s, not before.
+    for (name, conn) in [("slow", &mut slow), ("silent", &mut silent)] {
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        let n = conn.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "{name}: {:?}", String::from_utf8_lossy(&buf[..n]));
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
+
+    // The slots are free again, and the refusal was counted.
+    let metrics = raw_exchange(
+        &addr,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("breakglass_http_connections_refused_total 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(call_raw(&s.url, None, "GET", "/healthz", None).0, 200);
+}
+
+#[test]
+fn credentials_per_grant_are_capped() {
+    let s = TestServer::start();
+    let (st, r) = create(
+        &s,
+        "alice",
+        json!({"target": "drill-db", "role": "read", "duration": "30m", "reason": "drill"}),
+    );
+    assert_eq!((st, r["state"].as_str()), (201, Some("active")), "{r}");
+    let id = r["id"].as_str().expect("id").to_string();
+    let path = format!("/v1/requests/{id}/credentials");
+    let max = breakglass_store::CREDENTIALS_PER_REQUEST_MAX;
+    let mut first = String::new();
+    for i in 0..max {
+        let (st, c) = s.call("alice", "POST", &path, None);
+        assert_eq!(st, 200, "credential {i}: {c}");
+        if i == 0 {
+            first = c["token"].as_str().expect("token").to_string();
+        }
+    }
+    let (st, p) = s.call("alice", "POST", &path, None);
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (409, Some("credential_limit")),
+        "{p}"
+    );
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&format!("{max} credentials")), "{p}");
+    // The refusal wrote nothing, and the credentials already issued work.
+    let (_, log) = s.call("carol", "GET", "/v1/audit?limit=1000", None);
+    let issued = log["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["action"] == "credentials.issued")
+        .count();
+    assert_eq!(issued as u64, max, "{log}");
+    let (st, v) = s.call(
+        "dave",
+        "POST",
+        "/v1/credentials/verify",
+        Some(json!({"token": first, "target": "drill-db"})),
+    );
+    assert_eq!((st, v["active"].as_bool()), (200, Some(true)), "{v}");
 }

@@ -76,10 +76,10 @@ pub fn config_text(listen: SocketAddr, extra_server: &str) -> String {
 }
 
 /// A directory with config.toml and policy.cedar for a server on `listen`.
-pub fn write_setup(dir: &std::path::Path, listen: SocketAddr) -> PathBuf {
+pub fn write_setup(dir: &std::path::Path, listen: SocketAddr, extra_server: &str) -> PathBuf {
     std::fs::write(dir.join("policy.cedar"), POLICY).expect("write policy");
     let path = dir.join("config.toml");
-    std::fs::write(&path, config_text(listen, "")).expect("write config");
+    std::fs::write(&path, config_text(listen, extra_server)).expect("write config");
     path
 }
 
@@ -98,9 +98,14 @@ impl TestServer {
     }
 
     pub fn start_in(dir: tempfile::TempDir) -> TestServer {
+        Self::start_with(dir, "")
+    }
+
+    /// `extra_server`: TOML lines added to `[server]`.
+    pub fn start_with(dir: tempfile::TempDir, extra_server: &str) -> TestServer {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = probe.local_addr().expect("addr");
-        let config_path = write_setup(dir.path(), addr);
+        let config_path = write_setup(dir.path(), addr, extra_server);
         let config = Config::load(&config_path).expect("config");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -29,6 +29,9 @@ pub enum StoreError {
     Conflict { id: String, expected: u64 },
     #[error("request {0} already exists")]
     Duplicate(String),
+    /// A per-request cap was reached; the message says which.
+    #[error("{0}")]
+    Limit(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
@@ -40,6 +43,11 @@ impl From<rusqlite::Error> for StoreError {
         StoreError::Unavailable(e.to_string())
     }
 }
+
+/// Credentials one request may be issued in all. Each is usable for the
+/// whole grant, so this only stops a requester from growing the store and
+/// the audit log without bound.
+pub const CREDENTIALS_PER_REQUEST_MAX: u64 = 64;
 
 /// A grant credential as stored: only the SHA-256 of the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +87,9 @@ pub trait Store: Send + Sync + 'static {
     /// together with its events; `Conflict` if the version moved.
     async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
 
-    /// Stores a credential with its audit event.
+    /// Stores a credential with its audit event; `Limit` when the request
+    /// already has [`CREDENTIALS_PER_REQUEST_MAX`] credentials (checked in
+    /// the same transaction, so concurrent calls cannot pass it).
     async fn issue_credential(
         &self,
         cred: CredentialRecord,

@@ -16,7 +16,10 @@ use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
+use crate::{
+    CREDENTIALS_PER_REQUEST_MAX, Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store,
+    StoreError,
+};
 
 /// Jobs the writer takes into one transaction at most.
 const BATCH_LEN_MAX: usize = 512;
@@ -75,6 +78,9 @@ CREATE TABLE credentials (
 "#,
     r#"
 CREATE INDEX audit_request ON audit(request_id, seq) WHERE request_id IS NOT NULL;
+"#,
+    r#"
+CREATE INDEX credentials_request ON credentials(request_id);
 "#,
 ];
 
@@ -447,6 +453,15 @@ fn apply_op(
             insert_events(conn, &t.events, now, head)
         }
         Op::Credential(c, event) => {
+            let issued: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM credentials WHERE request_id = ?1")?
+                .query_row([&c.request_id], |r| r.get(0))?;
+            if issued as u64 >= CREDENTIALS_PER_REQUEST_MAX {
+                return Err(StoreError::Limit(format!(
+                    "request {} already has {CREDENTIALS_PER_REQUEST_MAX} credentials, the most one grant may have; reuse one of them",
+                    c.request_id
+                )));
+            }
             conn.prepare_cached(
                 "INSERT INTO credentials (hash, request_id, principal, target, role, expires_at, issued_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?

@@ -368,6 +368,18 @@ mod tests {
             "[server]\ndata_dir = \"d\"\npending_timeout = \"soon\"\n[policy]\nfile = \"p\"\n",
         );
         assert!(e.contains("server.pending_timeout"), "{e}");
+        for (line, key) in [
+            ("max_connections = 0", "server.max_connections"),
+            ("max_connections = 1000000", "server.max_connections"),
+            ("idle_timeout = \"0s\"", "server.idle_timeout"),
+            ("idle_timeout = \"2h\"", "server.idle_timeout"),
+            ("idle_timeout = \"later\"", "server.idle_timeout"),
+        ] {
+            let e = parse(&format!(
+                "[server]\ndata_dir = \"d\"\n{line}\n[policy]\nfile = \"p\"\n"
+            ));
+            assert!(e.contains(key), "{line}: {e}");
+        }
     }
 
     #[test]

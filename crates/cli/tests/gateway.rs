@@ -912,6 +912,40 @@ fn connect_sessions_and_recording_verbs() {
     );
     assert_eq!(lines.last().map(|e| &e["kind"]), Some(&json!("end")));
     assert_eq!(lines, bg.recording(&sid), "the CLI prints the whole file");
+    // Small pages, twice (the second walk resumes from remembered page
+    // ends), give the same entries; past the end there is nothing more.
+    for walk in 0..2 {
+        let mut paged: Vec<Value> = Vec::new();
+        let mut after = 0;
+        loop {
+            let (st, page) = bg.get(
+                "alice",
+                &format!("/v1/sessions/{sid}/recording?after={after}&limit=2"),
+            );
+            assert_eq!(st, 200, "{page}");
+            assert_eq!(page["complete"], true, "{page}");
+            let entries = page["entries"].as_array().expect("entries");
+            assert!(entries.len() <= 2, "{page}");
+            paged.extend(entries.iter().cloned());
+            match page["next"].as_u64() {
+                Some(n) => {
+                    assert_eq!(Some(n), entries.last().and_then(|e| e["seq"].as_u64()));
+                    after = n;
+                }
+                None => break,
+            }
+        }
+        assert_eq!(paged, lines, "walk {walk}");
+    }
+    let (st, page) = bg.get(
+        "alice",
+        &format!("/v1/sessions/{sid}/recording?after={}", lines.len()),
+    );
+    assert_eq!(
+        (st, page["entries"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    assert!(page["next"].is_null(), "{page}");
     let out = bg.cli(Some("alice"), &["recording", &sid]);
     assert!(out.ok().stdout.contains("select 'via connect'"), "{out:#?}");
     // Another principal does not see it; an admin does.

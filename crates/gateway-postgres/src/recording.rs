@@ -13,7 +13,8 @@
 //! mode syncs before forwarding instead.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -86,6 +87,12 @@ impl Recorder {
 
     fn marker_of(dir: &Path, session_id: &str) -> PathBuf {
         dir.join(format!("{session_id}.open"))
+    }
+
+    /// Whether a session's recording may still grow: its `.open` marker is
+    /// removed only after the `end` entry is durable.
+    pub fn is_open(dir: &Path, session_id: &str) -> bool {
+        Self::marker_of(dir, session_id).exists()
     }
 
     /// Closes the recordings of sessions that were live when the process
@@ -394,23 +401,57 @@ pub struct RecordingSummary {
     pub valid_len: u64,
 }
 
+/// A point between two entries of a recording: reading can resume here
+/// without re-reading (and re-verifying) what came before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Byte offset of the next entry.
+    pub offset: u64,
+    /// `seq` of the entry before this point.
+    pub seq: u64,
+    /// Hash of the entry before this point.
+    pub prev: [u8; 32],
+}
+
 /// Reads a recording, checking every link; `visit` sees each entry.
 pub fn read_recording(
     path: &Path,
     mut visit: impl FnMut(&Value),
+) -> Result<RecordingSummary, RecordingError> {
+    read_recording_from(path, None, |v, _| {
+        visit(v);
+        ControlFlow::Continue(())
+    })
+}
+
+/// Reads a recording from the start, or from `from` (a point an earlier
+/// read of the same file returned), checking every link it reads; `visit`
+/// sees each entry and the point after it, and may stop the read. The
+/// summary then covers what was read (`header` only when reading from the
+/// start).
+pub fn read_recording_from(
+    path: &Path,
+    from: Option<Resume>,
+    mut visit: impl FnMut(&Value, Resume) -> ControlFlow<()>,
 ) -> Result<RecordingSummary, RecordingError> {
     let label = path.display().to_string();
     let io = |source| RecordingError::Io {
         path: label.clone(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    let mut file = File::open(path).map_err(io)?;
+    let start = from.unwrap_or(Resume {
+        offset: 0,
+        seq: 0,
+        prev: [0u8; 32],
+    });
+    file.seek(SeekFrom::Start(start.offset)).map_err(io)?;
     let mut reader = BufReader::new(file);
-    let mut prev = [0u8; 32];
-    let mut seq = 0u64;
+    let mut prev = start.prev;
+    let mut seq = start.seq;
     let mut statements = 0;
     let mut header = Value::Null;
-    let mut valid_len = 0u64;
+    let mut valid_len = start.offset;
     let mut line = String::new();
     loop {
         line.clear();
@@ -454,10 +495,17 @@ pub fn read_recording(
             statements += 1;
         }
         v["hash"] = Value::String(stored);
-        visit(&v);
         prev = hash;
         seq += 1;
         valid_len += n as u64;
+        let here = Resume {
+            offset: valid_len,
+            seq,
+            prev,
+        };
+        if visit(&v, here).is_break() {
+            break;
+        }
     }
     Ok(RecordingSummary {
         entries: seq,
@@ -519,6 +567,64 @@ mod tests {
         std::fs::write(&path, text.replace("select 1", "select 2")).expect("write");
         let err = read_recording(&path, |_| {}).expect_err("tampered");
         assert!(err.to_string().contains("entry 2"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reading_resumes_where_an_earlier_read_stopped() {
+        let dir = std::env::temp_dir().join(format!("bg-rec-resume-{}", std::process::id()));
+        let rec = Recorder::new(&dir, false).expect("recorder");
+        let mut r = rec
+            .open("s2", json!({"request_id": "r2"}), Timestamp(1))
+            .expect("open");
+        for i in 0..10u64 {
+            let text = format!("select {i}");
+            r.append(
+                "query",
+                &[("text", Field::Str(&text))],
+                Timestamp(2 + i as i64),
+            )
+            .expect("append");
+        }
+        r.close().expect("close");
+        let path = Recorder::path_of(&dir, "s2");
+        let mut all = Vec::new();
+        read_recording_from(&path, None, |v, here| {
+            all.push((v.clone(), here));
+            ControlFlow::Continue(())
+        })
+        .expect("verifies");
+        assert_eq!(all.len(), 11);
+        // Stop after the fifth entry, then resume there.
+        let mut stopped = None;
+        read_recording_from(&path, None, |_, here| {
+            stopped = Some(here);
+            if here.seq == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .expect("verifies");
+        let at = stopped.expect("stopped");
+        assert_eq!(at, all[4].1);
+        let mut rest = Vec::new();
+        let summary = read_recording_from(&path, Some(at), |v, _| {
+            rest.push(v.clone());
+            ControlFlow::Continue(())
+        })
+        .expect("resumes");
+        let expected: Vec<Value> = all[5..].iter().map(|(v, _)| v.clone()).collect();
+        assert_eq!(rest, expected);
+        assert_eq!(summary.final_hash, r.final_hash());
+        // A resume point whose hash is not the chain's is caught at once.
+        let forged = Resume {
+            prev: [7; 32],
+            ..at
+        };
+        let err = read_recording_from(&path, Some(forged), |_, _| ControlFlow::Continue(()))
+            .expect_err("forged resume point");
+        assert!(err.to_string().contains("entry 6"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

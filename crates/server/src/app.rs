@@ -2,8 +2,9 @@
 //! lifecycle steps and commits them through the store, issues and checks
 //! grant credentials. The HTTP API and (later) the gateways call only this.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use breakglass_core::lifecycle::{self, Command, LifecycleError, NewRequest, is_due};
@@ -11,7 +12,7 @@ use breakglass_core::policy::{Action, Decision, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_core::token::{self, match_token};
 use breakglass_core::{Actor, Principal, Request, State, Timestamp, Transition};
-use breakglass_gateway_postgres::recording::{Recorder, read_recording};
+use breakglass_gateway_postgres::recording::{Recorder, Resume, read_recording_from};
 use breakglass_store::{CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
 use rand::RngCore;
 use serde_json::json;
@@ -135,6 +136,47 @@ pub struct App {
     /// Set when the audit chain was found broken: every write is refused.
     writes_blocked: std::sync::RwLock<Option<String>>,
     signing_key: ed25519_dalek::SigningKey,
+    recording_cursors: RecordingCursors,
+}
+
+/// Recording page cursors kept at most.
+const RECORDING_CURSORS_MAX: usize = 4096;
+
+/// Where recently served recording pages ended, so the page after one
+/// resumes there instead of re-reading the file from its start. Bounded:
+/// the oldest are forgotten first, and a forgotten one only costs a read
+/// from the start.
+#[derive(Default)]
+struct RecordingCursors {
+    inner: Mutex<CursorMap>,
+}
+
+/// (session id, seq of the entry a page ended with) -> where to resume,
+/// and the keys oldest first.
+type CursorMap = (HashMap<(String, u64), Resume>, VecDeque<(String, u64)>);
+
+impl RecordingCursors {
+    fn get(&self, session_id: &str, after: u64) -> Option<Resume> {
+        if after == 0 {
+            return None;
+        }
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0.get(&(session_id.to_string(), after)).copied()
+    }
+
+    fn put(&self, session_id: &str, at: Resume) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *inner;
+        let key = (session_id.to_string(), at.seq);
+        if map.insert(key.clone(), at).is_none() {
+            order.push_back(key);
+            while order.len() > RECORDING_CURSORS_MAX {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl App {
@@ -174,6 +216,7 @@ impl App {
             pending_timeout_s,
             writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
+            recording_cursors: RecordingCursors::default(),
         })
     }
 
@@ -523,34 +566,58 @@ impl App {
         if !path.exists() {
             return Err(not_found());
         }
-        let (summary, entries, complete) = tokio::task::spawn_blocking(move || {
-            let mut entries = Vec::new();
-            let mut complete = false;
-            let summary = read_recording(&path, |v| {
-                complete = v["kind"] == "end";
-                let seq = v["seq"].as_u64().unwrap_or(0);
-                if seq > after && entries.len() < limit as usize {
-                    entries.push(v.clone());
-                }
-            });
-            (summary, entries, complete)
+        // The header first: a caller who may not see the session learns
+        // nothing, and costs one line, not the whole file.
+        let header_path = path.clone();
+        let header = tokio::task::spawn_blocking(move || {
+            read_recording_from(&header_path, None, |_, _| ControlFlow::Break(()))
         })
         .await
-        .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?;
-        let summary = summary.map_err(|e| {
+        .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?
+        .map_err(|e| {
             tracing::error!(session = %session_id, error = %e, "recording does not verify");
             AppError::Conflict("recording_broken", e.to_string())
-        })?;
-        let request_id = summary.header["request_id"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
+        })?
+        .header;
+        let request_id = header["request_id"].as_str().unwrap_or("").to_string();
         // Visible exactly when its request is.
         self.get_visible(who, &request_id)
             .await
             .map_err(|_| not_found())?;
-        let next = match entries.last().and_then(|v| v["seq"].as_u64()) {
-            Some(last) if last < summary.entries => Some(last),
+        // Every entry served is verified against the chain from the start.
+        // A page that follows one served earlier resumes where that one
+        // ended instead of re-reading the file from the start.
+        let from = self.recording_cursors.get(session_id, after);
+        let complete = !Recorder::is_open(&self.config.recordings_dir(), session_id);
+        let (read, entries, last, more) = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::new();
+            let mut last = None;
+            let mut more = false;
+            let read = read_recording_from(&path, from, |v, here| {
+                if here.seq <= after {
+                    return ControlFlow::Continue(());
+                }
+                if entries.len() == limit as usize {
+                    more = true;
+                    return ControlFlow::Break(());
+                }
+                entries.push(v.clone());
+                last = Some(here);
+                ControlFlow::Continue(())
+            });
+            (read, entries, last, more)
+        })
+        .await
+        .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?;
+        read.map_err(|e| {
+            tracing::error!(session = %session_id, error = %e, "recording does not verify");
+            AppError::Conflict("recording_broken", e.to_string())
+        })?;
+        let next = match last {
+            Some(here) if more => {
+                self.recording_cursors.put(session_id, here);
+                Some(here.seq)
+            }
             _ => None,
         };
         Ok(RecordingPage {

@@ -175,9 +175,18 @@ impl Recorder {
     }
 }
 
+/// Syncs every dirty recording each `FLUSH_INTERVAL_MS`, counted from the
+/// start of the previous pass (so the time spent syncing does not stretch
+/// the interval). A pass that takes longer than the interval is logged, at
+/// most once a minute: the durability bound is then no longer held.
 fn flush_loop(list: Weak<Mutex<Vec<Dirty>>>) {
+    let interval = Duration::from_millis(FLUSH_INTERVAL_MS);
+    let mut next = std::time::Instant::now() + interval;
+    let mut warned: Option<std::time::Instant> = None;
     loop {
-        std::thread::sleep(Duration::from_millis(FLUSH_INTERVAL_MS));
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+        let started = std::time::Instant::now();
+        next = started + interval;
         let Some(list) = list.upgrade() else { return };
         let files: Vec<Arc<File>> = {
             let mut l = lock(&list);
@@ -187,10 +196,20 @@ fn flush_loop(list: Weak<Mutex<Vec<Dirty>>>) {
                 .filter_map(|d| d.file.upgrade())
                 .collect()
         };
+        let synced = files.len();
         for f in files {
             if let Err(e) = f.sync_data() {
                 tracing::error!(error = %e, "cannot sync a session recording");
             }
+        }
+        let took = started.elapsed();
+        if took > interval && warned.is_none_or(|w| w.elapsed() > Duration::from_secs(60)) {
+            warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                recordings = synced,
+                took_ms = took.as_millis() as u64,
+                "syncing the session recordings took longer than {FLUSH_INTERVAL_MS} ms; statements may take longer than usual to become durable"
+            );
         }
     }
 }

@@ -68,6 +68,8 @@ enum Via {
     Direct,
     Gateway,
     Bouncer,
+    /// [`BareRelay`]: bytes copied both ways, nothing else.
+    Relay,
 }
 
 impl Via {
@@ -76,6 +78,84 @@ impl Via {
             Via::Direct => "direct",
             Via::Gateway => "gateway",
             Via::Bouncer => "pgbouncer",
+            Via::Relay => "bare relay",
+        }
+    }
+}
+
+/// Name prefix of the bare relay's threads (their CPU is read from
+/// `/proc/self/task`).
+const RELAY_THREAD: &str = "bare-relay";
+
+/// The floor for a relay built like the gateway (tokio, two worker
+/// threads, one task per connection): it copies bytes between the client
+/// and PostgreSQL with `copy_bidirectional` and does nothing else, no
+/// parsing, no recording, no authentication of its own (pgbench logs in to
+/// PostgreSQL through it). Measured beside the gateway so the gateway's own
+/// cost shows apart from what any such relay costs on this machine.
+struct BareRelay {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BareRelay {
+    fn start(upstream_port: u16) -> anyhow::Result<BareRelay> {
+        let listener = std::net::TcpListener::bind(server::free_port()?)
+            .context("bare relay: cannot listen")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(RELAY_THREAD)
+            .enable_all()
+            .build()
+            .context("bare relay: cannot start a runtime")?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(RELAY_THREAD.into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let accept = async {
+                        while let Ok((mut client, _)) = listener.accept().await {
+                            tokio::spawn(async move {
+                                let _ = client.set_nodelay(true);
+                                let Ok(mut up) =
+                                    tokio::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                                        .await
+                                else {
+                                    return;
+                                };
+                                let _ = up.set_nodelay(true);
+                                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = accept => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime ends the copy tasks and their sockets.
+            })?;
+        Ok(BareRelay {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for BareRelay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -113,6 +193,8 @@ struct Split {
     bg_sys: f64,
     bg_flush: f64,
     pgbouncer: f64,
+    /// The bare relay's threads (in this process).
+    relay: f64,
     /// Interrupts and softirqs (`/proc/stat`): mostly loopback TCP, which
     /// the kernel does not charge to any process.
     irq: f64,
@@ -143,6 +225,9 @@ impl Split {
         if self.pgbouncer > 0.01 * self.secs {
             parts.push(format!("pgbouncer {:.0}", per(self.pgbouncer)));
         }
+        if self.relay > 0.01 * self.secs {
+            parts.push(format!("bare relay {:.0}", per(self.relay)));
+        }
         parts.push(format!("irq/softirq {:.0}", per(self.irq)));
         if self.journal > 0.001 * self.secs {
             parts.push(format!("ext4 journal {:.0}", per(self.journal)));
@@ -151,6 +236,7 @@ impl Split {
             + self.postgres
             + self.breakglass
             + self.pgbouncer
+            + self.relay
             + self.irq
             + self.journal;
         format!(
@@ -172,6 +258,9 @@ impl Split {
         }
         if self.pgbouncer > 0.01 * self.secs {
             parts.push(format!("pgbouncer {:.0}%", s(self.pgbouncer)));
+        }
+        if self.relay > 0.01 * self.secs {
+            parts.push(format!("bare relay {:.0}%", s(self.relay)));
         }
         parts.push(format!("irq/softirq {:.0}%", s(self.irq)));
         if self.journal > 0.001 * self.secs {
@@ -197,6 +286,7 @@ struct Mark {
     bg_sys: f64,
     bg_flush: f64,
     pgbouncer: f64,
+    relay: f64,
     journal: f64,
 }
 
@@ -228,6 +318,7 @@ impl Procs {
                 .pgbouncer
                 .and_then(stat_of)
                 .map_or(0.0, |s| s.user + s.sys),
+            relay: thread_cpu(std::process::id(), RELAY_THREAD),
             journal: journal_cpu(),
         }
     }
@@ -240,6 +331,7 @@ fn split(a: &Mark, b: &Mark) -> Split {
     let bg_sys = d(a.bg_sys, b.bg_sys);
     let breakglass = bg_user + bg_sys;
     let pgbouncer = d(a.pgbouncer, b.pgbouncer);
+    let relay = d(a.relay, b.relay);
     let irq = d(a.irq, b.irq);
     let journal = d(a.journal, b.journal);
     // PostgreSQL is not a child of this process: count it as ours, like the
@@ -248,6 +340,7 @@ fn split(a: &Mark, b: &Mark) -> Split {
     let u = cpu::between(
         a.sys,
         b.sys,
+        // (the bare relay runs in this process: already in `own`)
         postgres + breakglass + pgbouncer + irq + journal,
     );
     Split {
@@ -259,6 +352,7 @@ fn split(a: &Mark, b: &Mark) -> Split {
         bg_sys,
         bg_flush: d(a.bg_flush, b.bg_flush),
         pgbouncer,
+        relay,
         irq,
         journal,
         others: u.others,
@@ -754,6 +848,7 @@ impl Ctx {
         )?;
         let pgbench_bin = pg.bin_dir().join("pgbench");
         let bouncer = PgBouncer::start(&pg, DB, PG_USER, PG_PASSWORD)?;
+        let relay = BareRelay::start(pg.port)?;
         let (setup, gw_port) = gateway_setup(pg.port)?;
         let srv = Server::start(&self.bin, &setup)?;
         let api = Client::new(&srv.url);
@@ -797,10 +892,15 @@ impl Ctx {
             password: PG_PASSWORD.into(),
             db: DB.into(),
         };
+        let relayed = Endpoint {
+            port: relay.port,
+            ..direct.clone()
+        };
         let endpoint = |via: Via| match via {
             Via::Direct => &direct,
             Via::Gateway => &through,
             Via::Bouncer => &pooled,
+            Via::Relay => &relayed,
         };
         let work = tempfile::Builder::new()
             .prefix("breakglass-bench-pgbench-")
@@ -868,7 +968,7 @@ impl Ctx {
         };
 
         // Warm-up: the shared buffers, each path's first connections.
-        for via in [Via::Direct, Via::Gateway, Via::Bouncer] {
+        for via in [Via::Direct, Via::Gateway, Via::Bouncer, Via::Relay] {
             pgbench(
                 &pgbench_bin,
                 endpoint(via),
@@ -879,7 +979,7 @@ impl Ctx {
         }
 
         // Throughput: the three paths interleaved, round after round.
-        let order = [Via::Direct, Via::Gateway, Via::Bouncer];
+        let order = [Via::Direct, Via::Gateway, Via::Bouncer, Via::Relay];
         let mut runs: Vec<(Via, Run)> = Vec::new();
         for round in 1..=rounds {
             if !quick {
@@ -929,6 +1029,7 @@ impl Ctx {
             ));
         }
         drop(bouncer);
+        drop(relay);
 
         // The figures.
         let median_of = |via: Via| -> (f64, Vec<&Run>) {
@@ -943,6 +1044,7 @@ impl Ctx {
         let (d_tps, d_runs) = median_of(Via::Direct);
         let (g_tps, g_runs) = median_of(Via::Gateway);
         let (b_tps, b_runs) = median_of(Via::Bouncer);
+        let (r_tps, r_runs) = median_of(Via::Relay);
         let others_max = |rs: &[&Run]| rs.iter().map(|r| r.cpu.others).fold(0.0, f64::max);
         let tps_list = |rs: &[&Run]| {
             rs.iter()
@@ -994,6 +1096,21 @@ impl Ctx {
             String::new(),
         );
         row.others = Some(others_max(&g_runs).max(others_max(&b_runs)));
+        self.rows.push(row);
+        let mut row = Row::info(
+            format!("gateway: {what}, through a bare relay (tokio copy, no recording)"),
+            format!(
+                "{r_tps:.0} tps = {:.2} of direct, {:.2} of pgbouncer",
+                r_tps / d_tps,
+                r_tps / b_tps
+            ),
+            format!(
+                "runs: {}; the gateway = {:.2} of it",
+                tps_list(&r_runs),
+                g_tps / r_tps
+            ),
+        );
+        row.others = Some(others_max(&r_runs));
         self.rows.push(row);
         let mut row = Row::info(
             format!("gateway: {what}, -M prepared, gateway / direct (1 run each)"),
@@ -1059,7 +1176,7 @@ impl Ctx {
             None => String::new(),
         };
         self.notes.push(format!(
-            "gateway throughput ({what}, -n, simple protocol, scale {SCALE}, all three authenticate with SCRAM or, through the gateway, a grant credential; {rounds} round(s) of direct, gateway, pgbouncer): tps per round (others' CPU) direct {}; gateway {}; pgbouncer {}",
+            "gateway throughput ({what}, -n, simple protocol, scale {SCALE}, all authenticate with SCRAM or, through the gateway, a grant credential; {rounds} round(s) of direct, gateway, pgbouncer, bare relay): tps per round (others' CPU) direct {}; gateway {}; pgbouncer {}; bare relay {}",
             d_runs
                 .iter()
                 .map(|r| format!("{:.0} ({:.0}%)", r.tps, 100.0 * r.cpu.others))
@@ -1075,12 +1192,18 @@ impl Ctx {
                 .map(|r| format!("{:.0} ({:.0}%)", r.tps, 100.0 * r.cpu.others))
                 .collect::<Vec<_>>()
                 .join(", "),
+            r_runs
+                .iter()
+                .map(|r| format!("{:.0} ({:.0}%)", r.tps, 100.0 * r.cpu.others))
+                .collect::<Vec<_>>()
+                .join(", "),
         ));
         self.notes.push(format!(
-            "gateway CPU split of the median runs: {}. {}. {}",
+            "gateway CPU split of the median runs: {}. {}. {}. {}",
             cpu_note("direct", &median_run(&d_runs, d_tps)),
             cpu_note("gateway", &median_run(&g_runs, g_tps)),
             cpu_note("pgbouncer", &median_run(&b_runs, b_tps)),
+            cpu_note("bare relay", &median_run(&r_runs, r_tps)),
         ));
         self.notes.push(format!(
             "gateway -M prepared: direct {:.0} tps ({}), gateway {:.0} tps ({})",

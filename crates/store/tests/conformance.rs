@@ -1,0 +1,946 @@
+//! Conformance suite for the `Store` trait, run against a real `SqliteStore`
+//! in a temporary directory.
+//!
+//! Covers: create/get and duplicate ids; compare-and-set `apply` (a stale
+//! version conflicts and changes nothing); the audit chain (consecutive
+//! `seq` from 1, hash links, `head`); credentials and the per-request cap;
+//! `list`, `open_requests` and `count_by_state` after transitions;
+//! `request_events` and `audit` paging; checkpoints; `subscribe`; durability
+//! across a reopen; and racing `apply` calls on one request.
+//!
+//! Every behaviour is a function in [`suite`] over `&dyn Store` (or a store
+//! factory), so another `Store` implementation can run the same suite by
+//! adding its own thin `#[tokio::test]` wrappers.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use breakglass_store::{SqliteOptions, SqliteStore};
+use tempfile::TempDir;
+
+mod suite {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use breakglass_core::audit::{
+        AuditEvent, ChainVerifier, Checkpoint, GENESIS, canonical_json, chain_hash,
+    };
+    use breakglass_core::lifecycle::{self, Command, EventDraft, NewRequest, Transition};
+    use breakglass_core::policy::{Decision, Obligations};
+    use breakglass_core::token::token_hash;
+    use breakglass_core::{Actor, Principal, Request, State, Timestamp};
+    use breakglass_store::verify::Verifier;
+    use breakglass_store::{
+        CREDENTIALS_PER_REQUEST_MAX, Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store,
+        StoreError, for_each_event,
+    };
+    use ed25519_dalek::SigningKey;
+    use serde_json::json;
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    /// A fixed "now" for the whole suite; steps add a few milliseconds.
+    const T0: Timestamp = Timestamp(1_750_000_000_000);
+    const PENDING_TIMEOUT_S: u64 = 3_600;
+    const GRANT_S: u64 = 900;
+    const APPROVERS: &str = "sre-leads";
+    /// How long a test waits for a broadcast event before failing.
+    const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp(T0.0 + ms)
+    }
+
+    fn person(name: &str, group: &str) -> Principal {
+        Principal {
+            name: name.to_string(),
+            groups: BTreeSet::from([group.to_string()]),
+            admin: false,
+        }
+    }
+
+    fn alice() -> Principal {
+        person("alice", "oncall")
+    }
+
+    fn lead(n: usize) -> Principal {
+        person(&format!("lead-{n}"), APPROVERS)
+    }
+
+    /// What the policy engine would decide for a permit needing `approvals`.
+    fn decision(approvals: u32) -> Decision {
+        Decision {
+            allowed: true,
+            governing: vec!["conformance".to_string()],
+            obligations: Some(Obligations {
+                approvals,
+                approver_groups: BTreeSet::from([APPROVERS.to_string()]),
+                max_duration_s: 3_600,
+                tickets: Vec::new(),
+                countersign_within_s: None,
+            }),
+            errors: Vec::new(),
+        }
+    }
+
+    /// A new request by `who`; pending when `approvals > 0`, active otherwise.
+    fn new_request(id: &str, who: &Principal, approvals: u32, now: Timestamp) -> Transition {
+        let input = NewRequest {
+            target: "prod-db".to_string(),
+            role: "read".to_string(),
+            duration_s: GRANT_S,
+            reason: "conformance test".to_string(),
+            ticket: None,
+            emergency: false,
+        };
+        lifecycle::create(
+            &input,
+            who,
+            &decision(approvals),
+            id.to_string(),
+            now,
+            PENDING_TIMEOUT_S,
+        )
+        .expect("lifecycle::create accepts the test request")
+    }
+
+    fn step(req: &Request, who: &Principal, cmd: Command, now: Timestamp) -> Transition {
+        lifecycle::step(req, &Actor::Principal(who.clone()), &cmd, now)
+            .expect("the lifecycle step is valid for the test request")
+    }
+
+    fn approve(req: &Request, who: &Principal, now: Timestamp) -> Transition {
+        step(req, who, Command::Approve { comment: None }, now)
+    }
+
+    fn cancel(req: &Request, now: Timestamp) -> Transition {
+        let requester = person(&req.requester, "oncall");
+        step(req, &requester, Command::Cancel, now)
+    }
+
+    /// Creates a request through the store and returns it as stored.
+    async fn create(store: &dyn Store, t: Transition, now: Timestamp) -> (Request, Committed) {
+        let req = t.request.clone();
+        let committed = store.create(t, now).await.expect("create succeeds");
+        (req, committed)
+    }
+
+    async fn apply(store: &dyn Store, t: Transition, now: Timestamp) -> (Request, Committed) {
+        let req = t.request.clone();
+        let committed = store.apply(t, now).await.expect("apply succeeds");
+        (req, committed)
+    }
+
+    async fn get(store: &dyn Store, id: &str) -> Request {
+        store
+            .get(id)
+            .await
+            .expect("get succeeds")
+            .unwrap_or_else(|| panic!("request {id} exists"))
+    }
+
+    /// The whole audit log (the suite never writes a full page).
+    async fn all_events(store: &dyn Store) -> Vec<AuditEvent> {
+        let events = store.audit(0, PAGE_LEN_MAX).await.expect("audit succeeds");
+        assert!(events.len() < PAGE_LEN_MAX as usize, "log fits one page");
+        events
+    }
+
+    /// Asserts `events` is the chain from genesis: seq 1, 2, 3... and each
+    /// hash computed over the previous one.
+    fn assert_chain_from_genesis(events: &[AuditEvent]) {
+        let mut verifier = ChainVerifier::new();
+        let mut prev = GENESIS;
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1, "seq is consecutive from 1");
+            let expected = chain_hash(
+                &prev,
+                e.seq,
+                e.time,
+                &e.actor,
+                &e.action,
+                e.request_id.as_deref(),
+                &e.details,
+            );
+            assert_eq!(e.hash, expected, "event {} links to its predecessor", e.seq);
+            verifier
+                .push(e)
+                .unwrap_or_else(|err| panic!("chain verifies: {err}"));
+            prev = e.hash;
+        }
+    }
+
+    fn seqs(events: &[AuditEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    fn credential(req: &Request, n: u64, now: Timestamp) -> (CredentialRecord, EventDraft) {
+        let hash = token_hash(&format!("token-{}-{n}", req.id));
+        let record = CredentialRecord {
+            hash,
+            request_id: req.id.clone(),
+            principal: req.requester.clone(),
+            target: req.target.clone(),
+            role: req.role.clone(),
+            expires_at: req.expires_at.expect("an active request has expires_at"),
+            issued_at: now,
+        };
+        let event = EventDraft {
+            actor: req.requester.clone(),
+            action: "credentials.issued".to_string(),
+            request_id: Some(req.id.clone()),
+            details: json!({"target": req.target, "n": n}),
+        };
+        (record, event)
+    }
+
+    fn marker(n: u64) -> EventDraft {
+        EventDraft {
+            actor: "system".to_string(),
+            action: "service.started".to_string(),
+            request_id: None,
+            details: json!({"n": n}),
+        }
+    }
+
+    fn signing_key() -> SigningKey {
+        SigningKey::from_bytes(&[7; 32])
+    }
+
+    /// (1) `create` then `get` returns the request; a second `create` of the
+    /// same id is `Duplicate` and changes nothing.
+    pub async fn create_then_get(store: &dyn Store) {
+        assert_eq!(
+            store.get("r-1").await.expect("get succeeds"),
+            None,
+            "nothing before create"
+        );
+        let t = new_request("r-1", &alice(), 1, at(0));
+        let (req, committed) = create(store, t, at(0)).await;
+        assert_eq!(req.state, State::Pending);
+        assert_eq!(committed.len(), 1, "one request.created event");
+        assert_eq!(committed[0].action, "request.created");
+        assert_eq!(committed[0].request_id.as_deref(), Some("r-1"));
+        assert_eq!(get(store, "r-1").await, req, "get returns what was created");
+        assert_eq!(store.get("r-2").await.expect("get succeeds"), None);
+
+        let log_before = all_events(store).await;
+        let head_before = store.head();
+        // Same id, different content: must not overwrite the first one.
+        let again = new_request("r-1", &person("bob", "oncall"), 0, at(5));
+        match store.create(again, at(5)).await {
+            Err(StoreError::Duplicate(id)) => assert_eq!(id, "r-1"),
+            other => panic!("expected Duplicate, got {other:?}"),
+        }
+        assert_eq!(get(store, "r-1").await, req, "the original is untouched");
+        assert_eq!(all_events(store).await, log_before, "no event written");
+        assert_eq!(store.head(), head_before, "head unchanged");
+    }
+
+    /// (2) `apply` is compare-and-set on the version: a transition computed
+    /// from a stale version is `Conflict` and changes neither the request
+    /// nor the audit log; a fresh one succeeds afterwards.
+    pub async fn apply_is_compare_and_set(store: &dyn Store) {
+        let (v1, _) = create(store, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        assert_eq!(v1.version, 1);
+        let (v2, committed) = apply(store, approve(&v1, &lead(1), at(10)), at(10)).await;
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.state, State::Active);
+        let actions: Vec<&str> = committed.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["request.approved", "request.activated"]);
+        assert_eq!(get(store, "r-1").await, v2);
+
+        let log_before = all_events(store).await;
+        let head_before = store.head();
+        // Computed from v1, which is no longer current.
+        let stale = cancel(&v1, at(20));
+        assert_eq!(stale.expected_version, 1);
+        match store.apply(stale, at(20)).await {
+            Err(StoreError::Conflict { id, expected }) => {
+                assert_eq!(id, "r-1");
+                assert_eq!(expected, 1);
+            }
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+        assert_eq!(
+            get(store, "r-1").await,
+            v2,
+            "request unchanged by the conflict"
+        );
+        assert_eq!(
+            all_events(store).await,
+            log_before,
+            "audit log unchanged by the conflict"
+        );
+        assert_eq!(store.head(), head_before, "head unchanged by the conflict");
+
+        // A transition from the current version still goes through.
+        let revoke = step(
+            &v2,
+            &alice(),
+            Command::Revoke {
+                reason: "done".to_string(),
+            },
+            at(30),
+        );
+        let (v3, committed) = apply(store, revoke, at(30)).await;
+        assert_eq!(get(store, "r-1").await, v3);
+        assert_eq!(v3.state, State::Revoked);
+        assert_eq!(committed.len(), 1);
+        assert_eq!(committed[0].seq, head_before.0 + 1, "seq continues");
+    }
+
+    /// (3) Events get consecutive `seq` from 1, each hash chains to the
+    /// previous, what `audit` returns is what was committed, and `head` is
+    /// the last event.
+    pub async fn audit_chain_links(store: &dyn Store) {
+        assert_eq!(store.head(), (0, GENESIS), "an empty store is at genesis");
+        assert!(all_events(store).await.is_empty());
+
+        let mut committed = Vec::new();
+        let (a, c) = create(store, new_request("r-a", &alice(), 1, at(0)), at(0)).await;
+        committed.extend(c);
+        let (_, c) = create(store, new_request("r-b", &alice(), 0, at(1)), at(1)).await;
+        committed.extend(c);
+        let (_, c) = apply(store, approve(&a, &lead(1), at(2)), at(2)).await;
+        committed.extend(c);
+        committed.extend(
+            store
+                .append(vec![marker(1), marker(2)], at(3))
+                .await
+                .expect("append succeeds"),
+        );
+        // created(a), created+activated(b), approved+activated(a), 2 markers.
+        assert_eq!(committed.len(), 7);
+
+        let log = all_events(store).await;
+        assert_eq!(log, committed, "audit returns exactly what was committed");
+        assert_chain_from_genesis(&log);
+        // The stored details are the canonical JSON of the draft's details.
+        assert_eq!(log[5].details, canonical_json(&json!({"n": 1})));
+        assert_eq!(log[5].request_id, None);
+        assert_eq!(log[6].time, at(3), "events carry the commit's now");
+
+        let last = log.last().expect("log is not empty");
+        assert_eq!(
+            store.head(),
+            (last.seq, last.hash),
+            "head is the last event"
+        );
+
+        let mut verifier = Verifier::new(Vec::new(), None);
+        for e in &log {
+            assert!(verifier.push(e), "Verifier accepts event {}", e.seq);
+        }
+        let v = verifier.finish();
+        assert!(v.ok, "whole log verifies: {:?}", v.reason);
+        assert_eq!(v.events, 7);
+        assert_eq!(v.head_seq, last.seq);
+        assert_eq!(v.head_hash, hex::encode(last.hash));
+    }
+
+    /// (4) A credential is retrievable by its hash; the request's
+    /// `CREDENTIALS_PER_REQUEST_MAX + 1`th is `Limit` and writes nothing.
+    pub async fn credentials_and_limit(store: &dyn Store) {
+        let (req, _) = create(store, new_request("r-1", &alice(), 0, at(0)), at(0)).await;
+        assert_eq!(req.state, State::Active);
+        let (other, _) = create(store, new_request("r-2", &alice(), 0, at(1)), at(1)).await;
+
+        let (first, event) = credential(&req, 0, at(10));
+        let committed = store
+            .issue_credential(first.clone(), event, at(10))
+            .await
+            .expect("issue_credential succeeds");
+        assert_eq!(committed.len(), 1);
+        assert_eq!(committed[0].action, "credentials.issued");
+        assert_eq!(
+            store
+                .credential(first.hash)
+                .await
+                .expect("credential lookup succeeds"),
+            Some(first.clone()),
+            "credential round-trips by hash"
+        );
+        assert_eq!(
+            store
+                .credential(token_hash("never issued"))
+                .await
+                .expect("credential lookup succeeds"),
+            None
+        );
+
+        for n in 1..CREDENTIALS_PER_REQUEST_MAX {
+            let (record, event) = credential(&req, n, at(10 + n as i64));
+            store
+                .issue_credential(record, event, at(10 + n as i64))
+                .await
+                .unwrap_or_else(|e| panic!("credential {n} is within the cap: {e}"));
+        }
+
+        let log_before = all_events(store).await;
+        let head_before = store.head();
+        let (over, event) = credential(&req, CREDENTIALS_PER_REQUEST_MAX, at(100));
+        match store.issue_credential(over.clone(), event, at(100)).await {
+            Err(StoreError::Limit(msg)) => assert!(msg.contains("r-1"), "names the request: {msg}"),
+            other => panic!("expected Limit, got {other:?}"),
+        }
+        let log_after = all_events(store).await;
+        assert_eq!(
+            log_after.len(),
+            log_before.len(),
+            "no audit event for Limit"
+        );
+        assert_eq!(log_after, log_before);
+        assert_eq!(store.head(), head_before);
+        assert_eq!(
+            store
+                .credential(over.hash)
+                .await
+                .expect("credential lookup succeeds"),
+            None,
+            "the refused credential was not stored"
+        );
+        let issued = store
+            .request_events("r-1", PAGE_LEN_MAX)
+            .await
+            .expect("request_events succeeds")
+            .iter()
+            .filter(|e| e.action == "credentials.issued")
+            .count();
+        assert_eq!(issued as u64, CREDENTIALS_PER_REQUEST_MAX);
+
+        // The cap is per request: another grant still gets credentials.
+        let (record, event) = credential(&other, 0, at(200));
+        store
+            .issue_credential(record.clone(), event, at(200))
+            .await
+            .expect("another request is not capped");
+        assert_eq!(
+            store
+                .credential(record.hash)
+                .await
+                .expect("credential lookup succeeds"),
+            Some(record)
+        );
+    }
+
+    /// (4b) The cap holds when many credentials are issued at once.
+    pub async fn credential_limit_under_concurrency(store: Arc<dyn Store>) {
+        let (req, _) = create(&*store, new_request("r-1", &alice(), 0, at(0)), at(0)).await;
+        let extra = 6;
+        let mut tasks = Vec::new();
+        for n in 0..CREDENTIALS_PER_REQUEST_MAX + extra {
+            let store = store.clone();
+            let (record, event) = credential(&req, n, at(1));
+            tasks.push(tokio::spawn(async move {
+                store.issue_credential(record, event, at(1)).await
+            }));
+        }
+        let (mut ok, mut limited) = (0u64, 0u64);
+        for task in tasks {
+            match task.await.expect("task does not panic") {
+                Ok(_) => ok += 1,
+                Err(StoreError::Limit(_)) => limited += 1,
+                Err(e) => panic!("expected Ok or Limit, got {e}"),
+            }
+        }
+        assert_eq!(ok, CREDENTIALS_PER_REQUEST_MAX);
+        assert_eq!(limited, extra);
+        let issued = store
+            .request_events("r-1", PAGE_LEN_MAX)
+            .await
+            .expect("request_events succeeds")
+            .iter()
+            .filter(|e| e.action == "credentials.issued")
+            .count();
+        assert_eq!(issued as u64, CREDENTIALS_PER_REQUEST_MAX);
+    }
+
+    fn ids(reqs: &[Request]) -> Vec<&str> {
+        reqs.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    /// (5) `list`, `open_requests` and `count_by_state` follow transitions.
+    pub async fn queries_reflect_states(store: &dyn Store) {
+        let (a, _) = create(store, new_request("r-a", &alice(), 1, at(0)), at(0)).await;
+        let (b, _) = create(store, new_request("r-b", &alice(), 1, at(1)), at(1)).await;
+        let bob = person("bob", "oncall");
+        let (c, _) = create(store, new_request("r-c", &bob, 1, at(2)), at(2)).await;
+        // Before any transition all three are pending.
+        let pending = store
+            .list(ListQuery {
+                state: Some(State::Pending),
+                limit: 100,
+                ..ListQuery::default()
+            })
+            .await
+            .expect("list succeeds");
+        assert_eq!(ids(&pending), ["r-c", "r-b", "r-a"], "newest first");
+
+        let (b, _) = apply(store, approve(&b, &lead(1), at(10)), at(10)).await;
+        let (c, _) = apply(store, cancel(&c, at(11)), at(11)).await;
+        assert_eq!(b.state, State::Active);
+        assert_eq!(c.state, State::Cancelled);
+
+        let by_state = |state| ListQuery {
+            state: Some(state),
+            limit: 100,
+            ..ListQuery::default()
+        };
+        let pending = store.list(by_state(State::Pending)).await.expect("list");
+        assert_eq!(pending, vec![a.clone()]);
+        let active = store.list(by_state(State::Active)).await.expect("list");
+        assert_eq!(active, vec![b.clone()], "list returns the applied request");
+        let cancelled = store.list(by_state(State::Cancelled)).await.expect("list");
+        assert_eq!(cancelled, vec![c.clone()]);
+        assert!(
+            store
+                .list(by_state(State::Expired))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+
+        let all = store
+            .list(ListQuery {
+                limit: 100,
+                ..ListQuery::default()
+            })
+            .await
+            .expect("list succeeds");
+        assert_eq!(all, vec![c.clone(), b.clone(), a.clone()]);
+        let by_alice = store
+            .list(ListQuery {
+                requester: Some("alice".to_string()),
+                limit: 100,
+                ..ListQuery::default()
+            })
+            .await
+            .expect("list succeeds");
+        assert_eq!(ids(&by_alice), ["r-b", "r-a"]);
+        let first_page = store
+            .list(ListQuery {
+                limit: 2,
+                ..ListQuery::default()
+            })
+            .await
+            .expect("list succeeds");
+        assert_eq!(ids(&first_page), ["r-c", "r-b"], "limit respected");
+        let next_page = store
+            .list(ListQuery {
+                after: Some("r-b".to_string()),
+                limit: 2,
+                ..ListQuery::default()
+            })
+            .await
+            .expect("list succeeds");
+        assert_eq!(ids(&next_page), ["r-a"], "after is exclusive");
+        let visible = |name: &str, groups: &[&str]| ListQuery {
+            visible_to: Some((
+                name.to_string(),
+                groups.iter().map(|g| g.to_string()).collect(),
+            )),
+            limit: 100,
+            ..ListQuery::default()
+        };
+        let to_bob = store.list(visible("bob", &[])).await.expect("list");
+        assert_eq!(ids(&to_bob), ["r-c"], "own requests only");
+        let to_lead = store
+            .list(visible("lead-9", &[APPROVERS]))
+            .await
+            .expect("list");
+        assert_eq!(ids(&to_lead), ["r-c", "r-b", "r-a"], "approvable requests");
+        let to_stranger = store
+            .list(visible("mallory", &["elsewhere"]))
+            .await
+            .expect("list");
+        assert!(to_stranger.is_empty());
+
+        let open = store.open_requests().await.expect("open_requests succeeds");
+        let open_ids: BTreeSet<&str> = open.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            open_ids,
+            BTreeSet::from(["r-a", "r-b"]),
+            "pending and active have deadlines; cancelled does not"
+        );
+        for r in &open {
+            let expected = if r.id == "r-a" { &a } else { &b };
+            assert_eq!(r, expected, "open_requests returns the current request");
+        }
+
+        let counts: BTreeMap<&str, u64> = store
+            .count_by_state()
+            .await
+            .expect("count_by_state succeeds")
+            .into_iter()
+            .map(|(s, n)| (s.as_str(), n))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(
+            counts,
+            BTreeMap::from([("active", 1), ("cancelled", 1), ("pending", 1)])
+        );
+    }
+
+    /// (6) `request_events` returns only that request's events, ascending;
+    /// `audit(after, limit)` pages with `after` exclusive.
+    pub async fn event_queries_and_paging(store: &dyn Store) {
+        let (a, _) = create(store, new_request("r-a", &alice(), 1, at(0)), at(0)).await; // 1
+        let (b, _) = create(store, new_request("r-b", &alice(), 1, at(1)), at(1)).await; // 2
+        apply(store, approve(&a, &lead(1), at(2)), at(2)).await; // 3, 4
+        store
+            .append(vec![marker(1)], at(3))
+            .await
+            .expect("append succeeds"); // 5
+        apply(store, cancel(&b, at(4)), at(4)).await; // 6
+
+        let of_a = store
+            .request_events("r-a", PAGE_LEN_MAX)
+            .await
+            .expect("request_events succeeds");
+        assert_eq!(seqs(&of_a), [1, 3, 4]);
+        assert!(of_a.iter().all(|e| e.request_id.as_deref() == Some("r-a")));
+        let actions: Vec<&str> = of_a.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["request.created", "request.approved", "request.activated"]
+        );
+        let of_b = store
+            .request_events("r-b", PAGE_LEN_MAX)
+            .await
+            .expect("request_events succeeds");
+        assert_eq!(seqs(&of_b), [2, 6]);
+        assert!(of_b.iter().all(|e| e.request_id.as_deref() == Some("r-b")));
+        let first_two = store
+            .request_events("r-a", 2)
+            .await
+            .expect("request_events succeeds");
+        assert_eq!(seqs(&first_two), [1, 3], "limit respected, oldest first");
+        assert!(
+            store
+                .request_events("r-none", PAGE_LEN_MAX)
+                .await
+                .expect("request_events succeeds")
+                .is_empty()
+        );
+
+        let log = all_events(store).await;
+        assert_eq!(seqs(&log), [1, 2, 3, 4, 5, 6]);
+        for (after, limit, expected) in [
+            (0, 2, vec![1, 2]),
+            (2, 2, vec![3, 4]),
+            (4, 2, vec![5, 6]),
+            (6, 2, vec![]),
+            (3, 100, vec![4, 5, 6]),
+            (5, 1, vec![6]),
+            (100, 10, vec![]),
+        ] {
+            let page = store.audit(after, limit).await.expect("audit succeeds");
+            assert_eq!(seqs(&page), expected, "audit({after}, {limit})");
+            let full: Vec<&AuditEvent> = log.iter().filter(|e| e.seq > after).collect();
+            assert!(
+                page.iter().zip(full).all(|(p, f)| p == f),
+                "pages hold the same events as the full log"
+            );
+        }
+
+        // Paging one event at a time walks the whole log exactly once.
+        let mut walked = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.audit(after, 1).await.expect("audit succeeds");
+            let Some(e) = page.last() else { break };
+            assert_eq!(page.len(), 1);
+            after = e.seq;
+            walked.extend(page);
+        }
+        assert_eq!(walked, log);
+
+        let mut seen = Vec::new();
+        for_each_event(store, 2, |e| {
+            seen.push(e.seq);
+            seen.len() < 3
+        })
+        .await
+        .expect("for_each_event succeeds");
+        assert_eq!(seen, [3, 4, 5], "starts after 2, stops when told");
+    }
+
+    /// (7) `add_checkpoint` then `checkpoints` returns it, and the stored
+    /// checkpoints verify against the log.
+    pub async fn checkpoints_round_trip(store: &dyn Store) {
+        assert!(
+            store
+                .checkpoints()
+                .await
+                .expect("checkpoints succeeds")
+                .is_empty()
+        );
+        let key = signing_key();
+        create(store, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        let (seq, hash) = store.head();
+        let first = Checkpoint::sign(&key, seq, hash, at(1));
+        store
+            .add_checkpoint(first.clone())
+            .await
+            .expect("add_checkpoint succeeds");
+        assert_eq!(
+            store.checkpoints().await.expect("checkpoints succeeds"),
+            vec![first.clone()]
+        );
+
+        store
+            .append(vec![marker(1), marker(2)], at(2))
+            .await
+            .expect("append succeeds");
+        let (seq, hash) = store.head();
+        let second = Checkpoint::sign(&key, seq, hash, at(3));
+        store
+            .add_checkpoint(second.clone())
+            .await
+            .expect("add_checkpoint succeeds");
+        let stored = store.checkpoints().await.expect("checkpoints succeeds");
+        assert_eq!(stored, vec![first, second], "ascending by seq");
+
+        let mut verifier = Verifier::new(stored, Some(&key.verifying_key()));
+        for e in all_events(store).await {
+            assert!(verifier.push(&e), "Verifier accepts event {}", e.seq);
+        }
+        let v = verifier.finish();
+        assert!(v.ok, "log and checkpoints verify: {:?}", v.reason);
+        assert_eq!(v.checkpoints, 2);
+    }
+
+    async fn recv(rx: &mut tokio::sync::broadcast::Receiver<Arc<AuditEvent>>) -> AuditEvent {
+        let e = tokio::time::timeout(RECV_TIMEOUT, rx.recv())
+            .await
+            .expect("an event arrives before the timeout")
+            .expect("the channel is open and not lagging");
+        (*e).clone()
+    }
+
+    /// (8) A subscriber receives committed events in order, and nothing for
+    /// a write that failed.
+    pub async fn subscribers_see_commits(store: &dyn Store) {
+        let mut rx = store.subscribe();
+        let (v1, mut committed) =
+            create(store, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        let (_, c) = apply(store, approve(&v1, &lead(1), at(1)), at(1)).await;
+        committed.extend(c);
+        assert_eq!(committed.len(), 3);
+        for want in &committed {
+            assert_eq!(&recv(&mut rx).await, want);
+        }
+
+        // A conflicting write publishes nothing: the next event is the marker.
+        let stale = cancel(&v1, at(2));
+        assert!(matches!(
+            store.apply(stale, at(2)).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        let appended = store
+            .append(vec![marker(1)], at(3))
+            .await
+            .expect("append succeeds");
+        assert_eq!(recv(&mut rx).await, appended[0]);
+
+        // A subscriber sees only what commits after it subscribed.
+        let mut late = store.subscribe();
+        let appended = store
+            .append(vec![marker(2)], at(4))
+            .await
+            .expect("append succeeds");
+        assert_eq!(recv(&mut late).await, appended[0]);
+        assert_eq!(recv(&mut rx).await, appended[0]);
+    }
+
+    /// (9) Everything written survives dropping the store and opening it
+    /// again, and the chain continues from the same head.
+    pub async fn survives_reopen<S: Store>(open: impl Fn() -> S) {
+        let key = signing_key();
+        let store = open();
+        let (v1, _) = create(&store, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        let (v2, _) = apply(&store, approve(&v1, &lead(1), at(1)), at(1)).await;
+        let (pending, _) = create(&store, new_request("r-2", &alice(), 1, at(2)), at(2)).await;
+        let (record, event) = credential(&v2, 0, at(3));
+        store
+            .issue_credential(record.clone(), event, at(3))
+            .await
+            .expect("issue_credential succeeds");
+        let (seq, hash) = store.head();
+        let cp = Checkpoint::sign(&key, seq, hash, at(4));
+        store
+            .add_checkpoint(cp.clone())
+            .await
+            .expect("add_checkpoint succeeds");
+        let head = store.head();
+        let log = all_events(&store).await;
+        assert_eq!(log.len(), 5);
+        drop(store);
+
+        let store = open();
+        assert_eq!(store.head(), head, "head reloaded");
+        assert_eq!(all_events(&store).await, log, "log intact");
+        assert_eq!(get(&store, "r-1").await, v2);
+        assert_eq!(get(&store, "r-2").await, pending);
+        assert_eq!(
+            store
+                .credential(record.hash)
+                .await
+                .expect("credential lookup succeeds"),
+            Some(record)
+        );
+        assert_eq!(
+            store.checkpoints().await.expect("checkpoints succeeds"),
+            vec![cp.clone()]
+        );
+        let open_ids: BTreeSet<String> = store
+            .open_requests()
+            .await
+            .expect("open_requests succeeds")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(open_ids, BTreeSet::from(["r-1".into(), "r-2".into()]));
+
+        // Writing after the reopen continues the same chain.
+        let (_, committed) = apply(&store, cancel(&pending, at(5)), at(5)).await;
+        assert_eq!(committed[0].seq, head.0 + 1);
+        let log = all_events(&store).await;
+        assert_chain_from_genesis(&log);
+        let mut verifier = Verifier::new(vec![cp], Some(&key.verifying_key()));
+        for e in &log {
+            assert!(verifier.push(e), "Verifier accepts event {}", e.seq);
+        }
+        let v = verifier.finish();
+        assert!(v.ok, "log verifies after reopen: {:?}", v.reason);
+    }
+
+    /// (10) Many `apply` calls racing on one request from the same version:
+    /// exactly one wins, the others are `Conflict`, and only the winner's
+    /// events are in the log.
+    pub async fn racing_applies(store: Arc<dyn Store>) {
+        const RACERS: usize = 32;
+        let (v1, _) = create(&*store, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        let mut tasks = Vec::new();
+        for n in 0..RACERS {
+            let store = store.clone();
+            // Each racer is a different eligible approver of the same v1.
+            let t = approve(&v1, &lead(n), at(1));
+            tasks.push(tokio::spawn(async move {
+                let who = lead(n).name;
+                (who, store.apply(t, at(1)).await)
+            }));
+        }
+        let mut winners = Vec::new();
+        let mut conflicts = 0;
+        for task in tasks {
+            match task.await.expect("task does not panic") {
+                (who, Ok(events)) => winners.push((who, events)),
+                (_, Err(StoreError::Conflict { id, expected })) => {
+                    assert_eq!((id.as_str(), expected), ("r-1", 1));
+                    conflicts += 1;
+                }
+                (_, Err(e)) => panic!("expected Ok or Conflict, got {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one apply wins");
+        assert_eq!(conflicts, RACERS - 1, "all others conflict");
+        let (winner, events) = winners.pop().expect("one winner");
+
+        let stored = get(&*store, "r-1").await;
+        assert_eq!(stored.version, 2);
+        assert_eq!(stored.state, State::Active);
+        let approvers: Vec<&str> = stored.approvals.iter().map(|a| a.by.as_str()).collect();
+        assert_eq!(approvers, [winner.as_str()], "only the winner's approval");
+        let log = all_events(&*store).await;
+        assert_eq!(
+            log.len(),
+            3,
+            "created + the winner's approved and activated"
+        );
+        assert_eq!(&log[1..], &events[..]);
+        assert_eq!(log[1].actor, winner);
+        assert_chain_from_genesis(&log);
+    }
+}
+
+/// A fresh `SqliteStore` in its own temporary directory, with production
+/// options (durable).
+struct Fresh {
+    store: SqliteStore,
+    // Dropped after the store.
+    _dir: TempDir,
+}
+
+fn open_at(dir: &Path) -> SqliteStore {
+    SqliteStore::open(&dir.join("breakglass.db"), SqliteOptions::default())
+        .expect("the SQLite store opens")
+}
+
+fn fresh() -> Fresh {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    Fresh {
+        store: open_at(dir.path()),
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn sqlite_create_then_get() {
+    suite::create_then_get(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_apply_is_compare_and_set() {
+    suite::apply_is_compare_and_set(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_audit_chain_links() {
+    suite::audit_chain_links(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_credentials_and_limit() {
+    suite::credentials_and_limit(&fresh().store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_credential_limit_under_concurrency() {
+    let f = fresh();
+    suite::credential_limit_under_concurrency(Arc::new(f.store.clone())).await;
+}
+
+#[tokio::test]
+async fn sqlite_queries_reflect_states() {
+    suite::queries_reflect_states(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_event_queries_and_paging() {
+    suite::event_queries_and_paging(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_checkpoints_round_trip() {
+    suite::checkpoints_round_trip(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_subscribers_see_commits() {
+    suite::subscribers_see_commits(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_survives_reopen() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    suite::survives_reopen(|| open_at(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_applies() {
+    let f = fresh();
+    suite::racing_applies(Arc::new(f.store.clone())).await;
+}

@@ -124,6 +124,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
 
+    /// Stores a signed checkpoint. One at a `seq` already checkpointed is
+    /// ignored: a stored checkpoint is never replaced.
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError>;
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;

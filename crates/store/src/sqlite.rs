@@ -404,6 +404,12 @@ fn apply_op(
     match op {
         Op::Create(t) => {
             let r = &t.request;
+            if t.expected_version != 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "create of request {} expects version {}, not 0",
+                    r.id, t.expected_version
+                )));
+            }
             let inserted = conn
                 .prepare_cached(
                     "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
@@ -430,8 +436,15 @@ fn apply_op(
         }
         Op::Apply(t) => {
             let r = &t.request;
-            // INVARIANT: compare-and-set on version; two writers racing on one
+            // INVARIANT: compare-and-set on version, and every transition
+            // moves the version on by one; two writers racing on one
             // request cannot both win.
+            if r.version != t.expected_version + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "transition of request {} from version {} to {} does not advance it by one",
+                    r.id, t.expected_version, r.version
+                )));
+            }
             let updated = conn
                 .prepare_cached(
                     "UPDATE requests SET version = ?1, state = ?2, deadline = ?3, body = ?4 WHERE id = ?5 AND version = ?6",
@@ -479,7 +492,7 @@ fn apply_op(
         Op::Append(events) => insert_events(conn, events, now, head),
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
-                "INSERT OR REPLACE INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![
                 cp.seq as i64,

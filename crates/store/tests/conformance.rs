@@ -288,6 +288,32 @@ mod suite {
         assert_eq!(v3.state, State::Revoked);
         assert_eq!(committed.len(), 1);
         assert_eq!(committed[0].seq, head_before.0 + 1, "seq continues");
+
+        // A transition that does not move the version on by exactly one,
+        // or a create that expects an existing version, is refused and
+        // writes nothing.
+        let log_before = all_events(store).await;
+        let mut skewed = cancel(&v1, at(40));
+        skewed.request.version = skewed.expected_version;
+        assert!(
+            matches!(
+                store.apply(skewed, at(40)).await,
+                Err(StoreError::Corrupt(_))
+            ),
+            "a transition that keeps the version is refused"
+        );
+        let mut not_new = new_request("r-2", &alice(), 1, at(50));
+        not_new.expected_version = 7;
+        assert!(
+            matches!(
+                store.create(not_new, at(50)).await,
+                Err(StoreError::Corrupt(_))
+            ),
+            "a create that expects version 7 is refused"
+        );
+        assert_eq!(get(store, "r-1").await, v3);
+        assert_eq!(store.get("r-2").await.expect("get succeeds"), None);
+        assert_eq!(all_events(store).await, log_before);
     }
 
     /// (3) Events get consecutive `seq` from 1, each hash chains to the
@@ -699,8 +725,14 @@ mod suite {
             .add_checkpoint(second.clone())
             .await
             .expect("add_checkpoint succeeds");
+        // A second checkpoint at a checkpointed seq does not replace it.
+        let again = Checkpoint::sign(&key, seq, hash, at(4));
+        store
+            .add_checkpoint(again)
+            .await
+            .expect("add_checkpoint succeeds");
         let stored = store.checkpoints().await.expect("checkpoints succeeds");
-        assert_eq!(stored, vec![first, second], "ascending by seq");
+        assert_eq!(stored, vec![first, second], "ascending by seq, first kept");
 
         let mut verifier = Verifier::new(stored, Some(&key.verifying_key()));
         for e in all_events(store).await {

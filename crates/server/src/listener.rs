@@ -133,6 +133,24 @@ impl LimitedIo {
         self.timer.as_mut().reset(Instant::now() + idle);
     }
 
+    /// After a write: bytes sent count as activity; a write that would
+    /// wait is subject to the idle timeout.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.active();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.pending(cx),
+        }
+    }
+
     /// When an operation would wait: an error once the connection has been
     /// idle too long, otherwise wait (the timer wakes the task).
     fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
@@ -173,15 +191,8 @@ impl AsyncWrite for LimitedIo {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, data) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    this.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let r = Pin::new(&mut this.io).poll_write(cx, data);
+        this.wrote(cx, r)
     }
 
     fn poll_write_vectored(
@@ -190,15 +201,8 @@ impl AsyncWrite for LimitedIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    this.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.pending(cx),
-        }
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -139,6 +139,11 @@ pub struct App {
     recording_cursors: RecordingCursors,
 }
 
+/// Credentials one grant may be issued in all. Each is valid for the whole
+/// grant (`connect` fetches one per run), so this only keeps a requester
+/// from growing the store and the audit log without bound.
+pub const CREDENTIALS_PER_GRANT_MAX: u64 = 1024;
+
 /// Recording page cursors kept at most.
 const RECORDING_CURSORS_MAX: usize = 4096;
 
@@ -493,7 +498,9 @@ impl App {
                 "token_sha256_prefix": hex::encode(&hash[..6]),
             }),
         };
-        self.store.issue_credential(record, event, now).await?;
+        self.store
+            .issue_credential(record, event, CREDENTIALS_PER_GRANT_MAX, now)
+            .await?;
         Ok(Credentials {
             token: secret,
             request_id: req.id.clone(),

@@ -393,7 +393,7 @@ async fn review(
 }
 
 /// Issues a grant credential to the requester of an active grant. A grant
-/// has at most 64 (409 `credential_limit`); each is valid for the whole
+/// has at most 1,024 (409 `credential_limit`); each is valid for the whole
 /// grant.
 #[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)),
     responses((status = 200, body = Credentials), (status = 403, body = Problem), (status = 409, body = Problem, description = "wrong_state, or credential_limit")),

@@ -522,7 +522,7 @@ fn credentials_per_grant_are_capped() {
     assert_eq!((st, r["state"].as_str()), (201, Some("active")), "{r}");
     let id = r["id"].as_str().expect("id").to_string();
     let path = format!("/v1/requests/{id}/credentials");
-    let max = breakglass_store::CREDENTIALS_PER_REQUEST_MAX;
+    let max = breakglass_server::app::CREDENTIALS_PER_GRANT_MAX;
     let mut first = String::new();
     for i in 0..max {
         let (st, c) = s.call("alice", "POST", &path, None);
@@ -540,14 +540,27 @@ fn credentials_per_grant_are_capped() {
     let detail = p["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(&format!("{max} credentials")), "{p}");
     // The refusal wrote nothing, and the credentials already issued work.
-    let (_, log) = s.call("carol", "GET", "/v1/audit?limit=1000", None);
-    let issued = log["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter(|e| e["action"] == "credentials.issued")
-        .count();
-    assert_eq!(issued as u64, max, "{log}");
+    let mut issued = 0u64;
+    let mut after = 0;
+    loop {
+        let (st, log) = s.call(
+            "carol",
+            "GET",
+            &format!("/v1/audit?after={after}&limit=1000"),
+            None,
+        );
+        assert_eq!(st, 200);
+        let events = log["events"].as_array().expect("events");
+        issued += events
+            .iter()
+            .filter(|e| e["action"] == "credentials.issued")
+            .count() as u64;
+        match log["next"].as_u64() {
+            Some(n) if !events.is_empty() => after = n,
+            _ => break,
+        }
+    }
+    assert_eq!(issued, max);
     let (st, v) = s.call(
         "dave",
         "POST",

@@ -44,11 +44,6 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Credentials one request may be issued in all. Each is usable for the
-/// whole grant, so this only stops a requester from growing the store and
-/// the audit log without bound.
-pub const CREDENTIALS_PER_REQUEST_MAX: u64 = 64;
-
 /// A grant credential as stored: only the SHA-256 of the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialRecord {
@@ -88,12 +83,13 @@ pub trait Store: Send + Sync + 'static {
     async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
 
     /// Stores a credential with its audit event; `Limit` when the request
-    /// already has [`CREDENTIALS_PER_REQUEST_MAX`] credentials (checked in
-    /// the same transaction, so concurrent calls cannot pass it).
+    /// already has `limit` credentials (checked in the same transaction, so
+    /// concurrent calls cannot pass it).
     async fn issue_credential(
         &self,
         cred: CredentialRecord,
         event: EventDraft,
+        limit: u64,
         now: Timestamp,
     ) -> Result<Committed, StoreError>;
 

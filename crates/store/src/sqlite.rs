@@ -16,10 +16,7 @@ use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{
-    CREDENTIALS_PER_REQUEST_MAX, Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store,
-    StoreError,
-};
+use crate::{Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
 
 /// Jobs the writer takes into one transaction at most.
 const BATCH_LEN_MAX: usize = 512;
@@ -100,7 +97,8 @@ impl Default for SqliteOptions {
 enum Op {
     Create(Transition),
     Apply(Transition),
-    Credential(CredentialRecord, EventDraft),
+    /// A credential, its event, and the most credentials its request may have.
+    Credential(CredentialRecord, EventDraft, u64),
     Append(Vec<EventDraft>),
     Checkpoint(Checkpoint),
 }
@@ -465,13 +463,13 @@ fn apply_op(
             }
             insert_events(conn, &t.events, now, head)
         }
-        Op::Credential(c, event) => {
+        Op::Credential(c, event, limit) => {
             let issued: i64 = conn
                 .prepare_cached("SELECT COUNT(*) FROM credentials WHERE request_id = ?1")?
                 .query_row([&c.request_id], |r| r.get(0))?;
-            if issued as u64 >= CREDENTIALS_PER_REQUEST_MAX {
+            if issued as u64 >= *limit {
                 return Err(StoreError::Limit(format!(
-                    "request {} already has {CREDENTIALS_PER_REQUEST_MAX} credentials, the most one grant may have; reuse one of them",
+                    "request {} already has {limit} credentials, the most one grant may have; reuse one of them",
                     c.request_id
                 )));
             }
@@ -519,9 +517,10 @@ impl Store for SqliteStore {
         &self,
         cred: CredentialRecord,
         event: EventDraft,
+        limit: u64,
         now: Timestamp,
     ) -> Result<Committed, StoreError> {
-        self.submit(Op::Credential(cred, event), now).await
+        self.submit(Op::Credential(cred, event, limit), now).await
     }
 
     async fn append(

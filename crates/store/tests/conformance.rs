@@ -32,9 +32,11 @@ mod suite {
     use breakglass_core::{Actor, Principal, Request, State, Timestamp};
     use breakglass_store::verify::Verifier;
     use breakglass_store::{
-        CREDENTIALS_PER_REQUEST_MAX, Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store,
-        StoreError, for_each_event,
+        Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError, for_each_event,
     };
+
+    /// The credential cap the suite asks the store to enforce.
+    const LIMIT: u64 = 64;
     use ed25519_dalek::SigningKey;
     use serde_json::json;
     use tokio::sync::broadcast::error::TryRecvError;
@@ -366,7 +368,7 @@ mod suite {
     }
 
     /// (4) A credential is retrievable by its hash; the request's
-    /// `CREDENTIALS_PER_REQUEST_MAX + 1`th is `Limit` and writes nothing.
+    /// `LIMIT + 1`th is `Limit` and writes nothing.
     pub async fn credentials_and_limit(store: &dyn Store) {
         let (req, _) = create(store, new_request("r-1", &alice(), 0, at(0)), at(0)).await;
         assert_eq!(req.state, State::Active);
@@ -374,7 +376,7 @@ mod suite {
 
         let (first, event) = credential(&req, 0, at(10));
         let committed = store
-            .issue_credential(first.clone(), event, at(10))
+            .issue_credential(first.clone(), event, LIMIT, at(10))
             .await
             .expect("issue_credential succeeds");
         assert_eq!(committed.len(), 1);
@@ -395,18 +397,21 @@ mod suite {
             None
         );
 
-        for n in 1..CREDENTIALS_PER_REQUEST_MAX {
+        for n in 1..LIMIT {
             let (record, event) = credential(&req, n, at(10 + n as i64));
             store
-                .issue_credential(record, event, at(10 + n as i64))
+                .issue_credential(record, event, LIMIT, at(10 + n as i64))
                 .await
                 .unwrap_or_else(|e| panic!("credential {n} is within the cap: {e}"));
         }
 
         let log_before = all_events(store).await;
         let head_before = store.head();
-        let (over, event) = credential(&req, CREDENTIALS_PER_REQUEST_MAX, at(100));
-        match store.issue_credential(over.clone(), event, at(100)).await {
+        let (over, event) = credential(&req, LIMIT, at(100));
+        match store
+            .issue_credential(over.clone(), event, LIMIT, at(100))
+            .await
+        {
             Err(StoreError::Limit(msg)) => assert!(msg.contains("r-1"), "names the request: {msg}"),
             other => panic!("expected Limit, got {other:?}"),
         }
@@ -433,12 +438,12 @@ mod suite {
             .iter()
             .filter(|e| e.action == "credentials.issued")
             .count();
-        assert_eq!(issued as u64, CREDENTIALS_PER_REQUEST_MAX);
+        assert_eq!(issued as u64, LIMIT);
 
         // The cap is per request: another grant still gets credentials.
         let (record, event) = credential(&other, 0, at(200));
         store
-            .issue_credential(record.clone(), event, at(200))
+            .issue_credential(record.clone(), event, LIMIT, at(200))
             .await
             .expect("another request is not capped");
         assert_eq!(
@@ -455,11 +460,11 @@ mod suite {
         let (req, _) = create(&*store, new_request("r-1", &alice(), 0, at(0)), at(0)).await;
         let extra = 6;
         let mut tasks = Vec::new();
-        for n in 0..CREDENTIALS_PER_REQUEST_MAX + extra {
+        for n in 0..LIMIT + extra {
             let store = store.clone();
             let (record, event) = credential(&req, n, at(1));
             tasks.push(tokio::spawn(async move {
-                store.issue_credential(record, event, at(1)).await
+                store.issue_credential(record, event, LIMIT, at(1)).await
             }));
         }
         let (mut ok, mut limited) = (0u64, 0u64);
@@ -470,7 +475,7 @@ mod suite {
                 Err(e) => panic!("expected Ok or Limit, got {e}"),
             }
         }
-        assert_eq!(ok, CREDENTIALS_PER_REQUEST_MAX);
+        assert_eq!(ok, LIMIT);
         assert_eq!(limited, extra);
         let issued = store
             .request_events("r-1", PAGE_LEN_MAX)
@@ -479,7 +484,7 @@ mod suite {
             .iter()
             .filter(|e| e.action == "credentials.issued")
             .count();
-        assert_eq!(issued as u64, CREDENTIALS_PER_REQUEST_MAX);
+        assert_eq!(issued as u64, LIMIT);
     }
 
     fn ids(reqs: &[Request]) -> Vec<&str> {
@@ -797,7 +802,7 @@ mod suite {
         let (pending, _) = create(&store, new_request("r-2", &alice(), 1, at(2)), at(2)).await;
         let (record, event) = credential(&v2, 0, at(3));
         store
-            .issue_credential(record.clone(), event, at(3))
+            .issue_credential(record.clone(), event, LIMIT, at(3))
             .await
             .expect("issue_credential succeeds");
         let (seq, hash) = store.head();

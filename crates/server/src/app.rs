@@ -583,7 +583,13 @@ impl App {
         .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?
         .map_err(|e| {
             tracing::error!(session = %session_id, error = %e, "recording does not verify");
-            AppError::Conflict("recording_broken", e.to_string())
+            // Without a readable header nobody's visibility can be
+            // checked: only admins learn that the recording is broken.
+            if self.is_admin(who) {
+                AppError::Conflict("recording_broken", e.to_string())
+            } else {
+                not_found()
+            }
         })?
         .header;
         let request_id = header["request_id"].as_str().unwrap_or("").to_string();

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use breakglass_core::time::format_duration;
@@ -60,15 +60,6 @@ impl Ctx {
     }
 }
 
-/// The wall clock, as the core's timestamp.
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    Timestamp(ms)
-}
-
 fn print_text(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())?;
@@ -89,7 +80,7 @@ fn print_request(ctx: &Ctx, heading: Option<String>, r: &Request) -> anyhow::Res
         return print_json(r);
     }
     let mut text = heading.map(|h| h + "\n").unwrap_or_default();
-    text.push_str(&render::next_steps(r, now()));
+    text.push_str(&render::next_steps(r, Timestamp::now()));
     print_text(&text)?;
     Ok(())
 }
@@ -174,7 +165,7 @@ pub fn request(ctx: &Ctx, body: CreateRequest, wait_s: Option<u64>) -> anyhow::R
         return decided(&created);
     }
     if !ctx.json() {
-        print_text(&render::next_steps(&created, now()))?;
+        print_text(&render::next_steps(&created, Timestamp::now()))?;
         eprintln!(
             "Waiting up to {} for a decision on {} (Ctrl-C stops waiting, not the request)...",
             format_duration(wait_s),
@@ -340,7 +331,7 @@ pub fn list(ctx: &Ctx, state: Option<State>, mine: bool, limit: u32) -> anyhow::
     if ctx.json() {
         print_json(&list)?;
     } else {
-        print_text(&render::request_table(&list, now()))?;
+        print_text(&render::request_table(&list, Timestamp::now()))?;
     }
     Ok(Exit::Success)
 }
@@ -350,7 +341,7 @@ pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     if ctx.json() {
         print_json(&r)?;
     } else {
-        print_text(&render::request_block(&r, now()))?;
+        print_text(&render::request_block(&r, Timestamp::now()))?;
     }
     Ok(Exit::Success)
 }
@@ -360,7 +351,7 @@ pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     if ctx.json() {
         print_json(&c)?;
     } else {
-        print_text(&render::credentials(&c, now()))?;
+        print_text(&render::credentials(&c, Timestamp::now()))?;
     }
     Ok(Exit::Success)
 }

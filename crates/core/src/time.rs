@@ -11,12 +11,20 @@ use thiserror::Error;
 /// minutes; this only bounds arithmetic and parsing.
 pub const DURATION_MAX_S: u64 = 7 * 24 * 3600;
 
-/// A point in time: milliseconds since the Unix epoch, UTC. The core never
-/// reads a clock; callers pass `now` in.
+/// A point in time: milliseconds since the Unix epoch, UTC. The core's logic
+/// never reads a clock; callers pass `now` in (from [`Timestamp::now`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// The wall clock. For callers only: nothing in the core calls it.
+    pub fn now() -> Self {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Timestamp(ms)
+    }
+
     pub fn from_millis(ms: i64) -> Self {
         Timestamp(ms)
     }

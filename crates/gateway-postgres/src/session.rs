@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use breakglass_core::Timestamp;
 use bytes::{Buf, BytesMut};
@@ -42,13 +42,6 @@ const CUT_FLUSH_TIMEOUT: Duration = Duration::from_millis(100);
 /// The last words to a client (a FATAL) wait this long at most: a client
 /// that stopped reading must not keep its upstream query alive.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(500);
-
-fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp(d.as_millis() as i64)
-}
 
 struct Fail {
     code: &'static str,
@@ -407,7 +400,7 @@ impl Tracker {
         match tag {
             b'Q' => {
                 let text = cstr(payload).map_or("", |(s, _)| s);
-                let seq = rec.append("query", &[("text", Field::Str(text))], now())?;
+                let seq = rec.append("query", &[("text", Field::Str(text))], Timestamp::now())?;
                 self.pending.push_back((seq, true));
             }
             b'P' => {
@@ -445,7 +438,7 @@ impl Tracker {
                         ("statement", Field::Str(stmt)),
                         ("text", Field::Str(text)),
                     ],
-                    now(),
+                    Timestamp::now(),
                 )?;
                 self.pending.push_back((seq, false));
             }
@@ -490,7 +483,7 @@ impl Tracker {
             rec.append_deferred(
                 "result",
                 &[("statement", statement), ("tag", Field::Str(tag))],
-                now(),
+                Timestamp::now(),
             );
         };
         match tag {
@@ -512,7 +505,7 @@ impl Tracker {
                         ("message", Field::Str(get(b'M'))),
                         ("statement", statement),
                     ],
-                    now(),
+                    Timestamp::now(),
                 );
             }
         }
@@ -598,7 +591,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         .await;
         return;
     };
-    let mut rec = match shared.recorder.open(&session_id, header, now()) {
+    let mut rec = match shared.recorder.open(&session_id, header, Timestamp::now()) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot create session recording");
@@ -680,7 +673,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     let _ = upstream.write_all(&terminate).await;
     let _ = upstream.shutdown().await;
     drop(upstream);
-    if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], now()) {
+    if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], Timestamp::now()) {
         tracing::error!(error = %e, "cannot record session end");
     }
     if let Err(e) = rec.close() {
@@ -699,7 +692,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
 }
 
 fn expiry_deadline(expires_at: Timestamp) -> tokio::time::Instant {
-    let left = (expires_at.millis() - now().millis()).max(0) as u64;
+    let left = (expires_at.millis() - Timestamp::now().millis()).max(0) as u64;
     tokio::time::Instant::now() + Duration::from_millis(left)
 }
 

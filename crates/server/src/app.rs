@@ -5,7 +5,6 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use breakglass_core::lifecycle::{self, Command, LifecycleError, NewRequest, is_due};
 use breakglass_core::policy::{Action, Decision, PolicyEngine, PolicyInput};
@@ -28,10 +27,7 @@ const CONFLICT_RETRIES_MAX: usize = 5;
 
 /// Wall-clock now, in milliseconds.
 pub fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp(d.as_millis() as i64)
+    Timestamp::now()
 }
 
 /// Every way an application call can fail, each with a stable code.

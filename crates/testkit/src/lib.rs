@@ -22,6 +22,8 @@ mod pgbouncer;
 mod postgres;
 
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
+use std::time::{Duration, Instant};
+
 pub use postgres::{AuthMethod, PgCluster, client_command, pg_bin_dir, psql_at};
 
 /// Returns a TCP port on `127.0.0.1` that is free right now.
@@ -52,4 +54,18 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port on 127.0.0.1 in {FIRST}..{}", FIRST + COUNT)
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, at most `limit`.
+pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

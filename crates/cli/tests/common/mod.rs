@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // not every test binary polls
+pub use breakglass_testkit::poll;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -575,10 +577,7 @@ impl Api {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    breakglass_core::Timestamp::now().millis()
 }
 
 /// An RFC 3339 time of the API, in milliseconds since the Unix epoch.
@@ -588,18 +587,4 @@ pub fn ms(v: &Value) -> i64 {
     breakglass_core::Timestamp::parse_rfc3339(s)
         .unwrap_or_else(|e| panic!("bad timestamp {s}: {e}"))
         .millis()
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, at most `limit`.
-pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

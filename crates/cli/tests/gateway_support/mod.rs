@@ -17,6 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // not every test binary polls
+pub use breakglass_testkit::poll;
 use breakglass_testkit::{AuthMethod, PgCluster, client_command};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -368,12 +370,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    breakglass_core::Timestamp::now().millis()
 }
 
 #[track_caller]
@@ -382,20 +381,6 @@ pub fn ms(v: &Value) -> i64 {
     breakglass_core::Timestamp::parse_rfc3339(s)
         .unwrap_or_else(|e| panic!("bad timestamp {s}: {e}"))
         .millis()
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, at most `limit`.
-pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// An active grant and its credential.

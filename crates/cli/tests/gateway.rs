@@ -1454,3 +1454,99 @@ fn upstream_tls_as_the_url_asks() {
     let out = ssl_of(GwOptions::default());
     assert_eq!(out.ok().stdout.trim(), "f");
 }
+
+/// Bytes that are not UTF-8 are recorded (replaced), not dropped; both
+/// batches of a pipelining client get their outcomes; a client that opens
+/// more prepared statements than the gateway tracks is told so and
+/// disconnected instead of running statements the recording cannot name.
+#[test]
+fn recordings_hold_non_utf8_text_pipelined_outcomes_and_tracking_limits() {
+    let up = upstream();
+    let bg = Bg::start(&up, GwOptions::default());
+    let g = bg.grant("alice", "pg", "scram", "10m");
+    let mut raw = Raw::connect(bg.gw_port);
+    raw.login("alice", "pg", &g.token).expect("login");
+    let until_ready = |raw: &mut Raw| {
+        let mut seen = Vec::new();
+        loop {
+            let m = raw.read_msg().expect("a message");
+            let done = m.tag == b'Z';
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    };
+    raw.send(&frame(b'Q', &cstring("set client_encoding to 'LATIN1'")));
+    until_ready(&mut raw);
+    // 'café' in LATIN1: 0xE9 is not UTF-8.
+    let mut latin = b"select 'caf\xe9' as hidden".to_vec();
+    latin.push(0);
+    raw.send(&frame(b'Q', &latin));
+    let answer = until_ready(&mut raw);
+    assert!(answer.iter().all(|m| m.tag != b'E'), "{answer:?}");
+    // Two extended-protocol batches in one write.
+    let mut batch = Vec::new();
+    for n in [1, 2] {
+        let mut parse = cstring("");
+        parse.extend(cstring(&format!("select {n} as pipelined")));
+        parse.extend(0i16.to_be_bytes());
+        batch.extend(frame(b'P', &parse));
+        let mut bind = cstring("");
+        bind.extend(cstring(""));
+        bind.extend([0u8; 4]);
+        bind.extend(0i16.to_be_bytes());
+        batch.extend(frame(b'B', &bind));
+        let mut exec = cstring("");
+        exec.extend(0i32.to_be_bytes());
+        batch.extend(frame(b'E', &exec));
+        batch.extend(frame(b'S', &[]));
+    }
+    raw.send(&batch);
+    until_ready(&mut raw);
+    until_ready(&mut raw);
+    // More named prepared statements than the gateway tracks.
+    let mut many = Vec::new();
+    for n in 0..=10_000 {
+        let mut parse = cstring(&format!("s{n}"));
+        parse.extend(cstring("select 1"));
+        parse.extend(0i16.to_be_bytes());
+        many.extend(frame(b'P', &parse));
+    }
+    raw.try_send(&many);
+    let (bytes, closed) = raw.read_to_close(Duration::from_secs(10));
+    assert!(closed, "the gateway closes the session");
+    let (code, msg) = first_error(&bytes).expect("an ErrorResponse");
+    assert_eq!(code, "08P01", "{msg}");
+    assert!(
+        msg.contains("more than 10000 open prepared statements"),
+        "{msg}"
+    );
+
+    let s = bg.ended_sessions(&g, 1, Duration::from_secs(5));
+    let sid = s[0]["session_id"].as_str().expect("id");
+    let rec = bg.recording(sid);
+    let hidden = rec
+        .iter()
+        .find(|e| e["kind"] == "query" && e["text"] == "select 'caf\u{fffd}' as hidden")
+        .unwrap_or_else(|| panic!("the LATIN1 query is recorded: {rec:#?}"));
+    let result_of = |seq: &Value| {
+        rec.iter()
+            .find(|e| e["kind"] == "result" && &e["statement"] == seq)
+            .map(|e| e["tag"].clone())
+    };
+    assert_eq!(result_of(&hidden["seq"]), Some(json!("SELECT 1")));
+    for n in [1, 2] {
+        let text = format!("select {n} as pipelined");
+        let exec = rec
+            .iter()
+            .find(|e| e["kind"] == "execute" && e["text"] == text.as_str())
+            .unwrap_or_else(|| panic!("{text} is recorded: {rec:#?}"));
+        assert_eq!(
+            result_of(&exec["seq"]),
+            Some(json!("SELECT 1")),
+            "the outcome of {text} is recorded"
+        );
+    }
+    assert_eq!(s[0]["end_reason"], "protocol_violation");
+}

@@ -199,6 +199,10 @@ pub trait Authority: Send + Sync + 'static {
         database: &str,
         password: &str,
     ) -> Result<Authorized, Refusal>;
+    /// `Ok` while the grant is live, else why it ended. Asked again once a
+    /// session is registered: a grant that ended between `authorize` and
+    /// the registration was cut before the session could be.
+    async fn grant_live(&self, request_id: &str) -> Result<(), String>;
     /// Records the start of a session (in the audit chain); an error refuses
     /// the session.
     async fn session_started(&self, info: &SessionInfo) -> Result<(), String>;

@@ -146,12 +146,19 @@ impl Recorder {
         let path = Self::path_of(&self.dir, session_id);
         let marker = Self::marker_of(&self.dir, session_id);
         std::fs::File::create(&marker)?;
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)?,
-        );
+        // INVARIANT: a failed open leaves neither marker nor file behind (a
+        // marker would make a restart close a session that never started).
+        let file = match std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                let _ = std::fs::remove_file(&marker);
+                return Err(e);
+            }
+        };
         let dirty = Arc::new(AtomicBool::new(false));
         if !self.strict {
             lock(&self.dirty).push(Dirty {
@@ -166,11 +173,16 @@ impl Recorder {
             seq: 0,
             prev: [0; 32],
             statements: 0,
-            marker: Some(marker),
+            marker: Some(marker.clone()),
             pending: Vec::new(),
             time: (i64::MIN, String::new()),
         };
-        rec.append_value("session", header, now)?;
+        if let Err(e) = rec.append_value("session", header, now) {
+            drop(rec);
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&marker);
+            return Err(e);
+        }
         Ok(rec)
     }
 }

@@ -2,6 +2,7 @@
 //! relay loop that records every statement before forwarding it and ends
 //! the session when the grant ends, the client leaves, or it idles out.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,8 +29,12 @@ use crate::{Authorized, CancelTarget, Io, SessionEnd, SessionInfo, Shared};
 const PASSWORD_LEN_MAX: usize = 4096;
 /// Largest message accepted from the upstream database.
 const UPSTREAM_FRAME_LEN_MAX: usize = 1 << 30;
-/// Prepared statements and portals tracked per session at most.
+/// Prepared statements, and portals, tracked per session at most; a client
+/// over either limit is disconnected with a message that says so (an
+/// untracked statement could not be recorded by its text).
 const NAMES_TRACKED_MAX: usize = 10_000;
+/// Bytes of statement texts and parameters tracked per session at most.
+const TRACKED_BYTES_MAX: usize = 64 << 20;
 /// Bytes of one parameter value kept in a recording.
 const PARAM_LEN_RECORDED_MAX: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
@@ -320,20 +325,53 @@ async fn start(
 }
 
 /// Bookkeeping that maps protocol messages to recording entries.
+#[derive(Default)]
 struct Tracker {
     redact: bool,
     statements: HashMap<String, String>,
     /// Portal name -> (statement name, parameters as canonical JSON).
     portals: HashMap<String, (String, String)>,
-    /// Recorded statements awaiting their outcome: (seq, simple query).
-    pending: VecDeque<(u64, bool)>,
+    /// Bytes held in `statements` and `portals`.
+    tracked_bytes: usize,
+    /// What awaits an answer, in order: recorded statements (their outcome)
+    /// and Sync messages (their ReadyForQuery).
+    pending: VecDeque<Pending>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// A recorded statement; a simple query (`Q`) stays until its
+    /// ReadyForQuery, since one query string can run several statements.
+    Statement { seq: u64, simple: bool },
+    /// A Sync: the extended-protocol batch before it ends at the next
+    /// ReadyForQuery.
+    Sync,
+}
+
+/// Why the relay must stop on a client frame.
+enum Stop {
+    /// The recording could not be written.
+    Recording(std::io::Error),
+    /// A per-session tracking limit (the message says which).
+    Limit(String),
+}
+
+/// A NUL-terminated string of a message, as recorded: bytes that are not
+/// UTF-8 (a client may use another `client_encoding`) are replaced, never
+/// dropped, so no statement can slip through unrecorded.
+fn text_of(b: &[u8]) -> (Cow<'_, str>, &[u8]) {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    (
+        String::from_utf8_lossy(&b[..end]),
+        b.get(end + 1..).unwrap_or_default(),
+    )
 }
 
 /// A Bind's portal, statement and parameters (canonical JSON: an array of
 /// strings and nulls, or `{"redacted":N}`).
 fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, String)> {
-    let (portal, rest) = cstr(payload)?;
-    let (stmt, mut rest) = cstr(rest)?;
+    let (portal, rest) = text_of(payload);
+    let (stmt, mut rest) = text_of(rest);
     let take_i16 = |b: &mut &[u8]| -> Option<i16> {
         let v = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
         *b = &b[2..];
@@ -389,72 +427,113 @@ fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, String)>
 }
 
 impl Tracker {
+    /// Keeps a statement's or portal's entry, within the session's limits.
+    fn track(
+        &mut self,
+        statement: bool,
+        name: String,
+        value: (String, String),
+    ) -> Result<(), Stop> {
+        let size = |name: &str, v: &(String, String)| name.len() + v.0.len() + v.1.len();
+        let new = size(&name, &value);
+        let (map_len, old) = if statement {
+            let old = self.statements.get(&name).map(|t| name.len() + t.len());
+            (self.statements.len(), old)
+        } else {
+            let old = self.portals.get(&name).map(|v| size(&name, v));
+            (self.portals.len(), old)
+        };
+        if old.is_none() && map_len >= NAMES_TRACKED_MAX {
+            return Err(Stop::Limit(format!(
+                "breakglass gateway: more than {NAMES_TRACKED_MAX} open {} in one session; close some first",
+                if statement {
+                    "prepared statements"
+                } else {
+                    "portals"
+                }
+            )));
+        }
+        let bytes = self.tracked_bytes - old.unwrap_or(0) + new;
+        if bytes > TRACKED_BYTES_MAX {
+            return Err(Stop::Limit(format!(
+                "breakglass gateway: open prepared statements and portals hold more than {} MiB in one session; close some first",
+                TRACKED_BYTES_MAX >> 20
+            )));
+        }
+        self.tracked_bytes = bytes;
+        if statement {
+            self.statements.insert(name, value.0);
+        } else {
+            self.portals.insert(name, value);
+        }
+        Ok(())
+    }
+
     /// Records what a client frame asks the database to do. Returns true
     /// for Terminate.
-    fn client_frame(
-        &mut self,
-        tag: u8,
-        payload: &[u8],
-        rec: &mut Recording,
-    ) -> std::io::Result<bool> {
+    fn client_frame(&mut self, tag: u8, payload: &[u8], rec: &mut Recording) -> Result<bool, Stop> {
         match tag {
             b'Q' => {
-                let text = cstr(payload).map_or("", |(s, _)| s);
-                let seq = rec.append("query", &[("text", Field::Str(text))], Timestamp::now())?;
-                self.pending.push_back((seq, true));
+                let (text, _) = text_of(payload);
+                let seq = rec
+                    .append("query", &[("text", Field::Str(&text))], Timestamp::now())
+                    .map_err(Stop::Recording)?;
+                self.pending
+                    .push_back(Pending::Statement { seq, simple: true });
             }
             b'P' => {
-                if let Some((name, rest)) = cstr(payload)
-                    && let Some((text, _)) = cstr(rest)
-                    && (self.statements.len() < NAMES_TRACKED_MAX
-                        || self.statements.contains_key(name))
-                {
-                    self.statements.insert(name.to_string(), text.to_string());
-                }
+                let (name, rest) = text_of(payload);
+                let (text, _) = text_of(rest);
+                self.track(true, name.into_owned(), (text.into_owned(), String::new()))?;
             }
             b'B' => {
-                if let Some((portal, stmt, params)) = bind_params(payload, self.redact)
-                    && (self.portals.len() < NAMES_TRACKED_MAX
-                        || self.portals.contains_key(&portal))
-                {
-                    self.portals.insert(portal, (stmt, params));
+                if let Some((portal, stmt, params)) = bind_params(payload, self.redact) {
+                    self.track(false, portal, (stmt, params))?;
                 }
             }
             b'E' => {
-                let portal = cstr(payload).map_or("", |(s, _)| s);
-                let (stmt, params) = self
-                    .portals
-                    .get(portal)
-                    .map_or(("", "null"), |(s, p)| (s.as_str(), p.as_str()));
-                let text = self
-                    .statements
-                    .get(stmt)
-                    .map_or("<unknown statement>", String::as_str);
-                let seq = rec.append(
-                    "execute",
-                    &[
-                        ("params", Field::Json(params)),
-                        ("portal", Field::Str(portal)),
-                        ("statement", Field::Str(stmt)),
-                        ("text", Field::Str(text)),
-                    ],
-                    Timestamp::now(),
-                )?;
-                self.pending.push_back((seq, false));
+                let (portal, _) = text_of(payload);
+                let (stmt, params, text) = match self.portals.get(portal.as_ref()) {
+                    Some((stmt, params)) => (
+                        stmt.as_str(),
+                        params.as_str(),
+                        self.statements
+                            .get(stmt)
+                            .map_or("<unknown statement>", String::as_str),
+                    ),
+                    None => ("", "null", "<unknown portal>"),
+                };
+                let seq = rec
+                    .append(
+                        "execute",
+                        &[
+                            ("params", Field::Json(params)),
+                            ("portal", Field::Str(&portal)),
+                            ("statement", Field::Str(stmt)),
+                            ("text", Field::Str(text)),
+                        ],
+                        Timestamp::now(),
+                    )
+                    .map_err(Stop::Recording)?;
+                self.pending
+                    .push_back(Pending::Statement { seq, simple: false });
             }
+            b'S' => self.pending.push_back(Pending::Sync),
             b'C' => {
-                if let Some((&kind, rest)) = payload.split_first()
-                    && let Some((name, _)) = cstr(rest)
-                {
-                    match kind {
-                        b'S' => {
-                            self.statements.remove(name);
-                        }
-                        b'P' => {
-                            self.portals.remove(name);
-                        }
-                        _ => {}
-                    }
+                if let Some((&kind, rest)) = payload.split_first() {
+                    let (name, _) = text_of(rest);
+                    let freed = match kind {
+                        b'S' => self
+                            .statements
+                            .remove(name.as_ref())
+                            .map(|t| name.len() + t.len()),
+                        b'P' => self
+                            .portals
+                            .remove(name.as_ref())
+                            .map(|(s, p)| name.len() + s.len() + p.len()),
+                        _ => None,
+                    };
+                    self.tracked_bytes -= freed.unwrap_or(0);
                 }
             }
             b'X' => return Ok(true),
@@ -468,10 +547,26 @@ impl Tracker {
     fn server_frame(&mut self, tag: u8, payload: &[u8], rec: &mut Recording) {
         let statement = match (tag, self.pending.front()) {
             (b'Z', _) => {
-                self.pending.clear();
+                // This ReadyForQuery ends the oldest batch: everything up to
+                // and including its Sync (or simple query). Later batches
+                // of a pipelining client keep waiting for their answers.
+                while let Some(p) = self.pending.pop_front() {
+                    if matches!(p, Pending::Sync | Pending::Statement { simple: true, .. }) {
+                        break;
+                    }
+                }
+                // Outside a transaction no portal survives.
+                if payload.first() == Some(&b'I') {
+                    let freed: usize = self
+                        .portals
+                        .drain()
+                        .map(|(n, (s, p))| n.len() + s.len() + p.len())
+                        .sum();
+                    self.tracked_bytes -= freed;
+                }
                 return;
             }
-            (b'C' | b'I' | b's' | b'E', Some(&(seq, simple))) => {
+            (b'C' | b'I' | b's' | b'E', Some(&Pending::Statement { seq, simple })) => {
                 if !simple {
                     self.pending.pop_front();
                 }
@@ -487,7 +582,7 @@ impl Tracker {
             );
         };
         match tag {
-            b'C' => result(cstr(payload).map_or("", |(s, _)| s), rec),
+            b'C' => result(&text_of(payload).0, rec),
             b'I' => result("", rec),
             b's' => result("portal suspended", rec),
             _ => {
@@ -591,6 +686,13 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         .await;
         return;
     };
+    // The grant may have ended since `authorize`; its cut then found no
+    // session to cut. Registered now, a later end cuts this session.
+    if let Err(reason) = shared.authority.grant_live(&auth.request_id).await {
+        shared.unregister(&auth.request_id, &session_id);
+        fatal(&mut client, "57P01", &cut_message(&reason)).await;
+        return;
+    }
     let mut rec = match shared.recorder.open(&session_id, header, Timestamp::now()) {
         Ok(r) => r,
         Err(e) => {
@@ -649,9 +751,9 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
             "protocol_violation".to_string()
         }
     };
-    let _ = client.shutdown().await;
-    drop(client);
-    // Stop whatever the upstream is running, then close it.
+    // Stop whatever the upstream is running, then close it, then the
+    // client (bounded: a client that stopped reading must not hold up the
+    // cancel of its query).
     let key = shared.cancel_keys.lock().ok().and_then(|mut k| {
         let found = k
             .iter()
@@ -670,9 +772,14 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     }
     let mut terminate = Vec::new();
     crate::codec::put_frame(&mut terminate, b'X', &[]);
-    let _ = upstream.write_all(&terminate).await;
-    let _ = upstream.shutdown().await;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        let _ = upstream.write_all(&terminate).await;
+        upstream.shutdown().await
+    })
+    .await;
     drop(upstream);
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.shutdown()).await;
+    drop(client);
     if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], Timestamp::now()) {
         tracing::error!(error = %e, "cannot record session end");
     }
@@ -710,9 +817,7 @@ async fn relay(
 ) -> End {
     let mut tracker = Tracker {
         redact: auth.redact_parameters,
-        statements: HashMap::new(),
-        portals: HashMap::new(),
-        pending: VecDeque::new(),
+        ..Tracker::default()
     };
     let idle = shared.config.idle();
     let expiry = tokio::time::sleep_until(expiry_deadline(auth.expires_at));
@@ -749,10 +854,12 @@ async fn relay(
                         let payload = &cbuf[start + 5..start + f.len];
                         match tracker.client_frame(f.tag, payload, rec) {
                             Ok(t) => terminate = t,
-                            Err(e) => {
+                            Err(Stop::Recording(e)) => {
                                 tracing::error!(error = %e, "cannot write session recording; closing session");
                                 return End::cut("recording_failed");
                             }
+                            // Nothing of this frame was forwarded.
+                            Err(Stop::Limit(m)) => return End::Protocol(m),
                         }
                         consumed += f.len;
                         if terminate {
@@ -767,6 +874,7 @@ async fn relay(
                 tokio::select! {
                     biased;
                     _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
+                    () = &mut expiry => return End::cut("expired"),
                     r = write => if r.is_err() { return End::Closed("upstream_closed".into()) },
                 }
                 cbuf.advance(consumed);
@@ -894,11 +1002,9 @@ async fn relay(
                 Ok(_) => client_pending = true,
             },
             r = upstream.read_buf(ubuf) => match r {
-                Ok(0) | Err(_) => {
-                    // Pass on whatever the upstream said last (often a FATAL).
-                    let _ = client.write_all(ubuf).await;
-                    return End::Closed("upstream_closed".into());
-                }
+                // Every whole frame it sent (often a FATAL) was passed on
+                // already; what is left is a torn frame.
+                Ok(0) | Err(_) => return End::Closed("upstream_closed".into()),
                 Ok(_) => upstream_pending = true,
             },
             () = &mut idle_timer => return End::cut("idle_timeout"),

@@ -123,6 +123,22 @@ impl Authority for PgAuthority {
         })
     }
 
+    async fn grant_live(&self, request_id: &str) -> Result<(), String> {
+        let app = self.app.upgrade().ok_or("service_shutdown")?;
+        match app.store.get(request_id).await {
+            Ok(Some(r)) if r.is_live(now()) => Ok(()),
+            Ok(Some(r)) => Err(r
+                .end_reason
+                .map_or_else(|| "expired".to_string(), |e| e.to_string())),
+            Ok(None) => Err("unknown grant".into()),
+            // Fail closed: a grant that cannot be checked is not used.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-check a grant for a new session");
+                Err("grant_unverifiable".into())
+            }
+        }
+    }
+
     async fn session_started(&self, info: &SessionInfo) -> Result<(), String> {
         let app = self.app.upgrade().ok_or("shutting down")?;
         let event = EventDraft {

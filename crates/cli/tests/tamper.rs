@@ -504,6 +504,20 @@ fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
             (503, Some("audit_chain_broken")),
             "{name}: {p}"
         );
+        // No grant is usable while the chain is broken: the introspection
+        // says it cannot tell instead of answering "not active".
+        let (st, p) = api.post(
+            "dave",
+            "/v1/credentials/verify",
+            Some(
+                json!({"token": format!("{}anything", breakglass_core::token::GRANT_TOKEN_PREFIX)}),
+            ),
+        );
+        assert_eq!(
+            (st, p["code"].as_str()),
+            (503, Some("store_unavailable")),
+            "{name}: {p}"
+        );
         // ...and through the CLI that is an error (1) naming the code.
         let out = copy.cli(
             Some("alice"),

@@ -669,6 +669,11 @@ impl App {
         if !secret.starts_with(token::GRANT_TOKEN_PREFIX) || secret.len() > token::TOKEN_LEN_MAX {
             return Err(GrantRefusal::Unknown);
         }
+        // Fail closed: while the audit chain is broken no grant is used
+        // (nothing done with it could be recorded).
+        if self.check_writable().is_err() {
+            return Err(GrantRefusal::Unavailable);
+        }
         let hash = token::token_hash(secret);
         let cred = self
             .store

@@ -90,7 +90,9 @@ pub fn spawn_full_verify(app: Weak<App>) -> tokio::task::JoinHandle<()> {
                 r.first_bad_seq.unwrap_or(0),
                 r.reason.unwrap_or_default()
             )),
-            Err(e) => tracing::error!(error = %e, "cannot verify the audit log"),
+            // Fail closed: a chain that cannot be verified (an unreadable
+            // checkpoint file, a store error) is treated as broken.
+            Err(e) => app.block_writes(format!("the audit log cannot be verified: {e}")),
         }
     })
 }
@@ -168,14 +170,15 @@ pub fn read_checkpoint_file(path: &Path) -> Result<Vec<Checkpoint>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    // A torn last line (crash while appending) is not a checkpoint.
+    let whole = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in whole.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
-        }
-        // A torn last line (crash while appending) is not a checkpoint.
-        if i + 1 == text.lines().count() && !text.ends_with('\n') {
-            break;
         }
         let cp: Checkpoint = serde_json::from_str(line)
             .map_err(|e| format!("{}:{}: not a checkpoint: {e}", path.display(), i + 1))?;
@@ -192,12 +195,10 @@ pub async fn all_checkpoints(
 ) -> Result<Vec<Checkpoint>, String> {
     let mut cps = store.checkpoints().await.map_err(|e| e.to_string())?;
     if let Some(f) = file {
-        for cp in read_checkpoint_file(f)? {
-            if !cps.contains(&cp) {
-                cps.push(cp);
-            }
-        }
+        cps.extend(read_checkpoint_file(f)?);
     }
-    cps.sort_by_key(|c| c.seq);
+    // The same checkpoint in both places counts once.
+    cps.sort_by(|a, b| (a.seq, &a.signature[..]).cmp(&(b.seq, &b.signature[..])));
+    cps.dedup();
     Ok(cps)
 }

@@ -63,7 +63,8 @@ pub struct ServerConfig {
     /// API connections served at once; one more is answered 503.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// An API connection on which nothing moves for this long is closed.
+    /// An API connection the server has sent nothing on for this long is
+    /// closed (client bytes do not extend it).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: String,
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use crate::app::{App, AppError};
+use crate::app::{App, AppError, GrantRefusal};
 use crate::dto::{
     ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
     RequestList, ReviewBody, SessionList, VerifyReport, WhoAmI,
@@ -407,7 +407,7 @@ async fn credentials(
 }
 
 #[utoipa::path(post, path = "/v1/credentials/verify", request_body = IntrospectBody,
-    responses((status = 200, body = Introspection)),
+    responses((status = 200, body = Introspection), (status = 503, body = Problem, description = "cannot tell now; treat the credential as not usable")),
     security(("bearer" = [])))]
 async fn introspect(
     State(app): State<AppState>,
@@ -431,6 +431,14 @@ async fn introspect(
             role: Some(g.credential.role),
             expires_at: Some(g.credential.expires_at.to_rfc3339()),
         },
+        // "Not active" would be a lie when the answer is "cannot tell".
+        Err(GrantRefusal::Unavailable) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "cannot check the credential right now (store unavailable or audit chain broken); treat it as not usable",
+            ));
+        }
         Err(why) => Introspection {
             active: false,
             reason: Some(why.to_string()),

@@ -5,10 +5,13 @@
 //! - At most `server.max_connections` connections are served at once. One
 //!   more is answered `503` with a problem body that names the limit, then
 //!   closed.
-//! - A connection on which no byte moves in either direction for
-//!   `server.idle_timeout` is closed. This covers slow headers, slow
-//!   bodies, idle keep-alive connections and clients that stop reading.
-//!   No API call runs anywhere near that long (there is no long polling;
+//! - A connection is closed when the server has sent nothing on it for
+//!   `server.idle_timeout`: a whole request must arrive, and its answer
+//!   start, within that time of the connection opening or of the last
+//!   answer. Bytes from the client do not extend it, so trickling a header
+//!   a byte at a time does not help; this also covers slow bodies, idle
+//!   keep-alive connections and clients that stop reading. No API call
+//!   runs anywhere near that long (there is no long polling;
 //!   `request --wait` polls).
 
 use std::io;
@@ -24,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::dto::Problem;
 use crate::metrics::Metrics;
 
 /// How long the `503` for a connection over the cap may take to send.
@@ -56,10 +60,20 @@ impl LimitedListener {
     }
 }
 
+/// The 503 for a connection over the cap: the same problem document the
+/// API's handlers send.
 fn refusal(max: usize) -> Vec<u8> {
-    let body = format!(
-        "{{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"code\":\"too_many_connections\",\"detail\":\"the API already serves {max} connections (server.max_connections); retry shortly\"}}"
-    );
+    let code = "too_many_connections";
+    let body = serde_json::to_string(&Problem {
+        type_: format!("urn:breakglass:problem:{code}"),
+        title: "Service Unavailable".into(),
+        status: 503,
+        detail: format!(
+            "the API already serves {max} connections (server.max_connections); retry shortly"
+        ),
+        code: code.into(),
+    })
+    .unwrap_or_default();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -157,7 +171,7 @@ impl LimitedIo {
         match self.timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "API connection idle for longer than server.idle_timeout",
+                "API connection got no answer for longer than server.idle_timeout",
             ))),
             Poll::Pending => Poll::Pending,
         }
@@ -171,14 +185,9 @@ impl AsyncRead for LimitedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    this.active();
-                }
-                Poll::Ready(r)
-            }
+            // Reading never extends the deadline (see the module doc).
+            Poll::Ready(r) => Poll::Ready(r),
             Poll::Pending => this.pending(cx),
         }
     }

@@ -462,7 +462,7 @@ fn raw_exchange(addr: &str, request: &[u8]) -> String {
 fn api_connections_are_capped_and_idle_ones_closed() {
     let s = TestServer::start_with(
         tempfile::tempdir().expect("tempdir"),
-        "max_connections = 2\nidle_timeout = \"1s\"\n",
+        "max_connections = 3\nidle_timeout = \"1s\"\n",
     );
     let addr = s.url.trim_start_matches("http://").to_string();
     // Wait out any pooled connection of an earlier call, then take both
@@ -472,6 +472,20 @@ fn api_connections_are_capped_and_idle_ones_closed() {
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .expect("half a header");
     let mut silent = std::net::TcpStream::connect(&addr).expect("connect");
+    // One more trickles a header a byte every 200 ms: bytes from the
+    // client do not keep a connection open.
+    let trickler_addr = addr.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(&trickler_addr).expect("connect");
+        let started = std::time::Instant::now();
+        for b in b"GET /healthz HTTP/1.1\r\nHost: trickle.example\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if c.write_all(&[*b]).is_err() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    });
     std::thread::sleep(Duration::from_millis(200));
     let t0 = std::time::Instant::now();
 
@@ -492,6 +506,11 @@ fn api_connections_are_capped_and_idle_ones_closed() {
         let n = conn.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0, "{name}: {:?}", String::from_utf8_lossy(&buf[..n]));
     }
+    let trickled = trickler.join().expect("trickler");
+    assert!(
+        trickled.is_some_and(|t| t < Duration::from_secs(4)),
+        "a trickling client was cut off: {trickled:?}"
+    );
     let waited = t0.elapsed();
     assert!(
         waited >= Duration::from_millis(700) && waited < Duration::from_secs(4),

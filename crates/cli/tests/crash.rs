@@ -506,6 +506,12 @@ fn kill_9_under_load_loses_nothing() {
     let mut server = Server::start(&setup);
     let api = Api::new(&setup.url());
     check_after_restart(&api, &rec, spawned_ms, seed);
+    // The answers of the last load round are checked too.
+    let problems = lock(&rec.problems).clone();
+    assert!(
+        problems.is_empty(),
+        "seed {seed}: unexpected answers: {problems:#?}"
+    );
     for e in api.all_audit("dave") {
         if e["action"] == "service.started" {
             overdue_total += e["details"]["overdue_ended"].as_u64().unwrap_or(0);

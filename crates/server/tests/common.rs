@@ -159,8 +159,12 @@ impl TestServer {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // A failed shutdown fails the test (unless it is failing already).
+        if let Some(t) = self.thread.take()
+            && let Err(panic) = t.join()
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
         }
     }
 }
@@ -174,6 +178,7 @@ impl Drop for TestServer {
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .proxy(None)
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into()

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)] // not every test binary polls
 pub use breakglass_testkit::poll;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_breakglass");
@@ -76,9 +75,7 @@ pub fn token(name: &str) -> String {
     format!("bgt_e2e_{name}_0123456789abcdef")
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use breakglass_core::token::sha256_hex;
 
 pub use breakglass_testkit::free_port;
 

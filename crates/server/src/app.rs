@@ -127,7 +127,6 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub scheduler: Scheduler,
     principals: Vec<LocalPrincipal>,
-    admin_groups: BTreeSet<String>,
     pending_timeout_s: u64,
     /// Set when the audit chain was found broken: every write is refused.
     writes_blocked: std::sync::RwLock<Option<String>>,
@@ -213,7 +212,6 @@ impl App {
             policy,
             metrics,
             principals,
-            admin_groups,
             pending_timeout_s,
             writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
@@ -264,10 +262,6 @@ impl App {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    pub fn is_admin(&self, p: &Principal) -> bool {
-        p.groups.iter().any(|g| self.admin_groups.contains(g))
     }
 
     /// Evaluates policy for a would-be request without creating it.
@@ -581,7 +575,7 @@ impl App {
             tracing::error!(session = %session_id, error = %e, "recording does not verify");
             // Without a readable header nobody's visibility can be
             // checked: only admins learn that the recording is broken.
-            if self.is_admin(who) {
+            if who.admin {
                 AppError::Conflict("recording_broken", e.to_string())
             } else {
                 not_found()

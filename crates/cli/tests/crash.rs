@@ -77,6 +77,7 @@ struct Ack {
 #[derive(Debug, Clone)]
 struct Cred {
     request_id: String,
+    target: String,
     token: String,
 }
 
@@ -224,6 +225,7 @@ fn lifecycle(c: &Client, rng: &mut Rng, rec: &Record) -> Result<(), Gone> {
                 rec.ack_action(&id, "credentials.issued");
                 lock(&rec.creds).push(Cred {
                     request_id: id.clone(),
+                    target: r["target"].as_str().expect("target").to_string(),
                     token: r["token"].as_str().expect("token").to_string(),
                 });
             }
@@ -402,9 +404,9 @@ fn check_after_restart(api: &Api, rec: &Record, spawned_ms: i64, seed: u64) -> u
     for c in creds.iter().step_by(step) {
         let before = now_ms();
         let (st, v) = api.post(
-            "dave",
+            common::SERVICE,
             "/v1/credentials/verify",
-            Some(json!({"token": c.token})),
+            Some(json!({"token": c.token, "target": c.target})),
         );
         assert_eq!(st, 200, "{v}");
         let (_, r) = api.get("dave", &format!("/v1/requests/{}", c.request_id));

@@ -507,10 +507,10 @@ fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
         // No grant is usable while the chain is broken: the introspection
         // says it cannot tell instead of answering "not active".
         let (st, p) = api.post(
-            "dave",
+            common::SERVICE,
             "/v1/credentials/verify",
             Some(
-                json!({"token": format!("{}anything", breakglass_core::token::GRANT_TOKEN_PREFIX)}),
+                json!({"token": format!("{}anything", breakglass_core::token::GRANT_TOKEN_PREFIX), "target": "prod-db"}),
             ),
         );
         assert_eq!(

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod lifecycle;
 pub mod model;
 pub mod policy;
+pub mod slots;
 pub mod time;
 pub mod token;
 

@@ -136,15 +136,7 @@ fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<()
             value.len()
         )));
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() && c != '\n' && c != '\t')
-    {
-        return Err(LifecycleError::Invalid(format!(
-            "{field} contains control characters"
-        )));
-    }
-    Ok(())
+    crate::model::check_text_chars(field, value).map_err(LifecycleError::Invalid)
 }
 
 /// Validates a name (target, role, principal): printable, no spaces, bounded.

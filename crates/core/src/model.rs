@@ -15,6 +15,42 @@ pub const TICKET_LEN_MAX: usize = 128;
 pub const NAME_LEN_MAX: usize = 128;
 pub const COMMENT_LEN_MAX: usize = 1024;
 pub const NOTES_LEN_MAX: usize = 4096;
+/// Why a character may not appear in a text field, if it may not: control
+/// characters (except tab and newline in free text), and the invisible
+/// formatting characters that make a text display differently from what it
+/// says (bidirectional overrides, embeddings and isolates, direction marks,
+/// zero-width characters, line and paragraph separators).
+pub fn forbidden_char(c: char) -> Option<&'static str> {
+    match c {
+        '\n' | '\t' => None,
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' => Some("a bidirectional override"),
+        '\u{200E}' | '\u{200F}' | '\u{061C}' => Some("a direction mark"),
+        '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}' | '\u{00AD}' => {
+            Some("an invisible character")
+        }
+        '\u{2028}' | '\u{2029}' => Some("a line separator"),
+        c if c.is_control() => Some("a control character"),
+        _ => None,
+    }
+}
+
+/// Checks that a text field has none of the [`forbidden_char`]s; the error
+/// names the field, the kind of character and where it is.
+pub fn check_text_chars(field: &str, value: &str) -> Result<(), String> {
+    match value
+        .chars()
+        .enumerate()
+        .find_map(|(i, c)| forbidden_char(c).map(|why| (i, c, why)))
+    {
+        Some((i, c, why)) => Err(format!(
+            "{field} contains {why} (U+{:04X} at character {}); remove it",
+            c as u32,
+            i + 1
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Upper bound on `@approvals`: more than this is a policy mistake, not rigour.
 pub const APPROVALS_MAX: u32 = 10;
 
@@ -245,6 +281,31 @@ impl Actor {
         match self {
             Actor::Principal(p) => &p.name,
             Actor::System => "system",
+        }
+    }
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::check_text_chars;
+
+    #[test]
+    fn hidden_and_control_characters_are_named() {
+        assert!(check_text_chars("reason", "db down\n\tsee INC-1").is_ok());
+        assert!(check_text_chars("reason", "Ünïcödé ✓ 日本").is_ok());
+        for (text, why) in [
+            ("ok\u{202E}gnp.exe", "bidirectional override"),
+            ("a\u{2066}b", "bidirectional override"),
+            ("a\u{200F}b", "direction mark"),
+            ("a\u{200B}b", "invisible character"),
+            ("a\u{0007}b", "control character"),
+            ("a\rb", "control character"),
+            ("a\u{0085}b", "control character"),
+            ("a\u{2028}b", "line separator"),
+        ] {
+            let e = check_text_chars("reason", text).expect_err(text);
+            assert!(e.starts_with("reason contains"), "{e}");
+            assert!(e.contains(why), "{text:?}: {e}");
         }
     }
 }

@@ -23,10 +23,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use breakglass_core::Timestamp;
+use breakglass_core::slots::{SlotLimits, Slots};
 use breakglass_core::time::parse_duration;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::recording::Recorder;
 pub use crate::upstream::{UpstreamTarget, UpstreamTls};
@@ -60,14 +61,27 @@ pub struct PgGatewayConfig {
     /// loses one to a crash of breakglass).
     #[serde(default)]
     pub strict_recording: bool,
+    /// Connections at once, signed in or not. When none is free, the
+    /// connection that has waited longest without signing in is closed to
+    /// make room; only when all are signed in is a new one refused.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections at once from one client address (IPv6: per /64).
+    /// Loopback is not exempt.
+    #[serde(default = "default_max_per_source")]
+    pub max_connections_per_source: usize,
+    /// Of `max_connections`, how many only signed-in sessions may use
+    /// (default: one sixteenth). Connections still in start-up never hold
+    /// more than the rest.
+    #[serde(default)]
+    pub reserved_connections: Option<usize>,
     #[serde(default = "default_max_per_grant")]
     pub max_connections_per_grant: usize,
     /// A session with no traffic either way for this long is closed.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: String,
-    /// The client must finish start-up and authentication within this.
+    /// The client must finish everything before it is signed in (the TLS
+    /// handshake, the start-up packet, the password) within this.
     #[serde(default = "default_startup_timeout")]
     pub startup_timeout: String,
     /// Largest client message (a query, a COPY chunk) in bytes.
@@ -77,6 +91,9 @@ pub struct PgGatewayConfig {
 
 fn default_max_connections() -> usize {
     1000
+}
+fn default_max_per_source() -> usize {
+    128
 }
 fn default_max_per_grant() -> usize {
     16
@@ -101,6 +118,17 @@ impl PgGatewayConfig {
         if self.max_connections == 0 || self.max_connections > 100_000 {
             return Err("gateway.postgres.max_connections must be between 1 and 100000".into());
         }
+        if self.max_connections_per_source == 0 {
+            return Err("gateway.postgres.max_connections_per_source must be at least 1".into());
+        }
+        if let Some(r) = self.reserved_connections
+            && r >= self.max_connections
+        {
+            return Err(format!(
+                "gateway.postgres.reserved_connections must be less than max_connections ({})",
+                self.max_connections
+            ));
+        }
         if self.max_connections_per_grant == 0 {
             return Err("gateway.postgres.max_connections_per_grant must be at least 1".into());
         }
@@ -115,6 +143,17 @@ impl PgGatewayConfig {
 
     fn idle(&self) -> Duration {
         Duration::from_secs(parse_duration(&self.idle_timeout).unwrap_or(1800))
+    }
+
+    /// The slot limits of the listener.
+    pub fn slot_limits(&self) -> SlotLimits {
+        SlotLimits {
+            total_max: self.max_connections,
+            reserved: self
+                .reserved_connections
+                .unwrap_or(self.max_connections / 16),
+            per_source_max: self.max_connections_per_source,
+        }
     }
 
     fn startup(&self) -> Duration {
@@ -233,7 +272,7 @@ pub(crate) struct Shared {
     recorder: Recorder,
     sessions: Mutex<HashMap<String, Vec<SessionHandle>>>,
     cancel_keys: Mutex<HashMap<(i32, i32), CancelTarget>>,
-    connections: Arc<Semaphore>,
+    slots: Arc<Slots>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -261,7 +300,7 @@ impl Gateway {
         Ok(Gateway {
             shared: Arc::new(Shared {
                 tls,
-                connections: Arc::new(Semaphore::new(config.max_connections)),
+                slots: Slots::new(config.slot_limits()),
                 config,
                 authority,
                 recorder,
@@ -324,7 +363,8 @@ impl Gateway {
 }
 
 /// Loads a PEM certificate chain and key into a TLS acceptor (TLS 1.2+).
-fn tls_acceptor(
+/// The HTTP API loads its certificate the same way.
+pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> std::io::Result<tokio_rustls::TlsAcceptor> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use breakglass_core::Timestamp;
+use breakglass_core::slots::{Slot, SlotRefusal};
 use bytes::{Buf, BytesMut};
 use rand::Rng;
 use serde_json::json;
@@ -71,19 +72,32 @@ async fn fatal<W: AsyncWrite + Unpin + ?Sized>(client: &mut W, code: &str, messa
     let _ = client.shutdown().await;
 }
 
+/// Said to a client whose connection was closed to make room for a newer
+/// one (see `breakglass_core::slots`).
+const EVICTED: &str = "breakglass gateway: too many connections are waiting to sign in; this one waited longest and was closed to make room (retry now)";
+const STARTUP_LATE: &str = "breakglass gateway: start-up not completed in time";
+
 pub(crate) async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
-        fatal(
-            &mut tcp,
-            "53300",
-            "breakglass gateway: too many connections",
-        )
-        .await;
-        return;
+    // INVARIANT: the slot is held until the connection ends; it is
+    // unauthenticated (evictable, under the start-up deadline) until the
+    // grant credential is accepted.
+    let slot = match shared.slots.open(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let message = match refusal {
+                SlotRefusal::Full { .. } => "breakglass gateway: too many connections".to_string(),
+                SlotRefusal::Source { max } => format!(
+                    "breakglass gateway: too many connections from your address ({max}, gateway.postgres.max_connections_per_source); close some and retry"
+                ),
+            };
+            tracing::info!(client = %peer, reason = %refusal, "gateway connection refused");
+            fatal(&mut tcp, "53300", &message).await;
+            return;
+        }
     };
     let deadline = tokio::time::Instant::now() + shared.config.startup();
-    let (mut client, buf, tls) = match negotiate(&shared, tcp, deadline).await {
+    let (mut client, buf, tls) = match negotiate(&shared, tcp, deadline, &slot).await {
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err((mut client, f)) => {
@@ -92,16 +106,18 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: Socket
             return;
         }
     };
-    let startup =
-        tokio::time::timeout_at(deadline, start(&shared, &mut client, buf, tls, peer)).await;
+    let startup = tokio::select! {
+        r = tokio::time::timeout_at(deadline, start(&shared, &mut client, buf, tls, peer, &slot)) => Some(r),
+        () = slot.evicted() => None,
+    };
+    let Some(startup) = startup else {
+        tracing::info!(client = %peer, "gateway connection closed to make room for a newer one");
+        fatal(&mut client, "53300", EVICTED).await;
+        return;
+    };
     let ready = match startup {
         Err(_) => {
-            fatal(
-                &mut client,
-                "08P01",
-                "breakglass gateway: start-up not completed in time",
-            )
-            .await;
+            fatal(&mut client, "08P01", STARTUP_LATE).await;
             return;
         }
         Ok(Err(f)) => {
@@ -122,6 +138,7 @@ async fn negotiate(
     shared: &Shared,
     mut tcp: TcpStream,
     deadline: tokio::time::Instant,
+    slot: &Slot,
 ) -> Result<Option<(Client, BytesMut, bool)>, (Client, Fail)> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
@@ -135,19 +152,20 @@ async fn negotiate(
             Ok(p) => p,
         };
         match packet {
-            None => match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Err(_) => {
-                    return Err((
-                        Box::new(tcp),
-                        Fail::new(
-                            "08P01",
-                            "breakglass gateway: start-up not completed in time",
-                        ),
-                    ));
+            None => {
+                let read = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)) => Some(r),
+                    () = slot.evicted() => None,
+                };
+                match read {
+                    Some(Ok(Ok(0)) | Ok(Err(_))) => return Ok(None),
+                    Some(Ok(Ok(_))) => {}
+                    Some(Err(_)) => {
+                        return Err((Box::new(tcp), Fail::new("08P01", STARTUP_LATE)));
+                    }
+                    None => return Err((Box::new(tcp), Fail::new("53300", EVICTED))),
                 }
-            },
+            }
             Some((Startup::Ssl, n)) => {
                 buf.advance(n);
                 // INVARIANT: nothing may follow an SSLRequest before the
@@ -167,7 +185,13 @@ async fn negotiate(
                 if tcp.write_all(b"S").await.is_err() {
                     return Ok(None);
                 }
-                return match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                // The handshake is part of start-up: under its deadline,
+                // and evictable.
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => r,
+                    () = slot.evicted() => return Ok(None),
+                };
+                return match handshake {
                     Ok(Ok(tls)) => Ok(Some((Box::new(tls), buf, true))),
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "gateway TLS handshake failed");
@@ -211,6 +235,7 @@ async fn start(
     mut buf: BytesMut,
     tls: bool,
     peer: SocketAddr,
+    slot: &Slot,
 ) -> Result<Option<Ready>, Fail> {
     let params = loop {
         match decode_startup(&buf) {
@@ -301,6 +326,11 @@ async fn start(
         .authorize(&user, &database, &password)
         .await
         .map_err(|r| Fail::new(r.sqlstate(), format!("breakglass: {}", r.message())))?;
+    // Signed in: the connection leaves the evictable pool and may use the
+    // reserved slots.
+    if !slot.authenticate() {
+        return Err(Fail::new("53300", EVICTED));
+    }
     // A cheap early refusal, so a client over its grant's limit does not
     // cost an upstream login; `register` enforces the limit for real.
     if shared.grant_sessions(&auth.request_id) >= shared.config.max_connections_per_grant {

@@ -67,6 +67,36 @@ pub struct ServerConfig {
     /// closed (client bytes do not extend it).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: String,
+    /// API connections at once from one client address (IPv6: per /64).
+    /// Loopback is not exempt; behind a reverse proxy, raise it.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Of `max_connections`, how many only connections that have shown a
+    /// valid token may use (default: one sixteenth).
+    #[serde(default)]
+    pub reserved_connections: Option<usize>,
+    /// A connection that has not sent a request with a valid token within
+    /// this is closed (separate from `idle_timeout`).
+    #[serde(default = "default_unauthenticated_timeout")]
+    pub unauthenticated_timeout: String,
+    /// PEM certificate chain and private key: with both set the API serves
+    /// HTTPS only.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Lowercase hex SHA-256 of a bearer token that `/metrics` requires;
+    /// without it `/metrics` is open.
+    #[serde(default)]
+    pub metrics_token_sha256: Option<String>,
+}
+
+fn default_max_connections_per_source() -> usize {
+    128
+}
+
+fn default_unauthenticated_timeout() -> String {
+    "10s".into()
 }
 
 fn default_max_connections() -> usize {
@@ -124,6 +154,20 @@ pub struct PrincipalConfig {
     pub groups: Vec<String>,
     /// Lowercase hex SHA-256 of the principal's API token.
     pub token_sha256: String,
+    /// `human` (the default) or `service`: a gateway or other service that
+    /// checks grant credentials (`POST /v1/credentials/verify`) and may
+    /// neither request nor approve.
+    #[serde(default)]
+    pub kind: PrincipalKind,
+}
+
+/// What a principal is (see [`PrincipalConfig::kind`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    #[default]
+    Human,
+    Service,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +233,12 @@ impl Config {
             }
         };
         resolve(&mut cfg.server.data_dir);
+        for f in [cfg.server.tls_cert.as_mut(), cfg.server.tls_key.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            resolve(f);
+        }
         resolve(&mut cfg.policy.file);
         if let Some(f) = cfg.audit.checkpoint_file.as_mut() {
             resolve(f);
@@ -227,6 +277,7 @@ impl Config {
         if !(1..=3600).contains(&idle) {
             bail!("server.idle_timeout: must be between 1s and 1h");
         }
+        self.validate_listener()?;
         parse_duration(&self.audit.checkpoint_interval)
             .map_err(|e| anyhow::anyhow!("audit.checkpoint_interval: {e}"))?;
         if let Some(pg) = &self.gateway.postgres {
@@ -238,7 +289,9 @@ impl Config {
         if self.targets.len() > TARGETS_MAX {
             bail!("targets: more than {TARGETS_MAX} entries");
         }
-        let mut names = BTreeSet::new();
+        // Lowercased name -> (index, name): names differ by more than case,
+        // so that "Alice" can never pass for "alice" in a log or approval.
+        let mut names: BTreeMap<String, (usize, &str)> = BTreeMap::new();
         let mut digests = BTreeSet::new();
         for (i, p) in self.principals.iter().enumerate() {
             let at = format!("principals[{i}]");
@@ -246,8 +299,11 @@ impl Config {
             if p.name == "system" {
                 bail!("{at}.name: \"system\" is reserved for the service itself");
             }
-            if !names.insert(p.name.as_str()) {
-                bail!("{at}.name: duplicate principal {:?}", p.name);
+            if let Some((j, first)) = names.insert(p.name.to_lowercase(), (i, p.name.as_str())) {
+                bail!(
+                    "{at}.name: principal {:?} is the same name as principals[{j}].name {first:?} (names must be unique regardless of case)",
+                    p.name
+                );
             }
             for g in &p.groups {
                 check_name(&format!("{at}.groups"), g).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -306,6 +362,56 @@ impl Config {
         Ok(())
     }
 
+    /// The API listener's own keys: slots, deadlines, TLS, the metrics token.
+    fn validate_listener(&self) -> anyhow::Result<()> {
+        let s = &self.server;
+        if !(1..=API_CONNECTIONS_MAX).contains(&s.max_connections_per_source) {
+            bail!("server.max_connections_per_source: must be between 1 and {API_CONNECTIONS_MAX}");
+        }
+        if let Some(r) = s.reserved_connections
+            && r >= s.max_connections
+        {
+            bail!(
+                "server.reserved_connections: must be less than server.max_connections ({})",
+                s.max_connections
+            );
+        }
+        let unauth = parse_duration(&s.unauthenticated_timeout)
+            .map_err(|e| anyhow::anyhow!("server.unauthenticated_timeout: {e}"))?;
+        if !(1..=300).contains(&unauth) {
+            bail!("server.unauthenticated_timeout: must be between 1s and 5m");
+        }
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            bail!("server.tls_cert, server.tls_key: set both, or neither");
+        }
+        if let Some(m) = &s.metrics_token_sha256
+            && parse_sha256_hex(m).is_none()
+        {
+            bail!(
+                "server.metrics_token_sha256: expected 64 hex digits (the SHA-256 of the token), got {} characters",
+                m.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The API listener's slot limits (validated at load).
+    pub fn api_slot_limits(&self) -> breakglass_core::slots::SlotLimits {
+        let s = &self.server;
+        breakglass_core::slots::SlotLimits {
+            total_max: s.max_connections,
+            reserved: s.reserved_connections.unwrap_or(s.max_connections / 16),
+            per_source_max: s.max_connections_per_source,
+        }
+    }
+
+    /// `server.unauthenticated_timeout` (validated at load).
+    pub fn api_unauthenticated_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            parse_duration(&self.server.unauthenticated_timeout).unwrap_or(10),
+        )
+    }
+
     /// `server.idle_timeout` (validated at load).
     pub fn api_idle_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(parse_duration(&self.server.idle_timeout).unwrap_or(60))
@@ -325,6 +431,13 @@ impl Config {
 
     pub fn recordings_dir(&self) -> PathBuf {
         self.server.data_dir.join("recordings")
+    }
+
+    /// Whether `name` is a service principal (`kind = "service"`).
+    pub fn is_service(&self, name: &str) -> bool {
+        self.principals
+            .iter()
+            .any(|p| p.name == name && p.kind == PrincipalKind::Service)
     }
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
@@ -362,6 +475,20 @@ mod tests {
         ));
         assert!(e.contains("same token"), "{e}");
         let e = parse(&format!(
+            "{base}[[principals]]\nname = \"alice\"\ntoken_sha256 = \"{HEX}\"\n[[principals]]\nname = \"Alice\"\ntoken_sha256 = \"{}\"\n",
+            "0".repeat(64)
+        ));
+        assert!(
+            e.contains("principals[1].name")
+                && e.contains("\"Alice\"")
+                && e.contains("principals[0].name \"alice\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{base}[[principals]]\nname = \"gw\"\nkind = \"robot\"\ntoken_sha256 = \"{HEX}\"\n"
+        ));
+        assert!(e.contains("robot"), "{e}");
+        let e = parse(&format!(
             "{base}[[targets]]\nname = \"db\"\nkind = \"mysql\"\n[targets.roles.read]\n"
         ));
         assert!(e.contains("targets[0].kind"), "{e}");
@@ -375,6 +502,24 @@ mod tests {
             ("idle_timeout = \"0s\"", "server.idle_timeout"),
             ("idle_timeout = \"2h\"", "server.idle_timeout"),
             ("idle_timeout = \"later\"", "server.idle_timeout"),
+            (
+                "max_connections_per_source = 0",
+                "server.max_connections_per_source",
+            ),
+            ("reserved_connections = 1024", "server.reserved_connections"),
+            (
+                "unauthenticated_timeout = \"0s\"",
+                "server.unauthenticated_timeout",
+            ),
+            (
+                "unauthenticated_timeout = \"1h\"",
+                "server.unauthenticated_timeout",
+            ),
+            ("tls_cert = \"c.pem\"", "server.tls_cert"),
+            (
+                "metrics_token_sha256 = \"abc\"",
+                "server.metrics_token_sha256",
+            ),
         ] {
             let e = parse(&format!(
                 "[server]\ndata_dir = \"d\"\n{line}\n[policy]\nfile = \"p\"\n"

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State,
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -28,6 +28,7 @@ use crate::dto::{
     ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
     RequestList, ReviewBody, SessionList, VerifyReport, WhoAmI,
 };
+use crate::listener::ApiConn;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
@@ -161,18 +162,49 @@ impl FromRequestParts<AppState> for Auth {
         parts: &mut Parts,
         app: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
-        app.authenticate(token).map(Auth).map_err(ApiError::from)
+        let token = bearer(parts);
+        let who = app.authenticate(token).map_err(ApiError::from)?;
+        signed_in(parts);
+        Ok(Auth(who))
+    }
+}
+
+/// The bearer token of a request ("" without one).
+fn bearer(parts: &Parts) -> &str {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// The connection showed a valid token: it leaves the evictable,
+/// deadline-bound pool of unauthenticated connections (see `listener`).
+fn signed_in(parts: &Parts) {
+    if let Some(ConnectInfo(conn)) = parts.extensions.get::<ConnectInfo<ApiConn>>() {
+        conn.slot.authenticate();
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
+
+/// Service principals check credentials; they never request, approve, deny
+/// or review.
+fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
+    if app.config.is_service(&who.name) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "service_principal",
+            format!(
+                "{} is a service principal (kind = \"service\"): it may verify credentials, not request, approve, deny or review",
+                who.name
+            ),
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -198,7 +230,8 @@ pub struct AuditParams {
     limit: Option<u32>,
 }
 
-/// `POST /v1/credentials/verify`: is this grant credential usable now?
+/// `POST /v1/credentials/verify`: is this grant credential usable now, for
+/// this target?
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntrospectBody {
@@ -206,9 +239,10 @@ pub struct IntrospectBody {
     /// Also require that the credential belongs to this principal.
     #[serde(default)]
     pub principal: Option<String>,
-    /// Also require that it is for this target.
-    #[serde(default)]
-    pub target: Option<String>,
+    /// The target the caller guards: a credential for another target is
+    /// not active.
+    #[schema(min_length = 1)]
+    pub target: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -231,6 +265,7 @@ async fn create_request(
     Auth(who): Auth,
     ApiJson(body): ApiJson<CreateRequest>,
 ) -> ApiResult<(StatusCode, Json<Request>)> {
+    require_person(&app, &who)?;
     let req = app.create_request(&who, body).await?;
     Ok((StatusCode::CREATED, Json(req)))
 }
@@ -297,6 +332,7 @@ async fn approve(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Request>> {
+    require_person(&app, &who)?;
     // The body is optional: `approve` with no comment needs none.
     let comment = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -325,6 +361,7 @@ async fn deny(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ReasonBody>,
 ) -> ApiResult<Json<Request>> {
+    require_person(&app, &who)?;
     Ok(Json(
         app.act(
             &who,
@@ -378,6 +415,7 @@ async fn review(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ReviewBody>,
 ) -> ApiResult<Json<Request>> {
+    require_person(&app, &who)?;
     let outcome = ReviewOutcome::parse(&body.outcome).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -406,20 +444,40 @@ async fn credentials(
     Ok(Json(app.issue_credentials(&who, &id).await?))
 }
 
+/// Checks a grant credential for a target. Only service principals
+/// (`kind = "service"`) may ask: a person has no use for other people's
+/// credentials.
 #[utoipa::path(post, path = "/v1/credentials/verify", request_body = IntrospectBody,
-    responses((status = 200, body = Introspection), (status = 503, body = Problem, description = "cannot tell now; treat the credential as not usable")),
+    responses((status = 200, body = Introspection),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "no target, or a malformed body"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json", description = "not_service_principal: the caller is not a service principal"),
+        (status = 503, body = Problem, content_type = "application/problem+json", description = "cannot tell now; treat the credential as not usable")),
     security(("bearer" = [])))]
 async fn introspect(
     State(app): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
     ApiJson(body): ApiJson<IntrospectBody>,
 ) -> ApiResult<Json<Introspection>> {
+    if !app.config.is_service(&who.name) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_service_principal",
+            format!(
+                "{} may not verify credentials: only service principals can (kind = \"service\" in its [[principals]] entry)",
+                who.name
+            ),
+        ));
+    }
+    if body.target.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "target must name the target the credential is used for",
+        ));
+    }
     let out = match app
-        .check_grant(
-            &body.token,
-            body.principal.as_deref(),
-            body.target.as_deref(),
-        )
+        .check_grant(&body.token, body.principal.as_deref(), Some(&body.target))
         .await
     {
         Ok(g) => Introspection {
@@ -569,7 +627,27 @@ async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
     Ok("ready\n")
 }
 
-async fn metrics(State(app): State<AppState>) -> ApiResult<Response> {
+/// `/metrics`: open, or with `server.metrics_token_sha256` only for the
+/// bearer of that token (compared in constant time).
+async fn metrics(State(app): State<AppState>, req: axum::extract::Request) -> ApiResult<Response> {
+    let (parts, _) = req.into_parts();
+    if let Some(want) = app
+        .config
+        .server
+        .metrics_token_sha256
+        .as_deref()
+        .and_then(breakglass_core::token::parse_sha256_hex)
+    {
+        let token = bearer(&parts);
+        if breakglass_core::token::match_token(token, [(&want, ())]).is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "/metrics needs the metrics token: send Authorization: Bearer TOKEN (its SHA-256 is server.metrics_token_sha256)",
+            ));
+        }
+        signed_in(&parts);
+    }
     let states = app.store.count_by_state().await.map_err(AppError::from)?;
     let body = app
         .metrics

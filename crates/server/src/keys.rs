@@ -69,7 +69,7 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<SigningKey> {
             );
         }
     } else {
-        write_new(&public, &format!("{expected}\n"), 0o644)?;
+        write_new(&public, &format!("{expected}\n"), 0o600)?;
     }
     Ok(key)
 }

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod checkpoint;
 pub mod config;
+mod datadir;
 pub mod dev;
 pub mod dto;
 pub mod gateway;
@@ -29,7 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{App, now};
 use crate::config::Config;
-use crate::listener::LimitedListener;
+use crate::listener::{ApiConn, Deadlines, LimitedListener};
 use crate::metrics::Metrics;
 
 /// How `breakglass serve` writes its logs.
@@ -156,9 +157,19 @@ impl Running {
 /// Starts the service on `listener`: opens the store, checks the audit
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    // The certificate is read before anything else starts: a bad one stops
+    // the service at once.
+    let api_tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            breakglass_gateway_postgres::tls_acceptor(cert, key)
+                .context("server.tls_cert, server.tls_key: cannot load the API's certificate")?,
+        ),
+        _ => None,
+    };
     let (policy, policy_sha) = load_policy_with_digest(&config)?;
-    let key = keys::load_or_create(&config.server.data_dir)?;
     let db = config.db_path();
+    datadir::prepare(&config.server.data_dir, &db)?;
+    let key = keys::load_or_create(&config.server.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&db, SqliteOptions::default())
             .with_context(|| format!("cannot open the store {}", db.display()))?,
@@ -235,11 +246,15 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     let addr = listener.local_addr()?;
     let (shutdown, mut rx) = tokio::sync::watch::channel(false);
-    let router = http::router(app.clone());
+    let router = http::router(app.clone()).into_make_service_with_connect_info::<ApiConn>();
     let listener = LimitedListener::new(
         listener,
-        app.config.server.max_connections,
-        app.config.api_idle_timeout(),
+        breakglass_core::slots::Slots::new(app.config.api_slot_limits()),
+        Deadlines {
+            idle: app.config.api_idle_timeout(),
+            unauthenticated: app.config.api_unauthenticated_timeout(),
+        },
+        api_tls,
         app.metrics.clone(),
     );
     let server = tokio::spawn(async move {

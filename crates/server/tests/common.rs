@@ -54,6 +54,9 @@ pub const PRINCIPALS: [(&str, &[&str]); 7] = [
     ("lead", &["oncall", "sre-leads"]),
 ];
 
+/// A service principal (`kind = "service"`): it verifies credentials.
+pub const SERVICE: &str = "gatekeeper";
+
 pub fn token(name: &str) -> String {
     format!("token-{name}")
 }
@@ -70,6 +73,10 @@ pub fn config_text(listen: SocketAddr, extra_server: &str) -> String {
             sha256_hex(token(name).as_bytes())
         ));
     }
+    s.push_str(&format!(
+        "[[principals]]\nname = \"{SERVICE}\"\nkind = \"service\"\ntoken_sha256 = \"{}\"\n\n",
+        sha256_hex(token(SERVICE).as_bytes())
+    ));
     s.push_str("[[targets]]\nname = \"prod-db\"\nkind = \"postgres\"\ngroups = [\"production\"]\nupstream = \"postgres://127.0.0.1:1/app\"\n[targets.roles.read]\nuser = \"r\"\n[targets.roles.admin]\nuser = \"a\"\n\n");
     s.push_str("[[targets]]\nname = \"drill-db\"\nkind = \"generic\"\ngroups = [\"drills\"]\n[targets.roles.read]\n\n");
     s

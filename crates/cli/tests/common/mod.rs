@@ -69,6 +69,9 @@ pub const PRINCIPALS: [(&str, &[&str]); 7] = [
     ("lead", &["oncall", "sre-leads"]),
 ];
 
+/// A service principal (`kind = "service"`): it verifies credentials.
+pub const SERVICE: &str = "gatekeeper";
+
 /// The API token of a configured principal. Only its SHA-256 is in the
 /// config.
 pub fn token(name: &str) -> String {
@@ -144,6 +147,10 @@ impl Setup {
                 sha256_hex(token(name).as_bytes())
             ));
         }
+        s.push_str(&format!(
+            "[[principals]]\nname = \"{SERVICE}\"\nkind = \"service\"\ntoken_sha256 = \"{}\"\n\n",
+            sha256_hex(token(SERVICE).as_bytes())
+        ));
         s.push_str(
             "[[targets]]\nname = \"prod-db\"\nkind = \"postgres\"\ngroups = [\"production\"]\n\
              upstream = \"postgres://127.0.0.1:1/app\"\n\

@@ -112,6 +112,7 @@ pub fn audit_log(data_dir: &Path, events: u64) -> anyhow::Result<AuditSeed> {
     const CHECKPOINT_EVERY: u64 = 50_000;
     let t0 = Instant::now();
     let key = keys::load_or_create(data_dir)?;
+    let witnesses = witnesses(data_dir)?;
     let db = data_dir.join("breakglass.db");
     let store = SqliteStore::open(&db, SqliteOptions::default())?;
     let mut checkpoints = 0;
@@ -150,7 +151,7 @@ pub fn audit_log(data_dir: &Path, events: u64) -> anyhow::Result<AuditSeed> {
                 while let Some(r) = set.join_next().await {
                     r??;
                 }
-                last_cp = checkpoint::checkpoint_once(&store, &key, None, last_cp).await?;
+                last_cp = checkpoint::checkpoint_once(&store, &key, &witnesses, last_cp).await?;
                 checkpoints += 1;
                 next_cp += CHECKPOINT_EVERY;
             }
@@ -159,7 +160,7 @@ pub fn audit_log(data_dir: &Path, events: u64) -> anyhow::Result<AuditSeed> {
             r??;
         }
         if store.head().0 != last_cp {
-            checkpoint::checkpoint_once(&store, &key, None, last_cp).await?;
+            checkpoint::checkpoint_once(&store, &key, &witnesses, last_cp).await?;
             checkpoints += 1;
         }
         anyhow::Ok(())
@@ -176,6 +177,14 @@ pub fn audit_log(data_dir: &Path, events: u64) -> anyhow::Result<AuditSeed> {
 }
 
 /// Total size of the files directly in `dir`.
+/// The default checkpoint witness of `data_dir`, as the server keeps it.
+fn witnesses(data_dir: &Path) -> anyhow::Result<Vec<Box<dyn checkpoint::Witness>>> {
+    let file = breakglass_server::config::default_witness_file(data_dir)
+        .context("no default checkpoint witness beside the data dir")?;
+    checkpoint::prepare_witness_dir(&file)?;
+    Ok(vec![Box::new(checkpoint::FileWitness { path: file })])
+}
+
 pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -212,6 +221,7 @@ pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
     const IN_FLIGHT: usize = 1024;
     let t0 = Instant::now();
     let key = keys::load_or_create(data_dir)?;
+    let witnesses = witnesses(data_dir)?;
     let store = SqliteStore::open(&data_dir.join("breakglass.db"), SqliteOptions::default())?;
     let engine = PolicyEngine::load(POLICY, "policy.cedar").context("bench policy")?;
     let oncall = vec!["oncall".to_string()];
@@ -313,7 +323,7 @@ pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
         while let Some(r) = set.join_next().await {
             r??;
         }
-        checkpoint::checkpoint_once(&store, &key, None, 0).await?;
+        checkpoint::checkpoint_once(&store, &key, &witnesses, 0).await?;
         anyhow::Ok(())
     })?;
     let events = store.head().0;

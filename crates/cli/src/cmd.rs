@@ -478,8 +478,15 @@ pub fn whoami(ctx: &Ctx) -> anyhow::Result<Exit> {
 }
 
 /// Offline: reads the store named by the config.
-pub fn audit_verify(ctx: &Ctx, config: &Path) -> anyhow::Result<Exit> {
-    let report = offline::audit_verify(config)?;
+pub fn audit_verify(ctx: &Ctx, config: &Path, keys: &[String]) -> anyhow::Result<Exit> {
+    let trusted = keys
+        .iter()
+        .map(|k| breakglass_server::keys::trusted_key_arg(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = offline::audit_verify(config, &trusted)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     if ctx.json() {
         print_json(&report)?;
     } else {

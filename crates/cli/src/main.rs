@@ -288,6 +288,11 @@ enum AuditCommand {
     Verify {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// A trusted public key, kept outside the data dir: 64 hex digits
+        /// as a node's `audit-signing.pub` holds them, or a copy of that
+        /// file. Repeat for several nodes. Default: `audit.verify_keys`.
+        #[arg(long, value_name = "PUBKEY")]
+        key: Vec<String>,
     },
     /// Print audit events as JSON lines, from the server.
     Export {
@@ -407,7 +412,9 @@ fn main() -> ExitCode {
         Command::Connect(a) => cmd::connect(&ctx, &a.id, &a.client, &a.args),
         Command::Sessions(a) => cmd::sessions(&ctx, &a.id),
         Command::Recording(a) => cmd::recording(&ctx, &a.id),
-        Command::Audit(AuditCommand::Verify { config }) => cmd::audit_verify(&ctx, &config),
+        Command::Audit(AuditCommand::Verify { config, key }) => {
+            cmd::audit_verify(&ctx, &config, &key)
+        }
         Command::Audit(AuditCommand::Export { after }) => cmd::audit_export(&ctx, after),
         Command::Policy(PolicyCommand::Check(a)) => {
             let sample = match (a.principal, a.target, a.role, a.duration) {

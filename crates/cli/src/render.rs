@@ -853,6 +853,7 @@ mod tests {
             head_hash: "ab".to_string(),
             first_bad_seq: Some(42),
             reason: Some("hash mismatch".to_string()),
+            warnings: Vec::new(),
         };
         assert_eq!(
             verify_report(&broken),

@@ -15,8 +15,14 @@
 //! The kill moments and the client's choices come from a seed printed at the
 //! start (set `BREAKGLASS_CRASH_SEED` to replay them; thread interleavings
 //! are up to the OS).
+//!
+//! Live gateway sessions are anchored in the audit chain while they run
+//! (`session.progress`): after a `kill -9`, a recording rewritten, shortened
+//! or deleted on disk is refused at restart and `audit verify` names the
+//! session.
 
 mod common;
+mod gateway_support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -539,4 +545,228 @@ fn kill_9_under_load_loses_nothing() {
         overdue_total > 0,
         "seed {seed}: no restart had an overdue grant to end; the test did not exercise recovery"
     );
+}
+
+/// The chain hash of a recording entry (the documented rule, written again
+/// here): SHA-256 of the previous hash and the entry's canonical JSON
+/// without its `hash` member.
+fn rechain(lines: &[Value]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut prev = [0u8; 32];
+    let mut out = String::new();
+    for v in lines {
+        let mut v = v.clone();
+        v.as_object_mut().expect("entry").remove("hash");
+        let mut h = Sha256::new();
+        h.update(prev);
+        h.update(breakglass_core::audit::canonical_json(&v).as_bytes());
+        prev = h.finalize().into();
+        v["hash"] = Value::String(hex::encode(prev));
+        out.push_str(&serde_json::to_string(&v).expect("json"));
+        out.push('\n');
+    }
+    out
+}
+
+/// The live sessions of grant `g`, once each has a `session.progress`
+/// anchoring at least `entries` recording entries.
+fn anchored_sessions(
+    bg: &gateway_support::Bg,
+    request_id: &str,
+    n: usize,
+    entries: u64,
+) -> Vec<(String, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let audit = bg.audit();
+        let started: Vec<String> = audit
+            .iter()
+            .filter(|e| e["action"] == "session.started" && e["request_id"] == request_id)
+            .filter_map(|e| e["details"]["session_id"].as_str().map(str::to_string))
+            .collect();
+        let anchored: Vec<(String, u64)> = started
+            .iter()
+            .filter_map(|sid| {
+                audit
+                    .iter()
+                    .filter(|e| {
+                        e["action"] == "session.progress"
+                            && e["details"]["session_id"] == sid.as_str()
+                    })
+                    .filter_map(|e| e["details"]["recording_entries"].as_u64())
+                    .max()
+                    .filter(|&a| a >= entries)
+                    .map(|a| (sid.clone(), a))
+            })
+            .collect();
+        if started.len() == n && anchored.len() == n {
+            return anchored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} sessions anchored at {entries} entries expected: {anchored:?} of {started:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Offline `audit verify` of a gateway setup: its exit code and stderr.
+fn verify_gateway(bg: &gateway_support::Bg) -> (i32, String) {
+    let out = bg.cli(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--config",
+            &bg.config_path().display().to_string(),
+        ],
+    );
+    (out.code, out.stderr)
+}
+
+/// Starts a server on `bg`'s config and data after a `kill -9`, without
+/// requiring it to be ready (a broken chain makes `/readyz` answer 503).
+fn restart_any(bg: &gateway_support::Bg) -> Server {
+    let config = bg.config_path().display().to_string();
+    let mut s = Server::spawn_args(&["serve", "--config", &config], bg.dir.path(), &bg.url());
+    s.wait_answer();
+    s
+}
+
+/// Opens `n` sessions of one grant, runs statements in each, and waits
+/// until each is anchored past its statements; then `kill -9`.
+fn live_sessions_then_kill9(
+    n: usize,
+) -> (
+    Arc<gateway_support::Upstream>,
+    gateway_support::Bg,
+    Vec<(String, u64)>,
+) {
+    use gateway_support::{Bg, GwOptions, pg_config, pg_connect, runtime, upstream};
+    let up = upstream();
+    let mut bg = Bg::start(&up, GwOptions::default());
+    let g = bg.grant("alice", "pg", "rw", "10m");
+    let rt = runtime();
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let (c, _msgs) = rt
+            .block_on(pg_connect(&pg_config(bg.gw_port, "alice", "pg", &g.token)))
+            .expect("connect");
+        for k in 0..3 {
+            rt.block_on(c.simple_query(&format!("select {i}, {k}, 'anchor me'")))
+                .expect("query");
+        }
+        clients.push(c);
+    }
+    // The header, three statements and (most of) their outcomes.
+    let anchored = anchored_sessions(&bg, &g.id, n, 6);
+    bg.kill9();
+    drop(clients);
+    (up, bg, anchored)
+}
+
+#[test]
+fn a_recording_rewritten_or_shortened_after_kill_9_is_refused() {
+    let (_up, bg, anchored) = live_sessions_then_kill9(2);
+    let (rewritten, _) = &anchored[0];
+    let (shortened, at) = &anchored[1];
+    // Before any restart, offline verification reports both sessions as
+    // started without an end.
+    let (code, err) = verify_gateway(&bg);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has no session.ended"), "{err}");
+    assert!(
+        err.contains(rewritten.as_str()) || err.contains(shortened.as_str()),
+        "{err}"
+    );
+
+    // Rewrite one recording's statement and its whole chain, so that the
+    // recording verifies on its own.
+    let dir = bg.recordings_dir();
+    let mut lines = bg.recording(rewritten);
+    let q = lines
+        .iter_mut()
+        .find(|e| e["kind"] == "query")
+        .expect("a query entry");
+    q["text"] = json!("select 'harmless'");
+    std::fs::write(dir.join(format!("{rewritten}.jsonl")), rechain(&lines)).expect("rewrite");
+    // Cut the other one below what was anchored (a valid, shorter chain).
+    let lines = bg.recording(shortened);
+    let keep = (*at as usize - 1).min(lines.len());
+    std::fs::write(
+        dir.join(format!("{shortened}.jsonl")),
+        rechain(&lines[..keep]),
+    )
+    .expect("shorten");
+
+    let mut server = restart_any(&bg);
+    // Recovery refused both, with a reason of its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let audit = bg.audit();
+        let ended: Vec<Value> = audit
+            .iter()
+            .filter(|e| e["action"] == "session.ended")
+            .cloned()
+            .collect();
+        if ended.len() >= 2 || Instant::now() > deadline {
+            break ended;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for sid in [rewritten, shortened] {
+        let e = ended
+            .iter()
+            .find(|e| e["details"]["session_id"] == sid.as_str())
+            .unwrap_or_else(|| panic!("no session.ended for {sid}: {ended:#?}"));
+        assert_eq!(e["details"]["end_reason"], "recording_mismatch", "{e}");
+    }
+    // The rewritten recording was left as it was found.
+    assert!(
+        !bg.recording(rewritten).iter().any(|e| e["kind"] == "end"),
+        "the refused recording was appended to"
+    );
+    // Online verification names the first of them.
+    let (st, v) = bg.get("carol", "/v1/audit/verify");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    let reason = v["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains(rewritten.as_str()) && reason.contains("refused at recovery"),
+        "{v}"
+    );
+    assert!(server.terminate(Duration::from_secs(10)).is_some());
+    let (code, err) = verify_gateway(&bg);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(rewritten.as_str()), "{err}");
+}
+
+#[test]
+fn a_recording_deleted_with_its_marker_after_kill_9_is_reported() {
+    let (_up, bg, anchored) = live_sessions_then_kill9(1);
+    let (sid, _) = &anchored[0];
+    let dir = bg.recordings_dir();
+    std::fs::remove_file(dir.join(format!("{sid}.jsonl"))).expect("delete recording");
+    std::fs::remove_file(dir.join(format!("{sid}.open"))).expect("delete marker");
+    let (code, err) = verify_gateway(&bg);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(sid.as_str()) && err.contains("has no session.ended"),
+        "{err}"
+    );
+    // A restart finds nothing to close; the session stays reported.
+    let mut server = restart_any(&bg);
+    let (st, v) = bg.get("carol", "/v1/audit/verify");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(sid.as_str())),
+        "{v}"
+    );
+    assert!(server.terminate(Duration::from_secs(10)).is_some());
+    let (code, err) = verify_gateway(&bg);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(sid.as_str()), "{err}");
 }

@@ -408,21 +408,16 @@ fn every_single_tamper_is_detected_offline_at_its_seq() {
         None,
         "an unsigned tail cannot be told from a real one"
     );
-    // 2. Truncating the tail AND deleting the checkpoints that cover it
-    //    verifies too. FIXME: DESIGN §5 keeps a copy of every checkpoint
-    //    outside the database (`audit.checkpoint_file`) so that this is
-    //    detected, but `audit verify` does not read that file yet.
+    // 2. Truncating the tail AND deleting the checkpoints that cover it is
+    //    caught by the default witness outside the data dir, which still
+    //    holds the checkpoint of the head.
     let copy = tampered(&base.setup, move |c| {
         c.execute("DELETE FROM audit WHERE seq > ?1", params![head - 5])
             .expect("truncate");
         c.execute("DELETE FROM checkpoints WHERE seq > ?1", params![head - 5])
             .expect("drop checkpoints");
     });
-    assert_eq!(
-        verify(&copy),
-        None,
-        "FIXME: checkpoint_file is not consulted"
-    );
+    assert_eq!(verify(&copy), Some(head as u64 - 4));
 }
 
 /// Starts a server on `setup` and returns `/readyz`'s answer.
@@ -703,7 +698,204 @@ fn the_external_checkpoint_file_catches_a_truncation_the_store_hides() {
         .expect("truncate checkpoints");
     drop(conn);
     assert_eq!(verify(&setup), Some(keep as u64 + 1));
-    // Without the file the truncation would go unnoticed.
+    // A configured witness that is gone is a failure, not "no checkpoints".
     std::fs::remove_file(setup.path().join("checkpoints.jsonl")).expect("remove file");
-    assert_eq!(verify(&setup), None);
+    let out = verify_out(&setup, &[]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("holds no checkpoint"), "{out:#?}");
+}
+
+/// The default witness file (`<data_dir>.witness/checkpoints.jsonl`).
+fn witness_file(setup: &Setup) -> std::path::PathBuf {
+    setup.path().join("data.witness").join("checkpoints.jsonl")
+}
+
+/// Runs `audit verify` with extra arguments.
+fn verify_out(setup: &Setup, extra: &[&str]) -> common::CliOutput {
+    let config = setup.config_path().display().to_string();
+    let mut args = vec!["audit", "verify", "--config", &config];
+    args.extend_from_slice(extra);
+    setup.cli(None, &args)
+}
+
+#[test]
+fn the_default_witness_catches_truncation_and_its_own_loss() {
+    // Default config: no checkpoint_file, no verify_keys.
+    let base = base();
+    let head = base.head as i64;
+    let w = witness_file(&base.setup);
+    let text = std::fs::read_to_string(&w).expect("the default witness exists");
+    assert!(text.lines().count() >= 2, "{text}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(w.parent().expect("dir"))
+            .expect("witness dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "witness dir mode {mode:o}");
+    }
+    // Without a trusted key given, verify passes but says what it cannot
+    // rule out.
+    let out = verify_out(&base.setup, &[]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("no trusted key given"), "{out:#?}");
+
+    // The last events and every checkpoint that covers them, deleted.
+    let keep = head - 3;
+    let truncated = tampered(&base.setup, move |c| {
+        c.execute("DELETE FROM audit WHERE seq > ?1", params![keep])
+            .expect("truncate");
+        c.execute("DELETE FROM checkpoints WHERE seq > ?1", params![keep])
+            .expect("drop checkpoints");
+    });
+    assert_eq!(verify(&truncated), Some(keep as u64 + 1));
+
+    // The witness deleted, emptied, or replaced by an older copy.
+    let store_last = *base.checkpoints.last().expect("checkpoints");
+    let deleted = base.setup.copy();
+    std::fs::remove_file(witness_file(&deleted)).expect("delete witness");
+    assert_eq!(verify(&deleted), Some(store_last));
+    let emptied = base.setup.copy();
+    std::fs::write(witness_file(&emptied), "").expect("empty witness");
+    assert_eq!(verify(&emptied), Some(store_last));
+    let older = base.setup.copy();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(
+        witness_file(&older),
+        format!("{}\n", lines[..lines.len() - 1].join("\n")),
+    )
+    .expect("older witness");
+    let out = verify_out(&older, &[]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("older than the store"), "{out:#?}");
+    // Truncation plus the loss of the witness: still a failure.
+    let both = tampered(&base.setup, move |c| {
+        c.execute("DELETE FROM audit WHERE seq > ?1", params![keep])
+            .expect("truncate");
+        c.execute("DELETE FROM checkpoints WHERE seq > ?1", params![keep])
+            .expect("drop checkpoints");
+    });
+    std::fs::remove_file(witness_file(&both)).expect("delete witness");
+    assert!(verify(&both).is_some());
+    // A server started on a store whose witness is gone refuses writes.
+    let (_server, status, body) = start_on(&deleted);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("holds no checkpoint")),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_chain_re_signed_with_a_planted_key_fails_against_the_trusted_key() {
+    use breakglass_core::Timestamp;
+    use breakglass_core::audit::Checkpoint;
+    let base = base();
+    let original_pub = std::fs::read_to_string(base.setup.data_dir().join("audit-signing.pub"))
+        .expect("public key");
+    let original_pub = original_pub.trim().to_string();
+    // The trusted key kept outside the data dir, as a file.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let pub_file = outside.path().join("node.pub");
+    std::fs::write(&pub_file, format!("{original_pub}\n")).expect("write pub");
+
+    // Rewrite seq 13 and every hash after it, drop the checkpoints, and
+    // re-sign the head with a new key planted in the data dir and in the
+    // witness: everything an attacker with disk access can reach.
+    let planted = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let forged = tampered(&base.setup, |c| {
+        c.execute("UPDATE audit SET actor = 'carol' WHERE seq = 13", [])
+            .expect("update");
+        let all = rows(c);
+        let mut prev = all[11].hash.clone();
+        for r in &all[12..] {
+            let h = chain_hash(&prev, r);
+            c.execute(
+                "UPDATE audit SET hash = ?1 WHERE seq = ?2",
+                params![h, r.seq],
+            )
+            .expect("rehash");
+            prev = h;
+        }
+        c.execute("DELETE FROM checkpoints", []).expect("drop");
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&prev);
+        let cp = Checkpoint::sign(&planted, all.len() as u64, hash, Timestamp::now());
+        c.execute(
+            "INSERT INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                cp.seq as i64,
+                cp.time.millis(),
+                cp.hash.to_vec(),
+                cp.signature.to_vec()
+            ],
+        )
+        .expect("insert checkpoint");
+    });
+    let cp = {
+        let conn = Connection::open(forged.db_path()).expect("open");
+        let (seq, hash): (i64, Vec<u8>) = conn
+            .query_row("SELECT seq, hash FROM checkpoints", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("checkpoint");
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&hash);
+        Checkpoint::sign(&planted, seq as u64, h, Timestamp::now())
+    };
+    std::fs::write(
+        witness_file(&forged),
+        format!("{}\n", serde_json::to_string(&cp).expect("json")),
+    )
+    .expect("forge witness");
+    let data = forged.data_dir();
+    std::fs::write(
+        data.join("audit-signing.key"),
+        hex::encode(planted.to_bytes()),
+    )
+    .expect("plant key");
+    std::fs::write(
+        data.join("audit-signing.pub"),
+        format!("{}\n", hex::encode(planted.verifying_key().to_bytes())),
+    )
+    .expect("plant pub");
+
+    // With the key in the data dir the forgery passes (and says so)...
+    let out = verify_out(&forged, &[]);
+    assert_eq!(out.code, 0, "the forgery is complete: {out:#?}");
+    assert!(out.stderr.contains("no trusted key given"), "{out:#?}");
+    // ...and the key given from outside catches it, as text or as a file.
+    for key in [original_pub.clone(), pub_file.display().to_string()] {
+        let out = verify_out(&forged, &["--key", &key]);
+        assert_eq!(out.code, 1, "{out:#?}");
+        assert!(
+            out.stderr.contains("does not verify with a trusted key"),
+            "{out:#?}"
+        );
+    }
+    // The untouched store verifies with the trusted key.
+    verify_out(&base.setup, &["--key", &original_pub]).expect_code(0);
+    // audit.verify_keys does the same from the config, and a server on the
+    // forged data dir refuses to start.
+    let mut cfg = forged;
+    cfg.audit = format!("checkpoint_interval = \"1s\"\nverify_keys = [\"{original_pub}\"]\n");
+    cfg.write_config();
+    let out = verify_out(&cfg, &[]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(!out.stderr.contains("no trusted key given"), "{out:#?}");
+    let mut server = Server::spawn(&cfg);
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("a server on a planted key started:\n{}", server.stderr()));
+    assert!(!status.success());
+    assert!(
+        server
+            .stderr()
+            .contains("audit.verify_keys does not list this node's key"),
+        "{}",
+        server.stderr()
+    );
 }

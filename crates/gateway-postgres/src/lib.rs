@@ -30,7 +30,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::recording::Recorder;
+pub use crate::recording::SessionProgress;
 pub use crate::upstream::{UpstreamTarget, UpstreamTls};
+
+/// While a session's recording grows, its durable point is anchored in the
+/// audit chain (`session.progress`) at most this long after it became
+/// durable; an idle session costs nothing. All sessions that moved share
+/// one append.
+pub const ANCHOR_INTERVAL_MS: u64 = 2000;
 
 /// A byte stream to a client or the upstream, plain or TLS.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -247,6 +254,9 @@ pub trait Authority: Send + Sync + 'static {
     async fn session_started(&self, info: &SessionInfo) -> Result<(), String>;
     /// Records the end of a session.
     async fn session_ended(&self, info: &SessionInfo, end: &SessionEnd);
+    /// Anchors the durable points of live recordings in the audit chain,
+    /// all in one commit.
+    async fn sessions_progress(&self, progress: &[SessionProgress]) -> Result<(), String>;
 }
 
 struct SessionHandle {
@@ -310,8 +320,11 @@ impl Gateway {
         })
     }
 
-    /// Accepts connections until the listener fails.
+    /// Accepts connections until the listener fails; anchors the live
+    /// recordings meanwhile.
     pub async fn serve(self, listener: TcpListener) {
+        let anchors = tokio::spawn(anchor_loop(Arc::downgrade(&self.shared)));
+        let _stop_anchors = AbortOnDrop(anchors);
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
@@ -352,6 +365,21 @@ impl Gateway {
         lock(&self.shared.sessions).values().map(Vec::len).sum()
     }
 
+    /// Ids of the live sessions.
+    pub fn live_session_ids(&self) -> Vec<String> {
+        lock(&self.shared.sessions)
+            .values()
+            .flatten()
+            .map(|h| h.session_id.clone())
+            .collect()
+    }
+
+    /// Anchors every live recording that moved, now (the loop in `serve`
+    /// does it every [`ANCHOR_INTERVAL_MS`]).
+    pub async fn anchor_now(&self) {
+        anchor_once(&self.shared).await;
+    }
+
     /// Request ids of grants with live sessions.
     pub fn live_grants(&self) -> Vec<String> {
         lock(&self.shared.sessions).keys().cloned().collect()
@@ -359,6 +387,41 @@ impl Gateway {
 
     pub fn recordings_dir(&self) -> PathBuf {
         self.shared.recorder.dir().to_path_buf()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn anchor_once(shared: &Shared) {
+    let moved = shared.recorder.moved();
+    if moved.is_empty() {
+        return;
+    }
+    match shared.authority.sessions_progress(&moved).await {
+        Ok(()) => shared.recorder.anchored(&moved),
+        Err(e) => {
+            tracing::error!(sessions = moved.len(), error = %e, "cannot anchor live session recordings in the audit chain")
+        }
+    }
+}
+
+/// Every [`ANCHOR_INTERVAL_MS`], anchors the recordings that moved; not on
+/// the relay's path.
+async fn anchor_loop(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(ANCHOR_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        anchor_once(&shared).await;
     }
 }
 

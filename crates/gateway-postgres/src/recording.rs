@@ -11,12 +11,18 @@
 //! lose a statement that reached the database. A flusher thread makes
 //! written entries durable (`fdatasync`) within `FLUSH_INTERVAL_MS`; strict
 //! mode syncs before forwarding instead.
+//!
+//! Anchoring: after each sync the flusher publishes the recording's durable
+//! point (entry count and hash); the gateway anchors the points that moved
+//! into the main audit chain (`session.progress`), so a recording cannot be
+//! shortened or rewritten after a crash without recovery and verification
+//! noticing.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -47,11 +53,48 @@ pub enum RecordingError {
         seq: u64,
         reason: String,
     },
+    /// The recording does not hold what the audit chain anchored.
+    #[error("recording {path} differs from what the audit chain anchored: {reason}")]
+    Unanchored { path: String, reason: String },
 }
 
 struct Dirty {
     file: Weak<File>,
     dirty: Arc<AtomicBool>,
+    progress: Weak<Progress>,
+}
+
+/// A point of a recording's chain: entries `1..=entries` hash to `hash`.
+pub type Point = (u64, [u8; 32]);
+
+/// Where a live recording stands: what was written, what is durable, what
+/// the audit chain anchors.
+#[derive(Default)]
+struct Progress {
+    /// Set after each `write` (entries already handed to the kernel).
+    written: Mutex<Point>,
+    /// Set by the flusher after a sync (or by a strict write).
+    durable: Mutex<Point>,
+    /// Entry count of the newest `session.progress` committed.
+    anchored: AtomicU64,
+    /// The recording was closed; its end goes into `session.ended`.
+    closed: AtomicBool,
+}
+
+/// A live session whose durable recording moved past its last anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionProgress {
+    pub session_id: String,
+    pub request_id: String,
+    pub principal: String,
+    pub entries: u64,
+    pub hash: [u8; 32],
+}
+
+struct Live {
+    request_id: String,
+    principal: String,
+    progress: Weak<Progress>,
 }
 
 /// Opens recordings in one directory and keeps them flushed.
@@ -59,6 +102,7 @@ pub struct Recorder {
     dir: PathBuf,
     strict: bool,
     dirty: Arc<Mutex<Vec<Dirty>>>,
+    live: Mutex<std::collections::HashMap<String, Live>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -78,7 +122,43 @@ impl Recorder {
             dir: dir.to_path_buf(),
             strict,
             dirty,
+            live: Mutex::default(),
         })
+    }
+
+    /// The live recordings whose durable point moved past their anchor
+    /// (the header alone is never anchored: `session.started` covers it).
+    pub fn moved(&self) -> Vec<SessionProgress> {
+        let mut live = lock(&self.live);
+        live.retain(|_, l| l.progress.strong_count() > 0);
+        live.iter()
+            .filter_map(|(id, l)| {
+                let p = l.progress.upgrade()?;
+                if p.closed.load(Ordering::Acquire) {
+                    return None;
+                }
+                let (entries, hash) = *lock(&p.durable);
+                (entries >= 2 && entries > p.anchored.load(Ordering::Acquire)).then(|| {
+                    SessionProgress {
+                        session_id: id.clone(),
+                        request_id: l.request_id.clone(),
+                        principal: l.principal.clone(),
+                        entries,
+                        hash,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Notes that `done` is committed to the audit chain.
+    pub fn anchored(&self, done: &[SessionProgress]) {
+        let live = lock(&self.live);
+        for d in done {
+            if let Some(p) = live.get(&d.session_id).and_then(|l| l.progress.upgrade()) {
+                p.anchored.fetch_max(d.entries, Ordering::AcqRel);
+            }
+        }
     }
 
     pub fn path_of(dir: &Path, session_id: &str) -> PathBuf {
@@ -98,28 +178,59 @@ impl Recorder {
     /// Closes the recordings of sessions that were live when the process
     /// died (their `.open` marker is still there): drops a torn last line,
     /// appends an `end` entry with `reason`, and returns each session's id
-    /// and summary.
+    /// and summary. Without anchors: see [`Recorder::close_interrupted`].
     pub fn recover_interrupted(
         dir: &Path,
         reason: &str,
         now: Timestamp,
     ) -> Vec<(String, Result<RecordingSummary, RecordingError>)> {
+        Self::interrupted(dir)
+            .into_iter()
+            .map(|id| {
+                let result = Self::close_interrupted(dir, &id, reason, now, None);
+                if result.is_ok() {
+                    let _ = Self::forget_marker(dir, &id);
+                }
+                (id, result)
+            })
+            .collect()
+    }
+
+    /// Ids of the sessions whose `.open` marker is still there (live when
+    /// the process died, or being recorded now).
+    pub fn interrupted(dir: &Path) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(id) = name.strip_suffix(".open") else {
-                continue;
-            };
-            let result = close_interrupted(dir, id, reason, now);
-            if result.is_ok() {
-                let _ = std::fs::remove_file(e.path());
-            }
-            out.push((id.to_string(), result));
-        }
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_suffix(".open").map(str::to_string)
+            })
+            .collect();
+        out.sort();
         out
+    }
+
+    /// Closes one interrupted recording (see [`Recorder::recover_interrupted`])
+    /// after checking it against `anchor`, the newest point the audit chain
+    /// anchored: a recording shorter than it, or whose chain does not pass
+    /// through it, is refused with [`RecordingError::Unanchored`] and left
+    /// as it is. The marker stays; [`Recorder::forget_marker`] removes it.
+    pub fn close_interrupted(
+        dir: &Path,
+        id: &str,
+        reason: &str,
+        now: Timestamp,
+        anchor: Option<Point>,
+    ) -> Result<RecordingSummary, RecordingError> {
+        close_interrupted(dir, id, reason, now, anchor)
+    }
+
+    /// Removes a session's `.open` marker.
+    pub fn forget_marker(dir: &Path, id: &str) -> std::io::Result<()> {
+        std::fs::remove_file(Self::marker_of(dir, id))
     }
 
     pub fn dir(&self) -> &Path {
@@ -160,15 +271,26 @@ impl Recorder {
             }
         };
         let dirty = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
         if !self.strict {
             lock(&self.dirty).push(Dirty {
                 file: Arc::downgrade(&file),
                 dirty: dirty.clone(),
+                progress: Arc::downgrade(&progress),
             });
         }
+        lock(&self.live).insert(
+            session_id.to_string(),
+            Live {
+                request_id: header["request_id"].as_str().unwrap_or("").to_string(),
+                principal: header["principal"].as_str().unwrap_or("").to_string(),
+                progress: Arc::downgrade(&progress),
+            },
+        );
         let mut rec = Recording {
             file,
             dirty,
+            progress: Some(progress),
             strict: self.strict,
             seq: 0,
             prev: [0; 32],
@@ -200,18 +322,29 @@ fn flush_loop(list: Weak<Mutex<Vec<Dirty>>>) {
         std::thread::sleep(interval);
         let started = std::time::Instant::now();
         let Some(list) = list.upgrade() else { return };
-        let files: Vec<Arc<File>> = {
+        let files: Vec<(Arc<File>, Weak<Progress>)> = {
             let mut l = lock(&list);
             l.retain(|d| d.file.strong_count() > 0);
             l.iter()
                 .filter(|d| d.dirty.swap(false, Ordering::AcqRel))
-                .filter_map(|d| d.file.upgrade())
+                .filter_map(|d| Some((d.file.upgrade()?, d.progress.clone())))
                 .collect()
         };
         let synced = files.len();
-        for f in files {
-            if let Err(e) = f.sync_data() {
-                tracing::error!(error = %e, "cannot sync a session recording");
+        for (f, progress) in files {
+            // What was written before the sync is durable after it.
+            let progress = progress.upgrade();
+            let point = progress.as_ref().map(|p| *lock(&p.written));
+            match f.sync_data() {
+                Ok(()) => {
+                    if let (Some(p), Some(point)) = (progress, point) {
+                        let mut d = lock(&p.durable);
+                        if point.0 > d.0 {
+                            *d = point;
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sync a session recording"),
             }
         }
         let took = started.elapsed();
@@ -230,6 +363,8 @@ fn flush_loop(list: Weak<Mutex<Vec<Dirty>>>) {
 pub struct Recording {
     file: Arc<File>,
     dirty: Arc<AtomicBool>,
+    /// Published points (live recordings only).
+    progress: Option<Arc<Progress>>,
     strict: bool,
     seq: u64,
     prev: [u8; 32],
@@ -247,6 +382,7 @@ fn close_interrupted(
     id: &str,
     reason: &str,
     now: Timestamp,
+    anchor: Option<Point>,
 ) -> Result<RecordingSummary, RecordingError> {
     let path = Recorder::path_of(dir, id);
     let label = path.display().to_string();
@@ -254,7 +390,10 @@ fn close_interrupted(
         path: label.clone(),
         source,
     };
-    let s = read_recording(&path, |_| {})?;
+    let s = match anchor {
+        Some(point) => read_through(&path, point)?,
+        None => read_recording(&path, |_| {})?,
+    };
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -270,6 +409,7 @@ fn close_interrupted(
     let mut rec = Recording {
         file: Arc::new(file),
         dirty: Arc::new(AtomicBool::new(false)),
+        progress: None,
         strict: true,
         seq: s.entries,
         prev: s.final_hash,
@@ -358,9 +498,16 @@ impl Recording {
         }
         (&*self.file).write_all(&self.pending)?;
         self.pending.clear();
+        let point = (self.seq, self.prev);
         if self.strict {
             self.file.sync_data()?;
+            if let Some(p) = &self.progress {
+                *lock(&p.durable) = point;
+            }
         } else {
+            if let Some(p) = &self.progress {
+                *lock(&p.written) = point;
+            }
             self.dirty.store(true, Ordering::Release);
         }
         Ok(())
@@ -411,6 +558,9 @@ impl Recording {
     /// Makes everything written so far durable and marks the recording
     /// complete.
     pub fn close(&mut self) -> std::io::Result<()> {
+        if let Some(p) = &self.progress {
+            p.closed.store(true, Ordering::Release);
+        }
         self.flush()?;
         self.file.sync_data()?;
         if let Some(m) = self.marker.take() {
@@ -442,6 +592,34 @@ pub struct Resume {
     pub seq: u64,
     /// Hash of the entry before this point.
     pub prev: [u8; 32],
+}
+
+/// Reads a recording, checking every link, and that its chain passes
+/// through `point` (entry `point.0` has hash `point.1`): the recording holds
+/// at least what was anchored, unchanged.
+pub fn read_through(path: &Path, point: Point) -> Result<RecordingSummary, RecordingError> {
+    let mut at = None;
+    let s = read_recording_from(path, None, |_, here| {
+        if here.seq == point.0 {
+            at = Some(here.prev);
+        }
+        ControlFlow::Continue(())
+    })?;
+    let unanchored = |reason: String| RecordingError::Unanchored {
+        path: path.display().to_string(),
+        reason,
+    };
+    match at {
+        None if point.0 > 0 => Err(unanchored(format!(
+            "it holds {} entries, the audit chain anchored {}",
+            s.entries, point.0
+        ))),
+        Some(h) if h != point.1 => Err(unanchored(format!(
+            "entry {} does not have the anchored hash",
+            point.0
+        ))),
+        _ => Ok(s),
+    }
 }
 
 /// Reads a recording, checking every link; `visit` sees each entry.
@@ -656,6 +834,73 @@ mod tests {
         let err = read_recording_from(&path, Some(forged), |_, _| ControlFlow::Continue(()))
             .expect_err("forged resume point");
         assert!(err.to_string().contains("entry 6"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn durable_points_are_published_and_recovery_holds_recordings_to_them() {
+        let dir = std::env::temp_dir().join(format!("bg-rec-anchor-{}", std::process::id()));
+        let rec = Recorder::new(&dir, false).expect("recorder");
+        let mut r = rec
+            .open(
+                "s3",
+                json!({"request_id": "r3", "principal": "alice"}),
+                Timestamp(1),
+            )
+            .expect("open");
+        // The header alone is never anchored.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(rec.moved().is_empty());
+        for i in 0..4u64 {
+            let text = format!("select {i}");
+            r.append("query", &[("text", Field::Str(&text))], Timestamp(2))
+                .expect("append");
+        }
+        // The flusher publishes the point once it is synced.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let moved = loop {
+            let m = rec.moved();
+            if m.first().is_some_and(|p| p.entries == 5) {
+                break m;
+            }
+            assert!(std::time::Instant::now() < deadline, "not published: {m:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            (
+                moved[0].session_id.as_str(),
+                moved[0].request_id.as_str(),
+                moved[0].principal.as_str()
+            ),
+            ("s3", "r3", "alice")
+        );
+        assert_eq!(moved[0].hash, r.final_hash());
+        rec.anchored(&moved);
+        assert!(rec.moved().is_empty(), "nothing moved since the anchor");
+        let anchor = (moved[0].entries, moved[0].hash);
+        drop(r);
+
+        let path = Recorder::path_of(&dir, "s3");
+        read_through(&path, anchor).expect("holds the anchor");
+        read_through(&path, (3, [0; 32])).expect_err("another hash at entry 3");
+        read_through(&path, (6, anchor.1)).expect_err("longer than the file");
+        // Recovery refuses a recording that is shorter than the anchor, and
+        // leaves it as it is.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let short: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, &short).expect("shorten");
+        let err =
+            Recorder::close_interrupted(&dir, "s3", "service_restart", Timestamp(9), Some(anchor))
+                .expect_err("shorter than anchored");
+        assert!(matches!(err, RecordingError::Unanchored { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), short);
+        assert!(Recorder::is_open(&dir, "s3"));
+        // Restored, it is closed normally.
+        std::fs::write(&path, &text).expect("restore");
+        let s =
+            Recorder::close_interrupted(&dir, "s3", "service_restart", Timestamp(9), Some(anchor))
+                .expect("holds the anchor");
+        assert_eq!(s.entries, 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

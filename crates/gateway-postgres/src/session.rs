@@ -645,6 +645,7 @@ fn cut_message(reason: &str) -> String {
             "breakglass: the gateway is shutting down; session closed (the grant itself is unchanged)"
                 .to_string()
         }
+        "audit_chain_broken" => "breakglass: the audit log does not verify; every session is closed and no grant is usable until an operator investigates (`breakglass audit verify`)".to_string(),
         other => format!("breakglass: the grant has ended ({other}); session closed"),
     }
 }

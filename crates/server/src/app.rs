@@ -132,6 +132,11 @@ pub struct App {
     writes_blocked: std::sync::RwLock<Option<String>>,
     signing_key: ed25519_dalek::SigningKey,
     recording_cursors: RecordingCursors,
+    /// Where checkpoints are kept outside the data dir.
+    pub witnesses: Vec<Box<dyn crate::checkpoint::Witness>>,
+    /// The PostgreSQL gateway, once started: a broken chain cuts its
+    /// sessions, and online verification asks it which sessions are live.
+    pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -207,7 +212,6 @@ impl App {
         let pending_timeout_s = config.pending_timeout_s();
         Arc::new_cyclic(|weak| App {
             scheduler: Scheduler::new(weak.clone()),
-            config,
             store,
             policy,
             metrics,
@@ -216,6 +220,9 @@ impl App {
             writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
             recording_cursors: RecordingCursors::default(),
+            witnesses: crate::checkpoint::witnesses(&config),
+            gateway: std::sync::OnceLock::new(),
+            config,
         })
     }
 
@@ -237,16 +244,48 @@ impl App {
         }
     }
 
-    /// Refuses every write from now on (fail closed on a broken chain).
+    /// Refuses every write from now on (fail closed on a broken chain), and
+    /// cuts every live gateway session: nothing done in them could be
+    /// vouched for. Credentials stop working at once (`check_grant`).
     pub fn block_writes(&self, why: String) {
         tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
-        let mut w = self
-            .writes_blocked
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if w.is_none() {
-            *w = Some(why);
+        {
+            let mut w = self
+                .writes_blocked
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if w.is_none() {
+                *w = Some(why);
+            }
         }
+        if let Some(gw) = self.gateway.get() {
+            let n = gw.cut_all("audit_chain_broken");
+            if n > 0 {
+                tracing::error!(
+                    sessions = n,
+                    "cutting every live gateway session: the audit chain is broken"
+                );
+            }
+        }
+    }
+
+    /// The keys verification trusts: `audit.verify_keys` when set (then
+    /// the key in `data_dir` counts only if listed), else this node's own.
+    pub fn trusted_keys(&self) -> Vec<ed25519_dalek::VerifyingKey> {
+        let keys = self.config.verify_keys();
+        if keys.is_empty() {
+            vec![self.verifying_key()]
+        } else {
+            keys
+        }
+    }
+
+    /// Ids of the gateway sessions live right now.
+    pub fn live_sessions(&self) -> std::collections::HashSet<String> {
+        self.gateway
+            .get()
+            .map(|g| g.live_session_ids().into_iter().collect())
+            .unwrap_or_default()
     }
 
     pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {

@@ -1,9 +1,11 @@
 //! Signed checkpoints of the audit chain: the writer of the log cannot
-//! rewrite or truncate history without the signing key, and a copy of every
-//! checkpoint can live outside the database (`audit.checkpoint_file`).
+//! rewrite or truncate history without the signing key, and every
+//! checkpoint is also handed to the witnesses outside the data dir (by
+//! default a file in `<data_dir>.witness/`), so that deleting the last
+//! events together with their checkpoints is detected too.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -13,12 +15,57 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::app::{App, now};
 
+/// A place outside the data dir that keeps a copy of every checkpoint.
+/// Later sinks (notifications, syslog) are witnesses too.
+pub trait Witness: Send + Sync {
+    /// Names the witness in messages (`file /path/checkpoints.jsonl`).
+    fn name(&self) -> String;
+    /// Keeps `cp`; called before the store holds it, so a witness is never
+    /// behind the store unless this failed (which is logged).
+    fn record(&self, cp: &Checkpoint) -> Result<(), String>;
+    /// What the witness holds, for verification: `Ok(None)` when it holds
+    /// nothing at all (missing or empty).
+    fn read(&self) -> Result<Option<Vec<Checkpoint>>, String>;
+}
+
+/// A checkpoint file: one JSON line per checkpoint, fsynced.
+pub struct FileWitness {
+    pub path: PathBuf,
+}
+
+impl Witness for FileWitness {
+    fn name(&self) -> String {
+        format!("checkpoint file {}", self.path.display())
+    }
+
+    fn record(&self, cp: &Checkpoint) -> Result<(), String> {
+        append_line(&self.path, cp).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    fn read(&self) -> Result<Option<Vec<Checkpoint>>, String> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let cps = read_checkpoint_file(&self.path)?;
+        Ok((!cps.is_empty()).then_some(cps))
+    }
+}
+
+/// The witnesses the config names.
+pub fn witnesses(config: &crate::config::Config) -> Vec<Box<dyn Witness>> {
+    let mut out: Vec<Box<dyn Witness>> = Vec::new();
+    if let Some(path) = config.witness_file() {
+        out.push(Box::new(FileWitness { path }));
+    }
+    out
+}
+
 /// Signs the current head if it moved since `last_seq`; returns the new
-/// checkpointed seq.
+/// checkpointed seq. The witnesses get the checkpoint first, then the store.
 pub async fn checkpoint_once(
     store: &dyn Store,
     key: &SigningKey,
-    file: Option<&Path>,
+    witnesses: &[Box<dyn Witness>],
     last_seq: u64,
 ) -> Result<u64, StoreError> {
     let (seq, hash) = store.head();
@@ -26,24 +73,119 @@ pub async fn checkpoint_once(
         return Ok(last_seq);
     }
     let cp = Checkpoint::sign(key, seq, hash, now());
-    store.add_checkpoint(cp.clone()).await?;
-    if let Some(path) = file
-        && let Err(e) = append_line(path, &cp)
-    {
-        // The database copy exists; the external copy is best effort but loud.
-        tracing::error!(file = %path.display(), error = %e, "cannot append checkpoint to checkpoint_file");
+    for w in witnesses {
+        if let Err(e) = w.record(&cp) {
+            // Verification will report the witness as behind the store.
+            tracing::error!(witness = %w.name(), error = %e, "cannot hand a checkpoint to its witness; `audit verify` will fail until it holds the newest checkpoint again");
+        }
     }
+    store.add_checkpoint(cp.clone()).await?;
     Ok(seq)
 }
 
+/// A torn last line (a crash while appending) is cut off before the next
+/// append, so it never glues onto a whole one; looked for this far back.
+const TORN_TAIL_LEN_MAX: u64 = 64 * 1024;
+
 fn append_line(path: &Path, cp: &Checkpoint) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).read(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    cut_torn_tail(&mut f)?;
     let line = serde_json::to_string(cp).map_err(std::io::Error::other)?;
     f.write_all(format!("{line}\n").as_bytes())?;
     f.sync_data()
+}
+
+fn cut_torn_tail(f: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let from = len.saturating_sub(TORN_TAIL_LEN_MAX);
+    f.seek(SeekFrom::Start(from))?;
+    let mut tail = Vec::new();
+    f.take(len - from).read_to_end(&mut tail)?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(());
+    }
+    let keep = tail
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(from, |i| from + i as u64 + 1);
+    f.set_len(keep)
+}
+
+/// Creates the directory of a witness file (owner-only) when it does not
+/// exist yet; returns whether it was created now.
+pub fn prepare_witness_dir(file: &Path) -> std::io::Result<bool> {
+    let Some(dir) = file.parent() else {
+        return Ok(false);
+    };
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(false);
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)?;
+    Ok(true)
+}
+
+/// Checks each witness against the store's checkpoints: a witness that
+/// holds nothing while the store holds checkpoints, or whose newest
+/// checkpoint is older than the store's, has gone missing (deleted,
+/// emptied or replaced by an old copy). Returns the witnesses' checkpoints
+/// for the chain check, or the failure as `(seq, reason)`.
+pub fn check_witnesses(
+    witnesses: &[Box<dyn Witness>],
+    store_cps: &[Checkpoint],
+) -> Result<Vec<Checkpoint>, (u64, String)> {
+    let store_last = store_cps.iter().map(|c| c.seq).max();
+    let mut out = Vec::new();
+    for w in witnesses {
+        let held = w
+            .read()
+            .map_err(|e| (0, format!("witness unreadable: {e}")))?;
+        match (held, store_last) {
+            (None, None) => {}
+            (None, Some(last)) => {
+                return Err((
+                    last,
+                    format!(
+                        "the {} holds no checkpoint but the store holds signed checkpoints up to seq {last}: the witness was deleted or emptied (restore it from a backup)",
+                        w.name()
+                    ),
+                ));
+            }
+            (Some(cps), last) => {
+                let newest = cps.iter().map(|c| c.seq).max().unwrap_or(0);
+                if let Some(last) = last
+                    && newest < last
+                {
+                    return Err((
+                        newest + 1,
+                        format!(
+                            "the {} ends at seq {newest} but the store holds a checkpoint at seq {last}: the witness is older than the store (replaced or not written)",
+                            w.name()
+                        ),
+                    ));
+                }
+                out.extend(cps);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Signs a checkpoint every `interval` while events flow.
@@ -61,8 +203,8 @@ pub fn spawn(app: Weak<App>, interval: Duration) -> tokio::task::JoinHandle<()> 
             if app.writes_blocked().is_some() {
                 continue;
             }
-            let file = app.config.audit.checkpoint_file.as_deref();
-            match checkpoint_once(app.store.as_ref(), app.signing_key(), file, last).await {
+            match checkpoint_once(app.store.as_ref(), app.signing_key(), &app.witnesses, last).await
+            {
                 Ok(seq) => last = seq,
                 Err(e) => tracing::error!(error = %e, "cannot store audit checkpoint"),
             }
@@ -75,12 +217,12 @@ pub fn spawn(app: Weak<App>, interval: Duration) -> tokio::task::JoinHandle<()> 
 pub fn spawn_full_verify(app: Weak<App>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Some(app) = app.upgrade() else { return };
-        let key = app.verifying_key();
         let result = crate::verify::verify_store(
             app.store.as_ref(),
-            Some(&key),
+            &app.trusted_keys(),
             &app.config.recordings_dir(),
-            app.config.audit.checkpoint_file.as_deref(),
+            &app.witnesses,
+            Some(&|| app.live_sessions()),
         )
         .await;
         match result {
@@ -103,19 +245,19 @@ pub fn spawn_full_verify(app: Weak<App>) -> tokio::task::JoinHandle<()> {
 /// broken, if it is.
 pub async fn check_tail(
     store: &dyn Store,
-    key: &VerifyingKey,
+    keys: &[VerifyingKey],
 ) -> Result<Option<String>, StoreError> {
     let cps = store.checkpoints().await?;
     let Some(cp) = cps.last() else {
         // Without a checkpoint the chain is young: check all of it.
-        let mut v = breakglass_store::verify::Verifier::new(Vec::new(), Some(key));
+        let mut v = breakglass_store::verify::Verifier::with_keys(Vec::new(), keys);
         for_each_event(store, 0, |e| v.push(e)).await?;
         let v = v.finish();
         return Ok(v
             .reason
             .map(|r| format!("seq {}: {r}", v.first_bad_seq.unwrap_or(0))));
     };
-    if !cp.verify(key) {
+    if !keys.iter().any(|k| cp.verify(k)) {
         return Ok(Some(format!(
             "checkpoint at seq {} has an invalid signature",
             cp.seq
@@ -161,8 +303,8 @@ pub async fn check_tail(
     Ok(broken)
 }
 
-/// Reads the checkpoints exported to `audit.checkpoint_file`, so that
-/// verification also holds the log to what was signed outside the database.
+/// Reads a checkpoint file, so that verification also holds the log to
+/// what was signed outside the database.
 /// Lines that do not parse are reported as an error naming the line.
 pub fn read_checkpoint_file(path: &Path) -> Result<Vec<Checkpoint>, String> {
     let text = match std::fs::read_to_string(path) {
@@ -187,18 +329,63 @@ pub fn read_checkpoint_file(path: &Path) -> Result<Vec<Checkpoint>, String> {
     Ok(out)
 }
 
-/// The checkpoints of the store and of the external file, by seq; when both
-/// hold one for the same seq, both are checked.
+/// The checkpoints of the store and of the witnesses, by seq; when several
+/// hold one for the same seq, all are checked. A witness that has gone
+/// missing is an error naming it and the seq it no longer vouches for.
 pub async fn all_checkpoints(
     store: &dyn Store,
-    file: Option<&Path>,
-) -> Result<Vec<Checkpoint>, String> {
-    let mut cps = store.checkpoints().await.map_err(|e| e.to_string())?;
-    if let Some(f) = file {
-        cps.extend(read_checkpoint_file(f)?);
+    witnesses: &[Box<dyn Witness>],
+) -> Result<Result<Vec<Checkpoint>, (u64, String)>, StoreError> {
+    let mut cps = store.checkpoints().await?;
+    match check_witnesses(witnesses, &cps) {
+        Ok(w) => cps.extend(w),
+        Err(fail) => return Ok(Err(fail)),
     }
     // The same checkpoint in both places counts once.
     cps.sort_by(|a, b| (a.seq, &a.signature[..]).cmp(&(b.seq, &b.signature[..])));
     cps.dedup();
-    Ok(cps)
+    Ok(Ok(cps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use breakglass_core::Timestamp;
+
+    fn cp(key: &SigningKey, seq: u64) -> Checkpoint {
+        Checkpoint::sign(key, seq, [seq as u8; 32], Timestamp(seq as i64))
+    }
+
+    #[test]
+    fn a_witness_that_is_gone_empty_or_behind_fails_and_a_torn_line_is_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let file = dir.path().join("w").join("checkpoints.jsonl");
+        assert!(prepare_witness_dir(&file).expect("dir"));
+        assert!(!prepare_witness_dir(&file).expect("dir"));
+        let ws: Vec<Box<dyn Witness>> = vec![Box::new(FileWitness { path: file.clone() })];
+        // Nothing anywhere: fine.
+        assert_eq!(check_witnesses(&ws, &[]), Ok(Vec::new()));
+        // The store has checkpoints, the witness none: missing.
+        let store = vec![cp(&key, 5), cp(&key, 9)];
+        let (seq, why) = check_witnesses(&ws, &store).expect_err("missing");
+        assert_eq!(seq, 9);
+        assert!(why.contains("holds no checkpoint"), "{why}");
+        std::fs::write(&file, "").expect("empty");
+        assert!(check_witnesses(&ws, &store).is_err());
+        // Behind the store.
+        ws[0].record(&cp(&key, 5)).expect("record");
+        let (seq, why) = check_witnesses(&ws, &store).expect_err("behind");
+        assert_eq!(seq, 6);
+        assert!(why.contains("older than the store"), "{why}");
+        // A torn line (crash mid-append) is cut before the next append.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(b"{\"seq\":9,\"ha"))
+            .expect("tear");
+        ws[0].record(&cp(&key, 9)).expect("record");
+        let held = check_witnesses(&ws, &store).expect("caught up");
+        assert_eq!(held.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 9]);
+    }
 }

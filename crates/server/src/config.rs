@@ -127,10 +127,22 @@ pub struct AuditConfig {
     /// How often the chain head is signed while events flow.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: String,
-    /// Also append every checkpoint as a JSON line to this file, ideally on a
-    /// volume the database admin does not control.
+    /// The checkpoint witness file: every checkpoint is appended to it as a
+    /// JSON line, ideally on a volume the database admin does not control.
+    /// Default: `checkpoints.jsonl` in `<data_dir>.witness/` (a sibling of
+    /// the data dir, created owner-only).
     #[serde(default)]
     pub checkpoint_file: Option<PathBuf>,
+    /// Keep the checkpoint witness file (default on). Off, truncating the
+    /// log together with its checkpoints cannot be detected.
+    #[serde(default = "default_true")]
+    pub checkpoint_witness: bool,
+    /// Public keys verification trusts, each as the node's
+    /// `audit-signing.pub` holds it (64 hex digits). Empty: the key in
+    /// `data_dir` is trusted, so a chain re-signed with a key planted there
+    /// is not detected.
+    #[serde(default)]
+    pub verify_keys: Vec<String>,
 }
 
 impl Default for AuditConfig {
@@ -138,9 +150,30 @@ impl Default for AuditConfig {
         AuditConfig {
             checkpoint_interval: default_checkpoint_interval(),
             checkpoint_file: None,
+            checkpoint_witness: true,
+            verify_keys: Vec::new(),
         }
     }
 }
+
+fn default_true() -> bool {
+    true
+}
+
+/// `<data_dir>.witness/checkpoints.jsonl`, beside (not inside) the data
+/// dir; `None` when the data dir has no last component to name it by.
+pub fn default_witness_file(data_dir: &Path) -> Option<PathBuf> {
+    let name = data_dir.file_name()?;
+    let parent = data_dir.parent().unwrap_or(Path::new(""));
+    let mut dir = name.to_os_string();
+    dir.push(".witness");
+    Some(parent.join(dir).join(WITNESS_FILE_NAME))
+}
+
+/// The most keys `audit.verify_keys` may list.
+pub const VERIFY_KEYS_MAX: usize = 256;
+/// The witness file's name in the default witness directory.
+pub const WITNESS_FILE_NAME: &str = "checkpoints.jsonl";
 
 fn default_checkpoint_interval() -> String {
     "2s".into()
@@ -258,6 +291,15 @@ impl Config {
                 }
             }
         }
+        if cfg.audit.checkpoint_witness && cfg.audit.checkpoint_file.is_none() {
+            match default_witness_file(&cfg.server.data_dir) {
+                Some(f) => cfg.audit.checkpoint_file = Some(f),
+                None => bail!(
+                    "{label}: server.data_dir: cannot place the default checkpoint witness beside {}; set audit.checkpoint_file",
+                    cfg.server.data_dir.display()
+                ),
+            }
+        }
         Ok(cfg)
     }
 
@@ -280,6 +322,18 @@ impl Config {
         self.validate_listener()?;
         parse_duration(&self.audit.checkpoint_interval)
             .map_err(|e| anyhow::anyhow!("audit.checkpoint_interval: {e}"))?;
+        if self.audit.verify_keys.len() > VERIFY_KEYS_MAX {
+            bail!("audit.verify_keys: more than {VERIFY_KEYS_MAX} keys");
+        }
+        for (i, k) in self.audit.verify_keys.iter().enumerate() {
+            crate::keys::parse_public(k)
+                .map_err(|e| anyhow::anyhow!("audit.verify_keys[{i}]: {e}"))?;
+        }
+        if !self.audit.checkpoint_witness && self.audit.checkpoint_file.is_some() {
+            bail!(
+                "audit.checkpoint_file: set while audit.checkpoint_witness = false; remove one of them"
+            );
+        }
         if let Some(pg) = &self.gateway.postgres {
             pg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -425,6 +479,26 @@ impl Config {
         parse_duration(&self.audit.checkpoint_interval).unwrap_or(2)
     }
 
+    /// The checkpoint witness file, unless `audit.checkpoint_witness` is off.
+    pub fn witness_file(&self) -> Option<PathBuf> {
+        if !self.audit.checkpoint_witness {
+            return None;
+        }
+        if let Some(f) = &self.audit.checkpoint_file {
+            return Some(f.clone());
+        }
+        default_witness_file(&self.server.data_dir)
+    }
+
+    /// `audit.verify_keys` (validated at load).
+    pub fn verify_keys(&self) -> Vec<ed25519_dalek::VerifyingKey> {
+        self.audit
+            .verify_keys
+            .iter()
+            .filter_map(|k| crate::keys::parse_public(k).ok())
+            .collect()
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.server.data_dir.join("breakglass.db")
     }
@@ -538,5 +612,64 @@ mod tests {
         .expect("valid");
         assert_eq!(cfg.server.data_dir, Path::new("/etc/bg/data"));
         assert_eq!(cfg.policy.file, Path::new("/abs/p.cedar"));
+    }
+
+    #[test]
+    fn the_witness_defaults_to_a_sibling_of_the_data_dir() {
+        let at = |text: &str| {
+            Config::parse(text, "t", Path::new("/etc/bg"))
+                .expect("valid")
+                .witness_file()
+        };
+        let base = "[policy]\nfile = \"p\"\n";
+        for dir in ["data", "data/", "/var/lib/bg/data"] {
+            let f = at(&format!("[server]\ndata_dir = \"{dir}\"\n{base}")).expect("witness");
+            let data = if dir.starts_with('/') {
+                PathBuf::from(dir)
+            } else {
+                Path::new("/etc/bg").join(dir.trim_end_matches('/'))
+            };
+            assert!(
+                !f.starts_with(&data),
+                "{} is inside {}",
+                f.display(),
+                data.display()
+            );
+            assert_eq!(
+                f.parent().and_then(Path::parent),
+                data.parent(),
+                "{}",
+                f.display()
+            );
+            assert!(
+                f.ends_with("data.witness/checkpoints.jsonl"),
+                "{}",
+                f.display()
+            );
+        }
+        assert_eq!(
+            at(&format!(
+                "[server]\ndata_dir = \"d\"\n{base}[audit]\ncheckpoint_file = \"w/c.jsonl\"\n"
+            )),
+            Some(PathBuf::from("/etc/bg/w/c.jsonl"))
+        );
+        assert_eq!(
+            at(&format!(
+                "[server]\ndata_dir = \"d\"\n{base}[audit]\ncheckpoint_witness = false\n"
+            )),
+            None
+        );
+        for (line, key) in [
+            ("verify_keys = [\"abc\"]", "audit.verify_keys[0]"),
+            (
+                "checkpoint_witness = false\ncheckpoint_file = \"x\"",
+                "audit.checkpoint_file",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[server]\ndata_dir = \"d\"\n{base}[audit]\n{line}\n"
+            ));
+            assert!(e.contains(key), "{line}: {e}");
+        }
     }
 }

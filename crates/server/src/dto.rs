@@ -110,6 +110,10 @@ pub struct VerifyReport {
     /// The first `seq` where the chain or a checkpoint does not hold.
     pub first_bad_seq: Option<u64>,
     pub reason: Option<String>,
+    /// What this verification could not rule out (no trusted key given
+    /// from outside the data dir, no witness).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An RFC 9457 problem document. `code` is stable; `detail` is for people.
@@ -134,6 +138,7 @@ impl From<breakglass_store::verify::Verification> for VerifyReport {
             head_hash: v.head_hash,
             first_bad_seq: v.first_bad_seq,
             reason: v.reason,
+            warnings: Vec::new(),
         }
     }
 }

@@ -7,10 +7,13 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 use breakglass_core::EventDraft;
 use breakglass_gateway_postgres::recording::Recorder;
+use breakglass_gateway_postgres::recording::{Point, RecordingError, read_recording};
 use breakglass_gateway_postgres::upstream::parse_url;
 use breakglass_gateway_postgres::{
-    Authority, Authorized, Gateway, Refusal, SessionEnd, SessionInfo, UpstreamTarget,
+    Authority, Authorized, Gateway, Refusal, SessionEnd, SessionInfo, SessionProgress,
+    UpstreamTarget,
 };
+use breakglass_store::{PAGE_LEN_MAX, Store, StoreError, for_each_event};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -125,6 +128,10 @@ impl Authority for PgAuthority {
 
     async fn grant_live(&self, request_id: &str) -> Result<(), String> {
         let app = self.app.upgrade().ok_or("service_shutdown")?;
+        // Fail closed: nothing done in a session could be vouched for.
+        if app.writes_blocked().is_some() {
+            return Err("audit_chain_broken".into());
+        }
         match app.store.get(request_id).await {
             Ok(Some(r)) if r.is_live(now()) => Ok(()),
             Ok(Some(r)) => Err(r
@@ -178,6 +185,31 @@ impl Authority for PgAuthority {
             tracing::error!(session = %info.session_id, error = %e, "cannot audit session end");
         }
     }
+
+    async fn sessions_progress(&self, progress: &[SessionProgress]) -> Result<(), String> {
+        let app = self.app.upgrade().ok_or("shutting down")?;
+        if let Some(why) = app.writes_blocked() {
+            return Err(format!("the audit chain is broken: {why}"));
+        }
+        let events = progress
+            .iter()
+            .map(|p| EventDraft {
+                actor: p.principal.clone(),
+                action: "session.progress".into(),
+                request_id: Some(p.request_id.clone()),
+                details: json!({
+                    "session_id": p.session_id,
+                    "recording_entries": p.entries,
+                    "recording_sha256": hex::encode(p.hash),
+                }),
+            })
+            .collect();
+        app.store
+            .append(events, now())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn session_ended_event(
@@ -203,21 +235,126 @@ fn session_ended_event(
     }
 }
 
+/// The end reason of an interrupted session whose recording is missing,
+/// unreadable or differs from what the audit chain anchored.
+pub const RECORDING_MISMATCH: &str = "recording_mismatch";
+
+/// What the audit chain says about one session.
+#[derive(Debug, Default, Clone)]
+pub struct SessionTrail {
+    pub request_id: Option<String>,
+    pub principal: Option<String>,
+    pub started: bool,
+    pub ended: bool,
+    /// The newest anchored point.
+    pub anchor: Option<Point>,
+}
+
+impl SessionTrail {
+    /// Takes in one event if it concerns `session_id`.
+    pub fn push(&mut self, session_id: &str, e: &breakglass_core::audit::AuditEvent) {
+        if !e.action.starts_with("session.") {
+            return;
+        }
+        let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details) else {
+            return;
+        };
+        if d["session_id"].as_str() != Some(session_id) {
+            return;
+        }
+        match e.action.as_str() {
+            "session.started" => {
+                self.started = true;
+                self.request_id = e.request_id.clone();
+                self.principal = Some(e.actor.clone());
+            }
+            "session.ended" => self.ended = true,
+            "session.progress" => {
+                if let Some(p) = anchor_of(&d)
+                    && self.anchor.is_none_or(|a| p.0 > a.0)
+                {
+                    self.anchor = Some(p);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `(recording_entries, recording_sha256)` of a `session.progress`.
+pub fn anchor_of(details: &serde_json::Value) -> Option<Point> {
+    let entries = details["recording_entries"].as_u64()?;
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(details["recording_sha256"].as_str()?, &mut hash).ok()?;
+    Some((entries, hash))
+}
+
+/// Reads what the chain says about one session: the events of its grant
+/// when it is known (a page, then the rest of the log from there), else
+/// the whole log.
+async fn trail_of(
+    store: &dyn Store,
+    session_id: &str,
+    request_id: Option<&str>,
+) -> Result<SessionTrail, StoreError> {
+    let mut trail = SessionTrail::default();
+    let mut after = 0;
+    if let Some(r) = request_id {
+        let events = store.request_events(r, PAGE_LEN_MAX).await?;
+        for e in &events {
+            trail.push(session_id, e);
+        }
+        if events.len() < PAGE_LEN_MAX as usize {
+            return Ok(trail);
+        }
+        after = events.last().map_or(0, |e| e.seq);
+    }
+    for_each_event(store, after, |e| {
+        trail.push(session_id, e);
+        true
+    })
+    .await?;
+    Ok(trail)
+}
+
 /// Ends the recordings of sessions that were live when the process died,
-/// and records their end in the audit chain.
+/// and records their end in the audit chain. A recording shorter than, or
+/// different from, what the chain anchored (or gone) is left as it is and
+/// its session ends with [`RECORDING_MISMATCH`], which `audit verify`
+/// reports.
 pub async fn recover_sessions(app: &App) -> anyhow::Result<usize> {
     let dir = app.config.recordings_dir();
-    let recovered = Recorder::recover_interrupted(&dir, "service_restart", now());
     let mut events = Vec::new();
-    for (id, result) in &recovered {
-        match result {
+    for id in Recorder::interrupted(&dir) {
+        if !crate::verify::is_session_id(&id) {
+            tracing::error!(marker = %id, "ignoring a recording marker that names no session");
+            continue;
+        }
+        let path = Recorder::path_of(&dir, &id);
+        let header = read_recording(&path, |_| {}).ok().map(|s| s.header);
+        let request_id = header
+            .as_ref()
+            .and_then(|h| h["request_id"].as_str().map(str::to_string));
+        let mut trail = trail_of(app.store.as_ref(), &id, request_id.as_deref()).await?;
+        if !trail.started && request_id.is_some() {
+            // The header may lie about its grant: look everywhere.
+            trail = trail_of(app.store.as_ref(), &id, None).await?;
+        }
+        if !trail.started || trail.ended {
+            // No session.started: the session was refused before it began
+            // (its recording is a leftover); already ended: nothing to add.
+            let _ = Recorder::forget_marker(&dir, &id);
+            continue;
+        }
+        let request_id = trail.request_id.clone().unwrap_or_default();
+        let principal = trail.principal.clone().unwrap_or_else(|| "system".into());
+        match Recorder::close_interrupted(&dir, &id, "service_restart", now(), trail.anchor) {
             Ok(s) => {
-                let request_id = s.header["request_id"].as_str().unwrap_or("");
-                let principal = s.header["principal"].as_str().unwrap_or("system");
+                let _ = Recorder::forget_marker(&dir, &id);
                 events.push(session_ended_event(
-                    principal,
-                    request_id,
-                    id,
+                    &principal,
+                    &request_id,
+                    &id,
                     "service_restart",
                     s.statements,
                     s.entries,
@@ -225,7 +362,27 @@ pub async fn recover_sessions(app: &App) -> anyhow::Result<usize> {
                 ));
             }
             Err(e) => {
-                tracing::error!(session = %id, error = %e, "cannot close an interrupted session recording")
+                let problem = match &e {
+                    RecordingError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        "the recording is missing".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                tracing::error!(session = %id, problem = %problem, "REFUSING an interrupted session's recording: it does not hold what the audit chain anchored; `audit verify` will report it");
+                let _ = Recorder::forget_marker(&dir, &id);
+                let mut event = session_ended_event(
+                    &principal,
+                    &request_id,
+                    &id,
+                    RECORDING_MISMATCH,
+                    0,
+                    0,
+                    &[0; 32],
+                );
+                event.details["problem"] = json!(problem);
+                events.push(event);
             }
         }
     }

@@ -589,12 +589,12 @@ async fn audit_verify(
     Auth(who): Auth,
 ) -> ApiResult<Json<VerifyReport>> {
     require_admin(&who)?;
-    let key = app.verifying_key();
     let report = crate::verify::verify_store(
         app.store.as_ref(),
-        Some(&key),
+        &app.trusted_keys(),
         &app.config.recordings_dir(),
-        app.config.audit.checkpoint_file.as_deref(),
+        &app.witnesses,
+        Some(&|| app.live_sessions()),
     )
     .await
     .map_err(AppError::from)?;

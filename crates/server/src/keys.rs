@@ -74,6 +74,33 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<SigningKey> {
     Ok(key)
 }
 
+/// Parses a public key as a node's `.pub` file holds it (64 hex digits).
+pub fn parse_public(text: &str) -> Result<VerifyingKey, String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).map_err(|_| {
+        "expected 64 hex digits (the content of a node's audit-signing.pub)".to_string()
+    })?;
+    VerifyingKey::from_bytes(&out).map_err(|_| "not a valid Ed25519 public key".to_string())
+}
+
+/// Reads a trusted public key given on the command line: the key itself
+/// (64 hex digits) or the path of a copy of a node's `.pub` file.
+pub fn trusted_key_arg(arg: &str) -> anyhow::Result<VerifyingKey> {
+    if let Ok(k) = parse_public(arg) {
+        return Ok(k);
+    }
+    let path = Path::new(arg);
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!("--key {arg:?}: neither 64 hex digits nor a readable public key file")
+    })?;
+    if meta.len() > 1024 {
+        bail!("--key {}: not a public key file (too long)", path.display());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--key: cannot read {}", path.display()))?;
+    parse_public(&text).map_err(|e| anyhow::anyhow!("--key {}: {e}", path.display()))
+}
+
 /// Loads the public key for offline verification.
 pub fn load_public(dir: &Path) -> anyhow::Result<VerifyingKey> {
     let public = public_path(dir);

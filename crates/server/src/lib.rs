@@ -138,13 +138,8 @@ impl Running {
             .ok()
             .and_then(|c| c.last().map(|c| c.seq))
             .unwrap_or(0);
-        checkpoint::checkpoint_once(
-            app.store.as_ref(),
-            app.signing_key(),
-            app.config.audit.checkpoint_file.as_deref(),
-            last,
-        )
-        .await?;
+        checkpoint::checkpoint_once(app.store.as_ref(), app.signing_key(), &app.witnesses, last)
+            .await?;
         Ok(())
     }
 
@@ -152,6 +147,84 @@ impl Running {
     pub async fn wait(&mut self) {
         let _ = (&mut self.server).await;
     }
+}
+
+/// The keys that verify this node's checkpoints: `audit.verify_keys` when
+/// set (it must list this node's key: a key planted in `data_dir` is
+/// refused), else the node's own.
+fn trusted_keys(
+    config: &Config,
+    own: &ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let keys = config.verify_keys();
+    if keys.is_empty() {
+        return Ok(vec![*own]);
+    }
+    if !keys.contains(own) {
+        anyhow::bail!(
+            "audit.verify_keys does not list this node's key {} (in {}): its checkpoints would not verify. If the key was replaced behind the service's back, investigate; if this node is new, add its key to audit.verify_keys",
+            hex::encode(own.to_bytes()),
+            config.server.data_dir.display()
+        );
+    }
+    Ok(keys)
+}
+
+/// Creates the witness directory on first use; a new witness for a store
+/// that already has checkpoints starts from the newest one (said loudly);
+/// a witness that has gone missing breaks the chain.
+async fn check_witness_at_start(
+    config: &Config,
+    store: &dyn Store,
+) -> anyhow::Result<Option<String>> {
+    let Some(file) = config.witness_file() else {
+        return Ok(None);
+    };
+    let created = checkpoint::prepare_witness_dir(&file).with_context(|| {
+        format!(
+            "audit.checkpoint_file: cannot create the directory of {}",
+            file.display()
+        )
+    })?;
+    let cps = store.checkpoints().await?;
+    if created && let Some(last) = cps.last() {
+        tracing::warn!(
+            witness = %file.display(),
+            seq = last.seq,
+            "new checkpoint witness for an existing store: it starts at the newest checkpoint; a truncation before that seq cannot be detected by it"
+        );
+        let w = checkpoint::FileWitness { path: file };
+        checkpoint::Witness::record(&w, last)
+            .map_err(|e| anyhow::anyhow!("audit.checkpoint_file: {e}"))?;
+        return Ok(None);
+    }
+    let witnesses = checkpoint::witnesses(config);
+    Ok(checkpoint::check_witnesses(&witnesses, &cps)
+        .err()
+        .map(|(seq, why)| format!("seq {seq}: {why}")))
+}
+
+/// Why truncating or re-signing the audit log could go unnoticed with this
+/// config.
+fn integrity_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    match config.witness_file() {
+        None => out.push(
+            "audit.checkpoint_witness = false: deleting the last events together with their checkpoints cannot be detected".to_string(),
+        ),
+        Some(f) if f.starts_with(&config.server.data_dir) => out.push(format!(
+            "audit.checkpoint_file {} is inside data_dir: whoever can truncate the store can truncate the witness too",
+            f.display()
+        )),
+        Some(_) => {}
+    }
+    if config.audit.verify_keys.is_empty() {
+        out.push(format!(
+            "audit.verify_keys is empty: verification trusts the key in {}, so a chain re-signed with a key planted there passes (give `audit verify --key` or set audit.verify_keys)",
+            config.server.data_dir.display()
+        ));
+    }
+    out
 }
 
 /// Starts the service on `listener`: opens the store, checks the audit
@@ -174,7 +247,15 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         SqliteStore::open(&db, SqliteOptions::default())
             .with_context(|| format!("cannot open the store {}", db.display()))?,
     );
-    let broken = checkpoint::check_tail(store.as_ref(), &key.verifying_key()).await?;
+    let trusted = trusted_keys(&config, &key.verifying_key())?;
+    let mut broken = checkpoint::check_tail(store.as_ref(), &trusted).await?;
+    if broken.is_none() {
+        broken = check_witness_at_start(&config, store.as_ref()).await?;
+    }
+    let integrity_warnings = integrity_warnings(&config);
+    for w in &integrity_warnings {
+        tracing::warn!("AUDIT TRUNCATION NOT DETECTABLE: {w}");
+    }
     if let Some(why) = &broken {
         tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
     }
@@ -202,6 +283,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                         "policy_sha256": policy_sha,
                         "policies": app.policy.policy_names(),
                         "overdue_ended": overdue_ended,
+                        "integrity_warnings": integrity_warnings,
                     }),
                 }],
                 now(),
@@ -240,6 +322,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             })?;
             pg_addr = Some(pg_listener.local_addr()?);
             background.push(gateway::spawn_cutter(&app, gw.clone()));
+            let _ = app.gateway.set(gw.clone());
             pg_gateway = Some(gw.clone());
             background.push(tokio::spawn(gw.serve(pg_listener)));
         }

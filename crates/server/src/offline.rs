@@ -44,9 +44,14 @@ pub struct SampleDecision {
     pub max_duration_s: Option<u64>,
 }
 
-/// Verifies the audit chain and every checkpoint signature, offline, from
-/// the store and public key in the config's `data_dir`.
-pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
+/// Verifies the audit chain, every checkpoint signature, the witnesses and
+/// every session, offline (the service is stopped, so no session is live).
+/// `trusted`: public keys given from outside the data dir (`--key`); else
+/// `audit.verify_keys`; else, with a warning, the key in `data_dir`.
+pub fn audit_verify(
+    config: &Path,
+    trusted: &[ed25519_dalek::VerifyingKey],
+) -> anyhow::Result<VerifyReport> {
     let config = Config::load(config)?;
     let db = config.db_path();
     if !db.exists() {
@@ -55,21 +60,36 @@ pub fn audit_verify(config: &Path) -> anyhow::Result<VerifyReport> {
             db.display()
         );
     }
-    let key = keys::load_public(&config.server.data_dir)?;
+    let mut warnings = Vec::new();
+    let keys = if !trusted.is_empty() {
+        trusted.to_vec()
+    } else if !config.audit.verify_keys.is_empty() {
+        config.verify_keys()
+    } else {
+        warnings.push(format!(
+            "no trusted key given (--key or audit.verify_keys): the key in {} was used, so a chain re-signed with a key planted there would pass",
+            config.server.data_dir.display()
+        ));
+        vec![keys::load_public(&config.server.data_dir)?]
+    };
+    let witnesses = crate::checkpoint::witnesses(&config);
+    if witnesses.is_empty() {
+        warnings.push(
+            "no checkpoint witness (audit.checkpoint_witness = false): deleting the last events with their checkpoints would pass".into(),
+        );
+    }
     let store = SqliteStore::open(&db, SqliteOptions::default())
         .with_context(|| format!("cannot open {}", db.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let checkpoints = rt
-        .block_on(crate::checkpoint::all_checkpoints(
-            &store,
-            config.audit.checkpoint_file.as_deref(),
-        ))
+    let mut v = rt
+        .block_on(FullVerifier::for_store(&store, &witnesses, &keys))
         .map_err(|e| anyhow::anyhow!("checkpoints: {e}"))?;
-    let mut v = FullVerifier::new(checkpoints, Some(&key));
     store.scan_audit(0, |e| v.push(&e))?;
-    Ok(v.finish(&config.recordings_dir()))
+    let mut report = v.finish(&config.recordings_dir(), &Default::default());
+    report.warnings = warnings;
+    Ok(report)
 }
 
 /// Validates the config and its policy file; with a sample, explains which

@@ -1,28 +1,43 @@
 //! Verification of everything the audit log vouches for: the chain and its
-//! checkpoints (see `breakglass_store::verify`) and every session recording
-//! whose final hash a `session.ended` event holds.
+//! checkpoints (see `breakglass_store::verify`), the checkpoint witnesses,
+//! every session recording against its `session.ended` event and the
+//! newest point `session.progress` anchored, and that every
+//! `session.started` has its end (unless the session is live right now).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use breakglass_core::audit::{AuditEvent, Checkpoint};
-use breakglass_gateway_postgres::recording::{Recorder, read_recording};
+use breakglass_gateway_postgres::recording::{Point, Recorder, read_recording, read_through};
 use breakglass_store::verify::Verifier;
-use breakglass_store::{Store, StoreError};
+use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
 use ed25519_dalek::VerifyingKey;
 
+use crate::checkpoint::Witness;
 use crate::dto::VerifyReport;
+use crate::gateway::{RECORDING_MISMATCH, anchor_of};
 
 struct Ended {
     seq: u64,
-    session_id: String,
     hash: String,
     statements: u64,
+    reason: String,
+    problem: Option<String>,
 }
 
-/// Feeds events in order, then checks the recordings.
+#[derive(Default)]
+struct Session {
+    started: Option<(u64, Option<String>)>,
+    ended: Option<Ended>,
+    anchor: Option<Point>,
+}
+
+/// Feeds events in order, then checks the sessions and their recordings.
 pub struct FullVerifier {
     chain: Verifier,
-    ended: Vec<Ended>,
+    sessions: HashMap<String, Session>,
+    /// A witness that went missing: `(seq, reason)`.
+    witness_failure: Option<(u64, String)>,
 }
 
 /// Session ids are UUIDs; anything else never names a file.
@@ -32,73 +47,186 @@ pub fn is_session_id(id: &str) -> bool {
 
 impl FullVerifier {
     pub fn new(checkpoints: Vec<Checkpoint>, key: Option<&VerifyingKey>) -> FullVerifier {
+        FullVerifier::with_keys(checkpoints, key.as_slice().iter().copied())
+    }
+
+    /// Checkpoints hold if any of `keys` verifies them.
+    pub fn with_keys<'a>(
+        checkpoints: Vec<Checkpoint>,
+        keys: impl IntoIterator<Item = &'a VerifyingKey>,
+    ) -> FullVerifier {
         FullVerifier {
-            chain: Verifier::new(checkpoints, key),
-            ended: Vec::new(),
+            chain: Verifier::with_keys(checkpoints, keys),
+            sessions: HashMap::new(),
+            witness_failure: None,
         }
     }
 
+    /// Checks the chain against the store's and the witnesses' checkpoints;
+    /// a witness that went missing fails verification.
+    pub async fn for_store<'a>(
+        store: &dyn Store,
+        witnesses: &[Box<dyn Witness>],
+        keys: impl IntoIterator<Item = &'a VerifyingKey>,
+    ) -> Result<FullVerifier, StoreError> {
+        let (checkpoints, failure) =
+            match crate::checkpoint::all_checkpoints(store, witnesses).await? {
+                Ok(cps) => (cps, None),
+                Err(f) => (store.checkpoints().await?, Some(f)),
+            };
+        let mut v = FullVerifier::with_keys(checkpoints, keys);
+        v.witness_failure = failure;
+        Ok(v)
+    }
+
     pub fn push(&mut self, e: &AuditEvent) -> bool {
-        if e.action == "session.ended"
+        if e.action.starts_with("session.")
             && let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details)
+            && let Some(id) = d["session_id"].as_str()
         {
-            self.ended.push(Ended {
-                seq: e.seq,
-                session_id: d["session_id"].as_str().unwrap_or("").to_string(),
-                hash: d["recording_sha256"].as_str().unwrap_or("").to_string(),
-                statements: d["statements"].as_u64().unwrap_or(0),
-            });
+            let s = self.sessions.entry(id.to_string()).or_default();
+            match e.action.as_str() {
+                "session.started" => {
+                    if s.started.is_none() {
+                        s.started = Some((e.seq, e.request_id.clone()));
+                    }
+                }
+                "session.ended" => {
+                    s.ended = Some(Ended {
+                        seq: e.seq,
+                        hash: d["recording_sha256"].as_str().unwrap_or("").to_string(),
+                        statements: d["statements"].as_u64().unwrap_or(0),
+                        reason: d["end_reason"].as_str().unwrap_or("").to_string(),
+                        problem: d["problem"].as_str().map(str::to_string),
+                    })
+                }
+                "session.progress" => {
+                    if let Some(p) = anchor_of(&d)
+                        && s.anchor.is_none_or(|a| p.0 > a.0)
+                    {
+                        s.anchor = Some(p);
+                    }
+                }
+                _ => {}
+            }
         }
         self.chain.push(e)
     }
 
-    pub fn finish(self, recordings: &Path) -> VerifyReport {
+    /// Sessions started without an end that are not in `live`, with the
+    /// request id their start names.
+    pub fn unended(&self, live: &HashSet<String>) -> Vec<(String, Option<String>)> {
+        self.sessions
+            .iter()
+            .filter(|(id, s)| s.ended.is_none() && !live.contains(*id))
+            .filter_map(|(id, s)| s.started.as_ref().map(|(_, r)| (id.clone(), r.clone())))
+            .collect()
+    }
+
+    /// `live`: sessions running right now (online verification); offline,
+    /// none are, and a session without an end is reported.
+    pub fn finish(self, recordings: &Path, live: &HashSet<String>) -> VerifyReport {
         let v = self.chain.finish();
         let mut report = VerifyReport::from(v);
-        for s in &self.ended {
-            if report.first_bad_seq.is_some_and(|bad| bad <= s.seq) {
-                break;
+        let mut problems: Vec<(u64, String)> = Vec::new();
+        if let Some(f) = self.witness_failure {
+            problems.push(f);
+        }
+        let chain_bad = report.first_bad_seq;
+        let mut sessions: Vec<(&String, &Session)> = self.sessions.iter().collect();
+        sessions.sort_by_key(|(_, s)| s.ended.as_ref().map_or(0, |e| e.seq));
+        for (id, s) in sessions {
+            let Some(e) = &s.ended else {
+                let Some((seq, _)) = s.started else { continue };
+                if live.contains(id) || chain_bad.is_some_and(|bad| bad <= seq) {
+                    continue;
+                }
+                let how = if is_session_id(id) && Recorder::is_open(recordings, id) {
+                    "it was interrupted and not closed yet (start the service to close its recording)"
+                } else {
+                    "its recording and marker are gone, or its end was never written"
+                };
+                problems.push((
+                    seq,
+                    format!("session {id} started but has no session.ended: {how}"),
+                ));
+                continue;
+            };
+            if chain_bad.is_some_and(|bad| bad <= e.seq) {
+                continue;
             }
-            let problem = if !is_session_id(&s.session_id) {
+            let problem = if !is_session_id(id) {
                 Some("invalid session id".to_string())
+            } else if e.reason == RECORDING_MISMATCH {
+                Some(format!(
+                    "refused at recovery: {}",
+                    e.problem
+                        .as_deref()
+                        .unwrap_or("it does not hold what was anchored")
+                ))
             } else {
-                match read_recording(&Recorder::path_of(recordings, &s.session_id), |_| {}) {
-                    Err(e) => Some(e.to_string()),
-                    Ok(sum) if hex::encode(sum.final_hash) != s.hash => {
+                let path = Recorder::path_of(recordings, id);
+                let read = match s.anchor {
+                    Some(point) => read_through(&path, point),
+                    None => read_recording(&path, |_| {}),
+                };
+                match read {
+                    Err(err) => Some(err.to_string()),
+                    Ok(sum) if hex::encode(sum.final_hash) != e.hash => {
                         Some("final hash differs from the one in session.ended".into())
                     }
-                    Ok(sum) if sum.statements != s.statements => Some(format!(
+                    Ok(sum) if sum.statements != e.statements => Some(format!(
                         "{} statements recorded, session.ended says {}",
-                        sum.statements, s.statements
+                        sum.statements, e.statements
                     )),
                     Ok(_) => None,
                 }
             };
             match problem {
-                Some(p) => {
-                    report.ok = false;
-                    report.first_bad_seq = Some(s.seq);
-                    report.reason = Some(format!("recording of session {}: {p}", s.session_id));
-                    break;
-                }
+                Some(p) => problems.push((e.seq, format!("recording of session {id}: {p}"))),
                 None => report.recordings += 1,
             }
+        }
+        if let Some((seq, reason)) = problems
+            .into_iter()
+            .filter(|(seq, _)| chain_bad.is_none_or(|bad| *seq < bad))
+            .min_by_key(|(seq, _)| *seq)
+        {
+            report.ok = false;
+            report.first_bad_seq = Some(seq);
+            report.reason = Some(reason);
         }
         report
     }
 }
 
-/// Verifies a store page by page.
+/// Verifies a store page by page. `live` names the sessions running now
+/// (online); a session that ends while verification runs is not reported.
 pub async fn verify_store(
     store: &dyn Store,
-    key: Option<&VerifyingKey>,
+    keys: &[VerifyingKey],
     recordings: &Path,
-    checkpoint_file: Option<&Path>,
+    witnesses: &[Box<dyn Witness>],
+    live: Option<&(dyn Fn() -> HashSet<String> + Sync)>,
 ) -> Result<VerifyReport, StoreError> {
-    let checkpoints = crate::checkpoint::all_checkpoints(store, checkpoint_file)
-        .await
-        .map_err(StoreError::Corrupt)?;
-    let mut v = FullVerifier::new(checkpoints, key);
+    let mut live_set = live.map(|f| f()).unwrap_or_default();
+    let mut v = FullVerifier::for_store(store, witnesses, keys).await?;
     breakglass_store::for_each_event(store, 0, |e| v.push(e)).await?;
-    Ok(v.finish(recordings))
+    if let Some(f) = live {
+        // Sessions that started or ended while the log was read.
+        live_set.extend(f());
+        for (id, request) in v.unended(&live_set) {
+            let Some(request) = request else { continue };
+            let later = store.request_events(&request, PAGE_LEN_MAX).await?;
+            let ended = later.iter().any(|e| {
+                e.action == "session.ended"
+                    && serde_json::from_str::<serde_json::Value>(&e.details)
+                        .is_ok_and(|d| d["session_id"].as_str() == Some(id.as_str()))
+            });
+            if ended {
+                live_set.insert(id);
+            }
+        }
+    }
+    Ok(v.finish(recordings, &live_set))
 }

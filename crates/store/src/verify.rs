@@ -33,6 +33,16 @@ impl Verifier {
     /// `key` is the server's public key; without it, signatures cannot be
     /// checked and verification fails closed if any checkpoint exists.
     pub fn new(checkpoints: Vec<Checkpoint>, key: Option<&VerifyingKey>) -> Verifier {
+        Verifier::with_keys(checkpoints, key.as_slice().iter().copied())
+    }
+
+    /// Like [`Verifier::new`] with several trusted keys (one per node): a
+    /// checkpoint holds if any of them verifies its signature.
+    pub fn with_keys<'a>(
+        checkpoints: Vec<Checkpoint>,
+        keys: impl IntoIterator<Item = &'a VerifyingKey>,
+    ) -> Verifier {
+        let keys: Vec<&VerifyingKey> = keys.into_iter().collect();
         let mut v = Verifier {
             chain: ChainVerifier::new(),
             checkpoints: BTreeMap::new(),
@@ -41,11 +51,11 @@ impl Verifier {
             failure: None,
         };
         for cp in checkpoints {
-            let valid = key.is_some_and(|k| cp.verify(k));
+            let valid = keys.iter().any(|k| cp.verify(k));
             if !valid {
                 v.fail(
                     cp.seq,
-                    "checkpoint signature does not verify with the server key".into(),
+                    "checkpoint signature does not verify with a trusted key".into(),
                 );
             }
             v.checkpoints.entry(cp.seq).or_default().push(cp);

@@ -292,7 +292,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     let mut background = vec![app.scheduler.spawn()];
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
-    background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
     let mut pg_addr = None;
     let mut pg_gateway = None;
     if broken.is_none() {
@@ -304,6 +303,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             );
         }
     }
+    // After recovery: until then, interrupted sessions have no end.
+    background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
     if let Some(pg) = app.config.gateway.postgres.clone() {
         if broken.is_some() {
             tracing::error!("the PostgreSQL gateway stays off while the audit chain is broken");

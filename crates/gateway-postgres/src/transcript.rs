@@ -692,7 +692,21 @@ impl Tracker {
                 let (about, extended) = match self.pending.front() {
                     Some(Op::Statement { seq, simple }) => (Some(*seq), !simple),
                     Some(Op::Parse { stmt, .. }) => (Some(stmt.parse), true),
-                    Some(Op::Bind { def, .. }) => (def.stmt.as_ref().map(|s| s.parse), true),
+                    // An error at Bind (planning with the values) means
+                    // the Execute after it in the batch never runs: the
+                    // error is its outcome, or the statement's when none.
+                    Some(Op::Bind { def, .. }) => (
+                        self.pending
+                            .iter()
+                            .skip(1)
+                            .take_while(|op| !matches!(op, Op::Sync))
+                            .find_map(|op| match op {
+                                Op::Statement { seq, .. } => Some(*seq),
+                                _ => None,
+                            })
+                            .or(def.stmt.as_ref().map(|s| s.parse)),
+                        true,
+                    ),
                     Some(Op::Close { seq, .. }) => (Some(*seq), true),
                     Some(Op::Describe) => (None, true),
                     Some(Op::Sync) | None => (None, false),

@@ -547,6 +547,9 @@ pub fn recording_entry(e: &serde_json::Value) -> String {
             text("client")
         ),
         "query" => format!("query: {}", text("text")),
+        "parse" => format!("parse {:?}: {}", text("name"), text("text")),
+        "close" => format!("close {} {:?}", text("target"), text("name")),
+        "refused" => format!("refused {}: {}", text("type"), text("message")),
         "execute" => {
             let params = &e["params"];
             if params.is_null() || params.as_array().is_some_and(Vec::is_empty) {

@@ -50,9 +50,11 @@ fn recording_with<'a>(recs: &'a [Vec<Value>], text: &str) -> &'a [Value] {
         .unwrap_or_else(|| panic!("no recording has the statement {text:?}: {recs:#?}"))
 }
 
+/// The statement entry (`query` or `execute`, not the `parse` of its text)
+/// with `text`.
 fn statement<'a>(rec: &'a [Value], text: &str) -> &'a Value {
     rec.iter()
-        .find(|e| e["text"] == text)
+        .find(|e| e["text"] == text && e["kind"] != "parse")
         .unwrap_or_else(|| panic!("no statement {text:?}"))
 }
 

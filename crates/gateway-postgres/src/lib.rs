@@ -5,14 +5,20 @@
 //! recording every statement, and cuts the session the moment the grant ends.
 //!
 //! `codec` is sans-IO framing; `session` is the per-connection driver;
+//! `frontend` is the table of what each client message does to the
+//! recording, `transcript` the entries and the model of prepared statements
+//! behind it, `settings` the start-up settings a client may bring;
 //! `upstream` is the leg to the database; `recording` the per-session log.
 //! What the gateway needs from the rest of breakglass is the [`Authority`]
 //! trait, so this crate knows nothing of stores or HTTP.
 
 pub mod codec;
 mod entry;
+pub mod frontend;
 pub mod recording;
 mod session;
+pub mod settings;
+mod transcript;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -2,8 +2,6 @@
 //! relay loop that records every statement before forwarding it and ends
 //! the session when the grant ends, the client leaves, or it idles out.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,25 +17,19 @@ use tokio::sync::watch;
 
 use crate::codec::{
     Severity, Startup, authentication, backend_key_data, cstr, decode_frame, decode_startup,
-    error_response, parse_error_fields,
+    error_response,
 };
-use crate::entry::write_str;
 use crate::recording::{Field, Recording};
-use crate::upstream;
+use crate::transcript::{Client as Next, Stop, Tracker};
 use crate::{Authorized, CancelTarget, Io, SessionEnd, SessionInfo, Shared};
+use crate::{settings, upstream};
 
 /// Passwords (grant credentials) are short.
 const PASSWORD_LEN_MAX: usize = 4096;
 /// Largest message accepted from the upstream database.
 const UPSTREAM_FRAME_LEN_MAX: usize = 1 << 30;
-/// Prepared statements, and portals, tracked per session at most; a client
-/// over either limit is disconnected with a message that says so (an
-/// untracked statement could not be recorded by its text).
-const NAMES_TRACKED_MAX: usize = 10_000;
-/// Bytes of statement texts and parameters tracked per session at most.
-const TRACKED_BYTES_MAX: usize = 64 << 20;
-/// Bytes of one parameter value kept in a recording.
-const PARAM_LEN_RECORDED_MAX: usize = 4096;
+/// Asks the upstream to send what it has (see `blocked` in `relay`).
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 const READ_CHUNK: usize = 64 * 1024;
 /// Outcome entries wait at most this long for the next statement's write.
 const OUTCOME_FLUSH_DELAY: Duration = Duration::from_millis(2);
@@ -213,7 +205,8 @@ async fn negotiate(
 
 struct Ready {
     auth: Authorized,
-    params: Vec<(String, String)>,
+    /// The start-up settings forwarded to the upstream.
+    startup: settings::Startup,
     upstream: Box<dyn Io>,
     ubuf: BytesMut,
     cbuf: BytesMut,
@@ -288,6 +281,8 @@ async fn start(
             "replication connections are not allowed through the breakglass gateway",
         ));
     }
+    // Refused before the password is asked: nothing was spent on it.
+    let startup = settings::check(&params).map_err(|m| Fail::new("42501", m))?;
     if !tls && !peer.ip().is_loopback() && !shared.config.allow_plaintext_off_loopback {
         return Err(Fail::new(
             "28000",
@@ -339,7 +334,7 @@ async fn start(
             "breakglass: too many sessions for this grant",
         ));
     }
-    let (upstream, ubuf) = upstream::connect(&auth.upstream, &params)
+    let (upstream, ubuf) = upstream::connect(&auth.upstream, &startup.forwarded)
         .await
         .map_err(|e| {
             tracing::error!(target_name = %auth.target, error = %e, "upstream login failed");
@@ -347,294 +342,11 @@ async fn start(
         })?;
     Ok(Some(Ready {
         auth,
-        params,
+        startup,
         upstream,
         ubuf,
         cbuf: buf,
     }))
-}
-
-/// Bookkeeping that maps protocol messages to recording entries.
-#[derive(Default)]
-struct Tracker {
-    redact: bool,
-    statements: HashMap<String, String>,
-    /// Portal name -> (statement name, parameters as canonical JSON).
-    portals: HashMap<String, (String, String)>,
-    /// Bytes held in `statements` and `portals`.
-    tracked_bytes: usize,
-    /// What awaits an answer, in order: recorded statements (their outcome)
-    /// and Sync messages (their ReadyForQuery).
-    pending: VecDeque<Pending>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pending {
-    /// A recorded statement; a simple query (`Q`) stays until its
-    /// ReadyForQuery, since one query string can run several statements.
-    Statement { seq: u64, simple: bool },
-    /// A Sync: the extended-protocol batch before it ends at the next
-    /// ReadyForQuery.
-    Sync,
-}
-
-/// Why the relay must stop on a client frame.
-enum Stop {
-    /// The recording could not be written.
-    Recording(std::io::Error),
-    /// A per-session tracking limit (the message says which).
-    Limit(String),
-}
-
-/// A NUL-terminated string of a message, as recorded: bytes that are not
-/// UTF-8 (a client may use another `client_encoding`) are replaced, never
-/// dropped, so no statement can slip through unrecorded.
-fn text_of(b: &[u8]) -> (Cow<'_, str>, &[u8]) {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    (
-        String::from_utf8_lossy(&b[..end]),
-        b.get(end + 1..).unwrap_or_default(),
-    )
-}
-
-/// A Bind's portal, statement and parameters (canonical JSON: an array of
-/// strings and nulls, or `{"redacted":N}`).
-fn bind_params(payload: &[u8], redact: bool) -> Option<(String, String, String)> {
-    let (portal, rest) = text_of(payload);
-    let (stmt, mut rest) = text_of(rest);
-    let take_i16 = |b: &mut &[u8]| -> Option<i16> {
-        let v = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
-        *b = &b[2..];
-        Some(v)
-    };
-    let nfmt = take_i16(&mut rest)?.max(0) as usize;
-    let mut formats = Vec::with_capacity(nfmt.min(64));
-    for _ in 0..nfmt {
-        formats.push(take_i16(&mut rest)?);
-    }
-    let nparams = take_i16(&mut rest)?.max(0) as usize;
-    if redact {
-        return Some((
-            portal.into(),
-            stmt.into(),
-            format!("{{\"redacted\":{nparams}}}"),
-        ));
-    }
-    let mut values = Vec::with_capacity(64);
-    values.push(b'[');
-    for i in 0..nparams {
-        if rest.len() < 4 {
-            return None;
-        }
-        if i > 0 {
-            values.push(b',');
-        }
-        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        rest = &rest[4..];
-        if len < 0 {
-            values.extend_from_slice(b"null");
-            continue;
-        }
-        let len = len as usize;
-        let bytes = rest.get(..len)?;
-        rest = &rest[len..];
-        let binary = match formats.len() {
-            0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i).copied() == Some(1),
-        };
-        let shown = &bytes[..bytes.len().min(PARAM_LEN_RECORDED_MAX)];
-        if binary {
-            write_str(&mut values, &format!("\\x{}", hex::encode(shown)));
-        } else {
-            write_str(&mut values, &String::from_utf8_lossy(shown));
-        }
-    }
-    values.push(b']');
-    // Only escaped strings, `null` and punctuation were written.
-    let values = String::from_utf8(values).ok()?;
-    Some((portal.into(), stmt.into(), values))
-}
-
-impl Tracker {
-    /// Keeps a statement's or portal's entry, within the session's limits.
-    fn track(
-        &mut self,
-        statement: bool,
-        name: String,
-        value: (String, String),
-    ) -> Result<(), Stop> {
-        let size = |name: &str, v: &(String, String)| name.len() + v.0.len() + v.1.len();
-        let new = size(&name, &value);
-        let (map_len, old) = if statement {
-            let old = self.statements.get(&name).map(|t| name.len() + t.len());
-            (self.statements.len(), old)
-        } else {
-            let old = self.portals.get(&name).map(|v| size(&name, v));
-            (self.portals.len(), old)
-        };
-        if old.is_none() && map_len >= NAMES_TRACKED_MAX {
-            return Err(Stop::Limit(format!(
-                "breakglass gateway: more than {NAMES_TRACKED_MAX} open {} in one session; close some first",
-                if statement {
-                    "prepared statements"
-                } else {
-                    "portals"
-                }
-            )));
-        }
-        let bytes = self.tracked_bytes - old.unwrap_or(0) + new;
-        if bytes > TRACKED_BYTES_MAX {
-            return Err(Stop::Limit(format!(
-                "breakglass gateway: open prepared statements and portals hold more than {} MiB in one session; close some first",
-                TRACKED_BYTES_MAX >> 20
-            )));
-        }
-        self.tracked_bytes = bytes;
-        if statement {
-            self.statements.insert(name, value.0);
-        } else {
-            self.portals.insert(name, value);
-        }
-        Ok(())
-    }
-
-    /// Records what a client frame asks the database to do. Returns true
-    /// for Terminate.
-    fn client_frame(&mut self, tag: u8, payload: &[u8], rec: &mut Recording) -> Result<bool, Stop> {
-        match tag {
-            b'Q' => {
-                let (text, _) = text_of(payload);
-                let seq = rec
-                    .append("query", &[("text", Field::Str(&text))], Timestamp::now())
-                    .map_err(Stop::Recording)?;
-                self.pending
-                    .push_back(Pending::Statement { seq, simple: true });
-            }
-            b'P' => {
-                let (name, rest) = text_of(payload);
-                let (text, _) = text_of(rest);
-                self.track(true, name.into_owned(), (text.into_owned(), String::new()))?;
-            }
-            b'B' => {
-                if let Some((portal, stmt, params)) = bind_params(payload, self.redact) {
-                    self.track(false, portal, (stmt, params))?;
-                }
-            }
-            b'E' => {
-                let (portal, _) = text_of(payload);
-                let (stmt, params, text) = match self.portals.get(portal.as_ref()) {
-                    Some((stmt, params)) => (
-                        stmt.as_str(),
-                        params.as_str(),
-                        self.statements
-                            .get(stmt)
-                            .map_or("<unknown statement>", String::as_str),
-                    ),
-                    None => ("", "null", "<unknown portal>"),
-                };
-                let seq = rec
-                    .append(
-                        "execute",
-                        &[
-                            ("params", Field::Json(params)),
-                            ("portal", Field::Str(&portal)),
-                            ("statement", Field::Str(stmt)),
-                            ("text", Field::Str(text)),
-                        ],
-                        Timestamp::now(),
-                    )
-                    .map_err(Stop::Recording)?;
-                self.pending
-                    .push_back(Pending::Statement { seq, simple: false });
-            }
-            b'S' => self.pending.push_back(Pending::Sync),
-            b'C' => {
-                if let Some((&kind, rest)) = payload.split_first() {
-                    let (name, _) = text_of(rest);
-                    let freed = match kind {
-                        b'S' => self
-                            .statements
-                            .remove(name.as_ref())
-                            .map(|t| name.len() + t.len()),
-                        b'P' => self
-                            .portals
-                            .remove(name.as_ref())
-                            .map(|(s, p)| name.len() + s.len() + p.len()),
-                        _ => None,
-                    };
-                    self.tracked_bytes -= freed.unwrap_or(0);
-                }
-            }
-            b'X' => return Ok(true),
-            _ => {}
-        }
-        Ok(false)
-    }
-
-    /// Records outcomes from a server frame (deferred: written with the
-    /// next statement or by the session's flush timer).
-    fn server_frame(&mut self, tag: u8, payload: &[u8], rec: &mut Recording) {
-        let statement = match (tag, self.pending.front()) {
-            (b'Z', _) => {
-                // This ReadyForQuery ends the oldest batch: everything up to
-                // and including its Sync (or simple query). Later batches
-                // of a pipelining client keep waiting for their answers.
-                while let Some(p) = self.pending.pop_front() {
-                    if matches!(p, Pending::Sync | Pending::Statement { simple: true, .. }) {
-                        break;
-                    }
-                }
-                // Outside a transaction no portal survives.
-                if payload.first() == Some(&b'I') {
-                    let freed: usize = self
-                        .portals
-                        .drain()
-                        .map(|(n, (s, p))| n.len() + s.len() + p.len())
-                        .sum();
-                    self.tracked_bytes -= freed;
-                }
-                return;
-            }
-            (b'C' | b'I' | b's' | b'E', Some(&Pending::Statement { seq, simple })) => {
-                if !simple {
-                    self.pending.pop_front();
-                }
-                Field::U64(seq)
-            }
-            _ => return,
-        };
-        let result = |tag: &str, rec: &mut Recording| {
-            rec.append_deferred(
-                "result",
-                &[("statement", statement), ("tag", Field::Str(tag))],
-                Timestamp::now(),
-            );
-        };
-        match tag {
-            b'C' => result(&text_of(payload).0, rec),
-            b'I' => result("", rec),
-            b's' => result("portal suspended", rec),
-            _ => {
-                let fields = parse_error_fields(payload);
-                let get = |c: u8| {
-                    fields
-                        .iter()
-                        .find(|(k, _)| *k == c)
-                        .map_or("", |(_, v)| v.as_str())
-                };
-                rec.append_deferred(
-                    "error",
-                    &[
-                        ("code", Field::Str(get(b'C'))),
-                        ("message", Field::Str(get(b'M'))),
-                        ("statement", statement),
-                    ],
-                    Timestamp::now(),
-                );
-            }
-        }
-    }
 }
 
 fn cut_message(reason: &str) -> String {
@@ -660,6 +372,9 @@ enum End {
     /// The client or the upstream went away, or broke the protocol.
     Closed(String),
     Protocol(String),
+    /// The client sent a message the gateway refuses (see `frontend`),
+    /// where no in-protocol answer could be given.
+    Refused(&'static str, String),
 }
 
 impl End {
@@ -675,7 +390,7 @@ impl End {
 async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: Ready) {
     let Ready {
         auth,
-        params,
+        startup,
         mut upstream,
         mut ubuf,
         mut cbuf,
@@ -690,9 +405,12 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         upstream_user: auth.upstream.user.clone(),
         client: peer,
     };
-    let application = params
+    // The last one wins, as in PostgreSQL.
+    let application = startup
+        .forwarded
         .iter()
-        .find(|(k, _)| k == "application_name")
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case("application_name"))
         .map(|(_, v)| v.clone());
     let header = json!({
         "session_id": session_id,
@@ -703,6 +421,11 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         "upstream_user": auth.upstream.user,
         "client": peer.to_string(),
         "application_name": application,
+        // Every setting forwarded in the upstream start-up packet, in order
+        // (a later one overrides an earlier one of the same name), and the
+        // `options` value they partly came from.
+        "settings": startup.forwarded,
+        "options": startup.options,
         "expires_at": auth.expires_at.to_rfc3339(),
     });
     // INVARIANT: a session refused here leaves no recording (and no `.open`
@@ -781,6 +504,11 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.write_all(&msg)).await;
             "protocol_violation".to_string()
         }
+        End::Refused(code, m) => {
+            let msg = error_response(Severity::Fatal, code, m);
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.write_all(&msg)).await;
+            "message_refused".to_string()
+        }
     };
     // Stop whatever the upstream is running, then close it, then the
     // client (bounded: a client that stopped reading must not hold up the
@@ -795,7 +523,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         }
         found.map(|(_, t)| t)
     });
-    if matches!(end, End::Cut { .. } | End::Protocol(_))
+    if matches!(end, End::Cut { .. } | End::Protocol(_) | End::Refused(..))
         && let Some(t) = &key
         && let Err(e) = upstream::cancel(&t.host, t.port, t.pid, t.secret).await
     {
@@ -846,10 +574,10 @@ async fn relay(
     rec: &mut Recording,
     session_id: &str,
 ) -> End {
-    let mut tracker = Tracker {
-        redact: auth.redact_parameters,
-        ..Tracker::default()
-    };
+    let mut tracker = Tracker::new(auth.redact_parameters);
+    // A client frame waits for earlier batches' answers (see
+    // `transcript`): the client is not read meanwhile.
+    let mut blocked = false;
     let idle = shared.config.idle();
     let expiry = tokio::time::sleep_until(expiry_deadline(auth.expires_at));
     tokio::pin!(expiry);
@@ -875,33 +603,54 @@ async fn relay(
         if client_pending {
             client_pending = false;
             let mut consumed = 0;
-            let mut terminate = false;
+            let mut next = Next::Forward;
             loop {
                 match decode_frame(&cbuf[consumed..], message_max) {
                     Err(e) => return End::Protocol(format!("breakglass gateway: {e}")),
                     Ok(None) => break,
                     Ok(Some(f)) => {
-                        let start = consumed;
-                        let payload = &cbuf[start + 5..start + f.len];
+                        let payload = &cbuf[consumed + 5..consumed + f.len];
                         match tracker.client_frame(f.tag, payload, rec) {
-                            Ok(t) => terminate = t,
-                            Err(Stop::Recording(e)) => {
-                                tracing::error!(error = %e, "cannot write session recording; closing session");
-                                return End::cut("recording_failed");
+                            Ok(Next::Forward) => consumed += f.len,
+                            Ok(Next::Terminate) => {
+                                consumed += f.len;
+                                next = Next::Terminate;
+                                break;
+                            }
+                            Ok(n @ Next::Wait) => {
+                                next = n;
+                                break;
+                            }
+                            Ok(Next::Reply(bytes)) => {
+                                next = Next::Reply(bytes);
+                                break;
                             }
                             // Nothing of this frame was forwarded.
                             Err(Stop::Limit(m)) => return End::Protocol(m),
-                        }
-                        consumed += f.len;
-                        if terminate {
-                            break;
+                            Err(Stop::Refused(code, m)) => return End::Refused(code, m),
                         }
                     }
                 }
             }
-            if consumed > 0 {
-                // INVARIANT: everything forwarded here was recorded above.
-                let write = upstream.write_all(&cbuf[..consumed]);
+            let wait = next == Next::Wait;
+            // The server must answer what it has, or a waiting frame would
+            // wait for ever: a Flush runs nothing and answers nothing.
+            let flush = wait && !blocked;
+            blocked = wait;
+            if consumed > 0 || flush {
+                // INVARIANT: everything forwarded here was recorded above,
+                // with this one write.
+                if let Err(e) = rec.flush() {
+                    tracing::error!(error = %e, "cannot write session recording; closing session");
+                    return End::cut("recording_failed");
+                }
+                let write = async {
+                    upstream.write_all(&cbuf[..consumed]).await?;
+                    if flush {
+                        upstream.write_all(&FLUSH).await?;
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
                 tokio::select! {
                     biased;
                     _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
@@ -910,8 +659,30 @@ async fn relay(
                 }
                 cbuf.advance(consumed);
             }
-            if terminate {
-                return End::Closed("client_terminated".into());
+            match next {
+                Next::Terminate => return End::Closed("client_terminated".into()),
+                Next::Reply(bytes) => {
+                    // A refused frame: answered here, never forwarded.
+                    if let Err(e) = rec.flush() {
+                        tracing::error!(error = %e, "cannot write session recording; closing session");
+                        return End::cut("recording_failed");
+                    }
+                    let len = decode_frame(&cbuf[..], message_max)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |f| f.len);
+                    cbuf.advance(len);
+                    let write = client.write_all(&bytes);
+                    tokio::select! {
+                        biased;
+                        _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
+                        () = &mut expiry => return End::cut("expired"),
+                        r = write => if r.is_err() { return End::Closed("client_closed".into()) },
+                    }
+                    client_pending = true;
+                    continue;
+                }
+                Next::Forward | Next::Wait => {}
             }
         }
         if upstream_pending {
@@ -926,7 +697,9 @@ async fn relay(
                     Ok(Some(f)) => {
                         let frame = &ubuf[consumed..consumed + f.len];
                         let payload = &frame[5..];
-                        tracker.server_frame(f.tag, payload, rec);
+                        if let Err(m) = tracker.server_frame(f.tag, payload, rec) {
+                            return End::Protocol(m);
+                        }
                         if f.tag == b'K' && payload.len() == 8 {
                             let pid = i32::from_be_bytes([
                                 payload[0], payload[1], payload[2], payload[3],
@@ -1003,6 +776,11 @@ async fn relay(
                     };
                 }
                 ubuf.advance(consumed);
+                if blocked {
+                    // Answers came: the waiting frame may go now.
+                    client_pending = true;
+                    continue;
+                }
             }
         }
         for buf in [&mut *cbuf, &mut *ubuf] {
@@ -1028,7 +806,7 @@ async fn relay(
             biased;
             _ = cut_rx.changed() => return End::cut(&cut_reason(cut_rx)),
             () = &mut expiry => return End::cut("expired"),
-            r = client.read_buf(cbuf) => match r {
+            r = client.read_buf(cbuf), if !blocked => match r {
                 Ok(0) | Err(_) => return End::Closed("client_closed".into()),
                 Ok(_) => client_pending = true,
             },

@@ -34,7 +34,7 @@
 //! Server answers confirm what the gateway tracks (the statement a name
 //! stands for, the portal a name stands for): ParseComplete, BindComplete
 //! and CloseComplete in order, an ErrorResponse discarding the rest of its
-//! batch as the server does. `session::Tracker` holds that model.
+//! batch as the server does. `transcript::Tracker` holds that model.
 
 /// What the relay does with a client message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

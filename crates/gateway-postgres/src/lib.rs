@@ -334,8 +334,11 @@ impl Gateway {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    // The slot is taken here, in arrival order, so the
+                    // oldest unauthenticated connection is the one evicted.
+                    let slot = self.shared.slots.open(peer.ip());
                     let shared = self.shared.clone();
-                    tokio::spawn(async move { session::handle(shared, stream, peer).await });
+                    tokio::spawn(async move { session::handle(shared, stream, peer, slot).await });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "gateway accept failed");

@@ -69,12 +69,17 @@ async fn fatal<W: AsyncWrite + Unpin + ?Sized>(client: &mut W, code: &str, messa
 const EVICTED: &str = "breakglass gateway: too many connections are waiting to sign in; this one waited longest and was closed to make room (retry now)";
 const STARTUP_LATE: &str = "breakglass gateway: start-up not completed in time";
 
-pub(crate) async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Result<Slot, SlotRefusal>,
+) {
     let _ = tcp.set_nodelay(true);
     // INVARIANT: the slot is held until the connection ends; it is
     // unauthenticated (evictable, under the start-up deadline) until the
     // grant credential is accepted.
-    let slot = match shared.slots.open(peer.ip()) {
+    let slot = match slot {
         Ok(slot) => slot,
         Err(refusal) => {
             let message = match refusal {

@@ -70,7 +70,10 @@ fn open_idle(to: SocketAddr, n: usize, per_source: usize, first_source: u8) -> V
                 .await
                 .expect("connect in time")
                 .expect("connect");
-            out.push(s.into_std().expect("std socket"));
+            let s = s.into_std().expect("std socket");
+            // tokio's sockets are non-blocking; the tests read with timeouts.
+            s.set_nonblocking(false).expect("blocking");
+            out.push(s);
         }
         out
     })

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use breakglass_core::Timestamp;
+use breakglass_core::{Principal, Timestamp};
 use breakglass_core::policy::{
     Action, POLICY_FILE_LEN_MAX, PolicyEngine, PolicyError, PolicyInput,
 };
@@ -495,4 +495,106 @@ permit (principal, action, resource in TargetGroup::"payments");
         first.explain(),
         first_ticket_error
     ));
+}
+
+#[test]
+fn a_countersignature_window_must_end_before_the_grant() {
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("10m")"#),
+        expect![[r#""#]],
+    );
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("1h")"#),
+        expect![[r#""#]],
+    );
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("9m59s")"#),
+        expect![[r#""#]],
+    );
+}
+
+/// The warnings of `src` for principals given as (name, groups).
+fn warnings(src: &str, principals: &[(&str, &[&str])]) -> String {
+    let engine = PolicyEngine::load(src, "policy.cedar").expect("policy loads");
+    let principals: Vec<Principal> = principals
+        .iter()
+        .map(|(name, groups)| Principal {
+            name: name.to_string(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            admin: false,
+        })
+        .collect();
+    let mut out = String::new();
+    for w in engine.warnings(&principals) {
+        let _ = writeln!(out, "{w}");
+    }
+    out
+}
+
+const UNSATISFIABLE: &str = r#"
+@id("nobody-approves")
+@approvals("1")
+@approvers("ghosts")
+@max_duration("30m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("too-many")
+@approvals("3")
+@approvers("sre-leads,security")
+@max_duration("30m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("leads-ask-leads")
+@approvals("2")
+@approvers("sre-leads")
+@max_duration("30m")
+permit (principal in Group::"sre-leads", action == Action::"request", resource);
+
+@id("anyone-asks")
+@approvals("2")
+@approvers("sre-leads")
+@max_duration("30m")
+permit (principal, action == Action::"request", resource);
+
+@id("lonely-countersigner")
+@approvals("0")
+@approvers("security")
+@countersign_within("5m")
+@max_duration("10m")
+permit (principal == User::"dave", action == Action::"emergency", resource);
+
+@id("fine")
+@approvals("1")
+@approvers("sre-leads")
+@countersign_within("5m")
+@max_duration("10m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("self-service")
+@approvals("0")
+@max_duration("10m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+"#;
+
+#[test]
+fn rules_nobody_can_satisfy_are_named() {
+    let people: &[(&str, &[&str])] = &[
+        ("alice", &["oncall"]),
+        ("bob", &["sre-leads"]),
+        ("frank", &["sre-leads", "oncall"]),
+        ("dave", &["security"]),
+    ];
+    expect![[r#""#]].assert_eq(&warnings(UNSATISFIABLE, people));
+    // With enough people every rule can be met.
+    let more: &[(&str, &[&str])] = &[
+        ("alice", &["oncall"]),
+        ("bob", &["sre-leads"]),
+        ("carol", &["sre-leads"]),
+        ("frank", &["sre-leads", "oncall"]),
+        ("dave", &["security"]),
+        ("sec2", &["security"]),
+        ("ghost", &["ghosts"]),
+    ];
+    expect![[r#""#]].assert_eq(&warnings(UNSATISFIABLE, more));
+    expect![[r#""#]].assert_eq(&warnings(GOOD, &[]));
 }

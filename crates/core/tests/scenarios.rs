@@ -17,7 +17,13 @@
 //! cancel WHO @T                   revoke WHO "reason" @T
 //! review WHO ok|misuse "notes" @T
 //! tick [WHO] @T                   live @T
+//! offboard @T                     switch ID @T
+//! limits MAX_OPEN REVIEW_WITHIN @T
 //! ```
+//!
+//! `emergency` also applies the emergency limits against every earlier
+//! request of the script (default: one open at a time, review within 24h).
+//! Commands act on the newest request; `switch r1` acts on `r1` instead.
 //!
 //! `WHO` may be `system`. The file ends with two authorization matrices,
 //! judged by rules written here independently of the core: every principal
@@ -29,7 +35,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use breakglass_core::audit::canonical_json;
-use breakglass_core::lifecycle::{self, Command, NewRequest, Transition};
+use breakglass_core::lifecycle::{self, Command, EmergencyLimits, NewRequest, Transition};
 use breakglass_core::policy::{Action, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_core::{Actor, EndReason, Principal, Request, ReviewOutcome, State, Timestamp};
@@ -64,7 +70,7 @@ when { context.role == "admin" };
 @id("ic-emergency")
 @approvals("0")
 @approvers("sre-leads")
-@countersign_within("10m")
+@countersign_within("5m")
 @max_duration("10m")
 permit (principal in Group::"incident-commanders", action == Action::"emergency",
         resource in TargetGroup::"production");
@@ -265,6 +271,9 @@ struct World {
     engine: PolicyEngine,
     request: Option<Request>,
     created: u32,
+    /// Every request of the script as it is now, by id.
+    history: std::collections::BTreeMap<String, Request>,
+    limits: EmergencyLimits,
 }
 
 impl World {
@@ -273,6 +282,11 @@ impl World {
             engine: PolicyEngine::load(POLICY, "scenarios.cedar").expect("scenario policy loads"),
             request: None,
             created: 0,
+            history: Default::default(),
+            limits: EmergencyLimits {
+                active_per_principal_max: 1,
+                review_within_s: 24 * 3600,
+            },
         }
     }
 
@@ -292,6 +306,24 @@ impl World {
                 let live = self.current().is_live(now);
                 return Ok(format!("  live: {}\n", if live { "yes" } else { "no" }));
             }
+            "switch" => {
+                let id = line.word(1);
+                self.request = Some(
+                    self.history
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_else(|| panic!("no request {id}")),
+                );
+                return Ok(format!("  => {}\n", describe(self.current())));
+            }
+            "limits" => {
+                self.limits = EmergencyLimits {
+                    active_per_principal_max: line.word(1).parse().expect("limit is a number"),
+                    review_within_s: parse_duration(line.word(2)).expect("review window"),
+                };
+                return Ok(String::new());
+            }
+            "offboard" => Command::Offboard,
             "approve" => Command::Approve {
                 comment: line.quoted.first().cloned(),
             },
@@ -312,6 +344,7 @@ impl World {
         };
         let who = match verb {
             "tick" => actor(line.words.get(1).map_or("system", String::as_str)),
+            "offboard" => Actor::System,
             _ => actor(line.word(1)),
         };
         let req = self.current().clone();
@@ -369,6 +402,11 @@ impl World {
         let id = format!("r{}", self.created + 1);
         let t = lifecycle::create(&new, &who, &decision, id, line.now, PENDING_TIMEOUT_S)
             .map_err(|e| e.to_string())?;
+        if emergency {
+            let others: Vec<Request> = self.history.values().cloned().collect();
+            lifecycle::check_emergency(&who.name, &others, &self.limits, line.now)
+                .map_err(|e| e.to_string())?;
+        }
         self.created += 1;
         // A new request starts a new compare-and-set history.
         self.request = None;
@@ -393,6 +431,7 @@ impl World {
             let _ = writeln!(out, "  {} by {}:{}", e.action, e.actor, details(&e.details));
         }
         let _ = writeln!(out, "  => {}", describe(&new));
+        self.history.insert(new.id.clone(), new.clone());
         self.request = Some(new);
         out
     }
@@ -1487,7 +1526,7 @@ const MATRIX: &[MatrixCase] = &[
         name: "active emergency, awaiting countersignature",
         script: r#"emergency erin prod-db admin 10m "r" @0s"#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "active emergency, countersign due before expiry",
@@ -1502,7 +1541,7 @@ const MATRIX: &[MatrixCase] = &[
             approve carol @1m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "active drill, nobody approves",
@@ -1554,7 +1593,7 @@ const MATRIX: &[MatrixCase] = &[
             tick @5m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "revoked by an admin",
@@ -1583,7 +1622,7 @@ const MATRIX: &[MatrixCase] = &[
             tick @10m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "expired and reviewed",
@@ -1613,6 +1652,7 @@ fn matrix_commands() -> Vec<Command> {
             notes: "checked".into(),
         },
         Command::Tick,
+        Command::Offboard,
     ]
 }
 
@@ -1655,6 +1695,14 @@ fn oracle(
                         (State::Expired, Some(EndReason::Expired))
                     })
                 }
+                // The requester left: whatever is still open ends, unless a
+                // deadline passed first (then the deadline decides).
+                (Command::Offboard, State::Pending) if !due => {
+                    Some((State::Cancelled, Some(EndReason::PrincipalRemoved)))
+                }
+                (Command::Offboard, State::Active) if !due => {
+                    Some((State::Revoked, Some(EndReason::PrincipalRemoved)))
+                }
                 _ => None,
             };
         }
@@ -1666,7 +1714,7 @@ fn oracle(
     let already_approved = req.approvals.iter().any(|a| a.by == p.name);
     let unchanged = Some((req.state, req.end_reason));
     match (cmd, req.state) {
-        (Command::Tick, _) => None,
+        (Command::Tick | Command::Offboard, _) => None,
         (_, State::Pending | State::Active) if due => None,
         (Command::Approve { .. }, State::Pending) if eligible && !already_approved => {
             let have = req.approvals.len() as u32 + 1;
@@ -2051,4 +2099,157 @@ fn creation_matrix_has_no_bypass() {
         3200 combinations, 173 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
+}
+
+#[test]
+fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
+    // oncall-emergency-read: countersign within 2m, at most 10m. No tick
+    // runs: the grant is dead at @2m all the same.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        live @1m59s999ms
+        live @2m
+        approve bob "too late" @2m
+        "#,
+        expect![[r#""#]],
+    );
+    // Countersigned in time: the grant lives until it expires.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        approve bob "seen" @1m
+        live @2m
+        live @9m59s999ms
+        live @10m
+        "#,
+        expect![[r#""#]],
+    );
+}
+
+#[test]
+fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        # Not countersigned yet: no second grant, whatever the target or role.
+        emergency erin pay-db admin 10m "and payments" @1m
+        approve bob "seen" @2m
+        # Countersigned, but one open emergency grant is the limit.
+        emergency erin prod-db read 10m "read replica too" @3m
+        revoke erin "done" @4m
+        # Released, countersigned, review not yet due: allowed again.
+        emergency erin prod-db read 10m "again" @5m
+        "#,
+        expect![[r#""#]],
+    );
+    // A raised limit admits a second open grant, not a third.
+    check(
+        r#"
+        limits 2 24h @0s
+        emergency erin prod-db admin 10m "primary down" @0s
+        approve bob "seen" @1m
+        emergency erin prod-db read 10m "replica" @2m
+        approve carol "seen" @3m
+        emergency erin pay-db admin 10m "payments" @4m
+        "#,
+        expect![[r#""#]],
+    );
+    // Other principals are not blocked by erin's grant.
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        emergency alice prod-db read 10m "dashboards" @1m
+        "#,
+        expect![[r#""#]],
+    );
+}
+
+#[test]
+fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        tick @2m
+        # Cut for want of a countersignature: re-opening at once would make
+        # the countersignature pointless.
+        emergency alice prod-db read 10m "still down" @2m1s
+        switch r1 @3m
+        review bob ok "outage was real" @3m
+        emergency alice prod-db read 10m "still down" @3m1s
+        "#,
+        expect![[r#""#]],
+    );
+    // Before the scheduler has written the revocation, the same holds.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        emergency alice prod-db read 10m "still down" @2m1s
+        "#,
+        expect![[r#""#]],
+    );
+    // A short grant that expires before its countersignature is due was
+    // never vouched for either.
+    check(
+        r#"
+        emergency erin prod-db admin 4m "quick fix" @0s
+        tick @4m
+        emergency erin prod-db admin 4m "another quick fix" @4m1s
+        "#,
+        expect![[r#""#]],
+    );
+}
+
+#[test]
+fn an_overdue_review_blocks_the_next_emergency() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        approve bob "seen" @1m
+        tick @10m
+        emergency erin prod-db admin 10m "again" @24h9m59s999ms
+        switch r2 @24h9m59s999ms
+        approve bob "seen" @24h10m
+        revoke erin "done" @24h10m
+        # r1 ended at @10m and is still not reviewed a day later.
+        emergency erin prod-db admin 10m "third time" @24h10m
+        switch r1 @24h11m
+        review carol ok "fine" @24h11m
+        emergency erin prod-db admin 10m "third time" @24h12m
+        "#,
+        expect![[r#""#]],
+    );
+}
+
+#[test]
+fn offboarding_ends_what_is_still_open() {
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        approve bob @1m
+        offboard @2m
+        live @2m
+        offboard @3m
+        review bob ok "left the company" @4m
+        "#,
+        expect![[r#""#]],
+    );
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        offboard @1m
+        approve bob @2m
+        "#,
+        expect![[r#""#]],
+    );
+    // Past a deadline, the deadline decides how it ended.
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        offboard @30m
+        tick @30m
+        offboard @31m
+        "#,
+        expect![[r#""#]],
+    );
 }

@@ -157,6 +157,9 @@ impl Running {
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     let (policy, policy_sha) = load_policy_with_digest(&config)?;
+    for w in policy.warnings(&config.policy_principals()) {
+        tracing::warn!(policy_file = %config.policy.file.display(), "{w}");
+    }
     let key = keys::load_or_create(&config.server.data_dir)?;
     let db = config.db_path();
     let store: Arc<dyn Store> = Arc::new(
@@ -177,8 +180,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         key.clone(),
         broken.clone(),
     );
-    // INVARIANT: overdue grants end before the API serves anything.
-    let overdue_ended = app.scheduler.recover().await?;
+    // INVARIANT: overdue grants, and the grants of principals no longer
+    // configured, end before the API serves anything.
+    let recovered = app.scheduler.recover().await?;
+    let overdue_ended = recovered.overdue_ended;
     if broken.is_none() {
         store
             .append(
@@ -191,6 +196,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                         "policy_sha256": policy_sha,
                         "policies": app.policy.policy_names(),
                         "overdue_ended": overdue_ended,
+                        "principal_removed_ended": recovered.offboarded,
                     }),
                 }],
                 now(),

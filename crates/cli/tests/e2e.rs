@@ -880,7 +880,11 @@ fn a_removed_principal_loses_its_grant_at_restart() {
     let (st, r) = api.get("dave", &format!("/v1/requests/{grant}"));
     assert_eq!(st, 200, "{r}");
     assert_eq!(
-        (r["state"].as_str(), r["end_reason"].as_str(), r["ended_by"].as_str()),
+        (
+            r["state"].as_str(),
+            r["end_reason"].as_str(),
+            r["ended_by"].as_str()
+        ),
         (Some("revoked"), Some("principal_removed"), Some("system")),
         "{r}"
     );

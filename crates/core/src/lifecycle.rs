@@ -672,9 +672,10 @@ pub fn check_emergency(
         reason,
     };
     let groups = |r: &Request| r.approver_groups.join(", ");
-    let awaiting_countersign = |r: &Request| r.countersign_by.is_some() && r.countersignature.is_none();
-    let mut open = Vec::new();
-    for r in &mine {
+    let awaiting_countersign =
+        |r: &Request| r.countersign_by.is_some() && r.countersignature.is_none();
+    let mut open: Vec<&Request> = Vec::new();
+    for &r in &mine {
         if r.state == State::Pending || r.is_live(now) {
             if r.state == State::Active && awaiting_countersign(r) {
                 return Err(blocked(
@@ -688,7 +689,7 @@ pub fn check_emergency(
                     ),
                 ));
             }
-            open.push(*r);
+            open.push(r);
             continue;
         }
         let ended = r.activated_at.is_some()

@@ -8,10 +8,10 @@
 
 use std::fmt::Write as _;
 
-use breakglass_core::{Principal, Timestamp};
 use breakglass_core::policy::{
     Action, POLICY_FILE_LEN_MAX, PolicyEngine, PolicyError, PolicyInput,
 };
+use breakglass_core::{Principal, Timestamp};
 use expect_test::{Expect, expect};
 
 /// A policy that loads, so each case below can break one thing at a time.

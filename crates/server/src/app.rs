@@ -782,7 +782,11 @@ impl App {
             let why = req
                 .ended_because(now)
                 .map_or_else(|| req.state.to_string(), |r| r.to_string());
-            let why = if req.is_live(now) { "expired".to_string() } else { why };
+            let why = if req.is_live(now) {
+                "expired".to_string()
+            } else {
+                why
+            };
             return Err(GrantRefusal::Ended(why));
         }
         // INVARIANT: a grant is usable only while its requester is a known

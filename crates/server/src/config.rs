@@ -454,7 +454,10 @@ mod tests {
                 "[emergency]\nreview_within = \"soon\"",
                 "emergency.review_within",
             ),
-            ("[emergency]\nreview_within = \"31d\"", "emergency.review_within"),
+            (
+                "[emergency]\nreview_within = \"31d\"",
+                "emergency.review_within",
+            ),
             ("[emergency]\nreview = \"1h\"", "unknown field `review`"),
         ] {
             let e = parse(&format!(

@@ -391,7 +391,11 @@ fn emergency_grants_must_be_countersigned() {
         &format!("/v1/requests/{signed}/revoke"),
         Some(json!({"reason": "fixed"})),
     );
-    assert_eq!((st, r["end_reason"].as_str()), (200, Some("released")), "{r}");
+    assert_eq!(
+        (st, r["end_reason"].as_str()),
+        (200, Some("released")),
+        "{r}"
+    );
     let (st, r) = create(&s, "erin", body);
     assert_eq!(st, 201, "{r}");
     let unsigned = r["id"].as_str().expect("id").to_string();
@@ -605,7 +609,12 @@ fn emergency(s: &TestServer, who: &str) -> (u16, Value) {
 }
 
 fn act(s: &TestServer, who: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
-    s.call(who, "POST", &format!("/v1/requests/{id}/{verb}"), Some(body))
+    s.call(
+        who,
+        "POST",
+        &format!("/v1/requests/{id}/{verb}"),
+        Some(body),
+    )
 }
 
 #[test]
@@ -655,7 +664,13 @@ fn emergency_self_activation_is_refused_while_another_blocks_it() {
     let detail = p["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(&first) && detail.contains("overdue"), "{p}");
     for id in [&first, &second] {
-        let (st, r) = act(&s, "carol", id, "review", json!({"outcome": "ok", "notes": "fine"}));
+        let (st, r) = act(
+            &s,
+            "carol",
+            id,
+            "review",
+            json!({"outcome": "ok", "notes": "fine"}),
+        );
         assert_eq!(st, 200, "{r}");
     }
     let (st, r) = emergency(&s, "erin");
@@ -699,7 +714,10 @@ fn concurrent_emergency_requests_of_one_principal_admit_one() {
 /// The application over the store of a stopped test server, with `config`,
 /// without start-up recovery and without the scheduler: what a credential
 /// check sees before anything has caught up.
-fn bare_app(dir: &std::path::Path, config_text: &str) -> std::sync::Arc<breakglass_server::app::App> {
+fn bare_app(
+    dir: &std::path::Path,
+    config_text: &str,
+) -> std::sync::Arc<breakglass_server::app::App> {
     use breakglass_server::config::Config;
     let config = Config::parse(config_text, "config.toml", dir).expect("config");
     let policy = breakglass_server::load_policy(&config).expect("policy");
@@ -740,7 +758,11 @@ fn a_passed_countersignature_deadline_refuses_credentials_before_the_scheduler_r
     rt.block_on(async {
         let app = bare_app(dir.path(), &config_text);
         let stored = app.store.get(&id).await.expect("get").expect("request");
-        assert_eq!(stored.state, breakglass_core::State::Active, "nothing has ended it");
+        assert_eq!(
+            stored.state,
+            breakglass_core::State::Active,
+            "nothing has ended it"
+        );
         let refusal = app
             .check_grant(&token, Some("erin"), Some("prod-db"))
             .await
@@ -815,7 +837,14 @@ fn credentials_of_a_removed_principal_are_refused_and_ended_at_start() {
         assert_eq!(get(other).await.state.as_str(), "pending");
         let events = app.store.request_events(&grant, 100).await.expect("events");
         let last = events.last().expect("events");
-        assert_eq!((last.actor.as_str(), last.action.as_str()), ("system", "request.revoked"));
-        assert!(last.details.contains("principal_removed"), "{}", last.details);
+        assert_eq!(
+            (last.actor.as_str(), last.action.as_str()),
+            ("system", "request.revoked")
+        );
+        assert!(
+            last.details.contains("principal_removed"),
+            "{}",
+            last.details
+        );
     });
 }

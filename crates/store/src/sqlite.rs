@@ -17,8 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store,
-    StoreError,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
 };
 
 /// Jobs the writer takes into one transaction at most.
@@ -453,9 +452,8 @@ fn create_op(
     if inserted == 0 {
         return Err(StoreError::Duplicate(r.id.clone()));
     }
-    let mut groups = conn.prepare_cached(
-        "INSERT OR IGNORE INTO request_groups (request_id, grp) VALUES (?1, ?2)",
-    )?;
+    let mut groups = conn
+        .prepare_cached("INSERT OR IGNORE INTO request_groups (request_id, grp) VALUES (?1, ?2)")?;
     for g in &r.approver_groups {
         groups.execute(params![r.id, g])?;
     }

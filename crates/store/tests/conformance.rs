@@ -913,8 +913,15 @@ mod suite {
             ticket: None,
             emergency: true,
         };
-        lifecycle::create(&input, who, &decision(0), id.to_string(), now, PENDING_TIMEOUT_S)
-            .expect("lifecycle::create accepts the test emergency")
+        lifecycle::create(
+            &input,
+            who,
+            &decision(0),
+            id.to_string(),
+            now,
+            PENDING_TIMEOUT_S,
+        )
+        .expect("lifecycle::create accepts the test emergency")
     }
 
     async fn emergency_ids(store: &dyn Store, who: &str) -> Vec<(String, u64)> {
@@ -937,7 +944,10 @@ mod suite {
             .create_emergency(new_emergency("e-1", &alice(), at(1)), Vec::new(), at(1))
             .await
             .expect("the first emergency request commits");
-        assert_eq!(emergency_ids(store, "alice").await, [("e-1".to_string(), 1)]);
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-1".to_string(), 1)]
+        );
         let head = store.head();
         // A caller that decided on an empty list is stale now.
         match store
@@ -992,7 +1002,10 @@ mod suite {
             at(6),
         );
         apply(store, review, at(6)).await;
-        assert_eq!(emergency_ids(store, "alice").await, [("e-2".to_string(), 1)]);
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-2".to_string(), 1)]
+        );
     }
 
     /// (12) Many emergency requests of one principal, each decided on the

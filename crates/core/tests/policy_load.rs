@@ -501,15 +501,25 @@ permit (principal, action, resource in TargetGroup::"payments");
 fn a_countersignature_window_must_end_before_the_grant() {
     check(
         &with_line(4, r#"@max_duration("10m") @countersign_within("10m")"#),
-        expect![[r#""#]],
+        expect![[r#"
+            policy.cedar:1:1: policy oncall-db-read: @countersign_within("10m") must be shorter than @max_duration("10m"): a countersignature due when the grant ends anyway cuts nothing
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
     );
     check(
         &with_line(4, r#"@max_duration("10m") @countersign_within("1h")"#),
-        expect![[r#""#]],
+        expect![[r#"
+            policy.cedar:1:1: policy oncall-db-read: @countersign_within("1h") must be shorter than @max_duration("10m"): a countersignature due when the grant ends anyway cuts nothing
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
     );
     check(
         &with_line(4, r#"@max_duration("10m") @countersign_within("9m59s")"#),
-        expect![[r#""#]],
+        expect![[r#"
+            ok: ["oncall-db-read"]
+        "#]],
     );
 }
 
@@ -584,7 +594,14 @@ fn rules_nobody_can_satisfy_are_named() {
         ("frank", &["sre-leads", "oncall"]),
         ("dave", &["security"]),
     ];
-    expect![[r#""#]].assert_eq(&warnings(UNSATISFIABLE, people));
+    expect![[r#"
+        policy nobody-approves: approver group ghosts has no known member
+        policy nobody-approves: @approvals("1") needs 1 eligible approver(s) but only 0 known principal(s) are in its approver groups (ghosts): every request it governs can never be approved
+        policy too-many: @approvals("3") needs 3 eligible approver(s) other than the requester, 3 known principal(s) are in its approver groups (security, sre-leads) and frank could be the requester: a request by them can never be approved
+        policy leads-ask-leads: @approvals("2") needs 2 eligible approver(s) other than the requester, 2 known principal(s) are in its approver groups (sre-leads) and every eligible approver could be the requester: a request by them can never be approved
+        policy anyone-asks: @approvals("2") needs 2 eligible approver(s) other than the requester, 2 known principal(s) are in its approver groups (sre-leads) and every eligible approver could be the requester: a request by them can never be approved
+        policy lonely-countersigner: a countersignature needs 1 eligible approver(s) other than the requester, 1 known principal(s) are in its approver groups (security) and every eligible approver could be the requester: a request by them is always cut at its countersignature deadline
+    "#]].assert_eq(&warnings(UNSATISFIABLE, people));
     // With enough people every rule can be met.
     let more: &[(&str, &[&str])] = &[
         ("alice", &["oncall"]),
@@ -596,5 +613,8 @@ fn rules_nobody_can_satisfy_are_named() {
         ("ghost", &["ghosts"]),
     ];
     expect![[r#""#]].assert_eq(&warnings(UNSATISFIABLE, more));
-    expect![[r#""#]].assert_eq(&warnings(GOOD, &[]));
+    expect![[r#"
+        policy oncall-db-read: approver group sre-leads has no known member
+        policy oncall-db-read: @approvals("1") needs 1 eligible approver(s) but only 0 known principal(s) are in its approver groups (sre-leads): every request it governs can never be approved
+    "#]].assert_eq(&warnings(GOOD, &[]));
 }

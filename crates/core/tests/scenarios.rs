@@ -1013,8 +1013,8 @@ fn emergency_activates_at_once_and_is_countersigned() {
         expect![[r#"
             emergency erin prod-db admin 10m "primary down, nobody answers" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down, nobody answers" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
-              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             live @0s
               live: yes
             approve erin @1m
@@ -1057,20 +1057,20 @@ fn emergency_without_countersignature_is_revoked() {
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
-              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             tick @9m59s999ms
-              error: nothing is due
+              request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=299999
+              => revoked; emergency; activated @0s; expires @10m; countersign by @5m; ended @9m59s999ms by system (not_countersigned); review required
             approve bob @10m
-              error: cannot approve a request that is active but past its deadline
+              error: cannot approve a request that is revoked
             tick @10m
-              request.revoked by system: countersign_by=@10m end_reason="not_countersigned" lateness_ms=0
-              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required
+              error: cannot tick a request that is revoked
             approve bob @11m
               error: cannot approve a request that is revoked
             review bob misuse "nobody countersigned" @12m
               request.reviewed by bob: notes="nobody countersigned" outcome="misuse"
-              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required; reviewed Misuse by bob @12m
+              => revoked; emergency; activated @0s; expires @10m; countersign by @5m; ended @9m59s999ms by system (not_countersigned); review required; reviewed Misuse by bob @12m
         "#]],
     );
     // The countersignature window of oncall-emergency-read (2m) is shorter
@@ -1102,11 +1102,11 @@ fn emergency_without_countersignature_is_revoked() {
         expect![[r#"
             emergency erin prod-db admin 5m "quick fix" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=300 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=300 emergency=true expires_at=@5m
-              => active; emergency; activated @0s; expires @5m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=300 emergency=true expires_at=@5m
+              => active; emergency; activated @0s; expires @5m; countersign by @5m; review required
             tick @5m
-              request.expired by system: expires_at=@5m lateness_ms=0
-              => expired; emergency; activated @0s; expires @5m; countersign by @10m; ended @5m by system (expired); review required
+              request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=0
+              => revoked; emergency; activated @0s; expires @5m; countersign by @5m; ended @5m by system (not_countersigned); review required
         "#]],
     );
 }
@@ -1835,36 +1835,36 @@ fn authorization_matrix_has_no_bypass() {
         "{tried} combinations, {allowed} allowed, 0 mismatches"
     );
     expect![[r#"
-        pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank
-        pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank
+        pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank; offboard by system
+        pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank; offboard by system
         pending read, requester is an approver @30m: tick by system
         pending read, requester is an approver @24h: tick by system
-        pending admin, 1 of 2 approvals @1m1s: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
-        pending admin, 1 of 2 approvals @29m59s999ms: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
+        pending admin, 1 of 2 approvals @1m1s: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice; offboard by system
+        pending admin, 1 of 2 approvals @29m59s999ms: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice; offboard by system
         pending admin, 1 of 2 approvals @30m: tick by system
         pending admin, 1 of 2 approvals @24h1m: tick by system
-        pending pay-db read, 2 policies @1s: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
-        pending pay-db read, 2 policies @29m59s999ms: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
+        pending pay-db read, 2 policies @1s: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice; offboard by system
+        pending pay-db read, 2 policies @29m59s999ms: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice; offboard by system
         pending pay-db read, 2 policies @30m: tick by system
         pending pay-db read, 2 policies @24h: tick by system
-        active read @1m1s: revoke by alice,bob,carol,frank,root
-        active read @15m59s999ms: revoke by alice,bob,carol,frank,root
+        active read @1m1s: revoke by alice,bob,carol,frank,root; offboard by system
+        active read @15m59s999ms: revoke by alice,bob,carol,frank,root; offboard by system
         active read @16m: tick by system
         active read @24h1m: tick by system
-        active emergency, awaiting countersignature @1s: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
-        active emergency, awaiting countersignature @9m59s999ms: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
-        active emergency, awaiting countersignature @10m: tick by system
+        active emergency, awaiting countersignature @1s: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, awaiting countersignature @4m59s999ms: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, awaiting countersignature @5m: tick by system
         active emergency, awaiting countersignature @24h: tick by system
-        active emergency, countersign due before expiry @1s: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
-        active emergency, countersign due before expiry @1m59s999ms: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
+        active emergency, countersign due before expiry @1s: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root; offboard by system
+        active emergency, countersign due before expiry @1m59s999ms: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root; offboard by system
         active emergency, countersign due before expiry @2m: tick by system
         active emergency, countersign due before expiry @24h: tick by system
-        active emergency, countersigned @1s: revoke by bob,carol,erin,frank,root
-        active emergency, countersigned @9m59s999ms: revoke by bob,carol,erin,frank,root
+        active emergency, countersigned @1s: revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, countersigned @9m59s999ms: revoke by bob,carol,erin,frank,root; offboard by system
         active emergency, countersigned @10m: tick by system
         active emergency, countersigned @24h: tick by system
-        active drill, nobody approves @1s: revoke by drill-bot,root
-        active drill, nobody approves @4m59s999ms: revoke by drill-bot,root
+        active drill, nobody approves @1s: revoke by drill-bot,root; offboard by system
+        active drill, nobody approves @4m59s999ms: revoke by drill-bot,root; offboard by system
         active drill, nobody approves @5m: tick by system
         active drill, nobody approves @24h: tick by system
         denied @1m1s: nothing
@@ -1885,7 +1885,7 @@ fn authorization_matrix_has_no_bypass() {
         revoked, not countersigned @24h10m: review by bob,carol,frank
         expired and reviewed @16m1s: nothing
         expired and reviewed @24h16m: nothing
-        3300 combinations, 150 allowed, 0 mismatches
+        3850 combinations, 166 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
 }
@@ -2009,7 +2009,10 @@ fn creation_matrix_has_no_bypass() {
                         let script = format!(
                             "{verb} {name} {target} {role} {d}s \"matrix\" ticket=INC-1234 @0s"
                         );
+                        // Each line stands alone: no earlier emergency
+                        // request of the matrix limits this one.
                         world.request = None;
+                        world.history.clear();
                         run_script(&mut world, &script);
                         let got = world
                             .request
@@ -2112,7 +2115,18 @@ fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
         live @2m
         approve bob "too late" @2m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            live @1m59s999ms
+              live: yes
+            live @2m
+              live: no
+            approve bob "too late" @2m
+              error: cannot approve a request that is active but past its deadline
+        "#]],
     );
     // Countersigned in time: the grant lives until it expires.
     check(
@@ -2123,7 +2137,21 @@ fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
         live @9m59s999ms
         live @10m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            live @2m
+              live: yes
+            live @9m59s999ms
+              live: yes
+            live @10m
+              live: no
+        "#]],
     );
 }
 
@@ -2141,7 +2169,26 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         # Released, countersigned, review not yet due: allowed again.
         emergency erin prod-db read 10m "again" @5m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            emergency erin pay-db admin 10m "and payments" @1m
+              error: emergency access refused: emergency grant r1 is not countersigned yet: an approver from sre-leads must countersign it (breakglass approve r1), or release it (breakglass revoke r1) first
+            approve bob "seen" @2m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @2m; review required
+            emergency erin prod-db read 10m "read replica too" @3m
+              error: emergency access refused: erin already has 1 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 1: release it (breakglass revoke r1) or wait until it ends
+            revoke erin "done" @4m
+              request.revoked by erin: end_reason="released" reason="done"
+              => revoked; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @4m by erin (released); review required
+            emergency erin prod-db read 10m "again" @5m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="again" role="read" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@7m duration_s=600 emergency=true expires_at=@15m
+              => active; emergency; activated @5m; expires @15m; countersign by @7m; review required
+        "#]],
     );
     // A raised limit admits a second open grant, not a third.
     check(
@@ -2153,7 +2200,25 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         approve carol "seen" @3m
         emergency erin pay-db admin 10m "payments" @4m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            limits 2 24h @0s
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            emergency erin prod-db read 10m "replica" @2m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="replica" role="read" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@4m duration_s=600 emergency=true expires_at=@12m
+              => active; emergency; activated @2m; expires @12m; countersign by @4m; review required
+            approve carol "seen" @3m
+              request.countersigned by carol: comment="seen"
+              => active; emergency; activated @2m; expires @12m; countersigned by carol @3m; review required
+            emergency erin pay-db admin 10m "payments" @4m
+              error: emergency access refused: erin already has 2 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 2: release it (breakglass revoke r1) or wait until it ends
+        "#]],
     );
     // Other principals are not blocked by erin's grant.
     check(
@@ -2161,7 +2226,16 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         emergency erin prod-db admin 10m "primary down" @0s
         emergency alice prod-db read 10m "dashboards" @1m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            emergency alice prod-db read 10m "dashboards" @1m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@3m duration_s=600 emergency=true expires_at=@11m
+              => active; emergency; activated @1m; expires @11m; countersign by @3m; review required
+        "#]],
     );
 }
 
@@ -2178,7 +2252,26 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         review bob ok "outage was real" @3m
         emergency alice prod-db read 10m "still down" @3m1s
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            tick @2m
+              request.revoked by system: countersign_by=@2m end_reason="not_countersigned" lateness_ms=0
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
+            emergency alice prod-db read 10m "still down" @2m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+            switch r1 @3m
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
+            review bob ok "outage was real" @3m
+              request.reviewed by bob: notes="outage was real" outcome="ok"
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required; reviewed Ok by bob @3m
+            emergency alice prod-db read 10m "still down" @3m1s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="still down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@5m1s duration_s=600 emergency=true expires_at=@13m1s
+              => active; emergency; activated @3m1s; expires @13m1s; countersign by @5m1s; review required
+        "#]],
     );
     // Before the scheduler has written the revocation, the same holds.
     check(
@@ -2186,7 +2279,14 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         emergency alice prod-db read 10m "dashboards down" @0s
         emergency alice prod-db read 10m "still down" @2m1s
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            emergency alice prod-db read 10m "still down" @2m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+        "#]],
     );
     // A short grant that expires before its countersignature is due was
     // never vouched for either.
@@ -2196,7 +2296,17 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         tick @4m
         emergency erin prod-db admin 4m "another quick fix" @4m1s
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency erin prod-db admin 4m "quick fix" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=240 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=240 emergency=true expires_at=@4m
+              => active; emergency; activated @0s; expires @4m; countersign by @5m; review required
+            tick @4m
+              request.expired by system: expires_at=@4m lateness_ms=0
+              => expired; emergency; activated @0s; expires @4m; countersign by @5m; ended @4m by system (expired); review required
+            emergency erin prod-db admin 4m "another quick fix" @4m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+        "#]],
     );
 }
 
@@ -2217,7 +2327,41 @@ fn an_overdue_review_blocks_the_next_emergency() {
         review carol ok "fine" @24h11m
         emergency erin prod-db admin 10m "third time" @24h12m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            tick @10m
+              request.expired by system: expires_at=@10m lateness_ms=0
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
+            emergency erin prod-db admin 10m "again" @24h9m59s999ms
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="again" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@24h14m59s999ms duration_s=600 emergency=true expires_at=@24h19m59s999ms
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
+            switch r2 @24h9m59s999ms
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
+            approve bob "seen" @24h10m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; review required
+            revoke erin "done" @24h10m
+              request.revoked by erin: end_reason="released" reason="done"
+              => revoked; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; ended @24h10m by erin (released); review required
+            emergency erin prod-db admin 10m "third time" @24h10m
+              error: emergency access refused: the review of emergency grant r1 is overdue since 2027-01-16T08:10:00.000Z (emergency grants are reviewed within 24h of their end): an approver from sre-leads must review it (breakglass review r1) first
+            switch r1 @24h11m
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
+            review carol ok "fine" @24h11m
+              request.reviewed by carol: notes="fine" outcome="ok"
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required; reviewed Ok by carol @24h11m
+            emergency erin prod-db admin 10m "third time" @24h12m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="third time" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@24h17m duration_s=600 emergency=true expires_at=@24h22m
+              => active; emergency; activated @24h12m; expires @24h22m; countersign by @24h17m; review required
+        "#]],
     );
 }
 
@@ -2232,7 +2376,25 @@ fn offboarding_ends_what_is_still_open() {
         offboard @3m
         review bob ok "left the company" @4m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
+              => active; activated @1m; expires @16m
+            offboard @2m
+              request.revoked by system: end_reason="principal_removed" requester="alice"
+              => revoked; activated @1m; expires @16m; ended @2m by system (principal_removed)
+            live @2m
+              live: no
+            offboard @3m
+              error: cannot offboard a request that is revoked
+            review bob ok "left the company" @4m
+              request.reviewed by bob: notes="left the company" outcome="ok"
+              => revoked; activated @1m; expires @16m; ended @2m by system (principal_removed); reviewed Ok by bob @4m
+        "#]],
     );
     check(
         r#"
@@ -2240,7 +2402,16 @@ fn offboarding_ends_what_is_still_open() {
         offboard @1m
         approve bob @2m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            offboard @1m
+              request.cancelled by system: end_reason="principal_removed" requester="alice"
+              => cancelled; ended @1m by system (principal_removed)
+            approve bob @2m
+              error: cannot approve a request that is cancelled
+        "#]],
     );
     // Past a deadline, the deadline decides how it ended.
     check(
@@ -2250,6 +2421,17 @@ fn offboarding_ends_what_is_still_open() {
         tick @30m
         offboard @31m
         "#,
-        expect![[r#""#]],
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            offboard @30m
+              error: cannot offboard a request that is pending but past its deadline
+            tick @30m
+              request.timed_out by system: pending_until=@30m
+              => timed_out; ended @30m by system (timed_out)
+            offboard @31m
+              error: cannot offboard a request that is timed_out
+        "#]],
     );
 }

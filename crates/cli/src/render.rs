@@ -507,6 +507,9 @@ pub fn policy_report(r: &PolicyReport) -> String {
             clean(&r.policies.join(", "))
         }
     );
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {}", clean(w));
+    }
     if let Some(s) = &r.sample {
         if s.allowed {
             let _ = writeln!(

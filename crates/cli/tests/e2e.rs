@@ -795,3 +795,167 @@ fn serve_dev_prints_working_tokens() {
         .unwrap_or_else(|| panic!("dev server ignored SIGTERM; stderr:\n{}", server.stderr()));
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_removed_principal_loses_its_grant_at_restart() {
+    let mut setup = Setup::new();
+    let mut server = Server::start(&setup);
+    let api = Api::new(&setup.url());
+    let out = setup.cli(
+        Some("alice"),
+        &[
+            "request",
+            "drill-db",
+            "--role",
+            "read",
+            "--duration",
+            "1h",
+            "--reason",
+            "drill",
+            "--output",
+            "json",
+        ],
+    );
+    out.expect_code(0);
+    let grant = id_of(&out.json());
+    let out = setup.cli(Some("alice"), &["credentials", &grant, "--output", "json"]);
+    out.expect_code(0);
+    let secret = out.json()["token"].as_str().expect("token").to_string();
+    let verify = |api: &Api| {
+        let (st, v) = api.post(
+            "dave",
+            "/v1/credentials/verify",
+            Some(serde_json::json!({"token": secret, "target": "drill-db"})),
+        );
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    assert_eq!(verify(&api)["active"], true);
+
+    // An emergency self-activation blocked by the first one is a refusal (3)
+    // that names the blocking request.
+    let emergency = |who: &str| {
+        setup.cli(
+            Some(who),
+            &[
+                "request",
+                "prod-db",
+                "--role",
+                "admin",
+                "--duration",
+                "5m",
+                "--reason",
+                "primary down",
+                "--emergency",
+                "--output",
+                "json",
+            ],
+        )
+    };
+    let out = emergency("erin");
+    out.expect_code(0);
+    let first = id_of(&out.json());
+    let out = emergency("erin");
+    out.expect_code(3);
+    assert!(
+        out.stderr.contains("emergency_blocked") && out.stderr.contains(&first),
+        "{out:#?}"
+    );
+
+    // alice leaves the config; the service restarts.
+    server
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("serve did not stop; stderr:\n{}", server.stderr()));
+    setup.new_port();
+    let alice = format!(
+        "[[principals]]\nname = \"alice\"\ngroups = [\"oncall\"]\ntoken_sha256 = \"{}\"\n\n",
+        common::sha256_hex(token("alice").as_bytes())
+    );
+    let text = setup.config_text();
+    assert!(text.contains(&alice), "the config lists alice");
+    std::fs::write(setup.config_path(), text.replace(&alice, "")).expect("write config");
+    let mut server = Server::start(&setup);
+    let api = Api::new(&setup.url());
+
+    let (st, r) = api.get("dave", &format!("/v1/requests/{grant}"));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        (
+            r["state"].as_str(),
+            r["end_reason"].as_str(),
+            r["ended_by"].as_str()
+        ),
+        (Some("revoked"), Some("principal_removed"), Some("system")),
+        "{r}"
+    );
+    let v = verify(&api);
+    assert_eq!(v["active"], false, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("principal_removed")),
+        "{v}"
+    );
+    // The revocation is in the audit log, before the service said it started.
+    let events = api.all_audit("dave");
+    let revoked = events
+        .iter()
+        .position(|e| {
+            e["action"] == "request.revoked" && e["request_id"].as_str() == Some(grant.as_str())
+        })
+        .expect("a request.revoked event");
+    let started = events
+        .iter()
+        .rposition(|e| e["action"] == "service.started")
+        .expect("service.started");
+    assert!(revoked < started, "revoked before serving");
+    assert_eq!(
+        events[started]["details"]["principal_removed_ended"], 1,
+        "{}",
+        events[started]
+    );
+    server
+        .terminate(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("serve did not stop; stderr:\n{}", server.stderr()));
+    let out = setup.cli(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--config",
+            &setup.config_path().display().to_string(),
+        ],
+    );
+    out.expect_code(0);
+}
+
+#[test]
+fn policy_check_warns_about_rules_nobody_can_satisfy() {
+    let policy = format!(
+        "{}\n@id(\"ghost-approvers\")\n@approvals(\"1\")\n@approvers(\"ghosts\")\n@max_duration(\"30m\")\n\
+         permit (principal in Group::\"oncall\", action == Action::\"request\", resource in TargetGroup::\"drills\");\n",
+        common::POLICY
+    );
+    let setup = Setup::with_policy(&policy);
+    let config = setup.config_path().display().to_string();
+    let out = setup.cli(None, &["policy", "check", "--config", &config]);
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .contains("warning: policy ghost-approvers: approver group ghosts has no known member"),
+        "{out:#?}"
+    );
+    let out = setup.cli(
+        None,
+        &["policy", "check", "--config", &config, "--output", "json"],
+    );
+    out.expect_code(0);
+    let warnings = out.json()["warnings"].clone();
+    assert_eq!(warnings.as_array().map(Vec::len), Some(2), "{warnings}");
+    // The default policy of the tests has none.
+    let setup = Setup::new();
+    let config = setup.config_path().display().to_string();
+    let out = setup.cli(None, &["policy", "check", "--config", &config]);
+    out.expect_code(0);
+    assert!(!out.stdout.contains("warning:"), "{out:#?}");
+}

@@ -49,6 +49,10 @@ pub enum Command {
     },
     /// Apply whatever deadline has passed at `now` (system only).
     Tick,
+    /// The requester is no longer a known principal (system only): a
+    /// pending request is cancelled, an active grant revoked, both with end
+    /// reason `principal_removed`.
+    Offboard,
 }
 
 impl Command {
@@ -60,6 +64,7 @@ impl Command {
             Command::Revoke { .. } => "revoke",
             Command::Review { .. } => "review",
             Command::Tick => "tick",
+            Command::Offboard => "offboard",
         }
     }
 }
@@ -122,6 +127,14 @@ pub enum LifecycleError {
     },
     #[error("nothing is due")]
     NotDue,
+    /// A new emergency request is refused because of another emergency
+    /// request of the same principal.
+    #[error("emergency access refused: {reason}")]
+    EmergencyBlocked {
+        /// The request that blocks it.
+        blocking: String,
+        reason: String,
+    },
 }
 
 fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<(), LifecycleError> {
@@ -316,10 +329,18 @@ pub fn step(
             }
             tick(&mut next, now, &mut events);
         }
-        (Command::Tick, Actor::Principal(_)) => {
-            return Err(LifecycleError::Invalid(
-                "tick is for the service only".into(),
-            ));
+        (Command::Offboard, Actor::System) => {
+            if due {
+                // The deadline decides how it ended: tick first.
+                return Err(wrong_state("offboard", req, " but past its deadline"));
+            }
+            offboard(&mut next, now, &mut events);
+        }
+        (Command::Tick | Command::Offboard, Actor::Principal(_)) => {
+            return Err(LifecycleError::Invalid(format!(
+                "{} is for the service only",
+                cmd.name()
+            )));
         }
         (_, Actor::System) => {
             return Err(LifecycleError::Invalid(format!(
@@ -533,6 +554,22 @@ fn end(
     next.ended_at = Some(now);
 }
 
+fn offboard(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
+    let reason = EndReason::PrincipalRemoved;
+    let details = json!({"end_reason": reason.as_str(), "requester": next.requester});
+    match next.state {
+        State::Pending => {
+            end(next, State::Cancelled, reason, "system", None, now);
+            events.push(event("system", "request.cancelled", next, details));
+        }
+        State::Active => {
+            end(next, State::Revoked, reason, "system", None, now);
+            events.push(event("system", "request.revoked", next, details));
+        }
+        _ => {}
+    }
+}
+
 fn tick(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
     match next.state {
         State::Pending => {
@@ -586,4 +623,117 @@ fn tick(next: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>) {
         }
         _ => {}
     }
+}
+
+/// Limits on the emergency path that hold whatever the policy says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmergencyLimits {
+    /// Emergency requests (pending or live) one principal may hold at once.
+    pub active_per_principal_max: u32,
+    /// An ended emergency grant must be reviewed within this long; while its
+    /// review is overdue its requester gets no new emergency access.
+    pub review_within_s: u64,
+}
+
+/// Decides whether `requester` may open a new emergency request at `now`,
+/// given their other emergency requests that are open, or ended and not yet
+/// reviewed (`others`; requests of other principals and non-emergency ones
+/// are ignored). The refusal names the request that blocks and what to do.
+///
+/// A new emergency request is refused while the requester has:
+/// - a live emergency grant still waiting for its countersignature;
+/// - an ended emergency grant that was never countersigned although its
+///   policy asked for it, until it is reviewed (otherwise a grant that is
+///   cut for want of a countersignature could be re-opened at once, again
+///   and again);
+/// - an ended emergency grant whose review is overdue;
+/// - `active_per_principal_max` open (pending or live) emergency requests.
+pub fn check_emergency(
+    requester: &str,
+    others: &[Request],
+    limits: &EmergencyLimits,
+    now: Timestamp,
+) -> Result<(), LifecycleError> {
+    let mut mine: Vec<&Request> = others
+        .iter()
+        .filter(|r| r.emergency && r.requester == requester)
+        .collect();
+    mine.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let blocked = |r: &Request, reason: String| LifecycleError::EmergencyBlocked {
+        blocking: r.id.clone(),
+        reason,
+    };
+    let groups = |r: &Request| r.approver_groups.join(", ");
+    let awaiting_countersign =
+        |r: &Request| r.countersign_by.is_some() && r.countersignature.is_none();
+    let mut open: Vec<&Request> = Vec::new();
+    for &r in &mine {
+        if r.state == State::Pending || r.is_live(now) {
+            if r.state == State::Active && awaiting_countersign(r) {
+                return Err(blocked(
+                    r,
+                    format!(
+                        "emergency grant {} is not countersigned yet: an approver from {} must countersign it (breakglass approve {}), or release it (breakglass revoke {}) first",
+                        r.id,
+                        groups(r),
+                        r.id,
+                        r.id
+                    ),
+                ));
+            }
+            open.push(r);
+            continue;
+        }
+        let ended = r.activated_at.is_some()
+            && matches!(r.state, State::Active | State::Expired | State::Revoked);
+        if !ended || !r.review_required || r.review.is_some() {
+            continue;
+        }
+        if awaiting_countersign(r) {
+            return Err(blocked(
+                r,
+                format!(
+                    "emergency grant {} ended without the countersignature its policy asks for and is not reviewed yet: an approver from {} must review it (breakglass review {}) first",
+                    r.id,
+                    groups(r),
+                    r.id
+                ),
+            ));
+        }
+        let ended_at = r.ends_at().unwrap_or(now);
+        let due = ended_at.plus_secs(limits.review_within_s);
+        if now >= due {
+            return Err(blocked(
+                r,
+                format!(
+                    "the review of emergency grant {} is overdue since {} (emergency grants are reviewed within {} of their end): an approver from {} must review it (breakglass review {}) first",
+                    r.id,
+                    due.to_rfc3339(),
+                    format_duration(limits.review_within_s),
+                    groups(r),
+                    r.id
+                ),
+            ));
+        }
+    }
+    if let Some(first) = open.first()
+        && open.len() as u64 >= u64::from(limits.active_per_principal_max)
+    {
+        let what = if first.state == State::Pending {
+            format!("cancel it (breakglass cancel {})", first.id)
+        } else {
+            format!("release it (breakglass revoke {})", first.id)
+        };
+        return Err(blocked(
+            first,
+            format!(
+                "{} already has {} open emergency request(s) (the oldest is {}), the most one principal may hold at once is {}: {what} or wait until it ends",
+                requester,
+                open.len(),
+                first.id,
+                limits.active_per_principal_max
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -120,6 +120,9 @@ pub enum EndReason {
     Revoked,
     /// An emergency grant nobody countersigned in time.
     NotCountersigned,
+    /// The requester is no longer a known principal (removed from the
+    /// config, or unknown to the identity provider).
+    PrincipalRemoved,
 }
 
 impl EndReason {
@@ -132,6 +135,7 @@ impl EndReason {
             EndReason::Released => "released",
             EndReason::Revoked => "revoked",
             EndReason::NotCountersigned => "not_countersigned",
+            EndReason::PrincipalRemoved => "principal_removed",
         }
     }
 }
@@ -247,10 +251,59 @@ impl Request {
         }
     }
 
-    /// Whether this request is a live grant at `now`: active and not past
-    /// `expires_at`, whatever the scheduler has or has not done yet.
+    /// Whether this request is a live grant at `now`: active, before
+    /// `expires_at`, and (for an emergency grant still waiting for its
+    /// countersignature) before `countersign_by`, whatever the scheduler has
+    /// or has not done yet.
     pub fn is_live(&self, now: Timestamp) -> bool {
-        self.state == State::Active && self.expires_at.is_some_and(|e| now < e)
+        // INVARIANT: a passed countersignature deadline ends the grant at
+        // every use, exactly like a passed expiry (`deadline` is the earlier
+        // of the two).
+        self.state == State::Active
+            && self.expires_at.is_some()
+            && self.deadline().is_some_and(|d| now < d)
+    }
+
+    /// Why a grant is not live at `now`: its stored end reason, or, for an
+    /// active grant past its deadline the scheduler has not written yet, the
+    /// reason it will get. `None` while pending or live.
+    pub fn ended_because(&self, now: Timestamp) -> Option<EndReason> {
+        match self.state {
+            State::Pending => None,
+            State::Active if self.is_live(now) => None,
+            State::Active => Some(if self.countersign_missed(now) {
+                EndReason::NotCountersigned
+            } else {
+                EndReason::Expired
+            }),
+            s => Some(self.end_reason.unwrap_or(match s {
+                State::Denied => EndReason::Denied,
+                State::Cancelled => EndReason::Cancelled,
+                State::TimedOut => EndReason::TimedOut,
+                State::Expired => EndReason::Expired,
+                _ => EndReason::Revoked,
+            })),
+        }
+    }
+
+    /// Whether the countersignature deadline of an active grant has passed
+    /// without a countersignature (and before the grant would have expired).
+    pub fn countersign_missed(&self, now: Timestamp) -> bool {
+        match (self.countersign_by, &self.countersignature) {
+            (Some(by), None) => self.expires_at.is_none_or(|e| by <= e) && now >= by,
+            _ => false,
+        }
+    }
+
+    /// When an active grant ends (or ended) at the latest: the earlier of
+    /// `expires_at` and a pending countersignature deadline; for an ended
+    /// request, `ended_at`.
+    pub fn ends_at(&self) -> Option<Timestamp> {
+        match self.state {
+            State::Pending => None,
+            State::Active => self.deadline(),
+            _ => self.ended_at,
+        }
     }
 
     pub fn is_eligible_approver(&self, who: &Principal) -> bool {

@@ -17,7 +17,7 @@ use miette::Diagnostic;
 use regex::Regex;
 use thiserror::Error;
 
-use crate::model::APPROVALS_MAX;
+use crate::model::{APPROVALS_MAX, Principal};
 use crate::time::{Timestamp, format_duration, parse_duration};
 
 /// Policy files larger than this are refused: a policy set is hand-written.
@@ -218,6 +218,43 @@ struct PolicyMeta {
     name: String,
     /// `Some` for permits.
     obligations: Option<Obligations>,
+    /// Who the policy's scope lets act as principal.
+    requesters: Requesters,
+}
+
+/// The principal scope of a policy, as far as it can be read without
+/// evaluating its conditions (which may narrow it further).
+#[derive(Debug, Clone)]
+enum Requesters {
+    Anyone,
+    Group(String),
+    User(String),
+}
+
+impl Requesters {
+    fn of(c: cedar_policy::PrincipalConstraint) -> Requesters {
+        use cedar_policy::PrincipalConstraint as P;
+        let read = |uid: &EntityUid| {
+            let id = uid.id().unescaped().to_string();
+            if uid.type_name().basename() == "Group" {
+                Requesters::Group(id)
+            } else {
+                Requesters::User(id)
+            }
+        };
+        match c {
+            P::Any | P::Is(_) => Requesters::Anyone,
+            P::In(uid) | P::Eq(uid) | P::IsIn(_, uid) => read(&uid),
+        }
+    }
+
+    fn admits(&self, p: &Principal) -> bool {
+        match self {
+            Requesters::Anyone => true,
+            Requesters::Group(g) => p.groups.contains(g),
+            Requesters::User(u) => &p.name == u,
+        }
+    }
 }
 
 /// A loaded, validated policy set.
@@ -340,7 +377,15 @@ impl PolicyEngine {
                     None
                 }
             };
-            meta.insert(p.id().clone(), PolicyMeta { name, obligations });
+            let requesters = Requesters::of(p.principal_constraint());
+            meta.insert(
+                p.id().clone(),
+                PolicyMeta {
+                    name,
+                    obligations,
+                    requesters,
+                },
+            );
         }
         Ok(PolicyEngine {
             set,
@@ -352,6 +397,80 @@ impl PolicyEngine {
 
     pub fn policy_names(&self) -> Vec<String> {
         self.meta.values().map(|m| m.name.clone()).collect()
+    }
+
+    /// Rules nobody among `principals` can satisfy: an approver group with
+    /// no known member, more approvals (or a countersignature) than there
+    /// are eligible people. The requester never counts, so a policy whose
+    /// approvers could all be its requester is named too. One sentence per
+    /// finding, naming the policy; empty when every rule can be met.
+    pub fn warnings(&self, principals: &[Principal]) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in self.meta.values() {
+            let Some(ob) = &m.obligations else {
+                continue;
+            };
+            let name = &m.name;
+            for g in &ob.approver_groups {
+                if !principals.iter().any(|p| p.groups.contains(g)) {
+                    out.push(format!(
+                        "policy {name}: approver group {g} has no known member"
+                    ));
+                }
+            }
+            let needed = ob
+                .approvals
+                .max(u32::from(ob.countersign_within_s.is_some()));
+            if needed == 0 {
+                continue;
+            }
+            let (what, outcome) = if ob.approvals >= needed {
+                (
+                    format!("@approvals(\"{}\")", ob.approvals),
+                    "can never be approved",
+                )
+            } else {
+                (
+                    "a countersignature".to_string(),
+                    "is always cut at its countersignature deadline",
+                )
+            };
+            let eligible: Vec<&Principal> = principals
+                .iter()
+                .filter(|p| ob.approver_groups.iter().any(|g| p.groups.contains(g)))
+                .collect();
+            let groups = ob
+                .approver_groups
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if (eligible.len() as u64) < u64::from(needed) {
+                out.push(format!(
+                    "policy {name}: {what} needs {needed} eligible approver(s) but only {} known principal(s) are in its approver groups ({groups}): every request it governs {outcome}",
+                    eligible.len()
+                ));
+                continue;
+            }
+            // A requester who is also an eligible approver leaves one fewer.
+            let could_request: Vec<&str> = eligible
+                .iter()
+                .filter(|p| m.requesters.admits(p))
+                .map(|p| p.name.as_str())
+                .collect();
+            if !could_request.is_empty() && eligible.len() as u64 - 1 < u64::from(needed) {
+                let who = if could_request.len() == eligible.len() {
+                    "every eligible approver could be the requester".to_string()
+                } else {
+                    format!("{} could be the requester", could_request.join(", "))
+                };
+                out.push(format!(
+                    "policy {name}: {what} needs {needed} eligible approver(s) other than the requester, {} known principal(s) are in its approver groups ({groups}) and {who}: a request by them {outcome}",
+                    eligible.len()
+                ));
+            }
+        }
+        out
     }
 
     /// Decides whether `input` is permitted and under which obligations.
@@ -521,6 +640,13 @@ fn parse_obligations<'a>(
     let countersign_within_s = get("countersign_within")
         .map(|t| parse_duration(t).map_err(|e| format!("policy {name}: @countersign_within: {e}")))
         .transpose()?;
+    if let (Some(c), Some(text)) = (countersign_within_s, get("countersign_within"))
+        && c >= max_duration_s
+    {
+        return Err(format!(
+            "policy {name}: @countersign_within({text:?}) must be shorter than @max_duration({max_text:?}): a countersignature due when the grant ends anyway cuts nothing"
+        ));
+    }
     if approver_groups.is_empty() && (approvals > 0 || countersign_within_s.is_some()) {
         return Err(format!(
             "policy {name}: @approvers(\"group,...\") is required when approvals or a countersignature are needed"

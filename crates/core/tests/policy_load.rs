@@ -8,10 +8,10 @@
 
 use std::fmt::Write as _;
 
-use breakglass_core::Timestamp;
 use breakglass_core::policy::{
     Action, POLICY_FILE_LEN_MAX, PolicyEngine, PolicyError, PolicyInput,
 };
+use breakglass_core::{Principal, Timestamp};
 use expect_test::{Expect, expect};
 
 /// A policy that loads, so each case below can break one thing at a time.
@@ -495,4 +495,126 @@ permit (principal, action, resource in TargetGroup::"payments");
         first.explain(),
         first_ticket_error
     ));
+}
+
+#[test]
+fn a_countersignature_window_must_end_before_the_grant() {
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("10m")"#),
+        expect![[r#"
+            policy.cedar:1:1: policy oncall-db-read: @countersign_within("10m") must be shorter than @max_duration("10m"): a countersignature due when the grant ends anyway cuts nothing
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
+    );
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("1h")"#),
+        expect![[r#"
+            policy.cedar:1:1: policy oncall-db-read: @countersign_within("1h") must be shorter than @max_duration("10m"): a countersignature due when the grant ends anyway cuts nothing
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
+    );
+    check(
+        &with_line(4, r#"@max_duration("10m") @countersign_within("9m59s")"#),
+        expect![[r#"
+            ok: ["oncall-db-read"]
+        "#]],
+    );
+}
+
+/// The warnings of `src` for principals given as (name, groups).
+fn warnings(src: &str, principals: &[(&str, &[&str])]) -> String {
+    let engine = PolicyEngine::load(src, "policy.cedar").expect("policy loads");
+    let principals: Vec<Principal> = principals
+        .iter()
+        .map(|(name, groups)| Principal {
+            name: name.to_string(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            admin: false,
+        })
+        .collect();
+    let mut out = String::new();
+    for w in engine.warnings(&principals) {
+        let _ = writeln!(out, "{w}");
+    }
+    out
+}
+
+const UNSATISFIABLE: &str = r#"
+@id("nobody-approves")
+@approvals("1")
+@approvers("ghosts")
+@max_duration("30m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("too-many")
+@approvals("3")
+@approvers("sre-leads,security")
+@max_duration("30m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("leads-ask-leads")
+@approvals("2")
+@approvers("sre-leads")
+@max_duration("30m")
+permit (principal in Group::"sre-leads", action == Action::"request", resource);
+
+@id("anyone-asks")
+@approvals("2")
+@approvers("sre-leads")
+@max_duration("30m")
+permit (principal, action == Action::"request", resource);
+
+@id("lonely-countersigner")
+@approvals("0")
+@approvers("security")
+@countersign_within("5m")
+@max_duration("10m")
+permit (principal == User::"dave", action == Action::"emergency", resource);
+
+@id("fine")
+@approvals("1")
+@approvers("sre-leads")
+@countersign_within("5m")
+@max_duration("10m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+
+@id("self-service")
+@approvals("0")
+@max_duration("10m")
+permit (principal in Group::"oncall", action == Action::"request", resource);
+"#;
+
+#[test]
+fn rules_nobody_can_satisfy_are_named() {
+    let people: &[(&str, &[&str])] = &[
+        ("alice", &["oncall"]),
+        ("bob", &["sre-leads"]),
+        ("frank", &["sre-leads", "oncall"]),
+        ("dave", &["security"]),
+    ];
+    expect![[r#"
+        policy nobody-approves: approver group ghosts has no known member
+        policy nobody-approves: @approvals("1") needs 1 eligible approver(s) but only 0 known principal(s) are in its approver groups (ghosts): every request it governs can never be approved
+        policy too-many: @approvals("3") needs 3 eligible approver(s) other than the requester, 3 known principal(s) are in its approver groups (security, sre-leads) and frank could be the requester: a request by them can never be approved
+        policy leads-ask-leads: @approvals("2") needs 2 eligible approver(s) other than the requester, 2 known principal(s) are in its approver groups (sre-leads) and every eligible approver could be the requester: a request by them can never be approved
+        policy anyone-asks: @approvals("2") needs 2 eligible approver(s) other than the requester, 2 known principal(s) are in its approver groups (sre-leads) and every eligible approver could be the requester: a request by them can never be approved
+        policy lonely-countersigner: a countersignature needs 1 eligible approver(s) other than the requester, 1 known principal(s) are in its approver groups (security) and every eligible approver could be the requester: a request by them is always cut at its countersignature deadline
+    "#]].assert_eq(&warnings(UNSATISFIABLE, people));
+    // With enough people every rule can be met.
+    let more: &[(&str, &[&str])] = &[
+        ("alice", &["oncall"]),
+        ("bob", &["sre-leads"]),
+        ("carol", &["sre-leads"]),
+        ("frank", &["sre-leads", "oncall"]),
+        ("dave", &["security"]),
+        ("sec2", &["security"]),
+        ("ghost", &["ghosts"]),
+    ];
+    expect![[r#""#]].assert_eq(&warnings(UNSATISFIABLE, more));
+    expect![[r#"
+        policy oncall-db-read: approver group sre-leads has no known member
+        policy oncall-db-read: @approvals("1") needs 1 eligible approver(s) but only 0 known principal(s) are in its approver groups (sre-leads): every request it governs can never be approved
+    "#]].assert_eq(&warnings(GOOD, &[]));
 }

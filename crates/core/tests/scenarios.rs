@@ -17,7 +17,13 @@
 //! cancel WHO @T                   revoke WHO "reason" @T
 //! review WHO ok|misuse "notes" @T
 //! tick [WHO] @T                   live @T
+//! offboard @T                     switch ID @T
+//! limits MAX_OPEN REVIEW_WITHIN @T
 //! ```
+//!
+//! `emergency` also applies the emergency limits against every earlier
+//! request of the script (default: one open at a time, review within 24h).
+//! Commands act on the newest request; `switch r1` acts on `r1` instead.
 //!
 //! `WHO` may be `system`. The file ends with two authorization matrices,
 //! judged by rules written here independently of the core: every principal
@@ -29,7 +35,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use breakglass_core::audit::canonical_json;
-use breakglass_core::lifecycle::{self, Command, NewRequest, Transition};
+use breakglass_core::lifecycle::{self, Command, EmergencyLimits, NewRequest, Transition};
 use breakglass_core::policy::{Action, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_core::{Actor, EndReason, Principal, Request, ReviewOutcome, State, Timestamp};
@@ -64,7 +70,7 @@ when { context.role == "admin" };
 @id("ic-emergency")
 @approvals("0")
 @approvers("sre-leads")
-@countersign_within("10m")
+@countersign_within("5m")
 @max_duration("10m")
 permit (principal in Group::"incident-commanders", action == Action::"emergency",
         resource in TargetGroup::"production");
@@ -265,6 +271,9 @@ struct World {
     engine: PolicyEngine,
     request: Option<Request>,
     created: u32,
+    /// Every request of the script as it is now, by id.
+    history: std::collections::BTreeMap<String, Request>,
+    limits: EmergencyLimits,
 }
 
 impl World {
@@ -273,6 +282,11 @@ impl World {
             engine: PolicyEngine::load(POLICY, "scenarios.cedar").expect("scenario policy loads"),
             request: None,
             created: 0,
+            history: Default::default(),
+            limits: EmergencyLimits {
+                active_per_principal_max: 1,
+                review_within_s: 24 * 3600,
+            },
         }
     }
 
@@ -292,6 +306,24 @@ impl World {
                 let live = self.current().is_live(now);
                 return Ok(format!("  live: {}\n", if live { "yes" } else { "no" }));
             }
+            "switch" => {
+                let id = line.word(1);
+                self.request = Some(
+                    self.history
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_else(|| panic!("no request {id}")),
+                );
+                return Ok(format!("  => {}\n", describe(self.current())));
+            }
+            "limits" => {
+                self.limits = EmergencyLimits {
+                    active_per_principal_max: line.word(1).parse().expect("limit is a number"),
+                    review_within_s: parse_duration(line.word(2)).expect("review window"),
+                };
+                return Ok(String::new());
+            }
+            "offboard" => Command::Offboard,
             "approve" => Command::Approve {
                 comment: line.quoted.first().cloned(),
             },
@@ -312,6 +344,7 @@ impl World {
         };
         let who = match verb {
             "tick" => actor(line.words.get(1).map_or("system", String::as_str)),
+            "offboard" => Actor::System,
             _ => actor(line.word(1)),
         };
         let req = self.current().clone();
@@ -369,6 +402,11 @@ impl World {
         let id = format!("r{}", self.created + 1);
         let t = lifecycle::create(&new, &who, &decision, id, line.now, PENDING_TIMEOUT_S)
             .map_err(|e| e.to_string())?;
+        if emergency {
+            let others: Vec<Request> = self.history.values().cloned().collect();
+            lifecycle::check_emergency(&who.name, &others, &self.limits, line.now)
+                .map_err(|e| e.to_string())?;
+        }
         self.created += 1;
         // A new request starts a new compare-and-set history.
         self.request = None;
@@ -393,6 +431,7 @@ impl World {
             let _ = writeln!(out, "  {} by {}:{}", e.action, e.actor, details(&e.details));
         }
         let _ = writeln!(out, "  => {}", describe(&new));
+        self.history.insert(new.id.clone(), new.clone());
         self.request = Some(new);
         out
     }
@@ -974,8 +1013,8 @@ fn emergency_activates_at_once_and_is_countersigned() {
         expect![[r#"
             emergency erin prod-db admin 10m "primary down, nobody answers" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down, nobody answers" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
-              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             live @0s
               live: yes
             approve erin @1m
@@ -1018,20 +1057,20 @@ fn emergency_without_countersignature_is_revoked() {
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=600 emergency=true expires_at=@10m
-              => active; emergency; activated @0s; expires @10m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             tick @9m59s999ms
-              error: nothing is due
+              request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=299999
+              => revoked; emergency; activated @0s; expires @10m; countersign by @5m; ended @9m59s999ms by system (not_countersigned); review required
             approve bob @10m
-              error: cannot approve a request that is active but past its deadline
+              error: cannot approve a request that is revoked
             tick @10m
-              request.revoked by system: countersign_by=@10m end_reason="not_countersigned" lateness_ms=0
-              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required
+              error: cannot tick a request that is revoked
             approve bob @11m
               error: cannot approve a request that is revoked
             review bob misuse "nobody countersigned" @12m
               request.reviewed by bob: notes="nobody countersigned" outcome="misuse"
-              => revoked; emergency; activated @0s; expires @10m; countersign by @10m; ended @10m by system (not_countersigned); review required; reviewed Misuse by bob @12m
+              => revoked; emergency; activated @0s; expires @10m; countersign by @5m; ended @9m59s999ms by system (not_countersigned); review required; reviewed Misuse by bob @12m
         "#]],
     );
     // The countersignature window of oncall-emergency-read (2m) is shorter
@@ -1063,11 +1102,11 @@ fn emergency_without_countersignature_is_revoked() {
         expect![[r#"
             emergency erin prod-db admin 5m "quick fix" @0s
               request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=300 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@10m duration_s=300 emergency=true expires_at=@5m
-              => active; emergency; activated @0s; expires @5m; countersign by @10m; review required
+              request.activated by erin: countersign_by=@5m duration_s=300 emergency=true expires_at=@5m
+              => active; emergency; activated @0s; expires @5m; countersign by @5m; review required
             tick @5m
-              request.expired by system: expires_at=@5m lateness_ms=0
-              => expired; emergency; activated @0s; expires @5m; countersign by @10m; ended @5m by system (expired); review required
+              request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=0
+              => revoked; emergency; activated @0s; expires @5m; countersign by @5m; ended @5m by system (not_countersigned); review required
         "#]],
     );
 }
@@ -1487,7 +1526,7 @@ const MATRIX: &[MatrixCase] = &[
         name: "active emergency, awaiting countersignature",
         script: r#"emergency erin prod-db admin 10m "r" @0s"#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "active emergency, countersign due before expiry",
@@ -1502,7 +1541,7 @@ const MATRIX: &[MatrixCase] = &[
             approve carol @1m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "active drill, nobody approves",
@@ -1554,7 +1593,7 @@ const MATRIX: &[MatrixCase] = &[
             tick @5m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "revoked by an admin",
@@ -1583,7 +1622,7 @@ const MATRIX: &[MatrixCase] = &[
             tick @10m
         "#,
         approvers: &["sre-leads"],
-        countersign_within_s: Some(600),
+        countersign_within_s: Some(300),
     },
     MatrixCase {
         name: "expired and reviewed",
@@ -1613,6 +1652,7 @@ fn matrix_commands() -> Vec<Command> {
             notes: "checked".into(),
         },
         Command::Tick,
+        Command::Offboard,
     ]
 }
 
@@ -1655,6 +1695,14 @@ fn oracle(
                         (State::Expired, Some(EndReason::Expired))
                     })
                 }
+                // The requester left: whatever is still open ends, unless a
+                // deadline passed first (then the deadline decides).
+                (Command::Offboard, State::Pending) if !due => {
+                    Some((State::Cancelled, Some(EndReason::PrincipalRemoved)))
+                }
+                (Command::Offboard, State::Active) if !due => {
+                    Some((State::Revoked, Some(EndReason::PrincipalRemoved)))
+                }
                 _ => None,
             };
         }
@@ -1666,7 +1714,7 @@ fn oracle(
     let already_approved = req.approvals.iter().any(|a| a.by == p.name);
     let unchanged = Some((req.state, req.end_reason));
     match (cmd, req.state) {
-        (Command::Tick, _) => None,
+        (Command::Tick | Command::Offboard, _) => None,
         (_, State::Pending | State::Active) if due => None,
         (Command::Approve { .. }, State::Pending) if eligible && !already_approved => {
             let have = req.approvals.len() as u32 + 1;
@@ -1787,36 +1835,36 @@ fn authorization_matrix_has_no_bypass() {
         "{tried} combinations, {allowed} allowed, 0 mismatches"
     );
     expect![[r#"
-        pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank
-        pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank
+        pending read, requester is an approver @1s: approve by bob,carol; deny by bob,carol; cancel by frank; offboard by system
+        pending read, requester is an approver @29m59s999ms: approve by bob,carol; deny by bob,carol; cancel by frank; offboard by system
         pending read, requester is an approver @30m: tick by system
         pending read, requester is an approver @24h: tick by system
-        pending admin, 1 of 2 approvals @1m1s: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
-        pending admin, 1 of 2 approvals @29m59s999ms: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice
+        pending admin, 1 of 2 approvals @1m1s: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice; offboard by system
+        pending admin, 1 of 2 approvals @29m59s999ms: approve by carol,dave,frank,root; deny by bob,carol,dave,frank,root; cancel by alice; offboard by system
         pending admin, 1 of 2 approvals @30m: tick by system
         pending admin, 1 of 2 approvals @24h1m: tick by system
-        pending pay-db read, 2 policies @1s: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
-        pending pay-db read, 2 policies @29m59s999ms: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice
+        pending pay-db read, 2 policies @1s: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice; offboard by system
+        pending pay-db read, 2 policies @29m59s999ms: approve by bob,carol,frank,paula; deny by bob,carol,frank,paula; cancel by alice; offboard by system
         pending pay-db read, 2 policies @30m: tick by system
         pending pay-db read, 2 policies @24h: tick by system
-        active read @1m1s: revoke by alice,bob,carol,frank,root
-        active read @15m59s999ms: revoke by alice,bob,carol,frank,root
+        active read @1m1s: revoke by alice,bob,carol,frank,root; offboard by system
+        active read @15m59s999ms: revoke by alice,bob,carol,frank,root; offboard by system
         active read @16m: tick by system
         active read @24h1m: tick by system
-        active emergency, awaiting countersignature @1s: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
-        active emergency, awaiting countersignature @9m59s999ms: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root
-        active emergency, awaiting countersignature @10m: tick by system
+        active emergency, awaiting countersignature @1s: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, awaiting countersignature @4m59s999ms: approve by bob,carol,frank; revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, awaiting countersignature @5m: tick by system
         active emergency, awaiting countersignature @24h: tick by system
-        active emergency, countersign due before expiry @1s: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
-        active emergency, countersign due before expiry @1m59s999ms: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root
+        active emergency, countersign due before expiry @1s: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root; offboard by system
+        active emergency, countersign due before expiry @1m59s999ms: approve by bob,carol,frank; revoke by alice,bob,carol,frank,root; offboard by system
         active emergency, countersign due before expiry @2m: tick by system
         active emergency, countersign due before expiry @24h: tick by system
-        active emergency, countersigned @1s: revoke by bob,carol,erin,frank,root
-        active emergency, countersigned @9m59s999ms: revoke by bob,carol,erin,frank,root
+        active emergency, countersigned @1s: revoke by bob,carol,erin,frank,root; offboard by system
+        active emergency, countersigned @9m59s999ms: revoke by bob,carol,erin,frank,root; offboard by system
         active emergency, countersigned @10m: tick by system
         active emergency, countersigned @24h: tick by system
-        active drill, nobody approves @1s: revoke by drill-bot,root
-        active drill, nobody approves @4m59s999ms: revoke by drill-bot,root
+        active drill, nobody approves @1s: revoke by drill-bot,root; offboard by system
+        active drill, nobody approves @4m59s999ms: revoke by drill-bot,root; offboard by system
         active drill, nobody approves @5m: tick by system
         active drill, nobody approves @24h: tick by system
         denied @1m1s: nothing
@@ -1837,7 +1885,7 @@ fn authorization_matrix_has_no_bypass() {
         revoked, not countersigned @24h10m: review by bob,carol,frank
         expired and reviewed @16m1s: nothing
         expired and reviewed @24h16m: nothing
-        3300 combinations, 150 allowed, 0 mismatches
+        3850 combinations, 166 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
 }
@@ -1961,7 +2009,10 @@ fn creation_matrix_has_no_bypass() {
                         let script = format!(
                             "{verb} {name} {target} {role} {d}s \"matrix\" ticket=INC-1234 @0s"
                         );
+                        // Each line stands alone: no earlier emergency
+                        // request of the matrix limits this one.
                         world.request = None;
+                        world.history.clear();
                         run_script(&mut world, &script);
                         let got = world
                             .request
@@ -2051,4 +2102,336 @@ fn creation_matrix_has_no_bypass() {
         3200 combinations, 173 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
+}
+
+#[test]
+fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
+    // oncall-emergency-read: countersign within 2m, at most 10m. No tick
+    // runs: the grant is dead at @2m all the same.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        live @1m59s999ms
+        live @2m
+        approve bob "too late" @2m
+        "#,
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            live @1m59s999ms
+              live: yes
+            live @2m
+              live: no
+            approve bob "too late" @2m
+              error: cannot approve a request that is active but past its deadline
+        "#]],
+    );
+    // Countersigned in time: the grant lives until it expires.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        approve bob "seen" @1m
+        live @2m
+        live @9m59s999ms
+        live @10m
+        "#,
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            live @2m
+              live: yes
+            live @9m59s999ms
+              live: yes
+            live @10m
+              live: no
+        "#]],
+    );
+}
+
+#[test]
+fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        # Not countersigned yet: no second grant, whatever the target or role.
+        emergency erin pay-db admin 10m "and payments" @1m
+        approve bob "seen" @2m
+        # Countersigned, but one open emergency grant is the limit.
+        emergency erin prod-db read 10m "read replica too" @3m
+        revoke erin "done" @4m
+        # Released, countersigned, review not yet due: allowed again.
+        emergency erin prod-db read 10m "again" @5m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            emergency erin pay-db admin 10m "and payments" @1m
+              error: emergency access refused: emergency grant r1 is not countersigned yet: an approver from sre-leads must countersign it (breakglass approve r1), or release it (breakglass revoke r1) first
+            approve bob "seen" @2m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @2m; review required
+            emergency erin prod-db read 10m "read replica too" @3m
+              error: emergency access refused: erin already has 1 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 1: release it (breakglass revoke r1) or wait until it ends
+            revoke erin "done" @4m
+              request.revoked by erin: end_reason="released" reason="done"
+              => revoked; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @4m by erin (released); review required
+            emergency erin prod-db read 10m "again" @5m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="again" role="read" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@7m duration_s=600 emergency=true expires_at=@15m
+              => active; emergency; activated @5m; expires @15m; countersign by @7m; review required
+        "#]],
+    );
+    // A raised limit admits a second open grant, not a third.
+    check(
+        r#"
+        limits 2 24h @0s
+        emergency erin prod-db admin 10m "primary down" @0s
+        approve bob "seen" @1m
+        emergency erin prod-db read 10m "replica" @2m
+        approve carol "seen" @3m
+        emergency erin pay-db admin 10m "payments" @4m
+        "#,
+        expect![[r#"
+            limits 2 24h @0s
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            emergency erin prod-db read 10m "replica" @2m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="replica" role="read" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@4m duration_s=600 emergency=true expires_at=@12m
+              => active; emergency; activated @2m; expires @12m; countersign by @4m; review required
+            approve carol "seen" @3m
+              request.countersigned by carol: comment="seen"
+              => active; emergency; activated @2m; expires @12m; countersigned by carol @3m; review required
+            emergency erin pay-db admin 10m "payments" @4m
+              error: emergency access refused: erin already has 2 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 2: release it (breakglass revoke r1) or wait until it ends
+        "#]],
+    );
+    // Other principals are not blocked by erin's grant.
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        emergency alice prod-db read 10m "dashboards" @1m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            emergency alice prod-db read 10m "dashboards" @1m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@3m duration_s=600 emergency=true expires_at=@11m
+              => active; emergency; activated @1m; expires @11m; countersign by @3m; review required
+        "#]],
+    );
+}
+
+#[test]
+fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        tick @2m
+        # Cut for want of a countersignature: re-opening at once would make
+        # the countersignature pointless.
+        emergency alice prod-db read 10m "still down" @2m1s
+        switch r1 @3m
+        review bob ok "outage was real" @3m
+        emergency alice prod-db read 10m "still down" @3m1s
+        "#,
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            tick @2m
+              request.revoked by system: countersign_by=@2m end_reason="not_countersigned" lateness_ms=0
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
+            emergency alice prod-db read 10m "still down" @2m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+            switch r1 @3m
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
+            review bob ok "outage was real" @3m
+              request.reviewed by bob: notes="outage was real" outcome="ok"
+              => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required; reviewed Ok by bob @3m
+            emergency alice prod-db read 10m "still down" @3m1s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="still down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@5m1s duration_s=600 emergency=true expires_at=@13m1s
+              => active; emergency; activated @3m1s; expires @13m1s; countersign by @5m1s; review required
+        "#]],
+    );
+    // Before the scheduler has written the revocation, the same holds.
+    check(
+        r#"
+        emergency alice prod-db read 10m "dashboards down" @0s
+        emergency alice prod-db read 10m "still down" @2m1s
+        "#,
+        expect![[r#"
+            emergency alice prod-db read 10m "dashboards down" @0s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
+            emergency alice prod-db read 10m "still down" @2m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+        "#]],
+    );
+    // A short grant that expires before its countersignature is due was
+    // never vouched for either.
+    check(
+        r#"
+        emergency erin prod-db admin 4m "quick fix" @0s
+        tick @4m
+        emergency erin prod-db admin 4m "another quick fix" @4m1s
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 4m "quick fix" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=240 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=240 emergency=true expires_at=@4m
+              => active; emergency; activated @0s; expires @4m; countersign by @5m; review required
+            tick @4m
+              request.expired by system: expires_at=@4m lateness_ms=0
+              => expired; emergency; activated @0s; expires @4m; countersign by @5m; ended @4m by system (expired); review required
+            emergency erin prod-db admin 4m "another quick fix" @4m1s
+              error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
+        "#]],
+    );
+}
+
+#[test]
+fn an_overdue_review_blocks_the_next_emergency() {
+    check(
+        r#"
+        emergency erin prod-db admin 10m "primary down" @0s
+        approve bob "seen" @1m
+        tick @10m
+        emergency erin prod-db admin 10m "again" @24h9m59s999ms
+        switch r2 @24h9m59s999ms
+        approve bob "seen" @24h10m
+        revoke erin "done" @24h10m
+        # r1 ended at @10m and is still not reviewed a day later.
+        emergency erin prod-db admin 10m "third time" @24h10m
+        switch r1 @24h11m
+        review carol ok "fine" @24h11m
+        emergency erin prod-db admin 10m "third time" @24h12m
+        "#,
+        expect![[r#"
+            emergency erin prod-db admin 10m "primary down" @0s
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
+            approve bob "seen" @1m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
+            tick @10m
+              request.expired by system: expires_at=@10m lateness_ms=0
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
+            emergency erin prod-db admin 10m "again" @24h9m59s999ms
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="again" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@24h14m59s999ms duration_s=600 emergency=true expires_at=@24h19m59s999ms
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
+            switch r2 @24h9m59s999ms
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
+            approve bob "seen" @24h10m
+              request.countersigned by bob: comment="seen"
+              => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; review required
+            revoke erin "done" @24h10m
+              request.revoked by erin: end_reason="released" reason="done"
+              => revoked; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; ended @24h10m by erin (released); review required
+            emergency erin prod-db admin 10m "third time" @24h10m
+              error: emergency access refused: the review of emergency grant r1 is overdue since 2027-01-16T08:10:00.000Z (emergency grants are reviewed within 24h of their end): an approver from sre-leads must review it (breakglass review r1) first
+            switch r1 @24h11m
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
+            review carol ok "fine" @24h11m
+              request.reviewed by carol: notes="fine" outcome="ok"
+              => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required; reviewed Ok by carol @24h11m
+            emergency erin prod-db admin 10m "third time" @24h12m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="third time" role="admin" target="prod-db" ticket=null
+              request.activated by erin: countersign_by=@24h17m duration_s=600 emergency=true expires_at=@24h22m
+              => active; emergency; activated @24h12m; expires @24h22m; countersign by @24h17m; review required
+        "#]],
+    );
+}
+
+#[test]
+fn offboarding_ends_what_is_still_open() {
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        approve bob @1m
+        offboard @2m
+        live @2m
+        offboard @3m
+        review bob ok "left the company" @4m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
+              => active; activated @1m; expires @16m
+            offboard @2m
+              request.revoked by system: end_reason="principal_removed" requester="alice"
+              => revoked; activated @1m; expires @16m; ended @2m by system (principal_removed)
+            live @2m
+              live: no
+            offboard @3m
+              error: cannot offboard a request that is revoked
+            review bob ok "left the company" @4m
+              request.reviewed by bob: notes="left the company" outcome="ok"
+              => revoked; activated @1m; expires @16m; ended @2m by system (principal_removed); reviewed Ok by bob @4m
+        "#]],
+    );
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        offboard @1m
+        approve bob @2m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            offboard @1m
+              request.cancelled by system: end_reason="principal_removed" requester="alice"
+              => cancelled; ended @1m by system (principal_removed)
+            approve bob @2m
+              error: cannot approve a request that is cancelled
+        "#]],
+    );
+    // Past a deadline, the deadline decides how it ended.
+    check(
+        r#"
+        request alice prod-db read 15m "look" @0s
+        offboard @30m
+        tick @30m
+        offboard @31m
+        "#,
+        expect![[r#"
+            request alice prod-db read 15m "look" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            offboard @30m
+              error: cannot offboard a request that is pending but past its deadline
+            tick @30m
+              request.timed_out by system: pending_until=@30m
+              => timed_out; ended @30m by system (timed_out)
+            offboard @31m
+              error: cannot offboard a request that is timed_out
+        "#]],
+    );
 }

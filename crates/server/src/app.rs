@@ -73,6 +73,7 @@ impl AppError {
                 LifecycleError::AlreadyReviewed => (409, "already_reviewed"),
                 LifecycleError::WrongState { .. } => (409, "wrong_state"),
                 LifecycleError::NotDue => (409, "not_due"),
+                LifecycleError::EmergencyBlocked { .. } => (403, "emergency_blocked"),
             },
             AppError::Store(StoreError::Conflict { .. }) => (409, "conflict"),
             AppError::Store(StoreError::Duplicate(_)) => (409, "conflict"),
@@ -116,6 +117,8 @@ pub enum GrantRefusal {
     WrongTarget,
     #[error("the grant has ended ({0})")]
     Ended(String),
+    #[error("the grant's requester {0} is no longer a known principal")]
+    RequesterRemoved(String),
     #[error("store unavailable")]
     Unavailable,
 }
@@ -127,6 +130,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub scheduler: Scheduler,
     principals: Vec<LocalPrincipal>,
+    /// Names of every principal the service knows now.
+    known: BTreeSet<String>,
     pending_timeout_s: u64,
     /// Set when the audit chain was found broken: every write is refused.
     writes_blocked: std::sync::RwLock<Option<String>>,
@@ -210,12 +215,14 @@ impl App {
             })
             .collect();
         let pending_timeout_s = config.pending_timeout_s();
+        let known = config.principals.iter().map(|p| p.name.clone()).collect();
         Arc::new_cyclic(|weak| App {
             scheduler: Scheduler::new(weak.clone()),
             store,
             policy,
             metrics,
             principals,
+            known,
             pending_timeout_s,
             writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
@@ -235,6 +242,12 @@ impl App {
         )
         .cloned()
         .ok_or(AppError::Unauthenticated)
+    }
+
+    /// Whether `name` is a principal the service knows now (a local
+    /// principal of the config). Grants of anyone else are not usable.
+    pub fn knows_principal(&self, name: &str) -> bool {
+        self.known.contains(name)
     }
 
     fn check_writable(&self) -> Result<(), AppError> {
@@ -363,7 +376,56 @@ impl App {
         let decision = self.decide(who, &input, now)?;
         let id = uuid::Uuid::now_v7().to_string();
         let t = lifecycle::create(&input, who, &decision, id, now, self.pending_timeout_s)?;
+        if input.emergency {
+            return self.create_emergency(who, t).await;
+        }
         self.commit(t, now, true).await
+    }
+
+    /// Commits a new emergency request if the requester's other emergency
+    /// requests allow it (`lifecycle::check_emergency`). The store commits
+    /// only if those requests are still what the check saw, so concurrent
+    /// emergency requests of one principal are decided one after the other.
+    async fn create_emergency(&self, who: &Principal, t: Transition) -> Result<Request, AppError> {
+        let limits = self.config.emergency_limits();
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            let others = self.store.emergency_requests(&who.name).await?;
+            if others.len() >= breakglass_store::EMERGENCY_REQUESTS_MAX as usize {
+                return Err(AppError::Forbidden(
+                    "emergency_blocked",
+                    format!(
+                        "emergency access refused: {} has {} or more open or unreviewed emergency requests; they must be ended and reviewed first",
+                        who.name,
+                        breakglass_store::EMERGENCY_REQUESTS_MAX
+                    ),
+                ));
+            }
+            let now = now();
+            lifecycle::check_emergency(&who.name, &others, &limits, now)?;
+            let seen = others.iter().map(|r| (r.id.clone(), r.version)).collect();
+            match self.store.create_emergency(t.clone(), seen, now).await {
+                Ok(events) => {
+                    self.committed(&t.request, &events);
+                    return Ok(t.request);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(AppError::Conflict(
+            "conflict",
+            format!(
+                "the emergency requests of {} keep changing; try again",
+                who.name
+            ),
+        ))
+    }
+
+    fn committed(&self, request: &Request, events: &[breakglass_core::audit::AuditEvent]) {
+        for e in events {
+            self.metrics.observe_event(e);
+        }
+        self.scheduler.track(request);
     }
 
     /// Commits a transition and tells the scheduler and metrics about it.
@@ -379,10 +441,7 @@ impl App {
         } else {
             self.store.apply(t, now).await?
         };
-        for e in &events {
-            self.metrics.observe_event(e);
-        }
-        self.scheduler.track(&request);
+        self.committed(&request, &events);
         Ok(request)
     }
 
@@ -459,6 +518,36 @@ impl App {
         ))
     }
 
+    /// Ends request `id` because its requester is no longer a known
+    /// principal: a pending request is cancelled, an active grant revoked,
+    /// with end reason `principal_removed`. A request whose deadline passed
+    /// first is ticked instead. Returns the request as it ends up.
+    pub async fn offboard(&self, id: &str) -> Result<Option<Request>, AppError> {
+        for _ in 0..CONFLICT_RETRIES_MAX {
+            let Some(req) = self.store.get(id).await? else {
+                return Ok(None);
+            };
+            if req.state.is_final() {
+                return Ok(Some(req));
+            }
+            let now = now();
+            if is_due(&req, now) {
+                self.tick(id).await?;
+                continue;
+            }
+            let t = lifecycle::step(&req, &Actor::System, &Command::Offboard, now)?;
+            match self.commit(t, now, false).await {
+                Err(AppError::Store(StoreError::Conflict { .. })) => continue,
+                Err(e) => return Err(e),
+                Ok(r) => return Ok(Some(r)),
+            }
+        }
+        Err(AppError::Conflict(
+            "conflict",
+            format!("request {id} keeps changing"),
+        ))
+    }
+
     pub async fn list(
         &self,
         who: &Principal,
@@ -491,10 +580,9 @@ impl App {
         }
         let now = now();
         if !req.is_live(now) {
-            let state = if req.state == State::Active {
-                "past its expiry"
-            } else {
-                req.state.as_str()
+            let state = match req.ended_because(now) {
+                Some(why) if req.state == State::Active => format!("past its end ({why})"),
+                _ => req.state.as_str().to_string(),
             };
             return Err(AppError::Conflict(
                 "wrong_state",
@@ -727,12 +815,24 @@ impl App {
             .map_err(|_| GrantRefusal::Unavailable)?
             .ok_or(GrantRefusal::Unknown)?;
         let now = now();
+        // `is_live` also ends an emergency grant at a passed countersignature
+        // deadline, before the scheduler writes it.
         if !req.is_live(now) || now >= cred.expires_at {
-            let why = match req.state {
-                State::Active => "expired".to_string(),
-                s => req.end_reason.map_or(s.to_string(), |r| r.to_string()),
+            let why = req
+                .ended_because(now)
+                .map_or_else(|| req.state.to_string(), |r| r.to_string());
+            let why = if req.is_live(now) {
+                "expired".to_string()
+            } else {
+                why
             };
             return Err(GrantRefusal::Ended(why));
+        }
+        // INVARIANT: a grant is usable only while its requester is a known
+        // principal, whatever the stored state says (offboarding at start
+        // makes the state catch up).
+        if !self.knows_principal(&req.requester) {
+            return Err(GrantRefusal::RequesterRemoved(req.requester.clone()));
         }
         Ok(GrantCheck {
             request: req,

@@ -33,6 +33,44 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub emergency: EmergencyConfig,
+}
+
+/// The most emergency requests one principal may be allowed to hold at once.
+pub const EMERGENCY_ACTIVE_PER_PRINCIPAL_MAX: u32 = 100;
+/// The longest `emergency.review_within` accepted: 30 days.
+pub const EMERGENCY_REVIEW_WITHIN_MAX_S: u64 = 30 * 24 * 3600;
+
+/// `[emergency]`: limits on emergency self-activation that hold whatever
+/// the policy says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyConfig {
+    /// Emergency requests (pending or live) one principal may hold at once.
+    #[serde(default = "default_emergency_active")]
+    pub max_active_per_principal: u32,
+    /// An ended emergency grant must be reviewed within this long; until it
+    /// is, its requester gets no new emergency access.
+    #[serde(default = "default_review_within")]
+    pub review_within: String,
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        EmergencyConfig {
+            max_active_per_principal: default_emergency_active(),
+            review_within: default_review_within(),
+        }
+    }
+}
+
+fn default_emergency_active() -> u32 {
+    1
+}
+
+fn default_review_within() -> String {
+    "24h".into()
 }
 
 /// `[gateway.*]`: protocol gateways in front of targets.
@@ -334,6 +372,18 @@ impl Config {
                 "audit.checkpoint_file: set while audit.checkpoint_witness = false; remove one of them"
             );
         }
+        if !(1..=EMERGENCY_ACTIVE_PER_PRINCIPAL_MAX)
+            .contains(&self.emergency.max_active_per_principal)
+        {
+            bail!(
+                "emergency.max_active_per_principal: must be between 1 and {EMERGENCY_ACTIVE_PER_PRINCIPAL_MAX}"
+            );
+        }
+        let review = parse_duration(&self.emergency.review_within)
+            .map_err(|e| anyhow::anyhow!("emergency.review_within: {e}"))?;
+        if !(1..=EMERGENCY_REVIEW_WITHIN_MAX_S).contains(&review) {
+            bail!("emergency.review_within: must be between 1s and 30d");
+        }
         if let Some(pg) = &self.gateway.postgres {
             pg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -475,6 +525,27 @@ impl Config {
         parse_duration(&self.server.pending_timeout).unwrap_or(1800)
     }
 
+    /// The `[emergency]` limits (validated at load).
+    pub fn emergency_limits(&self) -> breakglass_core::lifecycle::EmergencyLimits {
+        breakglass_core::lifecycle::EmergencyLimits {
+            active_per_principal_max: self.emergency.max_active_per_principal,
+            review_within_s: parse_duration(&self.emergency.review_within).unwrap_or(24 * 3600),
+        }
+    }
+
+    /// The configured principals as the policy sees them (for the policy
+    /// warnings; admin rights play no part there).
+    pub fn policy_principals(&self) -> Vec<breakglass_core::Principal> {
+        self.principals
+            .iter()
+            .map(|p| breakglass_core::Principal {
+                name: p.name.clone(),
+                groups: p.groups.iter().cloned().collect(),
+                admin: false,
+            })
+            .collect()
+    }
+
     pub fn checkpoint_interval_s(&self) -> u64 {
         parse_duration(&self.audit.checkpoint_interval).unwrap_or(2)
     }
@@ -594,6 +665,19 @@ mod tests {
                 "metrics_token_sha256 = \"abc\"",
                 "server.metrics_token_sha256",
             ),
+            (
+                "[emergency]\nmax_active_per_principal = 0",
+                "emergency.max_active_per_principal",
+            ),
+            (
+                "[emergency]\nreview_within = \"soon\"",
+                "emergency.review_within",
+            ),
+            (
+                "[emergency]\nreview_within = \"31d\"",
+                "emergency.review_within",
+            ),
+            ("[emergency]\nreview = \"1h\"", "unknown field `review`"),
         ] {
             let e = parse(&format!(
                 "[server]\ndata_dir = \"d\"\n{line}\n[policy]\nfile = \"p\"\n"

@@ -32,7 +32,7 @@ when { context.role == "admin" };
 @id("ic-emergency")
 @approvals("0")
 @approvers("sre-leads")
-@countersign_within("10m")
+@countersign_within("5m")
 @max_duration("10m")
 permit (principal in Group::"incident-commanders", action == Action::"emergency",
         resource in TargetGroup::"production");

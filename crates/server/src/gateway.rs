@@ -87,6 +87,9 @@ impl Authority for PgAuthority {
                 GrantRefusal::Ended(why) => {
                     Refusal::NotAuthorized(format!("the grant has ended ({why})"))
                 }
+                GrantRefusal::RequesterRemoved(who) => Refusal::NotAuthorized(format!(
+                    "the grant's requester {who:?} is no longer a known principal"
+                )),
                 GrantRefusal::Unavailable => {
                     Refusal::Unavailable("cannot check the grant right now".into())
                 }

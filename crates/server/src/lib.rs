@@ -240,6 +240,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         _ => None,
     };
     let (policy, policy_sha) = load_policy_with_digest(&config)?;
+    for w in policy.warnings(&config.policy_principals()) {
+        tracing::warn!(policy_file = %config.policy.file.display(), "{w}");
+    }
     let db = config.db_path();
     datadir::prepare(&config.server.data_dir, &db)?;
     let key = keys::load_or_create(&config.server.data_dir)?;
@@ -269,8 +272,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         key.clone(),
         broken.clone(),
     );
-    // INVARIANT: overdue grants end before the API serves anything.
-    let overdue_ended = app.scheduler.recover().await?;
+    // INVARIANT: overdue grants, and the grants of principals no longer
+    // configured, end before the API serves anything.
+    let recovered = app.scheduler.recover().await?;
+    let overdue_ended = recovered.overdue_ended;
     if broken.is_none() {
         store
             .append(
@@ -284,6 +289,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                         "policies": app.policy.policy_names(),
                         "overdue_ended": overdue_ended,
                         "integrity_warnings": integrity_warnings,
+                        "principal_removed_ended": recovered.offboarded,
                     }),
                 }],
                 now(),

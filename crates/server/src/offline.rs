@@ -30,6 +30,8 @@ pub struct Sample {
 pub struct PolicyReport {
     /// Ids of every loaded policy.
     pub policies: Vec<String>,
+    /// Rules nobody among the configured principals can satisfy.
+    pub warnings: Vec<String>,
     /// With a sample: the decision and why.
     pub sample: Option<SampleDecision>,
 }
@@ -98,9 +100,11 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let config = Config::load(config)?;
     let engine = load_policy(&config)?;
     let policies = engine.policy_names();
+    let warnings = engine.warnings(&config.policy_principals());
     let Some(s) = sample else {
         return Ok(PolicyReport {
             policies,
+            warnings,
             sample: None,
         });
     };
@@ -150,6 +154,7 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let ob = decision.obligations.as_ref();
     Ok(PolicyReport {
         policies,
+        warnings,
         sample: Some(SampleDecision {
             allowed,
             governing: decision.governing.clone(),

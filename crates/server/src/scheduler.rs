@@ -19,6 +19,15 @@ use crate::app::{App, AppError, now};
 /// Due requests ticked concurrently at most; the rest wait for the next round.
 const TICKS_IN_FLIGHT_MAX: usize = 2048;
 
+/// What [`Scheduler::recover`] ended at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Requests past a deadline.
+    pub overdue_ended: usize,
+    /// Open requests of principals that are no longer known.
+    pub offboarded: usize,
+}
+
 #[derive(Default)]
 struct Queue {
     heap: BinaryHeap<Reverse<(i64, String)>>,
@@ -80,12 +89,14 @@ impl Scheduler {
         lock(&self.inner.queue).deadlines.len()
     }
 
-    /// Loads every open request and ends the overdue ones. Called before the
-    /// API serves anything, so no grant is active past `expires_at` after a
-    /// crash or restart.
-    pub async fn recover(&self) -> Result<usize, AppError> {
+    /// Loads every open request, ends the overdue ones, then ends the open
+    /// requests of principals the service no longer knows (`revoked` or
+    /// `cancelled`, reason `principal_removed`). Called before the API
+    /// serves anything, so no grant is active past `expires_at`, or in the
+    /// hands of a removed principal, after a crash or restart.
+    pub async fn recover(&self) -> Result<Recovered, AppError> {
         let Some(app) = self.inner.app.upgrade() else {
-            return Ok(0);
+            return Ok(Recovered::default());
         };
         for req in app.store.open_requests().await? {
             self.track(&req);
@@ -98,7 +109,25 @@ impl Scheduler {
             }
             ended += n;
         }
-        Ok(ended)
+        let mut offboarded = 0;
+        for req in app.store.open_requests().await? {
+            if app.knows_principal(&req.requester) {
+                continue;
+            }
+            if let Some(r) = app.offboard(&req.id).await? {
+                tracing::warn!(
+                    request = %r.id,
+                    requester = %r.requester,
+                    state = %r.state,
+                    "ended a request of a principal that is no longer configured"
+                );
+                offboarded += 1;
+            }
+        }
+        Ok(Recovered {
+            overdue_ended: ended,
+            offboarded,
+        })
     }
 
     fn take_due(&self, now_ms: i64) -> Vec<String> {

@@ -390,7 +390,20 @@ fn emergency_grants_must_be_countersigned() {
         (200, Some("bob")),
         "{r}"
     );
-    let (_, r) = create(&s, "erin", body);
+    // One open emergency grant per principal: release it before the next.
+    let (st, r) = s.call(
+        "erin",
+        "POST",
+        &format!("/v1/requests/{signed}/revoke"),
+        Some(json!({"reason": "fixed"})),
+    );
+    assert_eq!(
+        (st, r["end_reason"].as_str()),
+        (200, Some("released")),
+        "{r}"
+    );
+    let (st, r) = create(&s, "erin", body);
+    assert_eq!(st, 201, "{r}");
     let unsigned = r["id"].as_str().expect("id").to_string();
     std::thread::sleep(Duration::from_millis(2500));
     let (_, r) = s.call("erin", "GET", &format!("/v1/requests/{unsigned}"), None);
@@ -399,8 +412,6 @@ fn emergency_grants_must_be_countersigned() {
         (Some("revoked"), Some("not_countersigned")),
         "{r}"
     );
-    let (_, r) = s.call("erin", "GET", &format!("/v1/requests/{signed}"), None);
-    assert_eq!(r["state"], "active");
     // Review: not by the requester, once, by an eligible approver.
     let review = |who: &str| {
         s.call(
@@ -596,4 +607,253 @@ fn credentials_per_grant_are_capped() {
         Some(json!({"token": first, "target": "drill-db"})),
     );
     assert_eq!((st, v["active"].as_bool()), (200, Some(true)), "{v}");
+}
+
+fn emergency(s: &TestServer, who: &str) -> (u16, Value) {
+    create(
+        s,
+        who,
+        json!({"target": "prod-db", "role": "admin", "duration": "5m", "reason": "site down", "emergency": true}),
+    )
+}
+
+fn act(s: &TestServer, who: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
+    s.call(
+        who,
+        "POST",
+        &format!("/v1/requests/{id}/{verb}"),
+        Some(body),
+    )
+}
+
+#[test]
+fn emergency_self_activation_is_refused_while_another_blocks_it() {
+    let s = TestServer::start_with(
+        tempfile::tempdir().expect("tempdir"),
+        "[emergency]\nreview_within = \"2s\"\n",
+    );
+    let (st, r) = emergency(&s, "erin");
+    assert_eq!((st, r["state"].as_str()), (201, Some("active")), "{r}");
+    let first = r["id"].as_str().expect("id").to_string();
+    // Not countersigned yet: refused, naming the grant and what to do.
+    let (st, p) = emergency(&s, "erin");
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (403, Some("emergency_blocked")),
+        "{p}"
+    );
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&first) && detail.contains("not countersigned"),
+        "{p}"
+    );
+    // Countersigned: the limit of one open grant still holds.
+    assert_eq!(act(&s, "bob", &first, "approve", json!({})).0, 200);
+    let (st, p) = emergency(&s, "erin");
+    assert_eq!((st, p["code"].as_str()), (403, Some("emergency_blocked")));
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&first) && detail.contains("open"), "{p}");
+    // Released: allowed again while the review is not yet due.
+    assert_eq!(
+        act(&s, "erin", &first, "revoke", json!({"reason": "fixed"})).0,
+        200
+    );
+    let (st, r) = emergency(&s, "erin");
+    assert_eq!(st, 201, "{r}");
+    let second = r["id"].as_str().expect("id").to_string();
+    assert_eq!(act(&s, "bob", &second, "approve", json!({})).0, 200);
+    assert_eq!(
+        act(&s, "erin", &second, "revoke", json!({"reason": "fixed"})).0,
+        200
+    );
+    // The first one's review is overdue now.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (st, p) = emergency(&s, "erin");
+    assert_eq!((st, p["code"].as_str()), (403, Some("emergency_blocked")));
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&first) && detail.contains("overdue"), "{p}");
+    for id in [&first, &second] {
+        let (st, r) = act(
+            &s,
+            "carol",
+            id,
+            "review",
+            json!({"outcome": "ok", "notes": "fine"}),
+        );
+        assert_eq!(st, 200, "{r}");
+    }
+    let (st, r) = emergency(&s, "erin");
+    assert_eq!(st, 201, "{r}");
+}
+
+#[test]
+fn concurrent_emergency_requests_of_one_principal_admit_one() {
+    const RACERS: usize = 8;
+    let s = TestServer::start();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(RACERS));
+    let outcomes: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..RACERS)
+            .map(|_| {
+                let barrier = barrier.clone();
+                let s = &s;
+                scope.spawn(move || {
+                    barrier.wait();
+                    emergency(s, "erin").0
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("racer"))
+            .collect()
+    });
+    let created = outcomes.iter().filter(|&&st| st == 201).count();
+    assert_eq!(created, 1, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|&st| st == 201 || st == 403),
+        "{outcomes:?}"
+    );
+    let (_, list) = s.call("carol", "GET", "/v1/requests?state=active", None);
+    let active = list["requests"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|r| r["requester"] == "erin").count());
+    assert_eq!(active, 1, "{list}");
+}
+
+/// The application over the store of a stopped test server, with `config`,
+/// without start-up recovery and without the scheduler: what a credential
+/// check sees before anything has caught up.
+fn bare_app(
+    dir: &std::path::Path,
+    config_text: &str,
+) -> std::sync::Arc<breakglass_server::app::App> {
+    use breakglass_server::config::Config;
+    let config = Config::parse(config_text, "config.toml", dir).expect("config");
+    let policy = breakglass_server::load_policy(&config).expect("policy");
+    let key = breakglass_server::keys::load_or_create(&config.server.data_dir).expect("key");
+    let store = breakglass_store::SqliteStore::open(
+        &config.db_path(),
+        breakglass_store::SqliteOptions::default(),
+    )
+    .expect("store");
+    breakglass_server::app::App::new(
+        config,
+        std::sync::Arc::new(store),
+        policy,
+        std::sync::Arc::new(breakglass_server::metrics::Metrics::default()),
+        key,
+        None,
+    )
+}
+
+fn grant_token(s: &TestServer, who: &str, id: &str) -> String {
+    let (st, c) = s.call(who, "POST", &format!("/v1/requests/{id}/credentials"), None);
+    assert_eq!(st, 200, "{c}");
+    c["token"].as_str().expect("token").to_string()
+}
+
+#[test]
+fn a_passed_countersignature_deadline_refuses_credentials_before_the_scheduler_runs() {
+    let s = TestServer::start();
+    let (st, r) = emergency(&s, "erin");
+    assert_eq!(st, 201, "{r}");
+    let id = r["id"].as_str().expect("id").to_string();
+    let token = grant_token(&s, "erin", &id);
+    let config_text = std::fs::read_to_string(&s.config_path).expect("config");
+    let dir = s.stop();
+    // The countersignature window (2s) passes while nothing runs.
+    std::thread::sleep(Duration::from_millis(2200));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let app = bare_app(dir.path(), &config_text);
+        let stored = app.store.get(&id).await.expect("get").expect("request");
+        assert_eq!(
+            stored.state,
+            breakglass_core::State::Active,
+            "nothing has ended it"
+        );
+        let refusal = app
+            .check_grant(&token, Some("erin"), Some("prod-db"))
+            .await
+            .expect_err("a grant past its countersignature deadline is dead");
+        assert_eq!(
+            refusal,
+            breakglass_server::app::GrantRefusal::Ended("not_countersigned".into())
+        );
+        let erin = app.authenticate(&common::token("erin")).expect("erin");
+        let e = app
+            .issue_credentials(&erin, &id)
+            .await
+            .expect_err("no new credentials either");
+        assert_eq!(e.status_and_code(), (409, "wrong_state"), "{e}");
+    });
+}
+
+#[test]
+fn credentials_of_a_removed_principal_are_refused_and_ended_at_start() {
+    let s = TestServer::start_with(
+        tempfile::tempdir().expect("tempdir"),
+        "pending_timeout = \"10m\"\n",
+    );
+    let (st, r) = create(
+        &s,
+        "alice",
+        json!({"target": "drill-db", "role": "read", "duration": "1h", "reason": "drill"}),
+    );
+    assert_eq!((st, r["state"].as_str()), (201, Some("active")), "{r}");
+    let grant = r["id"].as_str().expect("id").to_string();
+    let token = grant_token(&s, "alice", &grant);
+    let pending = read_req(&s, "alice");
+    let other = read_req(&s, "lead");
+    let config_text = std::fs::read_to_string(&s.config_path).expect("config");
+    let dir = s.stop();
+    // alice leaves the config.
+    let alice = format!(
+        "[[principals]]\nname = \"alice\"\ngroups = [\"oncall\"]\ntoken_sha256 = \"{}\"\n\n",
+        breakglass_core::token::sha256_hex(common::token("alice").as_bytes())
+    );
+    assert!(config_text.contains(&alice));
+    let without = config_text.replace(&alice, "");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let app = bare_app(dir.path(), &without);
+        // Before anything has ended the grant, the check itself refuses.
+        let refusal = app
+            .check_grant(&token, None, None)
+            .await
+            .expect_err("the requester is gone");
+        assert_eq!(
+            refusal,
+            breakglass_server::app::GrantRefusal::RequesterRemoved("alice".into())
+        );
+        // Start-up recovery ends what alice still had open, and nothing else.
+        let recovered = app.scheduler.recover().await.expect("recover");
+        assert_eq!(recovered.offboarded, 2);
+        let get = |id: String| {
+            let app = app.clone();
+            async move { app.store.get(&id).await.expect("get").expect("request") }
+        };
+        let g = get(grant.clone()).await;
+        assert_eq!(
+            (g.state.as_str(), g.end_reason.map(|r| r.as_str())),
+            ("revoked", Some("principal_removed"))
+        );
+        let p = get(pending.clone()).await;
+        assert_eq!(
+            (p.state.as_str(), p.end_reason.map(|r| r.as_str())),
+            ("cancelled", Some("principal_removed"))
+        );
+        assert_eq!(get(other).await.state.as_str(), "pending");
+        let events = app.store.request_events(&grant, 100).await.expect("events");
+        let last = events.last().expect("events");
+        assert_eq!(
+            (last.actor.as_str(), last.action.as_str()),
+            ("system", "request.revoked")
+        );
+        assert!(
+            last.details.contains("principal_removed"),
+            "{}",
+            last.details
+        );
+    });
 }

@@ -62,8 +62,14 @@ pub fn token(name: &str) -> String {
 }
 
 pub fn config_text(listen: SocketAddr, extra_server: &str) -> String {
+    // `extra_server` may set its own pending timeout.
+    let pending = if extra_server.contains("pending_timeout") {
+        ""
+    } else {
+        "pending_timeout = \"3s\"\n"
+    };
     let mut s = format!(
-        "[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\npending_timeout = \"3s\"\nadmin_groups = [\"security\"]\n{extra_server}\n[policy]\nfile = \"policy.cedar\"\n[audit]\ncheckpoint_interval = \"1s\"\n\n"
+        "[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\n{pending}admin_groups = [\"security\"]\n{extra_server}\n[policy]\nfile = \"policy.cedar\"\n[audit]\ncheckpoint_interval = \"1s\"\n\n"
     );
     for (name, groups) in PRINCIPALS {
         let g: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();

@@ -22,6 +22,10 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 /// The most rows one list or audit page returns.
 pub const PAGE_LEN_MAX: u32 = 10_000;
 
+/// The most requests [`Store::emergency_requests`] returns. A principal with
+/// this many open or unreviewed emergency requests is refused a new one.
+pub const EMERGENCY_REQUESTS_MAX: u32 = 64;
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// Compare-and-set lost: the request changed since it was read.
@@ -78,6 +82,19 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new request (`t.expected_version == 0`) with its events.
     async fn create(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
 
+    /// Inserts a new emergency request like [`Store::create`], but only if
+    /// [`Store::emergency_requests`] of its requester, read inside the same
+    /// transaction, still returns exactly `seen` (ids and versions, in
+    /// order); `Conflict` otherwise. The caller decides on what it read and
+    /// retries after a conflict, so two concurrent emergency requests of one
+    /// principal cannot both pass a check that each made without the other.
+    async fn create_emergency(
+        &self,
+        t: Transition,
+        seen: Vec<(String, u64)>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError>;
+
     /// Applies a transition as compare-and-set on the request's version,
     /// together with its events; `Conflict` if the version moved.
     async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError>;
@@ -104,6 +121,11 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<Request>, StoreError>;
 
     async fn list(&self, q: ListQuery) -> Result<Vec<Request>, StoreError>;
+
+    /// The emergency requests of `requester` that bear on a new one: pending
+    /// or active, or ended (expired, revoked) with a review required and not
+    /// given. Oldest first, at most [`EMERGENCY_REQUESTS_MAX`].
+    async fn emergency_requests(&self, requester: &str) -> Result<Vec<Request>, StoreError>;
 
     /// Every request with a deadline (pending or active), for the scheduler.
     async fn open_requests(&self) -> Result<Vec<Request>, StoreError>;

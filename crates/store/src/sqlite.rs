@@ -16,7 +16,9 @@ use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{Committed, CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
+use crate::{
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
+};
 
 /// Jobs the writer takes into one transaction at most.
 const BATCH_LEN_MAX: usize = 512;
@@ -96,6 +98,9 @@ impl Default for SqliteOptions {
 
 enum Op {
     Create(Transition),
+    /// A new emergency request and the requester's emergency requests (id,
+    /// version) its caller decided on.
+    CreateEmergency(Transition, Vec<(String, u64)>),
     Apply(Transition),
     /// A credential, its event, and the most credentials its request may have.
     Credential(CredentialRecord, EventDraft, u64),
@@ -175,6 +180,31 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> Result<AuditEvent, rusqlite::Error> {
         details: r.get(5)?,
         hash: hash_from(r.get(6)?)?,
     })
+}
+
+/// The rows behind [`Store::emergency_requests`]: (id, version, body). The
+/// writer reads the same query to check what a caller decided on.
+fn emergency_rows(
+    c: &Connection,
+    requester: &str,
+) -> Result<Vec<(String, u64, String)>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, version, body FROM requests WHERE requester = ?1 \
+         AND json_extract(body, '$.emergency') = 1 \
+         AND (state IN ('pending', 'active') \
+              OR (state IN ('expired', 'revoked') \
+                  AND json_extract(body, '$.review_required') = 1 \
+                  AND json_extract(body, '$.review') IS NULL)) \
+         ORDER BY created_at, id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![requester, i64::from(EMERGENCY_REQUESTS_MAX)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 fn parse_request(body: &str) -> Result<Request, StoreError> {
@@ -393,6 +423,43 @@ fn body_of(r: &Request) -> Result<String, StoreError> {
     serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("cannot encode request: {e}")))
 }
 
+fn create_op(
+    conn: &Connection,
+    t: &Transition,
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    let r = &t.request;
+    if t.expected_version != 0 {
+        return Err(StoreError::Corrupt(format!(
+            "create of request {} expects version {}, not 0",
+            r.id, t.expected_version
+        )));
+    }
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            r.id,
+            r.version as i64,
+            r.state.as_str(),
+            r.requester,
+            r.created_at.millis(),
+            r.deadline().map(Timestamp::millis),
+            body_of(r)?
+        ])?;
+    if inserted == 0 {
+        return Err(StoreError::Duplicate(r.id.clone()));
+    }
+    let mut groups = conn
+        .prepare_cached("INSERT OR IGNORE INTO request_groups (request_id, grp) VALUES (?1, ?2)")?;
+    for g in &r.approver_groups {
+        groups.execute(params![r.id, g])?;
+    }
+    insert_events(conn, &t.events, now, head)
+}
+
 fn apply_op(
     conn: &Connection,
     op: &Op,
@@ -400,37 +467,24 @@ fn apply_op(
     head: &mut (u64, Hash),
 ) -> Result<Committed, StoreError> {
     match op {
-        Op::Create(t) => {
-            let r = &t.request;
-            if t.expected_version != 0 {
-                return Err(StoreError::Corrupt(format!(
-                    "create of request {} expects version {}, not 0",
-                    r.id, t.expected_version
-                )));
+        Op::Create(t) => create_op(conn, t, now, head),
+        Op::CreateEmergency(t, seen) => {
+            // INVARIANT: checked and inserted in one transaction by the one
+            // writer: a concurrent emergency request of the same principal
+            // either is in `seen` or makes this one conflict.
+            let now_rows = emergency_rows(conn, &t.request.requester)?;
+            let same = now_rows.len() == seen.len()
+                && now_rows
+                    .iter()
+                    .zip(seen)
+                    .all(|((id, v, _), (sid, sv))| id == sid && v == sv);
+            if !same {
+                return Err(StoreError::Conflict {
+                    id: t.request.id.clone(),
+                    expected: 0,
+                });
             }
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-                )?
-                .execute(params![
-                    r.id,
-                    r.version as i64,
-                    r.state.as_str(),
-                    r.requester,
-                    r.created_at.millis(),
-                    r.deadline().map(Timestamp::millis),
-                    body_of(r)?
-                ])?;
-            if inserted == 0 {
-                return Err(StoreError::Duplicate(r.id.clone()));
-            }
-            let mut groups = conn.prepare_cached(
-                "INSERT OR IGNORE INTO request_groups (request_id, grp) VALUES (?1, ?2)",
-            )?;
-            for g in &r.approver_groups {
-                groups.execute(params![r.id, g])?;
-            }
-            insert_events(conn, &t.events, now, head)
+            create_op(conn, t, now, head)
         }
         Op::Apply(t) => {
             let r = &t.request;
@@ -509,6 +563,15 @@ impl Store for SqliteStore {
         self.submit(Op::Create(t), now).await
     }
 
+    async fn create_emergency(
+        &self,
+        t: Transition,
+        seen: Vec<(String, u64)>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
+        self.submit(Op::CreateEmergency(t, seen), now).await
+    }
+
     async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError> {
         self.submit(Op::Apply(t), now).await
     }
@@ -585,6 +648,17 @@ impl Store for SqliteStore {
                 out.push(parse_request(&body?)?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn emergency_requests(&self, requester: &str) -> Result<Vec<Request>, StoreError> {
+        let requester = requester.to_string();
+        self.read_blocking(move |c| {
+            emergency_rows(c, &requester)?
+                .iter()
+                .map(|(_, _, body)| parse_request(body))
+                .collect()
         })
         .await
     }

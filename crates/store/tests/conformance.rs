@@ -6,7 +6,8 @@
 //! `seq` from 1, hash links, `head`); credentials and the per-request cap;
 //! `list`, `open_requests` and `count_by_state` after transitions;
 //! `request_events` and `audit` paging; checkpoints; `subscribe`; durability
-//! across a reopen; and racing `apply` calls on one request.
+//! across a reopen; racing `apply` calls on one request; a principal's
+//! emergency requests and the create that is refused when they changed.
 //!
 //! Every behaviour is a function in [`suite`] over `&dyn Store` (or a store
 //! factory), so another `Store` implementation can run the same suite by
@@ -901,6 +902,135 @@ mod suite {
         assert_eq!(log[1].actor, winner);
         assert_chain_from_genesis(&log);
     }
+
+    /// A self-activating emergency request by `who`.
+    fn new_emergency(id: &str, who: &Principal, now: Timestamp) -> Transition {
+        let input = NewRequest {
+            target: "prod-db".to_string(),
+            role: "read".to_string(),
+            duration_s: GRANT_S,
+            reason: "conformance emergency".to_string(),
+            ticket: None,
+            emergency: true,
+        };
+        lifecycle::create(
+            &input,
+            who,
+            &decision(0),
+            id.to_string(),
+            now,
+            PENDING_TIMEOUT_S,
+        )
+        .expect("lifecycle::create accepts the test emergency")
+    }
+
+    async fn emergency_ids(store: &dyn Store, who: &str) -> Vec<(String, u64)> {
+        store
+            .emergency_requests(who)
+            .await
+            .expect("emergency_requests succeeds")
+            .into_iter()
+            .map(|r| (r.id, r.version))
+            .collect()
+    }
+
+    /// (11) `emergency_requests` returns a principal's open or unreviewed
+    /// emergency requests, oldest first; `create_emergency` commits only
+    /// while they are what the caller saw, and a refused one leaves no trace.
+    pub async fn emergency_requests_guard_create(store: &dyn Store) {
+        create(store, new_request("r-0", &alice(), 1, at(0)), at(0)).await;
+        assert!(emergency_ids(store, "alice").await.is_empty());
+        store
+            .create_emergency(new_emergency("e-1", &alice(), at(1)), Vec::new(), at(1))
+            .await
+            .expect("the first emergency request commits");
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-1".to_string(), 1)]
+        );
+        let head = store.head();
+        // A caller that decided on an empty list is stale now.
+        match store
+            .create_emergency(new_emergency("e-2", &alice(), at(2)), Vec::new(), at(2))
+            .await
+        {
+            Err(StoreError::Conflict { .. }) => {}
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+        assert_eq!(store.head(), head, "a refused create writes no event");
+        assert!(store.get("e-2").await.expect("get").is_none());
+        // Someone else's emergency requests are not alice's.
+        store
+            .create_emergency(new_emergency("e-bob", &lead(0), at(3)), Vec::new(), at(3))
+            .await
+            .expect("another principal is not blocked by alice's list");
+        let e1 = get(store, "e-1").await;
+        store
+            .create_emergency(
+                new_emergency("e-2", &alice(), at(4)),
+                vec![("e-1".to_string(), e1.version)],
+                at(4),
+            )
+            .await
+            .expect("a create that saw the current list commits");
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-1".to_string(), 1), ("e-2".to_string(), 1)]
+        );
+        // Ended but not reviewed: still listed, with its new version; once
+        // reviewed it no longer bears on anything.
+        let released = step(
+            &e1,
+            &alice(),
+            Command::Revoke {
+                reason: "done".into(),
+            },
+            at(5),
+        );
+        let (e1, _) = apply(store, released, at(5)).await;
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-1".to_string(), 2), ("e-2".to_string(), 1)]
+        );
+        let review = step(
+            &e1,
+            &lead(1),
+            Command::Review {
+                outcome: breakglass_core::ReviewOutcome::Ok,
+                notes: "fine".into(),
+            },
+            at(6),
+        );
+        apply(store, review, at(6)).await;
+        assert_eq!(
+            emergency_ids(store, "alice").await,
+            [("e-2".to_string(), 1)]
+        );
+    }
+
+    /// (12) Many emergency requests of one principal, each decided on the
+    /// same (empty) list, race: exactly one commits.
+    pub async fn racing_emergency_creates(store: Arc<dyn Store>) {
+        const RACERS: usize = 16;
+        let mut tasks = Vec::new();
+        for n in 0..RACERS {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = new_emergency(&format!("e-{n}"), &alice(), at(1));
+                store.create_emergency(t, Vec::new(), at(1)).await
+            }));
+        }
+        let mut won = 0;
+        for task in tasks {
+            match task.await.expect("task does not panic") {
+                Ok(_) => won += 1,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => panic!("expected Ok or Conflict, got {e}"),
+            }
+        }
+        assert_eq!(won, 1, "exactly one concurrent emergency request commits");
+        assert_eq!(emergency_ids(&*store, "alice").await.len(), 1);
+    }
 }
 
 /// A fresh `SqliteStore` in its own temporary directory, with production
@@ -980,4 +1110,15 @@ async fn sqlite_survives_reopen() {
 async fn sqlite_racing_applies() {
     let f = fresh();
     suite::racing_applies(Arc::new(f.store.clone())).await;
+}
+
+#[tokio::test]
+async fn sqlite_emergency_requests_guard_create() {
+    suite::emergency_requests_guard_create(&fresh().store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_emergency_creates() {
+    let f = fresh();
+    suite::racing_emergency_creates(Arc::new(f.store.clone())).await;
 }

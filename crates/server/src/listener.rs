@@ -129,7 +129,7 @@ impl axum::serve::Listener for LimitedListener {
             match self.slots.open(addr.ip()) {
                 Ok(slot) => {
                     let io = match &self.tls {
-                        Some(acceptor) => Stream::Handshake(acceptor.accept(stream)),
+                        Some(acceptor) => Stream::Handshake(Box::new(acceptor.accept(stream))),
                         None => Stream::Plain(stream),
                     };
                     return (LimitedIo::new(io, slot, self.deadlines), addr);
@@ -180,7 +180,7 @@ impl Connected<IncomingStream<'_, LimitedListener>> for ApiConn {
 
 enum Stream {
     Plain(TcpStream),
-    Handshake(tokio_rustls::Accept<TcpStream>),
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// The handshake failed.
     Failed,

@@ -6,17 +6,19 @@
 //! to a cap, so a slow or hostile server cannot hang or exhaust the CLI.
 
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use breakglass_core::Request;
 use breakglass_server::dto::{
     ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
-    RequestList, ReviewBody, SessionList, WhoAmI,
+    RequestList, ReviewBody, SessionList, TargetList, WhoAmI,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::exit::Exit;
+use crate::exit::{Exit, Failure};
 
 /// The whole exchange (connect, send, receive the body) must finish within this.
 pub const CALL_TIMEOUT_S: u64 = 30;
@@ -26,6 +28,8 @@ pub const CONNECT_TIMEOUT_S: u64 = 5;
 pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// The most characters of a base URL accepted.
 pub const URL_LEN_MAX: usize = 2048;
+/// The most bytes of a `--ca-file` read.
+pub const CA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 /// The caller's API token. Its `Debug` never shows it, so it cannot leak
 /// through an error message or a log line.
@@ -56,6 +60,12 @@ pub enum ApiError {
     Status { status: u16 },
     /// Nothing answered at the URL.
     Unreachable { url: String, cause: String },
+    /// Something answered, but not in HTTP: another service's port (the
+    /// PostgreSQL gateway's), or TLS where plain http was asked for.
+    NotHttp { url: String, cause: String },
+    /// The TLS handshake failed: an untrusted certificate, or no TLS at all
+    /// on the other side.
+    Tls { url: String, cause: String },
     /// The server did not finish answering in time.
     Timeout { url: String },
     /// The server answered something this client cannot read.
@@ -72,6 +82,8 @@ impl ApiError {
                 Exit::for_status(*status)
             }
             ApiError::Unreachable { .. }
+            | ApiError::NotHttp { .. }
+            | ApiError::Tls { .. }
             | ApiError::Timeout { .. }
             | ApiError::BadResponse { .. } => Exit::Error,
             ApiError::BadToken => Exit::Usage,
@@ -92,6 +104,8 @@ impl ApiError {
             ApiError::Problem { problem, .. } => problem.code.clone(),
             ApiError::Status { status } => format!("http_{status}"),
             ApiError::Unreachable { .. } => "unreachable".to_string(),
+            ApiError::NotHttp { .. } => "not_http".to_string(),
+            ApiError::Tls { .. } => "tls".to_string(),
             ApiError::Timeout { .. } => "timeout".to_string(),
             ApiError::BadResponse { .. } => "bad_response".to_string(),
             ApiError::BadToken => "bad_token".to_string(),
@@ -113,6 +127,12 @@ impl ApiError {
             }
             ApiError::Unreachable { url, cause } => {
                 format!("cannot reach the breakglass server at {url}: {cause}")
+            }
+            ApiError::NotHttp { url, cause } => {
+                format!("the server at {url} did not answer in HTTP: {cause}")
+            }
+            ApiError::Tls { url, cause } => {
+                format!("no secure connection to {url}: {cause}")
             }
             ApiError::Timeout { url } => {
                 format!("no complete answer from {url} within {CALL_TIMEOUT_S}s")
@@ -136,40 +156,160 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-/// Checks and normalizes a base URL: `http://host[:port][/prefix]`, without
-/// credentials, query or fragment, trailing slashes removed.
-pub fn parse_base_url(text: &str) -> Result<String, String> {
+/// A checked base URL of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `scheme://host[:port][/prefix]`, without a trailing slash.
+    pub url: String,
+    pub https: bool,
+}
+
+/// Checks and normalizes a base URL: `https://host[:port][/prefix]`, or
+/// `http://` to a loopback address (anywhere with `insecure_http`), without
+/// credentials, query or fragment, trailing slashes removed. Nothing is
+/// resolved or contacted here.
+pub fn parse_base_url(text: &str, insecure_http: bool) -> Result<BaseUrl, Failure> {
+    let bad = |m: String| Failure::usage("bad_url", format!("invalid --url: {m}"));
     let t = text.trim();
     if t.len() > URL_LEN_MAX {
-        return Err(format!("the URL is longer than {URL_LEN_MAX} characters"));
+        return Err(bad(format!(
+            "the URL is longer than {URL_LEN_MAX} characters"
+        )));
     }
     let lower = t.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return Err(format!(
-            "{t}: https is not supported by this build yet; use http:// on loopback"
-        ));
-    }
-    if !lower.starts_with("http://") {
-        return Err(format!("{t}: expected a URL like http://127.0.0.1:8080"));
-    }
-    let rest = &t["http://".len()..];
+    let (https, rest) = if lower.starts_with("https://") {
+        (true, &t["https://".len()..])
+    } else if lower.starts_with("http://") {
+        (false, &t["http://".len()..])
+    } else {
+        return Err(bad(format!(
+            "{t}: expected a URL like https://breakglass.example.com or http://127.0.0.1:8080"
+        )));
+    };
     let authority = rest.split('/').next().unwrap_or_default();
     if authority.is_empty() {
-        return Err(format!("{t}: the URL has no host"));
+        return Err(bad(format!("{t}: the URL has no host")));
     }
     if authority.contains('@') {
-        return Err(format!(
-            "{t}: credentials in the URL are not allowed; use --token or BREAKGLASS_TOKEN"
-        ));
+        return Err(bad(format!(
+            "{t}: credentials in the URL are not allowed; set BREAKGLASS_TOKEN instead"
+        )));
     }
     if t.chars()
         .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
     {
-        return Err(format!(
+        return Err(bad(format!(
             "{t}: the URL must not contain spaces, a query or a fragment"
+        )));
+    }
+    let scheme = if https { "https" } else { "http" };
+    let path = rest[authority.len()..].trim_end_matches('/');
+    if path.to_ascii_lowercase().ends_with("/v1") {
+        let base = format!("{scheme}://{authority}{}", &path[..path.len() - 3]);
+        return Err(Failure::usage(
+            "url_has_api_path",
+            format!(
+                "invalid --url: {t} ends in /v1; give the server's base URL ({base}): the CLI adds /v1 itself"
+            ),
         ));
     }
-    Ok(format!("http://{}", rest.trim_end_matches('/')))
+    let host = host_of(authority);
+    if !https && !insecure_http && !is_loopback(&host) {
+        return Err(Failure::usage(
+            "insecure_http",
+            format!(
+                "refusing plain http to {host}: it is not a loopback address, so your token and \
+                 every request would cross the network unencrypted. Use https:// (add \
+                 --ca-file FILE if the server's certificate comes from a private CA), or pass \
+                 --insecure-http if this network is trusted"
+            ),
+        ));
+    }
+    Ok(BaseUrl {
+        url: format!("{scheme}://{}", rest.trim_end_matches('/')),
+        https,
+    })
+}
+
+/// The host of `host[:port]` or `[v6][:port]`, lowercase, without brackets.
+fn host_of(authority: &str) -> String {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.to_ascii_lowercase()
+}
+
+/// `localhost`, 127.0.0.0/8 and ::1: addresses whose traffic never leaves
+/// the machine. Names other than `localhost` are not resolved: a name that
+/// happens to point at loopback still needs https or `--insecure-http`.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+        || host.parse::<Ipv6Addr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// The certificates trusted for https: the system's (the file or directory
+/// OpenSSL would use, or `SSL_CERT_FILE`/`SSL_CERT_DIR`) and `extra`.
+pub fn trusted_roots(
+    extra: Vec<ureq::tls::Certificate<'static>>,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, Failure> {
+    let system = rustls_native_certs::load_native_certs();
+    let mut roots: Vec<ureq::tls::Certificate<'static>> = system
+        .certs
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    roots.extend(extra);
+    if roots.is_empty() {
+        return Err(Failure::new(
+            Exit::Error,
+            "no_ca",
+            "no trusted CA certificates: install the system's CA bundle (ca-certificates) \
+             or pass the server's CA with --ca-file FILE",
+        ));
+    }
+    Ok(roots)
+}
+
+/// The certificates of a PEM file given with `--ca-file`.
+pub fn read_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, Failure> {
+    use std::io::Read as _;
+    let fail = |m: String| Failure::usage("bad_ca_file", m);
+    let file = std::fs::File::open(path)
+        .map_err(|e| fail(format!("cannot read --ca-file {}: {e}", path.display())))?;
+    let mut pem = Vec::new();
+    file.take(CA_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut pem)
+        .map_err(|e| fail(format!("cannot read --ca-file {}: {e}", path.display())))?;
+    if pem.len() as u64 > CA_FILE_BYTES_MAX {
+        return Err(fail(format!(
+            "--ca-file {} is larger than {CA_FILE_BYTES_MAX} bytes",
+            path.display()
+        )));
+    }
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(fail(format!(
+                    "--ca-file {} is not valid PEM: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(fail(format!(
+            "--ca-file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certs)
 }
 
 /// A client of one breakglass server, acting as the holder of one token.
@@ -181,9 +321,22 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base` must come from [`parse_base_url`].
-    pub fn new(base: String, token: Option<Token>) -> Client {
+    /// `base` must come from [`parse_base_url`]; `roots` are the
+    /// certificates trusted for https (see [`trusted_roots`]), unused for
+    /// http.
+    pub fn new(
+        base: BaseUrl,
+        token: Option<Token>,
+        roots: Vec<ureq::tls::Certificate<'static>>,
+    ) -> Client {
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+            // The same rustls and provider (ring) as the gateway's TLS.
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
         let config = ureq::Agent::config_builder()
+            .tls_config(tls)
             // Error statuses carry problem documents we want to read.
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
@@ -197,7 +350,7 @@ impl Client {
             .build();
         Client {
             agent: config.into(),
-            base,
+            base: base.url,
             token,
         }
     }
@@ -299,6 +452,23 @@ impl Client {
         self.get("/v1/whoami", &[])
     }
 
+    /// `GET /v1/targets`.
+    pub fn targets(&self) -> Result<TargetList, ApiError> {
+        self.get("/v1/targets", &[])
+    }
+
+    /// `GET /v1/requests?id_prefix=`: the visible requests whose id starts
+    /// with `prefix`.
+    pub fn find_by_prefix(&self, prefix: &str, limit: u32) -> Result<RequestList, ApiError> {
+        self.get(
+            "/v1/requests",
+            &[
+                ("id_prefix", prefix.to_string()),
+                ("limit", limit.to_string()),
+            ],
+        )
+    }
+
     // ---- plumbing ----
 
     fn url(&self, path: &str) -> String {
@@ -384,8 +554,44 @@ impl Client {
                 detail: format!("the answer is larger than {n} bytes"),
             },
             ureq::Error::Http(_) => ApiError::BadToken,
-            ureq::Error::Protocol(p) => ApiError::BadResponse {
-                detail: format!("not a valid HTTP answer: {p}"),
+            ureq::Error::Protocol(p) => ApiError::NotHttp {
+                url,
+                cause: p.to_string(),
+            },
+            // The TLS layer reports through I/O errors.
+            ureq::Error::Io(io)
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>()) =>
+            {
+                ApiError::Tls {
+                    url,
+                    cause: io.to_string(),
+                }
+            }
+            // Reset or closed mid-answer: typically a service that does not
+            // speak HTTP dropping what it cannot parse.
+            ureq::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                ApiError::NotHttp {
+                    url,
+                    cause: io.to_string(),
+                }
+            }
+            ureq::Error::Rustls(e) => ApiError::Tls {
+                url,
+                cause: e.to_string(),
+            },
+            ureq::Error::Tls(e) => ApiError::Tls {
+                url,
+                cause: e.to_string(),
             },
             ureq::Error::Json(j) => ApiError::BadResponse {
                 detail: format!("JSON: {j}"),
@@ -402,15 +608,26 @@ impl Client {
 mod tests {
     use super::*;
 
+    fn base(url: &str) -> Result<String, String> {
+        parse_base_url(url, false)
+            .map(|b| b.url)
+            .map_err(|f| f.message)
+    }
+
     #[test]
     fn base_urls() {
         assert_eq!(
-            parse_base_url("http://127.0.0.1:8080/").as_deref(),
+            base("http://127.0.0.1:8080/").as_deref(),
             Ok("http://127.0.0.1:8080")
         );
         assert_eq!(
-            parse_base_url(" HTTP://localhost:9/bg// ").as_deref(),
+            base(" HTTP://localhost:9/bg// ").as_deref(),
             Ok("http://localhost:9/bg")
+        );
+        assert_eq!(base("http://[::1]:9").as_deref(), Ok("http://[::1]:9"));
+        assert_eq!(
+            base("https://bg.example.com").as_deref(),
+            Ok("https://bg.example.com")
         );
         for bad in [
             "",
@@ -422,17 +639,33 @@ mod tests {
             "http://ho st",
             "ftp://host",
         ] {
-            assert!(parse_base_url(bad).is_err(), "{bad:?} accepted");
+            assert!(base(bad).is_err(), "{bad:?} accepted");
         }
-        let https = parse_base_url("https://bg.example.com").expect_err("https");
-        assert!(https.contains("https is not supported"), "{https}");
+        let v1 = base("https://bg.example.com:8443/v1/").expect_err("/v1");
+        assert!(v1.contains("(https://bg.example.com:8443)"), "{v1}");
+        for remote in [
+            "http://192.0.2.1:8080",
+            "http://bg.example.com",
+            "http://[2001:db8::1]:80",
+        ] {
+            let e = base(remote).expect_err("plain http off loopback");
+            assert!(
+                e.contains("--insecure-http") && e.contains("https://"),
+                "{e}"
+            );
+            assert!(
+                parse_base_url(remote, true).is_ok(),
+                "{remote} with --insecure-http"
+            );
+        }
     }
 
     #[test]
     fn token_is_never_shown() {
         let t = Token::new("s3cret-value").expect("token");
         assert_eq!(format!("{t:?}"), "Token(<redacted>)");
-        let c = Client::new("http://127.0.0.1:1".to_string(), Some(t));
+        let b = parse_base_url("http://127.0.0.1:1", false).expect("url");
+        let c = Client::new(b, Some(t), Vec::new());
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(Token::new("  ").is_none());
     }
@@ -474,7 +707,8 @@ mod tests {
     #[test]
     fn unreachable_server_is_an_error() {
         // Port 1 on loopback: nothing listens there, the connect fails fast.
-        let c = Client::new("http://127.0.0.1:1".to_string(), Token::new("t"));
+        let b = parse_base_url("http://127.0.0.1:1", false).expect("url");
+        let c = Client::new(b, Token::new("t"), Vec::new());
         let e = c.whoami().expect_err("nothing listens on port 1");
         assert_eq!(e.exit(), Exit::Error);
         assert!(

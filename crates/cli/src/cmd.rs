@@ -2,7 +2,7 @@
 //! result as text or JSON, and choose the exit code.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use breakglass_server::offline::{self, Sample};
 use serde::Serialize;
 
 use crate::Output;
-use crate::client::{ApiError, Client, Token, parse_base_url};
+use crate::client::{ApiError, Client, Token, parse_base_url, read_ca_file, trusted_roots};
 use crate::exit::{Exit, Failure};
 use crate::render;
 
@@ -31,28 +31,57 @@ const LIST_PAGES_MAX: usize = 100;
 /// Page size asked of `GET /v1/audit`.
 const AUDIT_PAGE_SIZE: u32 = 500;
 
+/// Where the server is and how to reach it, as given by the flags and the
+/// environment of a command that talks to the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConn {
+    pub url: String,
+    pub token: Option<String>,
+    /// The token came from `BREAKGLASS_TOKEN`: hints never suggest putting
+    /// it on the command line.
+    pub token_from_env: bool,
+    pub ca_file: Option<PathBuf>,
+    pub insecure_http: bool,
+}
+
 /// What every verb needs: where the server is, who we are, how to print.
 pub struct Ctx {
     url: String,
     token: Option<Token>,
+    token_from_env: bool,
+    ca_file: Option<PathBuf>,
+    insecure_http: bool,
     pub output: Output,
 }
 
 impl Ctx {
-    pub fn new(url: String, token: Option<&str>, output: Output) -> Ctx {
+    pub fn new(conn: ServerConn, output: Output) -> Ctx {
         Ctx {
-            url,
-            token: token.and_then(Token::new),
+            url: conn.url,
+            token: conn.token.as_deref().and_then(Token::new),
+            token_from_env: conn.token_from_env,
+            ca_file: conn.ca_file,
+            insecure_http: conn.insecure_http,
             output,
         }
     }
 
     /// The client, built only by verbs that talk to the server, so a bad
-    /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs.
+    /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
+    /// http to a non-loopback address is refused here, before anything is
+    /// resolved or sent.
     fn client(&self) -> Result<Client, Failure> {
-        let base = parse_base_url(&self.url)
-            .map_err(|m| Failure::usage("bad_url", format!("invalid --url: {m}")))?;
-        Ok(Client::new(base, self.token.clone()))
+        let base = parse_base_url(&self.url, self.insecure_http)?;
+        let extra = match &self.ca_file {
+            Some(path) => read_ca_file(path)?,
+            None => Vec::new(),
+        };
+        let roots = if base.https {
+            trusted_roots(extra)?
+        } else {
+            extra
+        };
+        Ok(Client::new(base, self.token.clone(), roots))
     }
 
     fn json(&self) -> bool {
@@ -107,6 +136,77 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
         .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
+/// What to do next, where the error alone does not say it. Never suggests
+/// putting the token on the command line when it came from the
+/// environment.
+pub fn hint(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
+    if let Some(f) = err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
+        return match f.code {
+            "ambiguous_id" => Some("give more characters of the id".to_string()),
+            _ => None,
+        };
+    }
+    let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>())?;
+    let targets = "see what you may request, with its limits: breakglass targets";
+    let h = match api {
+        ApiError::Problem { status: 401, .. } | ApiError::Status { status: 401 } => {
+            match (&ctx.token, ctx.token_from_env) {
+                (None, _) => "no token given: set BREAKGLASS_TOKEN to your breakglass token \
+                              (export BREAKGLASS_TOKEN=...)"
+                    .to_string(),
+                (Some(_), true) => "the server did not accept your token: check BREAKGLASS_TOKEN \
+                                    (is it for the server at BREAKGLASS_URL?)"
+                    .to_string(),
+                (Some(_), false) => "the server did not accept the token given with --token: \
+                                     check it, and prefer BREAKGLASS_TOKEN (arguments show up in \
+                                     process lists and shell history)"
+                    .to_string(),
+            }
+        }
+        ApiError::Problem { problem, status } => match problem.code.as_str() {
+            "unknown_target" | "unknown_role" => targets.to_string(),
+            "policy_denied" | "duration_exceeds_policy" | "ticket_required" => targets.to_string(),
+            "self_approval" => {
+                "an approver other than the requester must approve it: pass the approve \
+                 command on to one"
+                    .to_string()
+            }
+            "not_found" if *status == 404 && problem.detail == "no such route" => format!(
+                "the server has no such route: is {} the API's base URL (like \
+                 https://HOST[:PORT], without /v1)?",
+                render::clean(&ctx.url)
+            ),
+            _ => return None,
+        },
+        ApiError::Status { status: 404 } => format!(
+            "is {} the breakglass API? Something else answered (a proxy, or another service)",
+            render::clean(&ctx.url)
+        ),
+        ApiError::Unreachable { .. } => "is the server running? `breakglass serve --dev` starts \
+                                         one; set BREAKGLASS_URL (or --url) to reach another"
+            .to_string(),
+        ApiError::NotHttp { .. } => "is --url the breakglass API (server.listen, by default \
+                                     http://127.0.0.1:8080) and not the PostgreSQL gateway's \
+                                     port (gateway.postgres.listen, e.g. 6432)? If the API \
+                                     serves TLS, write https://"
+            .to_string(),
+        ApiError::Tls { cause, .. } => {
+            let c = cause.to_ascii_lowercase();
+            if c.contains("certificate") || c.contains("issuer") {
+                "the server's certificate is not trusted here: pass the CA that signed it with \
+                 --ca-file FILE (or BREAKGLASS_CA_FILE)"
+                    .to_string()
+            } else {
+                "the server does not seem to speak TLS on this port: if it serves plain http on \
+                 loopback, write http://"
+                    .to_string()
+            }
+        }
+        _ => return None,
+    };
+    Some(h)
+}
+
 /// `error: <detail> (<code>)`, and a `hint:` line where one helps; nothing
 /// for a closed pipe. Never contains the token.
 pub fn error_text(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
@@ -118,34 +218,128 @@ pub fn error_text(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
     let message = format!("{err:#}");
     let lines: Vec<String> = message.lines().map(render::clean).collect();
     let mut text = format!("error: {}\n", lines.join("\n"));
-    let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>());
-    let hint = match api {
-        Some(a) if a.status() == Some(401) && ctx.token.is_none() => {
-            Some("no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token")
-        }
-        Some(a) if a.status() == Some(401) => {
-            Some("the server did not accept your token: check BREAKGLASS_TOKEN (or --token)")
-        }
-        Some(ApiError::Unreachable { .. }) => Some(
-            "is the server running? `breakglass serve --dev` starts one; \
-             set BREAKGLASS_URL (or --url) to reach another",
-        ),
-        _ => None,
-    };
-    if let Some(h) = hint {
+    if let Some(h) = hint(ctx, err) {
         text.push_str("hint: ");
-        text.push_str(h);
+        text.push_str(&h);
         text.push('\n');
     }
     Some(text)
 }
 
-/// Prints the error to stderr and returns its exit code.
+/// The error as one JSON object (`--output json`): the server's problem
+/// document as it came (RFC 9457), or one of the same shape for a local
+/// error, with `exit_code` and `hint` added.
+pub fn error_json(ctx: &Ctx, err: &anyhow::Error) -> Option<serde_json::Value> {
+    if is_broken_pipe(err) {
+        return None;
+    }
+    let exit = exit_for(err);
+    let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>());
+    let mut doc = match api {
+        Some(ApiError::Problem { problem, .. }) => {
+            serde_json::to_value(problem).unwrap_or_else(|_| serde_json::json!({}))
+        }
+        _ => {
+            let code = match (api, err.chain().find_map(|e| e.downcast_ref::<Failure>())) {
+                (Some(a), _) => a.code(),
+                (None, Some(f)) => f.code.to_string(),
+                (None, None) => "error".to_string(),
+            };
+            let mut doc = serde_json::json!({
+                "type": format!("urn:breakglass:problem:{code}"),
+                "title": title_of(exit),
+                "detail": format!("{err:#}"),
+                "code": code,
+            });
+            if let Some(status) = api.and_then(ApiError::status) {
+                doc["status"] = status.into();
+            }
+            doc
+        }
+    };
+    doc["exit_code"] = exit.code().into();
+    if let Some(h) = hint(ctx, err) {
+        doc["hint"] = h.into();
+    }
+    Some(doc)
+}
+
+fn title_of(exit: Exit) -> &'static str {
+    match exit {
+        Exit::Success => "Success",
+        Exit::Error => "Error",
+        Exit::Usage => "Usage error",
+        Exit::Refused => "Refused",
+        Exit::WaitTimeout => "Wait timed out",
+    }
+}
+
+/// Prints the error to stderr (as JSON with `--output json`) and returns
+/// its exit code.
 pub fn report_error(ctx: &Ctx, err: &anyhow::Error) -> Exit {
-    if let Some(text) = error_text(ctx, err) {
+    let text = if ctx.json() {
+        error_json(ctx, err).map(|doc| format!("{doc}\n"))
+    } else {
+        error_text(ctx, err)
+    };
+    if let Some(text) = text {
         let _ = io::stderr().lock().write_all(text.as_bytes());
     }
     exit_for(err)
+}
+
+/// Request ids given with fewer characters than this are looked up as a
+/// prefix; full ids (36 characters) are used as they are.
+const FULL_ID_LEN: usize = 36;
+/// Candidates asked for (and listed) when a prefix is ambiguous.
+const PREFIX_CANDIDATES_MAX: u32 = 10;
+
+/// The full id of the one request visible to the caller whose id starts
+/// with `id` (like a short git hash). The server does the matching, so
+/// only requests the caller may see are considered.
+fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
+    if id.len() >= FULL_ID_LEN {
+        return Ok(id.to_string());
+    }
+    let found = client.find_by_prefix(id, PREFIX_CANDIDATES_MAX)?.requests;
+    if let Some(exact) = found.iter().find(|r| r.id == id) {
+        return Ok(exact.id.clone());
+    }
+    match found.as_slice() {
+        [] => Err(Failure::new(
+            Exit::Error,
+            "not_found",
+            format!(
+                "no request you can see has an id starting with {}; list them with: breakglass list",
+                render::clean(id)
+            ),
+        )
+        .into()),
+        [one] => Ok(one.id.clone()),
+        many => {
+            let more = if many.len() as u32 >= PREFIX_CANDIDATES_MAX {
+                " or more"
+            } else {
+                ""
+            };
+            let mut message = format!(
+                "the id prefix {} is ambiguous: it matches {}{more} requests:",
+                render::clean(id),
+                many.len()
+            );
+            for r in many {
+                message.push_str(&format!(
+                    "\n  {}  {}  {} on {} ({})",
+                    render::clean(&r.id),
+                    r.state,
+                    render::clean(&r.requester),
+                    render::clean(&r.target),
+                    render::clean(&r.role)
+                ));
+            }
+            Err(Failure::usage("ambiguous_id", message).into())
+        }
+    }
 }
 
 pub fn serve(opts: breakglass_server::ServeOptions) -> anyhow::Result<Exit> {
@@ -250,7 +444,9 @@ fn decided(r: &Request) -> anyhow::Result<Exit> {
 }
 
 pub fn approve(ctx: &Ctx, id: &str, comment: Option<String>) -> anyhow::Result<Exit> {
-    let r = ctx.client()?.approve(id, &ApproveBody { comment })?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.approve(id, &ApproveBody { comment })?;
     let heading = match (&r.countersignature, r.state) {
         (Some(_), State::Active) if r.emergency => format!("Countersigned {}.", render::clean(id)),
         _ => format!(
@@ -265,19 +461,25 @@ pub fn approve(ctx: &Ctx, id: &str, comment: Option<String>) -> anyhow::Result<E
 }
 
 pub fn deny(ctx: &Ctx, id: &str, reason: String) -> anyhow::Result<Exit> {
-    let r = ctx.client()?.deny(id, &ReasonBody { reason })?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.deny(id, &ReasonBody { reason })?;
     print_request(ctx, None, &r)?;
     Ok(Exit::Success)
 }
 
 pub fn cancel(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
-    let r = ctx.client()?.cancel(id)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.cancel(id)?;
     print_request(ctx, None, &r)?;
     Ok(Exit::Success)
 }
 
 pub fn revoke(ctx: &Ctx, id: &str, reason: String) -> anyhow::Result<Exit> {
-    let r = ctx.client()?.revoke(id, &ReasonBody { reason })?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.revoke(id, &ReasonBody { reason })?;
     print_request(ctx, None, &r)?;
     Ok(Exit::Success)
 }
@@ -287,7 +489,9 @@ pub fn review(ctx: &Ctx, id: &str, outcome: &str, notes: String) -> anyhow::Resu
         outcome: outcome.to_string(),
         notes,
     };
-    let r = ctx.client()?.review(id, &body)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.review(id, &body)?;
     print_request(
         ctx,
         Some(format!(
@@ -337,7 +541,9 @@ pub fn list(ctx: &Ctx, state: Option<State>, mine: bool, limit: u32) -> anyhow::
 }
 
 pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
-    let r = ctx.client()?.get_request(id)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let r = client.get_request(id)?;
     if ctx.json() {
         print_json(&r)?;
     } else {
@@ -347,7 +553,9 @@ pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
 }
 
 pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
-    let c = ctx.client()?.credentials(id)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let c = client.credentials(id)?;
     if ctx.json() {
         print_json(&c)?;
     } else {
@@ -360,7 +568,9 @@ pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
 /// gateway. The token travels in the client's environment (PGPASSWORD),
 /// never on a command line.
 pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::Result<Exit> {
-    let c = ctx.client()?.credentials(id)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let c = client.credentials(id)?;
     let Some(conn) = c.connection.as_ref() else {
         return Err(Failure::new(
             Exit::Error,
@@ -414,7 +624,9 @@ pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::R
 }
 
 pub fn sessions(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
-    let list = ctx.client()?.sessions(id)?;
+    let client = ctx.client()?;
+    let id = &resolve_id(&client, id)?;
+    let list = client.sessions(id)?;
     if ctx.json() {
         print_json(&list)?;
         return Ok(Exit::Success);
@@ -464,6 +676,27 @@ pub fn recording(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
             _ => break,
         }
     }
+    Ok(Exit::Success)
+}
+
+/// What the caller may request, from the server's policy.
+pub fn targets(ctx: &Ctx) -> anyhow::Result<Exit> {
+    let list = ctx.client()?.targets()?;
+    if ctx.json() {
+        print_json(&list)?;
+    } else {
+        print_text(&render::targets(&list))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// Prints completions for `shell` of the command line `cmd`.
+pub fn completion(cmd: &mut clap::Command, shell: clap_complete::Shell) -> anyhow::Result<Exit> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, cmd, "breakglass", &mut out);
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(&out)?;
+    stdout.flush()?;
     Ok(Exit::Success)
 }
 
@@ -585,6 +818,18 @@ mod tests {
         assert_eq!(exit_for(&pipe), Exit::Success);
     }
 
+    fn ctx(url: &str, token: Option<&str>, from_env: bool) -> Ctx {
+        Ctx::new(
+            ServerConn {
+                url: url.to_string(),
+                token: token.map(str::to_string),
+                token_from_env: from_env,
+                ..ServerConn::default()
+            },
+            Output::Text,
+        )
+    }
+
     #[test]
     fn error_text_has_the_code_and_a_hint_for_401() {
         let problem = |status| {
@@ -599,17 +844,23 @@ mod tests {
                 },
             })
         };
-        let anonymous = Ctx::new(DEFAULT_URL.to_string(), None, Output::Text);
+        let anonymous = ctx(DEFAULT_URL, None, false);
         assert_eq!(
             error_text(&anonymous, &problem(401)).as_deref(),
             Some(
                 "error: missing or invalid bearer token (unauthenticated)\n\
-                 hint: no token given: set BREAKGLASS_TOKEN (or pass --token) to your breakglass token\n"
+                 hint: no token given: set BREAKGLASS_TOKEN to your breakglass token (export BREAKGLASS_TOKEN=...)\n"
             )
         );
-        let with_token = Ctx::new(DEFAULT_URL.to_string(), Some("s3cret"), Output::Text);
+        // From the environment: never a suggestion to use --token.
+        let with_token = ctx(DEFAULT_URL, Some("s3cret"), true);
         let text = error_text(&with_token, &problem(401)).expect("text");
-        assert!(text.contains("did not accept your token"), "{text}");
+        assert!(text.contains("check BREAKGLASS_TOKEN"), "{text}");
+        assert!(!text.contains("--token"), "{text}");
+        assert!(!text.contains("s3cret"));
+        let flag = ctx(DEFAULT_URL, Some("s3cret"), false);
+        let text = error_text(&flag, &problem(401)).expect("text");
+        assert!(text.contains("given with --token"), "{text}");
         assert!(!text.contains("s3cret"));
         assert_eq!(
             error_text(&with_token, &problem(409)).as_deref(),
@@ -620,9 +871,37 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_url_is_a_usage_error() {
-        let ctx = Ctx::new("https://example.com".to_string(), Some("t"), Output::Text);
-        let err = anyhow::Error::new(ctx.client().expect_err("https is refused"));
+    fn json_errors_keep_the_problem_document() {
+        let err = anyhow::Error::new(ApiError::Problem {
+            status: 403,
+            problem: breakglass_server::dto::Problem {
+                type_: "urn:breakglass:problem:self_approval".to_string(),
+                title: "Forbidden".to_string(),
+                status: 403,
+                detail: "no".to_string(),
+                code: "self_approval".to_string(),
+            },
+        });
+        let c = ctx(DEFAULT_URL, Some("t"), true);
+        let doc = error_json(&c, &err).expect("doc");
+        assert_eq!(doc["code"], "self_approval");
+        assert_eq!(doc["status"], 403);
+        assert_eq!(doc["exit_code"], 3);
+        let local = anyhow::Error::new(Failure::usage("bad_url", "invalid --url: x"));
+        let doc = error_json(&c, &local).expect("doc");
+        assert_eq!(doc["code"], "bad_url");
+        assert_eq!(doc["exit_code"], 2);
+        assert_eq!(doc["detail"], "invalid --url: x (bad_url)");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_a_usage_error() {
+        let c = ctx("http://192.0.2.1:8080", Some("t"), true);
+        let err = anyhow::Error::new(c.client().expect_err("refused"));
         assert_eq!(exit_for(&err), Exit::Usage);
+        assert!(err.to_string().contains("--insecure-http"), "{err}");
+        let c = ctx("https://example.com/v1/", Some("t"), true);
+        let err = anyhow::Error::new(c.client().expect_err("refused"));
+        assert!(err.to_string().contains("https://example.com)"), "{err}");
     }
 }

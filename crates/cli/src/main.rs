@@ -10,15 +10,17 @@ mod cmd;
 mod exit;
 mod render;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use breakglass_core::State;
 use breakglass_core::time::parse_duration;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 const GLOBAL_HEADING: &str = "Global options";
+const SERVER_HEADING: &str = "Server options";
 /// What `--wait` without a value waits for.
 const WAIT_DEFAULT: &str = "15m";
 /// Request ids are short opaque strings; anything else is a typo (or an
@@ -27,7 +29,14 @@ const ID_LEN_MAX: usize = 128;
 /// The most requests `list --limit` shows.
 pub const LIST_LIMIT_MAX: u32 = 1000;
 
-const EXIT_CODES_HELP: &str = "\
+const MAIN_AFTER_HELP: &str = "\
+Examples:
+  export BREAKGLASS_URL=https://breakglass.example.com BREAKGLASS_TOKEN=...
+  breakglass targets                  # what you may request
+  breakglass request prod-db --role read --duration 15m --reason \"disk full\" --wait
+  breakglass approve 01a2             # as an approver; any unique prefix of the id
+  breakglass connect 01a2 -- -c \"select 1\"
+
 Exit codes:
   0  success
   1  error (bad input from the server's view, I/O, server unreachable, internal)
@@ -40,40 +49,12 @@ Exit codes:
     name = "breakglass",
     version,
     about = "Emergency break-glass access: time-bound, multi-party approved, fully audited",
-    after_help = EXIT_CODES_HELP,
+    after_help = MAIN_AFTER_HELP,
     propagate_version = true
 )]
 struct Cli {
-    #[command(flatten)]
-    global: GlobalArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Args)]
-struct GlobalArgs {
-    /// The breakglass server.
-    #[arg(
-        long,
-        global = true,
-        env = "BREAKGLASS_URL",
-        default_value = DEFAULT_URL,
-        value_name = "URL",
-        help_heading = GLOBAL_HEADING
-    )]
-    url: String,
-    /// Your API token. Prefer the environment variable: arguments show up in
-    /// process lists and shell history.
-    #[arg(
-        long,
-        global = true,
-        env = "BREAKGLASS_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN",
-        help_heading = GLOBAL_HEADING
-    )]
-    token: Option<String>,
-    /// `text` for people, `json` for scripts.
+    /// `text` for people, `json` for scripts (errors too: a JSON object on
+    /// stderr).
     #[arg(
         long,
         global = true,
@@ -83,6 +64,65 @@ struct GlobalArgs {
         help_heading = GLOBAL_HEADING
     )]
     output: Output,
+    // Server options given before the command, like `breakglass --url URL
+    // whoami`; the same flags after the command take precedence.
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to reach the server, for the commands that talk to it. The
+/// environment is read by [`ServerArgs::resolve`], so that a flag given
+/// before the command still beats the variable.
+#[derive(Debug, Clone, Default, Args)]
+struct ServerArgs {
+    /// The breakglass API [env: BREAKGLASS_URL] [default: http://127.0.0.1:8080].
+    /// https:// with the system's CA certificates (and --ca-file); plain
+    /// http:// only to a loopback address unless --insecure-http.
+    #[arg(long, value_name = "URL", help_heading = SERVER_HEADING)]
+    url: Option<String>,
+    /// Your API token [env: BREAKGLASS_TOKEN]. Prefer the environment
+    /// variable: arguments show up in process lists and shell history.
+    #[arg(long, value_name = "TOKEN", help_heading = SERVER_HEADING)]
+    token: Option<String>,
+    /// A PEM file of CA certificates to trust besides the system's, for an
+    /// API whose certificate comes from a private CA [env: BREAKGLASS_CA_FILE].
+    #[arg(long, value_name = "FILE", help_heading = SERVER_HEADING)]
+    ca_file: Option<PathBuf>,
+    /// Allow plain http to a non-loopback address. The token and every
+    /// request cross the network unencrypted: only on a trusted network.
+    #[arg(long, help_heading = SERVER_HEADING)]
+    insecure_http: bool,
+}
+
+impl ServerArgs {
+    /// This command's flags, then the flags before the command, then the
+    /// environment, then the default. An empty variable counts as unset.
+    fn resolve(&self, before: &ServerArgs) -> cmd::ServerConn {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let url = self
+            .url
+            .clone()
+            .or_else(|| before.url.clone())
+            .filter(|u| !u.trim().is_empty())
+            .or_else(|| env("BREAKGLASS_URL"))
+            .unwrap_or_else(|| DEFAULT_URL.to_string());
+        let flag_token = self.token.clone().or_else(|| before.token.clone());
+        let env_token = env("BREAKGLASS_TOKEN");
+        let token_from_env = flag_token.is_none() && env_token.is_some();
+        cmd::ServerConn {
+            url,
+            token: flag_token.or(env_token),
+            token_from_env,
+            ca_file: self
+                .ca_file
+                .clone()
+                .or_else(|| before.ca_file.clone())
+                .or_else(|| env("BREAKGLASS_CA_FILE").map(PathBuf::from)),
+            insecure_http: self.insecure_http || before.insecure_http,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,25 +131,44 @@ pub enum Output {
     Json,
 }
 
-/// One variant per verb; a new verb (`connect`, `sessions`, `recording` with
-/// the gateways) is one variant here and one function in `cmd`.
+/// One variant per verb; a new verb is one variant here and one function
+/// in `cmd`. Verbs that talk to the server flatten [`ServerArgs`]; offline
+/// ones (`serve`, `audit verify`, `policy check`, `completion`) do not, so
+/// their help shows no `--url` or `--token`.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the service.
+    #[command(
+        after_help = "Examples:\n  breakglass serve --dev\n  breakglass serve --config /etc/breakglass/config.toml --log-format json"
+    )]
     Serve(ServeArgs),
-    /// Ask for access to a target.
+    /// Ask for access to a target (see `breakglass targets`).
+    #[command(
+        after_help = "Examples:\n  breakglass request prod-db --role read --duration 15m --reason \"disk full\" --wait\n  breakglass request prod-db --role admin --duration 10m --reason \"outage\" --ticket INC-42 --wait=5m\n  breakglass request prod-db --role admin --duration 10m --reason \"primary down\" --emergency"
+    )]
     Request(RequestArgs),
     /// Approve a pending request, or countersign an active emergency grant.
+    #[command(
+        after_help = "Examples:\n  breakglass approve 01a2250c --comment \"looked at the graphs\""
+    )]
     Approve(ApproveArgs),
     /// Deny (veto) a pending request.
+    #[command(after_help = "Examples:\n  breakglass deny 01a2250c --reason \"use the replica\"")]
     Deny(ReasonArgs),
     /// Withdraw your own pending request.
     Cancel(IdArgs),
     /// End an active grant now.
+    #[command(after_help = "Examples:\n  breakglass revoke 01a2250c --reason \"fixed\"")]
     Revoke(ReasonArgs),
     /// Record the post-incident review of an ended grant.
+    #[command(
+        after_help = "Examples:\n  breakglass review 01a2250c --outcome ok --notes \"matches INC-42\""
+    )]
     Review(ReviewArgs),
     /// List requests you can see.
+    #[command(
+        after_help = "Examples:\n  breakglass list --state pending\n  breakglass list --mine --output json"
+    )]
     List(ListArgs),
     /// Show one request in full.
     Show(IdArgs),
@@ -117,11 +176,14 @@ enum Command {
     Credentials(IdArgs),
     /// Connect to the target through its gateway (runs psql with the grant's
     /// credentials; arguments after -- go to psql).
+    #[command(
+        after_help = "Examples:\n  breakglass connect 01a2250c\n  breakglass connect 01a2250c -- -c \"select count(*) from orders\""
+    )]
     Connect(ConnectArgs),
     /// List the gateway sessions of a request.
     Sessions(IdArgs),
     /// Show what happened in a session (JSON lines with --output json).
-    Recording(IdArgs),
+    Recording(RecordingArgs),
     /// Verify or export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -129,12 +191,61 @@ enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Show who the server thinks you are.
-    Whoami,
+    Whoami(ServerOnly),
+    /// List the targets and roles you may request, with their limits.
+    Targets(ServerOnly),
+    /// Print shell completions: breakglass completion bash > /etc/bash_completion.d/breakglass
+    Completion(CompletionArgs),
+}
+
+impl Command {
+    /// The server options of a command that talks to the server.
+    fn server(&self) -> Option<&ServerArgs> {
+        Some(match self {
+            Command::Request(a) => &a.server,
+            Command::Approve(a) => &a.server,
+            Command::Deny(a) | Command::Revoke(a) => &a.server,
+            Command::Cancel(a)
+            | Command::Show(a)
+            | Command::Credentials(a)
+            | Command::Sessions(a) => &a.server,
+            Command::Review(a) => &a.server,
+            Command::List(a) => &a.server,
+            Command::Connect(a) => &a.server,
+            Command::Recording(a) => &a.server,
+            Command::Audit(AuditCommand::Export { server, .. }) => server,
+            Command::Whoami(a) | Command::Targets(a) => &a.server,
+            Command::Serve(_)
+            | Command::Audit(AuditCommand::Verify { .. })
+            | Command::Policy(_)
+            | Command::Completion(_) => return None,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ServerOnly {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum, value_name = "SHELL")]
+    shell: ShellArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// The TOML config file.
+    /// The TOML config file (see README: "Running it for real").
     #[arg(
         long,
         value_name = "FILE",
@@ -180,9 +291,10 @@ struct RequestArgs {
     /// countersigned, always reviewed.
     #[arg(long)]
     emergency: bool,
-    /// Wait until the request is decided, at most TIMEOUT (default 15m).
-    /// Exit 0 if active, 3 if denied, 1 if it ended otherwise, 4 if still
-    /// pending when the wait ran out.
+    /// Wait until the request is decided, at most TIMEOUT (default 15m;
+    /// `--wait 5m` and `--wait=5m` both work). Exit 0 if active, 3 if
+    /// denied, 1 if it ended otherwise, 4 if still pending when the wait ran
+    /// out.
     #[arg(
         long,
         value_name = "TIMEOUT",
@@ -192,20 +304,35 @@ struct RequestArgs {
         value_parser = parse_duration_arg
     )]
     wait: Option<DurationArg>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
 struct IdArgs {
-    /// The request id.
+    /// The request id, or any unique prefix of it.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct RecordingArgs {
+    /// The session id (from `breakglass sessions ID`).
+    #[arg(value_name = "SESSION_ID", value_parser = parse_id)]
+    id: String,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
 struct ConnectArgs {
-    /// The request id of an active grant.
+    /// The request id of an active grant, or any unique prefix of it.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// The client program to run (default: psql from PATH).
     #[arg(long, value_name = "PROGRAM", default_value = "psql")]
     client: String,
@@ -216,27 +343,31 @@ struct ConnectArgs {
 
 #[derive(Debug, Args)]
 struct ApproveArgs {
-    /// The request id.
+    /// The request id, or any unique prefix of it.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// A note recorded with the approval.
     #[arg(long, value_name = "TEXT")]
     comment: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
 struct ReasonArgs {
-    /// The request id.
+    /// The request id, or any unique prefix of it.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// Why; recorded in the audit log and shown to the requester.
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Args)]
 struct ReviewArgs {
-    /// The request id.
+    /// The request id, or any unique prefix of it.
     #[arg(value_name = "ID", value_parser = parse_id)]
     id: String,
     /// Was the access justified and used as stated?
@@ -245,6 +376,8 @@ struct ReviewArgs {
     /// What was checked and found.
     #[arg(long, value_name = "TEXT")]
     notes: String,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -279,6 +412,8 @@ struct ListArgs {
         value_name = "N"
     )]
     limit: u32,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +421,7 @@ enum AuditCommand {
     /// Check every link and signature of the audit chain, offline, reading
     /// the store named by the config. Exit 0 only if it all holds.
     Verify {
+        /// The TOML config file of the service whose store to read.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// A trusted public key, kept outside the data dir: 64 hex digits
@@ -299,6 +435,8 @@ enum AuditCommand {
         /// Start after this sequence number (default: from the first event).
         #[arg(long, value_name = "SEQ")]
         after: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 
@@ -311,6 +449,7 @@ enum PolicyCommand {
 
 #[derive(Debug, Args)]
 struct PolicyCheckArgs {
+    /// The TOML config file; its policy file is checked.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
     /// Sample: who asks.
@@ -370,15 +509,143 @@ fn parse_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn main() -> ExitCode {
-    // Usage errors exit 2 here (clap's default), --help and --version exit 0.
-    let cli = Cli::parse();
-    // `BREAKGLASS_URL=` (set but empty) means the default, like an unset one.
-    let url = match cli.global.url.trim() {
-        "" => DEFAULT_URL.to_string(),
-        _ => cli.global.url,
+/// `--wait 5m` means `--wait=5m` when the word after `--wait` is a
+/// duration: the value is optional, so clap alone would take `5m` for the
+/// target. Anything after `--` is left alone (it belongs to psql).
+fn join_wait_values(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter().peekable();
+    while let Some(arg) = it.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(it);
+            break;
+        }
+        if arg == "--wait"
+            && let Some(value) = it.peek().and_then(|v| v.to_str())
+            && parse_duration(value).is_ok()
+        {
+            let joined = format!("--wait={value}");
+            it.next();
+            out.push(joined.into());
+            continue;
+        }
+        out.push(arg);
+    }
+    out
+}
+
+/// `--output json` (or `--output=json`) anywhere before `--`.
+fn wants_json(args: &[OsString]) -> bool {
+    let args: Vec<&str> = args
+        .iter()
+        .map(|a| a.to_str().unwrap_or(""))
+        .take_while(|a| *a != "--")
+        .collect();
+    args.windows(2)
+        .any(|w| w[0] == "--output" && w[1] == "json")
+        || args.contains(&"--output=json")
+}
+
+/// A clap usage error, said safely: tokens are redacted (a token pasted in
+/// the wrong place must not be echoed), no suggestion to put the token on
+/// the command line when `BREAKGLASS_TOKEN` is set, a hint for `--wait`
+/// values, and JSON with `--output json`.
+fn usage_error(e: &clap::Error, args: &[OsString]) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    let env_token = std::env::var("BREAKGLASS_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let words: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
+    let mut secrets: Vec<String> = env_token.iter().map(|t| t.trim().to_string()).collect();
+    for w in words.windows(2) {
+        if w[0] == "--token" {
+            secrets.push(w[1].to_string());
+        }
+    }
+    for w in &words {
+        if let Some(t) = w.strip_prefix("--token=") {
+            secrets.push(t.to_string());
+        }
+        if w.starts_with("bgt_") || w.starts_with(breakglass_core::token::GRANT_TOKEN_PREFIX) {
+            secrets.push(w.to_string());
+        }
+    }
+    secrets.retain(|s| s.len() >= 4);
+    let mut text = e.render().to_string();
+    for secret in &secrets {
+        text = text.replace(secret.as_str(), "<redacted>");
+    }
+    let mut lines: Vec<&str> = text.lines().collect();
+    if env_token.is_some() {
+        lines.retain(|l| !l.contains("--token"));
+    }
+    let mut text = lines.join("\n");
+    let wait_word = words
+        .windows(2)
+        .find(|w| w[0] == "--wait" && !w[1].starts_with('-'))
+        .map(|w| w[1]);
+    let hint = match wait_word {
+        Some(v) => Some(format!(
+            "--wait takes its value after '=': write --wait=DURATION (like --wait=5m); {:?} \
+             is not a duration (a number and a unit: 90s, 15m, 1h)",
+            render::clean(v)
+        )),
+        None if matches!(e.kind(), ErrorKind::InvalidSubcommand) => {
+            Some("see the commands with: breakglass --help".to_string())
+        }
+        None => None,
     };
-    let ctx = cmd::Ctx::new(url, cli.global.token.as_deref(), cli.global.output);
+    if wants_json(args) {
+        let detail = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .to_string();
+        let mut doc = serde_json::json!({
+            "type": "urn:breakglass:problem:usage",
+            "title": "Usage error",
+            "detail": detail,
+            "code": "usage",
+            "exit_code": exit::Exit::Usage.code(),
+            "usage": text,
+        });
+        if let Some(h) = &hint {
+            doc["hint"] = h.clone().into();
+        }
+        eprintln!("{doc}");
+    } else {
+        if let Some(h) = &hint {
+            text.push_str(&format!("\nhint: {h}"));
+        }
+        eprintln!("{text}");
+    }
+    exit::Exit::Usage.into()
+}
+
+fn main() -> ExitCode {
+    let args = join_wait_values(std::env::args_os().collect());
+    // Usage errors exit 2, --help and --version exit 0.
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e, &args),
+    };
+    // Offline commands ignore server options given before the command.
+    let conn = match cli.command.server() {
+        Some(own) => own.resolve(&cli.server),
+        None => cmd::ServerConn::default(),
+    };
+    let ctx = cmd::Ctx::new(conn, cli.output);
     let result = match cli.command {
         Command::Serve(a) => cmd::serve(breakglass_server::ServeOptions {
             config: a.config,
@@ -415,7 +682,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { config, key }) => {
             cmd::audit_verify(&ctx, &config, &key)
         }
-        Command::Audit(AuditCommand::Export { after }) => cmd::audit_export(&ctx, after),
+        Command::Audit(AuditCommand::Export { after, .. }) => cmd::audit_export(&ctx, after),
         Command::Policy(PolicyCommand::Check(a)) => {
             let sample = match (a.principal, a.target, a.role, a.duration) {
                 (Some(principal), Some(target), Some(role), Some(duration)) => {
@@ -433,7 +700,16 @@ fn main() -> ExitCode {
             };
             cmd::policy_check(&ctx, &a.config, sample.as_ref())
         }
-        Command::Whoami => cmd::whoami(&ctx),
+        Command::Whoami(_) => cmd::whoami(&ctx),
+        Command::Targets(_) => cmd::targets(&ctx),
+        Command::Completion(a) => cmd::completion(
+            &mut Cli::command(),
+            match a.shell {
+                ShellArg::Bash => clap_complete::Shell::Bash,
+                ShellArg::Zsh => clap_complete::Shell::Zsh,
+                ShellArg::Fish => clap_complete::Shell::Fish,
+            },
+        ),
     };
     match result {
         Ok(exit) => exit.into(),
@@ -560,25 +836,122 @@ mod tests {
     }
 
     #[test]
-    fn global_flags_go_anywhere() {
+    fn server_flags_go_before_or_after_the_command() {
         let cli =
             parse(&["show", "abc-123", "--output", "json", "--url", "http://h:1"]).expect("valid");
-        assert_eq!(cli.global.output, Output::Json);
-        assert_eq!(cli.global.url, "http://h:1");
-        let cli = parse(&["--output", "json", "whoami"]).expect("valid");
-        assert_eq!(cli.global.output, Output::Json);
+        assert_eq!(cli.output, Output::Json);
+        let own = cli.command.server().expect("show talks to the server");
+        assert_eq!(own.url.as_deref(), Some("http://h:1"));
+        let cli =
+            parse(&["--output", "json", "--url", "http://before:1", "whoami"]).expect("valid");
+        assert_eq!(cli.output, Output::Json);
+        let own = cli.command.server().expect("whoami talks to the server");
+        assert_eq!(own.resolve(&cli.server).url, "http://before:1");
+        // After the command beats before it.
+        let cli = parse(&[
+            "--url",
+            "http://before:1",
+            "whoami",
+            "--url",
+            "http://after:1",
+        ])
+        .expect("valid");
+        let own = cli.command.server().expect("server args");
+        assert_eq!(own.resolve(&cli.server).url, "http://after:1");
+        assert!(parse(&["serve", "--dev", "--url", "http://h:1"]).is_err());
+        assert!(parse(&["policy", "check", "--config", "c", "--token", "t"]).is_err());
+    }
+
+    #[test]
+    fn offline_commands_show_no_server_options_and_describe_config() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for path in [
+            &["serve"][..],
+            &["audit", "verify"],
+            &["policy", "check"],
+            &["completion"],
+        ] {
+            let mut sub = &mut cmd;
+            for name in path {
+                sub = sub.find_subcommand_mut(name).expect("subcommand");
+            }
+            let help = sub.render_long_help().to_string();
+            for flag in ["--url", "--token", "--ca-file", "--insecure-http"] {
+                assert!(!help.contains(flag), "{path:?} shows {flag}:\n{help}");
+            }
+            if let Some(config) = sub.get_arguments().find(|a| a.get_id() == "config") {
+                assert!(
+                    config.get_help().is_some(),
+                    "{path:?}: --config has no description"
+                );
+            }
+        }
+        let mut sub = cmd.find_subcommand_mut("request").expect("request").clone();
+        let help = sub.render_long_help().to_string();
+        assert!(
+            help.contains("--url") && help.contains("--ca-file"),
+            "{help}"
+        );
+        assert!(help.contains("Examples:"), "{help}");
+    }
+
+    #[test]
+    fn wait_takes_its_value_with_or_without_equals() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            join_wait_values(os(&[
+                "breakglass",
+                "request",
+                "db",
+                "--wait",
+                "3s",
+                "--role",
+                "r"
+            ])),
+            os(&["breakglass", "request", "db", "--wait=3s", "--role", "r"])
+        );
+        // Not a duration: left for clap (and the hint) to handle.
+        assert_eq!(
+            join_wait_values(os(&["breakglass", "request", "--wait", "db"])),
+            os(&["breakglass", "request", "--wait", "db"])
+        );
+        // After `--` everything belongs to the client program.
+        assert_eq!(
+            join_wait_values(os(&["breakglass", "connect", "x", "--", "--wait", "3s"])),
+            os(&["breakglass", "connect", "x", "--", "--wait", "3s"])
+        );
+        let args = join_wait_values(os(&[
+            "breakglass",
+            "request",
+            "--wait",
+            "90s",
+            "prod-db",
+            "--role",
+            "r",
+            "--duration",
+            "1h",
+            "--reason",
+            "x",
+        ]));
+        let cli = Cli::try_parse_from(&args).expect("valid");
+        let Command::Request(a) = cli.command else {
+            panic!("not a request");
+        };
+        assert_eq!(a.target, "prod-db");
+        assert_eq!(a.wait.map(|w| w.secs), Some(90));
+        assert!(wants_json(&os(&["b", "whoami", "--output", "json"])));
+        assert!(wants_json(&os(&["b", "--output=json", "whoami"])));
+        assert!(!wants_json(&os(&[
+            "b", "connect", "x", "--", "--output", "json"
+        ])));
     }
 
     #[test]
     fn help_never_shows_the_token() {
-        let cmd = Cli::command();
-        let token = cmd
-            .get_arguments()
-            .find(|a| a.get_id() == "token")
-            .expect("a --token flag");
-        assert!(token.is_hide_env_values_set());
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("BREAKGLASS_TOKEN"));
         assert!(help.contains("Exit codes:"));
+        assert!(help.contains("Examples:"));
     }
 }

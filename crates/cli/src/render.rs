@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use breakglass_core::time::format_duration;
 use breakglass_core::{EndReason, Request, ReviewOutcome, State, Timestamp};
-use breakglass_server::dto::{Credentials, RequestList, VerifyReport, WhoAmI};
+use breakglass_server::dto::{Credentials, RequestList, TargetList, VerifyReport, WhoAmI};
 use breakglass_server::offline::PolicyReport;
 
 /// Replaces control characters and bidirectional overrides with visible
@@ -130,7 +130,14 @@ pub fn next_steps(r: &Request, now: Timestamp) -> String {
                 r.approvals_required,
                 groups(&r.approver_groups)
             );
-            let _ = writeln!(out, "Ask an approver to run: breakglass approve {id}");
+            // INVARIANT: nothing here claims that anyone was told. This
+            // server has no notification sinks, so the requester passes the
+            // command on.
+            let _ = writeln!(
+                out,
+                "Nobody is notified automatically: send an approver from {} this command: breakglass approve {id}",
+                groups(&r.approver_groups)
+            );
             let _ = writeln!(
                 out,
                 "It times out at {} ({}) unless decided.",
@@ -142,7 +149,7 @@ pub fn next_steps(r: &Request, now: Timestamp) -> String {
             if r.emergency {
                 let _ = writeln!(
                     out,
-                    "EMERGENCY ACCESS: {id} was self-activated; approvers in {} are notified.",
+                    "EMERGENCY ACCESS: {id} was self-activated. Nobody is notified automatically: tell an approver from {} now.",
                     groups(&r.approver_groups)
                 );
             }
@@ -267,6 +274,17 @@ pub fn request_block(r: &Request, now: Timestamp) -> String {
     };
     let opt_time =
         |t: Option<Timestamp>| t.map(|t| when(now, t)).unwrap_or_else(|| "-".to_string());
+    // A deadline of a request that has ended: when it was due, and that it
+    // no longer runs (never "in 9m" for a revoked grant).
+    let deadline = |t: Option<Timestamp>| match (t, r.ended_at) {
+        (Some(t), Some(end)) if r.state.is_final() && end < t => format!(
+            "{} (not reached: the grant ended at {})",
+            t.to_rfc3339(),
+            clock(now, end)
+        ),
+        (Some(t), _) if r.state.is_final() => format!("{} (reached)", t.to_rfc3339()),
+        (t, _) => opt_time(t),
+    };
     field("id", clean(&r.id));
     field(
         "state",
@@ -314,9 +332,18 @@ pub fn request_block(r: &Request, now: Timestamp) -> String {
         field("pending until", when(now, r.pending_until));
     }
     field("activated", opt_time(r.activated_at));
-    field("expires", opt_time(r.expires_at));
+    field("expires", deadline(r.expires_at));
     if r.emergency || r.countersign_by.is_some() {
-        field("countersign by", opt_time(r.countersign_by));
+        field(
+            "countersign by",
+            if r.countersignature.is_some() {
+                r.countersign_by
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".to_string())
+            } else {
+                deadline(r.countersign_by)
+            },
+        );
         field(
             "countersigned",
             r.countersignature
@@ -454,6 +481,76 @@ pub fn credentials(c: &Credentials, now: Timestamp) -> String {
         };
         let _ = writeln!(out, "Connect: {line}");
         let _ = writeln!(out, "Use the token above as the password.");
+    }
+    out
+}
+
+/// What the caller may request, one line per target, role and kind of
+/// access, then how to ask.
+pub fn targets(list: &TargetList) -> String {
+    if list.targets.is_empty() {
+        return "The policy permits you no request right now: ask an admin which targets and \
+                roles you should have.\n"
+            .to_string();
+    }
+    let header = ["TARGET", "ROLE", "ACCESS", "MAX", "APPROVALS", "TICKET"].map(String::from);
+    let mut rows = vec![header];
+    for t in &list.targets {
+        let approvals = match (t.emergency, t.countersign_within_s) {
+            (true, Some(w)) => format!(
+                "none; countersigned within {} by {}",
+                format_duration(w),
+                groups(&t.approver_groups)
+            ),
+            _ if t.approvals_required == 0 => "none".to_string(),
+            _ => format!(
+                "{} from {}",
+                t.approvals_required,
+                groups(&t.approver_groups)
+            ),
+        };
+        let ticket = if t.ticket_patterns.is_empty() {
+            "-".to_string()
+        } else {
+            clean(&t.ticket_patterns.join(" and "))
+        };
+        rows.push([
+            clean(&t.target),
+            clean(&t.role),
+            if t.emergency { "emergency" } else { "request" }.to_string(),
+            format_duration(t.max_duration_s),
+            approvals,
+            ticket,
+        ]);
+    }
+    let mut out = table(&rows);
+    out.push_str(
+        "Ask with: breakglass request TARGET --role ROLE --duration 15m --reason TEXT \
+         [--ticket T] [--emergency for emergency access] [--wait]\n",
+    );
+    out
+}
+
+/// Rows as left-aligned columns two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -658,7 +755,7 @@ mod tests {
         assert_eq!(
             text,
             "Request 0190a1b2-c3d4 is pending: needs 2 approval(s) from sre-leads, security (0 so far).\n\
-             Ask an approver to run: breakglass approve 0190a1b2-c3d4\n\
+             Nobody is notified automatically: send an approver from sre-leads, security this command: breakglass approve 0190a1b2-c3d4\n\
              It times out at 02:46:05Z (in 29m) unless decided.\n"
         );
     }
@@ -704,7 +801,7 @@ mod tests {
         let text = next_steps(&r, t0());
         assert_eq!(
             text,
-            "EMERGENCY ACCESS: 0190a1b2-c3d4 was self-activated; approvers in sre-leads are notified.\n\
+            "EMERGENCY ACCESS: 0190a1b2-c3d4 was self-activated. Nobody is notified automatically: tell an approver from sre-leads now.\n\
              Request 0190a1b2-c3d4 is ACTIVE until 02:26:05Z (in 10m, granted for 10m).\n\
              Get credentials: breakglass credentials 0190a1b2-c3d4\n\
              IT MUST BE COUNTERSIGNED by 02:26:05Z (in 10m) or it is revoked automatically: an approver from sre-leads runs: breakglass approve 0190a1b2-c3d4\n\
@@ -780,7 +877,7 @@ mod tests {
              review:         not required\n\
              \n\
              Request 0190a1b2-c3d4 is pending: needs 2 approval(s) from sre-leads, security (1 so far).\n\
-             Ask an approver to run: breakglass approve 0190a1b2-c3d4\n\
+             Nobody is notified automatically: send an approver from sre-leads, security this command: breakglass approve 0190a1b2-c3d4\n\
              It times out at 02:46:05Z (in 26m) unless decided.\n"
         );
     }

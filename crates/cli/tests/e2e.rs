@@ -356,7 +356,7 @@ fn usage_auth_and_connection_errors_have_their_exit_codes() {
         ],
     );
     out.expect_code(1);
-    assert!(out.stderr.contains("bad_request"), "{out:#?}");
+    assert!(out.stderr.contains("unknown_target"), "{out:#?}");
 
     // Nothing listens: an error (1) that says so, quickly.
     let dead = format!("http://127.0.0.1:{}", common::free_port());
@@ -378,7 +378,7 @@ fn usage_auth_and_connection_errors_have_their_exit_codes() {
         start.elapsed()
     );
     // A URL the client will not use is a usage error.
-    let out = run_cli("https://example.com", Some(&token("alice")), &["whoami"]);
+    let out = run_cli("ftp://example.com", Some(&token("alice")), &["whoami"]);
     out.expect_code(2);
 }
 

@@ -318,6 +318,14 @@ pub fn step(
     next.version = req.version + 1;
     let mut events = Vec::new();
 
+    // Approving one's own request is refused as such in every state, before
+    // anything else: "wrong state" would suggest that it works at another
+    // time.
+    if let (Command::Approve { .. }, Actor::Principal(p)) = (cmd, actor)
+        && p.name == req.requester
+    {
+        return Err(LifecycleError::SelfApproval);
+    }
     if req.state.is_final() && !matches!(cmd, Command::Review { .. }) {
         return Err(wrong_state(cmd.name(), req, ""));
     }

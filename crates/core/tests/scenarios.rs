@@ -750,6 +750,37 @@ fn self_approval_is_refused_even_for_an_eligible_approver() {
 }
 
 #[test]
+fn self_approval_is_refused_as_such_in_every_state() {
+    check(
+        r#"
+        # Active without a countersignature to give, and ended: the refusal
+        # names self-approval, not the state.
+        request alice prod-db read 10m "look at replication" @0s
+        approve bob @1m
+        approve alice @2m
+        tick @11m
+        approve alice @12m
+        "#,
+        expect![[r#"
+            request alice prod-db read 10m "look at replication" @0s
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
+              => pending; approvals 0/1 []; pending until @30m
+            approve bob @1m
+              request.approved by bob: approvals=1 approvals_required=1 comment=null
+              request.activated by bob: duration_s=600 emergency=false expires_at=@11m
+              => active; activated @1m; expires @11m
+            approve alice @2m
+              error: the requester cannot approve, deny, countersign or review their own request
+            tick @11m
+              request.expired by system: expires_at=@11m lateness_ms=0
+              => expired; activated @1m; expires @11m; ended @11m by system (expired)
+            approve alice @12m
+              error: the requester cannot approve, deny, countersign or review their own request
+        "#]],
+    );
+}
+
+#[test]
 fn admin_cannot_approve_outside_approvers_but_can_revoke() {
     check(
         r#"

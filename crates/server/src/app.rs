@@ -18,12 +18,24 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::config::Config;
-use crate::dto::{Connection, CreateRequest, Credentials, RecordingPage, SessionSummary};
+use crate::dto::{
+    Connection, CreateRequest, Credentials, RecordingPage, SessionSummary, TargetOption,
+};
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 
 /// How many times a transition is recomputed after losing a compare-and-set.
 const CONFLICT_RETRIES_MAX: usize = 5;
+/// The reason evaluated when listing what a principal may request: policies
+/// that look at the reason's text are judged on this placeholder.
+const PROBE_REASON: &str = "listing what may be requested";
+/// Policy evaluations spent at most finding the longest allowed duration of
+/// one target, role and action (a binary search over seconds).
+const PROBE_STEPS_MAX: u32 = 40;
+/// Close matches named at most for a mistyped target.
+const CLOSE_MATCHES_MAX: usize = 5;
+/// Request ids matching a prefix returned at most (`GET /v1/requests?id_prefix=`).
+pub const ID_PREFIX_MATCHES_MAX: u32 = 20;
 
 /// Wall-clock now, in milliseconds.
 pub fn now() -> Timestamp {
@@ -37,6 +49,9 @@ pub enum AppError {
     Unauthenticated,
     #[error("{0}")]
     BadInput(String),
+    /// A name (target, role) the caller got wrong, with a stable code.
+    #[error("{1}")]
+    UnknownName(&'static str, String),
     #[error("{0}")]
     NotFound(String),
     #[error("{1}")]
@@ -57,6 +72,7 @@ impl AppError {
         match self {
             AppError::Unauthenticated => (401, "unauthenticated"),
             AppError::BadInput(_) => (400, "bad_request"),
+            AppError::UnknownName(code, _) => (400, code),
             AppError::NotFound(_) => (404, "not_found"),
             AppError::Forbidden(code, _) => (403, code),
             AppError::Conflict(code, _) => (409, code),
@@ -323,17 +339,19 @@ impl App {
         input: &NewRequest,
         now: Timestamp,
     ) -> Result<Decision, AppError> {
-        let target = self
-            .config
-            .target(&input.target)
-            .ok_or_else(|| AppError::BadInput(format!("unknown target {:?}", input.target)))?;
+        let Some(target) = self.config.target(&input.target) else {
+            return Err(self.unknown_target(who, &input.target, now));
+        };
         if !target.roles.contains_key(&input.role) {
-            return Err(AppError::BadInput(format!(
-                "target {} has no role {:?} (roles: {})",
-                target.name,
-                input.role,
-                target.roles.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
+            return Err(AppError::UnknownName(
+                "unknown_role",
+                format!(
+                    "target {} has no role {:?} (roles: {})",
+                    target.name,
+                    input.role,
+                    target.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
         }
         let groups: Vec<String> = who.groups.iter().cloned().collect();
         Ok(self.policy.evaluate(&PolicyInput {
@@ -838,5 +856,216 @@ impl App {
             request: req,
             credential: cred,
         })
+    }
+}
+
+/// What a principal may request, and the help given when a name is wrong.
+impl App {
+    /// Every target, role and action (`request`, `emergency`) the policy
+    /// permits `who` now, with the obligations that govern it.
+    ///
+    /// Each is evaluated for a one-second grant without a ticket and with a
+    /// placeholder reason, at `now`: conditions on the reason's or ticket's
+    /// text, or on the time of day, are judged for that. The maximum is the
+    /// governing policies' `@max_duration`, lowered to the longest duration
+    /// no `forbid` refuses.
+    pub fn requestable(&self, who: &Principal, now: Timestamp) -> Vec<TargetOption> {
+        let groups: Vec<String> = who.groups.iter().cloned().collect();
+        let mut out = Vec::new();
+        for target in &self.config.targets {
+            for role in target.roles.keys() {
+                for action in [Action::Request, Action::Emergency] {
+                    let decide = |duration_s: u64| {
+                        self.policy.evaluate(&PolicyInput {
+                            principal: &who.name,
+                            principal_groups: &groups,
+                            target: &target.name,
+                            target_groups: &target.groups,
+                            action,
+                            role,
+                            duration_s,
+                            reason: PROBE_REASON,
+                            ticket: None,
+                            now,
+                        })
+                    };
+                    let shortest = decide(1);
+                    let Some(ob) = shortest.obligations.filter(|_| shortest.allowed) else {
+                        continue;
+                    };
+                    let max_duration_s = longest_allowed(ob.max_duration_s, |d| decide(d).allowed);
+                    out.push(TargetOption {
+                        target: target.name.clone(),
+                        kind: target.kind.clone(),
+                        role: role.clone(),
+                        emergency: action == Action::Emergency,
+                        max_duration_s,
+                        approvals_required: ob.approvals,
+                        approver_groups: ob.approver_groups.iter().cloned().collect(),
+                        ticket_patterns: ob
+                            .tickets
+                            .iter()
+                            .map(|t| t.pattern.as_str().to_string())
+                            .collect(),
+                        countersign_within_s: ob.countersign_within_s,
+                        policies: shortest.governing.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The refusal of a target that is not configured, naming the close
+    /// matches among the targets `who` may request (never the others, so a
+    /// typo does not reveal what exists).
+    fn unknown_target(&self, who: &Principal, name: &str, now: Timestamp) -> AppError {
+        let mut names: Vec<String> = self
+            .requestable(who, now)
+            .into_iter()
+            .map(|o| o.target)
+            .collect();
+        names.dedup();
+        let matches = close_matches(name, &names);
+        let detail = if matches.is_empty() {
+            format!("unknown target {name:?}")
+        } else {
+            format!(
+                "unknown target {name:?}; close matches: {}",
+                matches.join(", ")
+            )
+        };
+        AppError::UnknownName("unknown_target", detail)
+    }
+
+    /// Requests visible to `who` whose id starts with `prefix`, newest
+    /// first, at most `limit`.
+    pub async fn find_by_prefix(
+        &self,
+        who: &Principal,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<Request>, AppError> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(AppError::BadInput(
+                "id_prefix: expected 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        // Ids sort bytewise and the list walks them downwards from `after`
+        // (exclusive): every id starting with `prefix` sorts below
+        // `prefix` + '~' (above every id character) and above any id that
+        // does not start with it but comes after them. The store reads one
+        // index range, whatever the number of requests.
+        let q = ListQuery {
+            after: Some(format!("{prefix}~")),
+            limit: limit.clamp(1, ID_PREFIX_MATCHES_MAX),
+            ..ListQuery::default()
+        };
+        let mut found = self.list(who, q, false).await?;
+        // INVARIANT: only ids that really start with the prefix are returned,
+        // whatever order the store used.
+        found.retain(|r| r.id.starts_with(prefix));
+        Ok(found)
+    }
+}
+
+/// The longest duration in `1..=cap` for which `allowed` holds, assuming
+/// it holds for 1 and, like a `forbid` on `context.duration_s > N`, stops
+/// holding past some point.
+fn longest_allowed(cap: u64, allowed: impl Fn(u64) -> bool) -> u64 {
+    if cap <= 1 || allowed(cap) {
+        return cap.max(1);
+    }
+    // INVARIANT: allowed(lo) and !allowed(hi).
+    let (mut lo, mut hi) = (1u64, cap);
+    for _ in 0..PROBE_STEPS_MAX {
+        if hi - lo <= 1 {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if allowed(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The candidates within a small edit distance of `word` (or that contain
+/// it, or that it contains), closest first.
+pub fn close_matches(word: &str, candidates: &[String]) -> Vec<String> {
+    let word_lc = word.to_lowercase();
+    let budget = (word.chars().count() / 3).clamp(1, 3);
+    let mut scored: Vec<(usize, &String)> = candidates
+        .iter()
+        .filter_map(|c| {
+            let c_lc = c.to_lowercase();
+            let d = edit_distance(&word_lc, &c_lc);
+            let contains =
+                word_lc.len() >= 3 && (c_lc.contains(&word_lc) || word_lc.contains(&c_lc));
+            (d <= budget || contains).then_some((d, c))
+        })
+        .collect();
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored
+        .into_iter()
+        .take(CLOSE_MATCHES_MAX)
+        .map(|(_, c)| c.clone())
+        .collect()
+}
+
+/// Levenshtein distance over characters, with adjacent transpositions
+/// counted as one edit ("prod-bd" is one edit from "prod-db").
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev2 = vec![0usize; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(prev2[j - 2] + 1);
+            }
+            cur[j] = d;
+        }
+        prev2 = std::mem::replace(&mut prev, cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn close_matches_find_typos_and_nothing_else() {
+        let names: Vec<String> = ["prod-db", "staging-db", "pay-db", "analytics"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(close_matches("prod-bd", &names), vec!["prod-db"]);
+        assert_eq!(close_matches("prod", &names), vec!["prod-db"]);
+        assert_eq!(close_matches("stagingdb", &names), vec!["staging-db"]);
+        assert!(close_matches("zzz", &names).is_empty());
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("ab", "ba"), 1);
+    }
+
+    #[test]
+    fn longest_allowed_finds_the_edge() {
+        assert_eq!(longest_allowed(1800, |d| d <= 3600), 1800);
+        assert_eq!(longest_allowed(7200, |d| d <= 3600), 3600);
+        assert_eq!(longest_allowed(1, |_| true), 1);
     }
 }

@@ -181,3 +181,33 @@ pub struct RecordingPage {
     /// The recording has its `end` entry (the session is over).
     pub complete: bool,
 }
+
+/// `GET /v1/targets`: what the caller may request now, as the policy engine
+/// decides it for each configured target, role and action.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TargetList {
+    pub targets: Vec<TargetOption>,
+}
+
+/// One target, role and action the caller may request, with the
+/// obligations of the policies that govern it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TargetOption {
+    pub target: String,
+    /// `postgres`, `ssh` or `generic`.
+    pub kind: String,
+    pub role: String,
+    /// `true`: self-activating emergency access (`request --emergency`).
+    pub emergency: bool,
+    /// The longest grant that may be asked for, in seconds.
+    pub max_duration_s: u64,
+    pub approvals_required: u32,
+    /// Who approves (and countersigns).
+    pub approver_groups: Vec<String>,
+    /// Patterns the ticket must match; empty when no ticket is needed.
+    pub ticket_patterns: Vec<String>,
+    /// Emergency grants must be countersigned within this many seconds.
+    pub countersign_within_s: Option<u64>,
+    /// The `@id`s of the governing permits.
+    pub policies: Vec<String>,
+}

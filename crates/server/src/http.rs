@@ -26,7 +26,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use crate::app::{App, AppError, GrantRefusal};
 use crate::dto::{
     ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
-    RequestList, ReviewBody, SessionList, VerifyReport, WhoAmI,
+    RequestList, ReviewBody, SessionList, TargetList, VerifyReport, WhoAmI,
 };
 use crate::listener::ApiConn;
 
@@ -218,6 +218,10 @@ pub struct ListParams {
     after: Option<String>,
     /// Only the caller's own requests.
     mine: Option<bool>,
+    /// Only requests whose id starts with this (1 to 64 letters, digits,
+    /// `-`, `_`): how the CLI resolves a short id. At most 20 are returned;
+    /// `next` is always null.
+    id_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -288,6 +292,9 @@ async fn list_requests(
             )
         })?),
     };
+    if let Some(prefix) = p.id_prefix.as_deref() {
+        return list_by_prefix(&app, &who, prefix, p.limit).await;
+    }
     let limit = p.limit.unwrap_or(LIST_LEN_DEFAULT).clamp(1, LIST_LEN_MAX);
     if p.after.as_ref().is_some_and(|a| a.len() > 64) {
         return Err(ApiError::new(
@@ -310,6 +317,44 @@ async fn list_requests(
         None
     };
     Ok(Json(RequestList { requests, next }))
+}
+
+/// `GET /v1/requests?id_prefix=`: the visible requests whose id starts
+/// with the prefix, newest first.
+async fn list_by_prefix(
+    app: &App,
+    who: &Principal,
+    prefix: &str,
+    limit: Option<u32>,
+) -> ApiResult<Json<RequestList>> {
+    let limit = limit.unwrap_or(crate::app::ID_PREFIX_MATCHES_MAX);
+    let requests = app.find_by_prefix(who, prefix, limit).await?;
+    Ok(Json(RequestList {
+        requests,
+        next: None,
+    }))
+}
+
+/// What the caller may request now: every configured target, role and
+/// action the policy permits, with the governing obligations. Evaluated for
+/// a one-second grant without a ticket, at the time of the call.
+#[utoipa::path(get, path = "/v1/targets",
+    responses((status = 200, body = TargetList), (status = 401, body = Problem)),
+    security(("bearer" = [])))]
+async fn targets(State(app): State<AppState>, Auth(who): Auth) -> ApiResult<Json<TargetList>> {
+    let now = crate::app::now();
+    // Policy evaluation is CPU work: keep it off the I/O threads.
+    let targets = tokio::task::spawn_blocking(move || app.requestable(&who, now))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "listing targets failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+        })?;
+    Ok(Json(TargetList { targets }))
 }
 
 #[utoipa::path(get, path = "/v1/requests/{id}", params(("id" = String, Path)),
@@ -712,7 +757,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami),
+          sessions, recording, introspect, audit, audit_verify, whoami, targets),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth)
 )]
@@ -735,6 +780,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/targets", get(targets))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -28,13 +28,32 @@ use crate::dto::{
     ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
     RequestList, ReviewBody, SessionList, VerifyReport, WhoAmI,
 };
+use crate::openapi::Truth;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
-/// Default and maximum page sizes.
+/// Default and maximum page sizes of `GET /v1/requests`.
 const LIST_LEN_DEFAULT: u32 = 100;
-const LIST_LEN_MAX: u32 = 500;
+pub const LIST_LEN_MAX: u32 = 500;
+/// Default page size of the audit log and recordings (at most
+/// `PAGE_LEN_MAX`).
 const AUDIT_PAGE_LEN_DEFAULT: u32 = 1000;
+/// Longest `after` cursor of `GET /v1/requests` (a request id is 36).
+pub const CURSOR_LEN_MAX: usize = 64;
+
+/// `limit` of a page, or the default; out of `1..=max` is bad input (the
+/// OpenAPI document says so, rather than answering another size).
+fn page_limit(limit: Option<u32>, default: u32, max: u32) -> ApiResult<u32> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit: {n} is out of range; give 1 to {max}"),
+        )),
+    }
+}
 
 type AppState = Arc<App>;
 
@@ -244,7 +263,7 @@ async fn list_requests(
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<RequestList>> {
     let state = match p.state.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(breakglass_core::State::parse(s).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -253,12 +272,17 @@ async fn list_requests(
             )
         })?),
     };
-    let limit = p.limit.unwrap_or(LIST_LEN_DEFAULT).clamp(1, LIST_LEN_MAX);
-    if p.after.as_ref().is_some_and(|a| a.len() > 64) {
+    let limit = page_limit(p.limit, LIST_LEN_DEFAULT, LIST_LEN_MAX)?;
+    if p.after
+        .as_ref()
+        .is_some_and(|a| a.is_empty() || a.len() > CURSOR_LEN_MAX)
+    {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "after: cursor too long",
+            format!(
+                "after: give the `next` cursor of the previous page (1 to {CURSOR_LEN_MAX} characters)"
+            ),
         ));
     }
     let q = ListQuery {
@@ -295,8 +319,17 @@ async fn approve(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Request>> {
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rej.body_text())
+    })?;
     // The body is optional: `approve` with no comment needs none.
     let comment = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -474,10 +507,7 @@ async fn recording(
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<RecordingPage>> {
-    let limit = p
-        .limit
-        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
-        .clamp(1, PAGE_LEN_MAX);
+    let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     Ok(Json(
         app.recording(&who, &id, p.after.unwrap_or(0), limit)
             .await?,
@@ -505,10 +535,7 @@ async fn audit(
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<AuditPage>> {
     require_admin(&who)?;
-    let limit = p
-        .limit
-        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
-        .clamp(1, PAGE_LEN_MAX);
+    let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     let events = app
         .store
         .audit(p.after.unwrap_or(0), limit)
@@ -636,7 +663,7 @@ impl Modify for BearerAuth {
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
           sessions, recording, introspect, audit, audit_verify, whoami),
     components(schemas(Problem, AuditEventJson)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &Truth)
 )]
 pub struct ApiDoc;
 

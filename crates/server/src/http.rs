@@ -41,6 +41,23 @@ const AUDIT_PAGE_LEN_DEFAULT: u32 = 1000;
 /// Longest `after` cursor of `GET /v1/requests` (a request id is 36).
 pub const CURSOR_LEN_MAX: usize = 64;
 
+/// Largest `after` sequence number accepted (the store's `seq` is a signed
+/// 64-bit integer).
+pub const SEQ_MAX: u64 = i64::MAX as u64;
+
+/// `after` of the audit log or a recording, or 0.
+fn seq_after(after: Option<u64>) -> ApiResult<u64> {
+    match after {
+        None => Ok(0),
+        Some(n) if n <= SEQ_MAX => Ok(n),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("after: {n} is out of range; give 0 to {SEQ_MAX}"),
+        )),
+    }
+}
+
 /// `limit` of a page, or the default; out of `1..=max` is bad input (the
 /// OpenAPI document says so, rather than answering another size).
 fn page_limit(limit: Option<u32>, default: u32, max: u32) -> ApiResult<u32> {
@@ -509,8 +526,7 @@ async fn recording(
 ) -> ApiResult<Json<RecordingPage>> {
     let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     Ok(Json(
-        app.recording(&who, &id, p.after.unwrap_or(0), limit)
-            .await?,
+        app.recording(&who, &id, seq_after(p.after)?, limit).await?,
     ))
 }
 
@@ -538,7 +554,7 @@ async fn audit(
     let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     let events = app
         .store
-        .audit(p.after.unwrap_or(0), limit)
+        .audit(seq_after(p.after)?, limit)
         .await
         .map_err(AppError::from)?;
     let next = if events.len() as u32 == limit {

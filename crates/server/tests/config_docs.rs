@@ -80,9 +80,9 @@ impl<'a> Tracer<'a> {
 }
 
 macro_rules! leaf {
-    ($($method:ident => $visit:ident($value:expr)),* $(,)?) => {
+    ($($method:ident => $visit:ident($($value:expr)?)),* $(,)?) => {
         $(fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, TraceError> {
-            visitor.$visit($value)
+            visitor.$visit($($value)?)
         })*
     };
 }

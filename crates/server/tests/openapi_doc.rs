@@ -24,7 +24,7 @@ fn checked_in_document_is_the_generated_one() {
 fn every_operation_lists_its_errors_as_problem_documents() {
     let doc: Value = serde_json::from_str(&generated()).expect("JSON");
     let paths = doc["paths"].as_object().expect("paths");
-    assert!(paths.len() >= 15, "{} paths", paths.len());
+    assert!(paths.len() >= 14, "{} paths", paths.len());
     let mut wrong = Vec::new();
     for (path, item) in paths {
         for (method, op) in item.as_object().expect("path item") {

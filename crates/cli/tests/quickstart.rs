@@ -155,9 +155,11 @@ fn request_and_wait(banner: &Banner, words: &[String]) -> (Child, String, mpsc::
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("request --wait printed no request id");
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("request --wait printed no request id");
+        };
         if let Some(rest) = line.strip_prefix("Request ")
             && let Some(id) = rest.split_whitespace().next()
             && rest.contains("pending")

@@ -117,13 +117,167 @@ fn test() -> anyhow::Result<()> {
     )?;
     // There are no doc tests: `cargo test --doc` would only rebuild every
     // dependency in another mode, minutes on a cold CI machine.
+    let fuzz = api_fuzz();
+    if let Err(e) = &fuzz {
+        eprintln!("xtask: API fuzzing failed: {e:#}");
+    }
     // The one closing line a reader (or CI) needs.
-    println!("tests: {passed} passed, {failed} failed");
+    println!(
+        "tests: {passed} passed, {failed} failed; API fuzzing (schemathesis): {}",
+        if fuzz.is_ok() { "passed" } else { "FAILED" }
+    );
     if !units || failed > 0 {
         bail!("tests failed");
     }
+    fuzz.context("API fuzzing failed")?;
     if passed == 0 {
         bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The schemathesis release the API is fuzzed with (from PyPI).
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Examples per API operation: enough to find undocumented statuses and
+/// rejected valid inputs, small enough for well under two minutes on two
+/// cores.
+const FUZZ_EXAMPLES_PER_OPERATION: u32 = 25;
+
+/// How long `serve --dev` may take to print its banner.
+const DEV_BANNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// The cargo target directory, as cargo itself resolves it.
+fn target_dir() -> anyhow::Result<std::path::PathBuf> {
+    Ok(match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::env::current_dir()?.join(dir),
+        None => workspace_root().join("target"),
+    })
+}
+
+/// A virtualenv under the target dir with the pinned schemathesis;
+/// returns its `schemathesis` executable.
+fn schemathesis_bin() -> anyhow::Result<std::path::PathBuf> {
+    let venv = target_dir()?.join("schemathesis-venv");
+    let bin = venv.join("bin");
+    let marker = venv.join(format!("installed-{SCHEMATHESIS_VERSION}"));
+    if marker.is_file() && bin.join("schemathesis").is_file() {
+        return Ok(bin.join("schemathesis"));
+    }
+    let python = if Command::new("python3").arg("--version").output().is_ok() {
+        "python3"
+    } else {
+        bail!("API fuzzing needs python3 with venv (`sudo apt-get install -y python3-venv`)");
+    };
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .with_context(|| format!("cannot remove {}", venv.display()))?;
+    }
+    run(Command::new(python).args(["-m", "venv"]).arg(&venv))
+        .context("cannot create a virtualenv (`sudo apt-get install -y python3-venv`)")?;
+    run(Command::new(bin.join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}")))?;
+    std::fs::write(&marker, "")?;
+    Ok(bin.join("schemathesis"))
+}
+
+/// A `breakglass serve --dev` child, stopped with SIGTERM (so its demo
+/// cluster stops too) when dropped.
+struct DevServer {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs schemathesis against a live `breakglass serve --dev` with an admin
+/// token: every documented operation, with generated valid and invalid
+/// inputs, must answer as the OpenAPI document says.
+fn api_fuzz() -> anyhow::Result<()> {
+    let schemathesis = schemathesis_bin()?;
+    let target = target_dir()?;
+    let breakglass = target.join("debug").join("breakglass");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let stderr = target.join("schemathesis-server.stderr");
+    let child = Command::new(&breakglass)
+        .args(["serve", "--dev", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NO_COLOR", "1")
+        .env_remove("BREAKGLASS_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr)?)
+        .spawn()
+        .with_context(|| format!("cannot run {}", breakglass.display()))?;
+    let mut server = DevServer { child, stderr };
+    let deadline = std::time::Instant::now() + DEV_BANNER_TIMEOUT;
+    let banner = loop {
+        let text = std::fs::read_to_string(&server.stderr).unwrap_or_default();
+        if text.contains("breakglass connect ID") {
+            break text;
+        }
+        if let Some(status) = server.child.try_wait()? {
+            bail!("serve --dev exited ({status}):\n{text}");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("serve --dev printed no banner within {DEV_BANNER_TIMEOUT:?}:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Carol is an admin: every operation, the audit log included, is open
+    // to her, so the fuzzer reaches the handlers rather than 403s.
+    let token = banner
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .flat_map(str::split_whitespace)
+        .find_map(|pair| pair.strip_prefix("CAROL="))
+        .context("no CAROL token in the dev banner")?
+        .to_string();
+    let mut cmd = Command::new(&schemathesis);
+    cmd.arg("run")
+        .arg(format!("{url}/openapi.json"))
+        .args(["--url", &url])
+        .args(["--max-examples", &FUZZ_EXAMPLES_PER_OPERATION.to_string()])
+        .args(["--workers", "2", "--seed", "1", "--no-color"])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--request-timeout", "10"])
+        .args(["--generation-database", ":memory:"])
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {token}"))
+        .current_dir(&target)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("$ schemathesis run {url}/openapi.json ... (token of the dev admin)");
+    let mut child = cmd.spawn().context("cannot run schemathesis")?;
+    let out = child.stdout.take().context("no stdout")?;
+    use std::io::{BufRead, BufReader};
+    for line in BufReader::new(out).lines() {
+        // Prefixed, so its own "N passed, N failed" summary is not read
+        // as the test command's closing line.
+        println!("schemathesis | {}", line?);
+    }
+    let status = child.wait()?;
+    drop(server);
+    if !status.success() {
+        bail!("schemathesis reported failures ({status}); see the lines above");
     }
     Ok(())
 }

@@ -259,6 +259,13 @@ struct ServeArgs {
     /// With --dev: where to keep the data (default: a new temporary directory).
     #[arg(long, value_name = "DIR", requires = "dev")]
     data_dir: Option<PathBuf>,
+    /// With --dev: the API's loopback address (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR", requires = "dev")]
+    listen: Option<std::net::SocketAddr>,
+    /// With --dev: keep the temporary directory and the demo database's
+    /// files on exit (the path is printed).
+    #[arg(long, requires = "dev")]
+    keep: bool,
     /// How to write logs.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text, value_name = "FORMAT")]
     log_format: LogFormatArg,
@@ -651,6 +658,8 @@ fn main() -> ExitCode {
             config: a.config,
             dev: a.dev,
             data_dir: a.data_dir,
+            listen: a.listen,
+            keep: a.keep,
             log_format: match a.log_format {
                 LogFormatArg::Text => breakglass_server::LogFormat::Text,
                 LogFormatArg::Json => breakglass_server::LogFormat::Json,
@@ -811,6 +820,9 @@ mod tests {
         assert!(parse(&["serve", "--config", "c.toml", "--dev"]).is_err());
         assert!(parse(&["serve", "--data-dir", "d"]).is_err());
         assert!(parse(&["serve", "--dev", "--data-dir", "d", "--log-format", "json"]).is_ok());
+        assert!(parse(&["serve", "--dev", "--listen", "127.0.0.1:9000", "--keep"]).is_ok());
+        assert!(parse(&["serve", "--config", "c.toml", "--listen", "127.0.0.1:9000"]).is_err());
+        assert!(parse(&["serve", "--config", "c.toml", "--keep"]).is_err());
         assert!(
             parse(&["policy", "check", "--config", "c", "--principal", "alice"]).is_err(),
             "a partial sample"

@@ -378,8 +378,13 @@ impl App {
         body: CreateRequest,
     ) -> Result<Request, AppError> {
         self.check_writable()?;
-        let duration_s = parse_duration(&body.duration)
-            .map_err(|e| AppError::BadInput(format!("duration: {e}")))?;
+        let duration_s = parse_duration(&body.duration).map_err(|e| match e {
+            // Over the hard cap is a refusal like a policy's cap, not a typo.
+            breakglass_core::time::DurationError::TooLong(_) => {
+                AppError::Forbidden("duration_exceeds_policy", format!("duration: {e}"))
+            }
+            _ => AppError::BadInput(format!("duration: {e}")),
+        })?;
         let input = NewRequest {
             target: body.target,
             role: body.role,

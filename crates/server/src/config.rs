@@ -499,6 +499,52 @@ impl Config {
         Ok(())
     }
 
+    /// Reads the upstream password of every role of every target a gateway
+    /// serves, so a missing secret stops start-up instead of surfacing at
+    /// `connect` while a grant's clock runs. The error names the target,
+    /// the role and the variable or file; the secret itself is never shown.
+    pub fn check_upstream_secrets(&self) -> anyhow::Result<()> {
+        if self.gateway.postgres.is_none() {
+            return Ok(());
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.kind != "postgres" {
+                continue;
+            }
+            for (name, role) in &t.roles {
+                let at = format!("targets[{i}].roles.{name}");
+                let user = role.user.as_deref().unwrap_or("?");
+                let problem = match crate::gateway::role_password(role) {
+                    Ok(Some(p)) if p.is_empty() => "is empty".to_string(),
+                    Ok(_) => continue,
+                    Err(why) => why,
+                };
+                if let Some(var) = &role.password_env {
+                    let state = if problem == "is empty" {
+                        "is empty"
+                    } else {
+                        "is not set"
+                    };
+                    bail!(
+                        "{at}.password_env: target {} role {name}: the environment variable {var} \
+                         (the upstream password of user {user}) {state}; set it in the service's \
+                         environment, or use password_file",
+                        t.name
+                    );
+                }
+                if let Some(file) = &role.password_file {
+                    bail!(
+                        "{at}.password_file: target {} role {name}: cannot read the upstream \
+                         password of user {user} from {}: {problem}",
+                        t.name,
+                        file.display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The API listener's slot limits (validated at load).
     pub fn api_slot_limits(&self) -> breakglass_core::slots::SlotLimits {
         let s = &self.server;

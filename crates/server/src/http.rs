@@ -29,13 +29,49 @@ use crate::dto::{
     RequestList, ReviewBody, SessionList, TargetList, VerifyReport, WhoAmI,
 };
 use crate::listener::ApiConn;
+use crate::openapi::Truth;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
-/// Default and maximum page sizes.
+/// Default and maximum page sizes of `GET /v1/requests`.
 const LIST_LEN_DEFAULT: u32 = 100;
-const LIST_LEN_MAX: u32 = 500;
+pub const LIST_LEN_MAX: u32 = 500;
+/// Default page size of the audit log and recordings (at most
+/// `PAGE_LEN_MAX`).
 const AUDIT_PAGE_LEN_DEFAULT: u32 = 1000;
+/// Longest `after` cursor of `GET /v1/requests` (a request id is 36).
+pub const CURSOR_LEN_MAX: usize = 64;
+
+/// Largest `after` sequence number accepted (the store's `seq` is a signed
+/// 64-bit integer).
+pub const SEQ_MAX: u64 = i64::MAX as u64;
+
+/// `after` of the audit log or a recording, or 0.
+fn seq_after(after: Option<u64>) -> ApiResult<u64> {
+    match after {
+        None => Ok(0),
+        Some(n) if n <= SEQ_MAX => Ok(n),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("after: {n} is out of range; give 0 to {SEQ_MAX}"),
+        )),
+    }
+}
+
+/// `limit` of a page, or the default; out of `1..=max` is bad input (the
+/// OpenAPI document says so, rather than answering another size).
+fn page_limit(limit: Option<u32>, default: u32, max: u32) -> ApiResult<u32> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit: {n} is out of range; give 1 to {max}"),
+        )),
+    }
+}
 
 type AppState = Arc<App>;
 
@@ -283,7 +319,7 @@ async fn list_requests(
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<RequestList>> {
     let state = match p.state.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(breakglass_core::State::parse(s).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -295,12 +331,17 @@ async fn list_requests(
     if let Some(prefix) = p.id_prefix.as_deref() {
         return list_by_prefix(&app, &who, prefix, p.limit).await;
     }
-    let limit = p.limit.unwrap_or(LIST_LEN_DEFAULT).clamp(1, LIST_LEN_MAX);
-    if p.after.as_ref().is_some_and(|a| a.len() > 64) {
+    let limit = page_limit(p.limit, LIST_LEN_DEFAULT, LIST_LEN_MAX)?;
+    if p.after
+        .as_ref()
+        .is_some_and(|a| a.is_empty() || a.len() > CURSOR_LEN_MAX)
+    {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "after: cursor too long",
+            format!(
+                "after: give the `next` cursor of the previous page (1 to {CURSOR_LEN_MAX} characters)"
+            ),
         ));
     }
     let q = ListQuery {
@@ -375,9 +416,18 @@ async fn approve(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Request>> {
     require_person(&app, &who)?;
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rej.body_text())
+    })?;
     // The body is optional: `approve` with no comment needs none.
     let comment = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -577,13 +627,9 @@ async fn recording(
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<RecordingPage>> {
-    let limit = p
-        .limit
-        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
-        .clamp(1, PAGE_LEN_MAX);
+    let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     Ok(Json(
-        app.recording(&who, &id, p.after.unwrap_or(0), limit)
-            .await?,
+        app.recording(&who, &id, seq_after(p.after)?, limit).await?,
     ))
 }
 
@@ -608,13 +654,10 @@ async fn audit(
     ApiQuery(p): ApiQuery<AuditParams>,
 ) -> ApiResult<Json<AuditPage>> {
     require_admin(&who)?;
-    let limit = p
-        .limit
-        .unwrap_or(AUDIT_PAGE_LEN_DEFAULT)
-        .clamp(1, PAGE_LEN_MAX);
+    let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     let events = app
         .store
-        .audit(p.after.unwrap_or(0), limit)
+        .audit(seq_after(p.after)?, limit)
         .await
         .map_err(AppError::from)?;
     let next = if events.len() as u32 == limit {
@@ -759,7 +802,7 @@ impl Modify for BearerAuth {
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
           sessions, recording, introspect, audit, audit_verify, whoami, targets),
     components(schemas(Problem, AuditEventJson)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &Truth)
 )]
 pub struct ApiDoc;
 

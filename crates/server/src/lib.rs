@@ -13,6 +13,7 @@ pub mod keys;
 mod listener;
 pub mod metrics;
 pub mod offline;
+pub mod openapi;
 pub mod scheduler;
 pub mod verify;
 
@@ -51,6 +52,11 @@ pub struct ServeOptions {
     pub dev: bool,
     /// With `dev`: where to keep the data (default: a new temp dir).
     pub data_dir: Option<PathBuf>,
+    /// With `dev`: the API's address (default `127.0.0.1:8080`; loopback
+    /// only).
+    pub listen: Option<SocketAddr>,
+    /// With `dev`: keep the temp dir and the demo database's files on exit.
+    pub keep: bool,
     pub log_format: LogFormat,
 }
 
@@ -235,6 +241,7 @@ fn integrity_warnings(config: &Config) -> Vec<String> {
 /// Starts the service on `listener`: opens the store, checks the audit
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    config.check_upstream_secrets()?;
     // The certificate is read before anything else starts: a bad one stops
     // the service at once.
     let api_tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -401,27 +408,46 @@ async fn shutdown_signal() {
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     init_tracing(opts.log_format);
+    // The dev setup (with its demo database) is dropped last, after the
+    // runtime and everything in it has stopped: that stops the cluster and
+    // removes the temp dir on every exit path.
+    let dev = if opts.dev {
+        let listen = opts
+            .listen
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
+        if !listen.ip().is_loopback() {
+            anyhow::bail!(
+                "--listen {listen}: --dev binds loopback only (try --listen 127.0.0.1:{})",
+                listen.port()
+            );
+        }
+        Some(dev::prepare(&dev::DevOptions {
+            data_dir: opts.data_dir.clone(),
+            listen,
+            keep: opts.keep,
+        })?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let (config, banner) = if opts.dev {
-            let listen = SocketAddr::from(([127, 0, 0, 1], 8080));
-            let setup = dev::prepare(opts.data_dir.as_deref(), listen)?;
-            let banner = dev::banner(&setup, &format!("http://{listen}"));
-            (setup.config, Some(banner))
-        } else {
-            let path = opts
-                .config
-                .as_deref()
-                .context("serve needs --config FILE (or --dev for a demo)")?;
-            (Config::load(path)?, None)
+    let result = rt.block_on(async {
+        let (config, banner) = match &dev {
+            Some(setup) => {
+                let url = format!("http://{}", setup.config.server.listen);
+                (setup.config.clone(), Some(dev::banner(setup, &url)))
+            }
+            None => {
+                let path = opts
+                    .config
+                    .as_deref()
+                    .context("serve needs --config FILE (or --dev for a demo)")?;
+                (Config::load(path)?, None)
+            }
         };
         let listen = config.server.listen;
-        if opts.dev && !listen.ip().is_loopback() {
-            anyhow::bail!("--dev binds loopback only");
-        }
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -439,5 +465,16 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!("shutting down");
         running.shutdown().await
-    })
+    });
+    drop(rt);
+    if let Some(setup) = dev {
+        if setup.files.keep {
+            eprintln!(
+                "breakglass: dev files kept in {} (remove it when done)",
+                setup.files.dir.display()
+            );
+        }
+        drop(setup);
+    }
+    result
 }

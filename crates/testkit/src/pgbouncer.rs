@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::PgCluster;
-use crate::os::{self, RunAs};
-use crate::postgres::check_name;
+use breakglass_localpg::os::{self, RunAs};
+use breakglass_localpg::{PgCluster, check_name, free_port};
 
 /// Where Debian installs pgbouncer.
 const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
@@ -87,7 +86,7 @@ impl PgBouncer {
         let log_file = bouncer.dir.path().join("pgbouncer.log");
         let ini = bouncer.dir.path().join("pgbouncer.ini");
         for attempt in 1..=PORT_ATTEMPTS_MAX {
-            bouncer.port = crate::free_port();
+            bouncer.port = free_port();
             let config = format!(
                 "[databases]\n\
                  {db} = host={host} port={pg_port} dbname={db}\n\

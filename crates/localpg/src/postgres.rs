@@ -187,9 +187,17 @@ impl PgCluster {
     /// the temporary directory, `max_connections = 200`. Returns once the
     /// server accepts connections (bounded by a timeout).
     pub fn start() -> anyhow::Result<PgCluster> {
+        PgCluster::start_under(Path::new("/tmp"))
+    }
+
+    /// Like [`PgCluster::start`], with the cluster's directory (data, log,
+    /// unix socket) created under `parent`, which the server user must be
+    /// able to traverse. The socket path must stay under 107 bytes, so keep
+    /// `parent` short.
+    pub fn start_under(parent: &Path) -> anyhow::Result<PgCluster> {
         let bin_dir = pg_bin_dir()?;
         let run_as = RunAs::detect()?;
-        let dir = run_as.temp_dir("breakglass-pg-")?;
+        let dir = run_as.temp_dir_in(parent, "breakglass-pg-")?;
         let superuser_password = os::random_hex(16)?;
         let mut cluster = PgCluster {
             port: 0,
@@ -229,6 +237,17 @@ impl PgCluster {
                 .with_context(|| format!("no pid in {}", pid_file.display()))?,
         );
         Ok(cluster)
+    }
+
+    /// The cluster's directory (data, server log, unix socket).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Keeps the cluster's directory when dropped (the server is still
+    /// stopped), so its data and log can be looked at afterwards.
+    pub fn keep_files(&mut self) {
+        self.dir.disable_cleanup(true);
     }
 
     /// The host clients connect to: `"127.0.0.1"`.
@@ -568,7 +587,7 @@ impl Drop for PgCluster {
 
 /// Accepts names this crate can quote safely everywhere (SQL, pg_hba.conf,
 /// pgbouncer's files, URLs): ASCII letters, digits, `_` and `-`.
-pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
+pub fn check_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= NAME_LEN_MAX
         && name
@@ -584,12 +603,12 @@ pub(crate) fn check_name(name: &str) -> anyhow::Result<()> {
 }
 
 /// `"name"` as an SQL identifier (case kept as given).
-fn quote_ident(name: &str) -> String {
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// `'text'` as an SQL string literal (`standard_conforming_strings` is on).
-fn quote_literal(text: &str) -> String {
+pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 /// Who server processes run as.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum RunAs {
+pub enum RunAs {
     /// Not root: servers run as the current user.
     Me,
     /// Root: servers run as the `postgres` OS user, which owns their files.
@@ -19,7 +19,7 @@ pub(crate) enum RunAs {
 
 impl RunAs {
     /// Decides from the effective uid; as root, looks up the `postgres` user.
-    pub(crate) fn detect() -> anyhow::Result<RunAs> {
+    pub fn detect() -> anyhow::Result<RunAs> {
         if !running_as_root()? {
             return Ok(RunAs::Me);
         }
@@ -46,7 +46,7 @@ impl RunAs {
     /// Uses `setpriv`, which changes user and then execs the program in the
     /// same process (unlike `runuser`, which forks and waits), so the pid of
     /// the spawned child is the pid of the server.
-    pub(crate) fn command(self, program: &Path) -> Command {
+    pub fn command(self, program: &Path) -> Command {
         match self {
             RunAs::Me => Command::new(program),
             RunAs::Postgres { uid, gid } => {
@@ -62,7 +62,7 @@ impl RunAs {
     }
 
     /// Gives `path` to this user (no-op for [`RunAs::Me`]).
-    pub(crate) fn own(self, path: &Path) -> anyhow::Result<()> {
+    pub fn own(self, path: &Path) -> anyhow::Result<()> {
         if let RunAs::Postgres { uid, gid } = self {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))
                 .with_context(|| format!("cannot chown {} to the postgres user", path.display()))?;
@@ -71,7 +71,7 @@ impl RunAs {
     }
 
     /// Writes a file and gives it to this user.
-    pub(crate) fn write(self, path: &Path, contents: &str) -> anyhow::Result<()> {
+    pub fn write(self, path: &Path, contents: &str) -> anyhow::Result<()> {
         std::fs::write(path, contents)
             .with_context(|| format!("cannot write {}", path.display()))?;
         self.own(path)
@@ -82,18 +82,28 @@ impl RunAs {
     /// Always under `/tmp`, not `$TMPDIR`: the `postgres` user must be able
     /// to reach it, and PostgreSQL puts its unix socket in it, whose path
     /// must stay under the 107-byte `sun_path` limit.
-    pub(crate) fn temp_dir(self, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    pub fn temp_dir(self, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+        self.temp_dir_in(Path::new("/tmp"), prefix)
+    }
+
+    /// A fresh temporary directory under `parent`, owned by this user.
+    pub fn temp_dir_in(self, parent: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
         let dir = tempfile::Builder::new()
             .prefix(prefix)
-            .tempdir_in("/tmp")
-            .context("cannot create a temporary directory under /tmp")?;
+            .tempdir_in(parent)
+            .with_context(|| {
+                format!(
+                    "cannot create a temporary directory under {}",
+                    parent.display()
+                )
+            })?;
         self.own(dir.path())?;
         Ok(dir)
     }
 }
 
 /// Whether the effective uid is 0, read from `/proc/self/status`.
-pub(crate) fn running_as_root() -> anyhow::Result<bool> {
+pub fn running_as_root() -> anyhow::Result<bool> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
     let euid = status
@@ -106,7 +116,7 @@ pub(crate) fn running_as_root() -> anyhow::Result<bool> {
 
 /// The program and arguments of a command, without its environment (which
 /// may hold `PGPASSWORD`).
-pub(crate) fn describe(cmd: &Command) -> String {
+pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|part| part.to_string_lossy())
@@ -116,7 +126,7 @@ pub(crate) fn describe(cmd: &Command) -> String {
 
 /// Runs a command to completion and returns its stdout; on failure the error
 /// names the command and carries its stderr and stdout.
-pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -135,7 +145,7 @@ pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 /// The last `lines` lines of a log file, or a note saying why there are none.
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let all: Vec<&str> = text.lines().collect();
@@ -146,7 +156,7 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// Whether a process with this pid exists and is not a zombie.
-pub(crate) fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     // The state is the field after the parenthesised command name, which may
     // itself contain spaces and parentheses.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -160,7 +170,7 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 
 /// Sends `signal` (e.g. `"KILL"`) to `pid` with the `kill` command; this
 /// crate forbids `unsafe`, so it does not call `kill(2)` directly.
-pub(crate) fn signal(pid: u32, signal: &str) {
+pub fn signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -171,7 +181,7 @@ pub(crate) fn signal(pid: u32, signal: &str) {
 
 /// Polls `done` every 20 ms until it returns true or `timeout` passes;
 /// returns whether it finished in time.
-pub(crate) fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if done() {
@@ -185,7 +195,7 @@ pub(crate) fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> b
 }
 
 /// A random hex string of `bytes` bytes from `/dev/urandom`.
-pub(crate) fn random_hex(bytes: usize) -> anyhow::Result<String> {
+pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
     use std::io::Read;
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
@@ -195,7 +205,7 @@ pub(crate) fn random_hex(bytes: usize) -> anyhow::Result<String> {
 }
 
 /// Finds `name` in `$PATH`.
-pub(crate) fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -204,6 +214,6 @@ pub(crate) fn which(name: &str) -> Option<PathBuf> {
 
 /// Whether a server log says its listen port was taken (so a retry with a
 /// new port may succeed).
-pub(crate) fn port_was_taken(log: &str) -> bool {
+pub fn port_was_taken(log: &str) -> bool {
     log.contains("Address already in use") || log.contains("could not bind")
 }

@@ -257,14 +257,14 @@ struct ServeArgs {
     #[arg(long)]
     dev: bool,
     /// With --dev: where to keep the data (default: a new temporary directory).
-    #[arg(long, value_name = "DIR", requires = "dev")]
+    #[arg(long, value_name = "DIR", requires = "dev", conflicts_with = "config")]
     data_dir: Option<PathBuf>,
     /// With --dev: the API's loopback address (default 127.0.0.1:8080).
-    #[arg(long, value_name = "ADDR", requires = "dev")]
+    #[arg(long, value_name = "ADDR", requires = "dev", conflicts_with = "config")]
     listen: Option<std::net::SocketAddr>,
     /// With --dev: keep the temporary directory and the demo database's
     /// files on exit (the path is printed).
-    #[arg(long, requires = "dev")]
+    #[arg(long, requires = "dev", conflicts_with = "config")]
     keep: bool,
     /// How to write logs.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text, value_name = "FORMAT")]

@@ -628,7 +628,12 @@ fn verify_gateway(bg: &gateway_support::Bg) -> (i32, String) {
 /// requiring it to be ready (a broken chain makes `/readyz` answer 503).
 fn restart_any(bg: &gateway_support::Bg) -> Server {
     let config = bg.config_path().display().to_string();
-    let mut s = Server::spawn_args(&["serve", "--config", &config], bg.dir.path(), &bg.url());
+    let mut s = Server::spawn_args_env(
+        &["serve", "--config", &config],
+        bg.dir.path(),
+        &bg.url(),
+        &gateway_support::server_env(),
+    );
     s.wait_answer();
     s
 }

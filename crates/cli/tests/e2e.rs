@@ -767,18 +767,20 @@ fn serve_dev_prints_working_tokens() {
     // The banner comes right after "ready".
     let banner = common::poll(Duration::from_secs(10), || {
         let s = server.stderr();
-        s.contains("Try it").then_some(s)
+        s.contains("export BREAKGLASS_URL").then_some(s)
     })
     .unwrap_or_else(|| panic!("no banner; stderr:\n{}", server.stderr()));
     assert!(banner.contains("NOT FOR PRODUCTION"), "{banner}");
     assert!(banner.contains("DEV MODE"), "{banner}");
+    // `export ALICE=bgt_... BOB=bgt_... ...`
     let tokens: Vec<(String, String)> = banner
         .lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            let (name, tok) = (words.next()?, words.next()?);
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|pair| {
+            let (name, tok) = pair.split_once('=')?;
             tok.starts_with("bgt_")
-                .then(|| (name.to_string(), tok.to_string()))
+                .then(|| (name.to_lowercase(), tok.to_string()))
         })
         .collect();
     let names: Vec<&str> = tokens.iter().map(|(n, _)| n.as_str()).collect();
@@ -823,7 +825,7 @@ fn a_removed_principal_loses_its_grant_at_restart() {
     let secret = out.json()["token"].as_str().expect("token").to_string();
     let verify = |api: &Api| {
         let (st, v) = api.post(
-            "dave",
+            common::SERVICE,
             "/v1/credentials/verify",
             Some(serde_json::json!({"token": secret, "target": "drill-db"})),
         );

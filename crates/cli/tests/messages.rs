@@ -437,7 +437,7 @@ fn errors_are_json_with_output_json() {
         ],
     );
     let doc: Value = serde_json::from_str(out.stderr.trim()).expect("json");
-    assert_eq!(doc["status"], 400);
+    assert_eq!(doc["status"], 404);
     assert_eq!(
         doc["hint"],
         "see what you may request, with its limits: breakglass targets"
@@ -780,7 +780,7 @@ fn targets_lists_what_the_policy_permits() {
     for t in emergency {
         assert_eq!(t["target"], "prod-db");
         assert_eq!(t["max_duration_s"], 600);
-        assert_eq!(t["countersign_within_s"], 600);
+        assert_eq!(t["countersign_within_s"], 300);
         assert_eq!(t["approver_groups"], serde_json::json!(["sre-leads"]));
         assert_eq!(t["policies"], serde_json::json!(["ic-emergency"]));
     }

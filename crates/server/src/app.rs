@@ -72,7 +72,7 @@ impl AppError {
         match self {
             AppError::Unauthenticated => (401, "unauthenticated"),
             AppError::BadInput(_) => (400, "bad_request"),
-            AppError::UnknownName(code, _) => (400, code),
+            AppError::UnknownName(code, _) => (404, code),
             AppError::NotFound(_) => (404, "not_found"),
             AppError::Forbidden(code, _) => (403, code),
             AppError::Conflict(code, _) => (409, code),

@@ -98,6 +98,12 @@ fn error_statuses(method: &str, path: &str, op: &Operation) -> Vec<(u16, &'stati
             "no such request or session visible to the caller (`not_found`)",
         ));
     }
+    if method == "post" && path == "/v1/requests" {
+        out.push((
+            404,
+            "no such target, or no such role on it (`unknown_target` names the close matches, `unknown_role`)",
+        ));
+    }
     if acts_on_request {
         out.push((
             409,
@@ -196,6 +202,11 @@ fn constrain_param(p: &mut Parameter, page_len_max: u32) {
             // A sequence number.
             obj.minimum = Some(0.into());
             obj.maximum = Some(SEQ_MAX.into());
+        }
+        "id_prefix" => {
+            obj.min_length = Some(1);
+            obj.max_length = Some(64);
+            obj.pattern = Some("^[A-Za-z0-9_-]+$".to_string());
         }
         "limit" => {
             obj.minimum = Some(1.into());

@@ -317,6 +317,16 @@ impl Server {
 
     /// Spawns `breakglass ARGS` as a server, logs into `log_dir`.
     pub fn spawn_args(args: &[&str], log_dir: &Path, url: &str) -> Server {
+        Server::spawn_args_env(args, log_dir, url, &[])
+    }
+
+    /// `spawn_args` with extra environment variables (upstream secrets).
+    pub fn spawn_args_env(
+        args: &[&str],
+        log_dir: &Path,
+        url: &str,
+        env: &[(String, String)],
+    ) -> Server {
         let n = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -329,6 +339,7 @@ impl Server {
             .env_remove("BREAKGLASS_TOKEN")
             .env("BREAKGLASS_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("server stdout file"))
             .stderr(File::create(&stderr_path).expect("server stderr file"))

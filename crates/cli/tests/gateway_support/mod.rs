@@ -528,10 +528,7 @@ impl Bg {
             .env_remove("BREAKGLASS_TOKEN")
             .env("BREAKGLASS_LOG", "info")
             .env("NO_COLOR", "1")
-            .env("BG_TEST_PW_BAD", "not the password");
-        for r in &UP_ROLES {
-            cmd.env(format!("BG_TEST_PW_{}", r.role.to_uppercase()), r.password);
-        }
+            .envs(server_env());
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -937,4 +934,17 @@ pub fn messages(mut b: &[u8]) -> Vec<Msg> {
 /// The first ErrorResponse in `bytes`.
 pub fn first_error(bytes: &[u8]) -> Option<(String, String)> {
     messages(bytes).iter().find_map(Msg::error)
+}
+
+/// The upstream secrets a server of `Bg`'s config needs in its environment
+/// (`badpw` holds a wrong password on purpose).
+pub fn server_env() -> Vec<(String, String)> {
+    let mut env = vec![("BG_TEST_PW_BAD".to_string(), "not the password".to_string())];
+    for r in &UP_ROLES {
+        env.push((
+            format!("BG_TEST_PW_{}", r.role.to_uppercase()),
+            r.password.to_string(),
+        ));
+    }
+    env
 }

@@ -133,3 +133,45 @@ fn port_in_use_is_named() {
     assert!(err.contains("in use"), "{err}");
     drop(holder);
 }
+
+#[test]
+fn missing_upstream_secret_names_target_role_and_variable() {
+    // An unset variable: found at start, not at `connect` while a grant's
+    // clock runs.
+    let setup = Setup::new();
+    edit_config(
+        &setup,
+        "[targets.roles.read]\nuser = \"bg_read\"\n",
+        "[targets.roles.read]\nuser = \"bg_read\"\npassword_env = \"BG_TEST_NEVER_SET\"\n",
+    );
+    let text = setup.config_text();
+    std::fs::write(
+        setup.config_path(),
+        format!("{text}\n[gateway.postgres]\nlisten = \"127.0.0.1:1\"\n"),
+    )
+    .expect("write config");
+    let err = serve_fails(&setup);
+    assert!(err.contains("password_env"), "{err}");
+    assert!(err.contains("prod-db"), "{err}");
+    assert!(err.contains("role read"), "{err}");
+    assert!(err.contains("BG_TEST_NEVER_SET"), "{err}");
+
+    // An unreadable file: named with the target and role.
+    let setup = Setup::new();
+    edit_config(
+        &setup,
+        "[targets.roles.admin]\nuser = \"bg_admin\"\n",
+        "[targets.roles.admin]\nuser = \"bg_admin\"\npassword_file = \"no-such-secret\"\n",
+    );
+    let text = setup.config_text();
+    std::fs::write(
+        setup.config_path(),
+        format!("{text}\n[gateway.postgres]\nlisten = \"127.0.0.1:1\"\n"),
+    )
+    .expect("write config");
+    let err = serve_fails(&setup);
+    assert!(err.contains("password_file"), "{err}");
+    assert!(err.contains("prod-db"), "{err}");
+    assert!(err.contains("role admin"), "{err}");
+    assert!(err.contains("no-such-secret"), "{err}");
+}

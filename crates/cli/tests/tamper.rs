@@ -778,6 +778,21 @@ fn the_default_witness_catches_truncation_and_its_own_loss() {
     });
     std::fs::remove_file(witness_file(&both)).expect("delete witness");
     assert!(verify(&both).is_some());
+    // Truncation, then the witness deleted with its directory: the next
+    // start creates a new witness from the truncated store, and the chain
+    // says that it did.
+    let gone = tampered(&base.setup, move |c| {
+        c.execute("DELETE FROM audit WHERE seq > ?1", params![keep])
+            .expect("truncate");
+        c.execute("DELETE FROM checkpoints WHERE seq > ?1", params![keep])
+            .expect("drop checkpoints");
+    });
+    std::fs::remove_dir_all(witness_file(&gone).parent().expect("witness dir"))
+        .expect("delete witness dir");
+    drop(start_on(&gone));
+    let out = verify_out(&gone, &[]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("created again"), "{out:#?}");
     // A server started on a store whose witness is gone refuses writes.
     let (_server, status, body) = start_on(&deleted);
     assert_eq!(status, 503, "{body}");

@@ -181,15 +181,27 @@ fn trusted_keys(
     Ok(keys)
 }
 
+/// What `check_witness_at_start` found: why the chain is broken, and
+/// whether this start created the witness (written into `service.started`,
+/// so that a witness deleted with its directory and created anew is seen by
+/// `audit verify`).
+struct WitnessAtStart {
+    broken: Option<String>,
+    started: Option<serde_json::Value>,
+}
+
 /// Creates the witness directory on first use; a new witness for a store
 /// that already has checkpoints starts from the newest one (said loudly);
 /// a witness that has gone missing breaks the chain.
 async fn check_witness_at_start(
     config: &Config,
     store: &dyn Store,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<WitnessAtStart> {
     let Some(file) = config.witness_file() else {
-        return Ok(None);
+        return Ok(WitnessAtStart {
+            broken: None,
+            started: None,
+        });
     };
     let created = checkpoint::prepare_witness_dir(&file).with_context(|| {
         format!(
@@ -198,6 +210,12 @@ async fn check_witness_at_start(
         )
     })?;
     let cps = store.checkpoints().await?;
+    let started = created.then(|| {
+        json!({
+            "file": file.display().to_string(),
+            "from_seq": cps.last().map_or(0, |c| c.seq),
+        })
+    });
     if created && let Some(last) = cps.last() {
         tracing::warn!(
             witness = %file.display(),
@@ -207,12 +225,16 @@ async fn check_witness_at_start(
         let w = checkpoint::FileWitness { path: file };
         checkpoint::Witness::record(&w, last)
             .map_err(|e| anyhow::anyhow!("audit.checkpoint_file: {e}"))?;
-        return Ok(None);
+        return Ok(WitnessAtStart {
+            broken: None,
+            started,
+        });
     }
     let witnesses = checkpoint::witnesses(config);
-    Ok(checkpoint::check_witnesses(&witnesses, &cps)
+    let broken = checkpoint::check_witnesses(&witnesses, &cps)
         .err()
-        .map(|(seq, why)| format!("seq {seq}: {why}")))
+        .map(|(seq, why)| format!("seq {seq}: {why}"));
+    Ok(WitnessAtStart { broken, started })
 }
 
 /// Why truncating or re-signing the audit log could go unnoticed with this
@@ -264,8 +286,11 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     );
     let trusted = trusted_keys(&config, &key.verifying_key())?;
     let mut broken = checkpoint::check_tail(store.as_ref(), &trusted).await?;
+    let mut witness_started = None;
     if broken.is_none() {
-        broken = check_witness_at_start(&config, store.as_ref()).await?;
+        let w = check_witness_at_start(&config, store.as_ref()).await?;
+        broken = w.broken;
+        witness_started = w.started;
     }
     let integrity_warnings = integrity_warnings(&config);
     for w in &integrity_warnings {
@@ -301,6 +326,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                         "policies": app.policy.policy_names(),
                         "overdue_ended": overdue_ended,
                         "integrity_warnings": integrity_warnings,
+                        "witness_started": witness_started,
                         "principal_removed_ended": recovered.offboarded,
                     }),
                 }],

@@ -38,6 +38,8 @@ pub struct FullVerifier {
     sessions: HashMap<String, Session>,
     /// A witness that went missing: `(seq, reason)`.
     witness_failure: Option<(u64, String)>,
+    /// The `service.started` events that created a checkpoint witness.
+    witness_starts: Vec<u64>,
 }
 
 /// Session ids are UUIDs; anything else never names a file.
@@ -59,6 +61,7 @@ impl FullVerifier {
             chain: Verifier::with_keys(checkpoints, keys),
             sessions: HashMap::new(),
             witness_failure: None,
+            witness_starts: Vec::new(),
         }
     }
 
@@ -80,16 +83,24 @@ impl FullVerifier {
     }
 
     pub fn push(&mut self, e: &AuditEvent) -> bool {
+        // INVARIANT: a witness is created once per store. A second creation
+        // means the first one went missing with its directory (and the
+        // store may have been truncated before the new one started).
+        if e.action == "service.started"
+            && e.details.contains("\"witness_started\"")
+            && let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details)
+            && d["witness_started"].is_object()
+        {
+            self.witness_starts.push(e.seq);
+        }
         if e.action.starts_with("session.")
             && let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details)
             && let Some(id) = d["session_id"].as_str()
         {
             let s = self.sessions.entry(id.to_string()).or_default();
             match e.action.as_str() {
-                "session.started" => {
-                    if s.started.is_none() {
-                        s.started = Some((e.seq, e.request_id.clone()));
-                    }
+                "session.started" if s.started.is_none() => {
+                    s.started = Some((e.seq, e.request_id.clone()));
                 }
                 "session.ended" => {
                     s.ended = Some(Ended {
@@ -131,6 +142,12 @@ impl FullVerifier {
         let mut problems: Vec<(u64, String)> = Vec::new();
         if let Some(f) = self.witness_failure {
             problems.push(f);
+        }
+        if let Some(&again) = self.witness_starts.get(1) {
+            problems.push((
+                again,
+                "the checkpoint witness was created again at this start: the one before went missing with its directory, so a truncation before it would pass; restore the witness from a backup".into(),
+            ));
         }
         let chain_bad = report.first_bad_seq;
         let mut sessions: Vec<(&String, &Session)> = self.sessions.iter().collect();

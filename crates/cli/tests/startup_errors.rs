@@ -139,17 +139,12 @@ fn missing_upstream_secret_names_target_role_and_variable() {
     // An unset variable: found at start, not at `connect` while a grant's
     // clock runs.
     let setup = Setup::new();
-    edit_config(
+    with_gateway_and_secret(
         &setup,
-        "[targets.roles.read]\nuser = \"bg_read\"\n",
-        "[targets.roles.read]\nuser = \"bg_read\"\npassword_env = \"BG_TEST_NEVER_SET\"\n",
+        "read",
+        "bg_read",
+        "password_env = \"BG_TEST_NEVER_SET\"",
     );
-    let text = setup.config_text();
-    std::fs::write(
-        setup.config_path(),
-        format!("{text}\n[gateway.postgres]\nlisten = \"127.0.0.1:1\"\n"),
-    )
-    .expect("write config");
     let err = serve_fails(&setup);
     assert!(err.contains("password_env"), "{err}");
     assert!(err.contains("prod-db"), "{err}");
@@ -158,20 +153,29 @@ fn missing_upstream_secret_names_target_role_and_variable() {
 
     // An unreadable file: named with the target and role.
     let setup = Setup::new();
-    edit_config(
+    with_gateway_and_secret(
         &setup,
-        "[targets.roles.admin]\nuser = \"bg_admin\"\n",
-        "[targets.roles.admin]\nuser = \"bg_admin\"\npassword_file = \"no-such-secret\"\n",
+        "admin",
+        "bg_admin",
+        "password_file = \"no-such-secret\"",
     );
-    let text = setup.config_text();
-    std::fs::write(
-        setup.config_path(),
-        format!("{text}\n[gateway.postgres]\nlisten = \"127.0.0.1:1\"\n"),
-    )
-    .expect("write config");
     let err = serve_fails(&setup);
     assert!(err.contains("password_file"), "{err}");
     assert!(err.contains("prod-db"), "{err}");
     assert!(err.contains("role admin"), "{err}");
     assert!(err.contains("no-such-secret"), "{err}");
+}
+
+/// `setup`'s config with a PostgreSQL gateway and `secret` on a role of
+/// `prod-db` (one write: `Setup::config_text` is the generated text).
+fn with_gateway_and_secret(setup: &Setup, role: &str, user: &str, secret: &str) {
+    let from = format!("[targets.roles.{role}]\nuser = \"{user}\"\n");
+    let text = setup.config_text();
+    assert!(text.contains(&from), "{from:?} not in the config");
+    let text = text.replacen(&from, &format!("{from}{secret}\n"), 1);
+    std::fs::write(
+        setup.config_path(),
+        format!("{text}\n[gateway.postgres]\nlisten = \"127.0.0.1:1\"\n"),
+    )
+    .expect("write config");
 }

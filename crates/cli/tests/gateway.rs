@@ -1346,74 +1346,11 @@ fn tls_is_offered_with_a_certificate_and_refused_without() {
     assert!(plain.sessions("alice", &g.id).is_empty());
 }
 
-/// Makes a CA and a server certificate for `localhost` with openssl.
-fn make_ca_and_server_cert(dir: &std::path::Path) {
-    let openssl = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bg-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 #[test]
 fn upstream_tls_as_the_url_asks() {
     let up = upstream();
     let certs = tempfile::tempdir().expect("tempdir");
-    make_ca_and_server_cert(certs.path());
+    breakglass_testkit::make_test_ca(certs.path(), "DNS:localhost");
     up.pg
         .enable_tls(&certs.path().join("srv.pem"), &certs.path().join("srv.key"))
         .expect("TLS on the upstream");

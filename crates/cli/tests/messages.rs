@@ -518,79 +518,6 @@ fn plain_http_off_loopback_is_refused_before_any_connection() {
     out.expect_code(1);
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl (Debian package openssl) makes the test CA");
-    assert!(st.success(), "openssl {args:?} failed");
-}
-
-/// A test CA and a certificate for 127.0.0.1 and localhost signed by it:
-/// `ca.crt`, `srv.crt`, `srv.key` in `dir`.
-fn make_test_ca(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-days",
-        "1",
-        "-subj",
-        "/CN=breakglass test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    openssl(dir, &args);
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-    ]);
-    openssl(dir, &args);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("write ext.cnf");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "srv.crt",
-        ],
-    );
-}
-
 /// A TLS listener on loopback that forwards each connection's plaintext
 /// to `backend`: the real server behind real TLS.
 struct TlsFront {
@@ -604,10 +531,10 @@ impl TlsFront {
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         use tokio_rustls::rustls;
         let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(dir.join("srv.crt"))
-                .expect("read srv.crt")
+            CertificateDer::pem_file_iter(dir.join("srv.pem"))
+                .expect("read srv.pem")
                 .collect::<Result<_, _>>()
-                .expect("parse srv.crt");
+                .expect("parse srv.pem");
         let key = PrivateKeyDer::from_pem_file(dir.join("srv.key")).expect("read srv.key");
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -660,10 +587,10 @@ fn https_with_a_test_ca_works() {
     let setup = Setup::new();
     let _server = Server::start(&setup);
     let certs = tempfile::tempdir().expect("tempdir");
-    make_test_ca(certs.path());
+    breakglass_testkit::make_test_ca(certs.path(), "IP:127.0.0.1,DNS:localhost");
     let front = TlsFront::start(certs.path(), setup.port);
     let https = format!("https://127.0.0.1:{}", front.port);
-    let ca = certs.path().join("ca.crt").display().to_string();
+    let ca = certs.path().join("ca.pem").display().to_string();
 
     let out = cli_env(&https, Some("alice"), &[], &["whoami", "--ca-file", &ca]);
     out.expect_code(0);

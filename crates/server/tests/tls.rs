@@ -16,69 +16,6 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 
-/// Makes a CA and a server certificate for `localhost` and 127.0.0.1.
-fn make_ca_and_server_cert(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl (Debian package openssl) runs");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bg-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 fn client_config(ca: Option<&Path>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = ca {
@@ -150,7 +87,7 @@ fn https(
 #[test]
 fn the_api_serves_https_with_its_certificate_and_nothing_in_clear() {
     let dir = tempfile::tempdir().expect("tempdir");
-    make_ca_and_server_cert(dir.path());
+    breakglass_testkit::make_test_ca(dir.path(), "DNS:localhost,IP:127.0.0.1");
     let ca = dir.path().join("ca.pem");
     let s = TestServer::start_with(dir, "tls_cert = \"srv.pem\"\ntls_key = \"srv.key\"");
     let addr: SocketAddr = s

@@ -14,8 +14,10 @@
 //! This crate returns [`anyhow`] errors: it is only used from tests and
 //! benchmarks, where a readable chain of context is all a caller needs.
 
+mod certs;
 mod pgbouncer;
 
+pub use certs::make_test_ca;
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
 use std::time::{Duration, Instant};
 

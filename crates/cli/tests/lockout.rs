@@ -8,9 +8,10 @@
 mod gateway_support;
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use breakglass_testkit::{fd_limit, open_idle};
 use gateway_support::{Bg, GwOptions, Raw, first_error, psql, startup_packet, upstream};
 
 /// The attack: this many idle sockets at most.
@@ -19,19 +20,6 @@ const FLOOD_SOCKETS_MAX: usize = 1000;
 const FLOOD_PER_SOURCE: usize = 100;
 /// A real user must be in within this, flood or not.
 const USER_IN_WITHIN: Duration = Duration::from_secs(5);
-
-/// Open files this process may have (`ulimit -n`), from /proc.
-fn fd_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(1024)
-}
 
 /// How many attack sockets fit in this process (the gateway is another
 /// process with its own limit, which `breakglass serve` inherits).
@@ -45,31 +33,9 @@ fn flood_size() -> usize {
     n
 }
 
-/// `n` idle connections to the gateway from 127.0.2.(first_source..).
-fn open_idle(port: u16, n: usize, per_source: usize, first_source: u8) -> Vec<TcpStream> {
-    let to = SocketAddr::from(([127, 0, 0, 1], port));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let source = Ipv4Addr::new(127, 0, 2, first_source + (i / per_source) as u8);
-            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-            sock.bind(SocketAddr::new(IpAddr::V4(source), 0))
-                .expect("bind a loopback source");
-            let s = tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
-                .await
-                .expect("connect in time")
-                .expect("connect");
-            let s = s.into_std().expect("std socket");
-            // tokio's sockets are non-blocking; the tests read with timeouts.
-            s.set_nonblocking(false).expect("blocking");
-            out.push(s);
-        }
-        out
-    })
+/// The gateway's listening address.
+fn gw(bg: &Bg) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], bg.gw_port))
 }
 
 /// What the gateway said before closing `s`, waiting at most `limit`.
@@ -101,7 +67,7 @@ fn a_flood_of_idle_sockets_does_not_lock_out_psql() {
 
     let n = flood_size();
     let started = Instant::now();
-    let mut flood = open_idle(bg.gw_port, n, FLOOD_PER_SOURCE, 1);
+    let mut flood = open_idle(gw(&bg), n, FLOOD_PER_SOURCE, 2, 1);
     // Over the 938 slots start-up may hold, the oldest idle sockets were
     // closed to make room, and told why.
     if n > 938 {
@@ -138,7 +104,7 @@ fn a_flood_of_idle_sockets_does_not_lock_out_psql() {
             .unwrap_or_else(|m| panic!("round {round}: raw login refused: {:?}", m.error()));
         assert!(t.elapsed() < USER_IN_WITHIN);
         // The attacker reopens a tenth of its sockets.
-        let fresh = open_idle(bg.gw_port, n / 10, FLOOD_PER_SOURCE, 20 + round);
+        let fresh = open_idle(gw(&bg), n / 10, FLOOD_PER_SOURCE, 2, 20 + round);
         flood.drain(..n / 10);
         flood.extend(fresh);
     }
@@ -166,8 +132,8 @@ fn the_per_source_cap_and_the_start_up_deadline_cover_the_whole_pre_auth_phase()
         },
     );
     // 128 from one address (the default cap), the next one refused.
-    let held = open_idle(bg.gw_port, 128, 128, 250);
-    let mut over = open_idle(bg.gw_port, 1, 128, 250).pop().expect("socket");
+    let held = open_idle(gw(&bg), 128, 128, 2, 250);
+    let mut over = open_idle(gw(&bg), 1, 128, 2, 250).pop().expect("socket");
     let (code, msg) = last_words(&mut over, Duration::from_secs(5)).expect("a refusal");
     assert_eq!(code, "53300");
     assert!(

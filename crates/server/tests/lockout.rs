@@ -8,9 +8,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use breakglass_testkit::{fd_limit, open_idle};
 use common::{TestServer, token};
 
 /// The attack: this many idle sockets at most.
@@ -27,19 +28,6 @@ fn addr_of(s: &TestServer) -> SocketAddr {
         .expect("server address")
 }
 
-/// Open files this process may have (`ulimit -n`), from /proc.
-fn fd_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(1024)
-}
-
 /// How many attack sockets fit: the server runs in this process, so each
 /// costs two descriptors; a margin stays for the store and the test.
 fn flood_size() -> usize {
@@ -50,33 +38,6 @@ fn flood_size() -> usize {
         fd_limit()
     );
     n
-}
-
-/// `n` idle connections to `to`, from 127.0.1.(first_source..), each
-/// source holding `per_source`.
-fn open_idle(to: SocketAddr, n: usize, per_source: usize, first_source: u8) -> Vec<TcpStream> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let source = Ipv4Addr::new(127, 0, 1, first_source + (i / per_source) as u8);
-            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-            sock.bind(SocketAddr::new(IpAddr::V4(source), 0))
-                .expect("bind a loopback source");
-            let s = tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
-                .await
-                .expect("connect in time")
-                .expect("connect");
-            let s = s.into_std().expect("std socket");
-            // tokio's sockets are non-blocking; the tests read with timeouts.
-            s.set_nonblocking(false).expect("blocking");
-            out.push(s);
-        }
-        out
-    })
 }
 
 /// Sockets the server has closed (EOF or reset), without waiting.
@@ -149,7 +110,7 @@ fn a_flood_of_idle_sockets_does_not_lock_out_a_real_user() {
 
     let n = flood_size();
     let started = Instant::now();
-    let mut flood = open_idle(to, n, FLOOD_PER_SOURCE, 1);
+    let mut flood = open_idle(to, n, FLOOD_PER_SOURCE, 1, 1);
     // The flood outnumbers the slots unauthenticated connections may hold
     // (1024 - 64 reserved): without eviction the next client gets nothing.
     for round in 0..5 {
@@ -160,7 +121,7 @@ fn a_flood_of_idle_sockets_does_not_lock_out_a_real_user() {
             "round {round}: the user waited {took:?}"
         );
         // The attacker reopens a tenth of its sockets between calls.
-        let fresh = open_idle(to, n / 10, FLOOD_PER_SOURCE, 20 + round as u8);
+        let fresh = open_idle(to, n / 10, FLOOD_PER_SOURCE, 1, 20 + round as u8);
         flood.drain(..n / 10);
         flood.extend(fresh);
     }
@@ -190,10 +151,10 @@ fn the_per_source_cap_names_its_key_and_spares_other_sources() {
         "max_connections_per_source = 8",
     );
     let to = addr_of(&s);
-    let held = open_idle(to, 8, 8, 200);
+    let held = open_idle(to, 8, 8, 1, 200);
     // Give the server time to accept them all.
     std::thread::sleep(Duration::from_millis(200));
-    let over = open_idle(to, 1, 8, 200).pop().expect("socket");
+    let over = open_idle(to, 1, 8, 1, 200).pop().expect("socket");
     let mut over = over;
     over.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -280,7 +241,7 @@ fn the_reserve_is_for_signed_in_connections() {
         })
         .collect();
     // Idle sockets take the last two slots, then push each other out.
-    let flood = open_idle(to, 40, 40, 100);
+    let flood = open_idle(to, 40, 40, 1, 100);
     std::thread::sleep(Duration::from_millis(300));
     assert!(closed_count(&flood) >= 38, "only two unauthenticated slots");
     for u in &mut users {

@@ -15,9 +15,11 @@
 //! benchmarks, where a readable chain of context is all a caller needs.
 
 mod certs;
+mod flood;
 mod pgbouncer;
 
 pub use certs::make_test_ca;
+pub use flood::{fd_limit, open_idle};
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
 use std::time::{Duration, Instant};
 

@@ -415,25 +415,7 @@ pub fn request_table(list: &RequestList, now: Timestamp) -> String {
             when_column(r, now),
         ]);
     }
-    let mut widths = [0usize; 6];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = table(&rows);
     if list.requests.iter().any(|r| r.emergency) {
         out.push_str("(! = emergency grant)\n");
     }

@@ -41,6 +41,16 @@ pub struct SlotLimits {
 }
 
 impl SlotLimits {
+    /// The limits of a listener; without a configured reserve, one slot in
+    /// 16 is kept for authenticated connections.
+    pub fn new(total_max: usize, reserved: Option<usize>, per_source_max: usize) -> SlotLimits {
+        SlotLimits {
+            total_max,
+            reserved: reserved.unwrap_or(total_max / 16),
+            per_source_max,
+        }
+    }
+
     /// Unauthenticated connections held at most.
     pub fn unauthenticated_max(&self) -> usize {
         self.total_max.saturating_sub(self.reserved).max(1)

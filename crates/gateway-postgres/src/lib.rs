@@ -160,13 +160,11 @@ impl PgGatewayConfig {
 
     /// The slot limits of the listener.
     pub fn slot_limits(&self) -> SlotLimits {
-        SlotLimits {
-            total_max: self.max_connections,
-            reserved: self
-                .reserved_connections
-                .unwrap_or(self.max_connections / 16),
-            per_source_max: self.max_connections_per_source,
-        }
+        SlotLimits::new(
+            self.max_connections,
+            self.reserved_connections,
+            self.max_connections_per_source,
+        )
     }
 
     fn startup(&self) -> Duration {

@@ -548,11 +548,11 @@ impl Config {
     /// The API listener's slot limits (validated at load).
     pub fn api_slot_limits(&self) -> breakglass_core::slots::SlotLimits {
         let s = &self.server;
-        breakglass_core::slots::SlotLimits {
-            total_max: s.max_connections,
-            reserved: s.reserved_connections.unwrap_or(s.max_connections / 16),
-            per_source_max: s.max_connections_per_source,
-        }
+        breakglass_core::slots::SlotLimits::new(
+            s.max_connections,
+            s.reserved_connections,
+            s.max_connections_per_source,
+        )
     }
 
     /// `server.unauthenticated_timeout` (validated at load).

@@ -840,9 +840,10 @@ fn a_chain_re_signed_with_a_planted_key_fails_against_the_trusted_key() {
         hash.copy_from_slice(&prev);
         let cp = Checkpoint::sign(&planted, all.len() as u64, hash, Timestamp::now());
         c.execute(
-            "INSERT INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO checkpoints (seq, key, time, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 cp.seq as i64,
+                cp.key.clone().unwrap_or_default(),
                 cp.time.millis(),
                 cp.hash.to_vec(),
                 cp.signature.to_vec()

@@ -9,8 +9,13 @@
 //! ```
 //!
 //! `hash(n) = SHA-256(hash(n-1) || canonical(n))`, `hash(0)` = 32 zero bytes.
-//! A checkpoint signs `"breakglass-audit-checkpoint-v1\n" || seq: u64 ||
-//! hash || time_ms: i64` with the server's Ed25519 key.
+//! A checkpoint names the key that signed it (`key`: the public key in hex,
+//! as the node's `audit-signing.pub` holds it) and signs
+//! `"breakglass-audit-checkpoint-v2\n" || seq: u64 || hash || time_ms: i64 ||
+//! public_key: 32 bytes` with that Ed25519 key. Every field has a fixed
+//! length, so the bytes are unambiguous. Checkpoints written before keys
+//! were named (no `key`) sign the same fields without the public key under
+//! the domain `"breakglass-audit-checkpoint-v1\n"`, and still verify.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -21,7 +26,8 @@ use crate::time::Timestamp;
 
 pub type Hash = [u8; 32];
 pub const GENESIS: Hash = [0; 32];
-const CHECKPOINT_DOMAIN: &[u8] = b"breakglass-audit-checkpoint-v1\n";
+const CHECKPOINT_DOMAIN_V1: &[u8] = b"breakglass-audit-checkpoint-v1\n";
+const CHECKPOINT_DOMAIN_V2: &[u8] = b"breakglass-audit-checkpoint-v2\n";
 
 /// One committed audit event. `details` holds canonical JSON text exactly as
 /// hashed, so verification never depends on re-serialising it.
@@ -230,7 +236,8 @@ impl ChainVerifier {
     }
 }
 
-/// A signed statement that the chain had `hash` at `seq`.
+/// A signed statement that the chain had `hash` at `seq`, naming the key
+/// that signed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub seq: u64,
@@ -239,31 +246,71 @@ pub struct Checkpoint {
     pub time: Timestamp,
     #[serde(with = "hex_sig")]
     pub signature: [u8; 64],
+    /// The signer's public key in hex ([`key_id`]); `None` only for
+    /// checkpoints written before keys were named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
-fn checkpoint_message(seq: u64, hash: &Hash, time: Timestamp) -> Vec<u8> {
-    let mut m = CHECKPOINT_DOMAIN.to_vec();
+/// The name of a checkpoint key: its public key in lowercase hex, exactly
+/// as the node's `audit-signing.pub` file holds it.
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(key.to_bytes())
+}
+
+fn checkpoint_message(
+    seq: u64,
+    hash: &Hash,
+    time: Timestamp,
+    key: Option<&VerifyingKey>,
+) -> Vec<u8> {
+    let mut m = match key {
+        Some(_) => CHECKPOINT_DOMAIN_V2.to_vec(),
+        None => CHECKPOINT_DOMAIN_V1.to_vec(),
+    };
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(hash);
     m.extend_from_slice(&time.millis().to_be_bytes());
+    if let Some(k) = key {
+        m.extend_from_slice(k.as_bytes());
+    }
     m
 }
 
 impl Checkpoint {
     pub fn sign(key: &SigningKey, seq: u64, hash: Hash, time: Timestamp) -> Checkpoint {
-        let sig = key.sign(&checkpoint_message(seq, &hash, time));
+        let public = key.verifying_key();
+        let sig = key.sign(&checkpoint_message(seq, &hash, time, Some(&public)));
         Checkpoint {
             seq,
             hash,
             time,
             signature: sig.to_bytes(),
+            key: Some(key_id(&public)),
         }
     }
 
+    /// Whether `key` signed this checkpoint. A checkpoint that names a key
+    /// verifies only with that key.
     pub fn verify(&self, key: &VerifyingKey) -> bool {
         let sig = Signature::from_bytes(&self.signature);
-        key.verify(&checkpoint_message(self.seq, &self.hash, self.time), &sig)
-            .is_ok()
+        let named = match &self.key {
+            Some(id) if *id != key_id(key) => return false,
+            Some(_) => Some(key),
+            None => None,
+        };
+        key.verify(
+            &checkpoint_message(self.seq, &self.hash, self.time, named),
+            &sig,
+        )
+        .is_ok()
+    }
+
+    /// Whether this checkpoint was signed by the key named `id` (a
+    /// checkpoint without a name counts as every key's: it comes from a
+    /// single node).
+    pub fn signed_by(&self, id: &str) -> bool {
+        self.key.as_deref().is_none_or(|k| k == id)
     }
 }
 
@@ -382,5 +429,39 @@ mod tests {
         let json = serde_json::to_string(&cp).expect("serialises");
         let back: Checkpoint = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, cp);
+    }
+
+    #[test]
+    fn checkpoints_name_their_key_and_verify_with_it_only() {
+        let a = SigningKey::from_bytes(&[7; 32]);
+        let b = SigningKey::from_bytes(&[8; 32]);
+        let cp = Checkpoint::sign(&a, 5, [1; 32], Timestamp(9));
+        assert_eq!(cp.key.as_deref(), Some(key_id(&a.verifying_key()).as_str()));
+        assert!(!cp.verify(&b.verifying_key()));
+        // Renaming the key breaks the signature: the name is signed.
+        let mut renamed = cp.clone();
+        renamed.key = Some(key_id(&b.verifying_key()));
+        assert!(!renamed.verify(&a.verifying_key()));
+        assert!(!renamed.verify(&b.verifying_key()));
+        // Dropping the name does not turn it into a valid unnamed one.
+        let mut unnamed = cp.clone();
+        unnamed.key = None;
+        assert!(!unnamed.verify(&a.verifying_key()));
+    }
+
+    #[test]
+    fn unnamed_checkpoints_of_earlier_releases_still_verify() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let msg = checkpoint_message(5, &[1; 32], Timestamp(9), None);
+        let old = Checkpoint {
+            seq: 5,
+            hash: [1; 32],
+            time: Timestamp(9),
+            signature: key.sign(&msg).to_bytes(),
+            key: None,
+        };
+        assert!(old.verify(&key.verifying_key()));
+        let json = serde_json::to_string(&old).expect("serialises");
+        assert!(!json.contains("\"key\""), "{json}");
     }
 }

@@ -497,6 +497,42 @@ impl PgCluster {
         Ok(())
     }
 
+    /// A URL for the superuser on database `db`, password included (for
+    /// tests and benchmarks that hand a whole connection string to a
+    /// program): `postgres://postgres:PASSWORD@127.0.0.1:PORT/db`.
+    pub fn superuser_url(&self, db: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}:{}@{HOST}:{}/{db}",
+            self.superuser_password, self.port
+        )
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: sessions are terminated,
+    /// committed data kept) and keeps the cluster's files, so
+    /// [`PgCluster::start_again`] can bring the same data back on the same
+    /// port. For tests of clients that must survive a database restart.
+    pub fn stop_server(&mut self) -> anyhow::Result<()> {
+        let mut cmd = self.server_command("pg_ctl");
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "-t", "30", "-s"]);
+        os::output(&mut cmd).context("pg_ctl stop failed")?;
+        self.pid = None;
+        Ok(())
+    }
+
+    /// Starts the server stopped by [`PgCluster::stop_server`] again, on
+    /// the same port.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.pg_ctl_start()?;
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("cannot read {}", pid_file.display()))?;
+        self.pid = pid.lines().next().and_then(|line| line.trim().parse().ok());
+        Ok(())
+    }
+
     /// Turns on TLS (`ssl = on`) with the given PEM certificate and key,
     /// copied into the data directory; takes effect after the reload here.
     pub fn enable_tls(&self, cert_pem: &Path, key_pem: &Path) -> anyhow::Result<()> {

@@ -3,9 +3,10 @@
 //! events, read them back. Every write commits its audit events in the same
 //! transaction, assigning `seq` and chaining hashes.
 //!
-//! [`SqliteStore`] is the embedded default. A PostgreSQL implementation for
-//! several nodes implements the same trait; nothing above the trait changes.
+//! [`SqliteStore`] is the embedded default; [`PgStore`] is shared by several
+//! nodes on one PostgreSQL database. Nothing above the trait knows which.
 
+pub mod postgres;
 mod sqlite;
 pub mod verify;
 
@@ -17,6 +18,7 @@ use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
+pub use postgres::PgStore;
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The most rows one list or audit page returns.
@@ -142,18 +144,34 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
 
-    /// Stores a signed checkpoint. One at a `seq` already checkpointed is
-    /// ignored: a stored checkpoint is never replaced.
+    /// Stores a signed checkpoint. One at a `seq` the same key already
+    /// checkpointed is ignored: a stored checkpoint is never replaced.
+    /// Several nodes (keys) may checkpoint the same `seq`.
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError>;
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
-    /// The newest `(seq, hash)` of the chain, as the writer holds it.
+    /// The newest `(seq, hash)` of the chain this node knows: what it
+    /// committed or what its feed has delivered.
     fn head(&self) -> (u64, Hash);
 
     /// Committed events, in `seq` order, as they commit. A subscriber that
     /// lags catches up with [`Store::audit`] from its last `seq`.
     fn subscribe(&self) -> broadcast::Receiver<Arc<AuditEvent>>;
+
+    /// How long since the feed last read the log. Zero for a store whose
+    /// feed cannot lose sight of its writers (the embedded store is its own
+    /// only writer); for a shared store, a value well past its poll interval
+    /// means events committed by other nodes may be waiting unseen.
+    fn feed_blind_for(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
+    /// Whether other nodes may write to this store too (then everything
+    /// that keeps state in memory must follow the feed).
+    fn is_shared(&self) -> bool {
+        false
+    }
 
     async fn count_by_state(&self) -> Result<Vec<(State, u64)>, StoreError>;
 }

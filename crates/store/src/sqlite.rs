@@ -81,6 +81,21 @@ CREATE INDEX audit_request ON audit(request_id, seq) WHERE request_id IS NOT NUL
     r#"
 CREATE INDEX credentials_request ON credentials(request_id);
 "#,
+    // Checkpoints name their key; several nodes may sign the same seq.
+    r#"
+CREATE TABLE checkpoints_keyed (
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (seq, key)
+) STRICT, WITHOUT ROWID;
+INSERT INTO checkpoints_keyed (seq, key, time, hash, signature)
+    SELECT seq, '', time, hash, signature FROM checkpoints;
+DROP TABLE checkpoints;
+ALTER TABLE checkpoints_keyed RENAME TO checkpoints;
+"#,
 ];
 
 #[derive(Debug, Clone)]
@@ -544,10 +559,11 @@ fn apply_op(
         Op::Append(events) => insert_events(conn, events, now, head),
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
-                "INSERT OR IGNORE INTO checkpoints (seq, time, hash, signature) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![
                 cp.seq as i64,
+                cp.key.as_deref().unwrap_or(""),
                 cp.time.millis(),
                 &cp.hash[..],
                 &cp.signature[..]
@@ -738,8 +754,9 @@ impl Store for SqliteStore {
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         self.read_blocking(|c| {
-            let mut stmt =
-                c.prepare("SELECT seq, time, hash, signature FROM checkpoints ORDER BY seq")?;
+            let mut stmt = c.prepare(
+                "SELECT seq, time, hash, signature, key FROM checkpoints ORDER BY seq, key",
+            )?;
             let rows = stmt.query_map([], |r| {
                 let sig: Vec<u8> = r.get(3)?;
                 let signature: [u8; 64] = sig.try_into().map_err(|_| {
@@ -754,6 +771,7 @@ impl Store for SqliteStore {
                     time: Timestamp(r.get(1)?),
                     hash: hash_from(r.get(2)?)?,
                     signature,
+                    key: Some(r.get::<_, String>(4)?).filter(|k| !k.is_empty()),
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

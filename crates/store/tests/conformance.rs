@@ -1,5 +1,7 @@
 //! Conformance suite for the `Store` trait, run against a real `SqliteStore`
-//! in a temporary directory.
+//! in a temporary directory and a real `PgStore` on a fresh database of a
+//! throwaway PostgreSQL cluster (one cluster shared by the tests of this
+//! binary while they run).
 //!
 //! Covers: create/get and duplicate ids; compare-and-set `apply` (a stale
 //! version conflicts and changes nothing); the audit chain (consecutive
@@ -10,13 +12,15 @@
 //! emergency requests and the create that is refused when they changed.
 //!
 //! Every behaviour is a function in [`suite`] over `&dyn Store` (or a store
-//! factory), so another `Store` implementation can run the same suite by
-//! adding its own thin `#[tokio::test]` wrappers.
+//! factory), and each store runs it through its own thin `#[tokio::test]`
+//! wrappers (`sqlite_*`, `pg_*`). Two `PgStore`s on one database are two
+//! nodes: `pg_two_nodes_share_one_chain` checks that they write one chain
+//! and see each other's events.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use breakglass_store::{SqliteOptions, SqliteStore};
+use breakglass_store::{PgStore, SqliteOptions, SqliteStore};
 use tempfile::TempDir;
 
 mod suite {
@@ -1031,6 +1035,81 @@ mod suite {
         assert_eq!(won, 1, "exactly one concurrent emergency request commits");
         assert_eq!(emergency_ids(&*store, "alice").await.len(), 1);
     }
+
+    /// (13) Two stores on one shared database (two nodes): their writes form
+    /// one chain with contiguous `seq`, each one's feed delivers the other's
+    /// events in order, and a compare-and-set lost to the other node is a
+    /// `Conflict`.
+    pub async fn two_nodes_share_one_chain(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+        let mut feed_a = a.subscribe();
+        let mut feed_b = b.subscribe();
+        let (v1, mut committed) = create(&*a, new_request("r-1", &alice(), 1, at(0)), at(0)).await;
+        // Node B sees node A's request and approves it.
+        let seen = get(&*b, "r-1").await;
+        assert_eq!(seen, v1);
+        let (_, c) = apply(&*b, approve(&seen, &lead(1), at(1)), at(1)).await;
+        committed.extend(c);
+        // Node A still holds version 1: its cancel loses to B's approval.
+        assert!(matches!(
+            a.apply(cancel(&v1, at(2)), at(2)).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        // Concurrent appends from both nodes interleave into one chain.
+        let mut writers = Vec::new();
+        for (i, store) in [a.clone(), b.clone()].into_iter().enumerate() {
+            writers.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                for n in 0..20u64 {
+                    out.extend(
+                        store
+                            .append(vec![marker(i as u64 * 100 + n)], at(3))
+                            .await
+                            .expect("append succeeds"),
+                    );
+                }
+                out
+            }));
+        }
+        for w in writers {
+            committed.extend(w.await.expect("writer task"));
+        }
+        committed.sort_by_key(|e| e.seq);
+        let log = all_events(&*a).await;
+        assert_eq!(log, committed, "both nodes' events, one chain");
+        assert_chain_from_genesis(&log);
+        assert_eq!(all_events(&*b).await, log);
+        for want in &log {
+            assert_eq!(&recv(&mut feed_a).await, want, "node A's feed");
+            assert_eq!(&recv(&mut feed_b).await, want, "node B's feed");
+        }
+        let last = log.last().expect("log is not empty");
+        for store in [&a, &b] {
+            assert_eq!(store.head(), (last.seq, last.hash), "head follows the feed");
+        }
+        // A checkpoint each: both keys' checkpoints at one seq are kept.
+        let (ka, kb) = (signing_key(), SigningKey::from_bytes(&[9; 32]));
+        let cpa = Checkpoint::sign(&ka, last.seq, last.hash, at(4));
+        let cpb = Checkpoint::sign(&kb, last.seq, last.hash, at(4));
+        a.add_checkpoint(cpa.clone())
+            .await
+            .expect("checkpoint of A");
+        b.add_checkpoint(cpb.clone())
+            .await
+            .expect("checkpoint of B");
+        let stored = a.checkpoints().await.expect("checkpoints");
+        assert_eq!(stored.len(), 2, "one checkpoint per key at the same seq");
+        assert!(stored.contains(&cpa) && stored.contains(&cpb));
+        let mut verifier = Verifier::with_keys(stored, [&ka.verifying_key(), &kb.verifying_key()]);
+        for e in &log {
+            assert!(verifier.push(e));
+        }
+        let v = verifier.finish();
+        assert!(
+            v.ok,
+            "the shared chain verifies with both keys: {:?}",
+            v.reason
+        );
+    }
 }
 
 /// A fresh `SqliteStore` in its own temporary directory, with production
@@ -1121,4 +1200,158 @@ async fn sqlite_emergency_requests_guard_create() {
 async fn sqlite_racing_emergency_creates() {
     let f = fresh();
     suite::racing_emergency_creates(Arc::new(f.store.clone())).await;
+}
+
+/// A `PgStore` on a fresh database of the shared cluster. The cluster lives
+/// as long as the longest-running test that holds it.
+struct FreshPg {
+    store: PgStore,
+    url: String,
+    _pg: Arc<breakglass_testkit::PgCluster>,
+}
+
+async fn fresh_pg() -> FreshPg {
+    let pg = breakglass_testkit::shared_cluster().expect("a PostgreSQL cluster starts");
+    let url = breakglass_testkit::fresh_database(&pg).expect("a fresh database");
+    FreshPg {
+        store: PgStore::open(&url)
+            .await
+            .expect("the PostgreSQL store opens"),
+        url,
+        _pg: pg,
+    }
+}
+
+#[tokio::test]
+async fn pg_create_then_get() {
+    suite::create_then_get(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_apply_is_compare_and_set() {
+    suite::apply_is_compare_and_set(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_audit_chain_links() {
+    suite::audit_chain_links(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_credentials_and_limit() {
+    suite::credentials_and_limit(&fresh_pg().await.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_credential_limit_under_concurrency() {
+    let f = fresh_pg().await;
+    suite::credential_limit_under_concurrency(Arc::new(f.store.clone())).await;
+}
+
+#[tokio::test]
+async fn pg_queries_reflect_states() {
+    suite::queries_reflect_states(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_event_queries_and_paging() {
+    suite::event_queries_and_paging(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_checkpoints_round_trip() {
+    suite::checkpoints_round_trip(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_subscribers_see_commits() {
+    suite::subscribers_see_commits(&fresh_pg().await.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_survives_reopen() {
+    let f = fresh_pg().await;
+    let url = f.url.clone();
+    drop(f.store);
+    suite::survives_reopen(|| {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(PgStore::open(&url))
+                .expect("the PostgreSQL store opens again")
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_racing_applies() {
+    let f = fresh_pg().await;
+    suite::racing_applies(Arc::new(f.store.clone())).await;
+}
+
+#[tokio::test]
+async fn pg_emergency_requests_guard_create() {
+    suite::emergency_requests_guard_create(&fresh_pg().await.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_racing_emergency_creates() {
+    let f = fresh_pg().await;
+    suite::racing_emergency_creates(Arc::new(f.store.clone())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_two_nodes_share_one_chain() {
+    let f = fresh_pg().await;
+    let b = PgStore::open(&f.url).await.expect("a second node opens");
+    suite::two_nodes_share_one_chain(Arc::new(f.store.clone()), Arc::new(b)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_nodes_starting_together_migrate_once() {
+    let pg = breakglass_testkit::shared_cluster().expect("a PostgreSQL cluster starts");
+    let url = breakglass_testkit::fresh_database(&pg).expect("a fresh database");
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::open(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(
+            o.await
+                .expect("task")
+                .expect("every node opens the same empty database"),
+        );
+    }
+    let version = pg
+        .psql(
+            url.rsplit('/').next().expect("db name"),
+            "SELECT version FROM schema_version",
+        )
+        .expect("schema_version");
+    assert_eq!(
+        version.trim(),
+        breakglass_store::postgres::PG_SCHEMA_VERSION.to_string()
+    );
+}
+
+#[tokio::test]
+async fn pg_a_newer_schema_is_refused_naming_both_versions() {
+    let f = fresh_pg().await;
+    let db = f.url.rsplit('/').next().expect("db name").to_string();
+    f._pg
+        .psql(&db, "UPDATE schema_version SET version = 999")
+        .expect("bump the schema version");
+    let err = PgStore::open(&f.url)
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    let msg = err.to_string();
+    let ours = breakglass_store::postgres::PG_SCHEMA_VERSION;
+    assert!(
+        msg.contains("999") && msg.contains(&format!("({ours})")),
+        "{msg}"
+    );
 }

@@ -27,6 +27,40 @@ pub use breakglass_localpg::{
     AuthMethod, PgCluster, client_command, free_port, pg_bin_dir, psql_at,
 };
 
+/// The cluster the tests of one test binary share while any of them runs.
+///
+/// Each caller holds an `Arc`; the cluster stops (by pid) and its files go
+/// when the last holder drops it, so a test binary never leaves a server
+/// behind, and tests that run at the same time share one server. Each test
+/// takes its own database from it with [`fresh_database`].
+pub fn shared_cluster() -> anyhow::Result<std::sync::Arc<PgCluster>> {
+    use std::sync::{Arc, Mutex, Weak};
+    static SHARED: Mutex<Weak<PgCluster>> = Mutex::new(Weak::new());
+    let mut slot = SHARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(pg) = slot.upgrade() {
+        return Ok(pg);
+    }
+    let pg = Arc::new(PgCluster::start()?);
+    *slot = Arc::downgrade(&pg);
+    Ok(pg)
+}
+
+/// Creates an empty database with a name no other test uses and returns its
+/// superuser URL (password included).
+pub fn fresh_database(pg: &PgCluster) -> anyhow::Result<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    pg.psql("postgres", &format!("CREATE DATABASE {name}"))?;
+    Ok(pg.superuser_url(&name))
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, at most `limit`.
 pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;

@@ -1,0 +1,1168 @@
+//! The shared store: PostgreSQL, for several identical nodes.
+//!
+//! Every node runs the same code against one database; PostgreSQL
+//! serialises what must be serialised, there is no consensus of our own:
+//!
+//! - **One chain.** The single `chain_head` row holds the newest `(seq,
+//!   hash)`. Each commit locks it (`SELECT ... FOR UPDATE`), appends its
+//!   events after it and moves it, so commits from all nodes form one chain
+//!   with contiguous `seq`.
+//! - **Group commit.** Like the embedded store, each node has one writer task
+//!   that takes every job waiting in its queue into one transaction, each
+//!   job inside a savepoint (a failing job rolls back alone), so a busy node
+//!   pays one commit (and one wait on the head lock) per batch, not per
+//!   event.
+//! - **One feed.** A commit calls `pg_notify` in its own transaction. A
+//!   follower task `LISTEN`s on a dedicated connection and, on every
+//!   notification and on a short poll as a safety net, reads `audit WHERE
+//!   seq > last` in order and broadcasts it; a dropped connection only delays
+//!   events, never loses them. [`Store::head`] follows the feed (and this
+//!   node's own commits).
+//! - **Migrations** are versioned and run at open under an advisory lock, so
+//!   nodes starting together on an empty database are safe; a database with
+//!   a newer schema version than this binary knows is refused.
+//!
+//! Connections come from a pool (`deadpool-postgres`) that drops closed
+//! connections, so the store recovers by itself after a database restart.
+//! TLS to the database is not supported yet: a URL with `sslmode=require`
+//! (or stricter) is refused at open rather than silently sent in clear.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use breakglass_core::audit::{AuditEvent, Checkpoint, Hash, canonical_json, chain_hash};
+use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use crate::{
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
+};
+
+/// Jobs the writer takes into one transaction at most.
+const BATCH_LEN_MAX: usize = 512;
+/// Jobs waiting for the writer at most; beyond that writers are refused.
+const QUEUE_DEPTH_MAX: usize = 16_384;
+/// Pooled connections per node.
+const POOL_SIZE_MAX: usize = 16;
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// How long a call waits for a pooled connection.
+const POOL_WAIT_MS: u64 = 2_000;
+/// The feed reads the log at least this often, notification or not.
+const FEED_POLL_MS: u64 = 200;
+/// Back-off between attempts to re-open the `LISTEN` connection.
+const LISTEN_RETRY_MS: u64 = 250;
+/// Events one feed read takes at most.
+const FEED_PAGE_LEN_MAX: u32 = 1_000;
+/// The channel commits notify and followers listen on.
+pub const FEED_CHANNEL: &str = "breakglass_audit";
+/// The advisory lock that serialises migrations (any constant unlikely to
+/// clash with an application's own: "breakgls" in ASCII).
+const MIGRATION_LOCK: i64 = 0x627265616b676c73;
+
+/// Schema migrations, applied in order; `schema_version.version` counts
+/// them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    deadline BIGINT,
+    body TEXT NOT NULL
+);
+CREATE INDEX requests_deadline ON requests(deadline) WHERE deadline IS NOT NULL;
+CREATE INDEX requests_state ON requests(state, id);
+CREATE INDEX requests_requester ON requests(requester, id);
+CREATE TABLE request_groups (
+    request_id TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    PRIMARY KEY (grp, request_id)
+);
+CREATE TABLE audit (
+    seq BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    request_id TEXT,
+    details TEXT NOT NULL,
+    hash BYTEA NOT NULL
+);
+CREATE INDEX audit_request ON audit(request_id, seq) WHERE request_id IS NOT NULL;
+CREATE TABLE chain_head (
+    id INT PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    hash BYTEA NOT NULL
+);
+INSERT INTO chain_head (id, seq, hash) VALUES (1, 0, decode(repeat('00', 32), 'hex'));
+CREATE TABLE checkpoints (
+    seq BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    time BIGINT NOT NULL,
+    hash BYTEA NOT NULL,
+    signature BYTEA NOT NULL,
+    PRIMARY KEY (seq, key)
+);
+CREATE TABLE credentials (
+    hash BYTEA PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    target TEXT NOT NULL,
+    role TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    issued_at BIGINT NOT NULL
+);
+CREATE INDEX credentials_request ON credentials(request_id);
+"#];
+
+/// The schema version this binary writes.
+pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    // The driver's text names the failing statement's error, never a
+    // parameter value; callers log it and answer 503.
+    StoreError::Unavailable(format!("database: {e}"))
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("database connection: {e}"))
+}
+
+enum Op {
+    Create(Transition),
+    CreateEmergency(Transition, Vec<(String, u64)>),
+    Apply(Transition),
+    Credential(CredentialRecord, EventDraft, u64),
+    Append(Vec<EventDraft>),
+    Checkpoint(Checkpoint),
+    /// Copies events and checkpoints of another store unchanged (`store
+    /// copy`): the rows are inserted as they are, and the head moves to the
+    /// last one only if it links to the current head.
+    Import(Vec<AuditEvent>),
+}
+
+struct Job {
+    op: Op,
+    now: Timestamp,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+struct Shared {
+    pool: Pool,
+    /// The newest `(seq, hash)` broadcast by the feed or committed here.
+    head: Mutex<(u64, Hash)>,
+    /// The last seq the feed broadcast.
+    fed: Mutex<u64>,
+    events: broadcast::Sender<Arc<AuditEvent>>,
+    /// Wakes the follower (a notification arrived, or this node committed).
+    poke: Notify,
+    /// When the feed last read the log successfully.
+    fed_at: Mutex<Instant>,
+}
+
+/// The PostgreSQL store. Cloning shares the same writer, pool and feed.
+#[derive(Clone)]
+pub struct PgStore {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    _tasks: Arc<Tasks>,
+}
+
+/// Aborts the writer and the follower when the last clone is dropped.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
+}
+
+fn row_to_event(r: &Row) -> Result<AuditEvent, StoreError> {
+    Ok(AuditEvent {
+        seq: r.get::<_, i64>(0) as u64,
+        time: Timestamp(r.get(1)),
+        actor: r.get(2),
+        action: r.get(3),
+        request_id: r.get(4),
+        details: r.get(5),
+        hash: hash_of(r.get(6))?,
+    })
+}
+
+fn parse_request(body: &str) -> Result<Request, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("request row: {e}")))
+}
+
+fn body_of(r: &Request) -> Result<String, StoreError> {
+    serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("cannot encode request: {e}")))
+}
+
+/// Parses a connection string and refuses what this store cannot honour.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Unavailable(format!("the database URL does not parse: {e}")))?;
+    if !matches!(cfg.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
+        return Err(StoreError::Unavailable(
+            "the database URL asks for sslmode=require: TLS to the database is not supported in this release (use sslmode=disable over a trusted network, or a local TLS tunnel)".into(),
+        ));
+    }
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
+    }
+    cfg.application_name("breakglass");
+    Ok(cfg)
+}
+
+/// Opens a connection outside the pool; the returned task drives it.
+async fn connect(
+    cfg: &tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    StoreError,
+> {
+    cfg.connect(NoTls).await.map_err(pg_err)
+}
+
+/// Runs the migrations this database lacks, under the advisory lock.
+async fn migrate(cfg: &tokio_postgres::Config) -> Result<(), StoreError> {
+    let (client, conn) = connect(cfg).await?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let result = async {
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_err)?;
+        let out = migrate_locked(&client).await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        out
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+async fn migrate_locked(client: &tokio_postgres::Client) -> Result<(), StoreError> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await
+        .map_err(pg_err)?;
+    let version: i64 = client
+        .query_opt("SELECT version FROM schema_version", &[])
+        .await
+        .map_err(pg_err)?
+        .map_or(0, |r| r.get(0));
+    if version > PG_SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {version}, newer than this binary knows ({PG_SCHEMA_VERSION}); refusing to touch it (run a newer breakglass)"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let next = (i + 1) as i64;
+        let tx = format!(
+            "BEGIN; {sql}; DELETE FROM schema_version; INSERT INTO schema_version (version) VALUES ({next}); COMMIT;"
+        );
+        if let Err(e) = client.batch_execute(&tx).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(pg_err(e));
+        }
+        tracing::info!(version = next, "database schema migrated");
+    }
+    Ok(())
+}
+
+impl PgStore {
+    /// Connects, migrates, and starts the writer and the feed follower.
+    pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        let cfg = parse_url(url)?;
+        migrate(&cfg).await?;
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE_MAX)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_millis(POOL_WAIT_MS)))
+            .create_timeout(Some(Duration::from_millis(CONNECT_TIMEOUT_MS)))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("database pool: {e}")))?;
+        let head = {
+            let client = pool.get().await.map_err(pool_err)?;
+            let row = client
+                .query_one("SELECT seq, hash FROM chain_head WHERE id = 1", &[])
+                .await
+                .map_err(pg_err)?;
+            (row.get::<_, i64>(0) as u64, hash_of(row.get(1))?)
+        };
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            pool,
+            head: Mutex::new(head),
+            fed: Mutex::new(head.0),
+            events,
+            poke: Notify::new(),
+            fed_at: Mutex::new(Instant::now()),
+        });
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
+        let writer = tokio::spawn(writer_loop(rx, shared.clone()));
+        let listener = tokio::spawn(listen_loop(cfg, Arc::downgrade(&shared)));
+        let follower = tokio::spawn(follow_loop(shared.clone()));
+        Ok(PgStore {
+            shared,
+            jobs,
+            _tasks: Arc::new(Tasks(vec![writer, listener, follower])),
+        })
+    }
+
+    async fn submit(&self, op: Op, now: Timestamp) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        match self.jobs.try_send(Job { op, now, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(StoreError::Unavailable("write queue is full".into()));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(StoreError::Unavailable("writer has stopped".into()));
+            }
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("writer has stopped".into()))?
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.shared.pool.get().await.map_err(pool_err)
+    }
+
+    async fn query(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_err)?;
+        client.query(&stmt, args).await.map_err(pg_err)
+    }
+
+    /// Copies every event and checkpoint of `from` into this store, which
+    /// must be empty: `seq`, times, hashes and signatures unchanged. Returns
+    /// the number of events copied.
+    pub async fn copy_from(&self, from: &dyn Store) -> Result<u64, StoreError> {
+        if self.shared.head().0 != 0 || self.head_in_db().await?.0 != 0 {
+            return Err(StoreError::Limit(
+                "the target database already holds audit events; copy only into an empty one"
+                    .into(),
+            ));
+        }
+        let mut copied = 0u64;
+        let mut after = 0u64;
+        loop {
+            let page = from.audit(after, PAGE_LEN_MAX).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            let n = page.len();
+            copied += n as u64;
+            self.submit(Op::Import(page), Timestamp(0)).await?;
+            if n < PAGE_LEN_MAX as usize {
+                break;
+            }
+        }
+        for cp in from.checkpoints().await? {
+            self.add_checkpoint(cp).await?;
+        }
+        Ok(copied)
+    }
+
+    /// Copies every request and credential row of an embedded store (the
+    /// state the events describe). Runs before [`PgStore::copy_from`] moves
+    /// the events, so a failure leaves the database without a chain and the
+    /// copy can start again on a fresh database.
+    pub async fn import_state(
+        &self,
+        requests: Vec<Request>,
+        credentials: Vec<CredentialRecord>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        for r in &requests {
+            insert_request(&tx, r).await?;
+        }
+        for c in &credentials {
+            insert_credential(&tx, c).await?;
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn head_in_db(&self) -> Result<(u64, Hash), StoreError> {
+        let rows = self
+            .query("SELECT seq, hash FROM chain_head WHERE id = 1", &[])
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
+        Ok((row.get::<_, i64>(0) as u64, hash_of(row.get(1))?))
+    }
+}
+
+impl Shared {
+    fn head(&self) -> (u64, Hash) {
+        *lock(&self.head)
+    }
+
+    fn advance_head(&self, to: (u64, Hash)) {
+        let mut h = lock(&self.head);
+        if to.0 > h.0 {
+            *h = to;
+        }
+    }
+}
+
+/// Drives the `LISTEN` connection: every notification pokes the follower.
+/// Re-opens the connection after it drops; the follower's poll covers the
+/// gap, and its reads by `seq` lose nothing.
+async fn listen_loop(cfg: tokio_postgres::Config, shared: std::sync::Weak<Shared>) {
+    loop {
+        match connect(&cfg).await {
+            Ok((client, mut conn)) => {
+                let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+                let driver = tokio::spawn(async move {
+                    let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    use futures_util::StreamExt;
+                    while let Some(msg) = stream.next().await {
+                        match msg {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                if tx.send(()).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {FEED_CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    if let Some(s) = shared.upgrade() {
+                        // Events committed before LISTEN took effect are read
+                        // now.
+                        s.poke.notify_one();
+                    }
+                    while rx.recv().await.is_some() {
+                        let Some(s) = shared.upgrade() else { return };
+                        s.poke.notify_one();
+                    }
+                }
+                driver.abort();
+                tracing::warn!("the database feed connection dropped; reconnecting");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot open the database feed connection");
+            }
+        }
+        if shared.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(LISTEN_RETRY_MS)).await;
+    }
+}
+
+/// Reads the log after the last broadcast event, in order, and broadcasts
+/// it: on every poke and at least every `FEED_POLL_MS`.
+async fn follow_loop(shared: Arc<Shared>) {
+    loop {
+        match catch_up(&shared).await {
+            Ok(more) => {
+                *lock(&shared.fed_at) = Instant::now();
+                if more {
+                    continue;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "the feed cannot read the database"),
+        }
+        let poke = shared.poke.notified();
+        let _ = tokio::time::timeout(Duration::from_millis(FEED_POLL_MS), poke).await;
+    }
+}
+
+/// One read of the feed; true when a full page came back (read again).
+async fn catch_up(shared: &Shared) -> Result<bool, StoreError> {
+    let after = *lock(&shared.fed);
+    let client = shared.pool.get().await.map_err(pool_err)?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .await
+        .map_err(pg_err)?;
+    let rows = client
+        .query(&stmt, &[&(after as i64), &i64::from(FEED_PAGE_LEN_MAX)])
+        .await
+        .map_err(pg_err)?;
+    drop(client);
+    let n = rows.len();
+    for (expect, r) in (after + 1..).zip(rows.iter()) {
+        let e = row_to_event(r)?;
+        // INVARIANT: the feed is contiguous. Commits assign seq under the
+        // chain head lock, so a gap is never visible; if one were, stop
+        // before it and read again.
+        if e.seq != expect {
+            return Ok(false);
+        }
+        *lock(&shared.fed) = e.seq;
+        shared.advance_head((e.seq, e.hash));
+        let _ = shared.events.send(Arc::new(e));
+    }
+    Ok(n == FEED_PAGE_LEN_MAX as usize)
+}
+
+async fn writer_loop(mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_LEN_MAX {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let outcome = run_batch(&shared, &batch).await;
+        match outcome {
+            Ok((results, head)) => {
+                shared.advance_head(head);
+                shared.poke.notify_one();
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = batch.len(), "database commit failed; the batch is rolled back");
+                let msg = match &e {
+                    StoreError::Unavailable(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+type BatchOutcome = (Vec<Result<Committed, StoreError>>, (u64, Hash));
+
+/// One transaction for the whole batch. `Err` means nothing of it committed
+/// (or, for a connection lost during COMMIT, that the outcome is unknown:
+/// the callers were not told it succeeded).
+async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, StoreError> {
+    let mut client = shared.pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    // INVARIANT: the chain head row is locked until COMMIT: seq and the hash
+    // link are assigned by one transaction at a time across every node.
+    let row = tx
+        .query_one(
+            "SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    let start = (row.get::<_, i64>(0) as u64, hash_of(row.get(1))?);
+    let mut head = start;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let before = head;
+        tx.batch_execute("SAVEPOINT job").await.map_err(pg_err)?;
+        match apply_op(&tx, &job.op, job.now, &mut head).await {
+            Ok(events) => {
+                tx.batch_execute("RELEASE SAVEPOINT job")
+                    .await
+                    .map_err(pg_err)?;
+                results.push(Ok(events));
+            }
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+                    .await
+                    .map_err(pg_err)?;
+                head = before;
+                results.push(Err(e));
+            }
+        }
+    }
+    if head != start {
+        tx.execute(
+            "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
+            &[&(head.0 as i64), &&head.1[..]],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&FEED_CHANNEL, &head.0.to_string()],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok((results, head))
+}
+
+async fn insert_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    drafts: &[EventDraft],
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await
+        .map_err(pg_err)?;
+    let mut out = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let seq = head.0 + 1;
+        let details = canonical_json(&d.details);
+        let hash = chain_hash(
+            &head.1,
+            seq,
+            now,
+            &d.actor,
+            &d.action,
+            d.request_id.as_deref(),
+            &details,
+        );
+        tx.execute(
+            &stmt,
+            &[
+                &(seq as i64),
+                &now.millis(),
+                &d.actor,
+                &d.action,
+                &d.request_id,
+                &details,
+                &&hash[..],
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        *head = (seq, hash);
+        out.push(AuditEvent {
+            seq,
+            time: now,
+            actor: d.actor.clone(),
+            action: d.action.clone(),
+            request_id: d.request_id.clone(),
+            details,
+            hash,
+        });
+    }
+    Ok(out)
+}
+
+async fn insert_request(
+    tx: &deadpool_postgres::Transaction<'_>,
+    r: &Request,
+) -> Result<bool, StoreError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+        )
+        .await
+        .map_err(pg_err)?;
+    let inserted = tx
+        .execute(
+            &stmt,
+            &[
+                &r.id,
+                &(r.version as i64),
+                &r.state.as_str(),
+                &r.requester,
+                &r.created_at.millis(),
+                &r.deadline().map(Timestamp::millis),
+                &body_of(r)?,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let groups = tx
+        .prepare_cached(
+            "INSERT INTO request_groups (request_id, grp) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(pg_err)?;
+    for g in &r.approver_groups {
+        tx.execute(&groups, &[&r.id, g]).await.map_err(pg_err)?;
+    }
+    Ok(true)
+}
+
+async fn insert_credential(
+    tx: &deadpool_postgres::Transaction<'_>,
+    c: &CredentialRecord,
+) -> Result<(), StoreError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO credentials (hash, request_id, principal, target, role, expires_at, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await
+        .map_err(pg_err)?;
+    tx.execute(
+        &stmt,
+        &[
+            &&c.hash[..],
+            &c.request_id,
+            &c.principal,
+            &c.target,
+            &c.role,
+            &c.expires_at.millis(),
+            &c.issued_at.millis(),
+        ],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+async fn create_op(
+    tx: &deadpool_postgres::Transaction<'_>,
+    t: &Transition,
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    let r = &t.request;
+    if t.expected_version != 0 {
+        return Err(StoreError::Corrupt(format!(
+            "create of request {} expects version {}, not 0",
+            r.id, t.expected_version
+        )));
+    }
+    if !insert_request(tx, r).await? {
+        return Err(StoreError::Duplicate(r.id.clone()));
+    }
+    insert_events(tx, &t.events, now, head).await
+}
+
+/// The query behind [`Store::emergency_requests`]: (id, version, body).
+const EMERGENCY_ROWS: &str = "SELECT id, version, body FROM requests WHERE requester = $1 \
+     AND (body::jsonb -> 'emergency') = 'true'::jsonb \
+     AND (state IN ('pending', 'active') \
+          OR (state IN ('expired', 'revoked') \
+              AND (body::jsonb -> 'review_required') = 'true'::jsonb \
+              AND COALESCE(body::jsonb -> 'review', 'null'::jsonb) = 'null'::jsonb)) \
+     ORDER BY created_at, id LIMIT $2";
+
+async fn apply_op(
+    tx: &deadpool_postgres::Transaction<'_>,
+    op: &Op,
+    now: Timestamp,
+    head: &mut (u64, Hash),
+) -> Result<Committed, StoreError> {
+    match op {
+        Op::Create(t) => create_op(tx, t, now, head).await,
+        Op::CreateEmergency(t, seen) => {
+            // INVARIANT: the requester's emergency requests are read under
+            // the chain head lock this transaction holds, so no other
+            // commit (on any node) changes them before this one commits.
+            let rows = tx
+                .query(
+                    EMERGENCY_ROWS,
+                    &[&t.request.requester, &i64::from(EMERGENCY_REQUESTS_MAX)],
+                )
+                .await
+                .map_err(pg_err)?;
+            let same = rows.len() == seen.len()
+                && rows.iter().zip(seen).all(|(r, (sid, sv))| {
+                    r.get::<_, String>(0) == *sid && r.get::<_, i64>(1) as u64 == *sv
+                });
+            if !same {
+                return Err(StoreError::Conflict {
+                    id: t.request.id.clone(),
+                    expected: 0,
+                });
+            }
+            create_op(tx, t, now, head).await
+        }
+        Op::Apply(t) => {
+            let r = &t.request;
+            // INVARIANT: compare-and-set on version; every transition moves
+            // the version on by one.
+            if r.version != t.expected_version + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "transition of request {} from version {} to {} does not advance it by one",
+                    r.id, t.expected_version, r.version
+                )));
+            }
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE requests SET version = $1, state = $2, deadline = $3, body = $4 WHERE id = $5 AND version = $6",
+                )
+                .await
+                .map_err(pg_err)?;
+            let updated = tx
+                .execute(
+                    &stmt,
+                    &[
+                        &(r.version as i64),
+                        &r.state.as_str(),
+                        &r.deadline().map(Timestamp::millis),
+                        &body_of(r)?,
+                        &r.id,
+                        &(t.expected_version as i64),
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            if updated == 0 {
+                return Err(StoreError::Conflict {
+                    id: r.id.clone(),
+                    expected: t.expected_version,
+                });
+            }
+            insert_events(tx, &t.events, now, head).await
+        }
+        Op::Credential(c, event, limit) => {
+            let issued: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM credentials WHERE request_id = $1",
+                    &[&c.request_id],
+                )
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            if issued as u64 >= *limit {
+                return Err(StoreError::Limit(format!(
+                    "request {} already has {limit} credentials, the most one grant may have; reuse one of them",
+                    c.request_id
+                )));
+            }
+            insert_credential(tx, c).await?;
+            insert_events(tx, std::slice::from_ref(event), now, head).await
+        }
+        Op::Append(events) => insert_events(tx, events, now, head).await,
+        Op::Checkpoint(cp) => {
+            tx.execute(
+                "INSERT INTO checkpoints (seq, key, time, hash, signature) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[
+                    &(cp.seq as i64),
+                    &cp.key.as_deref().unwrap_or(""),
+                    &cp.time.millis(),
+                    &&cp.hash[..],
+                    &&cp.signature[..],
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(Vec::new())
+        }
+        Op::Import(events) => {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .await
+                .map_err(pg_err)?;
+            for e in events {
+                // INVARIANT: an imported event continues the chain exactly:
+                // the copy never re-links or renumbers anything.
+                let expect = chain_hash(
+                    &head.1,
+                    head.0 + 1,
+                    e.time,
+                    &e.actor,
+                    &e.action,
+                    e.request_id.as_deref(),
+                    &e.details,
+                );
+                if e.seq != head.0 + 1 || expect != e.hash {
+                    return Err(StoreError::Corrupt(format!(
+                        "the source chain does not hold at seq {}: run `breakglass audit verify` on it first",
+                        e.seq
+                    )));
+                }
+                tx.execute(
+                    &stmt,
+                    &[
+                        &(e.seq as i64),
+                        &e.time.millis(),
+                        &e.actor,
+                        &e.action,
+                        &e.request_id,
+                        &e.details,
+                        &&e.hash[..],
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                *head = (e.seq, e.hash);
+            }
+            // Imported events are not "committed" by this node: the feed
+            // broadcasts them like any other.
+            Ok(Vec::new())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError> {
+        self.submit(Op::Create(t), now).await
+    }
+
+    async fn create_emergency(
+        &self,
+        t: Transition,
+        seen: Vec<(String, u64)>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
+        self.submit(Op::CreateEmergency(t, seen), now).await
+    }
+
+    async fn apply(&self, t: Transition, now: Timestamp) -> Result<Committed, StoreError> {
+        self.submit(Op::Apply(t), now).await
+    }
+
+    async fn issue_credential(
+        &self,
+        cred: CredentialRecord,
+        event: EventDraft,
+        limit: u64,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
+        self.submit(Op::Credential(cred, event, limit), now).await
+    }
+
+    async fn append(
+        &self,
+        events: Vec<EventDraft>,
+        now: Timestamp,
+    ) -> Result<Committed, StoreError> {
+        self.submit(Op::Append(events), now).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        let rows = self
+            .query("SELECT body FROM requests WHERE id = $1", &[&id])
+            .await?;
+        rows.first()
+            .map(|r| parse_request(&r.get::<_, String>(0)))
+            .transpose()
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Vec<Request>, StoreError> {
+        let mut sql = String::from("SELECT body FROM requests WHERE TRUE");
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut arg = |sql: &mut String, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&format!("${}", args.len()));
+        };
+        if let Some(s) = q.state {
+            sql.push_str(" AND state = ");
+            arg(&mut sql, Box::new(s.as_str().to_string()));
+        }
+        if let Some(r) = &q.requester {
+            sql.push_str(" AND requester = ");
+            arg(&mut sql, Box::new(r.clone()));
+        }
+        if let Some((name, groups)) = &q.visible_to {
+            sql.push_str(" AND (requester = ");
+            arg(&mut sql, Box::new(name.clone()));
+            if !groups.is_empty() {
+                sql.push_str(
+                    " OR EXISTS (SELECT 1 FROM request_groups g WHERE g.request_id = requests.id AND g.grp = ANY(",
+                );
+                arg(&mut sql, Box::new(groups.clone()));
+                sql.push_str("))");
+            }
+            sql.push(')');
+        }
+        if let Some(a) = &q.after {
+            sql.push_str(" AND id < ");
+            arg(&mut sql, Box::new(a.clone()));
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ");
+        arg(
+            &mut sql,
+            Box::new(i64::from(q.limit.clamp(1, PAGE_LEN_MAX))),
+        );
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = self.query(&sql, &refs).await?;
+        rows.iter()
+            .map(|r| parse_request(&r.get::<_, String>(0)))
+            .collect()
+    }
+
+    async fn emergency_requests(&self, requester: &str) -> Result<Vec<Request>, StoreError> {
+        let rows = self
+            .query(
+                EMERGENCY_ROWS,
+                &[&requester, &i64::from(EMERGENCY_REQUESTS_MAX)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| parse_request(&r.get::<_, String>(2)))
+            .collect()
+    }
+
+    async fn open_requests(&self) -> Result<Vec<Request>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT body FROM requests WHERE deadline IS NOT NULL ORDER BY deadline",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| parse_request(&r.get::<_, String>(0)))
+            .collect()
+    }
+
+    async fn credential(&self, hash: Hash) -> Result<Option<CredentialRecord>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT hash, request_id, principal, target, role, expires_at, issued_at FROM credentials WHERE hash = $1",
+                &[&&hash[..]],
+            )
+            .await?;
+        rows.first()
+            .map(|r| {
+                Ok(CredentialRecord {
+                    hash: hash_of(r.get(0))?,
+                    request_id: r.get(1),
+                    principal: r.get(2),
+                    target: r.get(3),
+                    role: r.get(4),
+                    expires_at: Timestamp(r.get(5)),
+                    issued_at: Timestamp(r.get(6)),
+                })
+            })
+            .transpose()
+    }
+
+    async fn audit(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&(after.min(i64::MAX as u64) as i64), &i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+            )
+            .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+
+    async fn request_events(
+        &self,
+        request_id: &str,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE request_id = $1 ORDER BY seq LIMIT $2",
+                &[&request_id, &i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+            )
+            .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+
+    async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {
+        let time = cp.time;
+        self.submit(Op::Checkpoint(cp), time).await.map(|_| ())
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, time, hash, signature, key FROM checkpoints ORDER BY seq, key",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let signature: [u8; 64] = r
+                    .get::<_, Vec<u8>>(3)
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("signature is not 64 bytes".into()))?;
+                let key: String = r.get(4);
+                Ok(Checkpoint {
+                    seq: r.get::<_, i64>(0) as u64,
+                    time: Timestamp(r.get(1)),
+                    hash: hash_of(r.get(2))?,
+                    signature,
+                    key: Some(key).filter(|k| !k.is_empty()),
+                })
+            })
+            .collect()
+    }
+
+    fn head(&self) -> (u64, Hash) {
+        self.shared.head()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<AuditEvent>> {
+        self.shared.events.subscribe()
+    }
+
+    fn feed_blind_for(&self) -> Duration {
+        lock(&self.shared.fed_at).elapsed()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(State, u64)>, StoreError> {
+        let rows = self
+            .query("SELECT state, count(*) FROM requests GROUP BY state", &[])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.get(0);
+                let n: i64 = r.get(1);
+                let state = State::parse(&s)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown state {s:?}")))?;
+                Ok((state, n as u64))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_that_ask_for_tls_are_refused() {
+        assert!(parse_url("postgres://u@127.0.0.1:5432/db?sslmode=require").is_err());
+        assert!(parse_url("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());
+        assert!(parse_url("not a url").is_err());
+    }
+}

@@ -317,6 +317,19 @@ impl App {
             .unwrap_or_default()
     }
 
+    /// Whether this node has been blind to the shared event feed for longer
+    /// than `server.feed_loss_grace` (never for the embedded store).
+    pub fn feed_lost(&self) -> bool {
+        self.store.feed_blind_for() > self.config.feed_loss_grace()
+    }
+
+    /// This node's name in the audit log: its public key in hex, as its
+    /// checkpoints name it (`session.started` and `service.started` carry
+    /// it, so verification knows which node holds a recording).
+    pub fn node_id(&self) -> String {
+        breakglass_core::audit::key_id(&self.verifying_key())
+    }
+
     pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {
         self.signing_key.verifying_key()
     }

@@ -142,16 +142,23 @@ pub fn prepare_witness_dir(file: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Checks each witness against the store's checkpoints: a witness that
-/// holds nothing while the store holds checkpoints, or whose newest
+/// Checks each witness against the store's checkpoints signed by `node`
+/// (the key id of the node the witnesses belong to: with several nodes,
+/// each node's witness keeps that node's checkpoints): a witness that
+/// holds nothing while the store holds such checkpoints, or whose newest
 /// checkpoint is older than the store's, has gone missing (deleted,
 /// emptied or replaced by an old copy). Returns the witnesses' checkpoints
 /// for the chain check, or the failure as `(seq, reason)`.
 pub fn check_witnesses(
     witnesses: &[Box<dyn Witness>],
     store_cps: &[Checkpoint],
+    node: &str,
 ) -> Result<Vec<Checkpoint>, (u64, String)> {
-    let store_last = store_cps.iter().map(|c| c.seq).max();
+    let store_last = store_cps
+        .iter()
+        .filter(|c| c.signed_by(node))
+        .map(|c| c.seq)
+        .max();
     let mut out = Vec::new();
     for w in witnesses {
         let held = w
@@ -222,6 +229,7 @@ pub fn spawn_full_verify(app: Weak<App>) -> tokio::task::JoinHandle<()> {
             &app.trusted_keys(),
             &app.config.recordings_dir(),
             &app.witnesses,
+            &app.node_id(),
             Some(&|| app.live_sessions()),
         )
         .await;
@@ -335,9 +343,10 @@ pub fn read_checkpoint_file(path: &Path) -> Result<Vec<Checkpoint>, String> {
 pub async fn all_checkpoints(
     store: &dyn Store,
     witnesses: &[Box<dyn Witness>],
+    node: &str,
 ) -> Result<Result<Vec<Checkpoint>, (u64, String)>, StoreError> {
     let mut cps = store.checkpoints().await?;
-    match check_witnesses(witnesses, &cps) {
+    match check_witnesses(witnesses, &cps, node) {
         Ok(w) => cps.extend(w),
         Err(fail) => return Ok(Err(fail)),
     }
@@ -360,22 +369,23 @@ mod tests {
     fn a_witness_that_is_gone_empty_or_behind_fails_and_a_torn_line_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = SigningKey::from_bytes(&[3; 32]);
+        let node = breakglass_core::audit::key_id(&key.verifying_key());
         let file = dir.path().join("w").join("checkpoints.jsonl");
         assert!(prepare_witness_dir(&file).expect("dir"));
         assert!(!prepare_witness_dir(&file).expect("dir"));
         let ws: Vec<Box<dyn Witness>> = vec![Box::new(FileWitness { path: file.clone() })];
         // Nothing anywhere: fine.
-        assert_eq!(check_witnesses(&ws, &[]), Ok(Vec::new()));
+        assert_eq!(check_witnesses(&ws, &[], &node), Ok(Vec::new()));
         // The store has checkpoints, the witness none: missing.
         let store = vec![cp(&key, 5), cp(&key, 9)];
-        let (seq, why) = check_witnesses(&ws, &store).expect_err("missing");
+        let (seq, why) = check_witnesses(&ws, &store, &node).expect_err("missing");
         assert_eq!(seq, 9);
         assert!(why.contains("holds no checkpoint"), "{why}");
         std::fs::write(&file, "").expect("empty");
-        assert!(check_witnesses(&ws, &store).is_err());
+        assert!(check_witnesses(&ws, &store, &node).is_err());
         // Behind the store.
         ws[0].record(&cp(&key, 5)).expect("record");
-        let (seq, why) = check_witnesses(&ws, &store).expect_err("behind");
+        let (seq, why) = check_witnesses(&ws, &store, &node).expect_err("behind");
         assert_eq!(seq, 6);
         assert!(why.contains("older than the store"), "{why}");
         // A torn line (crash mid-append) is cut before the next append.
@@ -385,7 +395,27 @@ mod tests {
             .and_then(|mut f| f.write_all(b"{\"seq\":9,\"ha"))
             .expect("tear");
         ws[0].record(&cp(&key, 9)).expect("record");
-        let held = check_witnesses(&ws, &store).expect("caught up");
+        let held = check_witnesses(&ws, &store, &node).expect("caught up");
         assert_eq!(held.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5, 9]);
+    }
+
+    #[test]
+    fn a_nodes_witness_is_held_only_to_that_nodes_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (
+            SigningKey::from_bytes(&[3; 32]),
+            SigningKey::from_bytes(&[4; 32]),
+        );
+        let node_a = breakglass_core::audit::key_id(&a.verifying_key());
+        let file = dir.path().join("checkpoints.jsonl");
+        let ws: Vec<Box<dyn Witness>> = vec![Box::new(FileWitness { path: file })];
+        ws[0].record(&cp(&a, 5)).expect("record");
+        // Node B checkpointed later: node A's witness is not behind.
+        let store = vec![cp(&a, 5), cp(&b, 9)];
+        assert!(check_witnesses(&ws, &store, &node_a).is_ok());
+        // A newer checkpoint of node A's own that its witness lacks fails.
+        let store = vec![cp(&a, 5), cp(&b, 9), cp(&a, 12)];
+        let (seq, _) = check_witnesses(&ws, &store, &node_a).expect_err("behind");
+        assert_eq!(seq, 6);
     }
 }

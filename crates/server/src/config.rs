@@ -87,11 +87,25 @@ pub struct ServerConfig {
     /// Address of the HTTP API.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Embedded store and keys.
+    /// Embedded store and keys; with a shared PostgreSQL store, only this
+    /// node's signing key and session recordings.
     pub data_dir: PathBuf,
-    /// A shared PostgreSQL store for several nodes (not in this release).
+    /// Refused with a message: the connection string holds a password, so
+    /// it comes from `database_url_env` or `database_url_file`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// Several nodes: the environment variable holding the PostgreSQL
+    /// connection string of the shared store.
+    #[serde(default)]
+    pub database_url_env: Option<String>,
+    /// Several nodes: a file holding the PostgreSQL connection string.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
+    /// Several nodes: live gateway sessions are cut once this node has
+    /// been unable to read the shared event feed for this long (a revoke
+    /// could be waiting there).
+    #[serde(default = "default_feed_loss_grace")]
+    pub feed_loss_grace: String,
     /// A pending request times out after this long.
     #[serde(default = "default_pending_timeout")]
     pub pending_timeout: String,
@@ -128,6 +142,13 @@ pub struct ServerConfig {
     #[serde(default)]
     pub metrics_token_sha256: Option<String>,
 }
+
+fn default_feed_loss_grace() -> String {
+    "10s".into()
+}
+
+/// The longest connection string read from `database_url_file`.
+pub const DATABASE_URL_LEN_MAX: u64 = 4096;
 
 fn default_max_connections_per_source() -> usize {
     128
@@ -311,6 +332,9 @@ impl Config {
             resolve(f);
         }
         resolve(&mut cfg.policy.file);
+        if let Some(f) = cfg.server.database_url_file.as_mut() {
+            resolve(f);
+        }
         if let Some(f) = cfg.audit.checkpoint_file.as_mut() {
             resolve(f);
         }
@@ -344,8 +368,16 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         if self.server.database_url.is_some() {
             bail!(
-                "server.database_url: the PostgreSQL store is not available in this release; remove it to use the embedded store in data_dir"
+                "server.database_url: a connection string holds a password and never goes into the config; put it in an environment variable named by server.database_url_env, or a file named by server.database_url_file"
             );
+        }
+        if self.server.database_url_env.is_some() && self.server.database_url_file.is_some() {
+            bail!("server.database_url_env, server.database_url_file: set one of them, not both");
+        }
+        let grace = parse_duration(&self.server.feed_loss_grace)
+            .map_err(|e| anyhow::anyhow!("server.feed_loss_grace: {e}"))?;
+        if !(1..=3600).contains(&grace) {
+            bail!("server.feed_loss_grace: must be between 1s and 1h");
         }
         parse_duration(&self.server.pending_timeout)
             .map_err(|e| anyhow::anyhow!("server.pending_timeout: {e}"))?;
@@ -614,6 +646,46 @@ impl Config {
             .iter()
             .filter_map(|k| crate::keys::parse_public(k).ok())
             .collect()
+    }
+
+    /// The shared store's connection string, from `server.database_url_env`
+    /// or `server.database_url_file`; `None` for the embedded store. The
+    /// error names the variable or file, never the value.
+    pub fn database_url(&self) -> anyhow::Result<Option<String>> {
+        if let Some(var) = &self.server.database_url_env {
+            let url = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "server.database_url_env: environment variable {var} is not set (it must hold the PostgreSQL connection string)"
+                )
+            })?;
+            return Ok(Some(url));
+        }
+        if let Some(path) = &self.server.database_url_file {
+            let meta = std::fs::metadata(path).with_context(|| {
+                format!("server.database_url_file: cannot read {}", path.display())
+            })?;
+            if meta.len() > DATABASE_URL_LEN_MAX {
+                bail!(
+                    "server.database_url_file: {} is longer than {DATABASE_URL_LEN_MAX} bytes",
+                    path.display()
+                );
+            }
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("server.database_url_file: cannot read {}", path.display())
+            })?;
+            return Ok(Some(text.trim().to_string()));
+        }
+        Ok(None)
+    }
+
+    /// Whether the store is the shared PostgreSQL one.
+    pub fn shared_store(&self) -> bool {
+        self.server.database_url_env.is_some() || self.server.database_url_file.is_some()
+    }
+
+    /// `server.feed_loss_grace` (validated at load).
+    pub fn feed_loss_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(parse_duration(&self.server.feed_loss_grace).unwrap_or(10))
     }
 
     pub fn db_path(&self) -> PathBuf {

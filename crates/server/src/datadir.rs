@@ -10,11 +10,13 @@ use anyhow::{Context, bail};
 /// Creates `dir` (0700) when missing; refuses one that group or others can
 /// write to. Makes the store file owner-only before the store opens it:
 /// SQLite gives its journal files the same mode.
-pub fn prepare(dir: &Path, store_file: &Path) -> anyhow::Result<()> {
+pub fn prepare(dir: &Path, store_file: Option<&Path>) -> anyhow::Result<()> {
     create_private_dir(dir).with_context(|| format!("cannot create data_dir {}", dir.display()))?;
     check_not_shared(dir)?;
-    create_private_file(store_file)
-        .with_context(|| format!("cannot create {}", store_file.display()))?;
+    if let Some(store_file) = store_file {
+        create_private_file(store_file)
+            .with_context(|| format!("cannot create {}", store_file.display()))?;
+    }
     Ok(())
 }
 
@@ -97,15 +99,15 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("a/data");
         let db = dir.join("breakglass.db");
-        prepare(&dir, &db).expect("fresh");
+        prepare(&dir, Some(&db)).expect("fresh");
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&db), 0o600);
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        prepare(&dir, &db).expect("again");
+        prepare(&dir, Some(&db)).expect("again");
         assert_eq!(mode(&db), 0o600, "an old store file is tightened");
         for (m, who) in [(0o770, "its group"), (0o757, "anyone")] {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).expect("chmod");
-            let e = prepare(&dir, &db).expect_err("shared").to_string();
+            let e = prepare(&dir, Some(&db)).expect_err("shared").to_string();
             assert!(e.contains(&dir.display().to_string()), "{e}");
             assert!(e.contains(who), "{e}");
             assert!(e.contains("chmod go-w"), "{e}");

@@ -20,6 +20,37 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::app::{App, GrantRefusal, now};
 use crate::config::RoleConfig;
 
+/// How often the gateway checks that the shared feed is still seen.
+const FEED_WATCH_MS: u64 = 250;
+
+/// Fails closed when the node is blind to the shared feed: once it has not
+/// read the log for `server.feed_loss_grace`, a revoke made on another node
+/// could be waiting unseen, so every live session is cut (and new ones are
+/// refused by `PgAuthority::authorize` until the feed is back).
+async fn watch_feed(app: Weak<App>, gateway: Gateway) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(FEED_WATCH_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut blind = false;
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        let now_blind = app.feed_lost();
+        if now_blind {
+            let n = gateway.cut_all("feed_lost");
+            if n > 0 || !blind {
+                tracing::error!(
+                    sessions = n,
+                    blind_for_ms = app.store.feed_blind_for().as_millis() as u64,
+                    "this node cannot see the shared event feed: cutting live gateway sessions and admitting none until it is back"
+                );
+            }
+        } else if blind {
+            tracing::info!("the shared event feed is back");
+        }
+        blind = now_blind;
+    }
+}
+
 /// Secrets read from files are at most this long.
 const SECRET_FILE_LEN_MAX: u64 = 4096;
 
@@ -61,6 +92,11 @@ impl Authority for PgAuthority {
             .app
             .upgrade()
             .ok_or_else(|| Refusal::Unavailable("the service is shutting down".into()))?;
+        if app.feed_lost() {
+            return Err(Refusal::Unavailable(
+                "this node cannot see the shared event feed; try another node".into(),
+            ));
+        }
         let target = app
             .config
             .target(database)
@@ -162,6 +198,7 @@ impl Authority for PgAuthority {
                 "upstream_user": info.upstream_user,
                 "client": info.client.to_string(),
                 "gateway": "postgres",
+                "node": app.node_id(),
             }),
         };
         app.store
@@ -399,6 +436,9 @@ pub async fn recover_sessions(app: &App) -> anyhow::Result<usize> {
 /// Follows the event feed and cuts the sessions of every grant that ends.
 pub fn spawn_cutter(app: &Arc<App>, gateway: Gateway) -> tokio::task::JoinHandle<()> {
     let mut feed = app.store.subscribe();
+    if app.store.is_shared() {
+        tokio::spawn(watch_feed(Arc::downgrade(app), gateway.clone()));
+    }
     let app = Arc::downgrade(app);
     tokio::spawn(async move {
         loop {

@@ -682,6 +682,7 @@ async fn audit_verify(
         &app.trusted_keys(),
         &app.config.recordings_dir(),
         &app.witnesses,
+        &app.node_id(),
         Some(&|| app.live_sessions()),
     )
     .await
@@ -712,6 +713,13 @@ async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
         ));
     }
     app.store.get("").await.map_err(AppError::from)?;
+    if app.feed_lost() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "this node cannot read the shared event feed",
+        ));
+    }
     Ok("ready\n")
 }
 

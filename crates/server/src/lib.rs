@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use breakglass_core::policy::PolicyEngine;
 use breakglass_core::token::sha256_hex;
-use breakglass_store::{SqliteOptions, SqliteStore, Store};
+use breakglass_store::{PgStore, SqliteOptions, SqliteStore, Store};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -168,6 +168,13 @@ fn trusted_keys(
     own: &ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
     let keys = config.verify_keys();
+    if keys.is_empty() && config.shared_store() {
+        anyhow::bail!(
+            "audit.verify_keys is empty but several nodes may share this store: list the public key of every node (this node's is {}, in {}/audit-signing.pub), so each node trusts the others' checkpoints and no other key",
+            hex::encode(own.to_bytes()),
+            config.server.data_dir.display()
+        );
+    }
     if keys.is_empty() {
         return Ok(vec![*own]);
     }
@@ -196,6 +203,7 @@ struct WitnessAtStart {
 async fn check_witness_at_start(
     config: &Config,
     store: &dyn Store,
+    node: &str,
 ) -> anyhow::Result<WitnessAtStart> {
     let Some(file) = config.witness_file() else {
         return Ok(WitnessAtStart {
@@ -209,7 +217,13 @@ async fn check_witness_at_start(
             file.display()
         )
     })?;
-    let cps = store.checkpoints().await?;
+    // This node's witness keeps this node's checkpoints.
+    let cps: Vec<_> = store
+        .checkpoints()
+        .await?
+        .into_iter()
+        .filter(|c| c.signed_by(node))
+        .collect();
     let started = created.then(|| {
         json!({
             "file": file.display().to_string(),
@@ -231,7 +245,7 @@ async fn check_witness_at_start(
         });
     }
     let witnesses = checkpoint::witnesses(config);
-    let broken = checkpoint::check_witnesses(&witnesses, &cps)
+    let broken = checkpoint::check_witnesses(&witnesses, &cps, node)
         .err()
         .map(|(seq, why)| format!("seq {seq}: {why}"));
     Ok(WitnessAtStart { broken, started })
@@ -260,6 +274,31 @@ fn integrity_warnings(config: &Config) -> Vec<String> {
     out
 }
 
+/// Opens the store the config names: the shared PostgreSQL store when
+/// `server.database_url_env` or `database_url_file` is set (`url`), else the
+/// embedded one in `data_dir`.
+pub async fn open_store(config: &Config, url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match url {
+        Some(url) => Arc::new(PgStore::open(url).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the PostgreSQL store named by {}: {e}",
+                if config.server.database_url_env.is_some() {
+                    "server.database_url_env"
+                } else {
+                    "server.database_url_file"
+                }
+            )
+        })?),
+        None => {
+            let db = config.db_path();
+            Arc::new(
+                SqliteStore::open(&db, SqliteOptions::default())
+                    .with_context(|| format!("cannot open the store {}", db.display()))?,
+            )
+        }
+    })
+}
+
 /// Starts the service on `listener`: opens the store, checks the audit
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
@@ -277,18 +316,20 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     for w in policy.warnings(&config.policy_principals()) {
         tracing::warn!(policy_file = %config.policy.file.display(), "{w}");
     }
+    let database_url = config.database_url()?;
     let db = config.db_path();
-    datadir::prepare(&config.server.data_dir, &db)?;
+    datadir::prepare(
+        &config.server.data_dir,
+        database_url.is_none().then_some(db.as_path()),
+    )?;
     let key = keys::load_or_create(&config.server.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&db, SqliteOptions::default())
-            .with_context(|| format!("cannot open the store {}", db.display()))?,
-    );
+    let store = open_store(&config, database_url.as_deref()).await?;
     let trusted = trusted_keys(&config, &key.verifying_key())?;
     let mut broken = checkpoint::check_tail(store.as_ref(), &trusted).await?;
     let mut witness_started = None;
     if broken.is_none() {
-        let w = check_witness_at_start(&config, store.as_ref()).await?;
+        let node = breakglass_core::audit::key_id(&key.verifying_key());
+        let w = check_witness_at_start(&config, store.as_ref(), &node).await?;
         broken = w.broken;
         witness_started = w.started;
     }
@@ -309,6 +350,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         key.clone(),
         broken.clone(),
     );
+    // Subscribed before `recover` reads the open requests: a request another
+    // node creates meanwhile is in one or the other.
+    let shared_feed = store.is_shared().then(|| store.subscribe());
     // INVARIANT: overdue grants, and the grants of principals no longer
     // configured, end before the API serves anything.
     let recovered = app.scheduler.recover().await?;
@@ -328,6 +372,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
                         "integrity_warnings": integrity_warnings,
                         "witness_started": witness_started,
                         "principal_removed_ended": recovered.offboarded,
+                        "node": app.node_id(),
                     }),
                 }],
                 now(),
@@ -335,6 +380,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .await?;
     }
     let mut background = vec![app.scheduler.spawn()];
+    if let Some(feed) = shared_feed {
+        background.push(app.scheduler.spawn_follower(feed));
+    }
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
     let mut pg_addr = None;
     let mut pg_gateway = None;

@@ -55,8 +55,9 @@ pub fn audit_verify(
     trusted: &[ed25519_dalek::VerifyingKey],
 ) -> anyhow::Result<VerifyReport> {
     let config = Config::load(config)?;
+    let database_url = config.database_url()?;
     let db = config.db_path();
-    if !db.exists() {
+    if database_url.is_none() && !db.exists() {
         bail!(
             "no store at {} (has the service ever started with this config?)",
             db.display()
@@ -80,16 +81,39 @@ pub fn audit_verify(
             "no checkpoint witness (audit.checkpoint_witness = false): deleting the last events with their checkpoints would pass".into(),
         );
     }
-    let store = SqliteStore::open(&db, SqliteOptions::default())
-        .with_context(|| format!("cannot open {}", db.display()))?;
+    // The node whose witness and recordings are beside this config.
+    let node = keys::load_public(&config.server.data_dir)
+        .map(|k| breakglass_core::audit::key_id(&k))
+        .unwrap_or_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut v = rt
-        .block_on(FullVerifier::for_store(&store, &witnesses, &keys))
-        .map_err(|e| anyhow::anyhow!("checkpoints: {e}"))?;
-    store.scan_audit(0, |e| v.push(&e))?;
-    let mut report = v.finish(&config.recordings_dir(), &Default::default());
+    let mut report = match database_url {
+        None => {
+            let store = SqliteStore::open(&db, SqliteOptions::default())
+                .with_context(|| format!("cannot open {}", db.display()))?;
+            let mut v = rt
+                .block_on(FullVerifier::for_store(&store, &witnesses, &keys, &node))
+                .map_err(|e| anyhow::anyhow!("checkpoints: {e}"))?;
+            store.scan_audit(0, |e| v.push(&e))?;
+            v.finish(&config.recordings_dir(), &Default::default())
+        }
+        Some(url) => rt.block_on(async {
+            // Other nodes may be running: their sessions are theirs to
+            // check, and this node's are checked against its recordings.
+            let store = crate::open_store(&config, Some(&url)).await?;
+            crate::verify::verify_store(
+                store.as_ref(),
+                &keys,
+                &config.recordings_dir(),
+                &witnesses,
+                &node,
+                None,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+        })?,
+    };
     report.warnings = warnings;
     Ok(report)
 }

@@ -187,6 +187,73 @@ impl Scheduler {
         }
     }
 
+    /// With a store other nodes write to: follows the event feed `feed`
+    /// (subscribed before [`Scheduler::recover`] read the open requests, so
+    /// nothing falls between them) and tracks every request another node
+    /// created or changed. Every node's scheduler then holds every
+    /// deadline; whichever ticks first ends the request and the others'
+    /// ticks lose the compare-and-set harmlessly, so a grant still ends on
+    /// time when the node that created it is gone.
+    pub fn spawn_follower(
+        &self,
+        mut feed: tokio::sync::broadcast::Receiver<Arc<breakglass_core::audit::AuditEvent>>,
+    ) -> tokio::task::JoinHandle<()> {
+        use tokio::sync::broadcast::error::RecvError;
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = feed.recv().await;
+                let Some(app) = this.inner.app.upgrade() else {
+                    return;
+                };
+                match event {
+                    Ok(e) => {
+                        let Some(id) = e.request_id.as_deref() else {
+                            continue;
+                        };
+                        if !e.action.starts_with("request.") {
+                            continue;
+                        }
+                        match app.store.get(id).await {
+                            Ok(Some(req)) => this.track(&req),
+                            Ok(None) => {}
+                            Err(err) => {
+                                tracing::warn!(request = %id, error = %err, "cannot read a request the feed announced; reloading every open request");
+                                this.reload(&app).await;
+                            }
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "the scheduler fell behind the event feed; reloading every open request"
+                        );
+                        this.reload(&app).await;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Tracks every open request again, retrying until the store answers.
+    async fn reload(&self, app: &App) {
+        loop {
+            match app.store.open_requests().await {
+                Ok(reqs) => {
+                    for r in &reqs {
+                        self.track(r);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload open requests; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
     /// Runs the timer loop until the process ends.
     pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();

@@ -40,6 +40,12 @@ pub struct FullVerifier {
     witness_failure: Option<(u64, String)>,
     /// The `service.started` events that created a checkpoint witness.
     witness_starts: Vec<u64>,
+    /// Sessions another node carried.
+    others: HashSet<String>,
+    /// The node whose recordings and witness this verification can read
+    /// (its key id). Sessions and witness creations another node named are
+    /// that node's to check; events that name no node count as this one's.
+    node: Option<String>,
 }
 
 /// Session ids are UUIDs; anything else never names a file.
@@ -62,23 +68,36 @@ impl FullVerifier {
             sessions: HashMap::new(),
             witness_failure: None,
             witness_starts: Vec::new(),
+            others: HashSet::new(),
+            node: None,
+        }
+    }
+
+    fn is_other_node(&self, details: &serde_json::Value) -> bool {
+        match (&self.node, details["node"].as_str()) {
+            (Some(own), Some(named)) => own != named,
+            _ => false,
         }
     }
 
     /// Checks the chain against the store's and the witnesses' checkpoints;
     /// a witness that went missing fails verification.
+    /// `node`: the key id of the node whose witnesses and recordings these
+    /// are.
     pub async fn for_store<'a>(
         store: &dyn Store,
         witnesses: &[Box<dyn Witness>],
         keys: impl IntoIterator<Item = &'a VerifyingKey>,
+        node: &str,
     ) -> Result<FullVerifier, StoreError> {
         let (checkpoints, failure) =
-            match crate::checkpoint::all_checkpoints(store, witnesses).await? {
+            match crate::checkpoint::all_checkpoints(store, witnesses, node).await? {
                 Ok(cps) => (cps, None),
                 Err(f) => (store.checkpoints().await?, Some(f)),
             };
         let mut v = FullVerifier::with_keys(checkpoints, keys);
         v.witness_failure = failure;
+        v.node = Some(node.to_string());
         Ok(v)
     }
 
@@ -90,6 +109,7 @@ impl FullVerifier {
             && e.details.contains("\"witness_started\"")
             && let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details)
             && d["witness_started"].is_object()
+            && !self.is_other_node(&d)
         {
             self.witness_starts.push(e.seq);
         }
@@ -97,6 +117,14 @@ impl FullVerifier {
             && let Ok(d) = serde_json::from_str::<serde_json::Value>(&e.details)
             && let Some(id) = d["session_id"].as_str()
         {
+            // A session carried by another node: its recording is on that
+            // node, which verifies it.
+            if e.action == "session.started" && self.is_other_node(&d) {
+                self.others.insert(id.to_string());
+            }
+            if self.others.contains(id) {
+                return self.chain.push(e);
+            }
             let s = self.sessions.entry(id.to_string()).or_default();
             match e.action.as_str() {
                 "session.started" if s.started.is_none() => {
@@ -224,10 +252,11 @@ pub async fn verify_store(
     keys: &[VerifyingKey],
     recordings: &Path,
     witnesses: &[Box<dyn Witness>],
+    node: &str,
     live: Option<&(dyn Fn() -> HashSet<String> + Sync)>,
 ) -> Result<VerifyReport, StoreError> {
     let mut live_set = live.map(|f| f()).unwrap_or_default();
-    let mut v = FullVerifier::for_store(store, witnesses, keys).await?;
+    let mut v = FullVerifier::for_store(store, witnesses, keys, node).await?;
     breakglass_store::for_each_event(store, 0, |e| v.push(e)).await?;
     if let Some(f) = live {
         // Sessions that started or ended while the log was read.

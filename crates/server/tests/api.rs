@@ -6,14 +6,14 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{SERVICE, TestServer, call_raw};
+use common::{Api, Nodes, SERVICE, TestServer, call_raw};
 use serde_json::{Value, json};
 
-fn create(s: &TestServer, who: &str, body: Value) -> (u16, Value) {
+fn create(s: &dyn Api, who: &str, body: Value) -> (u16, Value) {
     s.call(who, "POST", "/v1/requests", Some(body))
 }
 
-fn read_req(s: &TestServer, who: &str) -> String {
+fn read_req(s: &dyn Api, who: &str) -> String {
     let (st, r) = create(
         s,
         who,
@@ -26,8 +26,16 @@ fn read_req(s: &TestServer, who: &str) -> String {
 
 #[test]
 fn approval_activates_and_credentials_work_until_revoked() {
-    let s = TestServer::start();
-    let id = read_req(&s, "alice");
+    approval_activates_and_credentials_work_until_revoked_on(&TestServer::start());
+}
+
+#[test]
+fn two_nodes_approval_activates_and_credentials_work_until_revoked() {
+    approval_activates_and_credentials_work_until_revoked_on(&Nodes::start(2));
+}
+
+fn approval_activates_and_credentials_work_until_revoked_on(s: &dyn Api) {
+    let id = read_req(s, "alice");
     let (st, r) = s.call(
         "bob",
         "POST",
@@ -131,8 +139,16 @@ fn approval_activates_and_credentials_work_until_revoked() {
 
 #[test]
 fn authorization_refusals_have_stable_codes() {
-    let s = TestServer::start();
-    let id = read_req(&s, "lead");
+    authorization_refusals_have_stable_codes_on(&TestServer::start());
+}
+
+#[test]
+fn two_nodes_authorization_refusals_have_stable_codes() {
+    authorization_refusals_have_stable_codes_on(&Nodes::start(2));
+}
+
+fn authorization_refusals_have_stable_codes_on(s: &dyn Api) {
+    let id = read_req(s, "lead");
     let approve = |who: &str| s.call(who, "POST", &format!("/v1/requests/{id}/approve"), None);
     // The requester is in sre-leads but never counts.
     assert_eq!(approve("lead").1["code"], "self_approval");
@@ -149,34 +165,34 @@ fn authorization_refusals_have_stable_codes() {
     assert_eq!(approve("carol").1["code"], "wrong_state");
 
     // Unknown or missing token.
-    let (st, p) = call_raw(&s.url, Some("nope"), "GET", "/v1/whoami", None);
+    let (st, p) = call_raw(&s.url(), Some("nope"), "GET", "/v1/whoami", None);
     assert_eq!((st, p["code"].as_str()), (401, Some("unauthenticated")));
-    let (st, _) = call_raw(&s.url, None, "GET", "/v1/requests", None);
+    let (st, _) = call_raw(&s.url(), None, "GET", "/v1/requests", None);
     assert_eq!(st, 401);
 
     // Policy refusals: outside policy, beyond max duration, missing ticket.
     let body = |role: &str, dur: &str, ticket: Option<&str>| json!({"target": "prod-db", "role": role, "duration": dur, "reason": "x", "ticket": ticket});
     assert_eq!(
-        create(&s, "mallory", body("read", "5m", None)).1["code"],
+        create(s, "mallory", body("read", "5m", None)).1["code"],
         "policy_denied"
     );
     assert_eq!(
-        create(&s, "alice", body("read", "45m", None)).1["code"],
+        create(s, "alice", body("read", "45m", None)).1["code"],
         "duration_exceeds_policy"
     );
     assert_eq!(
-        create(&s, "alice", body("read", "2h", None)).1["code"],
+        create(s, "alice", body("read", "2h", None)).1["code"],
         "policy_denied"
     );
     assert_eq!(
-        create(&s, "alice", body("admin", "5m", None)).1["code"],
+        create(s, "alice", body("admin", "5m", None)).1["code"],
         "ticket_required"
     );
     assert_eq!(
-        create(&s, "alice", body("admin", "5m", Some("JIRA-1"))).1["code"],
+        create(s, "alice", body("admin", "5m", Some("JIRA-1"))).1["code"],
         "ticket_required"
     );
-    let (st, r) = create(&s, "alice", body("admin", "5m", Some("INC-42")));
+    let (st, r) = create(s, "alice", body("admin", "5m", Some("INC-42")));
     assert_eq!(
         (st, r["approvals_required"].as_u64()),
         (201, Some(2)),
@@ -196,7 +212,7 @@ fn authorization_refusals_have_stable_codes() {
     assert_eq!(approve2("dave").1["state"], "active");
 
     // Only the requester cancels; only approvers deny.
-    let id2 = read_req(&s, "alice");
+    let id2 = read_req(s, "alice");
     assert_eq!(
         s.call("bob", "POST", &format!("/v1/requests/{id2}/cancel"), None)
             .1["code"],
@@ -317,9 +333,17 @@ fn bad_input_gets_a_problem_that_names_it() {
 
 #[test]
 fn grants_expire_on_time_and_pending_requests_time_out() {
-    let s = TestServer::start();
+    grants_expire_on_time_and_pending_requests_time_out_on(&TestServer::start());
+}
+
+#[test]
+fn two_nodes_grants_expire_on_time_and_pending_requests_time_out() {
+    grants_expire_on_time_and_pending_requests_time_out_on(&Nodes::start(2));
+}
+
+fn grants_expire_on_time_and_pending_requests_time_out_on(s: &dyn Api) {
     let (st, r) = create(
-        &s,
+        s,
         "alice",
         json!({"target": "drill-db", "role": "read", "duration": "1s", "reason": "drill"}),
     );
@@ -332,7 +356,7 @@ fn grants_expire_on_time_and_pending_requests_time_out() {
         None,
     );
     let tok = c["token"].as_str().expect("token").to_string();
-    let pending = read_req(&s, "alice");
+    let pending = read_req(s, "alice");
     std::thread::sleep(Duration::from_millis(1300));
     let (_, r) = s.call("alice", "GET", &format!("/v1/requests/{id}"), None);
     assert_eq!(
@@ -352,23 +376,38 @@ fn grants_expire_on_time_and_pending_requests_time_out() {
     std::thread::sleep(Duration::from_millis(2000));
     let (_, r) = s.call("alice", "GET", &format!("/v1/requests/{pending}"), None);
     assert_eq!(r["state"], "timed_out", "{r}");
-    let (_, m) = call_raw(&s.url, None, "GET", "/metrics", None);
-    let m = m.as_str().unwrap_or("").to_string();
-    assert!(
-        m.contains("breakglass_requests{state=\"expired\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("breakglass_expiry_lateness_seconds_count 1"),
-        "{m}"
-    );
+    // The store's counts are the same on every node; the expiry was
+    // applied by exactly one node's scheduler (the others lost the race).
+    let mut lateness_counts = 0;
+    for url in s.urls() {
+        let (_, m) = call_raw(&url, None, "GET", "/metrics", None);
+        let m = m.as_str().unwrap_or("").to_string();
+        assert!(
+            m.contains("breakglass_requests{state=\"expired\"} 1"),
+            "{m}"
+        );
+        lateness_counts += m
+            .lines()
+            .find_map(|l| l.strip_prefix("breakglass_expiry_lateness_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert_eq!(lateness_counts, 1, "one node ended the grant");
 }
 
 #[test]
 fn emergency_grants_must_be_countersigned() {
-    let s = TestServer::start();
+    emergency_grants_must_be_countersigned_on(&TestServer::start());
+}
+
+#[test]
+fn two_nodes_emergency_grants_must_be_countersigned() {
+    emergency_grants_must_be_countersigned_on(&Nodes::start(2));
+}
+
+fn emergency_grants_must_be_countersigned_on(s: &dyn Api) {
     let body = json!({"target": "prod-db", "role": "admin", "duration": "5m", "reason": "site down", "emergency": true});
-    let (st, r) = create(&s, "erin", body.clone());
+    let (st, r) = create(s, "erin", body.clone());
     assert_eq!(
         (st, r["state"].as_str(), r["emergency"].as_bool()),
         (201, Some("active"), Some(true)),
@@ -409,7 +448,7 @@ fn emergency_grants_must_be_countersigned() {
         (200, Some("released")),
         "{r}"
     );
-    let (st, r) = create(&s, "erin", body);
+    let (st, r) = create(s, "erin", body);
     assert_eq!(st, 201, "{r}");
     let unsigned = r["id"].as_str().expect("id").to_string();
     std::thread::sleep(Duration::from_millis(2500));
@@ -616,7 +655,7 @@ fn credentials_per_grant_are_capped() {
     assert_eq!((st, v["active"].as_bool()), (200, Some(true)), "{v}");
 }
 
-fn emergency(s: &TestServer, who: &str) -> (u16, Value) {
+fn emergency(s: &dyn Api, who: &str) -> (u16, Value) {
     create(
         s,
         who,
@@ -624,7 +663,7 @@ fn emergency(s: &TestServer, who: &str) -> (u16, Value) {
     )
 }
 
-fn act(s: &TestServer, who: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
+fn act(s: &dyn Api, who: &str, id: &str, verb: &str, body: Value) -> (u16, Value) {
     s.call(
         who,
         "POST",
@@ -695,14 +734,22 @@ fn emergency_self_activation_is_refused_while_another_blocks_it() {
 
 #[test]
 fn concurrent_emergency_requests_of_one_principal_admit_one() {
+    concurrent_emergency_requests_of_one_principal_admit_one_on(&TestServer::start());
+}
+
+#[test]
+fn two_nodes_concurrent_emergency_requests_of_one_principal_admit_one() {
+    concurrent_emergency_requests_of_one_principal_admit_one_on(&Nodes::start(2));
+}
+
+fn concurrent_emergency_requests_of_one_principal_admit_one_on(s: &dyn Api) {
     const RACERS: usize = 8;
-    let s = TestServer::start();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(RACERS));
     let outcomes: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..RACERS)
             .map(|_| {
                 let barrier = barrier.clone();
-                let s = &s;
+
                 scope.spawn(move || {
                     barrier.wait();
                     emergency(s, "erin").0

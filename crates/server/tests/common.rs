@@ -1,5 +1,8 @@
 //! A real breakglass service on a loopback port, in this process, with a
 //! fixed set of principals and a policy; and a blocking HTTP client for it.
+//! [`Nodes`] runs several such services on one shared PostgreSQL database
+//! and spreads calls over them; test bodies take `&dyn Api` to run on
+//! either.
 
 #![allow(dead_code)]
 
@@ -62,6 +65,11 @@ pub fn token(name: &str) -> String {
 }
 
 pub fn config_text(listen: SocketAddr, extra_server: &str) -> String {
+    config_text_with(listen, extra_server, "")
+}
+
+/// Like [`config_text`], with `extra_audit` lines added to `[audit]`.
+pub fn config_text_with(listen: SocketAddr, extra_server: &str, extra_audit: &str) -> String {
     // `extra_server` may set its own pending timeout.
     let pending = if extra_server.contains("pending_timeout") {
         ""
@@ -69,7 +77,7 @@ pub fn config_text(listen: SocketAddr, extra_server: &str) -> String {
         "pending_timeout = \"3s\"\n"
     };
     let mut s = format!(
-        "[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\n{pending}admin_groups = [\"security\"]\n{extra_server}\n[policy]\nfile = \"policy.cedar\"\n[audit]\ncheckpoint_interval = \"1s\"\n\n"
+        "[server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\n{pending}admin_groups = [\"security\"]\n{extra_server}\n[policy]\nfile = \"policy.cedar\"\n[audit]\ncheckpoint_interval = \"1s\"\n{extra_audit}\n"
     );
     for (name, groups) in PRINCIPALS {
         let g: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();
@@ -116,9 +124,25 @@ impl TestServer {
 
     /// `extra_server`: TOML lines added to `[server]`.
     pub fn start_with(dir: tempfile::TempDir, extra_server: &str) -> TestServer {
+        Self::start_configured(dir, extra_server, "")
+    }
+
+    /// `extra_server`, `extra_audit`: TOML lines added to `[server]` and
+    /// `[audit]`.
+    pub fn start_configured(
+        dir: tempfile::TempDir,
+        extra_server: &str,
+        extra_audit: &str,
+    ) -> TestServer {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = probe.local_addr().expect("addr");
-        let config_path = write_setup(dir.path(), addr, extra_server);
+        std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("write policy");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(
+            &config_path,
+            config_text_with(addr, extra_server, extra_audit),
+        )
+        .expect("write config");
         let config = Config::load(&config_path).expect("config");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -228,4 +252,106 @@ pub fn call_raw(
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, json)
+}
+
+/// What a test body calls: one node, or several spread over.
+pub trait Api: Sync {
+    fn call(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value);
+    /// The URL of the node the next call goes to.
+    fn url(&self) -> String;
+    /// Every node's URL.
+    fn urls(&self) -> Vec<String>;
+}
+
+impl Api for TestServer {
+    fn call(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        TestServer::call(self, who, method, path, body)
+    }
+
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn urls(&self) -> Vec<String> {
+        vec![self.url.clone()]
+    }
+}
+
+/// Several nodes sharing one fresh PostgreSQL database; each call goes to
+/// the next node in turn, so consecutive steps of a scenario run on
+/// different nodes.
+pub struct Nodes {
+    pub nodes: Vec<TestServer>,
+    pub database_url: String,
+    next: std::sync::atomic::AtomicUsize,
+    // Dropped after the nodes.
+    pub pg: std::sync::Arc<breakglass_testkit::PgCluster>,
+}
+
+impl Nodes {
+    /// Starts `n` nodes on a fresh database of the shared cluster. Each node
+    /// has its own data dir (key, recordings, witness beside it); every
+    /// node's config trusts every node's key.
+    pub fn start(n: usize) -> Nodes {
+        Self::start_with(n, "")
+    }
+
+    /// `extra_server`: TOML lines added to every node's `[server]`.
+    pub fn start_with(n: usize, extra_server: &str) -> Nodes {
+        let pg = breakglass_testkit::shared_cluster().expect("a PostgreSQL cluster");
+        let database_url = breakglass_testkit::fresh_database(&pg).expect("a fresh database");
+        let dirs: Vec<tempfile::TempDir> = (0..n)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let keys: Vec<String> = dirs
+            .iter()
+            .map(|d| {
+                let key = breakglass_server::keys::load_or_create(&d.path().join("data"))
+                    .expect("node key");
+                format!("\"{}\"", hex_key(&key.verifying_key()))
+            })
+            .collect();
+        let audit = format!("verify_keys = [{}]\n", keys.join(", "));
+        let nodes = dirs
+            .into_iter()
+            .map(|dir| {
+                std::fs::write(dir.path().join("database.url"), &database_url)
+                    .expect("write database url");
+                TestServer::start_configured(
+                    dir,
+                    &format!("database_url_file = \"database.url\"\n{extra_server}"),
+                    &audit,
+                )
+            })
+            .collect();
+        Nodes {
+            nodes,
+            database_url,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            pg,
+        }
+    }
+
+    fn pick(&self) -> &TestServer {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.nodes[i % self.nodes.len()]
+    }
+}
+
+pub fn hex_key(key: &ed25519_dalek::VerifyingKey) -> String {
+    breakglass_core::audit::key_id(key)
+}
+
+impl Api for Nodes {
+    fn call(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.pick().call(who, method, path, body)
+    }
+
+    fn url(&self) -> String {
+        self.pick().url.clone()
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url.clone()).collect()
+    }
 }

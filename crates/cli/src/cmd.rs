@@ -741,6 +741,33 @@ pub fn audit_verify(ctx: &Ctx, config: &Path, keys: &[String]) -> anyhow::Result
     .into())
 }
 
+/// `store copy`: the embedded store of `from` into the database whose URL
+/// is in the environment variable `var` (never on the command line).
+pub fn store_copy(ctx: &Ctx, from: &Path, var: &str) -> anyhow::Result<Exit> {
+    let url = std::env::var(var).map_err(|_| {
+        Failure::new(
+            Exit::Usage,
+            "bad_arguments",
+            format!("--to-env {var}: environment variable {var} is not set (it must hold the PostgreSQL connection string)"),
+        )
+    })?;
+    let report = offline::store_copy(from, &url)?;
+    if ctx.json() {
+        print_json(&report)?;
+    } else {
+        print_text(&format!(
+            "copied {} requests, {} credentials, {} events and {} checkpoints; head seq {} hash {}\nnext: point every node at the database (server.database_url_env), then run `breakglass audit verify --config FILE`\n",
+            report.requests,
+            report.credentials,
+            report.events,
+            report.checkpoints,
+            report.head_seq,
+            report.head_hash
+        ))?;
+    }
+    Ok(Exit::Success)
+}
+
 /// Every event after `after`, one JSON object a line, page by page until the
 /// server says there is nothing more. Always JSON lines, whatever `--output`.
 pub fn audit_export(ctx: &Ctx, mut after: Option<u64>) -> anyhow::Result<Exit> {

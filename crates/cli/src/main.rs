@@ -190,6 +190,9 @@ enum Command {
     /// Validate policies and explain decisions.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Move the store: copy an embedded store into PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show who the server thinks you are.
     Whoami(ServerOnly),
     /// List the targets and roles you may request, with their limits.
@@ -218,6 +221,7 @@ impl Command {
             Command::Serve(_)
             | Command::Audit(AuditCommand::Verify { .. })
             | Command::Policy(_)
+            | Command::Store(_)
             | Command::Completion(_) => return None,
         })
     }
@@ -444,6 +448,24 @@ enum AuditCommand {
         after: Option<u64>,
         #[command(flatten)]
         server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy the embedded store of a stopped node into an empty PostgreSQL
+    /// database, with seq, hashes and checkpoints unchanged (then point
+    /// every node at the database with server.database_url_env).
+    #[command(
+        after_help = "Example:\n  BREAKGLASS_DATABASE_URL=postgres://breakglass:...@db:5432/breakglass \\\n    breakglass store copy --from /var/lib/breakglass --to-env BREAKGLASS_DATABASE_URL"
+    )]
+    Copy {
+        /// The data_dir of the node whose embedded store to copy.
+        #[arg(long, value_name = "DATA_DIR")]
+        from: PathBuf,
+        /// The environment variable holding the target database's URL.
+        #[arg(long, value_name = "VAR")]
+        to_env: String,
     },
 }
 
@@ -692,6 +714,9 @@ fn main() -> ExitCode {
             cmd::audit_verify(&ctx, &config, &key)
         }
         Command::Audit(AuditCommand::Export { after, .. }) => cmd::audit_export(&ctx, after),
+        Command::Store(StoreCommand::Copy { from, to_env }) => {
+            cmd::store_copy(&ctx, &from, &to_env)
+        }
         Command::Policy(PolicyCommand::Check(a)) => {
             let sample = match (a.principal, a.target, a.role, a.duration) {
                 (Some(principal), Some(target), Some(role), Some(duration)) => {

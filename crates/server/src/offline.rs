@@ -1,5 +1,5 @@
 //! Commands that read the config and the store directly, without a running
-//! server: `audit verify` and `policy check`.
+//! server: `audit verify`, `policy check` and `store copy`.
 
 use std::path::Path;
 
@@ -116,6 +116,71 @@ pub fn audit_verify(
     };
     report.warnings = warnings;
     Ok(report)
+}
+
+/// What `store copy` moved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopyReport {
+    pub requests: u64,
+    pub credentials: u64,
+    pub events: u64,
+    pub checkpoints: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+}
+
+/// Copies the embedded store in `data_dir` (its service stopped) into the
+/// empty PostgreSQL database at `url`: every request, credential record,
+/// event and checkpoint, with `seq`, hashes and signatures unchanged, in one
+/// transaction. The source chain is checked link by link as it is copied.
+pub fn store_copy(data_dir: &Path, url: &str) -> anyhow::Result<CopyReport> {
+    let db = data_dir.join("breakglass.db");
+    if !db.exists() {
+        bail!(
+            "no embedded store at {} (give the data_dir of a node that has run)",
+            db.display()
+        );
+    }
+    let from = SqliteStore::open(&db, SqliteOptions::default())
+        .with_context(|| format!("cannot open {}", db.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use breakglass_store::Store;
+        let mut requests = Vec::new();
+        let mut after = None;
+        loop {
+            let page = from
+                .list(breakglass_store::ListQuery {
+                    after: after.clone(),
+                    limit: breakglass_store::PAGE_LEN_MAX,
+                    ..Default::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            requests.extend(page);
+        }
+        let credentials = from.credentials_all()?;
+        let checkpoints = from.checkpoints().await?.len() as u64;
+        let to = breakglass_store::PgStore::open(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL store: {e}"))?;
+        let events = to
+            .copy_from(&from, &requests, &credentials)
+            .await
+            .map_err(|e| anyhow::anyhow!("copy refused: {e}"))?;
+        let (head_seq, head_hash) = from.head();
+        Ok(CopyReport {
+            requests: requests.len() as u64,
+            credentials: credentials.len() as u64,
+            events,
+            checkpoints,
+            head_seq,
+            head_hash: hex::encode(head_hash),
+        })
+    })
 }
 
 /// Validates the config and its policy file; with a sample, explains which

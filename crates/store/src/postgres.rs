@@ -141,10 +141,6 @@ enum Op {
     Credential(CredentialRecord, EventDraft, u64),
     Append(Vec<EventDraft>),
     Checkpoint(Checkpoint),
-    /// Copies events and checkpoints of another store unchanged (`store
-    /// copy`): the rows are inserted as they are, and the head moves to the
-    /// last one only if it links to the current head.
-    Import(Vec<AuditEvent>),
 }
 
 struct Job {
@@ -369,63 +365,113 @@ impl PgStore {
         client.query(&stmt, args).await.map_err(pg_err)
     }
 
-    /// Copies every event and checkpoint of `from` into this store, which
-    /// must be empty: `seq`, times, hashes and signatures unchanged. Returns
-    /// the number of events copied.
-    pub async fn copy_from(&self, from: &dyn Store) -> Result<u64, StoreError> {
-        if self.shared.head().0 != 0 || self.head_in_db().await?.0 != 0 {
-            return Err(StoreError::Limit(
-                "the target database already holds audit events; copy only into an empty one"
-                    .into(),
-            ));
+    /// Copies a whole store into this one, which must be empty: the
+    /// requests and credentials given (the state the events describe), then
+    /// every event of `from` with `seq`, time, hash and details unchanged,
+    /// then every checkpoint of `from` with its signature. One transaction:
+    /// a copy that fails leaves nothing behind. Each event must continue the
+    /// chain exactly; a source chain that does not hold is refused at its
+    /// first bad `seq`. Returns the number of events copied.
+    pub async fn copy_from(
+        &self,
+        from: &dyn Store,
+        requests: &[Request],
+        credentials: &[CredentialRecord],
+    ) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let row = tx
+            .query_one(
+                "SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut head = (row.get::<_, i64>(0) as u64, hash_of(row.get(1))?);
+        let held: i64 = tx
+            .query_one("SELECT count(*) FROM requests", &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if head.0 != 0 || held != 0 {
+            return Err(StoreError::Limit(format!(
+                "the database already holds {held} requests and {} audit events; copy only into an empty database",
+                head.0
+            )));
         }
-        let mut copied = 0u64;
-        let mut after = 0u64;
+        for r in requests {
+            if !insert_request(&tx, r).await? {
+                return Err(StoreError::Duplicate(r.id.clone()));
+            }
+        }
+        for c in credentials {
+            insert_credential(&tx, c).await?;
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .await
+            .map_err(pg_err)?;
         loop {
-            let page = from.audit(after, PAGE_LEN_MAX).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
+            let page = from.audit(head.0, PAGE_LEN_MAX).await?;
             let n = page.len();
-            copied += n as u64;
-            self.submit(Op::Import(page), Timestamp(0)).await?;
+            for e in page {
+                // INVARIANT: a copied event continues the chain exactly: the
+                // copy never re-links or renumbers anything.
+                let expect = chain_hash(
+                    &head.1,
+                    head.0 + 1,
+                    e.time,
+                    &e.actor,
+                    &e.action,
+                    e.request_id.as_deref(),
+                    &e.details,
+                );
+                if e.seq != head.0 + 1 || expect != e.hash {
+                    return Err(StoreError::Corrupt(format!(
+                        "the source chain does not hold at seq {}: run `breakglass audit verify` on it first",
+                        head.0 + 1
+                    )));
+                }
+                tx.execute(
+                    &stmt,
+                    &[
+                        &(e.seq as i64),
+                        &e.time.millis(),
+                        &e.actor,
+                        &e.action,
+                        &e.request_id,
+                        &e.details,
+                        &&e.hash[..],
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                head = (e.seq, e.hash);
+            }
             if n < PAGE_LEN_MAX as usize {
                 break;
             }
         }
         for cp in from.checkpoints().await? {
-            self.add_checkpoint(cp).await?;
+            apply_op(&tx, &Op::Checkpoint(cp), Timestamp(0), &mut head).await?;
         }
-        Ok(copied)
-    }
-
-    /// Copies every request and credential row of an embedded store (the
-    /// state the events describe). Runs before [`PgStore::copy_from`] moves
-    /// the events, so a failure leaves the database without a chain and the
-    /// copy can start again on a fresh database.
-    pub async fn import_state(
-        &self,
-        requests: Vec<Request>,
-        credentials: Vec<CredentialRecord>,
-    ) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        for r in &requests {
-            insert_request(&tx, r).await?;
-        }
-        for c in &credentials {
-            insert_credential(&tx, c).await?;
-        }
-        tx.commit().await.map_err(pg_err)
-    }
-
-    async fn head_in_db(&self) -> Result<(u64, Hash), StoreError> {
-        let rows = self
-            .query("SELECT seq, hash FROM chain_head WHERE id = 1", &[])
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
-        Ok((row.get::<_, i64>(0) as u64, hash_of(row.get(1))?))
+        tx.execute(
+            "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
+            &[&(head.0 as i64), &&head.1[..]],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&FEED_CHANNEL, &head.0.to_string()],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        self.shared.poke.notify_one();
+        Ok(head.0)
     }
 }
 
@@ -881,51 +927,6 @@ async fn apply_op(
             )
             .await
             .map_err(pg_err)?;
-            Ok(Vec::new())
-        }
-        Op::Import(events) => {
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO audit (seq, time, actor, action, request_id, details, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .await
-                .map_err(pg_err)?;
-            for e in events {
-                // INVARIANT: an imported event continues the chain exactly:
-                // the copy never re-links or renumbers anything.
-                let expect = chain_hash(
-                    &head.1,
-                    head.0 + 1,
-                    e.time,
-                    &e.actor,
-                    &e.action,
-                    e.request_id.as_deref(),
-                    &e.details,
-                );
-                if e.seq != head.0 + 1 || expect != e.hash {
-                    return Err(StoreError::Corrupt(format!(
-                        "the source chain does not hold at seq {}: run `breakglass audit verify` on it first",
-                        e.seq
-                    )));
-                }
-                tx.execute(
-                    &stmt,
-                    &[
-                        &(e.seq as i64),
-                        &e.time.millis(),
-                        &e.actor,
-                        &e.action,
-                        &e.request_id,
-                        &e.details,
-                        &&e.hash[..],
-                    ],
-                )
-                .await
-                .map_err(pg_err)?;
-                *head = (e.seq, e.hash);
-            }
-            // Imported events are not "committed" by this node: the feed
-            // broadcasts them like any other.
             Ok(Vec::new())
         }
     }

@@ -306,6 +306,27 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
     }
 
+    /// Every stored credential record (hashes only), for `store copy`.
+    pub fn credentials_all(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT hash, request_id, principal, target, role, expires_at, issued_at FROM credentials ORDER BY issued_at, hash",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(CredentialRecord {
+                    hash: hash_from(r.get(0)?)?,
+                    request_id: r.get(1)?,
+                    principal: r.get(2)?,
+                    target: r.get(3)?,
+                    role: r.get(4)?,
+                    expires_at: Timestamp(r.get(5)?),
+                    issued_at: Timestamp(r.get(6)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Synchronous audit scan for offline tools: calls `f` for every event
     /// with `seq > after` in order.
     pub fn scan_audit(

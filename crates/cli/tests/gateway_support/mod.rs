@@ -410,7 +410,20 @@ impl Bg {
     /// answers 200.
     #[track_caller]
     pub fn start(up: &Upstream, opts: GwOptions) -> Bg {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Bg::start_in(tempfile::tempdir().expect("tempdir"), up, opts, "", "")
+    }
+
+    /// Like [`Bg::start`] in `dir`, with `extra_server` and `extra_audit`
+    /// lines added to `[server]` and `[audit]` (a node of several: its
+    /// shared store and the keys it trusts).
+    #[track_caller]
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        up: &Upstream,
+        opts: GwOptions,
+        extra_server: &str,
+        extra_audit: &str,
+    ) -> Bg {
         std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("write policy");
         let http_port = free_port();
         let gw_port = free_port();
@@ -420,9 +433,9 @@ impl Bg {
         );
         let mut cfg = format!(
             "[server]\nlisten = \"127.0.0.1:{http_port}\"\ndata_dir = \"data\"\n\
-             admin_groups = [\"security\"]\n\n\
+             admin_groups = [\"security\"]\n{extra_server}\n\
              [policy]\nfile = \"policy.cedar\"\n\n\
-             [audit]\ncheckpoint_interval = \"1s\"\n\n\
+             [audit]\ncheckpoint_interval = \"1s\"\n{extra_audit}\n\
              [gateway.postgres]\nlisten = \"127.0.0.1:{gw_port}\"\n\
              startup_timeout = \"{}\"\nidle_timeout = \"{}\"\nmax_connections = {}\n\
              message_len_max = {}\n\
@@ -591,7 +604,7 @@ impl Bg {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
-    fn call(
+    pub fn call(
         &self,
         method: &str,
         who: Option<&str>,

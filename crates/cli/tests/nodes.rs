@@ -41,6 +41,11 @@ fn node_dirs(n: usize) -> (Vec<tempfile::TempDir>, String) {
 
 /// Starts `n` nodes on the database at `url`, all at the same moment.
 fn start_nodes(up: &Upstream, url: &str, n: usize) -> Vec<Bg> {
+    start_nodes_with(up, url, n, "")
+}
+
+/// Like [`start_nodes`], with `extra_server` lines in every `[server]`.
+fn start_nodes_with(up: &Upstream, url: &str, n: usize, extra_server: &str) -> Vec<Bg> {
     let (dirs, audit) = node_dirs(n);
     std::thread::scope(|scope| {
         let handles: Vec<_> = dirs
@@ -48,15 +53,8 @@ fn start_nodes(up: &Upstream, url: &str, n: usize) -> Vec<Bg> {
             .map(|dir| {
                 std::fs::write(dir.path().join("database.url"), url).expect("write url");
                 let audit = audit.clone();
-                scope.spawn(move || {
-                    Bg::start_in(
-                        dir,
-                        up,
-                        GwOptions::default(),
-                        "database_url_file = \"database.url\"\n",
-                        &audit,
-                    )
-                })
+                let server = format!("database_url_file = \"database.url\"\n{extra_server}");
+                scope.spawn(move || Bg::start_in(dir, up, GwOptions::default(), &server, &audit))
             })
             .collect();
         handles
@@ -307,6 +305,75 @@ fn a_postgres_restart_under_load_answers_503_then_recovers_without_restarting_no
     assert_eq!(created, acked.len() + 2, "no half-written request");
     verify_online(a);
     verify_online(b);
+    drop(nodes);
+    drop(store_pg);
+}
+
+#[test]
+fn a_node_blind_to_the_feed_cuts_its_sessions_after_the_grace_and_recovers() {
+    let up = upstream();
+    let mut store_pg = breakglass_testkit::PgCluster::start().expect("store cluster");
+    let url = breakglass_testkit::fresh_database(&store_pg).expect("store database");
+    let nodes = start_nodes_with(&up, &url, 1, "feed_loss_grace = \"1s\"\n");
+    let bg = &nodes[0];
+    let g = bg.grant("alice", "pg", "scram", "10m");
+    let session = gateway_support::Spawned::spawn(&mut psql_cmd(
+        bg.gw_port,
+        "alice",
+        &g.token,
+        "pg",
+        &["-c", "select pg_sleep(60)"],
+    ));
+    poll(Duration::from_secs(10), || {
+        bg.sessions("alice", &g.id)
+            .iter()
+            .any(|s| s["ended_at"].is_null())
+            .then_some(())
+    })
+    .expect("the session is live");
+    // The store goes away; the upstream the session uses does not.
+    store_pg.stop_server().expect("stop the store's PostgreSQL");
+    let down = Instant::now();
+    let out = session.wait(Duration::from_secs(15));
+    let blind = down.elapsed();
+    eprintln!("the session was cut {blind:?} after the store went down");
+    assert_ne!(out.code, 0, "psql was cut: {out:#?}");
+    assert!(
+        blind >= Duration::from_millis(900),
+        "not before the grace: {blind:?}"
+    );
+    assert!(
+        blind < Duration::from_secs(5),
+        "cut {blind:?} after the store went down"
+    );
+    // No new session while blind.
+    let refused = run(&mut psql_cmd(
+        bg.gw_port,
+        "alice",
+        &g.token,
+        "pg",
+        &["-c", "select 1"],
+    ));
+    assert_ne!(refused.code, 0, "{refused:#?}");
+    store_pg
+        .start_again()
+        .expect("start the store's PostgreSQL again");
+    poll(Duration::from_secs(20), || {
+        matches!(bg.call("GET", None, "/readyz", None), Ok((200, _))).then_some(())
+    })
+    .expect("ready again without a restart");
+    // The session's end reaches the log once the store is back.
+    let ended = bg.ended_sessions(&g, 1, Duration::from_secs(10));
+    assert_eq!(ended[0]["end_reason"], "feed_lost", "{ended:#?}");
+    let again = run(&mut psql_cmd(
+        bg.gw_port,
+        "alice",
+        &g.token,
+        "pg",
+        &["-c", "select 'back'"],
+    ));
+    assert_eq!(again.code, 0, "{again:#?}");
+    verify_online(bg);
     drop(nodes);
     drop(store_pg);
 }

@@ -20,6 +20,9 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::app::{App, GrantRefusal, now};
 use crate::config::RoleConfig;
 
+/// Back-off between attempts to audit a session end the store refused.
+const SESSION_END_RETRY_MS: u64 = 500;
+
 /// How often the gateway checks that the shared feed is still seen.
 const FEED_WATCH_MS: u64 = 250;
 
@@ -221,8 +224,29 @@ impl Authority for PgAuthority {
             end.entries,
             &end.final_hash,
         );
-        if let Err(e) = app.store.append(vec![event], now()).await {
-            tracing::error!(session = %info.session_id, error = %e, "cannot audit session end");
+        if let Err(e) = app.store.append(vec![event.clone()], now()).await {
+            // The store may be down (a session cut because the node went
+            // blind to the feed): keep trying in the background, so the end
+            // is written as soon as the store is back, without a restart.
+            tracing::error!(session = %info.session_id, error = %e, "cannot audit session end yet; retrying until the store answers");
+            let weak = self.app.clone();
+            let session = info.session_id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(SESSION_END_RETRY_MS))
+                        .await;
+                    let Some(app) = weak.upgrade() else { return };
+                    match app.store.append(vec![event.clone()], now()).await {
+                        Ok(_) => {
+                            tracing::info!(session = %session, "session end audited after a retry");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(session = %session, error = %e, "session end still not audited")
+                        }
+                    }
+                }
+            });
         }
     }
 

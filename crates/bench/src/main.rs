@@ -12,6 +12,7 @@
 mod baseline;
 mod cpu;
 mod gateway;
+mod nodes;
 mod scenarios;
 mod seed;
 mod server;
@@ -32,7 +33,7 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --quick            much smaller counts: a smoke run of about a minute
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
-                     audit-verify, memory, startup, gateway
+                     audit-verify, memory, startup, gateway, nodes
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -50,7 +51,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 9] = [
+pub const BENCHMARKS: [&str; 10] = [
     "access",
     "approve",
     "lifecycles",
@@ -60,6 +61,7 @@ pub const BENCHMARKS: [&str; 9] = [
     "memory",
     "startup",
     "gateway",
+    "nodes",
 ];
 
 #[derive(Debug)]
@@ -302,6 +304,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "memory" => c.memory(),
                 "startup" => c.startup(),
                 "gateway" => c.gateway(),
+                "nodes" => c.nodes(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

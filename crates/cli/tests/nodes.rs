@@ -451,3 +451,51 @@ fn store_copy_keeps_seq_hashes_and_checkpoints() {
         assert_eq!(after[field], before[field], "{field}: {after} vs {before}");
     }
 }
+
+/// `serve` with `server_lines` in `[server]` must stop on its own; returns
+/// its stderr.
+fn serve_refuses(server_lines: &str, url: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("policy.cedar"),
+        "@id(\"p\")\n@approvals(\"0\")\n@max_duration(\"1h\")\npermit (principal, action == Action::\"request\", resource);\n",
+    )
+    .expect("policy");
+    std::fs::write(dir.path().join("database.url"), url).expect("url");
+    let port = gateway_support::free_port();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{server_lines}\n[policy]\nfile = \"policy.cedar\"\n"
+        ),
+    )
+    .expect("config");
+    let out = run(std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("config.toml")));
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(
+        !out.stderr.contains(url),
+        "the URL is never printed: {out:#?}"
+    );
+    out.stderr
+}
+
+#[test]
+fn a_shared_store_needs_every_nodes_key_and_the_url_stays_out_of_the_config() {
+    let up = upstream();
+    let url = breakglass_testkit::fresh_database(&up.pg).expect("store database");
+    let err = serve_refuses("database_url_file = \"database.url\"\n", &url);
+    assert!(
+        err.contains("audit.verify_keys") && err.contains("audit-signing.pub"),
+        "{err}"
+    );
+    let err = serve_refuses(&format!("database_url = \"{url}\"\n"), "unused");
+    assert!(err.contains("server.database_url_env"), "{err}");
+    assert!(
+        !err.contains(&url),
+        "the URL in the config is not echoed: {err}"
+    );
+    let err = serve_refuses("database_url_env = \"BG_TEST_NO_SUCH_VAR\"\n", &url);
+    assert!(err.contains("BG_TEST_NO_SUCH_VAR is not set"), "{err}");
+}

@@ -701,6 +701,7 @@ mod tests {
             end_comment: None,
             review_required: false,
             review: None,
+            approver_fresh_auth_s: None,
             version: 1,
         }
     }

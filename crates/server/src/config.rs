@@ -35,6 +35,10 @@ pub struct Config {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub emergency: EmergencyConfig,
+    /// Where people's and workloads' tokens come from (besides the local
+    /// principals).
+    #[serde(default)]
+    pub identity: crate::identity::config::IdentityConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -230,6 +234,14 @@ pub struct PrincipalConfig {
     /// neither request nor approve.
     #[serde(default)]
     pub kind: PrincipalKind,
+    /// Environment variable holding the principal's TOTP secret (base32):
+    /// then every call also needs the current code (`X-Breakglass-OTP`).
+    #[serde(default)]
+    pub totp_secret_env: Option<String>,
+    /// File holding the principal's TOTP secret (base32), instead of
+    /// `totp_secret_env`.
+    #[serde(default)]
+    pub totp_secret_file: Option<PathBuf>,
 }
 
 /// What a principal is (see [`PrincipalConfig::kind`]).
@@ -319,6 +331,11 @@ impl Config {
                 .into_iter()
                 .flatten()
             {
+                resolve(f);
+            }
+        }
+        for p in &mut cfg.principals {
+            if let Some(f) = p.totp_secret_file.as_mut() {
                 resolve(f);
             }
         }
@@ -421,7 +438,11 @@ impl Config {
             if !digests.insert(d) {
                 bail!("{at}.token_sha256: the same token is configured for two principals");
             }
+            if p.totp_secret_env.is_some() && p.totp_secret_file.is_some() {
+                bail!("{at}: set totp_secret_env or totp_secret_file, not both");
+            }
         }
+        self.identity.validate()?;
         let mut targets = BTreeSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("targets[{i}]");
@@ -584,10 +605,12 @@ impl Config {
     pub fn policy_principals(&self) -> Vec<breakglass_core::Principal> {
         self.principals
             .iter()
-            .map(|p| breakglass_core::Principal {
-                name: p.name.clone(),
-                groups: p.groups.iter().cloned().collect(),
-                admin: false,
+            .map(|p| {
+                breakglass_core::Principal::local(
+                    p.name.clone(),
+                    p.groups.iter().cloned().collect(),
+                    false,
+                )
             })
             .collect()
     }

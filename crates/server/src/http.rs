@@ -25,8 +25,9 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError, GrantRefusal};
 use crate::dto::{
-    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
-    RequestList, ReviewBody, SessionList, TargetList, VerifyReport, WhoAmI,
+    ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, OidcClientConfig, Problem,
+    Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody, SessionList, TargetList,
+    VerifyReport, WhoAmI,
 };
 use crate::listener::ApiConn;
 use crate::openapi::Truth;
@@ -199,11 +200,15 @@ impl FromRequestParts<AppState> for Auth {
         app: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts);
-        let who = app.authenticate(token).map_err(ApiError::from)?;
+        let otp = parts.headers.get(OTP_HEADER).and_then(|v| v.to_str().ok());
+        let who = app.authenticate(token, otp).await.map_err(ApiError::from)?;
         signed_in(parts);
         Ok(Auth(who))
     }
 }
+
+/// The header carrying a local principal's TOTP code.
+pub const OTP_HEADER: &str = "x-breakglass-otp";
 
 /// The bearer token of a request ("" without one).
 fn bearer(parts: &Parts) -> &str {
@@ -696,6 +701,23 @@ async fn whoami(Auth(who): Auth) -> Json<WhoAmI> {
         name: who.name,
         groups: who.groups.into_iter().collect(),
         admin: who.admin,
+        kind: who.kind,
+        auth_method: who.authn.method,
+        expires_at: who.authn.expires_at,
+        auth_time: who.authn.auth_time,
+    })
+}
+
+/// How clients sign people in: the identity provider's issuer, the
+/// client id and the scopes to ask for. Needs no authentication.
+#[utoipa::path(get, path = "/v1/auth/config", responses((status = 200, body = AuthConfig)))]
+async fn auth_config(State(app): State<AppState>) -> Json<AuthConfig> {
+    Json(AuthConfig {
+        oidc: app.identity.oidc().map(|o| OidcClientConfig {
+            issuer: o.issuer.clone(),
+            client_id: o.client_id.clone(),
+            scopes: o.scopes.clone(),
+        }),
     })
 }
 
@@ -703,7 +725,10 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
+/// 503 while the audit chain is broken or the store does not answer; 200
+/// otherwise, with `"identity": "degraded"` while an identity provider is
+/// unreachable (its cached keys keep working, so the node keeps serving).
+async fn readyz(State(app): State<AppState>) -> ApiResult<Json<Readiness>> {
     if let Some(why) = app.writes_blocked() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -712,7 +737,10 @@ async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
         ));
     }
     app.store.get("").await.map_err(AppError::from)?;
-    Ok("ready\n")
+    Ok(Json(Readiness {
+        status: "ready".into(),
+        identity: app.identity.health().as_str().into(),
+    }))
 }
 
 /// `/metrics`: open, or with `server.metrics_token_sha256` only for the
@@ -800,7 +828,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami, targets),
+          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -823,6 +851,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/auth/config", get(auth_config))
         .route("/v1/targets", get(targets))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

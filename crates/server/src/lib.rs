@@ -9,6 +9,7 @@ pub mod dev;
 pub mod dto;
 pub mod gateway;
 pub mod http;
+pub mod identity;
 pub mod keys;
 mod listener;
 pub mod metrics;
@@ -264,6 +265,7 @@ fn integrity_warnings(config: &Config) -> Vec<String> {
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     config.check_upstream_secrets()?;
+    identity::check_totp_secrets(&config)?;
     // The certificate is read before anything else starts: a bad one stops
     // the service at once.
     let api_tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -335,6 +337,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             .await?;
     }
     let mut background = vec![app.scheduler.spawn()];
+    background.extend(app.identity.spawn_refresh());
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
     let mut pg_addr = None;
     let mut pg_gateway = None;

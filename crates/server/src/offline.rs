@@ -123,6 +123,8 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let decision = engine.evaluate(&PolicyInput {
         principal: &principal.name,
         principal_groups: &principal.groups,
+        kind: breakglass_core::PrincipalKind::Local,
+        authn: &breakglass_core::model::LOCAL_AUTHN,
         target: &target.name,
         target_groups: &target.groups,
         action: if s.emergency {

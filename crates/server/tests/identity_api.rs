@@ -721,6 +721,15 @@ fn workloads_request_and_wait_but_never_approve() {
     );
     assert!(detail(&body).contains("no workload entry matches this token: claim repository_owner = \"evil\" is not accepted"), "{body}");
 
+    // No person may take a name in the workloads' name space.
+    let impostor = people_key.sign(&person(&people.url, "gha:acme", &["sre-leads"], 10));
+    let (status, body) = call(&server, &impostor, None, "GET", "/v1/whoami", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        detail(&body).contains("is in the name space of workload names (\"gha:\")"),
+        "{body}"
+    );
+
     // People approve it.
     for (who, ago) in [("bob", 10), ("lead", 10)] {
         let t = people_key.sign(&person(&people.url, who, &["sre-leads"], ago));

@@ -483,3 +483,77 @@ fn github_actions_login_then_request() {
     out.expect_code(0);
     assert_eq!(out.json()["requester"], "gha:acme/payments:production");
 }
+
+/// The RFC 6238 code of `secret` for the 30 s step `step`.
+fn totp(secret: &[u8], step: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let mac = ring::hmac::sign(&key, &step.to_be_bytes());
+    let mac = mac.as_ref();
+    let offset = usize::from(mac[19] & 0x0f);
+    let bin = u32::from_be_bytes([
+        mac[offset],
+        mac[offset + 1],
+        mac[offset + 2],
+        mac[offset + 3],
+    ]) & 0x7fff_ffff;
+    format!("{:06}", bin % 1_000_000)
+}
+
+#[test]
+fn otp_for_a_local_principal_with_totp() {
+    let setup = Setup::new();
+    // RFC 6238's test secret, in base32 as an otpauth:// URI carries it.
+    let secret: &[u8] = b"12345678901234567890";
+    std::fs::write(
+        setup.path().join("oscar.totp"),
+        "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\n",
+    )
+    .expect("secret");
+    let mut text = setup.config_text();
+    text.push_str(&format!(
+        "\n[[principals]]\nname = \"oscar\"\ngroups = [\"oncall\"]\ntoken_sha256 = \"{}\"\n\
+         totp_secret_file = \"{}\"\n",
+        common::sha256_hex(common::token("oscar").as_bytes()),
+        setup.path().join("oscar.totp").display()
+    ));
+    std::fs::write(setup.config_path(), text).expect("config");
+    let server = Server::start(&setup);
+    let url = server.url.clone();
+    let oscar = Person::new("alice");
+    let token = common::token("oscar");
+
+    // No code, not on a terminal: refused with the way to give it.
+    let out = oscar.run_env(&url, &["whoami"], &[("BREAKGLASS_TOKEN", &token)]);
+    out.expect_code(3);
+    assert!(out.stderr.contains("otp_required"), "{out:#?}");
+    assert!(out.stderr.contains("--otp CODE"), "{out:#?}");
+
+    let step = u64::try_from(common::now_ms() / 1000 / 30).expect("step");
+    let code = totp(secret, step);
+    let out = oscar.run_env(
+        &url,
+        &["whoami", "--otp", &code, "--output", "json"],
+        &[("BREAKGLASS_TOKEN", &token)],
+    );
+    out.expect_code(0);
+    assert_eq!(out.json()["name"], "oscar");
+    assert_eq!(out.json()["auth_method"], "local+totp");
+
+    // The same code again (here from BREAKGLASS_OTP) is a replay.
+    let out = oscar.run_env(
+        &url,
+        &["whoami"],
+        &[("BREAKGLASS_TOKEN", &token), ("BREAKGLASS_OTP", &code)],
+    );
+    out.expect_code(3);
+    assert!(out.stderr.contains("already used"), "{out:#?}");
+    // A wrong code says so.
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let out = oscar.run_env(
+        &url,
+        &["whoami", "--otp", wrong],
+        &[("BREAKGLASS_TOKEN", &token)],
+    );
+    out.expect_code(3);
+    assert!(out.stderr.contains("wrong one-time code"), "{out:#?}");
+}

@@ -387,3 +387,19 @@ permit (principal, action, resource);"#;
     let e = PolicyEngine::load(bad, "p.cedar").expect_err("bad value");
     assert!(e.to_string().contains("@require_mfa takes no value"), "{e}");
 }
+
+/// Every Cedar example of the README loads and validates against the
+/// schema (with the identity attributes and annotations it shows).
+#[test]
+fn the_readme_policies_load() {
+    let readme = include_str!("../../../README.md");
+    let mut found = 0;
+    for block in readme.split("```cedar").skip(1) {
+        let src = block.split("```").next().unwrap_or("");
+        if let Err(e) = PolicyEngine::load(src, "README.md") {
+            panic!("a README policy does not load: {e}\n{src}");
+        }
+        found += 1;
+    }
+    assert!(found >= 1, "the README shows a Cedar policy");
+}

@@ -443,6 +443,15 @@ impl Config {
             }
         }
         self.identity.validate()?;
+        let prefixes = self.identity.workload_prefixes();
+        for (i, p) in self.principals.iter().enumerate() {
+            if let Some(prefix) = prefixes.iter().find(|w| p.name.starts_with(w.as_str())) {
+                bail!(
+                    "principals[{i}].name: {:?} is in the name space of workload names ({prefix:?}, from identity.workloads)",
+                    p.name
+                );
+            }
+        }
         let mut targets = BTreeSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let at = format!("targets[{i}]");

@@ -231,10 +231,16 @@ fn signed_in(parts: &Parts) {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Whether `who` is a local service principal (`kind = "service"`): only a
+/// local token makes one; a person or workload of the same name is not.
+fn is_service(app: &App, who: &Principal) -> bool {
+    who.kind == breakglass_core::PrincipalKind::Local && app.config.is_service(&who.name)
+}
+
 /// Service principals check credentials; they never request, approve, deny
 /// or review.
 fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
-    if app.config.is_service(&who.name) {
+    if is_service(app, who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "service_principal",
@@ -559,7 +565,7 @@ async fn introspect(
     Auth(who): Auth,
     ApiJson(body): ApiJson<IntrospectBody>,
 ) -> ApiResult<Json<Introspection>> {
-    if !app.config.is_service(&who.name) {
+    if !is_service(&app, &who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not_service_principal",

@@ -116,9 +116,20 @@ impl TestServer {
 
     /// `extra_server`: TOML lines added to `[server]`.
     pub fn start_with(dir: tempfile::TempDir, extra_server: &str) -> TestServer {
+        Self::start_with_policy(dir, extra_server, POLICY)
+    }
+
+    /// Like `start_with`, with another policy. `extra_server` may also
+    /// open tables of its own (`[identity.oidc]`).
+    pub fn start_with_policy(
+        dir: tempfile::TempDir,
+        extra_server: &str,
+        policy: &str,
+    ) -> TestServer {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = probe.local_addr().expect("addr");
         let config_path = write_setup(dir.path(), addr, extra_server);
+        std::fs::write(dir.path().join("policy.cedar"), policy).expect("write policy");
         let config = Config::load(&config_path).expect("config");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

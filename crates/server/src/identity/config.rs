@@ -153,6 +153,14 @@ pub fn parse_template(t: &str) -> Result<Vec<Piece>, String> {
     if !text.is_empty() {
         out.push(Piece::Text(text));
     }
+    match out.first() {
+        Some(Piece::Text(prefix)) if prefix.ends_with(':') && prefix.len() > 1 => {}
+        _ => {
+            return Err(
+                "must start with a fixed prefix ending in ':' (e.g. \"gha:\"), so workload names never look like people's".into(),
+            );
+        }
+    }
     if !out.iter().any(|p| matches!(p, Piece::Claim(_))) {
         return Err(
             "names no claim: give at least one {claim} placeholder so each workload is told apart"
@@ -198,6 +206,19 @@ fn is_loopback(host: &str) -> bool {
 }
 
 impl IdentityConfig {
+    /// The fixed prefixes of the workload name templates (`gha:`): names
+    /// in these name spaces are workloads', never a person's or a local
+    /// principal's.
+    pub fn workload_prefixes(&self) -> Vec<String> {
+        self.workloads
+            .iter()
+            .filter_map(|w| match parse_template(&w.name).ok()?.first()? {
+                Piece::Text(t) => Some(t.clone()),
+                Piece::Claim(_) => None,
+            })
+            .collect()
+    }
+
     /// Checks every key, naming it in the error.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(o) = &self.oidc {
@@ -269,6 +290,8 @@ mod tests {
         assert!(parse_template("gha:{repo").is_err());
         assert!(parse_template("gha:repo}").is_err());
         assert!(parse_template("gha:{a b}").is_err());
+        assert!(parse_template("{repository}").is_err(), "no prefix");
+        assert!(parse_template("gha{repository}").is_err(), "no ':'");
     }
 
     #[test]

@@ -18,8 +18,9 @@ use breakglass_core::Timestamp;
 pub const TOKEN_LEN_MAX: usize = 16 * 1024;
 /// Decoded JOSE header bytes accepted at most.
 pub const HEADER_LEN_MAX: usize = 1024;
-/// Decoded claims bytes accepted at most.
-pub const CLAIMS_LEN_MAX: usize = 12 * 1024;
+/// Decoded claims bytes accepted at most (enough for a few hundred
+/// groups; the whole token stays under [`TOKEN_LEN_MAX`]).
+pub const CLAIMS_LEN_MAX: usize = 8 * 1024;
 /// Decoded signature bytes accepted at most (an RSA-8192 signature is 1024).
 pub const SIGNATURE_LEN_MAX: usize = 1024;
 /// The most clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -242,9 +243,15 @@ fn decode_segment(name: &str, seg: &str, max: usize) -> Result<Vec<u8>, JwtError
             "{name} is larger than {max} bytes"
         )));
     }
-    URL_SAFE_NO_PAD
+    let bytes = URL_SAFE_NO_PAD
         .decode(seg.trim_end_matches('='))
-        .map_err(|_| JwtError::Malformed(format!("{name} is not base64url")))
+        .map_err(|_| JwtError::Malformed(format!("{name} is not base64url")))?;
+    if bytes.len() > max {
+        return Err(JwtError::Malformed(format!(
+            "{name} is larger than {max} bytes"
+        )));
+    }
+    Ok(bytes)
 }
 
 fn json_object(name: &str, bytes: &[u8]) -> Result<Map<String, Value>, JwtError> {
@@ -461,5 +468,114 @@ pub fn claim_text(claims: &Map<String, Value>, name: &str) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn seg(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn refusal(token: &str) -> String {
+        decode(token)
+            .map(|_| "decoded".to_string())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn decoding_has_limits_and_refuses_what_it_cannot_check() {
+        let claims = seg(&json!({"iss": "x"}));
+        let header = seg(&json!({"alg": "ES256", "kid": "k"}));
+        assert_eq!(refusal(&format!("{header}.{claims}.c2ln")), "decoded");
+        assert!(looks_like_jwt(&format!("{header}.{claims}.c2ln")));
+        assert!(!looks_like_jwt("bgp_0123abcd"));
+        assert!(!looks_like_jwt("a.b"));
+        let big = "a".repeat(TOKEN_LEN_MAX);
+        assert!(refusal(&format!("{header}.{big}.c2ln")).contains("longer than"));
+        let big_header = seg(&json!({"alg": "ES256", "x": "y".repeat(HEADER_LEN_MAX)}));
+        assert!(refusal(&format!("{big_header}.{claims}.c2ln")).contains("header is larger"));
+        let big_claims = seg(&json!({"x": "y".repeat(CLAIMS_LEN_MAX)}));
+        assert!(refusal(&format!("{header}.{big_claims}.c2ln")).contains("claims is larger"));
+        let crit = seg(&json!({"alg": "ES256", "crit": ["b64"]}));
+        assert!(refusal(&format!("{crit}.{claims}.c2ln")).contains("crit"));
+        let none = seg(&json!({"alg": "none"}));
+        assert_eq!(
+            refusal(&format!("{none}.{claims}.")),
+            JwtError::Unsigned.to_string()
+        );
+        let hs = seg(&json!({"alg": "HS256"}));
+        assert!(refusal(&format!("{hs}.{claims}.c2ln")).contains("not allowed"));
+        assert_eq!(
+            refusal(&format!("{header}.{claims}.")),
+            JwtError::Unsigned.to_string()
+        );
+        let list = seg(&json!([1, 2]));
+        assert!(refusal(&format!("{header}.{list}.c2ln")).contains("not a JSON object"));
+        assert!(refusal(&format!("{header}.%%%.c2ln")).contains("not base64url"));
+    }
+
+    #[test]
+    fn jwks_keys_verify_only_their_own_algorithm() {
+        let x = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let doc = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": x},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "labelled-rs", "alg": "RS256", "x": x},
+            {"kty": "oct", "kid": "hmac", "k": x},
+            {"kty": "EC", "crv": "P-384", "kid": "p384", "x": x, "y": x},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "enc", "use": "enc", "x": x},
+        ]});
+        let keys = parse_jwks(&doc).expect("parses");
+        let kids: Vec<_> = keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["ed"]);
+        assert_eq!(keys[0].key.alg(), Alg::EdDsa);
+        assert!(parse_jwks(&json!({"nokeys": []})).is_err());
+    }
+
+    #[test]
+    fn registered_claims_are_checked_with_bounded_leeway() {
+        let now = Timestamp(1_800_000_000_000);
+        let s = 1_800_000_000i64;
+        let want = Expect {
+            issuer: "https://idp",
+            audience: "bg",
+            azp: "bg",
+            // More than the maximum is cut to 60 s.
+            leeway_s: 3600,
+            now,
+        };
+        let check = |v: Value| {
+            validate(v.as_object().expect("object"), &want)
+                .map(|_| "ok".to_string())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let base = json!({"iss": "https://idp", "aud": "bg", "iat": s, "exp": s + 60});
+        assert_eq!(check(base.clone()), "ok");
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            b
+        };
+        assert_eq!(check(with("exp", json!(s - 59))), "ok", "within the leeway");
+        assert!(check(with("exp", json!(s - 61))).contains("expired"));
+        assert_eq!(check(with("nbf", json!(s + 59))), "ok");
+        assert!(check(with("nbf", json!(s + 61))).contains("not valid before"));
+        assert!(check(with("iat", json!(s + 61))).contains("issued in the future"));
+        assert!(check(with("exp", json!("soon"))).contains("not a date"));
+        assert!(check(with("aud", json!(["bg", "x"]))).contains("azp"));
+        assert_eq!(
+            check({
+                let mut b = with("aud", json!(["bg", "x"]));
+                b["azp"] = json!("bg");
+                b
+            }),
+            "ok"
+        );
+        let mut no_exp = base.clone();
+        no_exp.as_object_mut().expect("object").remove("exp");
+        assert!(check(no_exp).contains("\"exp\" is missing"));
     }
 }

@@ -79,6 +79,9 @@ pub struct Identity {
     /// accepted once, and never one older than the newest accepted.
     totp_last: Mutex<HashMap<String, u64>>,
     admin_groups: BTreeSet<String>,
+    /// The fixed prefixes of workload names (`gha:`): no person's name
+    /// starts with one.
+    workload_prefixes: Vec<String>,
 }
 
 /// `/readyz`'s word on identity.
@@ -212,6 +215,7 @@ impl Identity {
             locals,
             totp_last: Mutex::new(HashMap::new()),
             admin_groups,
+            workload_prefixes: config.identity.workload_prefixes(),
         }
     }
 
@@ -245,10 +249,9 @@ impl Identity {
         if self.locals.iter().any(|l| l.principal.name == name) || self.oidc.is_some() {
             return true;
         }
-        self.workloads.iter().any(|w| match w.template.first() {
-            Some(Piece::Text(prefix)) => name.starts_with(prefix.as_str()),
-            _ => true,
-        })
+        self.workload_prefixes
+            .iter()
+            .any(|prefix| name.starts_with(prefix.as_str()))
     }
 
     /// Authenticates one call: `bearer` is the token, `otp` the
@@ -368,6 +371,17 @@ impl Identity {
             .ok_or_else(|| JwtError::MissingClaim(c.username_claim.clone()))?;
         breakglass_core::lifecycle::check_name("username", &name)
             .map_err(|e| JwtError::BadClaim(c.username_claim.clone(), e.to_string()))?;
+        if let Some(prefix) = self
+            .workload_prefixes
+            .iter()
+            .find(|p| name.starts_with(p.as_str()))
+        {
+            return Err(JwtError::BadClaim(
+                c.username_claim.clone(),
+                format!("{name:?} is in the name space of workload names ({prefix:?})"),
+            )
+            .into());
+        }
         if name == "system" {
             return Err(JwtError::BadClaim(
                 c.username_claim.clone(),

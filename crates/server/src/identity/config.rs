@@ -153,6 +153,12 @@ pub fn parse_template(t: &str) -> Result<Vec<Piece>, String> {
     if !text.is_empty() {
         out.push(Piece::Text(text));
     }
+    if !out.iter().any(|p| matches!(p, Piece::Claim(_))) {
+        return Err(
+            "names no claim: give at least one {claim} placeholder so each workload is told apart"
+                .into(),
+        );
+    }
     match out.first() {
         Some(Piece::Text(prefix)) if prefix.ends_with(':') && prefix.len() > 1 => {}
         _ => {
@@ -160,12 +166,6 @@ pub fn parse_template(t: &str) -> Result<Vec<Piece>, String> {
                 "must start with a fixed prefix ending in ':' (e.g. \"gha:\"), so workload names never look like people's".into(),
             );
         }
-    }
-    if !out.iter().any(|p| matches!(p, Piece::Claim(_))) {
-        return Err(
-            "names no claim: give at least one {claim} placeholder so each workload is told apart"
-                .into(),
-        );
     }
     Ok(out)
 }
@@ -292,6 +292,62 @@ mod tests {
         assert!(parse_template("gha:{a b}").is_err());
         assert!(parse_template("{repository}").is_err(), "no prefix");
         assert!(parse_template("gha{repository}").is_err(), "no ':'");
+    }
+
+    fn validate(text: &str) -> String {
+        match toml::from_str::<IdentityConfig>(text) {
+            Ok(c) => c
+                .validate()
+                .map_or_else(|e| e.to_string(), |()| "ok".into()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn identity_tables_are_checked_at_load_naming_the_key() {
+        let oidc = "[oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"bg\"\n";
+        assert_eq!(validate(oidc), "ok");
+        let gha = "[[workloads]]\nname = \"gha:{repository}\"\nissuer = \"https://token.actions.githubusercontent.com\"\naudience = \"bg\"\n";
+        assert_eq!(validate(&format!("{oidc}{gha}")), "ok");
+        for (text, want) in [
+            (
+                "[oidc]\nissuer = \"http://idp.example.com\"\nclient_id = \"bg\"\n".to_string(),
+                "identity.oidc.issuer: plain http is accepted on loopback only",
+            ),
+            (
+                format!("{oidc}scopes = [\"profile\"]\n"),
+                "identity.oidc.scopes: must include \"openid\"",
+            ),
+            (
+                gha.replace("gha:{repository}", "{repository}"),
+                "identity.workloads[0].name: must start with a fixed prefix",
+            ),
+            (
+                gha.replace("gha:{repository}", "gha:static"),
+                "identity.workloads[0].name: names no claim",
+            ),
+            (
+                gha.replace("audience = \"bg\"", "audience = \"\""),
+                "identity.workloads[0].audience: required",
+            ),
+            (
+                format!(
+                    "{oidc}{}",
+                    gha.replace(
+                        "https://token.actions.githubusercontent.com",
+                        "https://idp.example.com"
+                    )
+                ),
+                "identity.workloads[0].issuer: the same issuer as identity.oidc.issuer",
+            ),
+            (
+                format!("{oidc}colour = \"blue\"\n"),
+                "unknown field `colour`",
+            ),
+        ] {
+            let got = validate(&text);
+            assert!(got.contains(want), "{text}\n=> {got}");
+        }
     }
 
     #[test]

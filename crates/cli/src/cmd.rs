@@ -160,6 +160,7 @@ impl Ctx {
                 e.message
             ))
         })?;
+        let token = Token::new(&tokens.id_token.0);
         store.put(
             server,
             credentials::Entry {
@@ -169,7 +170,7 @@ impl Ctx {
                 ..entry
             },
         )?;
-        Ok(store.get(server)?.and_then(|e| Token::new(&e.id_token.0)))
+        Ok(token)
     }
 
     /// The client, built only by verbs that talk to the server, so a bad
@@ -847,7 +848,8 @@ pub fn login(ctx: &Ctx, opts: &LoginOptions) -> anyhow::Result<Exit> {
     let plain = Client::new(base.clone(), None, roots.clone());
     let (tokens, source, issuer, client_id) = if opts.github_actions {
         let audience = opts.audience.clone().unwrap_or_else(|| base.url.clone());
-        let agent = crate::client::agent(ctx.idp_roots("https://")?);
+        let request_url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").unwrap_or_default();
+        let agent = crate::client::agent(ctx.idp_roots(&request_url)?);
         let tokens = login::github_actions_token(&agent, &audience)?;
         let issuer = login::issuer_of(&tokens.id_token.0);
         (

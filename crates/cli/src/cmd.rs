@@ -934,20 +934,38 @@ pub fn login(ctx: &Ctx, opts: &LoginOptions) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// `breakglass logout`: removes the stored login for this server.
+/// `breakglass logout`: removes the stored login for this server, then
+/// asks the identity provider to revoke its refresh token (best effort:
+/// the local entry is gone either way, and the outcome is said).
 pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
     let (base, _) = ctx.server()?;
     let store = credentials::Store::from_env()?;
     let removed = store.remove(&base.url)?;
+    let revoked = match &removed {
+        Some(credentials::Entry {
+            source: credentials::Source::Oidc,
+            issuer,
+            client_id,
+            refresh_token: Some(refresh),
+            ..
+        }) => Some(
+            ctx.idp_roots(issuer)
+                .map(crate::client::agent)
+                .and_then(|agent| login::Provider::discover(agent, issuer, client_id, Vec::new()))
+                .and_then(|p| p.revoke(refresh)),
+        ),
+        _ => None,
+    };
     if ctx.json() {
         print_json(&serde_json::json!({
             "server": base.url,
             "removed": removed.is_some(),
             "name": removed.as_ref().map(|e| e.subject.clone()),
+            "refresh_token_revoked": matches!(revoked, Some(Ok(true))),
             "credentials_file": store.path(),
         }))?;
     } else {
-        let text = match &removed {
+        let mut text = match &removed {
             Some(e) => format!(
                 "Removed the login of {} for {} from {}.\n",
                 render::clean(&e.subject),
@@ -960,6 +978,17 @@ pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
                 store.path().display()
             ),
         };
+        match &revoked {
+            Some(Ok(true)) => text.push_str("The identity provider revoked its refresh token.\n"),
+            Some(Ok(false)) => text.push_str(
+                "The identity provider offers no revocation: its refresh token stays valid until it expires.\n",
+            ),
+            Some(Err(e)) => text.push_str(&format!(
+                "warning: its refresh token may still be valid: {}\n",
+                render::clean(&e.message)
+            )),
+            None => {}
+        }
         print_text(&text)?;
     }
     Ok(Exit::Success)

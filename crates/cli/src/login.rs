@@ -231,6 +231,7 @@ pub struct Provider {
     token_endpoint: String,
     device_endpoint: Option<String>,
     authorization_endpoint: Option<String>,
+    revocation_endpoint: Option<String>,
 }
 
 /// Tokens from a login or a refresh.
@@ -294,6 +295,7 @@ impl Provider {
         Ok(Provider {
             device_endpoint: endpoint("device_authorization_endpoint")?,
             authorization_endpoint: endpoint("authorization_endpoint")?,
+            revocation_endpoint: endpoint("revocation_endpoint")?,
             agent,
             issuer: issuer.to_string(),
             client_id: client_id.to_string(),
@@ -395,6 +397,32 @@ impl Provider {
             ));
         }
         self.tokens(&body, Some(refresh_token), None)
+    }
+
+    /// Revokes a refresh token (RFC 7009). `Ok(false)` when the provider
+    /// offers no revocation endpoint.
+    pub fn revoke(&self, refresh_token: &crate::credentials::Secret) -> Result<bool, Failure> {
+        let Some(endpoint) = self.revocation_endpoint.as_deref() else {
+            return Ok(false);
+        };
+        let (status, body) = self.post_form(
+            endpoint,
+            &[
+                ("token", &refresh_token.0),
+                ("token_type_hint", "refresh_token"),
+                ("client_id", &self.client_id),
+            ],
+        )?;
+        if status != 200 {
+            return Err(fail(
+                "revoke_failed",
+                format!(
+                    "the identity provider did not revoke the refresh token (HTTP {status}, {})",
+                    oauth_error(&body)
+                ),
+            ));
+        }
+        Ok(true)
     }
 
     /// The Device Authorization Grant: prints where to go and the code on

@@ -289,12 +289,37 @@ fn device_login_then_whoami_request_and_cross_user_approval() {
     out.expect_code(0);
     assert_eq!(out.json()["name"], "dave");
 
-    // logout removes the entry and says so; afterwards alice is signed out.
+    // logout removes the entry and says so, and the provider revokes the
+    // refresh token; afterwards alice is signed out.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(alice.credentials()).expect("read"))
+            .expect("JSON");
+    let refresh = doc["servers"][&url]["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_string();
     let out = alice.run(&url, &["logout"]);
     out.expect_code(0);
     assert!(
         out.stdout.contains("Removed the login of alice"),
         "{out:#?}"
+    );
+    assert!(out.stdout.contains("revoked its refresh token"), "{out:#?}");
+    let refreshed = ureq::post(format!("{}/token", op.issuer()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send(oidc::encode_form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh.as_str()),
+            ("client_id", op.client_id()),
+        ]))
+        .expect("token endpoint");
+    assert_eq!(
+        refreshed.status(),
+        400,
+        "a revoked refresh token is refused"
     );
     let out = alice.run(&url, &["whoami"]);
     out.expect_code(3);

@@ -609,6 +609,16 @@ impl Config {
         }
     }
 
+    /// Rules of `engine` nobody among the known principals can satisfy.
+    /// With an identity provider, approver groups are filled there, out of
+    /// the service's sight: nothing can be judged, so nothing is said.
+    pub fn policy_warnings(&self, engine: &breakglass_core::policy::PolicyEngine) -> Vec<String> {
+        if self.identity.oidc.is_some() {
+            return Vec::new();
+        }
+        engine.warnings(&self.policy_principals())
+    }
+
     /// The configured principals as the policy sees them (for the policy
     /// warnings; admin rights play no part there).
     pub fn policy_principals(&self) -> Vec<breakglass_core::Principal> {

@@ -276,7 +276,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         _ => None,
     };
     let (policy, policy_sha) = load_policy_with_digest(&config)?;
-    for w in policy.warnings(&config.policy_principals()) {
+    for w in config.policy_warnings(&policy) {
         tracing::warn!(policy_file = %config.policy.file.display(), "{w}");
     }
     let db = config.db_path();

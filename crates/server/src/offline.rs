@@ -100,7 +100,7 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let config = Config::load(config)?;
     let engine = load_policy(&config)?;
     let policies = engine.policy_names();
-    let warnings = engine.warnings(&config.policy_principals());
+    let warnings = config.policy_warnings(&engine);
     let Some(s) = sample else {
         return Ok(PolicyReport {
             policies,

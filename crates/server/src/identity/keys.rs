@@ -127,6 +127,10 @@ impl KeySource {
         };
         if due {
             self.refresh().await;
+        } else {
+            // A fetch under way (another token with the new kid started
+            // it) may bring the key: wait for it rather than refuse.
+            drop(self.fetching.lock().await);
         }
         self.keys()
     }

@@ -267,11 +267,19 @@ impl Identity {
                 "missing bearer token (Authorization: Bearer TOKEN)".into(),
             ));
         }
-        if jwt::looks_like_jwt(bearer) {
-            // INVARIANT: a JWT is verified as one, never as a local token.
-            return self.verify_jwt(bearer, now).await;
+        // INVARIANT: a JWT is verified as one, never as a local token.
+        let result = if jwt::looks_like_jwt(bearer) {
+            self.verify_jwt(bearer, now).await
+        } else {
+            self.local(bearer, otp, now)
+        };
+        // Refusals are logged with their reason (never the token), so
+        // guessing at codes or replaying old tokens shows in the log.
+        if let Err(AuthError::Refused(why)) = &result {
+            // Debug formatting escapes control characters a token may carry.
+            tracing::info!(reason = ?why, "authentication refused");
         }
-        self.local(bearer, otp, now)
+        result
     }
 
     fn local(

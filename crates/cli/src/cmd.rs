@@ -261,6 +261,12 @@ pub fn hint(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
         _ => "",
     };
     let h = match api {
+        _ if code == "otp_required" && ctx.otp.is_some() => "a one-time code is accepted once, \
+                                                            and this command needed another \
+                                                            call: give the full request id, or \
+                                                            run it on a terminal, which asks for \
+                                                            the next code"
+            .to_string(),
         _ if code == "otp_required" => "pass the current one-time code with --otp CODE (or \
                                         BREAKGLASS_OTP); on a terminal breakglass asks for it"
             .to_string(),
@@ -1112,6 +1118,41 @@ mod tests {
             },
             Output::Text,
         )
+    }
+
+    #[test]
+    fn identity_refusals_have_their_own_hints() {
+        let problem = |status, code: &str| {
+            anyhow::Error::new(ApiError::Problem {
+                status,
+                problem: breakglass_server::dto::Problem {
+                    type_: "about:blank".to_string(),
+                    title: "Refused".to_string(),
+                    status,
+                    detail: "refused".to_string(),
+                    code: code.to_string(),
+                },
+            })
+        };
+        let plain = ctx(DEFAULT_URL, Some("bgt_x"), true);
+        let hint_of = |c: &Ctx, status, code| hint(c, &problem(status, code)).unwrap_or_default();
+        assert!(hint_of(&plain, 401, "otp_required").contains("--otp CODE"));
+        assert!(hint_of(&plain, 403, "step_up_required").contains("breakglass login --fresh"));
+        let with_otp = Ctx::new(
+            ServerConn {
+                url: DEFAULT_URL.to_string(),
+                token: Some("bgt_x".to_string()),
+                otp: Some("123456".to_string()),
+                ..ServerConn::default()
+            },
+            Output::Text,
+        );
+        assert!(hint_of(&with_otp, 401, "otp_required").contains("accepted once"));
+        with_otp.used_stored.set(true);
+        assert!(
+            hint_of(&with_otp, 401, "unauthenticated").contains("stored login"),
+            "a refused stored login says to log in again"
+        );
     }
 
     #[test]

@@ -582,12 +582,15 @@ impl Client {
                 status: 401,
                 problem,
             }) if problem.code == "otp_required" && otp.is_none() && self.otp_prompt => {
-                let code = crate::prompt::otp_code(&problem.detail).map_err(|e| {
-                    ApiError::BadResponse {
-                        detail: format!("cannot read the one-time code: {e}"),
-                    }
-                })?;
-                call(Some(&code))
+                match crate::prompt::otp_code(&problem.detail) {
+                    Ok(code) => call(Some(&code)),
+                    // No answer (end of input): the refusal stands, and
+                    // its hint names --otp.
+                    Err(_) => Err(ApiError::Problem {
+                        status: 401,
+                        problem,
+                    }),
+                }
             }
             other => other,
         }

@@ -160,6 +160,7 @@ impl Ctx {
                 e.message
             ))
         })?;
+        let token = Token::new(&tokens.id_token.0);
         store.put(
             server,
             credentials::Entry {
@@ -169,7 +170,7 @@ impl Ctx {
                 ..entry
             },
         )?;
-        Ok(store.get(server)?.and_then(|e| Token::new(&e.id_token.0)))
+        Ok(token)
     }
 
     /// The client, built only by verbs that talk to the server, so a bad
@@ -260,6 +261,12 @@ pub fn hint(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
         _ => "",
     };
     let h = match api {
+        _ if code == "otp_required" && ctx.otp.is_some() => "a one-time code is accepted once, \
+                                                            and this command needed another \
+                                                            call: give the full request id, or \
+                                                            run it on a terminal, which asks for \
+                                                            the next code"
+            .to_string(),
         _ if code == "otp_required" => "pass the current one-time code with --otp CODE (or \
                                         BREAKGLASS_OTP); on a terminal breakglass asks for it"
             .to_string(),
@@ -847,7 +854,8 @@ pub fn login(ctx: &Ctx, opts: &LoginOptions) -> anyhow::Result<Exit> {
     let plain = Client::new(base.clone(), None, roots.clone());
     let (tokens, source, issuer, client_id) = if opts.github_actions {
         let audience = opts.audience.clone().unwrap_or_else(|| base.url.clone());
-        let agent = crate::client::agent(ctx.idp_roots("https://")?);
+        let request_url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").unwrap_or_default();
+        let agent = crate::client::agent(ctx.idp_roots(&request_url)?);
         let tokens = login::github_actions_token(&agent, &audience)?;
         let issuer = login::issuer_of(&tokens.id_token.0);
         (
@@ -932,20 +940,38 @@ pub fn login(ctx: &Ctx, opts: &LoginOptions) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// `breakglass logout`: removes the stored login for this server.
+/// `breakglass logout`: removes the stored login for this server, then
+/// asks the identity provider to revoke its refresh token (best effort:
+/// the local entry is gone either way, and the outcome is said).
 pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
     let (base, _) = ctx.server()?;
     let store = credentials::Store::from_env()?;
     let removed = store.remove(&base.url)?;
+    let revoked = match &removed {
+        Some(credentials::Entry {
+            source: credentials::Source::Oidc,
+            issuer,
+            client_id,
+            refresh_token: Some(refresh),
+            ..
+        }) => Some(
+            ctx.idp_roots(issuer)
+                .map(crate::client::agent)
+                .and_then(|agent| login::Provider::discover(agent, issuer, client_id, Vec::new()))
+                .and_then(|p| p.revoke(refresh)),
+        ),
+        _ => None,
+    };
     if ctx.json() {
         print_json(&serde_json::json!({
             "server": base.url,
             "removed": removed.is_some(),
             "name": removed.as_ref().map(|e| e.subject.clone()),
+            "refresh_token_revoked": matches!(revoked, Some(Ok(true))),
             "credentials_file": store.path(),
         }))?;
     } else {
-        let text = match &removed {
+        let mut text = match &removed {
             Some(e) => format!(
                 "Removed the login of {} for {} from {}.\n",
                 render::clean(&e.subject),
@@ -958,6 +984,17 @@ pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
                 store.path().display()
             ),
         };
+        match &revoked {
+            Some(Ok(true)) => text.push_str("The identity provider revoked its refresh token.\n"),
+            Some(Ok(false)) => text.push_str(
+                "The identity provider offers no revocation: its refresh token stays valid until it expires.\n",
+            ),
+            Some(Err(e)) => text.push_str(&format!(
+                "warning: its refresh token may still be valid: {}\n",
+                render::clean(&e.message)
+            )),
+            None => {}
+        }
         print_text(&text)?;
     }
     Ok(Exit::Success)
@@ -1081,6 +1118,41 @@ mod tests {
             },
             Output::Text,
         )
+    }
+
+    #[test]
+    fn identity_refusals_have_their_own_hints() {
+        let problem = |status, code: &str| {
+            anyhow::Error::new(ApiError::Problem {
+                status,
+                problem: breakglass_server::dto::Problem {
+                    type_: "about:blank".to_string(),
+                    title: "Refused".to_string(),
+                    status,
+                    detail: "refused".to_string(),
+                    code: code.to_string(),
+                },
+            })
+        };
+        let plain = ctx(DEFAULT_URL, Some("bgt_x"), true);
+        let hint_of = |c: &Ctx, status, code| hint(c, &problem(status, code)).unwrap_or_default();
+        assert!(hint_of(&plain, 401, "otp_required").contains("--otp CODE"));
+        assert!(hint_of(&plain, 403, "step_up_required").contains("breakglass login --fresh"));
+        let with_otp = Ctx::new(
+            ServerConn {
+                url: DEFAULT_URL.to_string(),
+                token: Some("bgt_x".to_string()),
+                otp: Some("123456".to_string()),
+                ..ServerConn::default()
+            },
+            Output::Text,
+        );
+        assert!(hint_of(&with_otp, 401, "otp_required").contains("accepted once"));
+        with_otp.used_stored.set(true);
+        assert!(
+            hint_of(&with_otp, 401, "unauthenticated").contains("stored login"),
+            "a refused stored login says to log in again"
+        );
     }
 
     #[test]

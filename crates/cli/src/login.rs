@@ -231,6 +231,7 @@ pub struct Provider {
     token_endpoint: String,
     device_endpoint: Option<String>,
     authorization_endpoint: Option<String>,
+    revocation_endpoint: Option<String>,
 }
 
 /// Tokens from a login or a refresh.
@@ -294,6 +295,7 @@ impl Provider {
         Ok(Provider {
             device_endpoint: endpoint("device_authorization_endpoint")?,
             authorization_endpoint: endpoint("authorization_endpoint")?,
+            revocation_endpoint: endpoint("revocation_endpoint")?,
             agent,
             issuer: issuer.to_string(),
             client_id: client_id.to_string(),
@@ -395,6 +397,32 @@ impl Provider {
             ));
         }
         self.tokens(&body, Some(refresh_token), None)
+    }
+
+    /// Revokes a refresh token (RFC 7009). `Ok(false)` when the provider
+    /// offers no revocation endpoint.
+    pub fn revoke(&self, refresh_token: &crate::credentials::Secret) -> Result<bool, Failure> {
+        let Some(endpoint) = self.revocation_endpoint.as_deref() else {
+            return Ok(false);
+        };
+        let (status, body) = self.post_form(
+            endpoint,
+            &[
+                ("token", &refresh_token.0),
+                ("token_type_hint", "refresh_token"),
+                ("client_id", &self.client_id),
+            ],
+        )?;
+        if status != 200 {
+            return Err(fail(
+                "revoke_failed",
+                format!(
+                    "the identity provider did not revoke the refresh token (HTTP {status}, {})",
+                    oauth_error(&body)
+                ),
+            ));
+        }
+        Ok(true)
     }
 
     /// The Device Authorization Grant: prints where to go and the code on
@@ -848,6 +876,78 @@ mod tests {
             let _ = next_poll(&mut interval, &err("slow_down"));
         }
         assert_eq!(interval, Duration::from_secs(INTERVAL_MAX_S), "bounded");
+    }
+
+    #[test]
+    fn a_fresh_login_must_show_a_new_auth_time() {
+        let tokens = |auth_time| Tokens {
+            id_token: crate::credentials::Secret("t".into()),
+            refresh_token: None,
+            expires_at: 0,
+            auth_time,
+        };
+        assert!(check_fresh(&tokens(Some(1000)), 1000).is_ok());
+        assert!(
+            check_fresh(&tokens(Some(1000 - CLOCK_LEEWAY_S)), 1000).is_ok(),
+            "leeway"
+        );
+        let stale = check_fresh(&tokens(Some(100)), 1000).expect_err("an old sign-in");
+        assert!(
+            stale.message.contains("--fresh --browser"),
+            "{}",
+            stale.message
+        );
+        assert!(check_fresh(&tokens(None), 1000).is_err(), "no auth_time");
+    }
+
+    /// Sends `request` to the listener from another thread.
+    fn send(port: u16, request: &'static str) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.write_all(request.as_bytes()).expect("send");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer
+        })
+    }
+
+    #[test]
+    fn the_redirect_listener_checks_state_and_ignores_other_paths() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let favicon = send(port, "GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n");
+        let good = send(
+            port,
+            "GET /callback?code=c%2F1&state=s1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        // Whichever arrives first, the favicon is answered 404 and skipped.
+        let code = wait_for_redirect(&listener, "s1", Duration::from_secs(10)).expect("code");
+        if !favicon.is_finished() {
+            let again = wait_for_redirect(&listener, "s1", Duration::from_secs(2));
+            assert!(again.is_err(), "only the favicon was left");
+        }
+        assert_eq!(code, "c/1");
+        assert!(favicon.join().expect("favicon").starts_with("HTTP/1.1 404"));
+        assert!(
+            good.join()
+                .expect("good")
+                .contains("Signed in to breakglass")
+        );
+
+        let forged = send(port, "GET /callback?code=c&state=other HTTP/1.1\r\n\r\n");
+        let e = wait_for_redirect(&listener, "s1", Duration::from_secs(10)).expect_err("forged");
+        assert_eq!(e.code, "login_state_mismatch");
+        assert!(forged.join().expect("forged").starts_with("HTTP/1.1 400"));
+
+        let denied = send(
+            port,
+            "GET /callback?error=access_denied&state=s1 HTTP/1.1\r\n\r\n",
+        );
+        let e = wait_for_redirect(&listener, "s1", Duration::from_secs(10)).expect_err("denied");
+        assert_eq!(e.exit, Exit::Refused);
+        drop(denied.join());
+        let e = wait_for_redirect(&listener, "s1", Duration::from_millis(200)).expect_err("none");
+        assert_eq!(e.code, "login_timeout");
     }
 
     #[test]

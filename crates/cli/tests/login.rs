@@ -238,6 +238,10 @@ fn device_login_then_whoami_request_and_cross_user_approval() {
     let out = alice.device_login(&url, &op, &[]);
     out.expect_code(0);
     assert!(out.stderr.contains("enter the code"), "{out:#?}");
+    assert!(
+        out.stderr.contains("(or open http://127.0.0.1:"),
+        "{out:#?}"
+    );
     assert!(out.stdout.contains("Signed in to"), "{out:#?}");
     assert!(out.stdout.contains("as alice (human)"), "{out:#?}");
     no_token_in(&out, &alice.credentials());
@@ -285,12 +289,37 @@ fn device_login_then_whoami_request_and_cross_user_approval() {
     out.expect_code(0);
     assert_eq!(out.json()["name"], "dave");
 
-    // logout removes the entry and says so; afterwards alice is signed out.
+    // logout removes the entry and says so, and the provider revokes the
+    // refresh token; afterwards alice is signed out.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(alice.credentials()).expect("read"))
+            .expect("JSON");
+    let refresh = doc["servers"][&url]["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_string();
     let out = alice.run(&url, &["logout"]);
     out.expect_code(0);
     assert!(
         out.stdout.contains("Removed the login of alice"),
         "{out:#?}"
+    );
+    assert!(out.stdout.contains("revoked its refresh token"), "{out:#?}");
+    let refreshed = ureq::post(format!("{}/token", op.issuer()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send(oidc::encode_form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh.as_str()),
+            ("client_id", op.client_id()),
+        ]))
+        .expect("token endpoint");
+    assert_eq!(
+        refreshed.status(),
+        400,
+        "a revoked refresh token is refused"
     );
     let out = alice.run(&url, &["whoami"]);
     out.expect_code(3);
@@ -312,7 +341,14 @@ fn an_expired_login_is_refreshed_and_a_failed_refresh_says_to_log_in() {
     let server = Server::start(&setup);
     let url = server.url.clone();
     let alice = Person::new("alice");
-    alice.device_login(&url, &op, &[]).expect_code(0);
+    let out = alice.device_login(&url, &op, &["--output", "json"]);
+    out.expect_code(0);
+    let login = out.json();
+    assert_eq!(login["name"], "alice");
+    assert_eq!(login["server"], url.as_str());
+    assert_eq!(login["refreshable"], true);
+    assert!(login["expires_at"].is_string(), "{login}");
+    no_token_in(&out, &alice.credentials());
     let stored = |p: &Person| -> serde_json::Value {
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(p.credentials()).expect("read"))
@@ -547,6 +583,38 @@ fn otp_for_a_local_principal_with_totp() {
     );
     out.expect_code(3);
     assert!(out.stderr.contains("already used"), "{out:#?}");
+    // On a terminal the CLI asks for the code and retries once (`script`
+    // gives it a pseudo-terminal; the code is typed on its stdin).
+    if std::path::Path::new("/usr/bin/script").is_file() {
+        let next = totp(secret, step + 1);
+        let line = format!("{BIN} --url {url} whoami --output json");
+        let mut child = Command::new("/usr/bin/script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("BREAKGLASS_TOKEN", &token)
+            .env("XDG_CONFIG_HOME", oscar.home.path())
+            .env_remove("BREAKGLASS_OTP")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(format!("{next}\n").as_bytes())
+                .expect("type the code");
+            // Kept open until the CLI is done: an EOF could end `script`.
+            let out = wait_cli(child, CLI_TIMEOUT);
+            drop(stdin);
+            assert!(out.stdout.contains("One-time code:"), "{out:#?}");
+            assert!(
+                out.stdout.contains("\"auth_method\": \"local+totp\""),
+                "{out:#?}"
+            );
+        }
+    }
+
     // A wrong code says so.
     let wrong = if code == "000000" { "111111" } else { "000000" };
     let out = oscar.run_env(

@@ -142,7 +142,12 @@ fn hex_digest(bytes: &[u8]) -> String {
 
 /// The installed `node_modules`, or an error saying how to install them.
 fn node_modules() -> anyhow::Result<PathBuf> {
-    let modules = node_install_dir()?.join("node_modules");
+    check_node_modules(&node_install_dir()?)
+}
+
+/// `dir/node_modules` when the scripts' packages are installed there.
+fn check_node_modules(dir: &Path) -> anyhow::Result<PathBuf> {
+    let modules = dir.join("node_modules");
     if !modules.join("oidc-provider").join("package.json").is_file()
         || !modules.join("jose").join("package.json").is_file()
     {
@@ -1151,6 +1156,13 @@ mod tests {
         let p = query_params("http://x/cb?code=a%2Fb&state=s+t#frag");
         assert_eq!(p.get("code").map(String::as_str), Some("a/b"));
         assert_eq!(p.get("state").map(String::as_str), Some("s t"));
+    }
+
+    #[test]
+    fn missing_node_modules_say_how_to_install_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = check_node_modules(dir.path()).expect_err("nothing installed");
+        assert!(format!("{e:#}").contains("run `cargo xtask test`"), "{e:#}");
     }
 
     #[test]

@@ -77,11 +77,19 @@ fn ensure_system_packages() -> anyhow::Result<()> {
 
 /// Runs `cargo test` with the given arguments, echoing its output, and
 /// adds up its `test result:` lines.
-fn cargo_test(args: &[&str], passed: &mut u64, failed: &mut u64) -> anyhow::Result<bool> {
+fn cargo_test(
+    args: &[&str],
+    node_modules: &std::path::Path,
+    passed: &mut u64,
+    failed: &mut u64,
+) -> anyhow::Result<bool> {
     use std::io::{BufRead, BufReader};
     let mut cmd = cargo();
     cmd.arg("test")
         .args(args)
+        // The testkit finds the same directory by itself; the variable
+        // makes the choice explicit for every test binary.
+        .env("BREAKGLASS_TEST_NODE_MODULES", node_modules)
         .stdout(std::process::Stdio::piped());
     eprintln!("$ {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
@@ -104,14 +112,75 @@ fn cargo_test(args: &[&str], passed: &mut u64, failed: &mut u64) -> anyhow::Resu
     Ok(child.wait()?.success())
 }
 
+/// Where the test identity providers' node modules go: a cache directory
+/// named after the lock file's hash, as `breakglass-testkit` computes it.
+fn node_install_dir() -> anyhow::Result<std::path::PathBuf> {
+    use sha2::Digest;
+    let lock = workspace_root().join("crates/testkit/oidc/package-lock.json");
+    let bytes = std::fs::read(&lock).with_context(|| format!("cannot read {}", lock.display()))?;
+    let hash: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+        _ => std::path::PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache"),
+    };
+    Ok(cache
+        .join("breakglass")
+        .join(format!("test-node-{}", &hash[..16])))
+}
+
+/// Installs the node modules of the test identity providers
+/// (`crates/testkit/oidc`: `oidc-provider`, `jose`) with `npm ci` from the
+/// committed lock file when they are missing; returns their
+/// `node_modules` directory.
+fn ensure_node_modules() -> anyhow::Result<std::path::PathBuf> {
+    let dir = node_install_dir()?;
+    let modules = dir.join("node_modules");
+    let marker = dir.join("installed");
+    if marker.is_file() {
+        return Ok(modules);
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        bail!(
+            "the tests need Node.js 20.19 or later with npm (`sudo apt-get install -y nodejs npm`)"
+        );
+    }
+    eprintln!(
+        "xtask: installing the test identity provider's node modules into {}",
+        dir.display()
+    );
+    // Installed beside a copy of the manifest and lock file, then marked,
+    // so an interrupted install is redone.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let source = workspace_root().join("crates/testkit/oidc");
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(source.join(file), dir.join(file))
+            .with_context(|| format!("cannot copy {file}"))?;
+    }
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+        .current_dir(&dir))?;
+    std::fs::write(&marker, "")?;
+    Ok(modules)
+}
+
 fn test() -> anyhow::Result<()> {
     ensure_system_packages()?;
+    let modules = ensure_node_modules()?;
     // Build everything first so test binaries that start the real
     // `breakglass` binary find it built.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let (mut passed, mut failed) = (0, 0);
     let units = cargo_test(
         &["--workspace", "--all-targets", "--no-fail-fast"],
+        &modules,
         &mut passed,
         &mut failed,
     )?;

@@ -206,11 +206,7 @@ pub struct RequestSeed {
 }
 
 fn principal(name: &str, group: &str) -> Principal {
-    Principal {
-        name: name.to_string(),
-        groups: BTreeSet::from([group.to_string()]),
-        admin: false,
-    }
+    Principal::local(name, BTreeSet::from([group.to_string()]), false)
 }
 
 /// Stores `n` requests the way the service would have, mostly ended: 1 in
@@ -229,6 +225,8 @@ pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
         engine.evaluate(&PolicyInput {
             principal: who,
             principal_groups: &oncall,
+            kind: breakglass_core::PrincipalKind::Local,
+            authn: &breakglass_core::model::LOCAL_AUTHN,
             target,
             target_groups: &[group.to_string()],
             action: Action::Request,

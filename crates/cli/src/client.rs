@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use breakglass_core::Request;
 use breakglass_server::dto::{
-    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
-    RequestList, ReviewBody, SessionList, TargetList, WhoAmI,
+    ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, Problem, ReasonBody,
+    RecordingPage, RequestList, ReviewBody, SessionList, TargetList, WhoAmI,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -30,6 +30,9 @@ pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 pub const URL_LEN_MAX: usize = 2048;
 /// The most bytes of a `--ca-file` read.
 pub const CA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// The header carrying a local principal's one-time (TOTP) code.
+pub const OTP_HEADER: &str = "X-Breakglass-OTP";
 
 /// The caller's API token. Its `Debug` never shows it, so it cannot leak
 /// through an error message or a log line.
@@ -232,7 +235,7 @@ pub fn parse_base_url(text: &str, insecure_http: bool) -> Result<BaseUrl, Failur
 }
 
 /// The host of `host[:port]` or `[v6][:port]`, lowercase, without brackets.
-fn host_of(authority: &str) -> String {
+pub fn host_of(authority: &str) -> String {
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
@@ -243,7 +246,7 @@ fn host_of(authority: &str) -> String {
 /// `localhost`, 127.0.0.0/8 and ::1: addresses whose traffic never leaves
 /// the machine. Names other than `localhost` are not resolved: a name that
 /// happens to point at loopback still needs https or `--insecure-http`.
-fn is_loopback(host: &str) -> bool {
+pub fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
         || host.parse::<Ipv6Addr>().is_ok_and(|a| a.is_loopback())
@@ -318,6 +321,36 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     token: Option<Token>,
+    /// The one-time code sent as `X-Breakglass-OTP`, if any.
+    otp: std::sync::Mutex<Option<String>>,
+    otp_prompt: bool,
+}
+
+/// The HTTP agent of the CLI, for the API and the identity provider:
+/// `roots` are trusted for https, every call has a deadline, redirects are
+/// not followed and no proxy from the environment is used (bearer tokens
+/// travel in clear over loopback http).
+pub fn agent(roots: Vec<ureq::tls::Certificate<'static>>) -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+        // The same rustls and provider (ring) as the gateway's TLS.
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    let config = ureq::Agent::config_builder()
+        .tls_config(tls)
+        // Error statuses carry problem documents we want to read.
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
+        .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_S)))
+        // The API never redirects; a redirect means something else answered.
+        .max_redirects(0)
+        // The bearer token travels in clear over http: never hand it to a
+        // proxy picked up from the environment.
+        .proxy(None)
+        .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
+        .build();
+    config.into()
 }
 
 impl Client {
@@ -329,30 +362,26 @@ impl Client {
         token: Option<Token>,
         roots: Vec<ureq::tls::Certificate<'static>>,
     ) -> Client {
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-            // The same rustls and provider (ring) as the gateway's TLS.
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .build();
-        let config = ureq::Agent::config_builder()
-            .tls_config(tls)
-            // Error statuses carry problem documents we want to read.
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
-            .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_S)))
-            // The API never redirects; a redirect means something else answered.
-            .max_redirects(0)
-            // The bearer token travels in clear over http: never hand it to a
-            // proxy picked up from the environment.
-            .proxy(None)
-            .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
-            .build();
         Client {
-            agent: config.into(),
+            agent: agent(roots),
             base: base.url,
             token,
+            otp: std::sync::Mutex::new(None),
+            otp_prompt: false,
         }
+    }
+
+    /// Sends `code` as `X-Breakglass-OTP` with every call.
+    pub fn with_otp(mut self, code: Option<String>) -> Client {
+        self.otp = std::sync::Mutex::new(code);
+        self
+    }
+
+    /// On `otp_required`, asks for the code on the terminal and retries
+    /// once (only when stdin and stderr are terminals).
+    pub fn with_otp_prompt(mut self, prompt: bool) -> Client {
+        self.otp_prompt = prompt;
+        self
     }
 
     // ---- routes (DESIGN §7) ----
@@ -447,6 +476,16 @@ impl Client {
         self.get(&format!("/v1/sessions/{id}/recording"), &query)
     }
 
+    /// `GET /v1/auth/config`, without the token: how to sign in.
+    pub fn auth_config(&self) -> Result<AuthConfig, ApiError> {
+        let url = self.url("/v1/auth/config");
+        let req = self
+            .agent
+            .get(&url)
+            .header("Accept", "application/json, application/problem+json");
+        self.finish(req.call())
+    }
+
     /// `GET /v1/whoami`.
     pub fn whoami(&self) -> Result<WhoAmI, ApiError> {
         self.get("/v1/whoami", &[])
@@ -485,17 +524,22 @@ impl Client {
         query: &[(&str, String)],
     ) -> Result<T, ApiError> {
         let url = self.url(path);
-        let mut req = self
-            .agent
-            .get(&url)
-            .header("Accept", "application/json, application/problem+json");
-        if let Some(auth) = self.auth_header() {
-            req = req.header("Authorization", auth);
-        }
-        for (k, v) in query {
-            req = req.query(*k, v);
-        }
-        self.finish(req.call())
+        self.with_otp_retry(|otp| {
+            let mut req = self
+                .agent
+                .get(&url)
+                .header("Accept", "application/json, application/problem+json");
+            if let Some(auth) = self.auth_header() {
+                req = req.header("Authorization", auth);
+            }
+            if let Some(code) = otp {
+                req = req.header(OTP_HEADER, code);
+            }
+            for (k, v) in query {
+                req = req.query(*k, v);
+            }
+            self.finish(req.call())
+        })
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(
@@ -504,18 +548,52 @@ impl Client {
         body: Option<&B>,
     ) -> Result<T, ApiError> {
         let url = self.url(path);
-        let mut req = self
-            .agent
-            .post(&url)
-            .header("Accept", "application/json, application/problem+json");
-        if let Some(auth) = self.auth_header() {
-            req = req.header("Authorization", auth);
+        self.with_otp_retry(|otp| {
+            let mut req = self
+                .agent
+                .post(&url)
+                .header("Accept", "application/json, application/problem+json");
+            if let Some(auth) = self.auth_header() {
+                req = req.header("Authorization", auth);
+            }
+            if let Some(code) = otp {
+                req = req.header(OTP_HEADER, code);
+            }
+            let result = match body {
+                Some(b) => req.send_json(b),
+                None => req.send_empty(),
+            };
+            self.finish(result)
+        })
+    }
+
+    /// Runs `call` with the one-time code, if any. When the server answers
+    /// `otp_required` and prompting is on, asks for the code on the
+    /// terminal and runs `call` once more: the refused call did nothing,
+    /// so sending it again is safe. The code is used once: the server
+    /// refuses a code it has seen.
+    fn with_otp_retry<T>(
+        &self,
+        call: impl Fn(Option<&str>) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let otp = self.otp.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match call(otp.as_deref()) {
+            Err(ApiError::Problem {
+                status: 401,
+                problem,
+            }) if problem.code == "otp_required" && otp.is_none() && self.otp_prompt => {
+                match crate::prompt::otp_code(&problem.detail) {
+                    Ok(code) => call(Some(&code)),
+                    // No answer (end of input): the refusal stands, and
+                    // its hint names --otp.
+                    Err(_) => Err(ApiError::Problem {
+                        status: 401,
+                        problem,
+                    }),
+                }
+            }
+            other => other,
         }
-        let result = match body {
-            Some(b) => req.send_json(b),
-            None => req.send_empty(),
-        };
-        self.finish(result)
     }
 
     fn finish<T: DeserializeOwned>(

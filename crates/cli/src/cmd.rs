@@ -14,9 +14,12 @@ use breakglass_server::offline::{self, Sample};
 use serde::Serialize;
 
 use crate::Output;
-use crate::client::{ApiError, Client, Token, parse_base_url, read_ca_file, trusted_roots};
+use crate::client::{
+    ApiError, BaseUrl, Client, Token, parse_base_url, read_ca_file, trusted_roots,
+};
 use crate::exit::{Exit, Failure};
 use crate::render;
+use crate::{credentials, login};
 
 /// `--wait` polls this often at first, when a quick approval is likely and
 /// every millisecond of time-to-access counts...
@@ -42,6 +45,21 @@ pub struct ServerConn {
     pub token_from_env: bool,
     pub ca_file: Option<PathBuf>,
     pub insecure_http: bool,
+    /// `--otp` / `BREAKGLASS_OTP`.
+    pub otp: Option<String>,
+}
+
+/// A stored login is renewed when it expires within this many seconds,
+/// so it does not run out in the middle of a call.
+const REFRESH_MARGIN_S: i64 = 60;
+
+/// What `breakglass login` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct LoginOptions {
+    pub browser: bool,
+    pub fresh: bool,
+    pub github_actions: bool,
+    pub audience: Option<String>,
 }
 
 /// What every verb needs: where the server is, who we are, how to print.
@@ -51,6 +69,9 @@ pub struct Ctx {
     token_from_env: bool,
     ca_file: Option<PathBuf>,
     insecure_http: bool,
+    otp: Option<String>,
+    /// Set when the call used the stored login (for the hints).
+    used_stored: std::cell::Cell<bool>,
     pub output: Output,
 }
 
@@ -62,15 +83,14 @@ impl Ctx {
             token_from_env: conn.token_from_env,
             ca_file: conn.ca_file,
             insecure_http: conn.insecure_http,
+            otp: conn.otp.map(|c| c.trim().to_string()),
+            used_stored: std::cell::Cell::new(false),
             output,
         }
     }
 
-    /// The client, built only by verbs that talk to the server, so a bad
-    /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
-    /// http to a non-loopback address is refused here, before anything is
-    /// resolved or sent.
-    fn client(&self) -> Result<Client, Failure> {
+    /// The server's base URL and the certificates trusted for it.
+    fn server(&self) -> Result<(BaseUrl, Vec<ureq::tls::Certificate<'static>>), Failure> {
         let base = parse_base_url(&self.url, self.insecure_http)?;
         let extra = match &self.ca_file {
             Some(path) => read_ca_file(path)?,
@@ -81,7 +101,95 @@ impl Ctx {
         } else {
             extra
         };
-        Ok(Client::new(base, self.token.clone(), roots))
+        Ok((base, roots))
+    }
+
+    /// The certificates trusted for an identity provider at `url`: the
+    /// system's (for https) and `--ca-file`.
+    fn idp_roots(&self, url: &str) -> Result<Vec<ureq::tls::Certificate<'static>>, Failure> {
+        let extra = match &self.ca_file {
+            Some(path) => read_ca_file(path)?,
+            None => Vec::new(),
+        };
+        if url.to_ascii_lowercase().starts_with("https://") {
+            trusted_roots(extra)
+        } else {
+            Ok(extra)
+        }
+    }
+
+    /// The stored login for `server`, renewed first when it is about to
+    /// expire. `None` when there is none. The credentials file is read
+    /// only here, so `--token` and `BREAKGLASS_TOKEN` never touch it.
+    fn stored_token(&self, server: &str) -> anyhow::Result<Option<Token>> {
+        let store = credentials::Store::from_env()?;
+        let Some(entry) = store.get(server)? else {
+            return Ok(None);
+        };
+        if entry.expires_at - REFRESH_MARGIN_S > login::now_s() {
+            return Ok(Token::new(&entry.id_token.0));
+        }
+        let expired = |why: String| -> anyhow::Error {
+            Failure::new(
+                Exit::Refused,
+                "login_expired",
+                format!("your login to {} has expired{why}", render::clean(server)),
+            )
+            .into()
+        };
+        let renewed = match (entry.source, &entry.refresh_token) {
+            (credentials::Source::GithubActions, _) => {
+                return Err(expired(
+                    "; run `breakglass login --github-actions` again".to_string(),
+                ));
+            }
+            (credentials::Source::Oidc, None) => {
+                return Err(expired(
+                    " and cannot be renewed (no refresh token); run `breakglass login`".to_string(),
+                ));
+            }
+            (credentials::Source::Oidc, Some(refresh)) => {
+                let agent = crate::client::agent(self.idp_roots(&entry.issuer)?);
+                login::Provider::discover(agent, &entry.issuer, &entry.client_id, Vec::new())
+                    .and_then(|p| p.refresh(refresh))
+            }
+        };
+        let tokens = renewed.map_err(|e| {
+            expired(format!(
+                " and could not be renewed ({}); run `breakglass login`",
+                e.message
+            ))
+        })?;
+        let token = Token::new(&tokens.id_token.0);
+        store.put(
+            server,
+            credentials::Entry {
+                id_token: tokens.id_token,
+                refresh_token: tokens.refresh_token,
+                expires_at: tokens.expires_at,
+                ..entry
+            },
+        )?;
+        Ok(token)
+    }
+
+    /// The client, built only by verbs that talk to the server, so a bad
+    /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
+    /// http to a non-loopback address is refused here, before anything is
+    /// resolved or sent.
+    fn client(&self) -> anyhow::Result<Client> {
+        let (base, roots) = self.server()?;
+        let token = match &self.token {
+            Some(t) => Some(t.clone()),
+            None => {
+                let stored = self.stored_token(&base.url)?;
+                self.used_stored.set(stored.is_some());
+                stored
+            }
+        };
+        Ok(Client::new(base, token, roots)
+            .with_otp(self.otp.clone())
+            .with_otp_prompt(crate::prompt::interactive()))
     }
 
     fn json(&self) -> bool {
@@ -148,11 +256,35 @@ pub fn hint(ctx: &Ctx, err: &anyhow::Error) -> Option<String> {
     }
     let api = err.chain().find_map(|e| e.downcast_ref::<ApiError>())?;
     let targets = "see what you may request, with its limits: breakglass targets";
+    let code = match api {
+        ApiError::Problem { problem, .. } => problem.code.as_str(),
+        _ => "",
+    };
     let h = match api {
+        _ if code == "otp_required" && ctx.otp.is_some() => "a one-time code is accepted once, \
+                                                            and this command needed another \
+                                                            call: give the full request id, or \
+                                                            run it on a terminal, which asks for \
+                                                            the next code"
+            .to_string(),
+        _ if code == "otp_required" => "pass the current one-time code with --otp CODE (or \
+                                        BREAKGLASS_OTP); on a terminal breakglass asks for it"
+            .to_string(),
+        _ if code == "step_up_required" => "this needs a recent sign-in: run `breakglass login \
+                                            --fresh`, then try again"
+            .to_string(),
+        ApiError::Problem { status: 401, .. } | ApiError::Status { status: 401 }
+            if ctx.used_stored.get() =>
+        {
+            format!(
+                "the server did not accept your stored login for {}: run `breakglass login`",
+                render::clean(&ctx.url)
+            )
+        }
         ApiError::Problem { status: 401, .. } | ApiError::Status { status: 401 } => {
             match (&ctx.token, ctx.token_from_env) {
-                (None, _) => "no token given: set BREAKGLASS_TOKEN to your breakglass token \
-                              (export BREAKGLASS_TOKEN=...)"
+                (None, _) => "not signed in: run `breakglass login`, or set BREAKGLASS_TOKEN to \
+                              your breakglass token (export BREAKGLASS_TOKEN=...)"
                     .to_string(),
                 (Some(_), true) => "the server did not accept your token: check BREAKGLASS_TOKEN \
                                     (is it for the server at BREAKGLASS_URL?)"
@@ -705,7 +837,165 @@ pub fn whoami(ctx: &Ctx) -> anyhow::Result<Exit> {
     if ctx.json() {
         print_json(&w)?;
     } else {
-        print_text(&render::whoami(&w))?;
+        print_text(&render::whoami(&w, Timestamp::now()))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// `breakglass login`: gets tokens (device flow, browser flow, or the
+/// GitHub Actions job's token), checks that the server accepts them
+/// (`whoami`), then keeps them for this server. Instructions for the
+/// person go to stderr; the result to stdout.
+pub fn login(ctx: &Ctx, opts: &LoginOptions) -> anyhow::Result<Exit> {
+    let (base, roots) = ctx.server()?;
+    let store = credentials::Store::from_env()?;
+    // Refuse a bad credentials file before anyone signs in.
+    store.get(&base.url)?;
+    let plain = Client::new(base.clone(), None, roots.clone());
+    let (tokens, source, issuer, client_id) = if opts.github_actions {
+        let audience = opts.audience.clone().unwrap_or_else(|| base.url.clone());
+        let request_url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").unwrap_or_default();
+        let agent = crate::client::agent(ctx.idp_roots(&request_url)?);
+        let tokens = login::github_actions_token(&agent, &audience)?;
+        let issuer = login::issuer_of(&tokens.id_token.0);
+        (
+            tokens,
+            credentials::Source::GithubActions,
+            issuer,
+            String::new(),
+        )
+    } else {
+        let Some(oidc) = plain.auth_config()?.oidc else {
+            return Err(Failure::new(
+                Exit::Error,
+                "no_identity_provider",
+                format!(
+                    "the server at {} has no identity provider configured: sign in with a \
+                     breakglass token instead (BREAKGLASS_TOKEN)",
+                    render::clean(&base.url)
+                ),
+            )
+            .into());
+        };
+        let agent = crate::client::agent(ctx.idp_roots(&oidc.issuer)?);
+        let provider =
+            login::Provider::discover(agent, &oidc.issuer, &oidc.client_id, oidc.scopes)?;
+        let mut err = io::stderr().lock();
+        let tokens = if opts.browser {
+            provider.browser_login(opts.fresh, &mut err)?
+        } else {
+            provider.device_login(opts.fresh, &mut err)?
+        };
+        (
+            tokens,
+            credentials::Source::Oidc,
+            oidc.issuer,
+            oidc.client_id,
+        )
+    };
+    let token =
+        Token::new(&tokens.id_token.0).context("the identity provider sent an empty token")?;
+    let who = Client::new(base.clone(), Some(token), roots)
+        .whoami()
+        .context("the server did not accept the new login (nothing was stored)")?;
+    let refreshable = tokens.refresh_token.is_some();
+    let expires_at = tokens.expires_at;
+    store.put(
+        &base.url,
+        credentials::Entry {
+            source,
+            issuer,
+            client_id,
+            id_token: tokens.id_token,
+            refresh_token: tokens.refresh_token,
+            expires_at,
+            subject: who.name.clone(),
+        },
+    )?;
+    let expires = Timestamp::from_millis(expires_at.saturating_mul(1000));
+    if ctx.json() {
+        print_json(&serde_json::json!({
+            "server": base.url,
+            "name": who.name,
+            "kind": who.kind.as_str(),
+            "auth_method": who.auth_method.as_str(),
+            "expires_at": expires.to_rfc3339(),
+            "refreshable": refreshable,
+            "credentials_file": store.path(),
+        }))?;
+    } else {
+        let renew = if refreshable {
+            "renewed automatically"
+        } else {
+            "then run `breakglass login` again"
+        };
+        print_text(&format!(
+            "Signed in to {} as {} ({}); the token expires {}, {renew}.\n",
+            render::clean(&base.url),
+            render::clean(&who.name),
+            who.kind.as_str(),
+            render::relative(Timestamp::now(), expires),
+        ))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// `breakglass logout`: removes the stored login for this server, then
+/// asks the identity provider to revoke its refresh token (best effort:
+/// the local entry is gone either way, and the outcome is said).
+pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
+    let (base, _) = ctx.server()?;
+    let store = credentials::Store::from_env()?;
+    let removed = store.remove(&base.url)?;
+    let revoked = match &removed {
+        Some(credentials::Entry {
+            source: credentials::Source::Oidc,
+            issuer,
+            client_id,
+            refresh_token: Some(refresh),
+            ..
+        }) => Some(
+            ctx.idp_roots(issuer)
+                .map(crate::client::agent)
+                .and_then(|agent| login::Provider::discover(agent, issuer, client_id, Vec::new()))
+                .and_then(|p| p.revoke(refresh)),
+        ),
+        _ => None,
+    };
+    if ctx.json() {
+        print_json(&serde_json::json!({
+            "server": base.url,
+            "removed": removed.is_some(),
+            "name": removed.as_ref().map(|e| e.subject.clone()),
+            "refresh_token_revoked": matches!(revoked, Some(Ok(true))),
+            "credentials_file": store.path(),
+        }))?;
+    } else {
+        let mut text = match &removed {
+            Some(e) => format!(
+                "Removed the login of {} for {} from {}.\n",
+                render::clean(&e.subject),
+                render::clean(&base.url),
+                store.path().display()
+            ),
+            None => format!(
+                "No login stored for {} (in {}); nothing to remove.\n",
+                render::clean(&base.url),
+                store.path().display()
+            ),
+        };
+        match &revoked {
+            Some(Ok(true)) => text.push_str("The identity provider revoked its refresh token.\n"),
+            Some(Ok(false)) => text.push_str(
+                "The identity provider offers no revocation: its refresh token stays valid until it expires.\n",
+            ),
+            Some(Err(e)) => text.push_str(&format!(
+                "warning: its refresh token may still be valid: {}\n",
+                render::clean(&e.message)
+            )),
+            None => {}
+        }
+        print_text(&text)?;
     }
     Ok(Exit::Success)
 }
@@ -858,6 +1148,41 @@ mod tests {
     }
 
     #[test]
+    fn identity_refusals_have_their_own_hints() {
+        let problem = |status, code: &str| {
+            anyhow::Error::new(ApiError::Problem {
+                status,
+                problem: breakglass_server::dto::Problem {
+                    type_: "about:blank".to_string(),
+                    title: "Refused".to_string(),
+                    status,
+                    detail: "refused".to_string(),
+                    code: code.to_string(),
+                },
+            })
+        };
+        let plain = ctx(DEFAULT_URL, Some("bgt_x"), true);
+        let hint_of = |c: &Ctx, status, code| hint(c, &problem(status, code)).unwrap_or_default();
+        assert!(hint_of(&plain, 401, "otp_required").contains("--otp CODE"));
+        assert!(hint_of(&plain, 403, "step_up_required").contains("breakglass login --fresh"));
+        let with_otp = Ctx::new(
+            ServerConn {
+                url: DEFAULT_URL.to_string(),
+                token: Some("bgt_x".to_string()),
+                otp: Some("123456".to_string()),
+                ..ServerConn::default()
+            },
+            Output::Text,
+        );
+        assert!(hint_of(&with_otp, 401, "otp_required").contains("accepted once"));
+        with_otp.used_stored.set(true);
+        assert!(
+            hint_of(&with_otp, 401, "unauthenticated").contains("stored login"),
+            "a refused stored login says to log in again"
+        );
+    }
+
+    #[test]
     fn error_text_has_the_code_and_a_hint_for_401() {
         let problem = |status| {
             anyhow::Error::new(ApiError::Problem {
@@ -876,7 +1201,7 @@ mod tests {
             error_text(&anonymous, &problem(401)).as_deref(),
             Some(
                 "error: missing or invalid bearer token (unauthenticated)\n\
-                 hint: no token given: set BREAKGLASS_TOKEN to your breakglass token (export BREAKGLASS_TOKEN=...)\n"
+                 hint: not signed in: run `breakglass login`, or set BREAKGLASS_TOKEN to your breakglass token (export BREAKGLASS_TOKEN=...)\n"
             )
         );
         // From the environment: never a suggestion to use --token.
@@ -924,11 +1249,11 @@ mod tests {
     #[test]
     fn plain_http_off_loopback_is_a_usage_error() {
         let c = ctx("http://192.0.2.1:8080", Some("t"), true);
-        let err = anyhow::Error::new(c.client().expect_err("refused"));
+        let err = c.client().expect_err("refused");
         assert_eq!(exit_for(&err), Exit::Usage);
         assert!(err.to_string().contains("--insecure-http"), "{err}");
         let c = ctx("https://example.com/v1/", Some("t"), true);
-        let err = anyhow::Error::new(c.client().expect_err("refused"));
+        let err = c.client().expect_err("refused");
         assert!(err.to_string().contains("https://example.com)"), "{err}");
     }
 }

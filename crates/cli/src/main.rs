@@ -7,7 +7,10 @@
 
 mod client;
 mod cmd;
+mod credentials;
 mod exit;
+mod login;
+mod prompt;
 mod render;
 
 use std::ffi::OsString;
@@ -94,6 +97,11 @@ struct ServerArgs {
     /// request cross the network unencrypted: only on a trusted network.
     #[arg(long, help_heading = SERVER_HEADING)]
     insecure_http: bool,
+    /// The current one-time (TOTP) code, for a local principal with TOTP
+    /// [env: BREAKGLASS_OTP]. Sent as X-Breakglass-OTP; each code is
+    /// accepted once. Without it, a terminal prompts for it.
+    #[arg(long, value_name = "CODE", help_heading = SERVER_HEADING)]
+    otp: Option<String>,
 }
 
 impl ServerArgs {
@@ -121,6 +129,12 @@ impl ServerArgs {
                 .or_else(|| before.ca_file.clone())
                 .or_else(|| env("BREAKGLASS_CA_FILE").map(PathBuf::from)),
             insecure_http: self.insecure_http || before.insecure_http,
+            otp: self
+                .otp
+                .clone()
+                .or_else(|| before.otp.clone())
+                .filter(|c| !c.trim().is_empty())
+                .or_else(|| env("BREAKGLASS_OTP")),
         }
     }
 }
@@ -193,8 +207,16 @@ enum Command {
     /// Move the store: copy an embedded store into PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
-    /// Show who the server thinks you are.
+    /// Show who the server thinks you are, and how you signed in.
     Whoami(ServerOnly),
+    /// Sign in with the organisation's identity provider (device flow by
+    /// default); the tokens are kept for this server and renewed.
+    #[command(
+        after_help = "Examples:\n  breakglass login                  # shows a URL and a code to enter on any device\n  breakglass login --browser        # a browser on this machine\n  breakglass login --fresh          # sign in again, for approvals that need a recent sign-in\n  breakglass login --github-actions --audience breakglass   # in a GitHub Actions job"
+    )]
+    Login(LoginArgs),
+    /// Remove the stored login for this server.
+    Logout(ServerOnly),
     /// List the targets and roles you may request, with their limits.
     Targets(ServerOnly),
     /// Print shell completions: breakglass completion bash > /etc/bash_completion.d/breakglass
@@ -217,7 +239,8 @@ impl Command {
             Command::Connect(a) => &a.server,
             Command::Recording(a) => &a.server,
             Command::Audit(AuditCommand::Export { server, .. }) => server,
-            Command::Whoami(a) | Command::Targets(a) => &a.server,
+            Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
+            Command::Login(a) => &a.server,
             Command::Serve(_)
             | Command::Audit(AuditCommand::Verify { .. })
             | Command::Policy(_)
@@ -229,6 +252,28 @@ impl Command {
 
 #[derive(Debug, Args)]
 struct ServerOnly {
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct LoginArgs {
+    /// Sign in with a browser on this machine (authorization code flow with
+    /// PKCE and a redirect to 127.0.0.1) instead of the device flow.
+    #[arg(long, conflicts_with = "github_actions")]
+    browser: bool,
+    /// Make the identity provider ask for your password again (max_age=0),
+    /// for approvals that need a recent sign-in (step_up_required).
+    #[arg(long, conflicts_with = "github_actions")]
+    fresh: bool,
+    /// In a GitHub Actions job: use the job's OIDC token (from
+    /// ACTIONS_ID_TOKEN_REQUEST_URL; needs `permissions: id-token: write`).
+    #[arg(long)]
+    github_actions: bool,
+    /// The audience of the job's token, as the server's workload entry
+    /// wants it [default: the server's URL].
+    #[arg(long, value_name = "AUDIENCE", requires = "github_actions")]
+    audience: Option<String>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -735,6 +780,16 @@ fn main() -> ExitCode {
             cmd::policy_check(&ctx, &a.config, sample.as_ref())
         }
         Command::Whoami(_) => cmd::whoami(&ctx),
+        Command::Login(a) => cmd::login(
+            &ctx,
+            &cmd::LoginOptions {
+                browser: a.browser,
+                fresh: a.fresh,
+                github_actions: a.github_actions,
+                audience: a.audience,
+            },
+        ),
+        Command::Logout(_) => cmd::logout(&ctx),
         Command::Targets(_) => cmd::targets(&ctx),
         Command::Completion(a) => cmd::completion(
             &mut Cli::command(),

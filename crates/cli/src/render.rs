@@ -537,17 +537,28 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-pub fn whoami(w: &WhoAmI) -> String {
-    format!(
-        "name:   {}\ngroups: {}\nadmin:  {}\n",
-        clean(&w.name),
-        if w.groups.is_empty() {
-            "-".to_string()
-        } else {
-            clean(&w.groups.join(", "))
-        },
-        if w.admin { "yes" } else { "no" }
-    )
+pub fn whoami(w: &WhoAmI, now: Timestamp) -> String {
+    let when = |t: Option<Timestamp>, none: &str| match t {
+        Some(t) => format!("{} ({})", t.to_rfc3339(), relative(now, t)),
+        None => none.to_string(),
+    };
+    let groups = if w.groups.is_empty() {
+        "-".to_string()
+    } else {
+        clean(&w.groups.join(", "))
+    };
+    let rows = [
+        ("name", clean(&w.name)),
+        ("groups", groups),
+        ("admin", if w.admin { "yes" } else { "no" }.to_string()),
+        ("kind", w.kind.as_str().to_string()),
+        ("signed in", w.auth_method.as_str().to_string()),
+        ("expires", when(w.expires_at, "never (a local token)")),
+        ("auth time", when(w.auth_time, "-")),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<11}{v}\n", format!("{k}:")))
+        .collect()
 }
 
 pub fn verify_report(r: &VerifyReport) -> String {
@@ -701,6 +712,7 @@ mod tests {
             end_comment: None,
             review_required: false,
             review: None,
+            approver_fresh_auth_s: None,
             version: 1,
         }
     }

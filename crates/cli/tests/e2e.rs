@@ -156,8 +156,8 @@ fn an_incident_through_the_cli() {
     // whoami.
     let out = cli("alice", &["whoami"]);
     out.expect_code(0);
-    assert!(out.stdout.contains("name:   alice"), "{out:#?}");
-    assert!(out.stdout.contains("admin:  no"), "{out:#?}");
+    assert!(out.stdout.contains("name:      alice"), "{out:#?}");
+    assert!(out.stdout.contains("admin:     no"), "{out:#?}");
     let w = cli("dave", &["whoami", "--output", "json"]).json();
     assert_eq!(w["name"], "dave");
     assert_eq!(w["admin"], true);
@@ -302,12 +302,12 @@ fn usage_auth_and_connection_errors_have_their_exit_codes() {
     // No token at all: also 3, with another hint.
     let out = setup.cli(None, &["whoami"]);
     out.expect_code(3);
-    assert!(out.stderr.contains("hint: no token given"), "{out:#?}");
+    assert!(out.stderr.contains("hint: not signed in"), "{out:#?}");
     // --token on the command line works too (this is the only place it is
     // used: the env var is what people should use).
     let out = run_cli(&setup.url(), None, &["--token", &token("bob"), "whoami"]);
     out.expect_code(0);
-    assert!(out.stdout.contains("name:   bob"), "{out:#?}");
+    assert!(out.stdout.contains("name:      bob"), "{out:#?}");
 
     // Refused by policy: mallory is in no group a policy names; alice asks
     // for longer than the policy allows.

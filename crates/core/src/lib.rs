@@ -14,5 +14,8 @@ pub mod time;
 pub mod token;
 
 pub use lifecycle::{Command, EventDraft, LifecycleError, NewRequest, Transition};
-pub use model::{Actor, Approval, EndReason, Principal, Request, Review, ReviewOutcome, State};
+pub use model::{
+    Actor, Approval, AuthMethod, Authn, EndReason, Principal, PrincipalKind, Request, Review,
+    ReviewOutcome, State,
+};
 pub use time::Timestamp;

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::model::{
     Actor, Approval, COMMENT_LEN_MAX, EndReason, NAME_LEN_MAX, NOTES_LEN_MAX, Principal,
-    REASON_LEN_MAX, Request, Review, ReviewOutcome, State, TICKET_LEN_MAX,
+    PrincipalKind, REASON_LEN_MAX, Request, Review, ReviewOutcome, State, TICKET_LEN_MAX,
 };
 use crate::policy::Decision;
 use crate::time::{DURATION_MAX_S, Timestamp, format_duration};
@@ -127,6 +127,27 @@ pub enum LifecycleError {
     },
     #[error("nothing is due")]
     NotDue,
+    /// Workloads request and wait; approvals are by people.
+    #[error(
+        "{who} is a workload: workloads may request and wait, but never {action} (approvals are by people)"
+    )]
+    WorkloadNotAllowed { who: String, action: &'static str },
+    /// The governing policy wants a recent sign-in of the approver.
+    #[error(
+        "{who} must have signed in within the last {} to {action} this request (policy @approver_fresh_auth); run `breakglass login --fresh` and try again",
+        format_duration(*window_s)
+    )]
+    StepUpRequired {
+        who: String,
+        action: &'static str,
+        window_s: u64,
+    },
+    /// The governing policy wants the requester to have shown a second
+    /// factor.
+    #[error(
+        "policy {policy} requires a second factor (@require_mfa) and {who}'s sign-in shows none; run `breakglass login --fresh` and sign in with a second factor"
+    )]
+    MfaRequired { who: String, policy: String },
     /// A new emergency request is refused because of another emergency
     /// request of the same principal.
     #[error("emergency access refused: {reason}")]
@@ -183,7 +204,17 @@ fn event(actor: &str, action: &str, req: &Request, details: serde_json::Value) -
     }
 }
 
-fn activate(req: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>, actor: &str) {
+/// An event caused by a principal: its details also record how the
+/// principal authenticated (`auth_method`).
+fn event_by(p: &Principal, action: &str, req: &Request, details: serde_json::Value) -> EventDraft {
+    let mut details = details;
+    if let Some(map) = details.as_object_mut() {
+        map.insert("auth_method".into(), json!(p.authn.method.as_str()));
+    }
+    event(&p.name, action, req, details)
+}
+
+fn activate(req: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>, actor: &Principal) {
     req.state = State::Active;
     req.activated_at = Some(now);
     let expires = now.plus_secs(req.duration_s);
@@ -199,7 +230,7 @@ fn activate(req: &mut Request, now: Timestamp, events: &mut Vec<EventDraft>, act
     if let Some(by) = req.countersign_by {
         details["countersign_by"] = json!(by.to_rfc3339());
     }
-    events.push(event(actor, "request.activated", req, details));
+    events.push(event_by(actor, "request.activated", req, details));
 }
 
 /// Creates a request from what the requester asked and the policy decision
@@ -237,6 +268,14 @@ pub fn create(
     }
     ob.check_ticket(input.ticket.as_deref())
         .map_err(LifecycleError::Ticket)?;
+    if let Some(policy) = &ob.require_mfa
+        && !requester.authn.mfa
+    {
+        return Err(LifecycleError::MfaRequired {
+            who: requester.name.clone(),
+            policy: policy.clone(),
+        });
+    }
 
     let mut req = Request {
         id,
@@ -265,13 +304,14 @@ pub fn create(
         end_comment: None,
         review_required: input.emergency,
         review: None,
+        approver_fresh_auth_s: ob.approver_fresh_auth_s,
         version: 1,
     };
     if input.emergency {
         req.countersign_by = ob.countersign_within_s.map(|s| now.plus_secs(s));
     }
-    let mut events = vec![event(
-        &requester.name,
+    let mut events = vec![event_by(
+        requester,
         "request.created",
         &req,
         json!({
@@ -287,7 +327,7 @@ pub fn create(
         }),
     )];
     if req.approvals_required == 0 {
-        activate(&mut req, now, &mut events, &requester.name);
+        activate(&mut req, now, &mut events, requester);
     } else {
         req.countersign_by = None;
     }
@@ -325,6 +365,28 @@ pub fn step(
         && p.name == req.requester
     {
         return Err(LifecycleError::SelfApproval);
+    }
+    // INVARIANT: a workload never approves, denies, countersigns, reviews
+    // or revokes someone else's grant, in any state: approvals are by
+    // people.
+    if let Actor::Principal(p) = actor
+        && p.kind == PrincipalKind::Workload
+    {
+        let refused = match cmd {
+            Command::Approve { .. } => Some("approve or countersign"),
+            Command::Deny { .. } => Some("deny"),
+            Command::Review { .. } => Some("review"),
+            Command::Revoke { .. } if p.name != req.requester => {
+                Some("revoke another principal's grant")
+            }
+            _ => None,
+        };
+        if let Some(action) = refused {
+            return Err(LifecycleError::WorkloadNotAllowed {
+                who: p.name.clone(),
+                action,
+            });
+        }
     }
     if req.state.is_final() && !matches!(cmd, Command::Review { .. }) {
         return Err(wrong_state(cmd.name(), req, ""));
@@ -373,6 +435,7 @@ pub fn step(
                 return Err(wrong_state("deny", req, ""));
             }
             require_approver(req, p)?;
+            require_fresh(req, p, "deny", now)?;
             end(
                 &mut next,
                 State::Denied,
@@ -381,8 +444,8 @@ pub fn step(
                 Some(reason),
                 now,
             );
-            events.push(event(
-                &p.name,
+            events.push(event_by(
+                p,
                 "request.denied",
                 &next,
                 json!({"reason": reason}),
@@ -403,7 +466,7 @@ pub fn step(
                 None,
                 now,
             );
-            events.push(event(&p.name, "request.cancelled", &next, json!({})));
+            events.push(event_by(p, "request.cancelled", &next, json!({})));
         }
         (Command::Revoke { reason }, Actor::Principal(p)) => {
             check_text("reason", reason, REASON_LEN_MAX, true)?;
@@ -427,8 +490,8 @@ pub fn step(
                 Some(reason),
                 now,
             );
-            events.push(event(
-                &p.name,
+            events.push(event_by(
+                p,
                 "request.revoked",
                 &next,
                 json!({"reason": reason, "end_reason": end_reason.as_str()}),
@@ -453,8 +516,8 @@ pub fn step(
                 outcome: *outcome,
                 notes: notes.clone(),
             });
-            events.push(event(
-                &p.name,
+            events.push(event_by(
+                p,
                 "request.reviewed",
                 &next,
                 json!({"outcome": outcome, "notes": notes}),
@@ -488,6 +551,23 @@ fn require_approver(req: &Request, p: &Principal) -> Result<(), LifecycleError> 
     Ok(())
 }
 
+/// The governing policy's `@approver_fresh_auth`, if any, holds for `p`.
+fn require_fresh(
+    req: &Request,
+    p: &Principal,
+    action: &'static str,
+    now: Timestamp,
+) -> Result<(), LifecycleError> {
+    match req.approver_fresh_auth_s {
+        Some(window_s) if !p.authn.is_fresh(window_s, now) => Err(LifecycleError::StepUpRequired {
+            who: p.name.clone(),
+            action,
+            window_s,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn approve(
     next: &mut Request,
     p: &Principal,
@@ -503,14 +583,15 @@ fn approve(
     match next.state {
         State::Pending => {
             require_approver(next, p)?;
+            require_fresh(next, p, "approve", now)?;
             // INVARIANT: approvals holds distinct people; a second approval by
             // the same person is refused, never counted.
             if next.approvals.iter().any(|a| a.by == p.name) {
                 return Err(LifecycleError::AlreadyApproved(p.name.clone()));
             }
             next.approvals.push(approval);
-            events.push(event(
-                &p.name,
+            events.push(event_by(
+                p,
                 "request.approved",
                 next,
                 json!({
@@ -520,15 +601,16 @@ fn approve(
                 }),
             ));
             if next.approvals.len() as u32 >= next.approvals_required {
-                activate(next, now, events, &p.name);
+                activate(next, now, events, p);
             }
             Ok(())
         }
         State::Active if next.countersign_by.is_some() && next.countersignature.is_none() => {
             require_approver(next, p)?;
+            require_fresh(next, p, "countersign", now)?;
             next.countersignature = Some(approval);
-            events.push(event(
-                &p.name,
+            events.push(event_by(
+                p,
                 "request.countersigned",
                 next,
                 json!({"comment": comment}),

@@ -1,7 +1,7 @@
 //! The domain objects: a break-glass request (which becomes a grant when it is
 //! active), its approvals and review, and the principals acting on it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -227,6 +227,11 @@ pub struct Request {
     pub end_comment: Option<String>,
     pub review_required: bool,
     pub review: Option<Review>,
+    /// From the governing policies' `@approver_fresh_auth`: approvals,
+    /// denials and countersignatures need an approver who authenticated
+    /// within this many seconds (or a local principal with TOTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver_fresh_auth_s: Option<u64>,
     /// Bumped by every transition; the store applies transitions as
     /// compare-and-set on it.
     pub version: u64,
@@ -311,14 +316,150 @@ impl Request {
     }
 }
 
-/// Someone the service knows: a local principal from the config, or later an
-/// identity from an identity provider.
+/// Where a principal comes from (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalKind {
+    /// A person, from the organisation's identity provider (OIDC).
+    Human,
+    /// A CI/CD or cloud workload's token: may request and wait, never
+    /// approve, deny, countersign or review.
+    Workload,
+    /// A principal of the config (`[[principals]]`).
+    Local,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::Human => "human",
+            PrincipalKind::Workload => "workload",
+            PrincipalKind::Local => "local",
+        }
+    }
+}
+
+/// How a principal authenticated, as every audit event records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum AuthMethod {
+    /// An ID token of the organisation's identity provider.
+    #[serde(rename = "oidc")]
+    Oidc,
+    /// A workload's OIDC token.
+    #[serde(rename = "workload")]
+    Workload,
+    /// A local principal's token.
+    #[serde(rename = "local")]
+    Local,
+    /// A local principal's token and a TOTP code.
+    #[serde(rename = "local+totp")]
+    LocalTotp,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Oidc => "oidc",
+            AuthMethod::Workload => "workload",
+            AuthMethod::Local => "local",
+            AuthMethod::LocalTotp => "local+totp",
+        }
+    }
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the service knows about one authentication of a principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authn {
+    pub method: AuthMethod,
+    /// When the person last authenticated at the identity provider (the
+    /// token's `auth_time`); for a local principal with TOTP, when the code
+    /// was checked.
+    pub auth_time: Option<Timestamp>,
+    /// When the token was issued (`iat`), if it is one.
+    pub issued_at: Option<Timestamp>,
+    /// When the token expires (`exp`), if it is one.
+    pub expires_at: Option<Timestamp>,
+    /// A second factor was shown: `amr` names one of the configured
+    /// methods, or a local principal gave a TOTP code.
+    pub mfa: bool,
+    /// The claims a workload entry matched (its `claims` and the template's
+    /// placeholders), shown to policy as the principal's tags.
+    pub claims: BTreeMap<String, String>,
+}
+
+/// Seconds reported as `context.auth_age_s` when nothing says when the
+/// principal authenticated (a plain local token): about 31 years, more
+/// than any window a policy compares with.
+pub const AUTH_AGE_UNKNOWN_S: i64 = 1_000_000_000;
+
+impl Authn {
+    /// A local principal's token without a second factor.
+    pub const LOCAL: Authn = Authn {
+        method: AuthMethod::Local,
+        auth_time: None,
+        issued_at: None,
+        expires_at: None,
+        mfa: false,
+        claims: BTreeMap::new(),
+    };
+
+    /// Seconds since the principal authenticated at `now`: from
+    /// `auth_time`, else from the token's `iat`, else
+    /// [`AUTH_AGE_UNKNOWN_S`]. Never negative.
+    pub fn age_s(&self, now: Timestamp) -> i64 {
+        match self.auth_time.or(self.issued_at) {
+            Some(t) => ((now.millis() - t.millis()) / 1000).max(0),
+            None => AUTH_AGE_UNKNOWN_S,
+        }
+    }
+
+    /// Whether this authentication is fresh enough for a window of
+    /// `window_s`: a local principal's TOTP code counts as fresh (it was
+    /// just shown); otherwise `auth_time` must be within the window.
+    pub fn is_fresh(&self, window_s: u64, now: Timestamp) -> bool {
+        if self.method == AuthMethod::LocalTotp {
+            return true;
+        }
+        self.auth_time.is_some_and(|t| {
+            let age_ms = now.millis().saturating_sub(t.millis());
+            age_ms <= (window_s as i64).saturating_mul(1000)
+        })
+    }
+}
+
+/// [`Authn::LOCAL`] as a static, for borrowing.
+pub static LOCAL_AUTHN: Authn = Authn::LOCAL;
+
+/// Someone the service knows: a person from the identity provider, a
+/// workload, or a local principal of the config, with how it authenticated
+/// for the call at hand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub name: String,
     pub groups: BTreeSet<String>,
     /// Member of one of the configured `admin_groups`.
     pub admin: bool,
+    pub kind: PrincipalKind,
+    pub authn: Authn,
+}
+
+impl Principal {
+    /// A local principal authenticated by its token alone.
+    pub fn local(name: impl Into<String>, groups: BTreeSet<String>, admin: bool) -> Principal {
+        Principal {
+            name: name.into(),
+            groups,
+            admin,
+            kind: PrincipalKind::Local,
+            authn: Authn::LOCAL,
+        }
+    }
 }
 
 /// Who causes a transition.
@@ -334,6 +475,14 @@ impl Actor {
         match self {
             Actor::Principal(p) => &p.name,
             Actor::System => "system",
+        }
+    }
+
+    /// How the actor authenticated; `None` for the service itself.
+    pub fn auth_method(&self) -> Option<AuthMethod> {
+        match self {
+            Actor::Principal(p) => Some(p.authn.method),
+            Actor::System => None,
         }
     }
 }

@@ -17,7 +17,7 @@ use miette::Diagnostic;
 use regex::Regex;
 use thiserror::Error;
 
-use crate::model::{APPROVALS_MAX, Principal};
+use crate::model::{APPROVALS_MAX, Authn, Principal, PrincipalKind};
 use crate::time::{Timestamp, format_duration, parse_duration};
 
 /// Policy files larger than this are refused: a policy set is hand-written.
@@ -30,7 +30,10 @@ const TICKET_REGEX_SIZE_MAX: usize = 64 * 1024;
 /// actions or context attributes are caught at load, not at 2 a.m.
 pub const SCHEMA: &str = r#"
 entity Group;
-entity User in [Group];
+entity User in [Group] {
+  // "human", "workload" or "local".
+  kind: String,
+} tags String;
 entity TargetGroup;
 entity Target in [TargetGroup];
 action request, emergency appliesTo {
@@ -43,17 +46,22 @@ action request, emergency appliesTo {
     ticket: String,
     hour_utc: Long,
     weekday: Long,
+    auth_method: String,
+    auth_age_s: Long,
+    mfa: Bool,
   }
 };
 "#;
 
-const KNOWN_ANNOTATIONS: [&str; 6] = [
+const KNOWN_ANNOTATIONS: [&str; 8] = [
     "id",
     "approvals",
     "approvers",
     "max_duration",
     "require_ticket",
     "countersign_within",
+    "approver_fresh_auth",
+    "require_mfa",
 ];
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -91,6 +99,12 @@ impl Action {
 pub struct PolicyInput<'a> {
     pub principal: &'a str,
     pub principal_groups: &'a [String],
+    /// `principal.kind` in Cedar.
+    pub kind: PrincipalKind,
+    /// How the principal authenticated: `context.auth_method`,
+    /// `context.auth_age_s`, `context.mfa`, and a workload's matched claims
+    /// as the principal's tags.
+    pub authn: &'a Authn,
     pub target: &'a str,
     pub target_groups: &'a [String],
     pub action: Action,
@@ -116,6 +130,12 @@ pub struct Obligations {
     pub max_duration_s: u64,
     pub tickets: Vec<TicketRule>,
     pub countersign_within_s: Option<u64>,
+    /// `@approver_fresh_auth`: approvers must have signed in within this
+    /// many seconds (the shortest window of the governing policies).
+    pub approver_fresh_auth_s: Option<u64>,
+    /// `@require_mfa`: the first governing policy (by id) that asks the
+    /// requester for a second factor.
+    pub require_mfa: Option<String>,
 }
 
 impl Obligations {
@@ -129,6 +149,13 @@ impl Obligations {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.approver_fresh_auth_s = match (self.approver_fresh_auth_s, o.approver_fresh_auth_s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.require_mfa.is_none() {
+            self.require_mfa = o.require_mfa.clone();
+        }
     }
 
     /// Every ticket pattern of every governing policy must match.
@@ -174,6 +201,15 @@ impl Obligations {
                 ", emergency grants countersigned within {}",
                 format_duration(c)
             ));
+        }
+        if let Some(w) = self.approver_fresh_auth_s {
+            s.push_str(&format!(
+                ", approvers signed in within {}",
+                format_duration(w)
+            ));
+        }
+        if self.require_mfa.is_some() {
+            s.push_str(", requester signed in with a second factor");
         }
         s
     }
@@ -501,7 +537,24 @@ impl PolicyEngine {
             entities.push(Entity::new_no_attrs(g.clone(), HashSet::new()));
             parents.insert(g);
         }
-        entities.push(Entity::new_no_attrs(principal.clone(), parents));
+        let tags: Vec<(String, RestrictedExpression)> = input
+            .authn
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())))
+            .collect();
+        entities.push(
+            Entity::new_with_tags(
+                principal.clone(),
+                [(
+                    "kind".to_string(),
+                    RestrictedExpression::new_string(input.kind.as_str().into()),
+                )],
+                parents,
+                tags,
+            )
+            .map_err(|e| e.to_string())?,
+        );
         let mut parents = HashSet::new();
         for g in input.target_groups {
             let g = uid("TargetGroup", g)?;
@@ -534,6 +587,18 @@ impl PolicyEngine {
             (
                 "weekday".to_string(),
                 RestrictedExpression::new_long(input.now.weekday()),
+            ),
+            (
+                "auth_method".to_string(),
+                RestrictedExpression::new_string(input.authn.method.as_str().into()),
+            ),
+            (
+                "auth_age_s".to_string(),
+                RestrictedExpression::new_long(input.authn.age_s(input.now)),
+            ),
+            (
+                "mfa".to_string(),
+                RestrictedExpression::new_bool(input.authn.mfa),
             ),
         ])
         .map_err(|e| e.to_string())?;
@@ -667,11 +732,30 @@ fn parse_obligations<'a>(
         }
         None => Vec::new(),
     };
+    let approver_fresh_auth_s = get("approver_fresh_auth")
+        .map(|t| parse_duration(t).map_err(|e| format!("policy {name}: @approver_fresh_auth: {e}")))
+        .transpose()?;
+    if approver_fresh_auth_s.is_some() && approver_groups.is_empty() {
+        return Err(format!(
+            "policy {name}: @approver_fresh_auth needs @approvers(\"group,...\"): it is about approvers"
+        ));
+    }
+    let require_mfa = match get("require_mfa").map(str::trim) {
+        None => None,
+        Some("" | "true") => Some(name.to_string()),
+        Some(other) => {
+            return Err(format!(
+                "policy {name}: @require_mfa takes no value (or \"true\"), got {other:?}"
+            ));
+        }
+    };
     Ok(Obligations {
         approvals,
         approver_groups,
         max_duration_s,
         tickets,
         countersign_within_s,
+        approver_fresh_auth_s,
+        require_mfa,
     })
 }

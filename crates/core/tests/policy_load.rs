@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use breakglass_core::policy::{
     Action, POLICY_FILE_LEN_MAX, PolicyEngine, PolicyError, PolicyInput,
 };
-use breakglass_core::{Principal, Timestamp};
+use breakglass_core::{Principal, PrincipalKind, Timestamp};
 use expect_test::{Expect, expect};
 
 /// A policy that loads, so each case below can break one thing at a time.
@@ -313,18 +313,18 @@ fn unknown_annotations_are_typos() {
     check(
         &with_line(2, r#"@aprovals("1")"#),
         expect![[r#"
-        policy.cedar:1:1: policy oncall-db-read: unknown annotation @aprovals (known: id, approvals, approvers, max_duration, require_ticket, countersign_within)
-          1 | @id("oncall-db-read")
-            | ^
-    "#]],
+            policy.cedar:1:1: policy oncall-db-read: unknown annotation @aprovals (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa)
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
     );
     check(
         &with_line(4, r#"@max_duration("30m") @ticket("INC-1")"#),
         expect![[r#"
-        policy.cedar:1:1: policy oncall-db-read: unknown annotation @ticket (known: id, approvals, approvers, max_duration, require_ticket, countersign_within)
-          1 | @id("oncall-db-read")
-            | ^
-    "#]],
+            policy.cedar:1:1: policy oncall-db-read: unknown annotation @ticket (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa)
+              1 | @id("oncall-db-read")
+                | ^
+        "#]],
     );
 }
 
@@ -399,6 +399,8 @@ fn input<'a>(
     PolicyInput {
         principal: "alice",
         principal_groups,
+        kind: PrincipalKind::Local,
+        authn: &breakglass_core::model::LOCAL_AUTHN,
         target: "pay-db",
         target_groups,
         action: Action::Request,
@@ -528,10 +530,8 @@ fn warnings(src: &str, principals: &[(&str, &[&str])]) -> String {
     let engine = PolicyEngine::load(src, "policy.cedar").expect("policy loads");
     let principals: Vec<Principal> = principals
         .iter()
-        .map(|(name, groups)| Principal {
-            name: name.to_string(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            admin: false,
+        .map(|(name, groups)| {
+            Principal::local(*name, groups.iter().map(|g| g.to_string()).collect(), false)
         })
         .collect();
     let mut out = String::new();

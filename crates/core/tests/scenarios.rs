@@ -38,7 +38,10 @@ use breakglass_core::audit::canonical_json;
 use breakglass_core::lifecycle::{self, Command, EmergencyLimits, NewRequest, Transition};
 use breakglass_core::policy::{Action, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
-use breakglass_core::{Actor, EndReason, Principal, Request, ReviewOutcome, State, Timestamp};
+use breakglass_core::{
+    Actor, AuthMethod, EndReason, Principal, PrincipalKind, Request, ReviewOutcome, State,
+    Timestamp,
+};
 use expect_test::{Expect, expect};
 
 /// Every script starts here: 2027-01-15T08:00:00Z, a Friday.
@@ -137,11 +140,28 @@ fn principal(name: &str) -> Principal {
         .iter()
         .find(|(n, _, _)| *n == name)
         .unwrap_or_else(|| panic!("script names unknown principal {name:?}"));
-    Principal {
-        name: name.to_string(),
-        groups: groups.iter().map(|g| g.to_string()).collect(),
-        admin: *admin,
-    }
+    Principal::local(
+        name.to_string(),
+        groups.iter().map(|g| g.to_string()).collect(),
+        *admin,
+    )
+}
+
+/// A workload (a CI job's token) in every approver group of the policy: it
+/// still may never approve, deny, countersign, review or revoke another's
+/// grant.
+fn workload_actor() -> Actor {
+    let mut p = Principal::local(
+        "gha:acme/payments:production",
+        ["sre-leads", "security", "payments-leads", "oncall"]
+            .iter()
+            .map(|g| g.to_string())
+            .collect(),
+        false,
+    );
+    p.kind = PrincipalKind::Workload;
+    p.authn.method = AuthMethod::Workload;
+    Actor::Principal(p)
 }
 
 fn actor(name: &str) -> Actor {
@@ -377,6 +397,8 @@ impl World {
         let input = PolicyInput {
             principal: &who.name,
             principal_groups: &groups,
+            kind: who.kind,
+            authn: &who.authn,
             target,
             target_groups: &target_groups,
             action: if emergency {
@@ -600,11 +622,11 @@ fn one_approval_then_expiry_to_the_millisecond() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "slow queries on orders" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="slow queries on orders" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="slow queries on orders" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob "go" @5s
-              request.approved by bob: approvals=1 approvals_required=1 comment="go"
-              request.activated by bob: duration_s=900 emergency=false expires_at=@15m5s
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment="go"
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@15m5s
               => active; activated @5s; expires @15m5s
             live @15m4s999ms
               live: yes
@@ -638,13 +660,13 @@ fn clock_starts_at_activation_not_at_request() {
         "#,
         expect![[r#"
             request alice prod-db read 30m "backfill check" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=1800 emergency=false policy="oncall-db-read" reason="backfill check" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=1800 emergency=false policy="oncall-db-read" reason="backfill check" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             live @10m
               live: no
             approve bob @20m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=1800 emergency=false expires_at=@50m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=1800 emergency=false expires_at=@50m
               => active; activated @20m; expires @50m
             tick @30m
               error: nothing is due
@@ -673,16 +695,16 @@ fn two_approvals_from_distinct_people() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
-              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=2 comment=null
+              request.approved by bob: approvals=1 approvals_required=2 auth_method="local" comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             approve bob "again" @2m
               error: bob has already approved this request
             approve carol @3m
-              request.approved by carol: approvals=2 approvals_required=2 comment=null
-              request.activated by carol: duration_s=900 emergency=false expires_at=@18m
+              request.approved by carol: approvals=2 approvals_required=2 auth_method="local" comment=null
+              request.activated by carol: auth_method="local" duration_s=900 emergency=false expires_at=@18m
               => active; activated @3m; expires @18m
             approve carol @4m
               error: cannot approve a request that is active and needs no countersignature
@@ -697,16 +719,16 @@ fn two_approvals_from_distinct_people() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "drop a stuck lock" ticket=INC-42 @0s
-              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-admin" reason="drop a stuck lock" role="admin" target="prod-db" ticket="INC-42"
               => pending; approvals 0/2 []; pending until @30m
             approve carol @1m
-              request.approved by carol: approvals=1 approvals_required=2 comment=null
+              request.approved by carol: approvals=1 approvals_required=2 auth_method="local" comment=null
               => pending; approvals 1/2 [carol]; pending until @30m
             approve carol @2m
               error: carol has already approved this request
             approve dave @3m
-              request.approved by dave: approvals=2 approvals_required=2 comment=null
-              request.activated by dave: duration_s=900 emergency=false expires_at=@18m
+              request.approved by dave: approvals=2 approvals_required=2 auth_method="local" comment=null
+              request.activated by dave: auth_method="local" duration_s=900 emergency=false expires_at=@18m
               => active; activated @3m; expires @18m
         "#]],
     );
@@ -727,15 +749,15 @@ fn self_approval_is_refused_even_for_an_eligible_approver() {
         "#,
         expect![[r#"
             request frank prod-db read 10m "look at replication" @0s
-              request.created by frank: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
+              request.created by frank: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve frank @1m
               error: the requester cannot approve, deny, countersign or review their own request
             deny frank "changed my mind" @1m
               error: the requester cannot approve, deny, countersign or review their own request
             approve bob @2m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=600 emergency=false expires_at=@12m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=600 emergency=false expires_at=@12m
               => active; activated @2m; expires @12m
             tick @12m
               request.expired by system: expires_at=@12m lateness_ms=0
@@ -743,7 +765,7 @@ fn self_approval_is_refused_even_for_an_eligible_approver() {
             review frank ok "all fine" @13m
               error: the requester cannot approve, deny, countersign or review their own request
             review bob ok "all fine" @13m
-              request.reviewed by bob: notes="all fine" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="all fine" outcome="ok"
               => expired; activated @2m; expires @12m; ended @12m by system (expired); reviewed Ok by bob @13m
         "#]],
     );
@@ -763,11 +785,11 @@ fn self_approval_is_refused_as_such_in_every_state() {
         "#,
         expect![[r#"
             request alice prod-db read 10m "look at replication" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=false policy="oncall-db-read" reason="look at replication" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=600 emergency=false expires_at=@11m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=600 emergency=false expires_at=@11m
               => active; activated @1m; expires @11m
             approve alice @2m
               error: the requester cannot approve, deny, countersign or review their own request
@@ -797,7 +819,7 @@ fn admin_cannot_approve_outside_approvers_but_can_revoke() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "read logs table" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="read logs table" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="read logs table" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve root @1m
               error: root is not an eligible approver for this request (eligible groups: sre-leads)
@@ -806,15 +828,15 @@ fn admin_cannot_approve_outside_approvers_but_can_revoke() {
             approve dave @1m
               error: dave is not an eligible approver for this request (eligible groups: sre-leads)
             approve bob @2m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=900 emergency=false expires_at=@17m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@17m
               => active; activated @2m; expires @17m
             revoke dave "stop" @3m
               error: dave may not revoke this grant: only the requester, an eligible approver or an admin can
             revoke mallory "stop" @3m
               error: mallory may not revoke this grant: only the requester, an eligible approver or an admin can
             revoke root "suspicious activity" @4m
-              request.revoked by root: end_reason="revoked" reason="suspicious activity"
+              request.revoked by root: auth_method="local" end_reason="revoked" reason="suspicious activity"
               => revoked; activated @2m; expires @17m; ended @4m by root (revoked)
             revoke bob "too late" @5m
               error: cannot revoke a request that is revoked
@@ -836,27 +858,27 @@ fn requester_release_and_approver_revoke() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "quick look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="quick look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="quick look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@16m
               => active; activated @1m; expires @16m
             revoke alice "done early" @3m
-              request.revoked by alice: end_reason="released" reason="done early"
+              request.revoked by alice: auth_method="local" end_reason="released" reason="done early"
               => revoked; activated @1m; expires @16m; ended @3m by alice (released)
             review bob ok "short and clean" @4m
-              request.reviewed by bob: notes="short and clean" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="short and clean" outcome="ok"
               => revoked; activated @1m; expires @16m; ended @3m by alice (released); reviewed Ok by bob @4m
             request alice prod-db read 15m "another look" @10m
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="another look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="another look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @40m
             approve carol @11m
-              request.approved by carol: approvals=1 approvals_required=1 comment=null
-              request.activated by carol: duration_s=900 emergency=false expires_at=@26m
+              request.approved by carol: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by carol: auth_method="local" duration_s=900 emergency=false expires_at=@26m
               => active; activated @11m; expires @26m
             revoke bob "enough" @12m
-              request.revoked by bob: end_reason="revoked" reason="enough"
+              request.revoked by bob: auth_method="local" end_reason="revoked" reason="enough"
               => revoked; activated @11m; expires @26m; ended @12m by bob (revoked)
         "#]],
     );
@@ -875,15 +897,15 @@ fn any_eligible_approver_can_veto() {
         "#,
         expect![[r#"
             request alice prod-db admin 15m "rebuild index" ticket=INC-7 @0s
-              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin" reason="rebuild index" role="admin" target="prod-db" ticket="INC-7"
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-admin" reason="rebuild index" role="admin" target="prod-db" ticket="INC-7"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=2 comment=null
+              request.approved by bob: approvals=1 approvals_required=2 auth_method="local" comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             deny mallory "no" @2m
               error: mallory is not an eligible approver for this request (eligible groups: security, sre-leads)
             deny dave "not during the freeze" @2m
-              request.denied by dave: reason="not during the freeze"
+              request.denied by dave: auth_method="local" reason="not during the freeze"
               => denied; ended @2m by dave (denied)
             approve carol @3m
               error: cannot approve a request that is denied
@@ -909,25 +931,25 @@ fn only_the_requester_cancels_and_only_while_pending() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "check a row" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="check a row" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="check a row" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             cancel bob @1m
               error: only the requester can cancel this request
             cancel root @1m
               error: only the requester can cancel this request
             cancel alice @2m
-              request.cancelled by alice:
+              request.cancelled by alice: auth_method="local"
               => cancelled; ended @2m by alice (cancelled)
             cancel alice @3m
               error: cannot cancel a request that is cancelled
             approve bob @3m
               error: cannot approve a request that is cancelled
             request alice prod-db read 15m "check again" @5m
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="check again" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="check again" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @35m
             approve bob @6m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=900 emergency=false expires_at=@21m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@21m
               => active; activated @6m; expires @21m
             cancel alice @7m
               error: cannot cancel a request that is active
@@ -949,7 +971,7 @@ fn pending_requests_time_out() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "nobody around" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="nobody around" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="nobody around" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             tick @29m59s999ms
               error: nothing is due
@@ -989,7 +1011,7 @@ fn duration_beyond_the_policy_is_refused_not_shortened() {
             emergency erin prod-db admin 11m "long outage" @0s
               error: requested duration 11m exceeds the maximum of 10m set by policy ic-emergency
             request alice prod-db read 30m "long look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=1800 emergency=false policy="oncall-db-read" reason="long look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=1800 emergency=false policy="oncall-db-read" reason="long look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             request alice prod-db read 0s "no time" @0s
               error: invalid request: duration must be between 1s and 168h
@@ -1016,10 +1038,10 @@ fn tickets_must_match_the_policy_pattern() {
             request alice prod-db admin 10m "fix" ticket=INC-12x @0s
               error: ticket "INC-12x" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
             request alice prod-db admin 10m "fix" ticket=INC-12 @0s
-              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] duration_s=600 emergency=false policy="oncall-db-admin" reason="fix" role="admin" target="prod-db" ticket="INC-12"
+              request.created by alice: approvals_required=2 approver_groups=["security","sre-leads"] auth_method="local" duration_s=600 emergency=false policy="oncall-db-admin" reason="fix" role="admin" target="prod-db" ticket="INC-12"
               => pending; approvals 0/2 []; pending until @30m
             request alice prod-db read 10m "look" ticket=whatever @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=600 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket="whatever"
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket="whatever"
               => pending; approvals 0/1 []; pending until @30m
         "#]],
     );
@@ -1043,8 +1065,8 @@ fn emergency_activates_at_once_and_is_countersigned() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down, nobody answers" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down, nobody answers" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down, nobody answers" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             live @0s
               live: yes
@@ -1053,7 +1075,7 @@ fn emergency_activates_at_once_and_is_countersigned() {
             approve dave @1m
               error: dave is not an eligible approver for this request (eligible groups: sre-leads)
             approve bob "seen, go ahead" @2m
-              request.countersigned by bob: comment="seen, go ahead"
+              request.countersigned by bob: auth_method="local" comment="seen, go ahead"
               => active; emergency; activated @0s; expires @10m; countersigned by bob @2m; review required
             approve carol @3m
               error: cannot approve a request that is active and already countersigned
@@ -1065,7 +1087,7 @@ fn emergency_activates_at_once_and_is_countersigned() {
             review erin ok "fine" @11m
               error: the requester cannot approve, deny, countersign or review their own request
             review bob ok "justified: primary was down" @11m
-              request.reviewed by bob: notes="justified: primary was down" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="justified: primary was down" outcome="ok"
               => expired; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @10m by system (expired); review required; reviewed Ok by bob @11m
             review carol misuse "second opinion" @12m
               error: this request has already been reviewed
@@ -1087,8 +1109,8 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             tick @9m59s999ms
               request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=299999
@@ -1100,7 +1122,7 @@ fn emergency_without_countersignature_is_revoked() {
             approve bob @11m
               error: cannot approve a request that is revoked
             review bob misuse "nobody countersigned" @12m
-              request.reviewed by bob: notes="nobody countersigned" outcome="misuse"
+              request.reviewed by bob: auth_method="local" notes="nobody countersigned" outcome="misuse"
               => revoked; emergency; activated @0s; expires @10m; countersign by @5m; ended @9m59s999ms by system (not_countersigned); review required; reviewed Misuse by bob @12m
         "#]],
     );
@@ -1114,8 +1136,8 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             tick @1m59s999ms
               error: nothing is due
@@ -1132,8 +1154,8 @@ fn emergency_without_countersignature_is_revoked() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 5m "quick fix" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=300 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=300 emergency=true expires_at=@5m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=300 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=300 emergency=true expires_at=@5m
               => active; emergency; activated @0s; expires @5m; countersign by @5m; review required
             tick @5m
               request.revoked by system: countersign_by=@5m end_reason="not_countersigned" lateness_ms=0
@@ -1157,8 +1179,8 @@ fn emergency_needs_an_emergency_policy() {
             emergency mallory prod-db read 5m "me neither" @0s
               error: no policy permits this: no permit policy matches this principal, action, target and context
             emergency erin prod-db read 10m "both" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="both" role="read" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="both" role="read" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
         "#]],
     );
@@ -1185,13 +1207,13 @@ fn reviews_only_on_ended_grants_by_others_and_once() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             review bob ok "too early" @1m
               error: cannot review a request that is pending: only ended grants (expired or revoked) are reviewed
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@16m
               => active; activated @1m; expires @16m
             review bob ok "still too early" @2m
               error: cannot review a request that is active: only ended grants (expired or revoked) are reviewed
@@ -1207,15 +1229,15 @@ fn reviews_only_on_ended_grants_by_others_and_once() {
             review bob ok "" @17m
               error: invalid request: notes must not be empty
             review bob ok "fine" @17m
-              request.reviewed by bob: notes="fine" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="fine" outcome="ok"
               => expired; activated @1m; expires @16m; ended @16m by system (expired); reviewed Ok by bob @17m
             review carol misuse "disagree" @18m
               error: this request has already been reviewed
             request alice prod-db read 15m "look again" @20m
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look again" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="look again" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @50m
             deny bob "no" @21m
-              request.denied by bob: reason="no"
+              request.denied by bob: auth_method="local" reason="no"
               => denied; ended @21m by bob (denied)
             review carol ok "denied requests are not grants" @22m
               error: cannot review a request that is denied: only ended grants (expired or revoked) are reviewed
@@ -1240,11 +1262,11 @@ fn final_states_never_change() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=300 emergency=false expires_at=@6m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=300 emergency=false expires_at=@6m
               => active; activated @1m; expires @6m
             tick @6m
               request.expired by system: expires_at=@6m lateness_ms=0
@@ -1281,11 +1303,11 @@ fn past_its_deadline_only_tick_acts() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=300 emergency=false expires_at=@6m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=300 emergency=false expires_at=@6m
               => active; activated @1m; expires @6m
             revoke root "stop" @6m
               error: cannot revoke a request that is active but past its deadline
@@ -1314,7 +1336,7 @@ fn service_and_people_have_separate_commands() {
         "#,
         expect![[r#"
             request alice prod-db read 5m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             tick alice @1m
               error: invalid request: tick is for the service only
@@ -1349,14 +1371,14 @@ fn strictest_obligations_govern_when_permits_overlap() {
             request alice pay-db read 20m "refund stuck" ticket=PAY-1 @0s
               error: ticket "PAY-1" does not match ^[A-Z]+-[0-9]{4,}$ required by policy payments
             request alice pay-db read 20m "refund stuck" ticket=PAY-1234 @0s
-              request.created by alice: approvals_required=2 approver_groups=["payments-leads","sre-leads"] duration_s=1200 emergency=false policy="oncall-db-read,payments" reason="refund stuck" role="read" target="pay-db" ticket="PAY-1234"
+              request.created by alice: approvals_required=2 approver_groups=["payments-leads","sre-leads"] auth_method="local" duration_s=1200 emergency=false policy="oncall-db-read,payments" reason="refund stuck" role="read" target="pay-db" ticket="PAY-1234"
               => pending; approvals 0/2 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=2 comment=null
+              request.approved by bob: approvals=1 approvals_required=2 auth_method="local" comment=null
               => pending; approvals 1/2 [bob]; pending until @30m
             approve paula @2m
-              request.approved by paula: approvals=2 approvals_required=2 comment=null
-              request.activated by paula: duration_s=1200 emergency=false expires_at=@22m
+              request.approved by paula: approvals=2 approvals_required=2 auth_method="local" comment=null
+              request.activated by paula: auth_method="local" duration_s=1200 emergency=false expires_at=@22m
               => active; activated @2m; expires @22m
         "#]],
     );
@@ -1375,14 +1397,14 @@ fn strictest_obligations_govern_when_permits_overlap() {
             request alice pay-db admin 15m "fix ledger" ticket=PAY-1234 @0s
               error: ticket "PAY-1234" does not match ^INC-[0-9]+$ required by policy oncall-db-admin
             request alice pay-db admin 15m "fix ledger" ticket=INC-1234 @0s
-              request.created by alice: approvals_required=2 approver_groups=["payments-leads","security","sre-leads"] duration_s=900 emergency=false policy="oncall-db-admin,payments" reason="fix ledger" role="admin" target="pay-db" ticket="INC-1234"
+              request.created by alice: approvals_required=2 approver_groups=["payments-leads","security","sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-admin,payments" reason="fix ledger" role="admin" target="pay-db" ticket="INC-1234"
               => pending; approvals 0/2 []; pending until @30m
             approve dave @1m
-              request.approved by dave: approvals=1 approvals_required=2 comment=null
+              request.approved by dave: approvals=1 approvals_required=2 auth_method="local" comment=null
               => pending; approvals 1/2 [dave]; pending until @30m
             approve paula @2m
-              request.approved by paula: approvals=2 approvals_required=2 comment=null
-              request.activated by paula: duration_s=900 emergency=false expires_at=@17m
+              request.approved by paula: approvals=2 approvals_required=2 auth_method="local" comment=null
+              request.activated by paula: auth_method="local" duration_s=900 emergency=false expires_at=@17m
               => active; activated @2m; expires @17m
         "#]],
     );
@@ -1402,7 +1424,7 @@ fn forbid_wins_over_any_permit() {
             request alice prod-db batch 1h1s "reindex" @0s
               error: no policy permits this: forbidden by no-long-grants
             request alice prod-db batch 1h "reindex" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=3600 emergency=false policy="batch-window" reason="reindex" role="batch" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=3600 emergency=false policy="batch-window" reason="reindex" role="batch" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
         "#]],
     );
@@ -1447,8 +1469,8 @@ fn zero_approval_drill_activates_at_once() {
         "#,
         expect![[r#"
             request drill-bot canary-db read 2m "scheduled drill" @0s
-              request.created by drill-bot: approvals_required=0 approver_groups=[] duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
-              request.activated by drill-bot: duration_s=120 emergency=false expires_at=@2m
+              request.created by drill-bot: approvals_required=0 approver_groups=[] auth_method="local" duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
+              request.activated by drill-bot: auth_method="local" duration_s=120 emergency=false expires_at=@2m
               => active; activated @0s; expires @2m
             live @1m59s999ms
               live: yes
@@ -1460,11 +1482,11 @@ fn zero_approval_drill_activates_at_once() {
             review bob ok "nobody approves drills" @3m
               error: bob is not an eligible approver for this request (eligible groups: )
             request drill-bot canary-db read 2m "scheduled drill" @10m
-              request.created by drill-bot: approvals_required=0 approver_groups=[] duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
-              request.activated by drill-bot: duration_s=120 emergency=false expires_at=@12m
+              request.created by drill-bot: approvals_required=0 approver_groups=[] auth_method="local" duration_s=120 emergency=false policy="drill" reason="scheduled drill" role="read" target="canary-db" ticket=null
+              request.activated by drill-bot: auth_method="local" duration_s=120 emergency=false expires_at=@12m
               => active; activated @10m; expires @12m
             revoke drill-bot "drill done" @10m500ms
-              request.revoked by drill-bot: end_reason="released" reason="drill done"
+              request.revoked by drill-bot: auth_method="local" end_reason="released" reason="drill done"
               => revoked; activated @10m; expires @12m; ended @10m500ms by drill-bot (released)
         "#]],
     );
@@ -1495,7 +1517,7 @@ fn bad_input_is_refused_before_policy() {
             request alice prod-db read 5m "look" ticket= @0s
               error: invalid request: ticket must not be empty
             request alice prod-db read 5m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=300 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             deny bob "" @1m
               error: invalid request: reason must not be empty
@@ -1740,6 +1762,20 @@ fn oracle(
         Actor::Principal(p) => p,
     };
     let is_requester = p.name == req.requester;
+    // DESIGN §4: approvals are by people. A workload may only withdraw or
+    // release what it asked for itself.
+    if p.kind == PrincipalKind::Workload {
+        return match (cmd, req.state) {
+            (_, State::Pending | State::Active) if due => None,
+            (Command::Cancel, State::Pending) if is_requester => {
+                Some((State::Cancelled, Some(EndReason::Cancelled)))
+            }
+            (Command::Revoke { .. }, State::Active) if is_requester => {
+                Some((State::Revoked, Some(EndReason::Released)))
+            }
+            _ => None,
+        };
+    }
     let in_approver_group = case.approvers.iter().any(|g| p.groups.contains(*g));
     let eligible = !is_requester && in_approver_group;
     let already_approved = req.approvals.iter().any(|a| a.by == p.name);
@@ -1785,6 +1821,7 @@ fn oracle(
 fn authorization_matrix_has_no_bypass() {
     let mut actors: Vec<Actor> = vec![Actor::System];
     actors.extend(PRINCIPALS.iter().map(|(n, _, _)| actor(n)));
+    actors.push(workload_actor());
     let mut summary = String::new();
     let mut mismatches = Vec::new();
     let (mut tried, mut allowed) = (0, 0);
@@ -1916,7 +1953,7 @@ fn authorization_matrix_has_no_bypass() {
         revoked, not countersigned @24h10m: review by bob,carol,frank
         expired and reviewed @16m1s: nothing
         expired and reviewed @24h16m: nothing
-        3850 combinations, 166 allowed, 0 mismatches
+        4200 combinations, 166 allowed, 0 mismatches
     "#]]
     .assert_eq(&summary);
 }
@@ -2148,8 +2185,8 @@ fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             live @1m59s999ms
               live: yes
@@ -2170,11 +2207,11 @@ fn a_passed_countersignature_deadline_ends_the_grant_before_any_tick() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             approve bob "seen" @1m
-              request.countersigned by bob: comment="seen"
+              request.countersigned by bob: auth_method="local" comment="seen"
               => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
             live @2m
               live: yes
@@ -2202,22 +2239,22 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             emergency erin pay-db admin 10m "and payments" @1m
               error: emergency access refused: emergency grant r1 is not countersigned yet: an approver from sre-leads must countersign it (breakglass approve r1), or release it (breakglass revoke r1) first
             approve bob "seen" @2m
-              request.countersigned by bob: comment="seen"
+              request.countersigned by bob: auth_method="local" comment="seen"
               => active; emergency; activated @0s; expires @10m; countersigned by bob @2m; review required
             emergency erin prod-db read 10m "read replica too" @3m
               error: emergency access refused: erin already has 1 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 1: release it (breakglass revoke r1) or wait until it ends
             revoke erin "done" @4m
-              request.revoked by erin: end_reason="released" reason="done"
+              request.revoked by erin: auth_method="local" end_reason="released" reason="done"
               => revoked; emergency; activated @0s; expires @10m; countersigned by bob @2m; ended @4m by erin (released); review required
             emergency erin prod-db read 10m "again" @5m
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="again" role="read" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@7m duration_s=600 emergency=true expires_at=@15m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="again" role="read" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@7m duration_s=600 emergency=true expires_at=@15m
               => active; emergency; activated @5m; expires @15m; countersign by @7m; review required
         "#]],
     );
@@ -2234,18 +2271,18 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         expect![[r#"
             limits 2 24h @0s
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             approve bob "seen" @1m
-              request.countersigned by bob: comment="seen"
+              request.countersigned by bob: auth_method="local" comment="seen"
               => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
             emergency erin prod-db read 10m "replica" @2m
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="replica" role="read" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@4m duration_s=600 emergency=true expires_at=@12m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency,oncall-emergency-read" reason="replica" role="read" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@4m duration_s=600 emergency=true expires_at=@12m
               => active; emergency; activated @2m; expires @12m; countersign by @4m; review required
             approve carol "seen" @3m
-              request.countersigned by carol: comment="seen"
+              request.countersigned by carol: auth_method="local" comment="seen"
               => active; emergency; activated @2m; expires @12m; countersigned by carol @3m; review required
             emergency erin pay-db admin 10m "payments" @4m
               error: emergency access refused: erin already has 2 open emergency request(s) (the oldest is r1), the most one principal may hold at once is 2: release it (breakglass revoke r1) or wait until it ends
@@ -2259,12 +2296,12 @@ fn emergency_self_activation_waits_for_the_countersignature_and_the_limit() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             emergency alice prod-db read 10m "dashboards" @1m
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@3m duration_s=600 emergency=true expires_at=@11m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@3m duration_s=600 emergency=true expires_at=@11m
               => active; emergency; activated @1m; expires @11m; countersign by @3m; review required
         "#]],
     );
@@ -2285,8 +2322,8 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             tick @2m
               request.revoked by system: countersign_by=@2m end_reason="not_countersigned" lateness_ms=0
@@ -2296,11 +2333,11 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
             switch r1 @3m
               => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required
             review bob ok "outage was real" @3m
-              request.reviewed by bob: notes="outage was real" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="outage was real" outcome="ok"
               => revoked; emergency; activated @0s; expires @10m; countersign by @2m; ended @2m by system (not_countersigned); review required; reviewed Ok by bob @3m
             emergency alice prod-db read 10m "still down" @3m1s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="still down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@5m1s duration_s=600 emergency=true expires_at=@13m1s
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="still down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@5m1s duration_s=600 emergency=true expires_at=@13m1s
               => active; emergency; activated @3m1s; expires @13m1s; countersign by @5m1s; review required
         "#]],
     );
@@ -2312,8 +2349,8 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         "#,
         expect![[r#"
             emergency alice prod-db read 10m "dashboards down" @0s
-              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
-              request.activated by alice: countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
+              request.created by alice: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="oncall-emergency-read" reason="dashboards down" role="read" target="prod-db" ticket=null
+              request.activated by alice: auth_method="local" countersign_by=@2m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @2m; review required
             emergency alice prod-db read 10m "still down" @2m1s
               error: emergency access refused: emergency grant r1 ended without the countersignature its policy asks for and is not reviewed yet: an approver from sre-leads must review it (breakglass review r1) first
@@ -2329,8 +2366,8 @@ fn an_uncountersigned_grant_blocks_until_it_is_reviewed() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 4m "quick fix" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=240 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=240 emergency=true expires_at=@4m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=240 emergency=true policy="ic-emergency" reason="quick fix" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=240 emergency=true expires_at=@4m
               => active; emergency; activated @0s; expires @4m; countersign by @5m; review required
             tick @4m
               request.expired by system: expires_at=@4m lateness_ms=0
@@ -2360,37 +2397,37 @@ fn an_overdue_review_blocks_the_next_emergency() {
         "#,
         expect![[r#"
             emergency erin prod-db admin 10m "primary down" @0s
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="primary down" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@5m duration_s=600 emergency=true expires_at=@10m
               => active; emergency; activated @0s; expires @10m; countersign by @5m; review required
             approve bob "seen" @1m
-              request.countersigned by bob: comment="seen"
+              request.countersigned by bob: auth_method="local" comment="seen"
               => active; emergency; activated @0s; expires @10m; countersigned by bob @1m; review required
             tick @10m
               request.expired by system: expires_at=@10m lateness_ms=0
               => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
             emergency erin prod-db admin 10m "again" @24h9m59s999ms
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="again" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@24h14m59s999ms duration_s=600 emergency=true expires_at=@24h19m59s999ms
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="again" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@24h14m59s999ms duration_s=600 emergency=true expires_at=@24h19m59s999ms
               => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
             switch r2 @24h9m59s999ms
               => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersign by @24h14m59s999ms; review required
             approve bob "seen" @24h10m
-              request.countersigned by bob: comment="seen"
+              request.countersigned by bob: auth_method="local" comment="seen"
               => active; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; review required
             revoke erin "done" @24h10m
-              request.revoked by erin: end_reason="released" reason="done"
+              request.revoked by erin: auth_method="local" end_reason="released" reason="done"
               => revoked; emergency; activated @24h9m59s999ms; expires @24h19m59s999ms; countersigned by bob @24h10m; ended @24h10m by erin (released); review required
             emergency erin prod-db admin 10m "third time" @24h10m
               error: emergency access refused: the review of emergency grant r1 is overdue since 2027-01-16T08:10:00.000Z (emergency grants are reviewed within 24h of their end): an approver from sre-leads must review it (breakglass review r1) first
             switch r1 @24h11m
               => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required
             review carol ok "fine" @24h11m
-              request.reviewed by carol: notes="fine" outcome="ok"
+              request.reviewed by carol: auth_method="local" notes="fine" outcome="ok"
               => expired; emergency; activated @0s; expires @10m; countersigned by bob @1m; ended @10m by system (expired); review required; reviewed Ok by carol @24h11m
             emergency erin prod-db admin 10m "third time" @24h12m
-              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] duration_s=600 emergency=true policy="ic-emergency" reason="third time" role="admin" target="prod-db" ticket=null
-              request.activated by erin: countersign_by=@24h17m duration_s=600 emergency=true expires_at=@24h22m
+              request.created by erin: approvals_required=0 approver_groups=["sre-leads"] auth_method="local" duration_s=600 emergency=true policy="ic-emergency" reason="third time" role="admin" target="prod-db" ticket=null
+              request.activated by erin: auth_method="local" countersign_by=@24h17m duration_s=600 emergency=true expires_at=@24h22m
               => active; emergency; activated @24h12m; expires @24h22m; countersign by @24h17m; review required
         "#]],
     );
@@ -2409,11 +2446,11 @@ fn offboarding_ends_what_is_still_open() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             approve bob @1m
-              request.approved by bob: approvals=1 approvals_required=1 comment=null
-              request.activated by bob: duration_s=900 emergency=false expires_at=@16m
+              request.approved by bob: approvals=1 approvals_required=1 auth_method="local" comment=null
+              request.activated by bob: auth_method="local" duration_s=900 emergency=false expires_at=@16m
               => active; activated @1m; expires @16m
             offboard @2m
               request.revoked by system: end_reason="principal_removed" requester="alice"
@@ -2423,7 +2460,7 @@ fn offboarding_ends_what_is_still_open() {
             offboard @3m
               error: cannot offboard a request that is revoked
             review bob ok "left the company" @4m
-              request.reviewed by bob: notes="left the company" outcome="ok"
+              request.reviewed by bob: auth_method="local" notes="left the company" outcome="ok"
               => revoked; activated @1m; expires @16m; ended @2m by system (principal_removed); reviewed Ok by bob @4m
         "#]],
     );
@@ -2435,7 +2472,7 @@ fn offboarding_ends_what_is_still_open() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             offboard @1m
               request.cancelled by system: end_reason="principal_removed" requester="alice"
@@ -2454,7 +2491,7 @@ fn offboarding_ends_what_is_still_open() {
         "#,
         expect![[r#"
             request alice prod-db read 15m "look" @0s
-              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
+              request.created by alice: approvals_required=1 approver_groups=["sre-leads"] auth_method="local" duration_s=900 emergency=false policy="oncall-db-read" reason="look" role="read" target="prod-db" ticket=null
               => pending; approvals 0/1 []; pending until @30m
             offboard @30m
               error: cannot offboard a request that is pending but past its deadline

@@ -2,14 +2,14 @@
 //! lifecycle steps and commits them through the store, issues and checks
 //! grant credentials. The HTTP API and (later) the gateways call only this.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use breakglass_core::lifecycle::{self, Command, LifecycleError, NewRequest, is_due};
 use breakglass_core::policy::{Action, Decision, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
-use breakglass_core::token::{self, match_token};
+use breakglass_core::token;
 use breakglass_core::{Actor, Principal, Request, State, Timestamp, Transition};
 use breakglass_gateway_postgres::recording::{Recorder, Resume, read_recording_from};
 use breakglass_store::{CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
@@ -45,8 +45,8 @@ pub fn now() -> Timestamp {
 /// Every way an application call can fail, each with a stable code.
 #[derive(Debug, Error)]
 pub enum AppError {
-    #[error("missing or unknown bearer token")]
-    Unauthenticated,
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::identity::AuthError),
     #[error("{0}")]
     BadInput(String),
     /// A name (target, role) the caller got wrong, with a stable code.
@@ -70,7 +70,10 @@ impl AppError {
     /// HTTP status and stable code (DESIGN §7).
     pub fn status_and_code(&self) -> (u16, &'static str) {
         match self {
-            AppError::Unauthenticated => (401, "unauthenticated"),
+            AppError::Unauthenticated(crate::identity::AuthError::OtpRequired(_)) => {
+                (401, "otp_required")
+            }
+            AppError::Unauthenticated(_) => (401, "unauthenticated"),
             AppError::BadInput(_) => (400, "bad_request"),
             AppError::UnknownName(code, _) => (404, code),
             AppError::NotFound(_) => (404, "not_found"),
@@ -90,6 +93,10 @@ impl AppError {
                 LifecycleError::WrongState { .. } => (409, "wrong_state"),
                 LifecycleError::NotDue => (409, "not_due"),
                 LifecycleError::EmergencyBlocked { .. } => (403, "emergency_blocked"),
+                LifecycleError::WorkloadNotAllowed { .. } => (403, "workload_not_allowed"),
+                LifecycleError::StepUpRequired { .. } | LifecycleError::MfaRequired { .. } => {
+                    (403, "step_up_required")
+                }
             },
             AppError::Store(StoreError::Conflict { .. }) => (409, "conflict"),
             AppError::Store(StoreError::Duplicate(_)) => (409, "conflict"),
@@ -108,11 +115,6 @@ impl AppError {
             AppError::Store(StoreError::Unavailable(_) | StoreError::Corrupt(_))
         )
     }
-}
-
-struct LocalPrincipal {
-    digest: [u8; 32],
-    principal: Principal,
 }
 
 /// The result of checking a grant credential (what a gateway needs).
@@ -145,9 +147,8 @@ pub struct App {
     pub policy: PolicyEngine,
     pub metrics: Arc<Metrics>,
     pub scheduler: Scheduler,
-    principals: Vec<LocalPrincipal>,
-    /// Names of every principal the service knows now.
-    known: BTreeSet<String>,
+    /// OIDC, workloads and local principals.
+    pub identity: crate::identity::Identity,
     pending_timeout_s: u64,
     /// Set when the audit chain was found broken: every write is refused.
     writes_blocked: std::sync::RwLock<Option<String>>,
@@ -214,31 +215,14 @@ impl App {
         signing_key: ed25519_dalek::SigningKey,
         writes_blocked: Option<String>,
     ) -> Arc<App> {
-        let admin_groups: BTreeSet<String> = config.server.admin_groups.iter().cloned().collect();
-        let principals = config
-            .principals
-            .iter()
-            .filter_map(|p| {
-                let groups: BTreeSet<String> = p.groups.iter().cloned().collect();
-                Some(LocalPrincipal {
-                    digest: token::parse_sha256_hex(&p.token_sha256)?,
-                    principal: Principal {
-                        name: p.name.clone(),
-                        admin: groups.iter().any(|g| admin_groups.contains(g)),
-                        groups,
-                    },
-                })
-            })
-            .collect();
+        let identity = crate::identity::Identity::new(&config);
         let pending_timeout_s = config.pending_timeout_s();
-        let known = config.principals.iter().map(|p| p.name.clone()).collect();
         Arc::new_cyclic(|weak| App {
             scheduler: Scheduler::new(weak.clone()),
             store,
             policy,
             metrics,
-            principals,
-            known,
+            identity,
             pending_timeout_s,
             writes_blocked: std::sync::RwLock::new(writes_blocked),
             signing_key,
@@ -249,21 +233,22 @@ impl App {
         })
     }
 
-    /// Finds the principal a bearer token belongs to, comparing against every
-    /// configured digest in constant time.
-    pub fn authenticate(&self, bearer: &str) -> Result<Principal, AppError> {
-        match_token(
-            bearer,
-            self.principals.iter().map(|p| (&p.digest, &p.principal)),
-        )
-        .cloned()
-        .ok_or(AppError::Unauthenticated)
+    /// Finds the principal a bearer token (and, for a local principal with
+    /// TOTP, the one-time code) belongs to (see [`crate::identity`]).
+    pub async fn authenticate(
+        &self,
+        bearer: &str,
+        otp: Option<&str>,
+    ) -> Result<Principal, AppError> {
+        Ok(self.identity.authenticate(bearer, otp, now()).await?)
     }
 
-    /// Whether `name` is a principal the service knows now (a local
-    /// principal of the config). Grants of anyone else are not usable.
+    /// Whether `name` is a principal the service knows now: a local
+    /// principal of the config, a person when an identity provider is
+    /// configured (it stops issuing tokens to people who leave), or a name
+    /// a workload entry can produce. Grants of anyone else are not usable.
     pub fn knows_principal(&self, name: &str) -> bool {
-        self.known.contains(name)
+        self.identity.may_know(name)
     }
 
     fn check_writable(&self) -> Result<(), AppError> {
@@ -370,6 +355,8 @@ impl App {
         Ok(self.policy.evaluate(&PolicyInput {
             principal: &who.name,
             principal_groups: &groups,
+            kind: who.kind,
+            authn: &who.authn,
             target: &target.name,
             target_groups: &target.groups,
             action: if input.emergency {
@@ -649,6 +636,7 @@ impl App {
                 "expires_at": expires_at.to_rfc3339(),
                 // Enough to correlate with gateway logs; useless to an attacker.
                 "token_sha256_prefix": hex::encode(&hash[..6]),
+                "auth_method": who.authn.method.as_str(),
             }),
         };
         self.store
@@ -897,6 +885,8 @@ impl App {
                         self.policy.evaluate(&PolicyInput {
                             principal: &who.name,
                             principal_groups: &groups,
+                            kind: who.kind,
+                            authn: &who.authn,
                             target: &target.name,
                             target_groups: &target.groups,
                             action,

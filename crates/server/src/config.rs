@@ -35,6 +35,10 @@ pub struct Config {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub emergency: EmergencyConfig,
+    /// Where people's and workloads' tokens come from (besides the local
+    /// principals).
+    #[serde(default)]
+    pub identity: crate::identity::config::IdentityConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -251,6 +255,14 @@ pub struct PrincipalConfig {
     /// neither request nor approve.
     #[serde(default)]
     pub kind: PrincipalKind,
+    /// Environment variable holding the principal's TOTP secret (base32):
+    /// then every call also needs the current code (`X-Breakglass-OTP`).
+    #[serde(default)]
+    pub totp_secret_env: Option<String>,
+    /// File holding the principal's TOTP secret (base32), instead of
+    /// `totp_secret_env`.
+    #[serde(default)]
+    pub totp_secret_file: Option<PathBuf>,
 }
 
 /// What a principal is (see [`PrincipalConfig::kind`]).
@@ -343,6 +355,11 @@ impl Config {
                 .into_iter()
                 .flatten()
             {
+                resolve(f);
+            }
+        }
+        for p in &mut cfg.principals {
+            if let Some(f) = p.totp_secret_file.as_mut() {
                 resolve(f);
             }
         }
@@ -452,6 +469,19 @@ impl Config {
             };
             if !digests.insert(d) {
                 bail!("{at}.token_sha256: the same token is configured for two principals");
+            }
+            if p.totp_secret_env.is_some() && p.totp_secret_file.is_some() {
+                bail!("{at}: set totp_secret_env or totp_secret_file, not both");
+            }
+        }
+        self.identity.validate()?;
+        let prefixes = self.identity.workload_prefixes();
+        for (i, p) in self.principals.iter().enumerate() {
+            if let Some(prefix) = prefixes.iter().find(|w| p.name.starts_with(w.as_str())) {
+                bail!(
+                    "principals[{i}].name: {:?} is in the name space of workload names ({prefix:?}, from identity.workloads)",
+                    p.name
+                );
             }
         }
         let mut targets = BTreeSet::new();
@@ -611,15 +641,27 @@ impl Config {
         }
     }
 
+    /// Rules of `engine` nobody among the known principals can satisfy.
+    /// With an identity provider, approver groups are filled there, out of
+    /// the service's sight: nothing can be judged, so nothing is said.
+    pub fn policy_warnings(&self, engine: &breakglass_core::policy::PolicyEngine) -> Vec<String> {
+        if self.identity.oidc.is_some() {
+            return Vec::new();
+        }
+        engine.warnings(&self.policy_principals())
+    }
+
     /// The configured principals as the policy sees them (for the policy
     /// warnings; admin rights play no part there).
     pub fn policy_principals(&self) -> Vec<breakglass_core::Principal> {
         self.principals
             .iter()
-            .map(|p| breakglass_core::Principal {
-                name: p.name.clone(),
-                groups: p.groups.iter().cloned().collect(),
-                admin: false,
+            .map(|p| {
+                breakglass_core::Principal::local(
+                    p.name.clone(),
+                    p.groups.iter().cloned().collect(),
+                    false,
+                )
             })
             .collect()
     }

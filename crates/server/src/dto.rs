@@ -84,6 +84,55 @@ pub struct WhoAmI {
     pub name: String,
     pub groups: Vec<String>,
     pub admin: bool,
+    /// `human` (identity provider), `workload` or `local`.
+    #[serde(default = "default_kind")]
+    pub kind: breakglass_core::PrincipalKind,
+    /// `oidc`, `workload`, `local` or `local+totp`.
+    #[serde(default = "default_auth_method")]
+    pub auth_method: breakglass_core::AuthMethod,
+    /// When the token expires (null for a local token).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<breakglass_core::Timestamp>,
+    /// When the person last signed in at the identity provider (or showed
+    /// a TOTP code); null when unknown.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub auth_time: Option<breakglass_core::Timestamp>,
+}
+
+fn default_kind() -> breakglass_core::PrincipalKind {
+    breakglass_core::PrincipalKind::Local
+}
+
+fn default_auth_method() -> breakglass_core::AuthMethod {
+    breakglass_core::AuthMethod::Local
+}
+
+/// `GET /v1/auth/config`: how a client signs people in.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuthConfig {
+    /// Null when no identity provider is configured (local principals
+    /// only).
+    pub oidc: Option<OidcClientConfig>,
+}
+
+/// The identity provider a client signs people in with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OidcClientConfig {
+    pub issuer: String,
+    pub client_id: String,
+    pub scopes: Vec<String>,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`.
+    pub status: String,
+    /// `ok`, `degraded` (an identity provider is unreachable: cached keys
+    /// keep working) or `off` (none configured).
+    pub identity: String,
 }
 
 /// `GET /v1/audit`.

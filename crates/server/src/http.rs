@@ -25,8 +25,9 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError, GrantRefusal};
 use crate::dto::{
-    ApproveBody, AuditPage, CreateRequest, Credentials, Problem, ReasonBody, RecordingPage,
-    RequestList, ReviewBody, SessionList, TargetList, VerifyReport, WhoAmI,
+    ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, OidcClientConfig, Problem,
+    Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody, SessionList, TargetList,
+    VerifyReport, WhoAmI,
 };
 use crate::listener::ApiConn;
 use crate::openapi::Truth;
@@ -199,11 +200,15 @@ impl FromRequestParts<AppState> for Auth {
         app: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts);
-        let who = app.authenticate(token).map_err(ApiError::from)?;
+        let otp = parts.headers.get(OTP_HEADER).and_then(|v| v.to_str().ok());
+        let who = app.authenticate(token, otp).await.map_err(ApiError::from)?;
         signed_in(parts);
         Ok(Auth(who))
     }
 }
+
+/// The header carrying a local principal's TOTP code.
+pub const OTP_HEADER: &str = "x-breakglass-otp";
 
 /// The bearer token of a request ("" without one).
 fn bearer(parts: &Parts) -> &str {
@@ -226,10 +231,16 @@ fn signed_in(parts: &Parts) {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Whether `who` is a local service principal (`kind = "service"`): only a
+/// local token makes one; a person or workload of the same name is not.
+fn is_service(app: &App, who: &Principal) -> bool {
+    who.kind == breakglass_core::PrincipalKind::Local && app.config.is_service(&who.name)
+}
+
 /// Service principals check credentials; they never request, approve, deny
 /// or review.
 fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
-    if app.config.is_service(&who.name) {
+    if is_service(app, who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "service_principal",
@@ -554,7 +565,7 @@ async fn introspect(
     Auth(who): Auth,
     ApiJson(body): ApiJson<IntrospectBody>,
 ) -> ApiResult<Json<Introspection>> {
-    if !app.config.is_service(&who.name) {
+    if !is_service(&app, &who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not_service_principal",
@@ -697,6 +708,23 @@ async fn whoami(Auth(who): Auth) -> Json<WhoAmI> {
         name: who.name,
         groups: who.groups.into_iter().collect(),
         admin: who.admin,
+        kind: who.kind,
+        auth_method: who.authn.method,
+        expires_at: who.authn.expires_at,
+        auth_time: who.authn.auth_time,
+    })
+}
+
+/// How clients sign people in: the identity provider's issuer, the
+/// client id and the scopes to ask for. Needs no authentication.
+#[utoipa::path(get, path = "/v1/auth/config", responses((status = 200, body = AuthConfig)))]
+async fn auth_config(State(app): State<AppState>) -> Json<AuthConfig> {
+    Json(AuthConfig {
+        oidc: app.identity.oidc().map(|o| OidcClientConfig {
+            issuer: o.issuer.clone(),
+            client_id: o.client_id.clone(),
+            scopes: o.scopes.clone(),
+        }),
     })
 }
 
@@ -704,7 +732,10 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
+/// 503 while the audit chain is broken or the store does not answer; 200
+/// otherwise, with `"identity": "degraded"` while an identity provider is
+/// unreachable (its cached keys keep working, so the node keeps serving).
+async fn readyz(State(app): State<AppState>) -> ApiResult<Json<Readiness>> {
     if let Some(why) = app.writes_blocked() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -720,7 +751,10 @@ async fn readyz(State(app): State<AppState>) -> ApiResult<&'static str> {
             "this node cannot read the shared event feed",
         ));
     }
-    Ok("ready\n")
+    Ok(Json(Readiness {
+        status: "ready".into(),
+        identity: app.identity.health().as_str().into(),
+    }))
 }
 
 /// `/metrics`: open, or with `server.metrics_token_sha256` only for the
@@ -808,7 +842,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami, targets),
+          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -831,6 +865,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/auth/config", get(auth_config))
         .route("/v1/targets", get(targets))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

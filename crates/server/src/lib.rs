@@ -9,6 +9,7 @@ pub mod dev;
 pub mod dto;
 pub mod gateway;
 pub mod http;
+pub mod identity;
 pub mod keys;
 mod listener;
 pub mod metrics;
@@ -303,6 +304,7 @@ pub async fn open_store(config: &Config, url: Option<&str>) -> anyhow::Result<Ar
 /// chain's tail, ends overdue grants, then serves.
 pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     config.check_upstream_secrets()?;
+    identity::check_totp_secrets(&config)?;
     // The certificate is read before anything else starts: a bad one stops
     // the service at once.
     let api_tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -313,7 +315,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         _ => None,
     };
     let (policy, policy_sha) = load_policy_with_digest(&config)?;
-    for w in policy.warnings(&config.policy_principals()) {
+    for w in config.policy_warnings(&policy) {
         tracing::warn!(policy_file = %config.policy.file.display(), "{w}");
     }
     let database_url = config.database_url()?;
@@ -383,6 +385,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     if let Some(feed) = shared_feed {
         background.push(app.scheduler.spawn_follower(feed));
     }
+    background.extend(app.identity.spawn_refresh());
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
     let mut pg_addr = None;
     let mut pg_gateway = None;

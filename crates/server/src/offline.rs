@@ -189,7 +189,7 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let config = Config::load(config)?;
     let engine = load_policy(&config)?;
     let policies = engine.policy_names();
-    let warnings = engine.warnings(&config.policy_principals());
+    let warnings = config.policy_warnings(&engine);
     let Some(s) = sample else {
         return Ok(PolicyReport {
             policies,
@@ -212,6 +212,8 @@ pub fn policy_check(config: &Path, sample: Option<&Sample>) -> anyhow::Result<Po
     let decision = engine.evaluate(&PolicyInput {
         principal: &principal.name,
         principal_groups: &principal.groups,
+        kind: breakglass_core::PrincipalKind::Local,
+        authn: &breakglass_core::model::LOCAL_AUTHN,
         target: &target.name,
         target_groups: &target.groups,
         action: if s.emergency {

@@ -85,11 +85,18 @@ fn error_statuses(method: &str, path: &str, op: &Operation) -> Vec<(u16, &'stati
             "bad input: malformed JSON or query, a value out of its limits (`bad_request`, `invalid_request`)",
         ));
     }
-    out.push((401, "no or unknown bearer token (`unauthenticated`)"));
+    // The only operation without authentication.
+    let public = path == "/v1/auth/config";
+    if !public {
+        out.push((
+            401,
+            "no or bad bearer token, with the reason (`unauthenticated`), or a local principal's TOTP code is missing (`otp_required`)",
+        ));
+    }
     if acts_on_request || admin_only || (method == "post" && path == "/v1/requests") {
         out.push((
             403,
-            "refused by policy or authorization (`policy_denied`, `self_approval`, `not_eligible`, `admin_only`, ...)",
+            "refused by policy or authorization (`policy_denied`, `self_approval`, `not_eligible`, `admin_only`, `workload_not_allowed`, `step_up_required` (run `breakglass login --fresh`), ...)",
         ));
     }
     if has_id {

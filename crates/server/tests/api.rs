@@ -834,7 +834,10 @@ fn a_passed_countersignature_deadline_refuses_credentials_before_the_scheduler_r
             refusal,
             breakglass_server::app::GrantRefusal::Ended("not_countersigned".into())
         );
-        let erin = app.authenticate(&common::token("erin")).expect("erin");
+        let erin = app
+            .authenticate(&common::token("erin"), None)
+            .await
+            .expect("erin");
         let e = app
             .issue_credentials(&erin, &id)
             .await

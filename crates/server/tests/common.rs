@@ -124,7 +124,7 @@ impl TestServer {
 
     /// `extra_server`: TOML lines added to `[server]`.
     pub fn start_with(dir: tempfile::TempDir, extra_server: &str) -> TestServer {
-        Self::start_configured(dir, extra_server, "")
+        Self::start_full(dir, extra_server, "", POLICY)
     }
 
     /// `extra_server`, `extra_audit`: TOML lines added to `[server]` and
@@ -134,9 +134,28 @@ impl TestServer {
         extra_server: &str,
         extra_audit: &str,
     ) -> TestServer {
+        Self::start_full(dir, extra_server, extra_audit, POLICY)
+    }
+
+    /// Like `start_with`, with another policy. `extra_server` may also
+    /// open tables of its own (`[identity.oidc]`).
+    pub fn start_with_policy(
+        dir: tempfile::TempDir,
+        extra_server: &str,
+        policy: &str,
+    ) -> TestServer {
+        Self::start_full(dir, extra_server, "", policy)
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        extra_server: &str,
+        extra_audit: &str,
+        policy: &str,
+    ) -> TestServer {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = probe.local_addr().expect("addr");
-        std::fs::write(dir.path().join("policy.cedar"), POLICY).expect("write policy");
+        std::fs::write(dir.path().join("policy.cedar"), policy).expect("write policy");
         let config_path = dir.path().join("config.toml");
         std::fs::write(
             &config_path,

@@ -59,11 +59,7 @@ mod suite {
     }
 
     fn person(name: &str, group: &str) -> Principal {
-        Principal {
-            name: name.to_string(),
-            groups: BTreeSet::from([group.to_string()]),
-            admin: false,
-        }
+        Principal::local(name, BTreeSet::from([group.to_string()]), false)
     }
 
     fn alice() -> Principal {
@@ -85,6 +81,8 @@ mod suite {
                 max_duration_s: 3_600,
                 tickets: Vec::new(),
                 countersign_within_s: None,
+                approver_fresh_auth_s: None,
+                require_mfa: None,
             }),
             errors: Vec::new(),
         }

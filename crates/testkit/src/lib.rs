@@ -1,5 +1,6 @@
-//! Test support: throwaway real PostgreSQL servers and pgbouncer instances
-//! for tests and benchmarks, so nothing in the workspace needs a mock.
+//! Test support: throwaway real PostgreSQL servers, pgbouncer instances and
+//! identity providers for tests and benchmarks, so nothing in the workspace
+//! needs a mock.
 //!
 //! The PostgreSQL clusters come from `breakglass-localpg` (shared with
 //! `breakglass serve --dev`); this crate adds pgbouncer and polling helpers.
@@ -9,17 +10,20 @@
 //!
 //! The binaries come from the system packages; `cargo xtask test` installs
 //! them when they are missing (`apt-get install postgresql
-//! postgresql-contrib pgbouncer`).
+//! postgresql-contrib pgbouncer`). The identity providers ([`oidc`]) are
+//! Node.js scripts; `cargo xtask test` installs their node modules.
 //!
 //! This crate returns [`anyhow`] errors: it is only used from tests and
 //! benchmarks, where a readable chain of context is all a caller needs.
 
 mod certs;
 mod flood;
+pub mod oidc;
 mod pgbouncer;
 
 pub use certs::make_test_ca;
 pub use flood::{fd_limit, open_idle};
+pub use oidc::{GithubActionsIssuer, OidcOptions, OidcProvider};
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
 use std::time::{Duration, Instant};
 

@@ -239,6 +239,9 @@ pub fn cli_command(url: &str, token: Option<&str>, args: &[&str]) -> Command {
     cmd.arg("--url").arg(url).args(args);
     cmd.env_remove("BREAKGLASS_URL")
         .env_remove("BREAKGLASS_LOG")
+        .env_remove("BREAKGLASS_OTP")
+        // No stored login from the machine running the tests.
+        .env("XDG_CONFIG_HOME", "/nonexistent/breakglass-test-config")
         .env("NO_COLOR", "1");
     match token {
         Some(t) => cmd.env("BREAKGLASS_TOKEN", t),

@@ -643,16 +643,20 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let before = head;
-        tx.batch_execute("SAVEPOINT job").await.map_err(pg_err)?;
-        match apply_op(&tx, &job.op, job.now, &mut head).await {
-            Ok(events) => {
-                tx.batch_execute("RELEASE SAVEPOINT job")
-                    .await
-                    .map_err(pg_err)?;
-                results.push(Ok(events));
-            }
+        // The savepoint travels in the same round trip as the job's first
+        // statements (tokio-postgres pipelines futures polled together).
+        // It is never released: the next job's `SAVEPOINT job` shadows it,
+        // and `ROLLBACK TO SAVEPOINT job` returns to the newest one.
+        let (savepoint, applied) = futures_util::future::join(
+            tx.batch_execute("SAVEPOINT job"),
+            apply_op(&tx, &job.op, job.now, &mut head),
+        )
+        .await;
+        savepoint.map_err(pg_err)?;
+        match applied {
+            Ok(events) => results.push(Ok(events)),
             Err(e) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+                tx.batch_execute("ROLLBACK TO SAVEPOINT job")
                     .await
                     .map_err(pg_err)?;
                 head = before;
@@ -661,18 +665,18 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
         }
     }
     if head != start {
-        tx.execute(
-            "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
-            &[&(head.0 as i64), &&head.1[..]],
+        let seq = head.0 as i64;
+        let seq_text = head.0.to_string();
+        let (moved, notified) = futures_util::future::join(
+            tx.execute(
+                "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
+                &[&seq, &&head.1[..]],
+            ),
+            tx.execute("SELECT pg_notify($1, $2)", &[&FEED_CHANNEL, &seq_text]),
         )
-        .await
-        .map_err(pg_err)?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&FEED_CHANNEL, &head.0.to_string()],
-        )
-        .await
-        .map_err(pg_err)?;
+        .await;
+        moved.map_err(pg_err)?;
+        notified.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     Ok((results, head))
@@ -703,20 +707,6 @@ async fn insert_events(
             d.request_id.as_deref(),
             &details,
         );
-        tx.execute(
-            &stmt,
-            &[
-                &(seq as i64),
-                &now.millis(),
-                &d.actor,
-                &d.action,
-                &d.request_id,
-                &details,
-                &&hash[..],
-            ],
-        )
-        .await
-        .map_err(pg_err)?;
         *head = (seq, hash);
         out.push(AuditEvent {
             seq,
@@ -728,6 +718,29 @@ async fn insert_events(
             hash,
         });
     }
+    // Every insert in one round trip: the hashes are computed here, so no
+    // statement waits for another's answer.
+    let rows: Vec<_> = out
+        .iter()
+        .map(|e| {
+            (
+                e.seq as i64,
+                e.time.millis(),
+                &e.actor,
+                &e.action,
+                &e.request_id,
+                &e.details,
+                &e.hash[..],
+            )
+        })
+        .collect();
+    let params: Vec<[&(dyn ToSql + Sync); 7]> = rows
+        .iter()
+        .map(|r| -> [&(dyn ToSql + Sync); 7] { [&r.0, &r.1, r.2, r.3, r.4, r.5, &r.6] })
+        .collect();
+    futures_util::future::try_join_all(params.iter().map(|p| tx.execute(&stmt, p)))
+        .await
+        .map_err(pg_err)?;
     Ok(out)
 }
 
@@ -741,34 +754,40 @@ async fn insert_request(
         )
         .await
         .map_err(pg_err)?;
-    let inserted = tx
-        .execute(
-            &stmt,
-            &[
-                &r.id,
-                &(r.version as i64),
-                &r.state.as_str(),
-                &r.requester,
-                &r.created_at.millis(),
-                &r.deadline().map(Timestamp::millis),
-                &body_of(r)?,
-            ],
-        )
-        .await
-        .map_err(pg_err)?;
-    if inserted == 0 {
-        return Ok(false);
-    }
     let groups = tx
         .prepare_cached(
             "INSERT INTO request_groups (request_id, grp) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .await
         .map_err(pg_err)?;
-    for g in &r.approver_groups {
-        tx.execute(&groups, &[&r.id, g]).await.map_err(pg_err)?;
-    }
-    Ok(true)
+    let (version, created_at) = (r.version as i64, r.created_at.millis());
+    let (deadline, body) = (r.deadline().map(Timestamp::millis), body_of(r)?);
+    let group_params: Vec<[&(dyn ToSql + Sync); 2]> = r
+        .approver_groups
+        .iter()
+        .map(|g| -> [&(dyn ToSql + Sync); 2] { [&r.id, g] })
+        .collect();
+    // One round trip. When the id exists (nothing inserted), the caller
+    // rolls the group rows back with the job's savepoint.
+    let (inserted, grouped) = futures_util::future::join(
+        tx.execute(
+            &stmt,
+            &[
+                &r.id,
+                &version,
+                &r.state.as_str(),
+                &r.requester,
+                &created_at,
+                &deadline,
+                &body,
+            ],
+        ),
+        futures_util::future::try_join_all(group_params.iter().map(|p| tx.execute(&groups, p))),
+    )
+    .await;
+    let inserted = inserted.map_err(pg_err)?;
+    grouped.map_err(pg_err)?;
+    Ok(inserted == 1)
 }
 
 async fn insert_credential(
@@ -811,10 +830,17 @@ async fn create_op(
             r.id, t.expected_version
         )));
     }
-    if !insert_request(tx, r).await? {
+    // One round trip: a duplicate id is found when both are answered, and
+    // the events are rolled back with the job's savepoint.
+    let (inserted, events) = futures_util::future::join(
+        insert_request(tx, r),
+        insert_events(tx, &t.events, now, head),
+    )
+    .await;
+    if !inserted? {
         return Err(StoreError::Duplicate(r.id.clone()));
     }
-    insert_events(tx, &t.events, now, head).await
+    events
 }
 
 /// The query behind [`Store::emergency_requests`]: (id, version, body).
@@ -873,27 +899,33 @@ async fn apply_op(
                 )
                 .await
                 .map_err(pg_err)?;
-            let updated = tx
-                .execute(
+            let body = body_of(r)?;
+            let (version, expected) = (r.version as i64, t.expected_version as i64);
+            let deadline = r.deadline().map(Timestamp::millis);
+            // One round trip: the events are sent with the compare-and-set
+            // and rolled back with the job's savepoint if it lost.
+            let (updated, events) = futures_util::future::join(
+                tx.execute(
                     &stmt,
                     &[
-                        &(r.version as i64),
+                        &version,
                         &r.state.as_str(),
-                        &r.deadline().map(Timestamp::millis),
-                        &body_of(r)?,
+                        &deadline,
+                        &body,
                         &r.id,
-                        &(t.expected_version as i64),
+                        &expected,
                     ],
-                )
-                .await
-                .map_err(pg_err)?;
-            if updated == 0 {
+                ),
+                insert_events(tx, &t.events, now, head),
+            )
+            .await;
+            if updated.map_err(pg_err)? == 0 {
                 return Err(StoreError::Conflict {
                     id: r.id.clone(),
                     expected: t.expected_version,
                 });
             }
-            insert_events(tx, &t.events, now, head).await
+            events
         }
         Op::Credential(c, event, limit) => {
             let issued: i64 = tx
@@ -910,8 +942,13 @@ async fn apply_op(
                     c.request_id
                 )));
             }
-            insert_credential(tx, c).await?;
-            insert_events(tx, std::slice::from_ref(event), now, head).await
+            let (stored, events) = futures_util::future::join(
+                insert_credential(tx, c),
+                insert_events(tx, std::slice::from_ref(event), now, head),
+            )
+            .await;
+            stored?;
+            events
         }
         Op::Append(events) => insert_events(tx, events, now, head).await,
         Op::Checkpoint(cp) => {

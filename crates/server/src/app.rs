@@ -240,7 +240,17 @@ impl App {
         bearer: &str,
         otp: Option<&str>,
     ) -> Result<Principal, AppError> {
-        Ok(self.identity.authenticate(bearer, otp, now()).await?)
+        match self
+            .identity
+            .authenticate(bearer, otp, now(), self.store.as_ref())
+            .await
+        {
+            Ok(who) => Ok(who),
+            Err(crate::identity::AuthError::StoreUnavailable(why)) => Err(AppError::from(
+                breakglass_store::StoreError::Unavailable(why),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Whether `name` is a principal the service knows now: a local

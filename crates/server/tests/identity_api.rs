@@ -864,3 +864,55 @@ fn keys_rotate_and_cached_keys_outlive_the_provider() {
     );
     assert_eq!(status, 401, "{body}");
 }
+
+/// Waits until at least `left_s` seconds remain in the current TOTP step,
+/// so the codes a test sends all fall in one step.
+fn wait_for_a_fresh_step(left_s: i64) {
+    let step_ms = breakglass_server::identity::totp::STEP_S * 1000;
+    let into = Timestamp::now().millis().rem_euclid(step_ms);
+    if step_ms - into < left_s * 1000 {
+        std::thread::sleep(Duration::from_millis((step_ms - into + 50) as u64));
+    }
+}
+
+#[test]
+fn wrong_codes_are_throttled_and_a_used_code_stays_used_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = totp_principal(dir.path());
+    wait_for_a_fresh_step(15);
+    let server = TestServer::start_with_policy(dir, &extra, POLICY);
+    let t = Totp::new(b"12345678901234567890");
+    let step = Totp::step_of(Timestamp::now());
+    let code = format!("{:06}", t.code_at_step(step));
+    let whoami = |server: &TestServer, code: &str| {
+        call(server, "token-tina", Some(code), "GET", "/v1/whoami", None)
+    };
+    assert_eq!(whoami(&server, &code).0, 200);
+
+    // A guesser holding the token gets a few tries per step, then none:
+    // not even the right (next) code is checked until the step ends.
+    let valid: Vec<String> = (step - 1..=step + 1)
+        .map(|s| format!("{:06}", t.code_at_step(s)))
+        .collect();
+    let mut guesses = (0..1_000_000u32)
+        .map(|n| format!("{n:06}"))
+        .filter(|g| !valid.contains(g));
+    for _ in 0..breakglass_server::identity::TOTP_WRONG_PER_STEP_MAX {
+        let guess = guesses.next().expect("a wrong code");
+        let (status, body) = whoami(&server, &guess);
+        assert_eq!(status, 401, "{body}");
+        assert!(detail(&body).contains("wrong one-time code"), "{body}");
+    }
+    let next = format!("{:06}", t.code_at_step(step + 1));
+    let (status, body) = whoami(&server, &next);
+    assert_eq!(status, 401, "{body}");
+    assert!(detail(&body).contains("too many wrong"), "{body}");
+
+    // The store remembers the used step: a restart does not make the
+    // code usable again.
+    let dir = server.stop();
+    let server = TestServer::start_with_policy(dir, &extra, POLICY);
+    let (status, body) = whoami(&server, &code);
+    assert_eq!(status, 401, "{body}");
+    assert!(detail(&body).contains("already used"), "{body}");
+}

@@ -151,6 +151,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
 
+    /// Records that `principal` used its one-time code of time step `step`:
+    /// true if `step` is newer than every step recorded for it before
+    /// (recorded now), false if not (a replay, or an older code). Atomic
+    /// across every node of a shared store, and durable, so a code is
+    /// accepted once even across restarts.
+    async fn use_one_time_code(&self, principal: &str, step: u64) -> Result<bool, StoreError>;
+
     /// The newest `(seq, hash)` of the chain this node knows: what it
     /// committed or what its feed has delivered.
     fn head(&self) -> (u64, Hash);

@@ -67,7 +67,8 @@ const MIGRATION_LOCK: i64 = 0x627265616b676c73;
 
 /// Schema migrations, applied in order; `schema_version.version` counts
 /// them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id TEXT PRIMARY KEY,
     version BIGINT NOT NULL,
@@ -119,7 +120,15 @@ CREATE TABLE credentials (
     issued_at BIGINT NOT NULL
 );
 CREATE INDEX credentials_request ON credentials(request_id);
-"#];
+"#,
+    // The newest one-time code (TOTP time step) each principal used.
+    r#"
+CREATE TABLE one_time_codes (
+    principal TEXT PRIMARY KEY,
+    step BIGINT NOT NULL
+);
+"#,
+];
 
 /// The schema version this binary writes.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1129,6 +1138,22 @@ impl Store for PgStore {
             )
             .await?;
         rows.iter().map(row_to_event).collect()
+    }
+
+    async fn use_one_time_code(&self, principal: &str, step: u64) -> Result<bool, StoreError> {
+        // One statement, atomic across nodes; it needs no chain head lock.
+        let changed = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO one_time_codes (principal, step) VALUES ($1, $2) \
+                 ON CONFLICT (principal) DO UPDATE SET step = excluded.step \
+                 WHERE one_time_codes.step < excluded.step",
+                &[&principal, &(step as i64)],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(changed == 1)
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

@@ -96,6 +96,13 @@ INSERT INTO checkpoints_keyed (seq, key, time, hash, signature)
 DROP TABLE checkpoints;
 ALTER TABLE checkpoints_keyed RENAME TO checkpoints;
 "#,
+    // The newest one-time code (TOTP time step) each principal used.
+    r#"
+CREATE TABLE one_time_codes (
+    principal TEXT PRIMARY KEY,
+    step INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+"#,
 ];
 
 #[derive(Debug, Clone)]
@@ -121,6 +128,8 @@ enum Op {
     Credential(CredentialRecord, EventDraft, u64),
     Append(Vec<EventDraft>),
     Checkpoint(Checkpoint),
+    /// A principal's one-time code step: `Conflict` if not newer.
+    OneTimeCode(String, u64),
 }
 
 struct Job {
@@ -578,6 +587,22 @@ fn apply_op(
             insert_events(conn, std::slice::from_ref(event), now, head)
         }
         Op::Append(events) => insert_events(conn, events, now, head),
+        Op::OneTimeCode(principal, step) => {
+            let changed = conn
+                .prepare_cached(
+                    "INSERT INTO one_time_codes (principal, step) VALUES (?1, ?2) \
+                     ON CONFLICT (principal) DO UPDATE SET step = excluded.step \
+                     WHERE one_time_codes.step < excluded.step",
+                )?
+                .execute(params![principal, *step as i64])?;
+            if changed == 0 {
+                return Err(StoreError::Conflict {
+                    id: principal.clone(),
+                    expected: *step,
+                });
+            }
+            Ok(Vec::new())
+        }
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -766,6 +791,20 @@ impl Store for SqliteStore {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+
+    async fn use_one_time_code(&self, principal: &str, step: u64) -> Result<bool, StoreError> {
+        match self
+            .submit(
+                Op::OneTimeCode(principal.to_string(), step),
+                Timestamp::from_millis(0),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

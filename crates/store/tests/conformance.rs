@@ -700,6 +700,40 @@ mod suite {
         assert_eq!(seen, [3, 4, 5], "starts after 2, stops when told");
     }
 
+    /// A one-time code step is used once per principal: a repeat, or an
+    /// older step, is refused; principals are independent; of concurrent
+    /// uses of one step (on `stores`, one or several nodes) exactly one
+    /// wins.
+    pub async fn one_time_codes_are_used_once(stores: &[&dyn Store]) {
+        let store = stores[0];
+        assert!(store.use_one_time_code("alice", 100).await.expect("use"));
+        assert!(
+            !store.use_one_time_code("alice", 100).await.expect("use"),
+            "a replay"
+        );
+        assert!(
+            !store.use_one_time_code("alice", 99).await.expect("use"),
+            "an older code"
+        );
+        assert!(
+            store.use_one_time_code("bob", 100).await.expect("use"),
+            "another principal"
+        );
+        assert!(
+            store.use_one_time_code("alice", 101).await.expect("use"),
+            "the next code"
+        );
+        let races: Vec<_> = (0..16)
+            .map(|i| stores[i % stores.len()].use_one_time_code("carol", 7))
+            .collect();
+        let won = futures_util::future::join_all(races)
+            .await
+            .into_iter()
+            .filter(|r| *r.as_ref().expect("use"))
+            .count();
+        assert_eq!(won, 1, "exactly one concurrent use of a code wins");
+    }
+
     /// (7) `add_checkpoint` then `checkpoints` returns it, and the stored
     /// checkpoints verify against the log.
     pub async fn checkpoints_round_trip(store: &dyn Store) {
@@ -1137,6 +1171,11 @@ async fn sqlite_create_then_get() {
 }
 
 #[tokio::test]
+async fn sqlite_one_time_codes_are_used_once() {
+    suite::one_time_codes_are_used_once(&[&fresh().store]).await;
+}
+
+#[tokio::test]
 async fn sqlite_apply_is_compare_and_set() {
     suite::apply_is_compare_and_set(&fresh().store).await;
 }
@@ -1218,6 +1257,13 @@ async fn fresh_pg() -> FreshPg {
         url,
         _pg: pg,
     }
+}
+
+#[tokio::test]
+async fn pg_one_time_codes_are_used_once_across_nodes() {
+    let f = fresh_pg().await;
+    let other = PgStore::open(&f.url).await.expect("a second node opens");
+    suite::one_time_codes_are_used_once(&[&f.store, &other]).await;
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use breakglass_core::model::NAME_LEN_MAX;
 use breakglass_core::token::{self, match_token};
 use breakglass_core::{AuthMethod, Authn, Principal, PrincipalKind, Timestamp};
+use breakglass_store::Store;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -32,6 +33,10 @@ use keys::KeySource;
 use totp::{Totp, TotpRefusal};
 
 /// Why a call is not authenticated.
+/// Wrong one-time codes a local principal may send per 30 s time step (per
+/// node) before codes are refused unchecked until the next step.
+pub const TOTP_WRONG_PER_STEP_MAX: u32 = 5;
+
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AuthError {
     /// The token is a local principal's with TOTP, and no code was sent.
@@ -41,6 +46,9 @@ pub enum AuthError {
     OtpRequired(String),
     #[error("{0}")]
     Refused(String),
+    /// The store that remembers used one-time codes did not answer.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 impl From<JwtError> for AuthError {
@@ -78,6 +86,10 @@ pub struct Identity {
     /// The newest TOTP step accepted per local principal: a code is
     /// accepted once, and never one older than the newest accepted.
     totp_last: Mutex<HashMap<String, u64>>,
+    /// Wrong one-time codes per local principal in the current time step
+    /// (step, count): beyond [`TOTP_WRONG_PER_STEP_MAX`] codes are not
+    /// even checked until the next step, so guessing takes weeks.
+    totp_wrong: Mutex<HashMap<String, (u64, u32)>>,
     admin_groups: BTreeSet<String>,
     /// The fixed prefixes of workload names (`gha:`): no person's name
     /// starts with one.
@@ -214,6 +226,7 @@ impl Identity {
             sources,
             locals,
             totp_last: Mutex::new(HashMap::new()),
+            totp_wrong: Mutex::new(HashMap::new()),
             admin_groups,
             workload_prefixes: config.identity.workload_prefixes(),
         }
@@ -261,6 +274,7 @@ impl Identity {
         bearer: &str,
         otp: Option<&str>,
         now: Timestamp,
+        codes: &dyn Store,
     ) -> Result<Principal, AuthError> {
         if bearer.is_empty() {
             return Err(AuthError::Refused(
@@ -271,7 +285,7 @@ impl Identity {
         let result = if jwt::looks_like_jwt(bearer) {
             self.verify_jwt(bearer, now).await
         } else {
-            self.local(bearer, otp, now)
+            self.local(bearer, otp, now, codes).await
         };
         // Refusals are logged with their reason (never the token), so
         // guessing at codes or replaying old tokens shows in the log.
@@ -282,11 +296,12 @@ impl Identity {
         result
     }
 
-    fn local(
+    async fn local(
         &self,
         bearer: &str,
         otp: Option<&str>,
         now: Timestamp,
+        codes: &dyn Store,
     ) -> Result<Principal, AuthError> {
         let local = match_token(bearer, self.locals.iter().map(|l| (&l.digest, l)))
             .ok_or_else(|| AuthError::Refused("unknown bearer token".into()))?;
@@ -304,20 +319,57 @@ impl Identity {
         let Some(code) = otp.filter(|c| !c.trim().is_empty()) else {
             return Err(AuthError::OtpRequired(who.name));
         };
+        let replayed = || {
+            AuthError::Refused(format!(
+                "this one-time code of {} was already used (or a newer one was); wait for the next code",
+                who.name
+            ))
+        };
+        let last = self
+            .totp_last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&who.name)
+            .copied();
+        let current = Totp::step_of(now);
+        let wrong_so_far = |map: &HashMap<String, (u64, u32)>| match map.get(&who.name) {
+            Some((step, n)) if *step == current => *n,
+            _ => 0,
+        };
+        if wrong_so_far(&self.totp_wrong.lock().unwrap_or_else(|p| p.into_inner()))
+            >= TOTP_WRONG_PER_STEP_MAX
+        {
+            return Err(AuthError::Refused(format!(
+                "too many wrong one-time codes for {} just now; wait for the next code ({} s)",
+                who.name,
+                totp::STEP_S
+            )));
+        }
+        let step = totp.check(code, now, last).map_err(|r| match r {
+            TotpRefusal::Malformed => {
+                AuthError::Refused("the one-time code must be 6 digits".into())
+            }
+            TotpRefusal::Wrong => {
+                let mut wrong = self.totp_wrong.lock().unwrap_or_else(|p| p.into_inner());
+                let n = wrong_so_far(&wrong) + 1;
+                wrong.insert(who.name.clone(), (current, n));
+                AuthError::Refused(format!("wrong one-time code for {}", who.name))
+            }
+            TotpRefusal::Replayed => replayed(),
+        })?;
+        // INVARIANT: the store decides whether the step is new, atomically
+        // and durably, so a code is accepted once across every node and
+        // every restart; the map above only answers repeats early.
+        let fresh = codes
+            .use_one_time_code(&who.name, step)
+            .await
+            .map_err(|e| AuthError::StoreUnavailable(e.to_string()))?;
+        if !fresh {
+            return Err(replayed());
+        }
         let mut last = self.totp_last.lock().unwrap_or_else(|p| p.into_inner());
-        let step = totp
-            .check(code, now, last.get(&who.name).copied())
-            .map_err(|r| {
-                AuthError::Refused(match r {
-                    TotpRefusal::Malformed => "the one-time code must be 6 digits".into(),
-                    TotpRefusal::Wrong => format!("wrong one-time code for {}", who.name),
-                    TotpRefusal::Replayed => format!(
-                        "this one-time code of {} was already used (or a newer one was); wait for the next code",
-                        who.name
-                    ),
-                })
-            })?;
-        last.insert(who.name.clone(), step);
+        let newest = last.entry(who.name.clone()).or_insert(step);
+        *newest = (*newest).max(step);
         who.authn = Authn {
             method: AuthMethod::LocalTotp,
             auth_time: Some(now),

@@ -10,9 +10,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use breakglass_core::Timestamp;
 use breakglass_core::token::sha256_hex;
 use breakglass_server::config::Config;
-use serde_json::Value;
+use breakglass_server::identity::totp::Totp;
+use serde_json::{Value, json};
 
 pub const POLICY: &str = r#"
 @id("read")
@@ -373,4 +375,82 @@ impl Api for Nodes {
     fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url.clone()).collect()
     }
+}
+
+// ---------------------------------------------------------------------------
+// Identity: calls with any bearer and a one-time code, a TOTP principal
+// ---------------------------------------------------------------------------
+
+/// A call with any bearer token (an ID token, a workload token, a local
+/// token) and, when given, an `X-Breakglass-OTP` code.
+pub fn call(
+    server: &TestServer,
+    bearer: &str,
+    otp: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let agent = agent();
+    let uri = format!("{}{path}", server.url);
+    let auth = format!("Bearer {bearer}");
+    let resp = if method == "GET" {
+        let mut r = agent.get(&uri).header("Authorization", &auth);
+        if let Some(c) = otp {
+            r = r.header("X-Breakglass-OTP", c);
+        }
+        r.call()
+    } else {
+        let mut r = agent
+            .post(&uri)
+            .header("Authorization", &auth)
+            .header("Content-Type", "application/json");
+        if let Some(c) = otp {
+            r = r.header("X-Breakglass-OTP", c);
+        }
+        r.send(body.unwrap_or(json!({})).to_string())
+    };
+    let mut resp = resp.expect("http call");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub fn detail(v: &Value) -> String {
+    v["detail"].as_str().unwrap_or_default().to_string()
+}
+
+/// Polls `/readyz` (at most 10 s) until it reports `identity`.
+pub fn wait_until_identity_is(server: &TestServer, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ready) = call_raw(&server.url, None, "GET", "/readyz", None);
+        if ready["identity"] == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "identity never became {want}: {ready}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub const TOTP_SECRET_B32: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+
+/// A local principal with a TOTP secret in a file next to the config.
+pub fn totp_principal(dir: &std::path::Path) -> String {
+    std::fs::write(dir.join("tina.totp"), TOTP_SECRET_B32).expect("write secret");
+    format!(
+        "\n[[principals]]\nname = \"tina\"\ngroups = [\"sre-leads\"]\ntoken_sha256 = \"{}\"\ntotp_secret_file = \"tina.totp\"\n",
+        sha256_hex(b"token-tina")
+    )
+}
+
+pub fn totp_now() -> String {
+    let t = Totp::new(b"12345678901234567890");
+    format!("{:06}", t.code_at_step(Totp::step_of(Timestamp::now())))
 }

@@ -14,9 +14,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use breakglass_core::Timestamp;
-use breakglass_core::token::sha256_hex;
 use breakglass_server::identity::totp::Totp;
-use common::TestServer;
+use common::{TestServer, call, detail, totp_now, totp_principal, wait_until_identity_is};
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value, json};
@@ -271,42 +270,6 @@ impl Drop for Provider {
 // Calls
 // ---------------------------------------------------------------------------
 
-fn call(
-    server: &TestServer,
-    bearer: &str,
-    otp: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let agent = common::agent();
-    let uri = format!("{}{path}", server.url);
-    let auth = format!("Bearer {bearer}");
-    let resp = if method == "GET" {
-        let mut r = agent.get(&uri).header("Authorization", &auth);
-        if let Some(c) = otp {
-            r = r.header("X-Breakglass-OTP", c);
-        }
-        r.call()
-    } else {
-        let mut r = agent
-            .post(&uri)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json");
-        if let Some(c) = otp {
-            r = r.header("X-Breakglass-OTP", c);
-        }
-        r.send(body.unwrap_or(json!({})).to_string())
-    };
-    let mut resp = resp.expect("http call");
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 fn oidc_config(issuer: &str) -> String {
     format!("\n[identity.oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\n")
 }
@@ -315,42 +278,6 @@ fn workload_config(issuer: &str) -> String {
     format!(
         "\n[[identity.workloads]]\nname = \"gha:{{repository}}:{{environment}}\"\nissuer = \"{issuer}\"\naudience = \"{WORKLOAD_AUDIENCE}\"\nclaims = {{ repository_owner = \"acme\" }}\ngroups = [\"deployers\", \"sre-leads\"]\n"
     )
-}
-
-const TOTP_SECRET_B32: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
-
-/// A local principal with a TOTP secret in a file next to the config.
-fn totp_principal(dir: &std::path::Path) -> String {
-    std::fs::write(dir.join("tina.totp"), TOTP_SECRET_B32).expect("write secret");
-    format!(
-        "\n[[principals]]\nname = \"tina\"\ngroups = [\"sre-leads\"]\ntoken_sha256 = \"{}\"\ntotp_secret_file = \"tina.totp\"\n",
-        sha256_hex(b"token-tina")
-    )
-}
-
-fn totp_now() -> String {
-    let t = Totp::new(b"12345678901234567890");
-    format!("{:06}", t.code_at_step(Totp::step_of(Timestamp::now())))
-}
-
-/// Polls `/readyz` (at most 10 s) until it reports `identity`.
-fn wait_until_identity_is(server: &TestServer, want: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, ready) = common::call_raw(&server.url, None, "GET", "/readyz", None);
-        if ready["identity"] == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "identity never became {want}: {ready}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn detail(v: &Value) -> String {
-    v["detail"].as_str().unwrap_or_default().to_string()
 }
 
 // ---------------------------------------------------------------------------

@@ -7,14 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use breakglass_core::Timestamp;
-use breakglass_core::token::sha256_hex;
-use breakglass_server::identity::totp::Totp;
 use breakglass_testkit::oidc::{CLIENT_ID, GithubActionsIssuer, OidcProvider};
-use common::TestServer;
-use serde_json::{Value, json};
+use common::{TestServer, call, detail, totp_now, totp_principal, wait_until_identity_is};
+use serde_json::json;
 
 /// `read` needs one approver who signed in within 5 s (a short window so
 /// the test can outlive it); workloads of acme/payments may ask for
@@ -42,42 +39,6 @@ when {
 
 const AUDIENCE: &str = "breakglass";
 
-fn call(
-    server: &TestServer,
-    bearer: &str,
-    otp: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let agent = common::agent();
-    let uri = format!("{}{path}", server.url);
-    let auth = format!("Bearer {bearer}");
-    let resp = if method == "GET" {
-        let mut r = agent.get(&uri).header("Authorization", &auth);
-        if let Some(c) = otp {
-            r = r.header("X-Breakglass-OTP", c);
-        }
-        r.call()
-    } else {
-        let mut r = agent
-            .post(&uri)
-            .header("Authorization", &auth)
-            .header("Content-Type", "application/json");
-        if let Some(c) = otp {
-            r = r.header("X-Breakglass-OTP", c);
-        }
-        r.send(body.unwrap_or(json!({})).to_string())
-    };
-    let mut resp = resp.expect("http call");
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// `[server]` lines (a pending timeout longer than the test) and the
 /// `[identity.oidc]` table for `provider`.
 fn oidc(provider: &OidcProvider) -> String {
@@ -85,25 +46,6 @@ fn oidc(provider: &OidcProvider) -> String {
         "pending_timeout = \"5m\"\n[identity.oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\n",
         provider.issuer()
     )
-}
-
-fn wait_until_identity_is(server: &TestServer, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, ready) = common::call_raw(&server.url, None, "GET", "/readyz", None);
-        if ready["identity"] == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "identity never became {want}: {ready}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn detail(v: &Value) -> String {
-    v["detail"].as_str().unwrap_or_default().to_string()
 }
 
 #[test]
@@ -173,16 +115,7 @@ fn people_log_in_request_and_approve_and_step_up_with_a_fresh_login() {
 fn keys_rotate_at_the_provider_and_cached_keys_outlive_it() {
     let mut provider = OidcProvider::start().expect("provider");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("tina.totp"),
-        "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
-    )
-    .expect("secret");
-    let extra = format!(
-        "{}\n[[principals]]\nname = \"tina\"\ngroups = [\"sre-leads\"]\ntoken_sha256 = \"{}\"\ntotp_secret_file = \"tina.totp\"\n",
-        oidc(&provider),
-        sha256_hex(b"token-tina")
-    );
+    let extra = format!("{}{}", oidc(&provider), totp_principal(dir.path()));
     let server = TestServer::start_with_policy(dir, &extra, POLICY);
     wait_until_identity_is(&server, "ok");
     let before = provider.id_token("alice").expect("login");
@@ -230,8 +163,7 @@ fn keys_rotate_at_the_provider_and_cached_keys_outlive_it() {
         (401, Some("otp_required")),
         "{body}"
     );
-    let t = Totp::new(b"12345678901234567890");
-    let code = format!("{:06}", t.code_at_step(Totp::step_of(Timestamp::now())));
+    let code = totp_now();
     let (status, body) = call(
         &server,
         "token-tina",

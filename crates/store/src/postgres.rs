@@ -24,8 +24,11 @@
 //!
 //! Connections come from a pool (`deadpool-postgres`) that drops closed
 //! connections, so the store recovers by itself after a database restart.
-//! TLS to the database is not supported yet: a URL with `sslmode=require`
-//! (or stricter) is refused at open rather than silently sent in clear.
+//! TLS to the database: `sslmode=verify-full&sslrootcert=PATH` in the URL
+//! encrypts every connection and verifies the server's certificate against
+//! that CA and the host name (rustls, ring). `sslmode=require` and
+//! `verify-ca`, which would accept a certificate without checking who it
+//! names, are refused rather than weakly honoured.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +41,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
@@ -136,7 +140,14 @@ pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // The driver's text names the failing statement's error, never a
     // parameter value; callers log it and answer 503.
-    StoreError::Unavailable(format!("database: {e}"))
+    // The cause (a TLS or socket error) is in the source chain.
+    let mut text = format!("database: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    StoreError::Unavailable(text)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
@@ -220,42 +231,159 @@ fn body_of(r: &Request) -> Result<String, StoreError> {
     serde_json::to_string(r).map_err(|e| StoreError::Corrupt(format!("cannot encode request: {e}")))
 }
 
+/// How this store reaches the database: the parsed connection string, and
+/// the TLS connector when the URL asks for `sslmode=verify-full`.
+#[derive(Clone)]
+pub struct DbUrl {
+    cfg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
 /// Parses a connection string and refuses what this store cannot honour.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut cfg: tokio_postgres::Config = url
+/// `sslmode` and `sslrootcert` are taken out of a URL's query here
+/// (tokio-postgres knows neither `verify-full` nor `sslrootcert`).
+pub fn parse_url(url: &str) -> Result<DbUrl, StoreError> {
+    let bad = |why: String| StoreError::Unavailable(format!("the database URL: {why}"));
+    let (mut verify_full, mut root_cert) = (false, None);
+    let mut rest = url.to_string();
+    if let Some((base, query)) = url.split_once('?') {
+        let mut kept = Vec::new();
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("sslmode", "verify-full")) => verify_full = true,
+                Some(("sslmode", mode @ ("require" | "verify-ca"))) => {
+                    return Err(bad(format!(
+                        "sslmode={mode} would accept a certificate without checking the name it carries; use sslmode=verify-full&sslrootcert=PATH (or sslmode=disable on a trusted network)"
+                    )));
+                }
+                Some(("sslrootcert", path)) => root_cert = Some(path.to_string()),
+                _ => kept.push(kv),
+            }
+        }
+        rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+    }
+    let mut cfg: tokio_postgres::Config = rest
         .parse()
-        .map_err(|e| StoreError::Unavailable(format!("the database URL does not parse: {e}")))?;
-    if !matches!(cfg.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-        return Err(StoreError::Unavailable(
-            "the database URL asks for sslmode=require: TLS to the database is not supported in this release (use sslmode=disable over a trusted network, or a local TLS tunnel)".into(),
+        .map_err(|e| bad(format!("it does not parse: {e}")))?;
+    if cfg.get_ssl_mode() == SslMode::Require {
+        return Err(bad(
+            "sslmode=require would accept any certificate; use sslmode=verify-full&sslrootcert=PATH"
+                .into(),
         ));
     }
+    let tls = match (verify_full, root_cert) {
+        (true, Some(path)) => {
+            cfg.ssl_mode(SslMode::Require);
+            Some(MakeRustlsConnect::new(tls_config(&path).map_err(bad)?))
+        }
+        (true, None) => {
+            return Err(bad(
+                "sslmode=verify-full needs sslrootcert=PATH (the PEM file of the CA that signed the database's certificate)".into(),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(bad(
+                "sslrootcert is only used with sslmode=verify-full".into()
+            ));
+        }
+        (false, None) => {
+            // `prefer` (the default) would try TLS without a connector:
+            // say plainly that the connection is not encrypted.
+            cfg.ssl_mode(SslMode::Disable);
+            None
+        }
+    };
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
     }
     cfg.application_name("breakglass");
-    Ok(cfg)
+    Ok(DbUrl { cfg, tls })
 }
 
-/// Opens a connection outside the pool; the returned task drives it.
+/// A rustls client configuration that trusts only the CA in `root_cert`.
+fn tls_config(root_cert: &str) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(root_cert)
+        .map_err(|e| format!("sslrootcert {root_cert}: {e}"))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("sslrootcert {root_cert}: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("sslrootcert {root_cert}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("sslrootcert {root_cert}: no certificate in it"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Spawns the task that drives a connection; notifications (from `LISTEN`)
+/// come out of the returned channel.
+fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+) -> (mpsc::UnboundedReceiver<()>, tokio::task::JoinHandle<()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let driver = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(AsyncMessage::Notification(_)) => {
+                    // Nobody listens (the connection is not a LISTEN one,
+                    // or the store is gone): keep driving it regardless.
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (rx, driver)
+}
+
+/// Opens a connection outside the pool, with its driving task.
 async fn connect(
-    cfg: &tokio_postgres::Config,
+    db: &DbUrl,
 ) -> Result<
     (
         tokio_postgres::Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        mpsc::UnboundedReceiver<()>,
+        tokio::task::JoinHandle<()>,
     ),
     StoreError,
 > {
-    cfg.connect(NoTls).await.map_err(pg_err)
+    match &db.tls {
+        None => {
+            let (client, conn) = db.cfg.connect(NoTls).await.map_err(pg_err)?;
+            let (rx, driver) = drive(conn);
+            Ok((client, rx, driver))
+        }
+        Some(tls) => {
+            let (client, conn) = db.cfg.connect(tls.clone()).await.map_err(pg_err)?;
+            let (rx, driver) = drive(conn);
+            Ok((client, rx, driver))
+        }
+    }
 }
 
 /// Runs the migrations this database lacks, under the advisory lock.
-async fn migrate(cfg: &tokio_postgres::Config) -> Result<(), StoreError> {
-    let (client, conn) = connect(cfg).await?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+async fn migrate(db: &DbUrl) -> Result<(), StoreError> {
+    let (client, _notifications, driver) = connect(db).await?;
     let result = async {
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -305,15 +433,15 @@ async fn migrate_locked(client: &tokio_postgres::Client) -> Result<(), StoreErro
 impl PgStore {
     /// Connects, migrates, and starts the writer and the feed follower.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        let cfg = parse_url(url)?;
-        migrate(&cfg).await?;
-        let manager = Manager::from_config(
-            cfg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let db = parse_url(url)?;
+        migrate(&db).await?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &db.tls {
+            None => Manager::from_config(db.cfg.clone(), NoTls, manager_config),
+            Some(tls) => Manager::from_config(db.cfg.clone(), tls.clone(), manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE_MAX)
             .runtime(Runtime::Tokio1)
@@ -340,7 +468,7 @@ impl PgStore {
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let writer = tokio::spawn(writer_loop(rx, shared.clone()));
-        let listener = tokio::spawn(listen_loop(cfg, Arc::downgrade(&shared)));
+        let listener = tokio::spawn(listen_loop(db, Arc::downgrade(&shared)));
         let follower = tokio::spawn(follow_loop(shared.clone()));
         Ok(PgStore {
             shared,
@@ -500,26 +628,10 @@ impl Shared {
 /// Drives the `LISTEN` connection: every notification pokes the follower.
 /// Re-opens the connection after it drops; the follower's poll covers the
 /// gap, and its reads by `seq` lose nothing.
-async fn listen_loop(cfg: tokio_postgres::Config, shared: std::sync::Weak<Shared>) {
+async fn listen_loop(db: DbUrl, shared: std::sync::Weak<Shared>) {
     loop {
-        match connect(&cfg).await {
-            Ok((client, mut conn)) => {
-                let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-                let driver = tokio::spawn(async move {
-                    let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    use futures_util::StreamExt;
-                    while let Some(msg) = stream.next().await {
-                        match msg {
-                            Ok(AsyncMessage::Notification(_)) => {
-                                if tx.send(()).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(_) => return,
-                        }
-                    }
-                });
+        match connect(&db).await {
+            Ok((client, mut rx, driver)) => {
                 if client
                     .batch_execute(&format!("LISTEN {FEED_CHANNEL}"))
                     .await
@@ -1222,10 +1334,34 @@ impl Store for PgStore {
 mod tests {
     use super::*;
 
+    fn refusal(url: &str) -> String {
+        match parse_url(url) {
+            Ok(_) => panic!("{url} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
-    fn urls_that_ask_for_tls_are_refused() {
-        assert!(parse_url("postgres://u@127.0.0.1:5432/db?sslmode=require").is_err());
-        assert!(parse_url("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());
+    fn tls_is_verified_or_not_asked_for() {
+        let base = "postgres://u@127.0.0.1:5432/db";
+        assert!(refusal(&format!("{base}?sslmode=require")).contains("verify-full"));
+        assert!(refusal(&format!("{base}?sslmode=verify-ca")).contains("verify-full"));
+        assert!(refusal("host=db sslmode=require").contains("verify-full"));
+        assert!(refusal(&format!("{base}?sslmode=verify-full")).contains("needs sslrootcert"));
+        assert!(refusal(&format!("{base}?sslrootcert=/ca.pem")).contains("only used with"));
+        assert!(
+            refusal(&format!(
+                "{base}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+            ))
+            .contains("/nonexistent/ca.pem")
+        );
+        let plain = parse_url(&format!("{base}?sslmode=disable&connect_timeout=3")).expect("plain");
+        assert!(plain.tls.is_none());
+        assert_eq!(
+            plain.cfg.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        assert!(parse_url(base).expect("no sslmode").tls.is_none());
         assert!(parse_url("not a url").is_err());
     }
 }

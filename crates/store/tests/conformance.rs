@@ -1399,3 +1399,64 @@ async fn pg_a_newer_schema_is_refused_naming_both_versions() {
         "{msg}"
     );
 }
+
+/// `sslmode=verify-full&sslrootcert=PATH`: every connection of the store
+/// (pool, feed, migrations) is encrypted and the server's certificate is
+/// verified; a certificate from another CA is refused at open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_tls_is_encrypted_and_verified() {
+    let pg = breakglass_testkit::shared_cluster().expect("a PostgreSQL cluster starts");
+    let certs = tempfile::tempdir().expect("a temporary directory");
+    breakglass_testkit::make_test_ca(certs.path(), "IP:127.0.0.1,DNS:localhost");
+    pg.enable_tls(&certs.path().join("srv.pem"), &certs.path().join("srv.key"))
+        .expect("TLS on");
+    let url = breakglass_testkit::fresh_database(&pg).expect("a fresh database");
+    let db = url.rsplit('/').next().expect("a database name").to_string();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let with_ca = |ca: &Path| {
+        format!(
+            "{url}{sep}sslmode=verify-full&sslrootcert={}",
+            ca.join("ca.pem").display()
+        )
+    };
+
+    let store = PgStore::open(&with_ca(certs.path()))
+        .await
+        .expect("the store opens over TLS");
+    suite::create_then_get(&store).await;
+    let plain = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = '{db}' AND a.application_name = 'breakglass' AND NOT s.ssl"
+            ),
+        )
+        .expect("psql");
+    let encrypted = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = '{db}' AND a.application_name = 'breakglass' AND s.ssl"
+            ),
+        )
+        .expect("psql");
+    assert_eq!(plain.trim(), "0", "a connection of the store is in clear");
+    assert!(
+        encrypted.trim().parse::<u32>().expect("a count") >= 2,
+        "the pool and the feed connection are encrypted: {encrypted}"
+    );
+    drop(store);
+
+    let other = tempfile::tempdir().expect("a temporary directory");
+    breakglass_testkit::make_test_ca(other.path(), "IP:127.0.0.1,DNS:localhost");
+    let refused = match PgStore::open(&with_ca(other.path())).await {
+        Ok(_) => panic!("a certificate from another CA was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.to_lowercase().contains("certificate"),
+        "the refusal names the certificate: {refused}"
+    );
+}

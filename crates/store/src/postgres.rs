@@ -752,13 +752,21 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
     let tx = client.transaction().await.map_err(pg_err)?;
     // INVARIANT: the chain head row is locked until COMMIT: seq and the hash
     // link are assigned by one transaction at a time across every node.
-    let row = tx
-        .query_one(
-            "SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE",
-            &[],
-        )
+    // Statements are prepared once per connection (cached), so the lock is
+    // held for executions only, not for parsing.
+    let lock_head = tx
+        .prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE")
         .await
         .map_err(pg_err)?;
+    let move_head = tx
+        .prepare_cached("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1")
+        .await
+        .map_err(pg_err)?;
+    let notify = tx
+        .prepare_cached("SELECT pg_notify($1, $2)")
+        .await
+        .map_err(pg_err)?;
+    let row = tx.query_one(&lock_head, &[]).await.map_err(pg_err)?;
     let start = (row.get::<_, i64>(0) as u64, hash_of(row.get(1))?);
     let mut head = start;
     let mut results = Vec::with_capacity(batch.len());
@@ -789,11 +797,8 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
         let seq = head.0 as i64;
         let seq_text = head.0.to_string();
         let (moved, notified) = futures_util::future::join(
-            tx.execute(
-                "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
-                &[&seq, &&head.1[..]],
-            ),
-            tx.execute("SELECT pg_notify($1, $2)", &[&FEED_CHANNEL, &seq_text]),
+            tx.execute(&move_head, &[&seq, &&head.1[..]]),
+            tx.execute(&notify, &[&FEED_CHANNEL, &seq_text]),
         )
         .await;
         moved.map_err(pg_err)?;
@@ -1049,11 +1054,12 @@ async fn apply_op(
             events
         }
         Op::Credential(c, event, limit) => {
+            let count = tx
+                .prepare_cached("SELECT COUNT(*) FROM credentials WHERE request_id = $1")
+                .await
+                .map_err(pg_err)?;
             let issued: i64 = tx
-                .query_one(
-                    "SELECT COUNT(*) FROM credentials WHERE request_id = $1",
-                    &[&c.request_id],
-                )
+                .query_one(&count, &[&c.request_id])
                 .await
                 .map_err(pg_err)?
                 .get(0);

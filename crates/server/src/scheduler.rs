@@ -211,8 +211,13 @@ impl Scheduler {
                         let Some(id) = e.request_id.as_deref() else {
                             continue;
                         };
-                        if !e.action.starts_with("request.") {
-                            continue;
+                        match FeedEffect::of(&e.action) {
+                            FeedEffect::None => continue,
+                            FeedEffect::Ended => {
+                                lock(&this.inner.queue).deadlines.remove(id);
+                                continue;
+                            }
+                            FeedEffect::Deadline => {}
                         }
                         match app.store.get(id).await {
                             Ok(Some(req)) => this.track(&req),
@@ -285,5 +290,30 @@ impl Scheduler {
                 }
             }
         })
+    }
+}
+
+/// What a request event on the shared feed means for the scheduler.
+#[derive(Debug, PartialEq, Eq)]
+enum FeedEffect {
+    /// The request may have a new deadline: read it and track it.
+    Deadline,
+    /// The request ended: it has no deadline any more.
+    Ended,
+    /// Nothing the scheduler holds changes (an approval that did not
+    /// activate, a review, events of no request).
+    None,
+}
+
+impl FeedEffect {
+    fn of(action: &str) -> FeedEffect {
+        match action {
+            "request.created" | "request.activated" | "request.countersigned" => {
+                FeedEffect::Deadline
+            }
+            "request.cancelled" | "request.denied" | "request.expired" | "request.revoked"
+            | "request.timed_out" => FeedEffect::Ended,
+            _ => FeedEffect::None,
+        }
     }
 }

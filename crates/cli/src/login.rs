@@ -116,11 +116,8 @@ fn query_params(query: &str) -> Vec<(String, String)> {
 
 /// Equal in time independent of where they differ.
 fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    use breakglass_core::token::{digest_eq, sha256};
+    digest_eq(&sha256(a.as_bytes()), &sha256(b.as_bytes()))
 }
 
 /// The claims of a JWT, unverified (the server verifies the signature).

@@ -217,3 +217,19 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn port_was_taken(log: &str) -> bool {
     log.contains("Address already in use") || log.contains("could not bind")
 }
+
+/// Stops a child process: `SIGTERM`, then `SIGKILL` after `grace`, and
+/// reaps it. Nothing happens for `None` or a child that already exited.
+pub fn stop_child(child: Option<std::process::Child>, grace: Duration) {
+    let Some(mut child) = child else {
+        return;
+    };
+    if let Ok(None) = child.try_wait() {
+        signal(child.id(), "TERM");
+        let exited = wait_until(grace, || !matches!(child.try_wait(), Ok(None)));
+        if !exited {
+            let _ = child.kill();
+        }
+    }
+    let _ = child.wait();
+}

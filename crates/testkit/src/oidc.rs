@@ -218,19 +218,7 @@ impl NodeProcess {
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            os::signal(child.id(), "TERM");
-            let exited = os::wait_until(Duration::from_secs(3), || {
-                !matches!(child.try_wait(), Ok(None))
-            });
-            if !exited {
-                let _ = child.kill();
-            }
-        }
-        let _ = child.wait();
+        os::stop_child(self.child.take(), Duration::from_secs(3));
     }
 }
 

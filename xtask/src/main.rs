@@ -20,31 +20,48 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Installs the system tools the tests start for real (PostgreSQL server
-/// and client, pgbench, pgbouncer) when any is missing; needs root.
+/// The system tools the tests start for real, and the Debian package that
+/// brings each: PostgreSQL server and client, pgbench, pgbouncer, OpenSSL
+/// (test CAs), OpenSSH server and client (the SSH gateway's peers),
+/// Chromium (the console's browser tests) and rsyslog (a syslog receiver).
+const SYSTEM_TOOLS: &[(&str, &str)] = &[
+    ("/usr/lib/postgresql/*/bin/initdb", "postgresql"),
+    ("/usr/lib/postgresql/*/bin/pgbench", "postgresql-contrib"),
+    ("/usr/bin/psql", "postgresql"),
+    ("/usr/sbin/pgbouncer", "pgbouncer"),
+    ("/usr/bin/openssl", "openssl"),
+    ("/usr/sbin/sshd", "openssh-server"),
+    ("/usr/bin/ssh", "openssh-client"),
+    ("/usr/bin/ssh-keygen", "openssh-client"),
+    ("/usr/bin/chromium", "chromium"),
+    ("/usr/sbin/rsyslogd", "rsyslog"),
+];
+
+/// Installs the packages of [`SYSTEM_TOOLS`] whose tool is missing; needs
+/// root.
 fn ensure_system_packages() -> anyhow::Result<()> {
-    let in_pg_bin = |tool: &str| {
-        std::fs::read_dir("/usr/lib/postgresql")
+    let present = |path: &str| match path.split_once("/*/") {
+        // One level of wildcard: any version directory.
+        Some((dir, rest)) => std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
-            .any(|version| version.path().join("bin").join(tool).is_file())
+            .any(|entry| entry.path().join(rest).is_file()),
+        None => std::path::Path::new(path).is_file(),
     };
     let mut missing = Vec::new();
-    for tool in ["initdb", "pgbench"] {
-        if !in_pg_bin(tool) {
-            missing.push(format!("/usr/lib/postgresql/*/bin/{tool}"));
-        }
-    }
-    for path in ["/usr/bin/psql", "/usr/sbin/pgbouncer", "/usr/bin/openssl"] {
-        if !std::path::Path::new(path).is_file() {
-            missing.push(path.to_owned());
+    let mut packages: Vec<&str> = Vec::new();
+    for (path, package) in SYSTEM_TOOLS {
+        if !present(path) {
+            missing.push(*path);
+            if !packages.contains(package) {
+                packages.push(package);
+            }
         }
     }
     if missing.is_empty() {
         return Ok(());
     }
-    let packages = ["postgresql", "postgresql-contrib", "pgbouncer", "openssl"];
     let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"));
         uids.and_then(|ids| ids.split_whitespace().nth(1)) == Some("0")
@@ -64,7 +81,7 @@ fn ensure_system_packages() -> anyhow::Result<()> {
     let install = || {
         run(Command::new("apt-get")
             .args(["install", "-y"])
-            .args(packages)
+            .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
     if install().is_err() {
@@ -80,6 +97,7 @@ fn ensure_system_packages() -> anyhow::Result<()> {
 fn cargo_test(
     args: &[&str],
     node_modules: &std::path::Path,
+    python_bin: &std::path::Path,
     passed: &mut u64,
     failed: &mut u64,
 ) -> anyhow::Result<bool> {
@@ -90,6 +108,8 @@ fn cargo_test(
         // The testkit finds the same directory by itself; the variable
         // makes the choice explicit for every test binary.
         .env("BREAKGLASS_TEST_NODE_MODULES", node_modules)
+        // `asciinema` (plays SSH recordings back) from the tools venv.
+        .env("BREAKGLASS_TEST_ASCIINEMA", python_bin.join("asciinema"))
         .stdout(std::process::Stdio::piped());
     eprintln!("$ {cmd:?}");
     let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
@@ -174,6 +194,7 @@ fn ensure_node_modules() -> anyhow::Result<std::path::PathBuf> {
 fn test() -> anyhow::Result<()> {
     ensure_system_packages()?;
     let modules = ensure_node_modules()?;
+    let python = python_tools()?;
     // Build everything first so test binaries that start the real
     // `breakglass` binary find it built.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -181,6 +202,7 @@ fn test() -> anyhow::Result<()> {
     let units = cargo_test(
         &["--workspace", "--all-targets", "--no-fail-fast"],
         &modules,
+        &python,
         &mut passed,
         &mut failed,
     )?;
@@ -224,19 +246,27 @@ fn target_dir() -> anyhow::Result<std::path::PathBuf> {
     })
 }
 
-/// A virtualenv under the target dir with the pinned schemathesis;
-/// returns its `schemathesis` executable.
-fn schemathesis_bin() -> anyhow::Result<std::path::PathBuf> {
-    let venv = target_dir()?.join("schemathesis-venv");
+/// The asciinema release the tests play SSH recordings back with (from
+/// PyPI).
+const ASCIINEMA_VERSION: &str = "2.4.0";
+
+/// A virtualenv under the target dir with the pinned Python tools the tests
+/// use (schemathesis, asciinema); returns its `bin` directory.
+fn python_tools() -> anyhow::Result<std::path::PathBuf> {
+    let venv = target_dir()?.join("test-venv");
     let bin = venv.join("bin");
-    let marker = venv.join(format!("installed-{SCHEMATHESIS_VERSION}"));
-    if marker.is_file() && bin.join("schemathesis").is_file() {
-        return Ok(bin.join("schemathesis"));
+    let pins = [
+        format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+        format!("asciinema=={ASCIINEMA_VERSION}"),
+    ];
+    let marker = venv.join(format!("installed-{}", pins.join("-")));
+    if marker.is_file() {
+        return Ok(bin);
     }
     let python = if Command::new("python3").arg("--version").output().is_ok() {
         "python3"
     } else {
-        bail!("API fuzzing needs python3 with venv (`sudo apt-get install -y python3-venv`)");
+        bail!("the tests need python3 with venv (`sudo apt-get install -y python3-venv`)");
     };
     if venv.exists() {
         std::fs::remove_dir_all(&venv)
@@ -246,9 +276,9 @@ fn schemathesis_bin() -> anyhow::Result<std::path::PathBuf> {
         .context("cannot create a virtualenv (`sudo apt-get install -y python3-venv`)")?;
     run(Command::new(bin.join("pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(format!("schemathesis=={SCHEMATHESIS_VERSION}")))?;
+        .args(&pins))?;
     std::fs::write(&marker, "")?;
-    Ok(bin.join("schemathesis"))
+    Ok(bin)
 }
 
 /// A `breakglass serve --dev` child, stopped with SIGTERM (so its demo
@@ -279,7 +309,7 @@ impl Drop for DevServer {
 /// token: every documented operation, with generated valid and invalid
 /// inputs, must answer as the OpenAPI document says.
 fn api_fuzz() -> anyhow::Result<()> {
-    let schemathesis = schemathesis_bin()?;
+    let schemathesis = python_tools()?.join("schemathesis");
     let target = target_dir()?;
     let breakglass = target.join("debug").join("breakglass");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?

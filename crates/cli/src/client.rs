@@ -26,6 +26,8 @@ pub const CALL_TIMEOUT_S: u64 = 30;
 pub const CONNECT_TIMEOUT_S: u64 = 5;
 /// The most bytes of one response body the client reads.
 pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// A cast is at most this long (the server's limit too).
+const CAST_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// The most characters of a base URL accepted.
 pub const URL_LEN_MAX: usize = 2048;
 /// The most bytes of a `--ca-file` read.
@@ -476,6 +478,26 @@ impl Client {
         self.get(&format!("/v1/sessions/{id}/recording"), &query)
     }
 
+    /// `GET /v1/sessions/{id}/recording?format=asciicast`: an SSH
+    /// session's cast, as the server wrote it.
+    pub fn recording_cast(&self, id: &str) -> Result<Vec<u8>, ApiError> {
+        let url = self.url(&format!("/v1/sessions/{id}/recording"));
+        self.with_otp_retry(|otp| {
+            let mut req = self
+                .agent
+                .get(&url)
+                .header("Accept", "application/x-asciicast, application/problem+json")
+                .query("format", "asciicast");
+            if let Some(auth) = self.auth_header() {
+                req = req.header("Authorization", auth);
+            }
+            if let Some(code) = otp {
+                req = req.header(OTP_HEADER, code);
+            }
+            self.finish_bytes(req.call(), CAST_BYTES_MAX).map(|(_, b)| b)
+        })
+    }
+
     /// `GET /v1/auth/config`, without the token: how to sign in.
     pub fn auth_config(&self) -> Result<AuthConfig, ApiError> {
         let url = self.url("/v1/auth/config");
@@ -600,18 +622,25 @@ impl Client {
         &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<T, ApiError> {
+        let (status, bytes) = self.finish_bytes(result, RESPONSE_BYTES_MAX)?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
+            detail: format!("cannot decode the JSON body of an HTTP {status} answer: {e}"),
+        })
+    }
+
+    /// The body of a successful answer (at most `limit` bytes), or the
+    /// problem of a failed one.
+    fn finish_bytes(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
         let mut resp = result.map_err(|e| self.transport_error(e))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(RESPONSE_BYTES_MAX)
-            .read_to_vec();
+        let body = resp.body_mut().with_config().limit(limit).read_to_vec();
         if (200..300).contains(&status) {
             let bytes = body.map_err(|e| self.transport_error(e))?;
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
-                detail: format!("cannot decode the JSON body of an HTTP {status} answer: {e}"),
-            })
+            Ok((status, bytes))
         } else {
             // Whatever went wrong reading an error body, the status decides.
             let problem = body

@@ -699,7 +699,12 @@ pub fn credentials(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
 /// Fetches fresh credentials and runs the target's client against its
 /// gateway. The token travels in the client's environment (PGPASSWORD),
 /// never on a command line.
-pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::Result<Exit> {
+pub fn connect(
+    ctx: &Ctx,
+    id: &str,
+    program: Option<&str>,
+    args: &[String],
+) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
     let id = &resolve_id(&client, id)?;
     let c = client.credentials(id)?;
@@ -714,6 +719,10 @@ pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::R
         )
         .into());
     };
+    if conn.kind == "ssh" {
+        return connect_ssh(&c, conn, program.unwrap_or("ssh"), args);
+    }
+    let program = program.unwrap_or("psql");
     if conn.kind != "postgres" {
         return Err(Failure::new(
             Exit::Error,
@@ -755,6 +764,110 @@ pub fn connect(ctx: &Ctx, id: &str, program: &str, args: &[String]) -> anyhow::R
     })
 }
 
+/// The environment variable that makes this binary an `SSH_ASKPASS`
+/// program answering with the grant credential it holds.
+const ASKPASS_TOKEN_ENV: &str = "BREAKGLASS_SSH_ASKPASS_TOKEN";
+
+/// When run by ssh as its `SSH_ASKPASS` (see `connect_ssh`): prints the
+/// grant credential for ssh to read, and says so by returning an exit code.
+pub fn ssh_askpass() -> Option<std::process::ExitCode> {
+    let token = std::env::var(ASKPASS_TOKEN_ENV).ok()?;
+    // ssh runs the askpass program with one argument, the prompt.
+    if std::env::args_os().count() != 2 {
+        return None;
+    }
+    let mut out = io::stdout().lock();
+    let ok = writeln!(out, "{token}").and_then(|()| out.flush()).is_ok();
+    Some(if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// Runs the system's ssh through the SSH gateway: the gateway's host key
+/// pinned in a known-hosts file of its own, the grant credential answered
+/// by this binary as `SSH_ASKPASS` (in ssh's environment only, as
+/// PGPASSWORD is for psql). Arguments are the remote command; the exit
+/// status is the command's.
+fn connect_ssh(
+    c: &breakglass_server::dto::Credentials,
+    conn: &breakglass_server::dto::Connection,
+    program: &str,
+    args: &[String],
+) -> anyhow::Result<Exit> {
+    let Some(host_key) = conn.host_key.as_deref() else {
+        return Err(Failure::new(
+            Exit::Error,
+            "no_gateway",
+            "the server did not say its SSH gateway's host key; cannot connect safely",
+        )
+        .into());
+    };
+    let me = std::env::current_exe().context("cannot find this program for SSH_ASKPASS")?;
+    let known = tempfile::NamedTempFile::new().context("cannot create a known-hosts file")?;
+    let host_pattern = if conn.port == 22 {
+        conn.host.clone()
+    } else {
+        format!("[{}]:{}", conn.host, conn.port)
+    };
+    std::fs::write(known.path(), format!("{host_pattern} {host_key}\n"))
+        .context("cannot write a known-hosts file")?;
+    let mut child = std::process::Command::new(program);
+    child
+        .env(ASKPASS_TOKEN_ENV, &c.token)
+        .env("SSH_ASKPASS", &me)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .arg("-p")
+        .arg(conn.port.to_string())
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.path().display()))
+        .args([
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "PreferredAuthentications=keyboard-interactive,password",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-o",
+            "ForwardAgent=no",
+            "-o",
+            "ForwardX11=no",
+            "-o",
+            "LogLevel=ERROR",
+            "-l",
+        ])
+        .arg(&conn.user)
+        .arg(&conn.host);
+    if !args.is_empty() {
+        child.arg("--").args(args);
+    }
+    eprintln!(
+        "Connecting to {} as {} (role {}) until {}; the session is recorded.",
+        c.target,
+        c.requester,
+        c.role,
+        c.expires_at.to_rfc3339()
+    );
+    let status = child.status().map_err(|e| {
+        Failure::new(
+            Exit::Error,
+            "client_failed",
+            format!("cannot run {program}: {e}"),
+        )
+    })?;
+    drop(known);
+    Ok(match status.code() {
+        Some(0) => Exit::Success,
+        Some(n) => Exit::Child(u8::try_from(n).unwrap_or(1)),
+        None => Exit::Error,
+    })
+}
+
 pub fn sessions(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
     let id = &resolve_id(&client, id)?;
@@ -787,10 +900,15 @@ pub fn sessions(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
 }
 
 /// Prints a recording page by page; JSON lines with `--output json`.
-pub fn recording(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
+pub fn recording(ctx: &Ctx, id: &str, asciicast: bool) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
+    if asciicast {
+        out.write_all(&client.recording_cast(id)?)?;
+        out.flush()?;
+        return Ok(Exit::Success);
+    }
     let mut after = 0;
     loop {
         let page = client.recording_page(id, after, AUDIT_PAGE_SIZE)?;

@@ -21,6 +21,8 @@ pub enum Exit {
     Refused,
     /// 4: `--wait` ran out of time before the request was decided.
     WaitTimeout,
+    /// `connect -- CMD` on an SSH target: the remote command's own status.
+    Child(u8),
 }
 
 impl Exit {
@@ -31,6 +33,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Refused => 3,
             Exit::WaitTimeout => 4,
+            Exit::Child(c) => c,
         }
     }
 

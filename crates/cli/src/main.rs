@@ -188,10 +188,11 @@ enum Command {
     Show(IdArgs),
     /// Get the token (and connection details) of an active grant; shown once.
     Credentials(IdArgs),
-    /// Connect to the target through its gateway (runs psql with the grant's
-    /// credentials; arguments after -- go to psql).
+    /// Connect to the target through its gateway (runs psql or ssh with the
+    /// grant's credentials; arguments after -- go to psql, or are the
+    /// command ssh runs).
     #[command(
-        after_help = "Examples:\n  breakglass connect 01a2250c\n  breakglass connect 01a2250c -- -c \"select count(*) from orders\""
+        after_help = "Examples:\n  breakglass connect 01a2250c\n  breakglass connect 01a2250c -- -c \"select count(*) from orders\"\n  breakglass connect 01a2250c -- uptime"
     )]
     Connect(ConnectArgs),
     /// List the gateway sessions of a request.
@@ -378,8 +379,19 @@ struct RecordingArgs {
     /// The session id (from `breakglass sessions ID`).
     #[arg(value_name = "SESSION_ID", value_parser = parse_id)]
     id: String,
+    /// `entries` (the verified entries, as text or with `--output json`
+    /// as JSON lines) or `asciicast` (an SSH session as an asciicast v2
+    /// file for `asciinema play`).
+    #[arg(long, value_enum, default_value_t = RecordingFormat::Entries)]
+    format: RecordingFormat,
     #[command(flatten)]
     server: ServerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecordingFormat {
+    Entries,
+    Asciicast,
 }
 
 #[derive(Debug, Args)]
@@ -389,10 +401,12 @@ struct ConnectArgs {
     id: String,
     #[command(flatten)]
     server: ServerArgs,
-    /// The client program to run (default: psql from PATH).
-    #[arg(long, value_name = "PROGRAM", default_value = "psql")]
-    client: String,
-    /// Arguments passed to the client, after --.
+    /// The client program to run (default: psql for PostgreSQL targets,
+    /// ssh for SSH targets, from PATH).
+    #[arg(long, value_name = "PROGRAM")]
+    client: Option<String>,
+    /// Arguments passed to the client, after -- (for an SSH target: the
+    /// command to run; the exit status is the command's).
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
 }
@@ -708,6 +722,12 @@ fn usage_error(e: &clap::Error, args: &[OsString]) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // `connect` on an SSH target runs ssh with this binary as its
+    // SSH_ASKPASS: the grant credential goes from the environment to ssh
+    // on a pipe, never on a command line or a terminal.
+    if let Some(code) = cmd::ssh_askpass() {
+        return code;
+    }
     let args = join_wait_values(std::env::args_os().collect());
     // Usage errors exit 2, --help and --version exit 0.
     let cli = match Cli::try_parse_from(&args) {
@@ -752,9 +772,11 @@ fn main() -> ExitCode {
         Command::List(a) => cmd::list(&ctx, a.state, a.mine, a.limit),
         Command::Show(a) => cmd::show(&ctx, &a.id),
         Command::Credentials(a) => cmd::credentials(&ctx, &a.id),
-        Command::Connect(a) => cmd::connect(&ctx, &a.id, &a.client, &a.args),
+        Command::Connect(a) => cmd::connect(&ctx, &a.id, a.client.as_deref(), &a.args),
         Command::Sessions(a) => cmd::sessions(&ctx, &a.id),
-        Command::Recording(a) => cmd::recording(&ctx, &a.id),
+        Command::Recording(a) => {
+            cmd::recording(&ctx, &a.id, a.format == RecordingFormat::Asciicast)
+        }
         Command::Audit(AuditCommand::Verify { config, key }) => {
             cmd::audit_verify(&ctx, &config, &key)
         }

@@ -462,6 +462,9 @@ pub fn credentials(c: &Credentials, now: Timestamp) -> String {
             }
         };
         let _ = writeln!(out, "Connect: {line}");
+        if let Some(fp) = &conn.host_key_fingerprint {
+            let _ = writeln!(out, "The gateway's host key fingerprint is {}.", clean(fp));
+        }
         let _ = writeln!(out, "Use the token above as the password.");
     }
     out
@@ -919,6 +922,8 @@ mod tests {
                 port: 6432,
                 user: "alice".to_string(),
                 database: Some("app".to_string()),
+                host_key: None,
+                host_key_fingerprint: None,
             }),
         };
         assert_eq!(

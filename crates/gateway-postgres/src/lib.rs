@@ -13,9 +13,7 @@
 //! trait, so this crate knows nothing of stores or HTTP.
 
 pub mod codec;
-mod entry;
 pub mod frontend;
-pub mod recording;
 mod session;
 pub mod settings;
 mod transcript;
@@ -35,15 +33,14 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::recording::Recorder;
-pub use crate::recording::SessionProgress;
-pub use crate::upstream::{UpstreamTarget, UpstreamTls};
+pub use breakglass_gateway_common::recording;
+use breakglass_gateway_common::recording::Recorder;
+pub use breakglass_gateway_common::{
+    ANCHOR_INTERVAL_MS, AbortOnDrop, Cut, Registry, SessionAuthority, SessionEnd, SessionInfo,
+    SessionProgress,
+};
 
-/// While a session's recording grows, its durable point is anchored in the
-/// audit chain (`session.progress`) at most this long after it became
-/// durable; an idle session costs nothing. All sessions that moved share
-/// one append.
-pub const ANCHOR_INTERVAL_MS: u64 = 2000;
+pub use crate::upstream::{UpstreamTarget, UpstreamTls};
 
 /// A byte stream to a client or the upstream, plain or TLS.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -218,30 +215,10 @@ impl Refusal {
     }
 }
 
-/// Identity of a live session.
-#[derive(Debug, Clone)]
-pub struct SessionInfo {
-    pub session_id: String,
-    pub request_id: String,
-    pub principal: String,
-    pub target: String,
-    pub role: String,
-    pub upstream_user: String,
-    pub client: SocketAddr,
-}
-
-/// How a session ended.
-#[derive(Debug, Clone)]
-pub struct SessionEnd {
-    pub reason: String,
-    pub statements: u64,
-    pub entries: u64,
-    pub final_hash: [u8; 32],
-}
-
-/// What the gateway needs from breakglass.
+/// What the PostgreSQL gateway needs from breakglass: how a client signs
+/// in, beside what every gateway asks ([`SessionAuthority`]).
 #[async_trait]
-pub trait Authority: Send + Sync + 'static {
+pub trait Authority: SessionAuthority {
     /// Checks a connection's user, database and password (grant credential).
     async fn authorize(
         &self,
@@ -249,23 +226,6 @@ pub trait Authority: Send + Sync + 'static {
         database: &str,
         password: &str,
     ) -> Result<Authorized, Refusal>;
-    /// `Ok` while the grant is live, else why it ended. Asked again once a
-    /// session is registered: a grant that ended between `authorize` and
-    /// the registration was cut before the session could be.
-    async fn grant_live(&self, request_id: &str) -> Result<(), String>;
-    /// Records the start of a session (in the audit chain); an error refuses
-    /// the session.
-    async fn session_started(&self, info: &SessionInfo) -> Result<(), String>;
-    /// Records the end of a session.
-    async fn session_ended(&self, info: &SessionInfo, end: &SessionEnd);
-    /// Anchors the durable points of live recordings in the audit chain,
-    /// all in one commit.
-    async fn sessions_progress(&self, progress: &[SessionProgress]) -> Result<(), String>;
-}
-
-struct SessionHandle {
-    session_id: String,
-    cut: watch::Sender<Option<String>>,
 }
 
 /// Where a client's cancel key really points.
@@ -283,8 +243,8 @@ pub(crate) struct Shared {
     config: PgGatewayConfig,
     tls: Option<tokio_rustls::TlsAcceptor>,
     authority: Arc<dyn Authority>,
-    recorder: Recorder,
-    sessions: Mutex<HashMap<String, Vec<SessionHandle>>>,
+    recorder: Arc<Recorder>,
+    sessions: Registry,
     cancel_keys: Mutex<HashMap<(i32, i32), CancelTarget>>,
     slots: Arc<Slots>,
 }
@@ -300,13 +260,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `recordings` is the directory of session recordings.
+    /// `recordings` is the directory of session recordings; `sessions` the
+    /// registry of live sessions a cut reaches (shared with the other
+    /// gateways of the node).
     pub fn new(
         config: PgGatewayConfig,
         authority: Arc<dyn Authority>,
         recordings: PathBuf,
+        sessions: Registry,
     ) -> std::io::Result<Gateway> {
-        let recorder = Recorder::new(&recordings, config.strict_recording)?;
+        let recorder = Arc::new(Recorder::new(&recordings, config.strict_recording)?);
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
             _ => None,
@@ -318,7 +281,7 @@ impl Gateway {
                 config,
                 authority,
                 recorder,
-                sessions: Mutex::new(HashMap::new()),
+                sessions,
                 cancel_keys: Mutex::new(HashMap::new()),
             }),
         })
@@ -327,7 +290,10 @@ impl Gateway {
     /// Accepts connections until the listener fails; anchors the live
     /// recordings meanwhile.
     pub async fn serve(self, listener: TcpListener) {
-        let anchors = tokio::spawn(anchor_loop(Arc::downgrade(&self.shared)));
+        let anchors = tokio::spawn(breakglass_gateway_common::anchor_loop(
+            Arc::downgrade(&self.shared.recorder),
+            self.shared.authority.clone(),
+        ));
         let _stop_anchors = AbortOnDrop(anchors);
         loop {
             match listener.accept().await {
@@ -346,89 +312,23 @@ impl Gateway {
         }
     }
 
-    /// Cuts every live session of a grant; returns how many were signalled.
-    pub fn cut(&self, request_id: &str, reason: &str) -> usize {
-        let sessions = lock(&self.shared.sessions);
-        let Some(list) = sessions.get(request_id) else {
-            return 0;
-        };
-        for h in list {
-            let _ = h.cut.send(Some(reason.to_string()));
-        }
-        list.len()
-    }
-
-    /// Cuts every live session (service shutdown).
-    pub fn cut_all(&self, reason: &str) -> usize {
-        let sessions = lock(&self.shared.sessions);
-        for h in sessions.values().flatten() {
-            let _ = h.cut.send(Some(reason.to_string()));
-        }
-        sessions.values().map(Vec::len).sum()
-    }
-
-    /// Live sessions, in all.
-    pub fn live_sessions(&self) -> usize {
-        lock(&self.shared.sessions).values().map(Vec::len).sum()
-    }
-
-    /// Ids of the live sessions.
-    pub fn live_session_ids(&self) -> Vec<String> {
-        lock(&self.shared.sessions)
-            .values()
-            .flatten()
-            .map(|h| h.session_id.clone())
-            .collect()
+    /// The registry of live sessions this gateway registers into.
+    pub fn sessions(&self) -> &Registry {
+        &self.shared.sessions
     }
 
     /// Anchors every live recording that moved, now (the loop in `serve`
     /// does it every [`ANCHOR_INTERVAL_MS`]).
     pub async fn anchor_now(&self) {
-        anchor_once(&self.shared).await;
-    }
-
-    /// Request ids of grants with live sessions.
-    pub fn live_grants(&self) -> Vec<String> {
-        lock(&self.shared.sessions).keys().cloned().collect()
+        breakglass_gateway_common::anchor_once(
+            &self.shared.recorder,
+            self.shared.authority.as_ref(),
+        )
+        .await;
     }
 
     pub fn recordings_dir(&self) -> PathBuf {
         self.shared.recorder.dir().to_path_buf()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn anchor_once(shared: &Shared) {
-    let moved = shared.recorder.moved();
-    if moved.is_empty() {
-        return;
-    }
-    match shared.authority.sessions_progress(&moved).await {
-        Ok(()) => shared.recorder.anchored(&moved),
-        Err(e) => {
-            tracing::error!(sessions = moved.len(), error = %e, "cannot anchor live session recordings in the audit chain")
-        }
-    }
-}
-
-/// Every [`ANCHOR_INTERVAL_MS`], anchors the recordings that moved; not on
-/// the relay's path.
-async fn anchor_loop(shared: std::sync::Weak<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(ANCHOR_INTERVAL_MS));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        anchor_once(&shared).await;
     }
 }
 
@@ -465,35 +365,16 @@ pub fn tls_acceptor(
 }
 
 impl Shared {
-    fn register(
-        &self,
-        request_id: &str,
-        session_id: &str,
-    ) -> Option<watch::Receiver<Option<String>>> {
-        let mut sessions = lock(&self.sessions);
-        let list = sessions.entry(request_id.to_string()).or_default();
-        if list.len() >= self.config.max_connections_per_grant {
-            return None;
-        }
-        let (tx, rx) = watch::channel(None);
-        list.push(SessionHandle {
-            session_id: session_id.to_string(),
-            cut: tx,
-        });
-        Some(rx)
+    fn register(&self, request_id: &str, session_id: &str) -> Option<watch::Receiver<Option<Cut>>> {
+        self.sessions
+            .register(request_id, session_id, self.config.max_connections_per_grant)
     }
 
     fn grant_sessions(&self, request_id: &str) -> usize {
-        lock(&self.sessions).get(request_id).map_or(0, Vec::len)
+        self.sessions.grant_sessions(request_id)
     }
 
     fn unregister(&self, request_id: &str, session_id: &str) {
-        let mut sessions = lock(&self.sessions);
-        if let Some(list) = sessions.get_mut(request_id) {
-            list.retain(|h| h.session_id != session_id);
-            if list.is_empty() {
-                sessions.remove(request_id);
-            }
-        }
+        self.sessions.unregister(request_id, session_id);
     }
 }

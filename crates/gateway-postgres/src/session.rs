@@ -21,7 +21,7 @@ use crate::codec::{
 };
 use crate::recording::{Field, Recording};
 use crate::transcript::{Client as Next, Stop, Tracker};
-use crate::{Authorized, CancelTarget, Io, SessionEnd, SessionInfo, Shared};
+use crate::{Authorized, CancelTarget, Cut, Io, SessionEnd, SessionInfo, Shared};
 use crate::{settings, upstream};
 
 /// Passwords (grant credentials) are short.
@@ -355,16 +355,7 @@ async fn start(
 }
 
 fn cut_message(reason: &str) -> String {
-    match reason {
-        "expired" => "breakglass: the grant expired; session closed".to_string(),
-        "idle_timeout" => "breakglass: session idle for too long; closed".to_string(),
-        "service_shutdown" => {
-            "breakglass: the gateway is shutting down; session closed (the grant itself is unchanged)"
-                .to_string()
-        }
-        "audit_chain_broken" => "breakglass: the audit log does not verify; every session is closed and no grant is usable until an operator investigates (`breakglass audit verify`)".to_string(),
-        other => format!("breakglass: the grant has ended ({other}); session closed"),
-    }
+    Cut::new(reason).message()
 }
 
 enum End {
@@ -409,6 +400,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         role: auth.role.clone(),
         upstream_user: auth.upstream.user.clone(),
         client: peer,
+        protocol: "postgres",
     };
     // The last one wins, as in PostgreSQL.
     let application = startup
@@ -574,7 +566,7 @@ async fn relay(
     upstream: &mut Box<dyn Io>,
     cbuf: &mut BytesMut,
     ubuf: &mut BytesMut,
-    cut_rx: &mut watch::Receiver<Option<String>>,
+    cut_rx: &mut watch::Receiver<Option<Cut>>,
     auth: &Authorized,
     rec: &mut Recording,
     session_id: &str,
@@ -837,6 +829,6 @@ async fn relay(
     }
 }
 
-fn cut_reason(rx: &watch::Receiver<Option<String>>) -> String {
-    rx.borrow().clone().unwrap_or_else(|| "revoked".into())
+fn cut_reason(rx: &watch::Receiver<Option<Cut>>) -> String {
+    breakglass_gateway_common::cut_of(rx).reason
 }

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use breakglass_core::Timestamp;
 
 use crate::codec::{Severity, error_response, parse_error_fields, put_frame};
-use crate::entry::write_str;
+use breakglass_gateway_common::recording::write_str;
 use crate::frontend::{Action, Refusal, action};
 use crate::recording::{Field, Recording};
 

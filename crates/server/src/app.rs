@@ -11,7 +11,7 @@ use breakglass_core::policy::{Action, Decision, PolicyEngine, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_core::token;
 use breakglass_core::{Actor, Principal, Request, State, Timestamp, Transition};
-use breakglass_gateway_postgres::recording::{Recorder, Resume, read_recording_from};
+use breakglass_gateway_common::recording::{Recorder, Resume, read_recording_from};
 use breakglass_store::{CredentialRecord, ListQuery, PAGE_LEN_MAX, Store, StoreError};
 use rand::RngCore;
 use serde_json::json;
@@ -156,9 +156,11 @@ pub struct App {
     recording_cursors: RecordingCursors,
     /// Where checkpoints are kept outside the data dir.
     pub witnesses: Vec<Box<dyn crate::checkpoint::Witness>>,
-    /// The PostgreSQL gateway, once started: a broken chain cuts its
-    /// sessions, and online verification asks it which sessions are live.
-    pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
+    /// The live sessions of every gateway of this node: a broken chain cuts
+    /// them, and online verification asks which sessions are live.
+    pub sessions: breakglass_gateway_common::Registry,
+    /// The SSH gateway's host key (`ssh-ed25519 AAAA...`), once started.
+    pub ssh_host_key: std::sync::OnceLock<String>,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -228,7 +230,8 @@ impl App {
             signing_key,
             recording_cursors: RecordingCursors::default(),
             witnesses: crate::checkpoint::witnesses(&config),
-            gateway: std::sync::OnceLock::new(),
+            sessions: breakglass_gateway_common::Registry::new(),
+            ssh_host_key: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -282,14 +285,12 @@ impl App {
                 *w = Some(why);
             }
         }
-        if let Some(gw) = self.gateway.get() {
-            let n = gw.cut_all("audit_chain_broken");
-            if n > 0 {
-                tracing::error!(
-                    sessions = n,
-                    "cutting every live gateway session: the audit chain is broken"
-                );
-            }
+        let n = self.sessions.cut_all("audit_chain_broken");
+        if n > 0 {
+            tracing::error!(
+                sessions = n,
+                "cutting every live gateway session: the audit chain is broken"
+            );
         }
     }
 
@@ -306,10 +307,7 @@ impl App {
 
     /// Ids of the gateway sessions live right now.
     pub fn live_sessions(&self) -> std::collections::HashSet<String> {
-        self.gateway
-            .get()
-            .map(|g| g.live_session_ids().into_iter().collect())
-            .unwrap_or_default()
+        self.sessions.live_session_ids().into_iter().collect()
     }
 
     /// Whether this node has been blind to the shared event feed for longer
@@ -709,13 +707,13 @@ impl App {
     }
 
     /// A page of a session recording, its chain checked while reading.
-    pub async fn recording(
+    /// The path of a session's recording, when the caller may see its
+    /// request (else not found, as for a session that does not exist).
+    pub async fn visible_recording(
         &self,
         who: &Principal,
         session_id: &str,
-        after: u64,
-        limit: u32,
-    ) -> Result<RecordingPage, AppError> {
+    ) -> Result<std::path::PathBuf, AppError> {
         let not_found = || AppError::NotFound(format!("no session {session_id}"));
         if !crate::verify::is_session_id(session_id) {
             return Err(not_found());
@@ -748,6 +746,17 @@ impl App {
         self.get_visible(who, &request_id)
             .await
             .map_err(|_| not_found())?;
+        Ok(path)
+    }
+
+    pub async fn recording(
+        &self,
+        who: &Principal,
+        session_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<RecordingPage, AppError> {
+        let path = self.visible_recording(who, session_id).await?;
         // Every entry served is verified against the chain from the start.
         // A page that follows one served earlier resumes where that one
         // ended instead of re-reading the file from the start.
@@ -796,6 +805,24 @@ impl App {
     /// How to reach a grant's target through its gateway, if one serves it.
     pub fn connection_for(&self, req: &Request) -> Option<Connection> {
         let target = self.config.target(&req.target)?;
+        if target.kind == "ssh" {
+            let ssh = self.config.gateway.ssh.as_ref()?;
+            let host_key = self.ssh_host_key.get()?.clone();
+            return Some(Connection {
+                kind: "ssh".into(),
+                host: ssh
+                    .advertise_host
+                    .clone()
+                    .unwrap_or_else(|| ssh.listen.ip().to_string()),
+                port: ssh.listen.port(),
+                user: req.target.clone(),
+                database: None,
+                host_key_fingerprint: breakglass_gateway_ssh::keys::parse_public_key(&host_key)
+                    .ok()
+                    .map(|k| breakglass_gateway_ssh::keys::fingerprint(&k)),
+                host_key: Some(host_key),
+            });
+        }
         let pg = self.config.gateway.postgres.as_ref()?;
         if target.kind != "postgres" {
             return None;
@@ -809,6 +836,8 @@ impl App {
             port: pg.listen.port(),
             user: req.requester.clone(),
             database: Some(req.target.clone()),
+            host_key: None,
+            host_key_fingerprint: None,
         })
     }
 

@@ -83,6 +83,8 @@ fn default_review_within() -> String {
 pub struct GatewayConfig {
     #[serde(default)]
     pub postgres: Option<breakglass_gateway_postgres::PgGatewayConfig>,
+    #[serde(default)]
+    pub ssh: Option<breakglass_gateway_ssh::SshGatewayConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -291,6 +293,11 @@ pub struct TargetConfig {
     /// Keep bound parameter values out of session recordings.
     #[serde(default)]
     pub redact_parameters: bool,
+    /// SSH targets: the upstream's host key, pinned (`ssh-ed25519 AAAA...`,
+    /// as in `/etc/ssh/ssh_host_ed25519_key.pub`). Required; any other key
+    /// is refused before a credential is sent.
+    #[serde(default)]
+    pub host_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -303,6 +310,11 @@ pub struct RoleConfig {
     pub password_env: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// SSH targets: a private key file (OpenSSH format, unencrypted, mode
+    /// 0600) the gateway logs in with. Without it the gateway logs in with
+    /// a certificate from its user CA, valid until the grant ends.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 const TARGET_KINDS: [&str; 3] = ["postgres", "ssh", "generic"];
@@ -349,6 +361,21 @@ impl Config {
         }
         if let Some(f) = cfg.audit.checkpoint_file.as_mut() {
             resolve(f);
+        }
+        if let Some(ssh) = cfg.gateway.ssh.as_mut() {
+            for f in [ssh.host_key_file.as_mut(), ssh.user_ca_key_file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                resolve(f);
+            }
+        }
+        for t in &mut cfg.targets {
+            for role in t.roles.values_mut() {
+                if let Some(f) = role.key_file.as_mut() {
+                    resolve(f);
+                }
+            }
         }
         if let Some(pg) = cfg.gateway.postgres.as_mut() {
             for f in [pg.tls_cert.as_mut(), pg.tls_key.as_mut()]
@@ -436,6 +463,9 @@ impl Config {
         if let Some(pg) = &self.gateway.postgres {
             pg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         }
+        if let Some(ssh) = &self.gateway.ssh {
+            ssh.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         if self.principals.len() > PRINCIPALS_MAX {
             bail!("principals: more than {PRINCIPALS_MAX} entries");
         }
@@ -514,6 +544,11 @@ impl Config {
                         "{at}.roles.{name}.user: a postgres target's role needs the upstream user to connect as"
                     );
                 }
+            }
+            if t.kind == "ssh" {
+                crate::ssh::validate_target(t).map_err(|e| anyhow::anyhow!("{at}.{e}"))?;
+            } else if t.host_key.is_some() {
+                bail!("{at}.host_key: only ssh targets have a pinned host key");
             }
             if t.kind == "postgres" {
                 let Some(url) = &t.upstream else {
@@ -736,6 +771,22 @@ impl Config {
 
     pub fn recordings_dir(&self) -> PathBuf {
         self.server.data_dir.join("recordings")
+    }
+
+    /// The SSH gateway's host key file.
+    pub fn ssh_host_key_file(&self) -> Option<PathBuf> {
+        let ssh = self.gateway.ssh.as_ref()?;
+        Some(ssh.host_key_file.clone().unwrap_or_else(|| {
+            self.server.data_dir.join("ssh").join("host_ed25519_key")
+        }))
+    }
+
+    /// The SSH gateway's user CA key file.
+    pub fn ssh_user_ca_key_file(&self) -> Option<PathBuf> {
+        let ssh = self.gateway.ssh.as_ref()?;
+        Some(ssh.user_ca_key_file.clone().unwrap_or_else(|| {
+            self.server.data_dir.join("ssh").join("user_ca_ed25519_key")
+        }))
     }
 
     /// Whether `name` is a service principal (`kind = "service"`).

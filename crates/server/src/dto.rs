@@ -76,6 +76,13 @@ pub struct Connection {
     pub port: u16,
     pub user: String,
     pub database: Option<String>,
+    /// SSH: the gateway's host key (`ssh-ed25519 AAAA...`), for the
+    /// client's known hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// SSH: its fingerprint (`SHA256:...`), as the ssh client shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_fingerprint: Option<String>,
 }
 
 /// `GET /v1/whoami`.

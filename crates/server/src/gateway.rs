@@ -1,18 +1,20 @@
 //! Glue between the application and the protocol gateways: the
-//! [`Authority`] the PostgreSQL gateway asks, session events in the audit
-//! chain, and the follower that cuts live sessions when a grant ends.
+//! [`SessionAuthority`] every gateway asks (session events in the audit
+//! chain), the PostgreSQL gateway's [`Authority`] (the SSH gateway's is in
+//! `ssh.rs`), recovery of interrupted sessions, and the follower that cuts
+//! the live sessions of every gateway when a grant ends.
 
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use breakglass_core::EventDraft;
-use breakglass_gateway_postgres::recording::Recorder;
-use breakglass_gateway_postgres::recording::{Point, RecordingError, read_recording};
-use breakglass_gateway_postgres::upstream::parse_url;
-use breakglass_gateway_postgres::{
-    Authority, Authorized, Gateway, Refusal, SessionEnd, SessionInfo, SessionProgress,
-    UpstreamTarget,
+use breakglass_gateway_common::recording::Recorder;
+use breakglass_gateway_common::recording::{Point, RecordingError, read_recording};
+use breakglass_gateway_common::{
+    Cut, Registry, SessionAuthority, SessionEnd, SessionInfo, SessionProgress,
 };
+use breakglass_gateway_postgres::upstream::parse_url;
+use breakglass_gateway_postgres::{Authority, Authorized, Refusal, UpstreamTarget};
 use breakglass_store::{PAGE_LEN_MAX, Store, StoreError, for_each_event};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -29,8 +31,8 @@ const FEED_WATCH_MS: u64 = 250;
 /// Fails closed when the node is blind to the shared feed: once it has not
 /// read the log for `server.feed_loss_grace`, a revoke made on another node
 /// could be waiting unseen, so every live session is cut (and new ones are
-/// refused by `PgAuthority::authorize` until the feed is back).
-async fn watch_feed(app: Weak<App>, gateway: Gateway) {
+/// refused by `GatewayAuthority` until the feed is back).
+async fn watch_feed(app: Weak<App>, gateway: Registry) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(FEED_WATCH_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut blind = false;
@@ -78,13 +80,25 @@ pub fn role_password(role: &RoleConfig) -> Result<Option<String>, String> {
     Ok(None)
 }
 
-/// Answers the PostgreSQL gateway's questions from the application.
-pub struct PgAuthority {
+/// Answers the gateways' questions from the application.
+pub struct GatewayAuthority {
     pub app: Weak<App>,
 }
 
+impl GatewayAuthority {
+    /// The application, unless the service is going away or is blind to
+    /// the shared feed (then no session may start).
+    pub(crate) fn admitting(&self) -> Result<Arc<App>, String> {
+        let app = self.app.upgrade().ok_or("the service is shutting down")?;
+        if app.feed_lost() {
+            return Err("this node cannot see the shared event feed; try another node".into());
+        }
+        Ok(app)
+    }
+}
+
 #[async_trait]
-impl Authority for PgAuthority {
+impl Authority for GatewayAuthority {
     async fn authorize(
         &self,
         user: &str,
@@ -167,7 +181,10 @@ impl Authority for PgAuthority {
             redact_parameters: target.redact_parameters,
         })
     }
+}
 
+#[async_trait]
+impl SessionAuthority for GatewayAuthority {
     async fn grant_live(&self, request_id: &str) -> Result<(), String> {
         let app = self.app.upgrade().ok_or("service_shutdown")?;
         // Fail closed: nothing done in a session could be vouched for.
@@ -200,7 +217,8 @@ impl Authority for PgAuthority {
                 "role": info.role,
                 "upstream_user": info.upstream_user,
                 "client": info.client.to_string(),
-                "gateway": "postgres",
+                "gateway": info.protocol,
+                "protocol": info.protocol,
                 "node": app.node_id(),
             }),
         };
@@ -457,8 +475,10 @@ pub async fn recover_sessions(app: &App) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// Follows the event feed and cuts the sessions of every grant that ends.
-pub fn spawn_cutter(app: &Arc<App>, gateway: Gateway) -> tokio::task::JoinHandle<()> {
+/// Follows the event feed and cuts the sessions of every grant that ends,
+/// whichever gateway holds them.
+pub fn spawn_cutter(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
+    let gateway = app.sessions.clone();
     let mut feed = app.store.subscribe();
     if app.store.is_shared() {
         tokio::spawn(watch_feed(Arc::downgrade(app), gateway.clone()));
@@ -468,16 +488,24 @@ pub fn spawn_cutter(app: &Arc<App>, gateway: Gateway) -> tokio::task::JoinHandle
         loop {
             match feed.recv().await {
                 Ok(e) => {
-                    let reason = match e.action.as_str() {
-                        "request.expired" => "expired".to_string(),
-                        "request.revoked" => serde_json::from_str::<serde_json::Value>(&e.details)
-                            .ok()
-                            .and_then(|d| d["end_reason"].as_str().map(str::to_string))
-                            .unwrap_or_else(|| "revoked".into()),
+                    let cut = match e.action.as_str() {
+                        "request.expired" => Cut::new("expired"),
+                        "request.revoked" => {
+                            let reason = serde_json::from_str::<serde_json::Value>(&e.details)
+                                .ok()
+                                .and_then(|d| d["end_reason"].as_str().map(str::to_string))
+                                .unwrap_or_else(|| "revoked".into());
+                            // A person's revoke names them; the system's
+                            // ends (not countersigned in time) do not.
+                            let by = (reason == "revoked" && e.actor != "system")
+                                .then(|| e.actor.clone());
+                            Cut { reason, by }
+                        }
                         _ => continue,
                     };
+                    let reason = cut.reason.clone();
                     if let Some(id) = &e.request_id {
-                        let n = gateway.cut(id, &reason);
+                        let n = gateway.cut(id, &cut);
                         if n > 0 {
                             tracing::info!(request = %id, sessions = n, reason, "cutting live sessions");
                         }
@@ -490,7 +518,7 @@ pub fn spawn_cutter(app: &Arc<App>, gateway: Gateway) -> tokio::task::JoinHandle
                         let live =
                             matches!(app.store.get(&id).await, Ok(Some(r)) if r.is_live(now()));
                         if !live {
-                            gateway.cut(&id, "ended");
+                            gateway.cut(&id, &Cut::new("ended"));
                         }
                     }
                 }

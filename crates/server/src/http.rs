@@ -629,19 +629,61 @@ async fn sessions(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/sessions/{id}/recording", params(("id" = String, Path), AuditParams),
-    responses((status = 200, body = RecordingPage), (status = 404, body = Problem)),
+/// `GET /v1/sessions/{id}/recording` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecordingParams {
+    /// Entries with a greater `seq` (default 0: from the start).
+    after: Option<u64>,
+    /// Page size (default 1000, at most 10000).
+    limit: Option<u32>,
+    /// `json` (default: pages of verified entries) or `asciicast` (an SSH
+    /// session as one asciicast v2 file, `application/x-asciicast`).
+    format: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}/recording", params(("id" = String, Path), RecordingParams),
+    responses((status = 200, body = RecordingPage),
+        (status = 200, description = "with `format=asciicast`: the asciicast v2 file", content_type = "application/x-asciicast", body = String),
+        (status = 404, body = Problem)),
     security(("bearer" = [])))]
 async fn recording(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    ApiQuery(p): ApiQuery<AuditParams>,
-) -> ApiResult<Json<RecordingPage>> {
+    ApiQuery(p): ApiQuery<RecordingParams>,
+) -> ApiResult<axum::response::Response> {
+    match p.format.as_deref() {
+        None | Some("json") => {}
+        Some("asciicast") => {
+            if p.after.is_some() || p.limit.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "format=asciicast is the whole session: leave out after and limit",
+                ));
+            }
+            let cast = crate::ssh::recording_cast(&app, &who, &id).await?;
+            return Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/x-asciicast")],
+                cast,
+            )
+                .into_response());
+        }
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("format: {other:?} is not a recording format; give json or asciicast"),
+            ));
+        }
+    }
     let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
     Ok(Json(
         app.recording(&who, &id, seq_after(p.after)?, limit).await?,
-    ))
+    )
+    .into_response())
 }
 
 fn require_admin(who: &Principal) -> ApiResult<()> {

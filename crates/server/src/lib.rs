@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod offline;
 pub mod openapi;
 pub mod scheduler;
+pub mod ssh;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -108,8 +109,9 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where the PostgreSQL gateway listens, when configured.
     pub pg_addr: Option<SocketAddr>,
+    /// Where the SSH gateway listens, when configured.
+    pub ssh_addr: Option<SocketAddr>,
     pub overdue_ended: usize,
-    gateway: Option<breakglass_gateway_postgres::Gateway>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -122,11 +124,10 @@ impl Running {
         let _ = self.shutdown.send(true);
         // Live gateway sessions end with a FATAL and a `session.ended` event
         // rather than being dropped mid-statement.
-        if let Some(gw) = &self.gateway
-            && gw.cut_all("service_shutdown") > 0
-        {
+        let live = &self.app.sessions;
+        if live.cut_all("service_shutdown") > 0 {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while gw.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            while live.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -388,7 +389,6 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     background.extend(app.identity.spawn_refresh());
     background.push(checkpoint::spawn(Arc::downgrade(&app), interval));
     let mut pg_addr = None;
-    let mut pg_gateway = None;
     if broken.is_none() {
         let closed = gateway::recover_sessions(&app).await?;
         if closed > 0 {
@@ -400,27 +400,35 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     // After recovery: until then, interrupted sessions have no end.
     background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
+    // One follower cuts the sessions of every gateway when a grant ends.
+    background.push(gateway::spawn_cutter(&app));
     if let Some(pg) = app.config.gateway.postgres.clone() {
         if broken.is_some() {
             tracing::error!("the PostgreSQL gateway stays off while the audit chain is broken");
         } else {
-            let authority = Arc::new(gateway::PgAuthority {
+            let authority = Arc::new(gateway::GatewayAuthority {
                 app: Arc::downgrade(&app),
             });
             let gw = breakglass_gateway_postgres::Gateway::new(
                 pg.clone(),
                 authority,
                 app.config.recordings_dir(),
+                app.sessions.clone(),
             )
             .context("gateway.postgres: cannot start (TLS certificate or key, or the recordings directory)")?;
             let pg_listener = TcpListener::bind(pg.listen).await.with_context(|| {
                 format!("gateway.postgres.listen: cannot listen on {}", pg.listen)
             })?;
             pg_addr = Some(pg_listener.local_addr()?);
-            background.push(gateway::spawn_cutter(&app, gw.clone()));
-            let _ = app.gateway.set(gw.clone());
-            pg_gateway = Some(gw.clone());
             background.push(tokio::spawn(gw.serve(pg_listener)));
+        }
+    }
+    let mut ssh_addr = None;
+    if app.config.gateway.ssh.is_some() {
+        if broken.is_some() {
+            tracing::error!("the SSH gateway stays off while the audit chain is broken");
+        } else {
+            ssh_addr = ssh::start(&app, &mut background).await?;
         }
     }
     let addr = listener.local_addr()?;
@@ -447,8 +455,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         app,
         addr,
         pg_addr,
+        ssh_addr,
         overdue_ended,
-        gateway: pg_gateway,
         server,
         shutdown,
         background,
@@ -532,6 +540,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tracing::info!(
             addr = %running.addr,
             postgres_gateway = ?running.pg_addr,
+            ssh_gateway = ?running.ssh_addr,
             startup_ms = started.elapsed().as_millis() as u64,
             overdue_ended = running.overdue_ended,
             "ready"

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use breakglass_core::audit::{AuditEvent, Checkpoint};
-use breakglass_gateway_postgres::recording::{Point, Recorder, read_recording, read_through};
+use breakglass_gateway_common::recording::{Point, Recorder, read_recording, read_through};
 use breakglass_store::verify::Verifier;
 use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
 use ed25519_dalek::VerifyingKey;

@@ -20,11 +20,13 @@ mod certs;
 mod flood;
 pub mod oidc;
 mod pgbouncer;
+pub mod sshd;
 
 pub use certs::make_test_ca;
 pub use flood::{fd_limit, open_idle};
 pub use oidc::{GithubActionsIssuer, OidcOptions, OidcProvider};
 pub use pgbouncer::{PgBouncer, pgbouncer_bin};
+pub use sshd::Sshd;
 use std::time::{Duration, Instant};
 
 pub use breakglass_localpg::{

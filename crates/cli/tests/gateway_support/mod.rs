@@ -135,6 +135,22 @@ pub fn token(name: &str) -> String {
     format!("bgt_gw_{name}_0123456789abcdef")
 }
 
+/// The `[[principals]]` tables of the test principals, and the policy
+/// file they are governed by (written to `dir`).
+pub fn principals_config(dir: &std::path::Path) -> String {
+    std::fs::write(dir.join("policy.cedar"), POLICY).expect("write policy");
+    let mut cfg = String::new();
+    for (name, groups) in PRINCIPALS {
+        let g: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();
+        cfg.push_str(&format!(
+            "[[principals]]\nname = \"{name}\"\ngroups = [{}]\ntoken_sha256 = \"{}\"\n\n",
+            g.join(", "),
+            hex::encode(Sha256::digest(token(name).as_bytes()))
+        ));
+    }
+    cfg
+}
+
 /// (name, groups): alice and bob may self-serve; carol is an admin.
 const PRINCIPALS: [(&str, &[&str]); 3] = [
     ("alice", &["oncall"]),
@@ -245,6 +261,12 @@ impl Spawned {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The child's stdin, when the caller made it a pipe.
+    #[allow(dead_code)] // not every test binary writes to a child
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.as_mut().and_then(|c| c.stdin.take())
     }
 
     /// Waits at most `limit`; kills the child and panics past it.
@@ -513,6 +535,13 @@ impl Bg {
              [targets.roles.rw]\nuser = \"bg_rw\"\npassword_file = \"rw.pw\"\n\n\
              [[targets]]\nname = \"notes\"\nkind = \"generic\"\n[targets.roles.read]\n"
         ));
+        Bg::from_config(dir, http_port, gw_port, &cfg)
+    }
+
+    /// Starts a server on `cfg` (a whole config file, written to `dir`)
+    /// whose API listens on `http_port`; returns once `/readyz` answers.
+    #[track_caller]
+    pub fn from_config(dir: tempfile::TempDir, http_port: u16, gw_port: u16, cfg: &str) -> Bg {
         std::fs::write(dir.path().join("config.toml"), cfg).expect("write config");
         let mut bg = Bg {
             stderr_path: dir.path().join("server-0.stderr"),

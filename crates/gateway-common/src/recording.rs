@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::entry::write_entry;
-pub use crate::entry::{Field, RESERVED};
+pub use crate::entry::{Field, RESERVED, write_str};
 
 /// Written entries become durable within this bound (group-committed).
 pub const FLUSH_INTERVAL_MS: u64 = 5;
@@ -537,7 +537,7 @@ impl Recording {
         self.pending.extend_from_slice(b"\"}\n");
         self.seq = seq;
         self.prev = hash;
-        if matches!(kind, "query" | "execute") {
+        if matches!(kind, "query" | "execute" | "exec") {
             self.statements += 1;
         }
         seq

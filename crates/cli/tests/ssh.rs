@@ -1,0 +1,463 @@
+//! The SSH gateway with the real OpenSSH client and a real, throwaway
+//! `sshd` (testkit), and the real `breakglass` binary over loopback:
+//! exec with its exit status, an interactive shell through a pseudo
+//! terminal, `connect`, the certificate the gateway signs (its key id in
+//! sshd's log), refusals (bad and ended credentials, SFTP, a host key that
+//! is not the pinned one), cuts at revoke and at expiry while `sleep 60`
+//! runs, `kill -9` with recovery and verification, and the recording
+//! played back with `asciinema cat`.
+
+mod gateway_support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use breakglass_testkit::Sshd;
+use breakglass_testkit::sshd::keygen;
+use gateway_support::{Bg, Grant, Out, Spawned, free_port, poll, principals_config, run};
+use serde_json::{Value, json};
+
+/// A server with the SSH gateway in front of one sshd, and its targets:
+/// `web` (certificate login), `web-key` (key file login), `web-pinned-wrong`
+/// (a host key that is not the upstream's).
+struct Env {
+    bg: Bg,
+    sshd: Sshd,
+    askpass: PathBuf,
+}
+
+fn start(sshd_ca_from: impl FnOnce(&Path) -> String) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    // The gateway's user CA, made beforehand so sshd can trust it.
+    let ca_pub = sshd_ca_from(&d);
+    let role_key_pub = keygen(&d.join("role_key")).expect("role key");
+    let sshd = Sshd::start(&ca_pub, &[role_key_pub]).expect("sshd");
+    let other = keygen(&d.join("other_host")).expect("other key");
+    let http_port = free_port();
+    let gw_port = free_port();
+    let mut cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:{http_port}\"\ndata_dir = \"data\"\n\
+         admin_groups = [\"security\"]\n\n[policy]\nfile = \"policy.cedar\"\n\n\
+         [audit]\ncheckpoint_interval = \"1s\"\n\n\
+         [gateway.ssh]\nlisten = \"127.0.0.1:{gw_port}\"\nuser_ca_key_file = \"ssh_ca\"\n\
+         handshake_timeout = \"3s\"\n\n"
+    );
+    cfg.push_str(&principals_config(&d));
+    let up = format!("ssh://127.0.0.1:{}", sshd.port);
+    cfg.push_str(&format!(
+        "[[targets]]\nname = \"web\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
+         [targets.roles.ops]\nuser = \"{}\"\n\n\
+         [[targets]]\nname = \"web-key\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
+         [targets.roles.ops]\nuser = \"{}\"\nkey_file = \"role_key\"\n\n\
+         [[targets]]\nname = \"web-pinned-wrong\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{other}\"\n\
+         [targets.roles.ops]\nuser = \"{}\"\n\n",
+        sshd.host_key, sshd.user, sshd.host_key, sshd.user, sshd.user
+    ));
+    // The tests' own SSH_ASKPASS: answers with $BG_TEST_SSH_PASSWORD.
+    let askpass = d.join("askpass.sh");
+    std::fs::write(&askpass, "#!/bin/sh\nprintf '%s\\n' \"$BG_TEST_SSH_PASSWORD\"\n")
+        .expect("askpass");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod askpass");
+    }
+    let bg = Bg::from_config(dir, http_port, gw_port, &cfg);
+    Env { bg, sshd, askpass }
+}
+
+/// The usual set-up: the CA key made with ssh-keygen in the config dir.
+fn env() -> Env {
+    start(|d| keygen(&d.join("ssh_ca")).expect("ca"))
+}
+
+impl Env {
+    /// `ssh` to `target` through the gateway with `password`, no host key
+    /// checks of the gateway (the tests of `connect` check it).
+    fn ssh(&self, target: &str, password: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.env("SSH_ASKPASS", &self.askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("BG_TEST_SSH_PASSWORD", password)
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "PreferredAuthentications=keyboard-interactive,password",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+                "-o",
+                "ConnectTimeout=10",
+                "-p",
+            ])
+            .arg(self.bg.gw_port.to_string())
+            .arg(format!("{target}@127.0.0.1"))
+            .args(args);
+        cmd
+    }
+
+    /// The one session of a grant, once it has ended.
+    fn ended_session(&self, g: &Grant) -> Value {
+        self.bg
+            .ended_sessions(g, 1, Duration::from_secs(20))
+            .into_iter()
+            .next()
+            .expect("one session")
+    }
+
+    fn live_session(&self, g: &Grant) -> Value {
+        poll(Duration::from_secs(20), || {
+            self.bg
+                .sessions(&g.principal, &g.id)
+                .into_iter()
+                .find(|s| s["ended_at"].is_null())
+        })
+        .expect("a live session")
+    }
+
+    fn events(&self, action: &str, session_id: &str) -> Vec<Value> {
+        self.bg
+            .audit()
+            .into_iter()
+            .filter(|e| e["action"] == action && e["details"]["session_id"] == session_id)
+            .collect()
+    }
+
+    /// `breakglass recording ID --format asciicast` into a file.
+    fn cast(&self, session_id: &str) -> PathBuf {
+        let out = self.bg.cli(
+            Some("alice"),
+            &["recording", session_id, "--format", "asciicast"],
+        );
+        out.ok();
+        let path = self.bg.dir.path().join(format!("{session_id}.cast"));
+        std::fs::write(&path, &out.stdout).expect("write cast");
+        path
+    }
+}
+
+fn asciinema() -> String {
+    std::env::var("BREAKGLASS_TEST_ASCIINEMA").unwrap_or_else(|_| "asciinema".into())
+}
+
+/// `asciinema cat FILE`: what the terminal showed.
+fn asciinema_cat(path: &Path) -> String {
+    let out = run(Command::new(asciinema()).arg("cat").arg(path));
+    assert_eq!(out.code, 0, "asciinema cat failed: {out:#?}");
+    out.stdout
+}
+
+fn kinds(rec: &[Value], kind: &str) -> Vec<Value> {
+    rec.iter().filter(|e| e["kind"] == kind).cloned().collect()
+}
+
+fn output_text(rec: &[Value]) -> String {
+    kinds(rec, "o")
+        .iter()
+        .map(|e| e["data"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn exec_returns_the_exit_status_and_is_recorded_with_a_certificate_login() {
+    let e = env();
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    assert_eq!(g.connection["kind"], "ssh", "{:?}", g.connection);
+    assert!(
+        g.connection["host_key_fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("SHA256:")),
+        "{:?}",
+        g.connection
+    );
+    let out = run(&mut e.ssh(
+        "web",
+        &g.token,
+        &["echo out-$((40+2)); echo err >&2; exit 7"],
+    ));
+    assert_eq!(out.code, 7, "{out:#?}");
+    assert_eq!(out.stdout, "out-42\n", "{out:#?}");
+    assert!(out.stderr.contains("err"), "{out:#?}");
+
+    let s = e.ended_session(&g);
+    let sid = s["session_id"].as_str().expect("sid").to_string();
+    // The upstream login was a certificate the gateway signed for this
+    // session: sshd logs its key id.
+    let key_id = format!("breakglass:alice:{}:{sid}", g.id);
+    assert!(
+        e.sshd.log().contains(&key_id),
+        "sshd log lacks {key_id}:\n{}",
+        e.sshd.log()
+    );
+    let started = e.events("session.started", &sid);
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["details"]["protocol"], "ssh");
+    assert_eq!(started[0]["details"]["upstream_user"], e.sshd.user.as_str());
+    let ended = e.events("session.ended", &sid);
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["details"]["statements"], 1, "one exec");
+
+    let rec = e.bg.recording(&sid);
+    assert_eq!(rec[0]["kind"], "session");
+    assert_eq!(rec[0]["protocol"], "ssh");
+    let exec = kinds(&rec, "exec");
+    assert_eq!(exec.len(), 1);
+    assert_eq!(exec[0]["command"], "echo out-$((40+2)); echo err >&2; exit 7");
+    assert_eq!(kinds(&rec, "exit")[0]["status"], 7);
+    let text = output_text(&rec);
+    assert!(text.contains("out-42") && text.contains("err"), "{text:?}");
+    assert!(
+        kinds(&rec, "o").iter().any(|o| o["stream"] == "stderr"),
+        "stderr is marked"
+    );
+    // The recording's chain ends where session.ended says.
+    let last = rec.last().expect("entries");
+    assert_eq!(last["kind"], "end");
+    assert_eq!(
+        ended[0]["details"]["recording_entries"],
+        json!(rec.len() as u64)
+    );
+    assert_eq!(ended[0]["details"]["recording_sha256"], last["hash"]);
+
+    // The cast plays: the command in the header, the output in the body.
+    let cast = e.cast(&sid);
+    let text = std::fs::read_to_string(&cast).expect("cast");
+    let header: Value = serde_json::from_str(text.lines().next().expect("header")).expect("json");
+    assert_eq!(header["version"], 2);
+    assert_eq!(header["command"], "echo out-$((40+2)); echo err >&2; exit 7");
+    assert!(asciinema_cat(&cast).contains("out-42"));
+
+    // A key file login works too.
+    let k = e.bg.grant("bob", "web-key", "ops", "10m");
+    let out = run(&mut e.ssh("web-key", &k.token, &["whoami"]));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.stdout.trim(), e.sshd.user);
+
+    // The whole log verifies, recordings included.
+    let (st, v) = e.bg.get("carol", "/v1/audit/verify");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn an_interactive_shell_through_a_pty_is_recorded_as_a_cast() {
+    let e = env();
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    // The real ssh client on a pseudo terminal (util-linux `script`).
+    let ssh = e.ssh("web", &g.token, &["-tt"]);
+    let line = std::iter::once(ssh.get_program())
+        .chain(ssh.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qfec", &line, "/dev/null"])
+        .envs(ssh.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("TERM", "xterm")
+        .stdin(Stdio::piped());
+    let mut child = Spawned::spawn(&mut cmd);
+    let mut stdin = child.take_stdin().expect("stdin");
+    // Wait for the session, then type.
+    e.live_session(&g);
+    std::thread::sleep(Duration::from_millis(500));
+    stdin
+        .write_all(b"echo typed-$((6*7))\n")
+        .expect("type");
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"exit 0\n").expect("type exit");
+    let out: Out = child.wait(Duration::from_secs(30));
+    assert!(out.stdout.contains("typed-42"), "{out:#?}");
+
+    let s = e.ended_session(&g);
+    let sid = s["session_id"].as_str().expect("sid");
+    let rec = e.bg.recording(sid);
+    let pty = kinds(&rec, "pty");
+    assert_eq!(pty.len(), 1, "{rec:#?}");
+    assert_eq!(pty[0]["term"], "xterm");
+    assert_eq!(kinds(&rec, "shell").len(), 1);
+    let typed: String = kinds(&rec, "i")
+        .iter()
+        .map(|e| e["data"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(typed.contains("echo typed-$((6*7))"), "{typed:?}");
+    assert!(output_text(&rec).contains("typed-42"));
+
+    let cast = e.cast(sid);
+    let text = std::fs::read_to_string(&cast).expect("cast");
+    let header: Value = serde_json::from_str(text.lines().next().expect("header")).expect("json");
+    assert_eq!(header["width"], pty[0]["cols"]);
+    assert_eq!(header["height"], pty[0]["rows"]);
+    assert!(text.lines().skip(1).any(|l| l.contains("\"i\"")), "input events");
+    assert!(asciinema_cat(&cast).contains("typed-42"));
+}
+
+#[test]
+fn refusals_say_why_and_reach_no_upstream_when_they_should_not() {
+    let e = env();
+    // Not a credential at all.
+    let out = run(&mut e.ssh("web", "bgg_not-a-token", &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
+    assert!(out.stderr.contains("Permission denied"), "{out:#?}");
+    // Another target's credential.
+    let g = e.bg.grant("alice", "web-key", "ops", "10m");
+    let out = run(&mut e.ssh("web", &g.token, &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
+    // An ended grant's credential.
+    let short = e.bg.grant("alice", "web", "ops", "1s");
+    std::thread::sleep(Duration::from_millis(
+        u64::try_from(short.expires_at_ms - gateway_support::now_ms() + 300).unwrap_or(0),
+    ));
+    let out = run(&mut e.ssh("web", &short.token, &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
+    assert!(e.bg.sessions("alice", &short.id).is_empty());
+
+    // A host key that is not the pinned one: refused before any
+    // credential is sent (sshd never sees a login), and the client is
+    // told why.
+    let before = e.sshd.log().matches("Accepted publickey").count();
+    let w = e.bg.grant("alice", "web-pinned-wrong", "ops", "10m");
+    let out = run(&mut e.ssh("web-pinned-wrong", &w.token, &["true"]));
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stderr.contains("not the pinned") && out.stderr.contains("before any credential"),
+        "{out:#?}"
+    );
+    assert_eq!(e.sshd.log().matches("Accepted publickey").count(), before);
+    assert!(e.bg.sessions("alice", &w.id).is_empty());
+
+    // SFTP is refused with a message, and recorded as refused.
+    let g = e.bg.grant("bob", "web", "ops", "10m");
+    let mut sftp = Command::new("sftp");
+    sftp.env("SSH_ASKPASS", &e.askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("BG_TEST_SSH_PASSWORD", &g.token)
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-b",
+            "-",
+            "-P",
+        ])
+        .arg(e.bg.gw_port.to_string())
+        .arg("web@127.0.0.1");
+    let out = run(&mut sftp);
+    assert_ne!(out.code, 0, "{out:#?}");
+    // Legacy scp runs `scp -t` as a command: refused too.
+    let out = run(&mut e.ssh("web", &g.token, &["scp -t /tmp/x"]));
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("not allowed"), "{out:#?}");
+    let sessions = e.bg.ended_sessions(&g, 2, Duration::from_secs(20));
+    let refused: Vec<Value> = sessions
+        .iter()
+        .flat_map(|s| e.bg.recording(s["session_id"].as_str().expect("sid")))
+        .filter(|x| x["kind"] == "refused")
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|r| r["what"] == "subsystem" && r["detail"].as_str().unwrap_or("").contains("SFTP")),
+        "{refused:#?}"
+    );
+    assert!(refused.iter().any(|r| r["what"] == "scp"), "{refused:#?}");
+}
+
+/// Runs `sleep 60` through the gateway; returns the running client.
+fn sleeper(e: &Env, g: &Grant) -> Spawned {
+    let mut cmd = e.ssh("web", &g.token, &["sleep 60"]);
+    cmd.stdin(Stdio::null());
+    let child = Spawned::spawn(&mut cmd);
+    e.live_session(g);
+    child
+}
+
+#[test]
+fn sessions_are_cut_at_revoke_and_at_expiry_while_sleep_runs() {
+    let e = env();
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    let client = sleeper(&e, &g);
+    let revoked_at = Instant::now();
+    let (st, r) = e.bg.post(
+        "carol",
+        &format!("/v1/requests/{}/revoke", g.id),
+        json!({"reason": "ssh cut test"}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let out = client.wait(Duration::from_secs(20));
+    let took = revoked_at.elapsed();
+    assert_ne!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stderr.contains("breakglass: the grant has ended (revoked by carol)"),
+        "{out:#?}"
+    );
+    assert!(took < Duration::from_secs(10), "cut took {took:?}");
+    let s = e.ended_session(&g);
+    assert_eq!(s["end_reason"], "revoked");
+
+    // Expiry, with the sleep still running on the target.
+    let g = e.bg.grant("bob", "web", "ops", "4s");
+    let client = sleeper(&e, &g);
+    let out = client.wait(Duration::from_secs(20));
+    let late = gateway_support::now_ms() - g.expires_at_ms;
+    assert!(out.stderr.contains("the grant expired"), "{out:#?}");
+    assert!(late < 5000, "ended {late} ms after expiry");
+    let s = e.ended_session(&g);
+    assert_eq!(s["end_reason"], "expired");
+    let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
+    assert_eq!(rec.last().expect("end")["reason"], "expired");
+}
+
+#[test]
+fn kill_9_during_a_session_then_recovery_and_verify() {
+    let mut e = env();
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    let client = sleeper(&e, &g);
+    let s = e.live_session(&g);
+    let sid = s["session_id"].as_str().expect("sid").to_string();
+    e.bg.kill9();
+    // The client sees its connection drop.
+    let out = client.wait(Duration::from_secs(20));
+    assert_ne!(out.code, 0);
+    assert_eq!(e.bg.open_markers(), vec![format!("{sid}.open")]);
+    e.bg.restart_after_kill9(1);
+    let s = e.ended_session(&g);
+    assert_eq!(s["end_reason"], "service_restart");
+    assert!(e.bg.open_markers().is_empty());
+    let config = e.bg.config_path().display().to_string();
+    e.bg.kill9();
+    let out = e.bg.cli(None, &["audit", "verify", "--config", &config]);
+    assert_eq!(out.code, 0, "{out:#?}");
+}
+
+#[test]
+fn connect_runs_ssh_with_the_grant_and_returns_the_command_status() {
+    let e = env();
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    let out = e.bg.cli(
+        Some("alice"),
+        &["connect", &g.id, "--", "echo via-connect; exit 5"],
+    );
+    assert_eq!(out.code, 5, "{out:#?}");
+    assert_eq!(out.stdout, "via-connect\n", "{out:#?}");
+    // The token never shows in the output.
+    assert!(!out.stderr.contains(&g.token) && !out.stdout.contains(&g.token));
+    let s = e.ended_session(&g);
+    let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
+    assert_eq!(kinds(&rec, "exec")[0]["command"], "echo via-connect; exit 5");
+}

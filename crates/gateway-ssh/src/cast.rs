@@ -1,0 +1,209 @@
+//! An SSH session recording as an asciicast v2 file (what `asciinema play`,
+//! `asciinema cat` and asciinema-player read): a header line with the
+//! terminal size, then `[time, "o"|"i"|"r", data]` events.
+//!
+//! The recording's entries are read in order (see `session` for the
+//! kinds): the first `pty` gives the size (80x24 without one), `exec`
+//! gives the header's `command`, `o` and `i` become output and input
+//! events, `r` resize events. Bytes are rebuilt exactly from `hex` where
+//! the recording has it, and a UTF-8 character split across two chunks is
+//! joined again, so the cast's text is what the terminal showed.
+
+use breakglass_core::Timestamp;
+use serde_json::{Value, json};
+
+/// Columns and rows of a cast without a terminal.
+const DEFAULT_SIZE: (u64, u64) = (80, 24);
+
+/// Builds a cast from a recording's entries, in order.
+#[derive(Debug, Default)]
+pub struct CastBuilder {
+    start_ms: Option<i64>,
+    size: Option<(u64, u64)>,
+    command: Option<String>,
+    term: Option<String>,
+    title: Option<String>,
+    events: Vec<String>,
+    /// Bytes of an unfinished UTF-8 character, per stream (`o`, `i`).
+    carry: [Vec<u8>; 2],
+    /// A recording of another protocol: no cast.
+    foreign: bool,
+}
+
+/// A recording that is not an SSH session's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recording of a {0} session; only SSH sessions have an asciicast")]
+pub struct NotSsh(pub String);
+
+fn bytes_of(entry: &Value) -> Vec<u8> {
+    if let Some(h) = entry["hex"].as_str()
+        && let Ok(b) = hex::decode(h)
+    {
+        return b;
+    }
+    entry["data"].as_str().unwrap_or("").as_bytes().to_vec()
+}
+
+/// Splits `bytes` after its last complete UTF-8 character; the rest waits
+/// for the next chunk (bytes that can never be UTF-8 are replaced).
+fn take_text(carry: &mut Vec<u8>, bytes: &[u8]) -> String {
+    carry.extend_from_slice(bytes);
+    let keep = match std::str::from_utf8(carry) {
+        Ok(_) => 0,
+        Err(e) if e.error_len().is_none() => carry.len() - e.valid_up_to(),
+        Err(_) => 0,
+    };
+    let tail = carry.split_off(carry.len() - keep);
+    let text = String::from_utf8_lossy(carry).into_owned();
+    *carry = tail;
+    text
+}
+
+impl CastBuilder {
+    pub fn new() -> CastBuilder {
+        CastBuilder::default()
+    }
+
+    /// Takes in one entry.
+    pub fn push(&mut self, entry: &Value) {
+        let ms = entry["time"]
+            .as_str()
+            .and_then(|t| Timestamp::parse_rfc3339(t).ok())
+            .map(Timestamp::millis);
+        let kind = entry["kind"].as_str().unwrap_or("");
+        if kind == "session" {
+            let protocol = entry["protocol"].as_str().unwrap_or("postgres");
+            if protocol != "ssh" {
+                self.foreign = true;
+            }
+            self.start_ms = ms;
+            self.title = Some(format!(
+                "{} on {} ({})",
+                entry["principal"].as_str().unwrap_or("?"),
+                entry["target"].as_str().unwrap_or("?"),
+                entry["session_id"].as_str().unwrap_or("?"),
+            ));
+            return;
+        }
+        let start = *self.start_ms.get_or_insert(ms.unwrap_or(0));
+        let t = (ms.unwrap_or(start) - start).max(0) as f64 / 1000.0;
+        match kind {
+            "pty" => {
+                if self.size.is_none() {
+                    self.size = Some((
+                        entry["cols"].as_u64().unwrap_or(DEFAULT_SIZE.0),
+                        entry["rows"].as_u64().unwrap_or(DEFAULT_SIZE.1),
+                    ));
+                    self.term = entry["term"].as_str().map(str::to_string);
+                }
+            }
+            "exec" => {
+                if self.command.is_none() {
+                    self.command = entry["command"].as_str().map(str::to_string);
+                }
+            }
+            "o" | "i" => {
+                let slot = usize::from(kind == "i");
+                let text = take_text(&mut self.carry[slot], &bytes_of(entry));
+                if !text.is_empty() {
+                    self.events.push(json!([t, kind, text]).to_string());
+                }
+            }
+            "r" => {
+                let size = format!(
+                    "{}x{}",
+                    entry["cols"].as_u64().unwrap_or(DEFAULT_SIZE.0),
+                    entry["rows"].as_u64().unwrap_or(DEFAULT_SIZE.1)
+                );
+                self.events.push(json!([t, "r", size]).to_string());
+            }
+            _ => {}
+        }
+    }
+
+    /// The cast: header line, then one line per event.
+    pub fn finish(self) -> Result<String, NotSsh> {
+        if self.foreign {
+            return Err(NotSsh("PostgreSQL".into()));
+        }
+        let (width, height) = self.size.unwrap_or(DEFAULT_SIZE);
+        let mut header = json!({
+            "version": 2,
+            "width": width,
+            "height": height,
+            "timestamp": self.start_ms.unwrap_or(0).div_euclid(1000),
+        });
+        if let Some(c) = self.command {
+            header["command"] = json!(c);
+        }
+        if let Some(t) = self.title {
+            header["title"] = json!(t);
+        }
+        if let Some(term) = self.term {
+            header["env"] = json!({ "TERM": term });
+        }
+        let mut out = header.to_string();
+        out.push('\n');
+        for e in self.events {
+            out.push_str(&e);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    fn cast(entries: &[Value]) -> Result<String, NotSsh> {
+        let mut b = CastBuilder::new();
+        for e in entries {
+            b.push(e);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn an_interactive_session_becomes_a_cast() {
+        let at = |ms: i64| Timestamp::from_millis(1_700_000_000_000 + ms).to_rfc3339();
+        // "é" is split across two output chunks; one chunk is not UTF-8.
+        let got = cast(&[
+            json!({"kind": "session", "protocol": "ssh", "principal": "alice", "target": "web", "session_id": "s1", "time": at(0)}),
+            json!({"kind": "channel", "channel": 0, "time": at(1)}),
+            json!({"kind": "pty", "channel": 0, "cols": 100, "rows": 30, "term": "xterm", "time": at(2)}),
+            json!({"kind": "shell", "channel": 0, "time": at(3)}),
+            json!({"kind": "o", "channel": 0, "data": "$ ", "time": at(500)}),
+            json!({"kind": "i", "channel": 0, "data": "l", "time": at(1250)}),
+            json!({"kind": "o", "channel": 0, "data": "caf\u{fffd}", "hex": "636166c3", "time": at(1300)}),
+            json!({"kind": "o", "channel": 0, "data": "\u{fffd}\r\n", "hex": "a90d0a", "time": at(1301)}),
+            json!({"kind": "r", "channel": 0, "cols": 120, "rows": 40, "time": at(2000)}),
+            json!({"kind": "exit", "channel": 0, "status": 0, "time": at(2500)}),
+        ])
+        .expect("ssh");
+        expect![[r#"
+            {"env":{"TERM":"xterm"},"height":30,"timestamp":1700000000,"title":"alice on web (s1)","version":2,"width":100}
+            [0.5,"o","$ "]
+            [1.25,"i","l"]
+            [1.3,"o","caf"]
+            [1.301,"o","é\r\n"]
+            [2.0,"r","120x40"]
+        "#]]
+        .assert_eq(&got);
+    }
+
+    #[test]
+    fn an_exec_session_names_its_command_and_postgres_has_no_cast() {
+        let got = cast(&[
+            json!({"kind": "session", "protocol": "ssh", "time": "2026-01-01T00:00:00.000Z"}),
+            json!({"kind": "exec", "channel": 0, "command": "uname -a", "time": "2026-01-01T00:00:00.010Z"}),
+            json!({"kind": "o", "channel": 0, "data": "Linux\n", "time": "2026-01-01T00:00:00.020Z"}),
+        ])
+        .expect("ssh");
+        assert!(got.starts_with(r#"{"command":"uname -a","height":24"#), "{got}");
+        assert!(got.ends_with("[0.02,\"o\",\"Linux\\n\"]\n"), "{got}");
+        let pg = cast(&[json!({"kind": "session", "time": "2026-01-01T00:00:00.000Z"})]);
+        assert!(pg.is_err());
+    }
+}

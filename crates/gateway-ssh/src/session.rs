@@ -1,0 +1,983 @@
+//! One client connection: the russh server handler that signs the client
+//! in with a grant credential, connects the upstream, relays session
+//! channels while recording them, refuses what the role does not allow,
+//! and the cut.
+//!
+//! Recording entries (each also has `seq`, `time`, `kind`, `hash`):
+//! - `session`: the header (protocol `ssh`, principal, grant, target,
+//!   role, upstream user and address, client);
+//! - `channel` `{channel}`: a session channel opened;
+//! - `pty` `{channel, term, cols, rows}`, `r` `{channel, cols, rows}`:
+//!   the terminal and its resizes;
+//! - `shell` `{channel}`, `exec` `{channel, command}`: what runs;
+//! - `i` / `o` `{channel, data[, hex][, stream]}`: input from the client,
+//!   output from the target (`stream: "stderr"` for extended data); `data`
+//!   is the text with bad UTF-8 replaced, `hex` the exact bytes when they
+//!   are not UTF-8;
+//! - `signal` `{channel, signal}`, `exit` `{channel, status}` or
+//!   `{channel, signal}`, `eof` and `close` `{channel}`;
+//! - `refused` `{channel?, what, detail}`: SFTP, scp, forwarding, agent,
+//!   X11 and anything else the gateway refused;
+//! - `end` `{reason}`.
+//!
+//! Input is written to the recording before it is forwarded upstream, and
+//! output before it is forwarded to the client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use breakglass_core::Timestamp;
+use breakglass_core::slots::{Slot, SlotRefusal};
+use breakglass_gateway_common::recording::{Field, Recording};
+use breakglass_gateway_common::{Cut, SessionEnd, SessionInfo, cut_of};
+use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Response, Session};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelWriteHalf, CryptoVec, Pty, Sig, client};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+
+use crate::upstream::{self, Upstream};
+use crate::{Authorized, COMMAND_LEN_MAX, Shared, TERM_LEN_MAX, TERMINAL_SIZE_MAX};
+
+/// After the cut line is queued, the connection is closed at the latest
+/// this much later, whatever the client does.
+const CUT_GRACE_MS: u64 = 50;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A signed-in session with its upstream.
+struct Live {
+    auth: Authorized,
+    info: SessionInfo,
+    rec: Mutex<Recording>,
+    upstream: Upstream,
+    /// Client channels open now, and whether each has a terminal.
+    channels: Mutex<HashMap<ChannelId, bool>>,
+    /// Set once, by whatever ends the session first.
+    end: Mutex<Option<String>>,
+    /// Wakes the cutter at once (expiry seen on the data path, a failed
+    /// recording).
+    cut_now: Notify,
+    cut_reason_now: Mutex<Option<Cut>>,
+    /// The cutter finished telling the client; close the connection.
+    closed: Notify,
+}
+
+impl Live {
+    /// Writes one entry; a failure cuts the session (nothing unrecorded is
+    /// forwarded).
+    fn record(&self, kind: &str, fields: &[(&str, Field<'_>)]) -> bool {
+        match lock(&self.rec).append(kind, fields, Timestamp::now()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(session = %self.info.session_id, error = %e, "cannot write the session recording; cutting the session");
+                self.cut(Cut::new("recording_failed"));
+                false
+            }
+        }
+    }
+
+    /// Records bytes that crossed the gateway.
+    fn record_data(&self, kind: &str, channel: ChannelId, data: &[u8], stderr: bool) -> bool {
+        let ch = u64::from(u32::from(channel));
+        let text = String::from_utf8_lossy(data);
+        let hex_text;
+        let mut fields: Vec<(&str, Field<'_>)> = vec![("channel", Field::U64(ch))];
+        fields.push(("data", Field::Str(&text)));
+        if std::str::from_utf8(data).is_err() {
+            hex_text = hex::encode(data);
+            fields.push(("hex", Field::Str(&hex_text)));
+        }
+        if stderr {
+            fields.push(("stream", Field::Str("stderr")));
+        }
+        self.record(kind, &fields)
+    }
+
+    /// Asks the cutter to end the session now.
+    fn cut(&self, cut: Cut) {
+        lock(&self.cut_reason_now).get_or_insert(cut);
+        self.cut_now.notify_one();
+    }
+
+    /// The data path's own look at the clock: a grant past its end is cut
+    /// even if the timer is late. `false` when it has ended.
+    fn within_grant(&self) -> bool {
+        if Timestamp::now() >= self.auth.expires_at {
+            self.cut(Cut::new("expired"));
+            return false;
+        }
+        true
+    }
+}
+
+/// A client channel and its upstream twin.
+enum Chan {
+    Relayed {
+        up: ChannelWriteHalf<client::Msg>,
+    },
+    /// The session could not start; the first request is told why.
+    Failed,
+}
+
+/// The russh handler of one connection.
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    slot: Slot,
+    live: Arc<std::sync::OnceLock<Arc<Live>>>,
+    signed_in: Arc<Notify>,
+    cut_rx: Option<watch::Receiver<Option<Cut>>>,
+    /// Why a signed-in connection has no session (told on its channels).
+    failed: Option<String>,
+    channels: HashMap<ChannelId, Chan>,
+}
+
+/// Drives one connection to its end and records the end.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: Result<Slot, SlotRefusal>,
+) {
+    // INVARIANT: the slot is held until the connection ends.
+    let slot = match slot {
+        Ok(s) => s,
+        Err(r) => {
+            tracing::info!(client = %peer, reason = ?r, "ssh gateway connection refused: no free slot");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let live: Arc<std::sync::OnceLock<Arc<Live>>> = Arc::default();
+    let signed_in = Arc::new(Notify::new());
+    let conn = Conn {
+        shared: shared.clone(),
+        peer,
+        slot: slot.clone(),
+        live: live.clone(),
+        signed_in: signed_in.clone(),
+        cut_rx: None,
+        failed: None,
+        channels: HashMap::new(),
+    };
+    let config = shared.server_config.clone();
+    let session = async move {
+        match russh::server::run_stream(config, stream, conn).await {
+            Ok(running) => running.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::pin!(session);
+    let deadline = tokio::time::Instant::now() + shared.config.handshake();
+    // Until signed in: the handshake deadline and eviction apply.
+    let outcome = tokio::select! {
+        r = &mut session => Some(r),
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::info!(client = %peer, "ssh gateway connection closed: no sign-in within the handshake timeout");
+            None
+        }
+        () = slot.evicted() => {
+            tracing::info!(client = %peer, "ssh gateway connection closed to make room for a newer one");
+            None
+        }
+        () = signed_in.notified() => {
+            // Signed in: run to the end, or until the cutter is done.
+            let closed = async {
+                match live.get() {
+                    Some(l) => l.closed.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut session => Some(r),
+                () = closed => {
+                    // The cut line is queued; give it a moment, then drop.
+                    tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), &mut session).await.ok()
+                }
+            }
+        }
+    };
+    if let Some(Err(e)) = &outcome {
+        tracing::debug!(client = %peer, error = %e, "ssh gateway connection ended with an error");
+    }
+    drop(session);
+    if let Some(l) = live.get() {
+        finish(&shared, l).await;
+    }
+}
+
+/// Records the end of a session and releases it.
+async fn finish(shared: &Shared, live: &Arc<Live>) {
+    let reason = lock(&live.end)
+        .get_or_insert_with(|| "client_closed".to_string())
+        .clone();
+    let _ = live
+        .upstream
+        .disconnect(russh::Disconnect::ByApplication, "session ended", "")
+        .await;
+    let end = {
+        let mut rec = lock(&live.rec);
+        if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], Timestamp::now()) {
+            tracing::error!(session = %live.info.session_id, error = %e, "cannot write the end of a session recording");
+        }
+        if let Err(e) = rec.close() {
+            tracing::error!(session = %live.info.session_id, error = %e, "cannot close a session recording");
+        }
+        SessionEnd {
+            reason: reason.clone(),
+            statements: rec.statements(),
+            entries: rec.entries(),
+            final_hash: rec.final_hash(),
+        }
+    };
+    shared.authority.session_ended(&live.info, &end).await;
+    shared
+        .sessions
+        .unregister(&live.auth.request_id, &live.info.session_id);
+    tracing::info!(session = %live.info.session_id, reason = %reason, "ssh session ended");
+}
+
+/// Waits for the grant's end (cut, expiry, the data path's own check) and
+/// cuts: one line on every channel, then the channels, the upstream and
+/// the client connection close.
+async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, client: Handle) {
+    let expiry = {
+        let left = live.auth.expires_at.millis() - Timestamp::now().millis();
+        tokio::time::Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    };
+    let cut = tokio::select! {
+        r = cut_rx.changed() => match r {
+            Ok(()) => cut_of(&cut_rx),
+            // The registry dropped the sender: fail closed.
+            Err(_) => Cut::new("revoked"),
+        },
+        () = tokio::time::sleep_until(expiry) => Cut::new("expired"),
+        () = live.cut_now.notified() => lock(&live.cut_reason_now).clone().unwrap_or_else(|| Cut::new("revoked")),
+    };
+    {
+        let mut end = lock(&live.end);
+        if end.is_some() {
+            return;
+        }
+        *end = Some(cut.reason.clone());
+    }
+    tracing::info!(session = %live.info.session_id, reason = %cut.reason, "cutting ssh session");
+    // The upstream goes first: nothing more runs there.
+    let upstream = live
+        .upstream
+        .disconnect(russh::Disconnect::ByApplication, &cut.message(), "");
+    let _ = tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), upstream).await;
+    let line = format!("\r\n{}\r\n", cut.message());
+    let channels: Vec<(ChannelId, bool)> = lock(&live.channels)
+        .iter()
+        .map(|(c, p)| (*c, *p))
+        .collect();
+    for (ch, pty) in channels {
+        let bytes = CryptoVec::from_slice(line.as_bytes());
+        if pty {
+            let _ = client.data(ch, bytes).await;
+        } else {
+            let _ = client.extended_data(ch, 1, bytes).await;
+        }
+        let _ = client.exit_status_request(ch, 255).await;
+        let _ = client.eof(ch).await;
+        let _ = client.close(ch).await;
+    }
+    let _ = client
+        .disconnect(russh::Disconnect::ByApplication, cut.message(), String::new())
+        .await;
+    live.closed.notify_one();
+}
+
+/// Relays one upstream channel to its client channel, recording output
+/// before forwarding it.
+async fn pump(
+    live: Arc<Live>,
+    mut up: russh::ChannelReadHalf,
+    client: Handle,
+    ch: ChannelId,
+) {
+    let chan = u64::from(u32::from(ch));
+    while let Some(msg) = up.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if !live.within_grant() || !live.record_data("o", ch, &data, false) {
+                    break;
+                }
+                if client.data(ch, CryptoVec::from_slice(&data)).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                if !live.within_grant() || !live.record_data("o", ch, &data, true) {
+                    break;
+                }
+                if client
+                    .extended_data(ch, ext, CryptoVec::from_slice(&data))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                live.record(
+                    "exit",
+                    &[
+                        ("channel", Field::U64(chan)),
+                        ("status", Field::U64(u64::from(exit_status))),
+                    ],
+                );
+                let _ = client.exit_status_request(ch, exit_status).await;
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                let name = format!("{signal_name:?}");
+                live.record(
+                    "exit",
+                    &[("channel", Field::U64(chan)), ("signal", Field::Str(&name))],
+                );
+                let _ = client
+                    .exit_signal_request(ch, signal_name, core_dumped, error_message, lang_tag)
+                    .await;
+            }
+            ChannelMsg::Eof => {
+                live.record("eof", &[("channel", Field::U64(chan))]);
+                let _ = client.eof(ch).await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    if lock(&live.channels).remove(&ch).is_some() {
+        live.record("close", &[("channel", Field::U64(chan))]);
+        let _ = client.close(ch).await;
+    }
+}
+
+impl Conn {
+    async fn sign_in(&mut self, target: &str, credential: &str) -> Auth {
+        if self.live.get().is_some() || self.failed.is_some() {
+            return Auth::reject();
+        }
+        let auth = match self.shared.authority.authorize(target, credential).await {
+            Ok(a) => a,
+            Err(r) => {
+                tracing::info!(client = %self.peer, target, reason = r.message(), "ssh sign-in refused");
+                return Auth::reject();
+            }
+        };
+        // INVARIANT: a connection is evictable until it showed a valid
+        // credential.
+        if !self.slot.authenticate() {
+            return Auth::reject();
+        }
+        match self.start(auth).await {
+            Ok((live, rx)) => {
+                let _ = self.live.set(live);
+                self.cut_rx = Some(rx);
+            }
+            Err(why) => {
+                tracing::info!(client = %self.peer, target, reason = %why, "ssh session refused after sign-in");
+                self.failed = Some(why);
+            }
+        }
+        Auth::Accept
+    }
+
+    /// Registers the session, checks the grant once more, connects the
+    /// upstream and opens the recording; the error is the line the client
+    /// is told.
+    async fn start(
+        &mut self,
+        auth: Authorized,
+    ) -> Result<(Arc<Live>, watch::Receiver<Option<Cut>>), String> {
+        let shared = &self.shared;
+        let session_id = uuid::Uuid::now_v7().to_string();
+        // INVARIANT: registered before the grant is checked for the last
+        // time, so a grant that ends at any moment ends the session.
+        let Some(rx) = shared.sessions.register(
+            &auth.request_id,
+            &session_id,
+            shared.config.max_connections_per_grant,
+        ) else {
+            return Err("breakglass: too many sessions for this grant".into());
+        };
+        let unregister = || shared.sessions.unregister(&auth.request_id, &session_id);
+        if let Err(reason) = shared.authority.grant_live(&auth.request_id).await {
+            unregister();
+            return Err(Cut::new(&reason).message());
+        }
+        let up = match upstream::connect(
+            &auth,
+            &session_id,
+            &shared.user_ca,
+            shared.config.packet_len_max,
+        )
+        .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                unregister();
+                tracing::warn!(target_name = %auth.target, error = %e, "ssh upstream refused");
+                return Err(format!("breakglass: {e}"));
+            }
+        };
+        let info = SessionInfo {
+            session_id: session_id.clone(),
+            request_id: auth.request_id.clone(),
+            principal: auth.principal.clone(),
+            target: auth.target.clone(),
+            role: auth.role.clone(),
+            upstream_user: auth.upstream.user.clone(),
+            client: self.peer,
+            protocol: "ssh",
+        };
+        let header = json!({
+            "protocol": "ssh",
+            "session_id": session_id,
+            "request_id": auth.request_id,
+            "principal": auth.principal,
+            "target": auth.target,
+            "role": auth.role,
+            "upstream_user": auth.upstream.user,
+            "upstream": format!("{}:{}", auth.upstream.host, auth.upstream.port),
+            "client": self.peer.to_string(),
+            "expires_at": auth.expires_at.to_rfc3339(),
+        });
+        let rec = match shared.recorder.open(&session_id, header, Timestamp::now()) {
+            Ok(r) => r,
+            Err(e) => {
+                unregister();
+                tracing::error!(error = %e, "cannot open a session recording");
+                return Err("breakglass: cannot record the session right now; refused".into());
+            }
+        };
+        if let Err(e) = shared.authority.session_started(&info).await {
+            unregister();
+            if let Err(e) = shared.recorder.discard(rec, &session_id) {
+                tracing::error!(error = %e, "cannot remove the recording of a refused session");
+            }
+            tracing::error!(error = %e, "cannot audit a session start");
+            return Err("breakglass: cannot audit the session right now; refused".into());
+        }
+        tracing::info!(session = %session_id, request = %auth.request_id, target = %auth.target, "ssh session started");
+        Ok((
+            Arc::new(Live {
+                auth,
+                info,
+                rec: Mutex::new(rec),
+                upstream: up,
+                channels: Mutex::default(),
+                end: Mutex::default(),
+                cut_now: Notify::new(),
+                cut_reason_now: Mutex::default(),
+                closed: Notify::new(),
+            }),
+            rx,
+        ))
+    }
+
+    fn live(&self) -> Option<&Arc<Live>> {
+        self.live.get()
+    }
+
+    /// Tells the client on `channel` why something was refused, records it.
+    fn refuse(&self, channel: Option<ChannelId>, what: &str, detail: &str, session: &mut Session) {
+        if let Some(live) = self.live() {
+            let mut fields: Vec<(&str, Field<'_>)> = Vec::new();
+            if let Some(c) = channel {
+                fields.push(("channel", Field::U64(u64::from(u32::from(c)))));
+            }
+            fields.push(("detail", Field::Str(detail)));
+            fields.push(("what", Field::Str(what)));
+            live.record("refused", &fields);
+        }
+        tracing::info!(client = %self.peer, what, detail, "ssh request refused");
+        if let Some(c) = channel {
+            let line = format!("breakglass: {detail}\r\n");
+            let _ = session.extended_data(c, 1, line.into_bytes());
+        }
+    }
+
+    /// The upstream twin of a client channel, or tells the client why there
+    /// is none.
+    fn relayed(&self, channel: ChannelId, session: &mut Session) -> Option<&ChannelWriteHalf<client::Msg>> {
+        match self.channels.get(&channel) {
+            Some(Chan::Relayed { up }) => Some(up),
+            Some(Chan::Failed) => {
+                let why = self.failed.clone().unwrap_or_default();
+                let _ = session.extended_data(channel, 1, format!("{why}\r\n").into_bytes());
+                let _ = session.exit_status_request(channel, 255);
+                let _ = session.eof(channel);
+                let _ = session.close(channel);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+fn reply(session: &mut Session, channel: ChannelId, ok: bool) {
+    let _ = if ok {
+        session.channel_success(channel)
+    } else {
+        session.channel_failure(channel)
+    };
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.sign_in(user, password).await)
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(mut response) = response else {
+            return Ok(Auth::Partial {
+                name: "breakglass".into(),
+                instructions: format!(
+                    "Sign in to {user} with a grant credential (`breakglass credentials ID`)."
+                )
+                .into(),
+                prompts: vec![("Grant credential: ".into(), false)].into(),
+            });
+        };
+        let Some(answer) = response.next() else {
+            return Ok(Auth::reject());
+        };
+        let Ok(credential) = std::str::from_utf8(&answer) else {
+            return Ok(Auth::reject());
+        };
+        let credential = credential.to_string();
+        Ok(self.sign_in(user, &credential).await)
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let (Some(live), Some(rx)) = (self.live.get(), self.cut_rx.take()) {
+            tokio::spawn(cutter(live.clone(), rx, session.handle()));
+        }
+        self.signed_in.notify_one();
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply_to: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let id = channel.id();
+        if self.channels.len() >= self.shared.config.max_channels_per_connection {
+            tracing::info!(client = %self.peer, "ssh channel refused: too many channels on this connection");
+            reply_to
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
+        let Some(live) = self.live().cloned() else {
+            self.channels.insert(id, Chan::Failed);
+            reply_to.accept().await;
+            return Ok(());
+        };
+        if !live.within_grant() {
+            reply_to
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let up = match live.upstream.channel_open_session().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(session = %live.info.session_id, error = %e, "upstream refused a session channel");
+                reply_to
+                    .reject(russh::ChannelOpenFailure::ConnectFailed)
+                    .await;
+                return Ok(());
+            }
+        };
+        let (read, write) = up.split();
+        live.record("channel", &[("channel", Field::U64(u64::from(u32::from(id))))]);
+        lock(&live.channels).insert(id, false);
+        self.channels.insert(id, Chan::Relayed { up: write });
+        reply_to.accept().await;
+        tokio::spawn(pump(live, read, session.handle(), id));
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            reply(session, channel, true);
+            return Ok(());
+        };
+        if term.len() > TERM_LEN_MAX
+            || col_width > TERMINAL_SIZE_MAX
+            || row_height > TERMINAL_SIZE_MAX
+        {
+            self.refuse(Some(channel), "pty", "terminal name or size out of range", session);
+            reply(session, channel, false);
+            return Ok(());
+        }
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        let ok = live.record(
+            "pty",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(channel)))),
+                ("cols", Field::U64(u64::from(col_width))),
+                ("rows", Field::U64(u64::from(row_height))),
+                ("term", Field::Str(term)),
+            ],
+        ) && up
+            .request_pty(false, term, col_width, row_height, pix_width, pix_height, modes)
+            .await
+            .is_ok();
+        if ok {
+            lock(&live.channels).insert(channel, true);
+        }
+        reply(session, channel, ok);
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            reply(session, channel, true);
+            let _ = self.relayed(channel, session);
+            return Ok(());
+        };
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        let ok = live.record("shell", &[("channel", Field::U64(u64::from(u32::from(channel))))])
+            && up.request_shell(false).await.is_ok();
+        reply(session, channel, ok);
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            reply(session, channel, true);
+            let _ = self.relayed(channel, session);
+            return Ok(());
+        };
+        if data.len() > COMMAND_LEN_MAX {
+            self.refuse(Some(channel), "exec", &format!("command longer than {COMMAND_LEN_MAX} bytes"), session);
+            reply(session, channel, false);
+            return Ok(());
+        }
+        let command = String::from_utf8_lossy(data).into_owned();
+        if is_file_transfer(&command) {
+            self.refuse(
+                Some(channel),
+                "scp",
+                "file transfer (scp, rsync) is not allowed for this role",
+                session,
+            );
+            reply(session, channel, false);
+            let _ = session.exit_status_request(channel, 1);
+            let _ = session.close(channel);
+            return Ok(());
+        }
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        let ok = live.record(
+            "exec",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(channel)))),
+                ("command", Field::Str(&command)),
+            ],
+        ) && up.exec(false, data.to_vec()).await.is_ok();
+        reply(session, channel, ok);
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let detail = if name == "sftp" {
+            "SFTP is not allowed for this role".to_string()
+        } else {
+            format!("subsystem {name:?} is not allowed")
+        };
+        self.refuse(Some(channel), "subsystem", &detail, session);
+        reply(session, channel, false);
+        let _ = session.close(channel);
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            return Ok(());
+        };
+        if col_width > TERMINAL_SIZE_MAX || row_height > TERMINAL_SIZE_MAX {
+            return Ok(());
+        }
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        if live.record(
+            "r",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(channel)))),
+                ("cols", Field::U64(u64::from(col_width))),
+                ("rows", Field::U64(u64::from(row_height))),
+            ],
+        ) {
+            let _ = up
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            return Ok(());
+        };
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        let name = format!("{signal:?}");
+        if live.record(
+            "signal",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(channel)))),
+                ("signal", Field::Str(&name)),
+            ],
+        ) {
+            let _ = up.signal(signal).await;
+        }
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            return Ok(());
+        };
+        let Some(up) = self.relayed(channel, session) else {
+            return Ok(());
+        };
+        // INVARIANT: input reaches the upstream only after it is recorded,
+        // and only within the grant.
+        if live.within_grant() && live.record_data("i", channel, data, false) {
+            let _ = up.data_bytes(data.to_vec()).await;
+        }
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        _channel: ChannelId,
+        _code: u32,
+        _data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Clients send no extended data on session channels; dropped.
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(up) = self.relayed(channel, session) {
+            let _ = up.eof().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(Chan::Relayed { up }) = self.channels.remove(&channel) {
+            let _ = up.close().await;
+        }
+        if let Some(live) = self.live() {
+            lock(&live.channels).remove(&channel);
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The target's environment is its own; clients' variables (LANG,
+        // LC_*) are not passed on.
+        reply(session, channel, false);
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _protocol: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse(Some(channel), "x11", "X11 forwarding is not allowed", session);
+        reply(session, channel, false);
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse(Some(channel), "agent", "agent forwarding is not allowed", session);
+        Ok(false)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply_to: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse(
+            None,
+            "port_forwarding",
+            &format!("local port forwarding to {host}:{port} is not allowed for this role"),
+            session,
+        );
+        reply_to
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse(
+            None,
+            "port_forwarding",
+            &format!("remote port forwarding from {address}:{port} is not allowed for this role"),
+            session,
+        );
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse(
+            None,
+            "port_forwarding",
+            &format!("socket forwarding of {socket_path:?} is not allowed"),
+            session,
+        );
+        Ok(false)
+    }
+}
+
+/// Whether an exec command is a file transfer (`scp -t`/`-f` in the legacy
+/// protocol, an rsync server).
+pub(crate) fn is_file_transfer(command: &str) -> bool {
+    let mut words = command.split_whitespace();
+    let Some(first) = words.next() else {
+        return false;
+    };
+    let program = first.rsplit('/').next().unwrap_or(first);
+    match program {
+        "scp" => true,
+        "rsync" => words.any(|w| w == "--server"),
+        "sftp-server" => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_file_transfer;
+
+    #[test]
+    fn file_transfers_are_told_from_commands() {
+        for c in [
+            "scp -t /tmp/x",
+            "/usr/bin/scp -f secret",
+            "rsync --server -vlogDtpre.iLsfxC . /tmp",
+            "/usr/lib/openssh/sftp-server",
+        ] {
+            assert!(is_file_transfer(c), "{c}");
+        }
+        for c in ["", "ls -l", "echo scp", "rsync-report", "rsync --version"] {
+            assert!(!is_file_transfer(c), "{c}");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The leg to the target: TCP, the pinned host key (checked before any
+//! credential is sent), and the login as the role's user with a session
+//! certificate or the role's key file.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+
+use crate::keys::{CertRequest, fingerprint, read_private_key, sign_user_certificate};
+use crate::{Authorized, UPSTREAM_TIMEOUT_MS, UpstreamLogin};
+
+/// The client handler: accepts exactly the pinned host key.
+pub(crate) struct Pinned {
+    pinned: russh::keys::PublicKey,
+    mismatch: Arc<AtomicBool>,
+    offered: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let ok = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                if let Ok(mut o) = self.offered.lock() {
+                    *o = Some(fingerprint(key));
+                }
+                key.key_data() == self.pinned.key_data()
+            }
+            // A host certificate is not a pinned key.
+            PublicKeyOrCertificate::Certificate(_) => false,
+        };
+        if !ok {
+            self.mismatch.store(true, Ordering::SeqCst);
+        }
+        Ok(ok)
+    }
+}
+
+pub(crate) type Upstream = client::Handle<Pinned>;
+
+/// Connects and signs in; the error is the one line the client is told.
+pub(crate) async fn connect(
+    auth: &Authorized,
+    session_id: &str,
+    user_ca: &russh::keys::PrivateKey,
+    packet_len_max: u32,
+) -> Result<Upstream, String> {
+    let up = &auth.upstream;
+    let mismatch = Arc::new(AtomicBool::new(false));
+    let offered = Arc::new(std::sync::Mutex::new(None));
+    let handler = Pinned {
+        pinned: up.host_key.clone(),
+        mismatch: mismatch.clone(),
+        offered: offered.clone(),
+    };
+    let config = Arc::new(client::Config {
+        inactivity_timeout: None,
+        maximum_packet_size: packet_len_max,
+        nodelay: true,
+        ..Default::default()
+    });
+    let timeout = Duration::from_millis(UPSTREAM_TIMEOUT_MS);
+    let target = &auth.target;
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect((up.host.as_str(), up.port))
+            .await
+            .map_err(|e| format!("cannot reach the upstream of {target}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let mut handle = client::connect_stream(config, tcp, handler)
+            .await
+            .map_err(|e| {
+                if mismatch.load(Ordering::SeqCst) {
+                    let got = offered
+                        .lock()
+                        .ok()
+                        .and_then(|o| o.clone())
+                        .unwrap_or_else(|| "a host certificate".into());
+                    format!(
+                        "the upstream host key of {target} is {got}, not the pinned {}; refused before any credential was sent",
+                        fingerprint(&up.host_key)
+                    )
+                } else {
+                    format!("cannot set up SSH with the upstream of {target}: {e}")
+                }
+            })?;
+        let result = match &up.login {
+            UpstreamLogin::Certificate => {
+                let key = crate::keys::random_ed25519();
+                let cert = sign_user_certificate(
+                    user_ca,
+                    key.public_key(),
+                    &CertRequest {
+                        user: &up.user,
+                        key_id: format!(
+                            "breakglass:{}:{}:{}",
+                            auth.principal, auth.request_id, session_id
+                        ),
+                        valid_after: breakglass_core::Timestamp::now(),
+                        valid_before: auth.expires_at,
+                        pty: true,
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+                handle
+                    .authenticate_openssh_cert(up.user.clone(), Arc::new(key), cert)
+                    .await
+            }
+            UpstreamLogin::KeyFile(path) => {
+                let key = read_private_key(path).map_err(|e| {
+                    tracing::error!(error = %e, "cannot read an upstream key file");
+                    "the upstream credentials are not available; see the server log".to_string()
+                })?;
+                handle
+                    .authenticate_publickey(
+                        up.user.clone(),
+                        PrivateKeyWithHashAlg::new(Arc::new(key), None),
+                    )
+                    .await
+            }
+        };
+        match result {
+            Ok(r) if r.success() => Ok(handle),
+            Ok(_) => Err(format!(
+                "the upstream of {target} refused the login as {:?} (is the breakglass user CA in its TrustedUserCAKeys?)",
+                up.user
+            )),
+            Err(e) => Err(format!("the upstream of {target} failed during login: {e}")),
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the upstream of {target} did not answer within {} s",
+            timeout.as_secs()
+        )),
+    }
+}

@@ -486,7 +486,10 @@ impl Client {
             let mut req = self
                 .agent
                 .get(&url)
-                .header("Accept", "application/x-asciicast, application/problem+json")
+                .header(
+                    "Accept",
+                    "application/x-asciicast, application/problem+json",
+                )
                 .query("format", "asciicast");
             if let Some(auth) = self.auth_header() {
                 req = req.header("Authorization", auth);
@@ -494,7 +497,8 @@ impl Client {
             if let Some(code) = otp {
                 req = req.header(OTP_HEADER, code);
             }
-            self.finish_bytes(req.call(), CAST_BYTES_MAX).map(|(_, b)| b)
+            self.finish_bytes(req.call(), CAST_BYTES_MAX)
+                .map(|(_, b)| b)
         })
     }
 

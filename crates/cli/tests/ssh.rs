@@ -58,8 +58,11 @@ fn start(sshd_ca_from: impl FnOnce(&Path) -> String) -> Env {
     ));
     // The tests' own SSH_ASKPASS: answers with $BG_TEST_SSH_PASSWORD.
     let askpass = d.join("askpass.sh");
-    std::fs::write(&askpass, "#!/bin/sh\nprintf '%s\\n' \"$BG_TEST_SSH_PASSWORD\"\n")
-        .expect("askpass");
+    std::fs::write(
+        &askpass,
+        "#!/bin/sh\nprintf '%s\\n' \"$BG_TEST_SSH_PASSWORD\"\n",
+    )
+    .expect("askpass");
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755))
@@ -213,7 +216,10 @@ fn exec_returns_the_exit_status_and_is_recorded_with_a_certificate_login() {
     assert_eq!(rec[0]["protocol"], "ssh");
     let exec = kinds(&rec, "exec");
     assert_eq!(exec.len(), 1);
-    assert_eq!(exec[0]["command"], "echo out-$((40+2)); echo err >&2; exit 7");
+    assert_eq!(
+        exec[0]["command"],
+        "echo out-$((40+2)); echo err >&2; exit 7"
+    );
     assert_eq!(kinds(&rec, "exit")[0]["status"], 7);
     let text = output_text(&rec);
     assert!(text.contains("out-42") && text.contains("err"), "{text:?}");
@@ -235,7 +241,10 @@ fn exec_returns_the_exit_status_and_is_recorded_with_a_certificate_login() {
     let text = std::fs::read_to_string(&cast).expect("cast");
     let header: Value = serde_json::from_str(text.lines().next().expect("header")).expect("json");
     assert_eq!(header["version"], 2);
-    assert_eq!(header["command"], "echo out-$((40+2)); echo err >&2; exit 7");
+    assert_eq!(
+        header["command"],
+        "echo out-$((40+2)); echo err >&2; exit 7"
+    );
     assert!(asciinema_cat(&cast).contains("out-42"));
 
     // A key file login works too.
@@ -271,9 +280,7 @@ fn an_interactive_shell_through_a_pty_is_recorded_as_a_cast() {
     // Wait for the session, then type.
     e.live_session(&g);
     std::thread::sleep(Duration::from_millis(500));
-    stdin
-        .write_all(b"echo typed-$((6*7))\n")
-        .expect("type");
+    stdin.write_all(b"echo typed-$((6*7))\n").expect("type");
     std::thread::sleep(Duration::from_millis(500));
     stdin.write_all(b"exit 0\n").expect("type exit");
     let out: Out = child.wait(Duration::from_secs(30));
@@ -298,7 +305,10 @@ fn an_interactive_shell_through_a_pty_is_recorded_as_a_cast() {
     let header: Value = serde_json::from_str(text.lines().next().expect("header")).expect("json");
     assert_eq!(header["width"], pty[0]["cols"]);
     assert_eq!(header["height"], pty[0]["rows"]);
-    assert!(text.lines().skip(1).any(|l| l.contains("\"i\"")), "input events");
+    assert!(
+        text.lines().skip(1).any(|l| l.contains("\"i\"")),
+        "input events"
+    );
     assert!(asciinema_cat(&cast).contains("typed-42"));
 }
 
@@ -370,9 +380,9 @@ fn refusals_say_why_and_reach_no_upstream_when_they_should_not() {
         .filter(|x| x["kind"] == "refused")
         .collect();
     assert!(
-        refused
-            .iter()
-            .any(|r| r["what"] == "subsystem" && r["detail"].as_str().unwrap_or("").contains("SFTP")),
+        refused.iter().any(
+            |r| r["what"] == "subsystem" && r["detail"].as_str().unwrap_or("").contains("SFTP")
+        ),
         "{refused:#?}"
     );
     assert!(refused.iter().any(|r| r["what"] == "scp"), "{refused:#?}");
@@ -403,7 +413,8 @@ fn sessions_are_cut_at_revoke_and_at_expiry_while_sleep_runs() {
     let took = revoked_at.elapsed();
     assert_ne!(out.code, 0, "{out:#?}");
     assert!(
-        out.stderr.contains("breakglass: the grant has ended (revoked by carol)"),
+        out.stderr
+            .contains("breakglass: the grant has ended (revoked by carol)"),
         "{out:#?}"
     );
     assert!(took < Duration::from_secs(10), "cut took {took:?}");
@@ -459,5 +470,8 @@ fn connect_runs_ssh_with_the_grant_and_returns_the_command_status() {
     assert!(!out.stderr.contains(&g.token) && !out.stdout.contains(&g.token));
     let s = e.ended_session(&g);
     let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
-    assert_eq!(kinds(&rec, "exec")[0]["command"], "echo via-connect; exit 5");
+    assert_eq!(
+        kinds(&rec, "exec")[0]["command"],
+        "echo via-connect; exit 5"
+    );
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-pub use crate::recording::SessionProgress;
 use crate::recording::Recorder;
+pub use crate::recording::SessionProgress;
 
 /// While a session's recording grows, its durable point is anchored in the
 /// audit chain (`session.progress`) at most this long after it became

@@ -429,6 +429,12 @@ fn close_interrupted(
     })
 }
 
+/// The entry kinds that count as statements: what a PostgreSQL session
+/// ran (`query`, `execute`) and an SSH session's exec commands (`exec`).
+fn is_statement(kind: &str) -> bool {
+    matches!(kind, "query" | "execute" | "exec")
+}
+
 fn entry_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
@@ -537,7 +543,7 @@ impl Recording {
         self.pending.extend_from_slice(b"\"}\n");
         self.seq = seq;
         self.prev = hash;
-        if matches!(kind, "query" | "execute" | "exec") {
+        if is_statement(kind) {
             self.statements += 1;
         }
         seq
@@ -700,7 +706,7 @@ pub fn read_recording_from(
         if seq == 0 {
             header = v.clone();
         }
-        if matches!(v["kind"].as_str(), Some("query" | "execute")) {
+        if v["kind"].as_str().is_some_and(is_statement) {
             statements += 1;
         }
         v["hash"] = Value::String(stored);

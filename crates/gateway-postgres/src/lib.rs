@@ -366,8 +366,11 @@ pub fn tls_acceptor(
 
 impl Shared {
     fn register(&self, request_id: &str, session_id: &str) -> Option<watch::Receiver<Option<Cut>>> {
-        self.sessions
-            .register(request_id, session_id, self.config.max_connections_per_grant)
+        self.sessions.register(
+            request_id,
+            session_id,
+            self.config.max_connections_per_grant,
+        )
     }
 
     fn grant_sessions(&self, request_id: &str) -> usize {

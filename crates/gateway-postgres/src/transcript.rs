@@ -39,9 +39,9 @@ use std::sync::Arc;
 use breakglass_core::Timestamp;
 
 use crate::codec::{Severity, error_response, parse_error_fields, put_frame};
-use breakglass_gateway_common::recording::write_str;
 use crate::frontend::{Action, Refusal, action};
 use crate::recording::{Field, Recording};
+use breakglass_gateway_common::recording::write_str;
 
 /// Prepared statements, and portals, tracked per session at most; a client
 /// over either limit is disconnected with a message that says so (an

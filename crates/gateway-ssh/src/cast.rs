@@ -201,7 +201,10 @@ mod tests {
             json!({"kind": "o", "channel": 0, "data": "Linux\n", "time": "2026-01-01T00:00:00.020Z"}),
         ])
         .expect("ssh");
-        assert!(got.starts_with(r#"{"command":"uname -a","height":24"#), "{got}");
+        assert!(
+            got.starts_with(r#"{"command":"uname -a","height":24"#),
+            "{got}"
+        );
         assert!(got.ends_with("[0.02,\"o\",\"Linux\\n\"]\n"), "{got}");
         let pg = cast(&[json!({"kind": "session", "time": "2026-01-01T00:00:00.000Z"})]);
         assert!(pg.is_err());

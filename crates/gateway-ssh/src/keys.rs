@@ -45,14 +45,16 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKey, SshError> {
         use std::os::unix::fs::PermissionsExt;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(bad(
-                "group or others may read it; make it mode 0600".to_string(),
+                "group or others may read it; make it mode 0600".to_string()
             ));
         }
     }
     let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let key = PrivateKey::from_openssh(&text).map_err(|e| bad(e.to_string()))?;
     if key.is_encrypted() {
-        return Err(bad("the key is encrypted; breakglass needs it unencrypted".into()));
+        return Err(bad(
+            "the key is encrypted; breakglass needs it unencrypted".into()
+        ));
     }
     Ok(key)
 }
@@ -140,7 +142,8 @@ pub fn sign_user_certificate(
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let mut b = Builder::new(nonce.to_vec(), subject.key_data().clone(), after, before)
         .map_err(|e| bad(&e))?;
-    b.serial(rand::rngs::OsRng.next_u64()).map_err(|e| bad(&e))?;
+    b.serial(rand::rngs::OsRng.next_u64())
+        .map_err(|e| bad(&e))?;
     b.cert_type(CertType::User).map_err(|e| bad(&e))?;
     b.key_id(req.key_id.clone()).map_err(|e| bad(&e))?;
     b.valid_principal(req.user).map_err(|e| bad(&e))?;

@@ -149,8 +149,7 @@ impl SshGatewayConfig {
         if !(1..=300).contains(&handshake) {
             return Err("gateway.ssh.handshake_timeout must be between 1s and 5m".into());
         }
-        parse_duration(&self.idle_timeout)
-            .map_err(|e| format!("gateway.ssh.idle_timeout: {e}"))?;
+        parse_duration(&self.idle_timeout).map_err(|e| format!("gateway.ssh.idle_timeout: {e}"))?;
         if self.max_connections == 0 || self.max_connections > CONNECTIONS_MAX {
             return Err(format!(
                 "gateway.ssh.max_connections must be between 1 and {CONNECTIONS_MAX}"

@@ -34,7 +34,7 @@ use breakglass_core::slots::{Slot, SlotRefusal};
 use breakglass_gateway_common::recording::{Field, Recording};
 use breakglass_gateway_common::{Cut, SessionEnd, SessionInfo, cut_of};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Response, Session};
-use russh::{Channel, ChannelId, ChannelMsg, ChannelWriteHalf, CryptoVec, Pty, Sig, client};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelWriteHalf, Pty, Sig, client};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
@@ -174,18 +174,30 @@ pub(crate) async fn handle(
     };
     tokio::pin!(session);
     let deadline = tokio::time::Instant::now() + shared.config.handshake();
+    enum Phase {
+        Done(Result<(), String>),
+        Timeout,
+        Evicted,
+        SignedIn,
+    }
     // Until signed in: the handshake deadline and eviction apply.
-    let outcome = tokio::select! {
-        r = &mut session => Some(r),
-        () = tokio::time::sleep_until(deadline) => {
+    let phase = tokio::select! {
+        r = &mut session => Phase::Done(r),
+        () = tokio::time::sleep_until(deadline) => Phase::Timeout,
+        () = slot.evicted() => Phase::Evicted,
+        () = signed_in.notified() => Phase::SignedIn,
+    };
+    let outcome = match phase {
+        Phase::Done(r) => Some(r),
+        Phase::Timeout => {
             tracing::info!(client = %peer, "ssh gateway connection closed: no sign-in within the handshake timeout");
             None
         }
-        () = slot.evicted() => {
+        Phase::Evicted => {
             tracing::info!(client = %peer, "ssh gateway connection closed to make room for a newer one");
             None
         }
-        () = signed_in.notified() => {
+        Phase::SignedIn => {
             // Signed in: run to the end, or until the cutter is done.
             let closed = async {
                 match live.get() {
@@ -197,7 +209,9 @@ pub(crate) async fn handle(
                 r = &mut session => Some(r),
                 () = closed => {
                     // The cut line is queued; give it a moment, then drop.
-                    tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), &mut session).await.ok()
+                    tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), &mut session)
+                        .await
+                        .ok()
                 }
             }
         }
@@ -273,12 +287,10 @@ async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, clien
         .disconnect(russh::Disconnect::ByApplication, &cut.message(), "");
     let _ = tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), upstream).await;
     let line = format!("\r\n{}\r\n", cut.message());
-    let channels: Vec<(ChannelId, bool)> = lock(&live.channels)
-        .iter()
-        .map(|(c, p)| (*c, *p))
-        .collect();
+    let channels: Vec<(ChannelId, bool)> =
+        lock(&live.channels).iter().map(|(c, p)| (*c, *p)).collect();
     for (ch, pty) in channels {
-        let bytes = CryptoVec::from_slice(line.as_bytes());
+        let bytes = line.clone().into_bytes();
         if pty {
             let _ = client.data(ch, bytes).await;
         } else {
@@ -289,19 +301,18 @@ async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, clien
         let _ = client.close(ch).await;
     }
     let _ = client
-        .disconnect(russh::Disconnect::ByApplication, cut.message(), String::new())
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            cut.message(),
+            String::new(),
+        )
         .await;
     live.closed.notify_one();
 }
 
 /// Relays one upstream channel to its client channel, recording output
 /// before forwarding it.
-async fn pump(
-    live: Arc<Live>,
-    mut up: russh::ChannelReadHalf,
-    client: Handle,
-    ch: ChannelId,
-) {
+async fn pump(live: Arc<Live>, mut up: russh::ChannelReadHalf, client: Handle, ch: ChannelId) {
     let chan = u64::from(u32::from(ch));
     while let Some(msg) = up.wait().await {
         match msg {
@@ -309,7 +320,7 @@ async fn pump(
                 if !live.within_grant() || !live.record_data("o", ch, &data, false) {
                     break;
                 }
-                if client.data(ch, CryptoVec::from_slice(&data)).await.is_err() {
+                if client.data(ch, data).await.is_err() {
                     break;
                 }
             }
@@ -317,11 +328,7 @@ async fn pump(
                 if !live.within_grant() || !live.record_data("o", ch, &data, true) {
                     break;
                 }
-                if client
-                    .extended_data(ch, ext, CryptoVec::from_slice(&data))
-                    .await
-                    .is_err()
-                {
+                if client.extended_data(ch, ext, data).await.is_err() {
                     break;
                 }
             }
@@ -511,7 +518,11 @@ impl Conn {
 
     /// The upstream twin of a client channel, or tells the client why there
     /// is none.
-    fn relayed(&self, channel: ChannelId, session: &mut Session) -> Option<&ChannelWriteHalf<client::Msg>> {
+    fn relayed(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Option<&ChannelWriteHalf<client::Msg>> {
         match self.channels.get(&channel) {
             Some(Chan::Relayed { up }) => Some(up),
             Some(Chan::Failed) => {
@@ -612,7 +623,10 @@ impl russh::server::Handler for Conn {
             }
         };
         let (read, write) = up.split();
-        live.record("channel", &[("channel", Field::U64(u64::from(u32::from(id))))]);
+        live.record(
+            "channel",
+            &[("channel", Field::U64(u64::from(u32::from(id))))],
+        );
         lock(&live.channels).insert(id, false);
         self.channels.insert(id, Chan::Relayed { up: write });
         reply_to.accept().await;
@@ -639,7 +653,12 @@ impl russh::server::Handler for Conn {
             || col_width > TERMINAL_SIZE_MAX
             || row_height > TERMINAL_SIZE_MAX
         {
-            self.refuse(Some(channel), "pty", "terminal name or size out of range", session);
+            self.refuse(
+                Some(channel),
+                "pty",
+                "terminal name or size out of range",
+                session,
+            );
             reply(session, channel, false);
             return Ok(());
         }
@@ -655,7 +674,9 @@ impl russh::server::Handler for Conn {
                 ("term", Field::Str(term)),
             ],
         ) && up
-            .request_pty(false, term, col_width, row_height, pix_width, pix_height, modes)
+            .request_pty(
+                false, term, col_width, row_height, pix_width, pix_height, modes,
+            )
             .await
             .is_ok();
         if ok {
@@ -678,8 +699,10 @@ impl russh::server::Handler for Conn {
         let Some(up) = self.relayed(channel, session) else {
             return Ok(());
         };
-        let ok = live.record("shell", &[("channel", Field::U64(u64::from(u32::from(channel))))])
-            && up.request_shell(false).await.is_ok();
+        let ok = live.record(
+            "shell",
+            &[("channel", Field::U64(u64::from(u32::from(channel))))],
+        ) && up.request_shell(false).await.is_ok();
         reply(session, channel, ok);
         Ok(())
     }
@@ -696,7 +719,12 @@ impl russh::server::Handler for Conn {
             return Ok(());
         };
         if data.len() > COMMAND_LEN_MAX {
-            self.refuse(Some(channel), "exec", &format!("command longer than {COMMAND_LEN_MAX} bytes"), session);
+            self.refuse(
+                Some(channel),
+                "exec",
+                &format!("command longer than {COMMAND_LEN_MAX} bytes"),
+                session,
+            );
             reply(session, channel, false);
             return Ok(());
         }
@@ -880,7 +908,12 @@ impl russh::server::Handler for Conn {
         _screen: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse(Some(channel), "x11", "X11 forwarding is not allowed", session);
+        self.refuse(
+            Some(channel),
+            "x11",
+            "X11 forwarding is not allowed",
+            session,
+        );
         reply(session, channel, false);
         Ok(())
     }
@@ -890,7 +923,12 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse(Some(channel), "agent", "agent forwarding is not allowed", session);
+        self.refuse(
+            Some(channel),
+            "agent",
+            "agent forwarding is not allowed",
+            session,
+        );
         Ok(false)
     }
 

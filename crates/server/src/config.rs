@@ -776,17 +776,21 @@ impl Config {
     /// The SSH gateway's host key file.
     pub fn ssh_host_key_file(&self) -> Option<PathBuf> {
         let ssh = self.gateway.ssh.as_ref()?;
-        Some(ssh.host_key_file.clone().unwrap_or_else(|| {
-            self.server.data_dir.join("ssh").join("host_ed25519_key")
-        }))
+        Some(
+            ssh.host_key_file
+                .clone()
+                .unwrap_or_else(|| self.server.data_dir.join("ssh").join("host_ed25519_key")),
+        )
     }
 
     /// The SSH gateway's user CA key file.
     pub fn ssh_user_ca_key_file(&self) -> Option<PathBuf> {
         let ssh = self.gateway.ssh.as_ref()?;
-        Some(ssh.user_ca_key_file.clone().unwrap_or_else(|| {
-            self.server.data_dir.join("ssh").join("user_ca_ed25519_key")
-        }))
+        Some(
+            ssh.user_ca_key_file
+                .clone()
+                .unwrap_or_else(|| self.server.data_dir.join("ssh").join("user_ca_ed25519_key")),
+        )
     }
 
     /// Whether `name` is a service principal (`kind = "service"`).

@@ -495,10 +495,10 @@ pub fn spawn_cutter(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
                                 .ok()
                                 .and_then(|d| d["end_reason"].as_str().map(str::to_string))
                                 .unwrap_or_else(|| "revoked".into());
-                            // A person's revoke names them; the system's
-                            // ends (not countersigned in time) do not.
-                            let by = (reason == "revoked" && e.actor != "system")
-                                .then(|| e.actor.clone());
+                            // A person's revoke or release names them; the
+                            // system's ends (not countersigned in time,
+                            // requester removed) do not.
+                            let by = (e.actor != "system").then(|| e.actor.clone());
                             Cut { reason, by }
                         }
                         _ => continue,

@@ -680,10 +680,7 @@ async fn recording(
         }
     }
     let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
-    Ok(Json(
-        app.recording(&who, &id, seq_after(p.after)?, limit).await?,
-    )
-    .into_response())
+    Ok(Json(app.recording(&who, &id, seq_after(p.after)?, limit).await?).into_response())
 }
 
 fn require_admin(who: &Principal) -> ApiResult<()> {

@@ -131,8 +131,7 @@ impl Authority for GatewayAuthority {
         };
         let (host, port) =
             parse_upstream(t.upstream.as_deref().unwrap_or("")).map_err(bad_config)?;
-        let host_key =
-            parse_public_key(t.host_key.as_deref().unwrap_or("")).map_err(bad_config)?;
+        let host_key = parse_public_key(t.host_key.as_deref().unwrap_or("")).map_err(bad_config)?;
         let expires_at = grant
             .request
             .expires_at
@@ -156,6 +155,28 @@ impl Authority for GatewayAuthority {
             },
         })
     }
+}
+
+/// Reads every role's `key_file` of every ssh target, so a missing or
+/// unusable key stops start-up instead of surfacing at sign-in while a
+/// grant's clock runs. The error names the target, the role and the file.
+pub fn check_key_files(config: &crate::config::Config) -> anyhow::Result<()> {
+    for (i, t) in config.targets.iter().enumerate() {
+        if t.kind != "ssh" {
+            continue;
+        }
+        for (name, role) in &t.roles {
+            if let Some(path) = &role.key_file {
+                breakglass_gateway_ssh::keys::read_private_key(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "targets[{i}].roles.{name}.key_file: target {} role {name}: cannot use the upstream key: {e}",
+                        t.name
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The gateway's host and CA keys, created in the data dir when absent.
@@ -190,6 +211,7 @@ pub async fn start(
     let Some(cfg) = app.config.gateway.ssh.clone() else {
         return Ok(None);
     };
+    check_key_files(&app.config)?;
     let Some(keys) = gateway_keys(app)? else {
         return Ok(None);
     };
@@ -225,7 +247,10 @@ mod tests {
     #[test]
     fn upstream_addresses() {
         assert_eq!(parse_upstream("ssh://db1:2200"), Ok(("db1".into(), 2200)));
-        assert_eq!(parse_upstream("ssh://10.0.0.1"), Ok(("10.0.0.1".into(), 22)));
+        assert_eq!(
+            parse_upstream("ssh://10.0.0.1"),
+            Ok(("10.0.0.1".into(), 22))
+        );
         assert_eq!(parse_upstream("ssh://[::1]:22"), Ok(("::1".into(), 22)));
         for bad in [
             "db1:22",

@@ -91,7 +91,9 @@ pub fn sshd_bin() -> anyhow::Result<PathBuf> {
     if p.exists() {
         return Ok(p);
     }
-    bail!("/usr/sbin/sshd is missing: install it with `cargo xtask test` or `apt-get install -y openssh-server openssh-client`")
+    bail!(
+        "/usr/sbin/sshd is missing: install it with `cargo xtask test` or `apt-get install -y openssh-server openssh-client`"
+    )
 }
 
 /// Makes an ed25519 key pair with `ssh-keygen` at `path` (and `path.pub`);
@@ -99,7 +101,16 @@ pub fn sshd_bin() -> anyhow::Result<PathBuf> {
 pub fn keygen(path: &Path) -> anyhow::Result<String> {
     output(
         Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "breakglass-test", "-f"])
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "breakglass-test",
+                "-f",
+            ])
             .arg(path),
     )?;
     let public = std::fs::read_to_string(path.with_extension("pub"))

@@ -403,6 +403,7 @@ fn title_of(exit: Exit) -> &'static str {
         Exit::Usage => "Usage error",
         Exit::Refused => "Refused",
         Exit::WaitTimeout => "Wait timed out",
+        Exit::Child(_) => "The remote command failed",
     }
 }
 

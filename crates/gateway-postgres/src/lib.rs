@@ -249,10 +249,6 @@ pub(crate) struct Shared {
     slots: Arc<Slots>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The gateway. Cloning shares it.
 #[derive(Clone)]
 pub struct Gateway {

@@ -196,7 +196,7 @@ mod tests {
         assert_eq!(cert.key_id(), "breakglass:alice:r1:s1");
         assert_eq!(cert.valid_before(), 1_700_000_900);
         assert_eq!(cert.valid_after(), 1_700_000_000 - 60);
-        assert_eq!(&cert.signature_key, ca.public_key().key_data());
+        assert_eq!(cert.signature_key(), ca.public_key().key_data());
         let too_long = sign_user_certificate(
             &ca,
             subject.public_key(),

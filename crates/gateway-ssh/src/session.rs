@@ -25,7 +25,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,7 +52,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Live {
     auth: Authorized,
     info: SessionInfo,
-    rec: Mutex<Recording>,
+    /// The recording; `None` once its end is written (nothing may follow
+    /// the `end` entry that `session.ended` names).
+    rec: Mutex<Option<Recording>>,
     upstream: Upstream,
     /// Client channels open now, and whether each has a terminal.
     channels: Mutex<HashMap<ChannelId, bool>>,
@@ -71,7 +72,11 @@ impl Live {
     /// Writes one entry; a failure cuts the session (nothing unrecorded is
     /// forwarded).
     fn record(&self, kind: &str, fields: &[(&str, Field<'_>)]) -> bool {
-        match lock(&self.rec).append(kind, fields, Timestamp::now()) {
+        let mut rec = lock(&self.rec);
+        let Some(rec) = rec.as_mut() else {
+            return false;
+        };
+        match rec.append(kind, fields, Timestamp::now()) {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(session = %self.info.session_id, error = %e, "cannot write the session recording; cutting the session");
@@ -235,7 +240,9 @@ async fn finish(shared: &Shared, live: &Arc<Live>) {
         .disconnect(russh::Disconnect::ByApplication, "session ended", "")
         .await;
     let end = {
-        let mut rec = lock(&live.rec);
+        let Some(mut rec) = lock(&live.rec).take() else {
+            return;
+        };
         if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], Timestamp::now()) {
             tracing::error!(session = %live.info.session_id, error = %e, "cannot write the end of a session recording");
         }
@@ -282,11 +289,12 @@ async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, clien
     }
     tracing::info!(session = %live.info.session_id, reason = %cut.reason, "cutting ssh session");
     // The upstream goes first: nothing more runs there.
+    let message = cut.message();
     let upstream = live
         .upstream
-        .disconnect(russh::Disconnect::ByApplication, &cut.message(), "");
+        .disconnect(russh::Disconnect::ByApplication, &message, "");
     let _ = tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), upstream).await;
-    let line = format!("\r\n{}\r\n", cut.message());
+    let line = format!("\r\n{message}\r\n");
     let channels: Vec<(ChannelId, bool)> =
         lock(&live.channels).iter().map(|(c, p)| (*c, *p)).collect();
     for (ch, pty) in channels {
@@ -482,7 +490,7 @@ impl Conn {
             Arc::new(Live {
                 auth,
                 info,
-                rec: Mutex::new(rec),
+                rec: Mutex::new(Some(rec)),
                 upstream: up,
                 channels: Mutex::default(),
                 end: Mutex::default(),

@@ -707,13 +707,14 @@ impl App {
     }
 
     /// A page of a session recording, its chain checked while reading.
-    /// The path of a session's recording, when the caller may see its
-    /// request (else not found, as for a session that does not exist).
+    /// The path of a session's recording and its request id, when the
+    /// caller may see the request (else not found, as for a session that
+    /// does not exist).
     pub async fn visible_recording(
         &self,
         who: &Principal,
         session_id: &str,
-    ) -> Result<std::path::PathBuf, AppError> {
+    ) -> Result<(std::path::PathBuf, String), AppError> {
         let not_found = || AppError::NotFound(format!("no session {session_id}"));
         if !crate::verify::is_session_id(session_id) {
             return Err(not_found());
@@ -746,7 +747,7 @@ impl App {
         self.get_visible(who, &request_id)
             .await
             .map_err(|_| not_found())?;
-        Ok(path)
+        Ok((path, request_id))
     }
 
     pub async fn recording(
@@ -756,7 +757,7 @@ impl App {
         after: u64,
         limit: u32,
     ) -> Result<RecordingPage, AppError> {
-        let path = self.visible_recording(who, session_id).await?;
+        let (path, request_id) = self.visible_recording(who, session_id).await?;
         // Every entry served is verified against the chain from the start.
         // A page that follows one served earlier resumes where that one
         // ended instead of re-reading the file from the start.

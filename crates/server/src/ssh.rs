@@ -277,7 +277,7 @@ pub async fn recording_cast(
     session_id: &str,
 ) -> Result<String, crate::app::AppError> {
     use crate::app::AppError;
-    let path = app.visible_recording(who, session_id).await?;
+    let (path, _) = app.visible_recording(who, session_id).await?;
     let id = session_id.to_string();
     tokio::task::spawn_blocking(move || {
         let mut cast = breakglass_gateway_ssh::cast::CastBuilder::new();

@@ -518,10 +518,29 @@ impl Client {
         self.token.as_ref().map(|t| format!("Bearer {}", t.0))
     }
 
+    /// `GET /v1/requests/{id}/evidence`, as sent (bundles may be larger
+    /// than other answers).
+    pub fn evidence(&self, id: &str) -> Result<serde_json::Value, ApiError> {
+        self.get_limited(
+            &format!("/v1/requests/{id}/evidence"),
+            &[],
+            breakglass_server::evidence::BUNDLE_LEN_MAX,
+        )
+    }
+
     fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
+    ) -> Result<T, ApiError> {
+        self.get_limited(path, query, RESPONSE_BYTES_MAX)
+    }
+
+    fn get_limited<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        limit: u64,
     ) -> Result<T, ApiError> {
         let url = self.url(path);
         self.with_otp_retry(|otp| {
@@ -538,7 +557,7 @@ impl Client {
             for (k, v) in query {
                 req = req.query(*k, v);
             }
-            self.finish(req.call())
+            self.finish_limited(req.call(), limit)
         })
     }
 
@@ -600,12 +619,20 @@ impl Client {
         &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<T, ApiError> {
+        self.finish_limited(result, RESPONSE_BYTES_MAX)
+    }
+
+    fn finish_limited<T: DeserializeOwned>(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        limit: u64,
+    ) -> Result<T, ApiError> {
         let mut resp = result.map_err(|e| self.transport_error(e))?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .with_config()
-            .limit(RESPONSE_BYTES_MAX)
+            .limit(limit)
             .read_to_vec();
         if (200..300).contains(&status) {
             let bytes = body.map_err(|e| self.transport_error(e))?;

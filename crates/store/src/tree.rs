@@ -31,7 +31,7 @@ pub fn leaf_of(e: &AuditEvent) -> Vec<u8> {
 
 /// Appends committed events (in `seq` order, continuing the frontier) and
 /// returns the nodes to store.
-pub(crate) fn grow(
+pub fn grow(
     frontier: &mut Frontier,
     events: &[AuditEvent],
 ) -> Result<Vec<(Subtree, Hash)>, StoreError> {
@@ -104,7 +104,7 @@ pub async fn consistency_proof(
 
 /// The embedded store's side: node inserts, reads, and the frontier at
 /// open (building the tree of a log written before it existed).
-pub(crate) mod sqlite {
+pub mod sqlite {
     use breakglass_core::audit::{AuditEvent, Hash};
     use breakglass_core::merkle::{Frontier, Subtree, subtrees};
     use rusqlite::{Connection, OptionalExtension, params};

@@ -177,7 +177,7 @@ impl Ctx {
     /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
     /// http to a non-loopback address is refused here, before anything is
     /// resolved or sent.
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let (base, roots) = self.server()?;
         let token = match &self.token {
             Some(t) => Some(t.clone()),
@@ -192,7 +192,7 @@ impl Ctx {
             .with_otp_prompt(crate::prompt::interactive()))
     }
 
-    fn json(&self) -> bool {
+    pub(crate) fn json(&self) -> bool {
         self.output == Output::Json
     }
 }

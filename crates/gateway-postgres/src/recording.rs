@@ -390,6 +390,264 @@ fn close_interrupted(
         path: label.clone(),
         source,
     };
+    let s = match anchor {
+        Some(point) => read_through(&path, point)?,
+        None => read_recording(&path, |_| {})?,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    // A line torn by the crash never reached the database (entries are
+    // written before forwarding), so it is dropped.
+    file.set_len(s.valid_len).map_err(io)?;
+    drop(file);
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io)?;
+    let mut rec = Recording {
+        file: Arc::new(file),
+        dirty: Arc::new(AtomicBool::new(false)),
+        progress: None,
+        strict: true,
+        seq: s.entries,
+        prev: s.final_hash,
+        statements: s.statements,
+        marker: None,
+        pending: Vec::new(),
+        time: (i64::MIN, String::new()),
+    };
+    rec.append("end", &[("reason", Field::Str(reason))], now)
+        .map_err(io)?;
+    Ok(RecordingSummary {
+        entries: rec.seq,
+        statements: rec.statements,
+        final_hash: rec.prev,
+        header: s.header,
+        valid_len: s.valid_len,
+    })
+}
+
+fn entry_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical);
+    h.finalize().into()
+}
+
+impl Recording {
+    /// Writes one entry, after any deferred ones, with one `write`; returns
+    /// its `seq`. `fields` are sorted by key, without [`RESERVED`] keys.
+    pub fn append(
+        &mut self,
+        kind: &str,
+        fields: &[(&str, Field<'_>)],
+        now: Timestamp,
+    ) -> std::io::Result<u64> {
+        let seq = self.encode(kind, fields, now);
+        self.flush()?;
+        Ok(seq)
+    }
+
+    /// [`Recording::append`] of a JSON object's members (members with
+    /// [`RESERVED`] keys are dropped).
+    pub fn append_value(
+        &mut self,
+        kind: &str,
+        fields: Value,
+        now: Timestamp,
+    ) -> std::io::Result<u64> {
+        let members: Vec<(String, String)> = match &fields {
+            Value::Object(m) => m
+                .iter()
+                .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), canonical_json(v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut sorted: Vec<(&str, Field<'_>)> = members
+            .iter()
+            .map(|(k, v)| (k.as_str(), Field::Json(v)))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        self.append(kind, &sorted, now)
+    }
+
+    /// Chains an entry now but writes it with the next `append` or `flush`
+    /// (outcomes: they need not precede anything, and sharing a write with
+    /// the next statement halves the writes of a busy session).
+    pub fn append_deferred(
+        &mut self,
+        kind: &str,
+        fields: &[(&str, Field<'_>)],
+        now: Timestamp,
+    ) -> u64 {
+        self.encode(kind, fields, now)
+    }
+
+    /// Whether deferred entries wait to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes the deferred entries.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        (&*self.file).write_all(&self.pending)?;
+        self.pending.clear();
+        let point = (self.seq, self.prev);
+        if self.strict {
+            self.file.sync_data()?;
+            if let Some(p) = &self.progress {
+                *lock(&p.durable) = point;
+            }
+        } else {
+            if let Some(p) = &self.progress {
+                *lock(&p.written) = point;
+            }
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Encodes an entry into `pending` and advances the chain.
+    fn encode(&mut self, kind: &str, fields: &[(&str, Field<'_>)], now: Timestamp) -> u64 {
+        let seq = self.seq + 1;
+        if self.time.0 != now.0 {
+            self.time = (now.0, now.to_rfc3339());
+        }
+        let start = self.pending.len();
+        write_entry(&mut self.pending, fields, kind, seq, &self.time.1);
+        let hash = entry_hash(&self.prev, &self.pending[start..]);
+        // The line is the canonical entry with its hash appended as the last
+        // member (readers remove it and re-canonicalise), so it is encoded
+        // once. An entry always has members (`kind`, `seq`, `time`).
+        self.pending.pop();
+        self.pending.extend_from_slice(b",\"hash\":\"");
+        let mut hex = [0u8; 64];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(hash) {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        self.pending.extend_from_slice(&hex);
+        self.pending.extend_from_slice(b"\"}\n");
+        self.seq = seq;
+        self.prev = hash;
+        if matches!(kind, "query" | "execute") {
+            self.statements += 1;
+        }
+        seq
+    }
+
+    pub fn final_hash(&self) -> [u8; 32] {
+        self.prev
+    }
+
+    pub fn statements(&self) -> u64 {
+        self.statements
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.seq
+    }
+
+    /// Makes everything written so far durable and marks the recording
+    /// complete.
+    pub fn close(&mut self) -> std::io::Result<()> {
+        if let Some(p) = &self.progress {
+            p.closed.store(true, Ordering::Release);
+        }
+        self.flush()?;
+        self.file.sync_data()?;
+        if let Some(m) = self.marker.take() {
+            std::fs::remove_file(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a verified recording holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingSummary {
+    pub entries: u64,
+    pub statements: u64,
+    pub final_hash: [u8; 32],
+    /// The `session` header (first entry).
+    pub header: Value,
+    /// Bytes of complete entries (a torn last line is not counted).
+    pub valid_len: u64,
+}
+
+/// A point between two entries of a recording: reading can resume here
+/// without re-reading (and re-verifying) what came before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Byte offset of the next entry.
+    pub offset: u64,
+    /// `seq` of the entry before this point.
+    pub seq: u64,
+    /// Hash of the entry before this point.
+    pub prev: [u8; 32],
+}
+
+/// Reads a recording, checking every link, and that its chain passes
+/// through `point` (entry `point.0` has hash `point.1`): the recording holds
+/// at least what was anchored, unchanged.
+pub fn read_through(path: &Path, point: Point) -> Result<RecordingSummary, RecordingError> {
+    let mut at = None;
+    let s = read_recording_from(path, None, |_, here| {
+        if here.seq == point.0 {
+            at = Some(here.prev);
+        }
+        ControlFlow::Continue(())
+    })?;
+    let unanchored = |reason: String| RecordingError::Unanchored {
+        path: path.display().to_string(),
+        reason,
+    };
+    match at {
+        None if point.0 > 0 => Err(unanchored(format!(
+            "it holds {} entries, the audit chain anchored {}",
+            s.entries, point.0
+        ))),
+        Some(h) if h != point.1 => Err(unanchored(format!(
+            "entry {} does not have the anchored hash",
+            point.0
+        ))),
+        _ => Ok(s),
+    }
+}
+
+/// Reads a recording, checking every link; `visit` sees each entry.
+pub fn read_recording(
+    path: &Path,
+    mut visit: impl FnMut(&Value),
+) -> Result<RecordingSummary, RecordingError> {
+    read_recording_from(path, None, |v, _| {
+        visit(v);
+        ControlFlow::Continue(())
+    })
+}
+
+/// Reads a recording from the start, or from `from` (a point an earlier
+/// read of the same file returned), checking every link it reads; `visit`
+/// sees each entry and the point after it, and may stop the read. The
+/// summary then covers what was read (`header` only when reading from the
+/// start).
+pub fn read_recording_from(
+    path: &Path,
+    from: Option<Resume>,
+    visit: impl FnMut(&Value, Resume) -> ControlFlow<()>,
+) -> Result<RecordingSummary, RecordingError> {
+    let label = path.display().to_string();
+    let io = |source| RecordingError::Io {
+        path: label.clone(),
+        source,
+    };
     let mut file = File::open(path).map_err(io)?;
     let start = from.unwrap_or(Resume {
         offset: 0,

@@ -648,7 +648,7 @@ impl PgStore {
             apply_op(&tx, &Op::Checkpoint(cp), Timestamp(0), &mut head).await?;
         }
         let mut tree = merkle::Frontier::new();
-        crate::tree::pg::catch_up(&tx, &mut tree, head.0).await?;
+        crate::tree::pg::catch_up(&*tx, &mut tree, head.0).await?;
         tx.execute(
             "UPDATE chain_head SET seq = $1, hash = $2, tree = $3 WHERE id = 1",
             &[&(head.0 as i64), &&head.1[..], &tree.to_bytes()],
@@ -833,7 +833,7 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
     let mut tree = crate::tree::pg::frontier(row.get(2))?;
     let tree_start = tree.size();
     if tree.size() < start.0 {
-        crate::tree::pg::catch_up(&tx, &mut tree, start.0).await?;
+        crate::tree::pg::catch_up(&*tx, &mut tree, start.0).await?;
     }
     let mut head = start;
     let mut results = Vec::with_capacity(batch.len());
@@ -861,14 +861,9 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
         }
     }
     if head != start || tree.size() != tree_start {
-        let committed: Vec<AuditEvent> = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .flatten()
-            .cloned()
-            .collect();
+        let committed = results.iter().filter_map(|r| r.as_ref().ok()).flatten();
         let (levels, idxs, hashes) =
-            crate::tree::pg::columns(&crate::tree::grow(&mut tree, &committed)?);
+            crate::tree::pg::columns(&crate::tree::grow(&mut tree, committed)?);
         let seq = head.0 as i64;
         let seq_text = head.0.to_string();
         let edge = tree.to_bytes();

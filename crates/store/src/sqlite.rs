@@ -410,13 +410,8 @@ fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>, mut tre
         }
         // INVARIANT: the tree nodes of the batch's events commit with them.
         let mut grown = tree.clone();
-        let committed: Vec<AuditEvent> = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .flatten()
-            .cloned()
-            .collect();
-        let committed = crate::tree::grow(&mut grown, &committed)
+        let events = results.iter().filter_map(|r| r.as_ref().ok()).flatten();
+        let committed = crate::tree::grow(&mut grown, events)
             .and_then(|nodes| crate::tree::sqlite::insert(&conn, &nodes))
             .and_then(|()| conn.execute_batch("COMMIT").map_err(StoreError::from));
         match committed {

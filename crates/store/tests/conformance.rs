@@ -1232,7 +1232,7 @@ mod tree_suite {
             tree_root(store, n + 1).await,
             Err(StoreError::Corrupt(_))
         ));
-        assert!(inclusion_proof(store, n + 1, n + 1).await.is_err());
+        assert!(inclusion_proof(store, n + 2, n + 2).await.is_err());
         assert!(inclusion_proof(store, 0, n).await.is_err());
         assert!(consistency_proof(store, n + 1, n).await.is_err());
     }

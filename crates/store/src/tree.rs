@@ -146,7 +146,7 @@ pub mod sqlite {
     /// first open after the upgrade). One transaction.
     pub fn open(conn: &mut Connection) -> Result<Frontier, StoreError> {
         let tx = conn.transaction()?;
-        let size: u64 = tx
+        let mut size: u64 = tx
             .query_row(
                 "SELECT idx FROM merkle_nodes WHERE level = 0 ORDER BY idx DESC LIMIT 1",
                 [],
@@ -154,6 +154,26 @@ pub mod sqlite {
             )
             .optional()?
             .map_or(0, |i| i as u64 + 1);
+        let head: u64 = tx
+            .query_row("SELECT coalesce(max(seq), 0) FROM audit", [], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .max(0) as u64;
+        if size > head {
+            // The log lost events the tree holds: it was truncated (which
+            // verification reports through the checkpoints and witnesses).
+            // The tree follows the log, so writes go on where the log ends.
+            tracing::warn!(
+                tree = size,
+                log = head,
+                "the Merkle tree holds more events than the audit log: the log was truncated; the tree is cut back to the log"
+            );
+            tx.execute(
+                "DELETE FROM merkle_nodes WHERE ((idx + 1) << level) > ?1",
+                params![head as i64],
+            )?;
+            size = head;
+        }
         let edge = read(&tx, &subtrees(0..size))?;
         let mut frontier = Frontier::from_parts(size, edge).map_err(StoreError::Corrupt)?;
         let mut added = 0u64;

@@ -111,7 +111,7 @@ impl Ctx {
         })
     }
 
-    fn n(&self, full: usize, quick: usize) -> usize {
+    pub(crate) fn n(&self, full: usize, quick: usize) -> usize {
         if self.quick { quick } else { full }
     }
 

@@ -544,10 +544,29 @@ impl Client {
         self.token.as_ref().map(|t| format!("Bearer {}", t.0))
     }
 
+    /// `GET /v1/requests/{id}/evidence`, as sent (bundles may be larger
+    /// than other answers).
+    pub fn evidence(&self, id: &str) -> Result<serde_json::Value, ApiError> {
+        self.get_limited(
+            &format!("/v1/requests/{id}/evidence"),
+            &[],
+            breakglass_server::evidence::BUNDLE_LEN_MAX,
+        )
+    }
+
     fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
+    ) -> Result<T, ApiError> {
+        self.get_limited(path, query, RESPONSE_BYTES_MAX)
+    }
+
+    fn get_limited<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        limit: u64,
     ) -> Result<T, ApiError> {
         let url = self.url(path);
         self.with_otp_retry(|otp| {
@@ -564,7 +583,10 @@ impl Client {
             for (k, v) in query {
                 req = req.query(*k, v);
             }
-            self.finish(req.call())
+            let (status, bytes) = self.finish_bytes(req.call(), limit)?;
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {
+                detail: format!("cannot decode the JSON body of an HTTP {status} answer: {e}"),
+            })
         })
     }
 

@@ -177,7 +177,7 @@ impl Ctx {
     /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
     /// http to a non-loopback address is refused here, before anything is
     /// resolved or sent.
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let (base, roots) = self.server()?;
         let token = match &self.token {
             Some(t) => Some(t.clone()),
@@ -192,19 +192,19 @@ impl Ctx {
             .with_otp_prompt(crate::prompt::interactive()))
     }
 
-    fn json(&self) -> bool {
+    pub(crate) fn json(&self) -> bool {
         self.output == Output::Json
     }
 }
 
-fn print_text(text: &str) -> io::Result<()> {
+pub(crate) fn print_text(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
 }
 
 /// One JSON document, pretty-printed, then a newline.
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
     text.push('\n');
     print_text(&text)?;
@@ -430,7 +430,7 @@ const PREFIX_CANDIDATES_MAX: u32 = 10;
 /// The full id of the one request visible to the caller whose id starts
 /// with `id` (like a short git hash). The server does the matching, so
 /// only requests the caller may see are considered.
-fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
+pub(crate) fn resolve_id(client: &Client, id: &str) -> anyhow::Result<String> {
     if id.len() >= FULL_ID_LEN {
         return Ok(id.to_string());
     }
@@ -1120,12 +1120,18 @@ pub fn logout(ctx: &Ctx) -> anyhow::Result<Exit> {
 }
 
 /// Offline: reads the store named by the config.
-pub fn audit_verify(ctx: &Ctx, config: &Path, keys: &[String]) -> anyhow::Result<Exit> {
+pub fn audit_verify(
+    ctx: &Ctx,
+    config: &Path,
+    keys: &[String],
+    since: Option<&Path>,
+) -> anyhow::Result<Exit> {
     let trusted = keys
         .iter()
         .map(|k| breakglass_server::keys::trusted_key_arg(k))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let report = offline::audit_verify(config, &trusted)?;
+    let since = since.map(offline::read_since).transpose()?;
+    let report = offline::audit_verify(config, &trusted, since.as_ref())?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

@@ -8,6 +8,7 @@
 mod client;
 mod cmd;
 mod credentials;
+mod evidence;
 mod exit;
 mod login;
 mod prompt;
@@ -202,6 +203,15 @@ enum Command {
     /// Verify or export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a request's evidence bundle (its events with Merkle inclusion
+    /// proofs up to a signed checkpoint, and its recordings), or verify one
+    /// offline.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true,
+        after_help = "Examples:\n  breakglass evidence 01a2250c > bundle.json\n  breakglass evidence verify bundle.json --key audit-signing.pub"
+    )]
+    Evidence(EvidenceArgs),
     /// Validate policies and explain decisions.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -240,6 +250,8 @@ impl Command {
             Command::Connect(a) => &a.server,
             Command::Recording(a) => &a.server,
             Command::Audit(AuditCommand::Export { server, .. }) => server,
+            Command::Evidence(a) if a.command.is_none() => &a.server,
+            Command::Evidence(_) => return None,
             Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
             Command::Login(a) => &a.server,
             Command::Serve(_)
@@ -249,6 +261,34 @@ impl Command {
             | Command::Completion(_) => return None,
         })
     }
+}
+
+#[derive(Debug, Args)]
+struct EvidenceArgs {
+    #[command(subcommand)]
+    command: Option<EvidenceCommand>,
+    /// The request id, or any unique prefix of it.
+    #[arg(value_name = "ID", value_parser = parse_id, required = true)]
+    id: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum EvidenceCommand {
+    /// Check a bundle offline, with no store and no server: the
+    /// checkpoint's signature, every event's inclusion proof, every
+    /// recording against its session.ended event.
+    Verify {
+        /// The bundle (`-` for stdin).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// A trusted public key: 64 hex digits as a node's
+        /// `audit-signing.pub` holds them, or a copy of that file. Repeat
+        /// for several nodes.
+        #[arg(long, value_name = "PUBKEY", required = true)]
+        key: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -499,6 +539,11 @@ enum AuditCommand {
         /// file. Repeat for several nodes. Default: `audit.verify_keys`.
         #[arg(long, value_name = "PUBKEY")]
         key: Vec<String>,
+        /// An earlier checkpoint (a witness's `checkpoints.jsonl`, whose
+        /// last line is used, or one checkpoint as JSON): prove with a
+        /// Merkle consistency proof that the log only grew since.
+        #[arg(long, value_name = "CHECKPOINT")]
+        since: Option<PathBuf>,
     },
     /// Print audit events as JSON lines, from the server.
     Export {
@@ -777,10 +822,17 @@ fn main() -> ExitCode {
         Command::Recording(a) => {
             cmd::recording(&ctx, &a.id, a.format == RecordingFormat::Asciicast)
         }
-        Command::Audit(AuditCommand::Verify { config, key }) => {
-            cmd::audit_verify(&ctx, &config, &key)
+        Command::Audit(AuditCommand::Verify { config, key, since }) => {
+            cmd::audit_verify(&ctx, &config, &key, since.as_deref())
         }
         Command::Audit(AuditCommand::Export { after, .. }) => cmd::audit_export(&ctx, after),
+        Command::Evidence(EvidenceArgs {
+            command: Some(EvidenceCommand::Verify { file, key }),
+            ..
+        }) => evidence::verify(&ctx, &file, &key),
+        Command::Evidence(EvidenceArgs { id, .. }) => {
+            evidence::fetch(&ctx, id.as_deref().unwrap_or_default())
+        }
         Command::Store(StoreCommand::Copy { from, to_env }) => {
             cmd::store_copy(&ctx, &from, &to_env)
         }

@@ -566,14 +566,20 @@ pub fn whoami(w: &WhoAmI, now: Timestamp) -> String {
 
 pub fn verify_report(r: &VerifyReport) -> String {
     if r.ok {
-        format!(
+        let mut out = format!(
             "Audit chain OK: {} events, {} signed checkpoints, {} session recordings, head seq {} hash {}.\n",
             r.events,
             r.checkpoints,
             r.recordings,
             r.head_seq,
             clean(&r.head_hash)
-        )
+        );
+        if let Some(seq) = r.consistent_since {
+            out.push_str(&format!(
+                "The log only grew since the checkpoint at seq {seq} (Merkle consistency proof to the newest signed tree head).\n"
+            ));
+        }
+        out
     } else {
         let seq = r
             .first_bad_seq
@@ -956,6 +962,8 @@ mod tests {
             first_bad_seq: Some(42),
             reason: Some("hash mismatch".to_string()),
             warnings: Vec::new(),
+            tree_root: String::new(),
+            consistent_since: None,
         };
         assert_eq!(
             verify_report(&broken),

@@ -16,6 +16,12 @@
 //! length, so the bytes are unambiguous. Checkpoints written before keys
 //! were named (no `key`) sign the same fields without the public key under
 //! the domain `"breakglass-audit-checkpoint-v1\n"`, and still verify.
+//!
+//! A checkpoint that carries the Merkle tree head ([`crate::merkle`]: the
+//! root of the tree over events `1..=seq`, so the tree size is `seq`) signs
+//! `"breakglass-audit-checkpoint-v3\n" || seq || hash || time_ms ||
+//! public_key || root: 32 bytes`. Older checkpoints (v1, v2) carry no root
+//! and verify as before; they cannot anchor an inclusion proof.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -28,6 +34,7 @@ pub type Hash = [u8; 32];
 pub const GENESIS: Hash = [0; 32];
 const CHECKPOINT_DOMAIN_V1: &[u8] = b"breakglass-audit-checkpoint-v1\n";
 const CHECKPOINT_DOMAIN_V2: &[u8] = b"breakglass-audit-checkpoint-v2\n";
+const CHECKPOINT_DOMAIN_V3: &[u8] = b"breakglass-audit-checkpoint-v3\n";
 
 /// One committed audit event. `details` holds canonical JSON text exactly as
 /// hashed, so verification never depends on re-serialising it.
@@ -250,6 +257,10 @@ pub struct Checkpoint {
     /// checkpoints written before keys were named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The Merkle tree head: the root of the tree of the first `seq`
+    /// events. `None` for checkpoints written before the tree existed.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_opt")]
+    pub root: Option<Hash>,
 }
 
 /// The name of a checkpoint key: its public key in lowercase hex, exactly
@@ -263,30 +274,59 @@ fn checkpoint_message(
     hash: &Hash,
     time: Timestamp,
     key: Option<&VerifyingKey>,
+    root: Option<&Hash>,
 ) -> Vec<u8> {
-    let mut m = match key {
-        Some(_) => CHECKPOINT_DOMAIN_V2.to_vec(),
-        None => CHECKPOINT_DOMAIN_V1.to_vec(),
+    let mut m = match (key, root) {
+        (Some(_), Some(_)) => CHECKPOINT_DOMAIN_V3.to_vec(),
+        (Some(_), None) => CHECKPOINT_DOMAIN_V2.to_vec(),
+        (None, _) => CHECKPOINT_DOMAIN_V1.to_vec(),
     };
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(hash);
     m.extend_from_slice(&time.millis().to_be_bytes());
     if let Some(k) = key {
         m.extend_from_slice(k.as_bytes());
+        if let Some(r) = root {
+            m.extend_from_slice(r);
+        }
     }
     m
 }
 
 impl Checkpoint {
+    /// A checkpoint of the chain alone (v2, no tree head).
     pub fn sign(key: &SigningKey, seq: u64, hash: Hash, time: Timestamp) -> Checkpoint {
+        Checkpoint::signed(key, seq, hash, None, time)
+    }
+
+    /// A checkpoint of the chain and of the Merkle tree head (`root`: the
+    /// root of the tree of the first `seq` events).
+    pub fn sign_tree(
+        key: &SigningKey,
+        seq: u64,
+        hash: Hash,
+        root: Hash,
+        time: Timestamp,
+    ) -> Checkpoint {
+        Checkpoint::signed(key, seq, hash, Some(root), time)
+    }
+
+    fn signed(
+        key: &SigningKey,
+        seq: u64,
+        hash: Hash,
+        root: Option<Hash>,
+        time: Timestamp,
+    ) -> Checkpoint {
         let public = key.verifying_key();
-        let sig = key.sign(&checkpoint_message(seq, &hash, time, Some(&public)));
+        let msg = checkpoint_message(seq, &hash, time, Some(&public), root.as_ref());
         Checkpoint {
             seq,
             hash,
             time,
-            signature: sig.to_bytes(),
+            signature: key.sign(&msg).to_bytes(),
             key: Some(key_id(&public)),
+            root,
         }
     }
 
@@ -297,10 +337,12 @@ impl Checkpoint {
         let named = match &self.key {
             Some(id) if *id != key_id(key) => return false,
             Some(_) => Some(key),
+            // A tree head was never signed without the key's name.
+            None if self.root.is_some() => return false,
             None => None,
         };
         key.verify(
-            &checkpoint_message(self.seq, &self.hash, self.time, named),
+            &checkpoint_message(self.seq, &self.hash, self.time, named, self.root.as_ref()),
             &sig,
         )
         .is_ok()
@@ -326,6 +368,26 @@ mod hex_array {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
         Ok(out)
+    }
+}
+
+mod hex_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&hex::encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Some(out))
     }
 }
 
@@ -452,16 +514,39 @@ mod tests {
     #[test]
     fn unnamed_checkpoints_of_earlier_releases_still_verify() {
         let key = SigningKey::from_bytes(&[7; 32]);
-        let msg = checkpoint_message(5, &[1; 32], Timestamp(9), None);
+        let msg = checkpoint_message(5, &[1; 32], Timestamp(9), None, None);
         let old = Checkpoint {
             seq: 5,
             hash: [1; 32],
             time: Timestamp(9),
             signature: key.sign(&msg).to_bytes(),
             key: None,
+            root: None,
         };
         assert!(old.verify(&key.verifying_key()));
         let json = serde_json::to_string(&old).expect("serialises");
         assert!(!json.contains("\"key\""), "{json}");
+    }
+
+    #[test]
+    fn tree_heads_are_signed() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let cp = Checkpoint::sign_tree(&key, 5, [1; 32], [2; 32], Timestamp(9));
+        assert!(cp.verify(&key.verifying_key()));
+        let json = serde_json::to_string(&cp).expect("serialises");
+        let back: Checkpoint = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, cp);
+        let mut moved = cp.clone();
+        moved.root = Some([3; 32]);
+        assert!(!moved.verify(&key.verifying_key()));
+        // Dropping the root does not leave a valid v2 checkpoint behind.
+        let mut dropped = cp.clone();
+        dropped.root = None;
+        assert!(!dropped.verify(&key.verifying_key()));
+        // A v2 checkpoint given a root does not verify either.
+        let mut v2 = Checkpoint::sign(&key, 5, [1; 32], Timestamp(9));
+        assert!(v2.verify(&key.verifying_key()));
+        v2.root = Some([2; 32]);
+        assert!(!v2.verify(&key.verifying_key()));
     }
 }

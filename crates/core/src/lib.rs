@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod lifecycle;
+pub mod merkle;
 pub mod model;
 pub mod policy;
 pub mod slots;

@@ -647,7 +647,7 @@ pub fn read_recording(
 pub fn read_recording_from(
     path: &Path,
     from: Option<Resume>,
-    mut visit: impl FnMut(&Value, Resume) -> ControlFlow<()>,
+    visit: impl FnMut(&Value, Resume) -> ControlFlow<()>,
 ) -> Result<RecordingSummary, RecordingError> {
     let label = path.display().to_string();
     let io = |source| RecordingError::Io {
@@ -661,7 +661,38 @@ pub fn read_recording_from(
         prev: [0u8; 32],
     });
     file.seek(SeekFrom::Start(start.offset)).map_err(io)?;
-    let mut reader = BufReader::new(file);
+    read_entries(BufReader::new(file), &label, start, visit)
+}
+
+/// Reads a recording held in memory (an evidence bundle carries its
+/// recordings as their bytes), checking every link like
+/// [`read_recording`]. `label` names it in errors.
+pub fn read_recording_bytes(
+    bytes: &[u8],
+    label: &str,
+    mut visit: impl FnMut(&Value),
+) -> Result<RecordingSummary, RecordingError> {
+    let start = Resume {
+        offset: 0,
+        seq: 0,
+        prev: [0u8; 32],
+    };
+    read_entries(bytes, label, start, |v, _| {
+        visit(v);
+        ControlFlow::Continue(())
+    })
+}
+
+fn read_entries(
+    mut reader: impl BufRead,
+    label: &str,
+    start: Resume,
+    mut visit: impl FnMut(&Value, Resume) -> ControlFlow<()>,
+) -> Result<RecordingSummary, RecordingError> {
+    let io = |source| RecordingError::Io {
+        path: label.to_string(),
+        source,
+    };
     let mut prev = start.prev;
     let mut seq = start.seq;
     let mut statements = 0;
@@ -679,7 +710,7 @@ pub fn read_recording_from(
             break;
         }
         let broken = |reason: &str| RecordingError::Broken {
-            path: label.clone(),
+            path: label.to_string(),
             seq: seq + 1,
             reason: reason.to_string(),
         };

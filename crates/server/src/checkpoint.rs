@@ -60,8 +60,8 @@ pub fn witnesses(config: &crate::config::Config) -> Vec<Box<dyn Witness>> {
     out
 }
 
-/// Signs the current head if it moved since `last_seq`; returns the new
-/// checkpointed seq. The witnesses get the checkpoint first, then the store.
+/// Signs the current head and the Merkle tree head of the same size if it
+/// moved since `last_seq`; returns the new checkpointed seq. The witnesses get the checkpoint first, then the store.
 pub async fn checkpoint_once(
     store: &dyn Store,
     key: &SigningKey,
@@ -72,7 +72,9 @@ pub async fn checkpoint_once(
     if seq == 0 || seq == last_seq {
         return Ok(last_seq);
     }
-    let cp = Checkpoint::sign(key, seq, hash, now());
+    // The tree head of the same `seq`: its nodes committed with its events.
+    let root = breakglass_store::tree::tree_root(store, seq).await?;
+    let cp = Checkpoint::sign_tree(key, seq, hash, root, now());
     for w in witnesses {
         if let Err(e) = w.record(&cp) {
             // Verification will report the witness as behind the store.

@@ -170,6 +170,15 @@ pub struct VerifyReport {
     /// from outside the data dir, no witness).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The root of the Merkle tree over the `head_seq` events verified
+    /// (hex), as a checkpoint at `head_seq` would sign it.
+    #[serde(default)]
+    pub tree_root: String,
+    /// With `--since CHECKPOINT`: the seq of that checkpoint, proven to be
+    /// a prefix of this log by a consistency proof to the newest signed
+    /// tree head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_since: Option<u64>,
 }
 
 /// An RFC 9457 problem document. `code` is stable; `detail` is for people.
@@ -195,6 +204,8 @@ impl From<breakglass_store::verify::Verification> for VerifyReport {
             first_bad_seq: v.first_bad_seq,
             reason: v.reason,
             warnings: Vec::new(),
+            tree_root: hex::encode(v.tree_root),
+            consistent_since: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError, GrantRefusal};
+use crate::evidence::{__path_evidence, evidence};
 use crate::dto::{
     ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, OidcClientConfig, Problem,
     Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody, SessionList, TargetList,
@@ -881,7 +882,8 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets),
+          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
+          evidence),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -900,6 +902,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/requests/{id}/credentials", post(credentials))
         .route("/v1/requests/{id}/sessions", get(sessions))
         .route("/v1/sessions/{id}/recording", get(recording))
+        .route("/v1/requests/{id}/evidence", get(evidence))
         .route("/v1/credentials/verify", post(introspect))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))

@@ -7,6 +7,7 @@ pub mod config;
 mod datadir;
 pub mod dev;
 pub mod dto;
+pub mod evidence;
 pub mod gateway;
 pub mod http;
 pub mod identity;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use breakglass_core::audit::Checkpoint;
 use breakglass_core::policy::{Action, PolicyInput};
 use breakglass_core::time::parse_duration;
 use breakglass_store::{SqliteOptions, SqliteStore};
@@ -50,9 +51,14 @@ pub struct SampleDecision {
 /// every session, offline (the service is stopped, so no session is live).
 /// `trusted`: public keys given from outside the data dir (`--key`); else
 /// `audit.verify_keys`; else, with a warning, the key in `data_dir`.
+///
+/// `since`: an earlier checkpoint (a witness's copy): the newest signed
+/// tree head in the store must extend it, shown by a Merkle consistency
+/// proof (the log only grew).
 pub fn audit_verify(
     config: &Path,
     trusted: &[ed25519_dalek::VerifyingKey],
+    since: Option<&Checkpoint>,
 ) -> anyhow::Result<VerifyReport> {
     let config = Config::load(config)?;
     let database_url = config.database_url()?;
@@ -96,13 +102,19 @@ pub fn audit_verify(
                 .block_on(FullVerifier::for_store(&store, &witnesses, &keys, &node))
                 .map_err(|e| anyhow::anyhow!("checkpoints: {e}"))?;
             store.scan_audit(0, |e| v.push(&e))?;
-            v.finish(&config.recordings_dir(), &Default::default())
+            rt.block_on(async {
+                let report = v
+                    .finish(&store, &config.recordings_dir(), &Default::default())
+                    .await?;
+                with_since(&store, report, since, &keys).await
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
         }
         Some(url) => rt.block_on(async {
             // Other nodes may be running: their sessions are theirs to
             // check, and this node's are checked against its recordings.
             let store = crate::open_store(&config, Some(&url)).await?;
-            crate::verify::verify_store(
+            let report = crate::verify::verify_store(
                 store.as_ref(),
                 &keys,
                 &config.recordings_dir(),
@@ -111,12 +123,66 @@ pub fn audit_verify(
                 None,
             )
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            with_since(store.as_ref(), report, since, &keys)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
         })?,
     };
     report.warnings = warnings;
     Ok(report)
 }
+
+/// Adds the consistency check from `since` to a report that holds so far.
+async fn with_since(
+    store: &dyn breakglass_store::Store,
+    mut report: VerifyReport,
+    since: Option<&Checkpoint>,
+    keys: &[ed25519_dalek::VerifyingKey],
+) -> Result<VerifyReport, breakglass_store::StoreError> {
+    let Some(since) = since else {
+        return Ok(report);
+    };
+    if !report.ok {
+        return Ok(report);
+    }
+    match crate::evidence::consistent_since(store, since, keys).await? {
+        Ok(_) => report.consistent_since = Some(since.seq),
+        Err(reason) => {
+            report.ok = false;
+            report.first_bad_seq = Some(since.seq);
+            report.reason = Some(reason);
+        }
+    }
+    Ok(report)
+}
+
+/// The checkpoint in a file: a checkpoint as JSON, or a witness's
+/// `checkpoints.jsonl` (its last line).
+pub fn read_since(path: &Path) -> anyhow::Result<Checkpoint> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("--since: cannot open {}", path.display()))?
+        .take(SINCE_FILE_LEN_MAX + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("--since: cannot read {}", path.display()))?;
+    if text.len() as u64 > SINCE_FILE_LEN_MAX {
+        bail!("--since {}: larger than {SINCE_FILE_LEN_MAX} bytes", path.display());
+    }
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .with_context(|| format!("--since {}: no checkpoint in it", path.display()))?;
+    // A whole pretty-printed document is one checkpoint too.
+    serde_json::from_str(last)
+        .or_else(|_| serde_json::from_str(&text))
+        .with_context(|| format!("--since {}: not a checkpoint", path.display()))
+}
+
+/// The largest file `--since` reads (a witness's whole checkpoint file).
+pub const SINCE_FILE_LEN_MAX: u64 = 256 << 20;
 
 /// What `store copy` moved.
 #[derive(Debug, Clone, serde::Serialize)]

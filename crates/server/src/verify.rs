@@ -163,11 +163,23 @@ impl FullVerifier {
     }
 
     /// `live`: sessions running right now (online verification); offline,
-    /// none are, and a session without an end is reported.
-    pub fn finish(self, recordings: &Path, live: &HashSet<String>) -> VerifyReport {
+    /// none are, and a session without an end is reported. The store's
+    /// Merkle tree is checked against the log too.
+    pub async fn finish(
+        self,
+        store: &dyn Store,
+        recordings: &Path,
+        live: &HashSet<String>,
+    ) -> Result<VerifyReport, StoreError> {
         let v = self.chain.finish();
+        let tree_problem = if v.ok {
+            breakglass_store::verify::check_stored_tree(store, &v).await?
+        } else {
+            None
+        };
         let mut report = VerifyReport::from(v);
         let mut problems: Vec<(u64, String)> = Vec::new();
+        problems.extend(tree_problem);
         if let Some(f) = self.witness_failure {
             problems.push(f);
         }
@@ -241,7 +253,7 @@ impl FullVerifier {
             report.first_bad_seq = Some(seq);
             report.reason = Some(reason);
         }
-        report
+        Ok(report)
     }
 }
 
@@ -274,5 +286,5 @@ pub async fn verify_store(
             }
         }
     }
-    Ok(v.finish(recordings, &live_set))
+    v.finish(store, recordings, &live_set).await
 }

@@ -8,12 +8,14 @@
 
 pub mod postgres;
 mod sqlite;
+pub mod tree;
 pub mod verify;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use breakglass_core::audit::{AuditEvent, Checkpoint, Hash};
+use breakglass_core::merkle::Subtree;
 use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use thiserror::Error;
 use tokio::sync::broadcast;
@@ -150,6 +152,12 @@ pub trait Store: Send + Sync + 'static {
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError>;
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+
+    /// The hashes of complete subtrees of the Merkle tree over the log
+    /// ([`tree`]), in the order asked; `Corrupt` naming the first one
+    /// missing, `Limit` beyond [`tree::TREE_READ_LEN_MAX`]. The nodes of an
+    /// event commit in its transaction.
+    async fn tree_nodes(&self, nodes: &[Subtree]) -> Result<Vec<Hash>, StoreError>;
 
     /// Records that `principal` used its one-time code of time step `step`:
     /// true if `step` is newer than every step recorded for it before

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use breakglass_core::audit::{AuditEvent, Checkpoint, Hash, canonical_json, chain_hash};
+use breakglass_core::merkle::{self, Subtree};
 use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
@@ -132,12 +133,25 @@ CREATE TABLE one_time_codes (
     step BIGINT NOT NULL
 );
 "#,
+    // The Merkle tree over the log (complete subtrees), its right edge
+    // beside the chain head (built at open for the events already there:
+    // size 0 until then), and the tree head that checkpoints sign.
+    r#"
+CREATE TABLE merkle_nodes (
+    level SMALLINT NOT NULL,
+    idx BIGINT NOT NULL,
+    hash BYTEA NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+ALTER TABLE chain_head ADD COLUMN tree BYTEA NOT NULL DEFAULT decode('0000000000000000', 'hex');
+ALTER TABLE checkpoints ADD COLUMN root BYTEA;
+"#,
 ];
 
 /// The schema version this binary writes.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-fn pg_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // The driver's text names the failing statement's error, never a
     // parameter value; callers log it and answer 503.
     // The cause (a TLS or socket error) is in the source chain.
@@ -211,7 +225,7 @@ fn hash_of(bytes: Vec<u8>) -> Result<Hash, StoreError> {
         .map_err(|_| StoreError::Corrupt("hash is not 32 bytes".into()))
 }
 
-fn row_to_event(r: &Row) -> Result<AuditEvent, StoreError> {
+pub(crate) fn row_to_event(r: &Row) -> Result<AuditEvent, StoreError> {
     Ok(AuditEvent {
         seq: r.get::<_, i64>(0) as u64,
         time: Timestamp(r.get(1)),
@@ -430,11 +444,50 @@ async fn migrate_locked(client: &tokio_postgres::Client) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Builds the Merkle tree over the events it does not hold yet (a log
+/// written before the tree existed), under the chain head lock: nodes
+/// starting together build it once.
+async fn build_tree(db: &DbUrl) -> Result<(), StoreError> {
+    let (mut client, _notifications, driver) = connect(db).await?;
+    let result = async {
+        let row = client
+            .query_one("SELECT seq, tree FROM chain_head WHERE id = 1", &[])
+            .await
+            .map_err(pg_err)?;
+        if crate::tree::pg::frontier(row.get(1))?.size() >= row.get::<_, i64>(0) as u64 {
+            return Ok(());
+        }
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let row = tx
+            .query_one("SELECT seq, tree FROM chain_head WHERE id = 1 FOR UPDATE", &[])
+            .await
+            .map_err(pg_err)?;
+        let mut frontier = crate::tree::pg::frontier(row.get(1))?;
+        let added = crate::tree::pg::catch_up(&tx, &mut frontier, row.get::<_, i64>(0) as u64).await?;
+        tx.execute(
+            "UPDATE chain_head SET tree = $1 WHERE id = 1",
+            &[&frontier.to_bytes()],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        if added > 0 {
+            tracing::info!(events = added, "Merkle tree built over the existing audit log");
+        }
+        Ok(())
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
 impl PgStore {
     /// Connects, migrates, and starts the writer and the feed follower.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
         let db = parse_url(url)?;
         migrate(&db).await?;
+        build_tree(&db).await?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -594,9 +647,11 @@ impl PgStore {
         for cp in from.checkpoints().await? {
             apply_op(&tx, &Op::Checkpoint(cp), Timestamp(0), &mut head).await?;
         }
+        let mut tree = merkle::Frontier::new();
+        crate::tree::pg::catch_up(&*tx, &mut tree, head.0).await?;
         tx.execute(
-            "UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1",
-            &[&(head.0 as i64), &&head.1[..]],
+            "UPDATE chain_head SET seq = $1, hash = $2, tree = $3 WHERE id = 1",
+            &[&(head.0 as i64), &&head.1[..], &tree.to_bytes()],
         )
         .await
         .map_err(pg_err)?;
@@ -755,11 +810,15 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
     // Statements are prepared once per connection (cached), so the lock is
     // held for executions only, not for parsing.
     let lock_head = tx
-        .prepare_cached("SELECT seq, hash FROM chain_head WHERE id = 1 FOR UPDATE")
+        .prepare_cached("SELECT seq, hash, tree FROM chain_head WHERE id = 1 FOR UPDATE")
         .await
         .map_err(pg_err)?;
     let move_head = tx
-        .prepare_cached("UPDATE chain_head SET seq = $1, hash = $2 WHERE id = 1")
+        .prepare_cached("UPDATE chain_head SET seq = $1, hash = $2, tree = $3 WHERE id = 1")
+        .await
+        .map_err(pg_err)?;
+    let insert_nodes = tx
+        .prepare_cached(crate::tree::pg::INSERT)
         .await
         .map_err(pg_err)?;
     let notify = tx
@@ -768,6 +827,14 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
         .map_err(pg_err)?;
     let row = tx.query_one(&lock_head, &[]).await.map_err(pg_err)?;
     let start = (row.get::<_, i64>(0) as u64, hash_of(row.get(1))?);
+    // INVARIANT: the tree grows in the transaction of its events, under the
+    // same lock. A node of an older release may have moved the head
+    // without it: catch up first (reads only then).
+    let mut tree = crate::tree::pg::frontier(row.get(2))?;
+    let tree_start = tree.size();
+    if tree.size() < start.0 {
+        crate::tree::pg::catch_up(&*tx, &mut tree, start.0).await?;
+    }
     let mut head = start;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
@@ -793,16 +860,22 @@ async fn run_batch(shared: &Shared, batch: &[Job]) -> Result<BatchOutcome, Store
             }
         }
     }
-    if head != start {
+    if head != start || tree.size() != tree_start {
+        let committed = results.iter().filter_map(|r| r.as_ref().ok()).flatten();
+        let (levels, idxs, hashes) =
+            crate::tree::pg::columns(&crate::tree::grow(&mut tree, committed)?);
         let seq = head.0 as i64;
         let seq_text = head.0.to_string();
-        let (moved, notified) = futures_util::future::join(
-            tx.execute(&move_head, &[&seq, &&head.1[..]]),
+        let edge = tree.to_bytes();
+        let (moved, notified, treed) = futures_util::future::join3(
+            tx.execute(&move_head, &[&seq, &&head.1[..], &edge]),
             tx.execute(&notify, &[&FEED_CHANNEL, &seq_text]),
+            tx.execute(&insert_nodes, &[&levels, &idxs, &hashes]),
         )
         .await;
         moved.map_err(pg_err)?;
         notified.map_err(pg_err)?;
+        treed.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     Ok((results, head))
@@ -1080,13 +1153,14 @@ async fn apply_op(
         Op::Append(events) => insert_events(tx, events, now, head).await,
         Op::Checkpoint(cp) => {
             tx.execute(
-                "INSERT INTO checkpoints (seq, key, time, hash, signature) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                "INSERT INTO checkpoints (seq, key, time, hash, signature, root) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                 &[
                     &(cp.seq as i64),
                     &cp.key.as_deref().unwrap_or(""),
                     &cp.time.millis(),
                     &&cp.hash[..],
                     &&cp.signature[..],
+                    &cp.root.as_ref().map(|r| &r[..]),
                 ],
             )
             .await
@@ -1282,7 +1356,7 @@ impl Store for PgStore {
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         let rows = self
             .query(
-                "SELECT seq, time, hash, signature, key FROM checkpoints ORDER BY seq, key",
+                "SELECT seq, time, hash, signature, key, root FROM checkpoints ORDER BY seq, key",
                 &[],
             )
             .await?;
@@ -1299,9 +1373,15 @@ impl Store for PgStore {
                     hash: hash_of(r.get(2))?,
                     signature,
                     key: Some(key).filter(|k| !k.is_empty()),
+                    root: r.get::<_, Option<Vec<u8>>>(5).map(hash_of).transpose()?,
                 })
             })
             .collect()
+    }
+
+    async fn tree_nodes(&self, nodes: &[Subtree]) -> Result<Vec<Hash>, StoreError> {
+        let client = self.client().await?;
+        crate::tree::pg::read(&**client, nodes).await
     }
 
     fn head(&self) -> (u64, Hash) {

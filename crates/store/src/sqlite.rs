@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use breakglass_core::audit::{AuditEvent, Checkpoint, GENESIS, Hash, canonical_json, chain_hash};
+use breakglass_core::merkle::{Frontier, Subtree};
 use breakglass_core::{EventDraft, Request, State, Timestamp, Transition};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
@@ -102,6 +103,17 @@ CREATE TABLE one_time_codes (
     principal TEXT PRIMARY KEY,
     step INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
+"#,
+    // The Merkle tree over the log (complete subtrees; built at open for
+    // the events already there) and the tree head that checkpoints sign.
+    r#"
+CREATE TABLE merkle_nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) STRICT, WITHOUT ROWID;
+ALTER TABLE checkpoints ADD COLUMN root BLOB;
 "#,
 ];
 
@@ -194,7 +206,7 @@ fn hash_from(blob: Vec<u8>) -> Result<Hash, rusqlite::Error> {
     })
 }
 
-fn row_to_event(r: &rusqlite::Row<'_>) -> Result<AuditEvent, rusqlite::Error> {
+pub(crate) fn row_to_event(r: &rusqlite::Row<'_>) -> Result<AuditEvent, rusqlite::Error> {
     Ok(AuditEvent {
         seq: r.get::<_, i64>(0)? as u64,
         time: Timestamp(r.get(1)?),
@@ -240,6 +252,7 @@ impl SqliteStore {
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let mut conn = open_conn(path, opts.durable)?;
         migrate(&mut conn)?;
+        let frontier = crate::tree::sqlite::open(&mut conn)?;
         let head = conn
             .query_row(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
@@ -259,7 +272,7 @@ impl SqliteStore {
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_shared))
+            .spawn(move || writer_loop(conn, rx, writer_shared, frontier))
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore { shared, jobs })
     }
@@ -358,7 +371,7 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>) {
+fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>, mut tree: Frontier) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH_LEN_MAX {
@@ -395,8 +408,15 @@ fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>) {
                 }
             }
         }
-        match conn.execute_batch("COMMIT") {
+        // INVARIANT: the tree nodes of the batch's events commit with them.
+        let mut grown = tree.clone();
+        let events = results.iter().filter_map(|r| r.as_ref().ok()).flatten();
+        let committed = crate::tree::grow(&mut grown, events)
+            .and_then(|nodes| crate::tree::sqlite::insert(&conn, &nodes))
+            .and_then(|()| conn.execute_batch("COMMIT").map_err(StoreError::from));
+        match committed {
             Ok(()) => {
+                tree = grown;
                 *lock(&shared.head) = head;
                 for (job, result) in batch.into_iter().zip(results) {
                     if let Ok(events) = &result {
@@ -605,14 +625,15 @@ fn apply_op(
         }
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
-                "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature, root) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 cp.seq as i64,
                 cp.key.as_deref().unwrap_or(""),
                 cp.time.millis(),
                 &cp.hash[..],
-                &cp.signature[..]
+                &cp.signature[..],
+                cp.root.as_ref().map(|r| &r[..])
             ])?;
             Ok(Vec::new())
         }
@@ -815,7 +836,7 @@ impl Store for SqliteStore {
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
         self.read_blocking(|c| {
             let mut stmt = c.prepare(
-                "SELECT seq, time, hash, signature, key FROM checkpoints ORDER BY seq, key",
+                "SELECT seq, time, hash, signature, key, root FROM checkpoints ORDER BY seq, key",
             )?;
             let rows = stmt.query_map([], |r| {
                 let sig: Vec<u8> = r.get(3)?;
@@ -832,11 +853,18 @@ impl Store for SqliteStore {
                     hash: hash_from(r.get(2)?)?,
                     signature,
                     key: Some(r.get::<_, String>(4)?).filter(|k| !k.is_empty()),
+                    root: r.get::<_, Option<Vec<u8>>>(5)?.map(hash_from).transpose()?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+
+    async fn tree_nodes(&self, nodes: &[Subtree]) -> Result<Vec<Hash>, StoreError> {
+        let nodes = nodes.to_vec();
+        self.read_blocking(move |c| crate::tree::sqlite::read(c, &nodes))
+            .await
     }
 
     fn head(&self) -> (u64, Hash) {

@@ -20,7 +20,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use breakglass_store::{PgStore, SqliteOptions, SqliteStore};
+use breakglass_store::{PgStore, SqliteOptions, SqliteStore, Store as _};
 use tempfile::TempDir;
 
 mod suite {
@@ -1144,6 +1144,148 @@ mod suite {
     }
 }
 
+
+/// The Merkle tree over the log, checked against the core's reference
+/// (`Frontier` over the committed events) on every store.
+mod tree_suite {
+    use std::sync::Arc;
+
+    use breakglass_core::Timestamp;
+    use breakglass_core::lifecycle::EventDraft;
+    use breakglass_core::merkle::{self, Frontier};
+    use breakglass_store::tree::{consistency_proof, inclusion_proof, leaf_of, tree_root};
+    use breakglass_store::{Store, StoreError, for_each_event};
+    use serde_json::json;
+
+    fn marker(n: u64) -> EventDraft {
+        EventDraft {
+            actor: "system".into(),
+            action: "test.marker".into(),
+            request_id: Some(format!("r-{}", n % 3)),
+            details: json!({ "n": n }),
+        }
+    }
+
+    async fn log(store: &dyn Store) -> Vec<breakglass_core::audit::AuditEvent> {
+        let mut out = Vec::new();
+        for_each_event(store, 0, |e| {
+            out.push(e.clone());
+            true
+        })
+        .await
+        .expect("the log reads");
+        out
+    }
+
+    /// The roots of every prefix of the log, by the core's reference.
+    pub async fn reference_roots(store: &dyn Store) -> Vec<[u8; 32]> {
+        let mut f = Frontier::new();
+        let mut roots = vec![f.root()];
+        for e in log(store).await {
+            f.push(&leaf_of(&e));
+            roots.push(f.root());
+        }
+        roots
+    }
+
+    /// Checks the stored tree against the log: the root at every size,
+    /// every inclusion proof at the head, and consistency proofs from every
+    /// size to the head.
+    pub async fn tree_matches_the_log(store: &dyn Store) {
+        let events = log(store).await;
+        let roots = reference_roots(store).await;
+        let n = events.len() as u64;
+        assert_eq!(store.head().0, n);
+        for size in 0..=n {
+            assert_eq!(
+                tree_root(store, size).await.expect("root"),
+                roots[size as usize],
+                "root of the first {size} events"
+            );
+        }
+        for e in &events {
+            let proof = inclusion_proof(store, e.seq, n).await.expect("proof");
+            let leaf = merkle::leaf_hash(&leaf_of(e));
+            assert_eq!(
+                merkle::verify_inclusion(e.seq - 1, n, &leaf, &proof, &roots[n as usize]),
+                Ok(()),
+                "inclusion of seq {}",
+                e.seq
+            );
+        }
+        for old in 0..=n {
+            let proof = consistency_proof(store, old, n).await.expect("proof");
+            assert_eq!(
+                merkle::verify_consistency(
+                    old,
+                    n,
+                    &roots[old as usize],
+                    &roots[n as usize],
+                    &proof
+                ),
+                Ok(()),
+                "consistency {old} -> {n}"
+            );
+        }
+        // Beyond the log there is no tree, and no proof.
+        assert!(matches!(
+            tree_root(store, n + 1).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(inclusion_proof(store, n + 2, n + 2).await.is_err());
+        assert!(inclusion_proof(store, 0, n).await.is_err());
+        assert!(consistency_proof(store, n + 1, n).await.is_err());
+    }
+
+    /// (14) The tree grows with every commit, in batches of concurrent
+    /// writers too, and a job that fails inside a batch adds no node.
+    pub async fn tree_grows_with_the_log(store: Arc<dyn Store>) {
+        let t = Timestamp(1_750_000_000_000);
+        tree_matches_the_log(&*store).await;
+        store.append(vec![marker(1)], t).await.expect("append");
+        tree_matches_the_log(&*store).await;
+        store
+            .append((2..7).map(marker).collect(), t)
+            .await
+            .expect("append");
+        tree_matches_the_log(&*store).await;
+        // Concurrent writers share batches; failing jobs sit among them (an
+        // apply of an unknown request fails inside its savepoint).
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..10u64 {
+                    store
+                        .append(vec![marker(100 * w + n), marker(100 * w + n + 50)], t)
+                        .await
+                        .expect("append");
+                    let _ = store
+                        .issue_credential(
+                            breakglass_store::CredentialRecord {
+                                hash: [n as u8; 32],
+                                request_id: format!("missing-{w}-{n}"),
+                                principal: "alice".into(),
+                                target: "db".into(),
+                                role: "ro".into(),
+                                expires_at: t,
+                                issued_at: t,
+                            },
+                            marker(n),
+                            0,
+                            t,
+                        )
+                        .await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        tree_matches_the_log(&*store).await;
+    }
+}
+
 /// A fresh `SqliteStore` in its own temporary directory, with production
 /// options (durable).
 struct Fresh {
@@ -1459,4 +1601,112 @@ async fn pg_tls_is_encrypted_and_verified() {
         refused.to_lowercase().contains("certificate"),
         "the refusal names the certificate: {refused}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_tree_grows_with_the_log() {
+    let f = fresh();
+    tree_suite::tree_grows_with_the_log(Arc::new(f.store.clone())).await;
+}
+
+/// A database written before the tree existed (its nodes gone, as after
+/// the migration that adds the table) gets its tree at open.
+#[tokio::test]
+async fn sqlite_tree_is_built_for_an_older_log_at_open() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    {
+        let store = open_at(dir.path());
+        tree_suite::tree_grows_with_the_log(Arc::new(store)).await;
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("breakglass.db")).expect("opens");
+    conn.execute("DELETE FROM merkle_nodes", []).expect("nodes removed");
+    drop(conn);
+    let store = open_at(dir.path());
+    tree_suite::tree_matches_the_log(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_tree_grows_with_the_log() {
+    let f = fresh_pg().await;
+    tree_suite::tree_grows_with_the_log(Arc::new(f.store.clone())).await;
+}
+
+/// Two nodes writing one log build one tree: each node reads the same
+/// roots and proofs, whichever wrote the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_two_nodes_grow_one_tree() {
+    let f = fresh_pg().await;
+    let other = PgStore::open(&f.url).await.expect("a second node opens");
+    let (a, b): (Arc<dyn breakglass_store::Store>, Arc<dyn breakglass_store::Store>) =
+        (Arc::new(f.store.clone()), Arc::new(other.clone()));
+    let writers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tokio::spawn(async move {
+                for n in 0..15u64 {
+                    let drafts = (0..=n % 3)
+                        .map(|k| breakglass_core::lifecycle::EventDraft {
+                            actor: format!("node-{i}"),
+                            action: "test.marker".into(),
+                            request_id: None,
+                            details: serde_json::json!({ "n": n, "k": k }),
+                        })
+                        .collect();
+                    s.append(drafts, breakglass_core::Timestamp(1_750_000_000_000))
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while a.head() != b.head() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both nodes see the same head"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Two nodes, 15 appends each of 1, 2 or 3 events (5 of each).
+    assert_eq!(a.head().0, 2 * 5 * (1 + 2 + 3));
+    tree_suite::tree_matches_the_log(&*a).await;
+    tree_suite::tree_matches_the_log(&*b).await;
+}
+
+/// A log written before the tree existed, or partly by a node of an older
+/// release (the head moved, the tree did not): the next open builds the
+/// missing part, and so does the next commit of a running node.
+#[tokio::test]
+async fn pg_tree_is_built_for_an_older_log() {
+    let f = fresh_pg().await;
+    tree_suite::tree_grows_with_the_log(Arc::new(f.store.clone())).await;
+    let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+        .await
+        .expect("connects");
+    let driver = tokio::spawn(conn);
+    let forget = "DELETE FROM merkle_nodes; UPDATE chain_head SET tree = decode('0000000000000000', 'hex')";
+    client.batch_execute(forget).await.expect("tree forgotten");
+    let reopened = PgStore::open(&f.url).await.expect("reopens");
+    tree_suite::tree_matches_the_log(&reopened).await;
+    // While running: the next commit catches up before it appends.
+    client.batch_execute(forget).await.expect("tree forgotten");
+    reopened
+        .append(
+            vec![breakglass_core::lifecycle::EventDraft {
+                actor: "system".into(),
+                action: "test.marker".into(),
+                request_id: None,
+                details: serde_json::json!({}),
+            }],
+            breakglass_core::Timestamp(1_750_000_000_000),
+        )
+        .await
+        .expect("append");
+    tree_suite::tree_matches_the_log(&reopened).await;
+    drop(client);
+    driver.abort();
 }

@@ -159,6 +159,8 @@ pub struct App {
     /// The PostgreSQL gateway, once started: a broken chain cuts its
     /// sessions, and online verification asks it which sessions are live.
     pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
+    /// Where drills reach this node, and the drills running now.
+    pub drills: crate::drill::DrillState,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -229,6 +231,7 @@ impl App {
             recording_cursors: RecordingCursors::default(),
             witnesses: crate::checkpoint::witnesses(&config),
             gateway: std::sync::OnceLock::new(),
+            drills: crate::drill::DrillState::default(),
             config,
         })
     }
@@ -395,6 +398,11 @@ impl App {
             }
             _ => AppError::BadInput(format!("duration: {e}")),
         })?;
+        // INVARIANT: only a configured drill's requester labels a request
+        // as that drill, so a label never hides real use.
+        if let Some(drill) = &body.drill {
+            crate::drill::check_label(&self.config, who, drill, &body.target)?;
+        }
         let input = NewRequest {
             target: body.target,
             role: body.role,
@@ -402,6 +410,7 @@ impl App {
             reason: body.reason,
             ticket: body.ticket.filter(|t| !t.is_empty()),
             emergency: body.emergency,
+            drill: body.drill,
         };
         lifecycle::check_name("target", &input.target)?;
         lifecycle::check_name("role", &input.role)?;

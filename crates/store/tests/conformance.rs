@@ -82,6 +82,7 @@ mod suite {
                 tickets: Vec::new(),
                 countersign_within_s: None,
                 approver_fresh_auth_s: None,
+                drill: None,
                 require_mfa: None,
             }),
             errors: Vec::new(),
@@ -97,6 +98,7 @@ mod suite {
             reason: "conformance test".to_string(),
             ticket: None,
             emergency: false,
+            drill: None,
         };
         lifecycle::create(
             &input,
@@ -948,6 +950,7 @@ mod suite {
             reason: "conformance emergency".to_string(),
             ticket: None,
             emergency: true,
+            drill: None,
         };
         lifecycle::create(
             &input,

@@ -871,6 +871,9 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
                 .password(&creds.token)
                 .dbname(conn.database.as_deref().unwrap_or(&d.target))
                 .application_name("breakglass-drill")
+                // The gateway is on loopback, where plaintext logins are
+                // accepted; the token never leaves the machine.
+                .ssl_mode(tokio_postgres::config::SslMode::Disable)
                 .connect_timeout(timeout);
             let (client, task) = ctx.rt.block_on(async {
                 let (client, connection) =

@@ -34,7 +34,7 @@ fn require_admin(who: &Principal, what: &str) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/v1/drills/{name}/run",
     params(("name" = String, Path, description = "The drill's name, as in [[drills]]")),
-    request_body(content = Option<RunBody>, description = "Optional: `{\"load\": {\"rate\": 500, \"for\": \"10s\"}}` runs the load generator meanwhile"),
+    request_body(content = RunBody, description = "Optional: `{\"load\": {\"rate\": 500, \"for\": \"10s\"}}` runs the load generator meanwhile"),
     responses((status = 200, body = RunAnswer), (status = 400, body = Problem), (status = 403, body = Problem),
               (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]

@@ -39,7 +39,10 @@ impl Ctx {
         pg.create_db("app", "postgres")?;
         let setup = server::setup()?;
         let dir = setup.dir.path();
-        std::fs::write(dir.join("policy.cedar"), format!("{POLICY}\n{CANARY_POLICY}"))?;
+        std::fs::write(
+            dir.join("policy.cedar"),
+            format!("{POLICY}\n{CANARY_POLICY}"),
+        )?;
         std::fs::write(dir.join("canary.pw"), CANARY_PASSWORD)?;
         std::fs::write(dir.join("drill-bot.token"), token(&requester(0)))?;
         std::fs::write(dir.join("drill-approver.token"), token(&lead(0)))?;
@@ -115,7 +118,11 @@ impl Ctx {
             Goal::AtMost(10.0 * MS),
             format!(
                 "{:.1}x the drill alone (p99 {})",
-                if alone.p99() > 0.0 { p99 / alone.p99() } else { 0.0 },
+                if alone.p99() > 0.0 {
+                    p99 / alone.p99()
+                } else {
+                    0.0
+                },
                 fmt_secs(alone.p99())
             ),
         ));

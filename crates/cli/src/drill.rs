@@ -87,10 +87,26 @@ pub fn run_text(r: &DrillRun) -> String {
     if let Some(e) = &r.error {
         let _ = writeln!(out, "  error: {e}");
     }
-    let _ = writeln!(out, "  time to access:          {}", opt_ms(r.time_to_access_ms));
-    let _ = writeln!(out, "  time to credentials:     {}", opt_ms(r.time_to_credentials_ms));
-    let _ = writeln!(out, "  time to first statement: {}", opt_ms(r.time_to_first_statement_ms));
-    let _ = writeln!(out, "  cut latency:             {}", opt_ms(r.cut_latency_ms));
+    let _ = writeln!(
+        out,
+        "  time to access:          {}",
+        opt_ms(r.time_to_access_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  time to credentials:     {}",
+        opt_ms(r.time_to_credentials_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  time to first statement: {}",
+        opt_ms(r.time_to_first_statement_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  cut latency:             {}",
+        opt_ms(r.cut_latency_ms)
+    );
     out
 }
 
@@ -105,12 +121,7 @@ fn side_by_side(alone: &DrillRun, loaded: &DrillRun) -> String {
         loaded.result.to_uppercase()
     );
     let _ = writeln!(out, "  {:<24} {:>12} {:>12}", "", "alone", "under load");
-    let step_ms = |r: &DrillRun, step: &str| {
-        r.steps
-            .iter()
-            .find(|s| s.step == step)
-            .map(|s| s.ms)
-    };
+    let step_ms = |r: &DrillRun, step: &str| r.steps.iter().find(|s| s.step == step).map(|s| s.ms);
     for step in breakglass_server::drill::STEPS {
         let _ = writeln!(
             out,
@@ -121,8 +132,16 @@ fn side_by_side(alone: &DrillRun, loaded: &DrillRun) -> String {
         );
     }
     for (label, a, b) in [
-        ("time to access", alone.time_to_access_ms, loaded.time_to_access_ms),
-        ("time to credentials", alone.time_to_credentials_ms, loaded.time_to_credentials_ms),
+        (
+            "time to access",
+            alone.time_to_access_ms,
+            loaded.time_to_access_ms,
+        ),
+        (
+            "time to credentials",
+            alone.time_to_credentials_ms,
+            loaded.time_to_credentials_ms,
+        ),
         (
             "time to first statement",
             alone.time_to_first_statement_ms,
@@ -154,7 +173,11 @@ fn load_text(l: &LoadResult) -> String {
         "load: {} lifecycles/s for {}s: {} of {} completed, {} failed, {:.0}/s achieved in {:.1}s",
         l.rate, l.for_s, l.completed, l.planned, l.failed, l.achieved_per_s, l.elapsed_s
     );
-    let _ = writeln!(out, "  {:<24} {:>6} {:>10} {:>10} {:>10}", "ms", "n", "p50", "p99", "max");
+    let _ = writeln!(
+        out,
+        "  {:<24} {:>6} {:>10} {:>10} {:>10}",
+        "ms", "n", "p50", "p99", "max"
+    );
     let _ = writeln!(out, "  {}", stats_line(&l.time_to_access));
     let _ = writeln!(out, "  {}", stats_line(&l.lifecycle));
     for e in &l.errors {
@@ -192,7 +215,11 @@ pub fn report_text(r: &DrillReport) -> String {
             d.last_success
                 .map_or_else(|| "never".to_string(), |t| t.to_rfc3339())
         );
-        let _ = writeln!(out, "  {:<24} {:>6} {:>10} {:>10} {:>10}", "ms", "n", "p50", "p99", "max");
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>6} {:>10} {:>10} {:>10}",
+            "ms", "n", "p50", "p99", "max"
+        );
         for s in d.steps.iter().chain(d.figures.iter()) {
             let _ = writeln!(out, "  {}", stats_line(s));
         }

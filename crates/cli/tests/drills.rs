@@ -143,7 +143,13 @@ impl Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn call(&self, method: &str, who: Option<&str>, path: &str, body: Option<Value>) -> (u16, Value) {
+    fn call(
+        &self,
+        method: &str,
+        who: Option<&str>,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let uri = format!("{}{path}", self.url());
         let auth = who.map(|w| format!("Bearer {}", token(w)));
         let resp = if method == "GET" {
@@ -153,7 +159,10 @@ impl Server {
             }
             r.call()
         } else {
-            let mut r = self.agent.post(&uri).header("Content-Type", "application/json");
+            let mut r = self
+                .agent
+                .post(&uri)
+                .header("Content-Type", "application/json");
             if let Some(a) = &auth {
                 r = r.header("Authorization", a);
             }
@@ -167,7 +176,10 @@ impl Server {
         };
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Every audit event with this action.
@@ -239,7 +251,15 @@ fn a_scheduled_drill_passes_writes_its_events_and_metrics_and_is_labelled() {
         .collect();
     assert_eq!(
         steps,
-        ["request", "approval", "credentials", "session", "revoke", "recording", "chain"]
+        [
+            "request",
+            "approval",
+            "credentials",
+            "session",
+            "revoke",
+            "recording",
+            "chain"
+        ]
     );
     for f in [
         "time_to_access_ms",
@@ -248,13 +268,17 @@ fn a_scheduled_drill_passes_writes_its_events_and_metrics_and_is_labelled() {
         "cut_latency_ms",
         "session_ms",
     ] {
-        let v = d[f].as_f64().unwrap_or_else(|| panic!("{f} missing in {d}"));
+        let v = d[f]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{f} missing in {d}"));
         assert!(v > 0.0 && v < 5000.0, "{f} = {v}");
     }
     assert!(d["time_to_access_ms"].as_f64() <= d["time_to_first_statement_ms"].as_f64());
     let started = s.events("drill.started");
     assert!(
-        started.iter().any(|e| e["seq"].as_u64() < done["seq"].as_u64()),
+        started
+            .iter()
+            .any(|e| e["seq"].as_u64() < done["seq"].as_u64()),
         "no drill.started before drill.completed"
     );
 
@@ -286,12 +310,20 @@ fn a_scheduled_drill_passes_writes_its_events_and_metrics_and_is_labelled() {
     assert!(!ids("?drill=false").contains(&id.to_string()));
     let show = s.cli("admin", &["show", id]);
     show.ok();
-    assert!(show.stdout.contains("canary-read (an exercise, not real use)"), "{}", show.stdout);
+    assert!(
+        show.stdout
+            .contains("canary-read (an exercise, not real use)"),
+        "{}",
+        show.stdout
+    );
 
     // Metrics: the figures per drill and step, and the last success.
     let m = s.metrics();
-    let last = metric(&m, "breakglass_drill_last_success_timestamp_seconds{drill=\"canary-read\"}")
-        .unwrap_or_else(|| panic!("no last success in\n{m}"));
+    let last = metric(
+        &m,
+        "breakglass_drill_last_success_timestamp_seconds{drill=\"canary-read\"}",
+    )
+    .unwrap_or_else(|| panic!("no last success in\n{m}"));
     assert!((last - done_time_s(&done)).abs() < 1.0, "{last}");
     for step in ["request", "approval", "session", "chain"] {
         let n = metric(
@@ -302,12 +334,18 @@ fn a_scheduled_drill_passes_writes_its_events_and_metrics_and_is_labelled() {
         assert!(n >= 1.0);
     }
     assert!(
-        metric(&m, "breakglass_drill_figure_seconds_count{drill=\"canary-read\",figure=\"time_to_access\"}")
-            .is_some_and(|n| n >= 1.0)
+        metric(
+            &m,
+            "breakglass_drill_figure_seconds_count{drill=\"canary-read\",figure=\"time_to_access\"}"
+        )
+        .is_some_and(|n| n >= 1.0)
     );
     assert!(
-        metric(&m, "breakglass_drill_runs_total{drill=\"canary-read\",result=\"pass\"}")
-            .is_some_and(|n| n >= 1.0)
+        metric(
+            &m,
+            "breakglass_drill_runs_total{drill=\"canary-read\",result=\"pass\"}"
+        )
+        .is_some_and(|n| n >= 1.0)
     );
 
     // Scheduled runs keep coming, one per period.
@@ -335,30 +373,66 @@ fn only_the_drill_requester_may_label_a_request_as_a_drill() {
             approver_removed: false,
         },
     );
-    let body = |drill: &str, target: &str| {
-        json!({"target": target, "role": "read", "duration": "1m", "reason": "x", "drill": drill})
-    };
+    let body = |drill: &str, target: &str| json!({"target": target, "role": "read", "duration": "1m", "reason": "x", "drill": drill});
     // Someone else labelling real use as a drill.
-    let (st, v) = s.call("POST", Some("drill-approver"), "/v1/requests", Some(body("canary-read", "canary-db")));
-    assert_eq!((st, v["code"].as_str()), (403, Some("drill_label_refused")), "{v}");
-    assert!(v["detail"].as_str().expect("detail").contains("would hide real use"), "{v}");
+    let (st, v) = s.call(
+        "POST",
+        Some("drill-approver"),
+        "/v1/requests",
+        Some(body("canary-read", "canary-db")),
+    );
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (403, Some("drill_label_refused")),
+        "{v}"
+    );
+    assert!(
+        v["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("would hide real use"),
+        "{v}"
+    );
     // An unknown drill.
-    let (st, v) = s.call("POST", Some("drill-bot"), "/v1/requests", Some(body("nope", "canary-db")));
-    assert_eq!((st, v["code"].as_str()), (403, Some("drill_label_refused")), "{v}");
+    let (st, v) = s.call(
+        "POST",
+        Some("drill-bot"),
+        "/v1/requests",
+        Some(body("nope", "canary-db")),
+    );
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (403, Some("drill_label_refused")),
+        "{v}"
+    );
     // Nothing was stored by the refusals.
     let (_, list) = s.call("GET", Some("admin"), "/v1/requests", None);
     assert_eq!(list["requests"].as_array().map(Vec::len), Some(0), "{list}");
     // The drill's requester may, for the drill's target.
-    let (st, v) = s.call("POST", Some("drill-bot"), "/v1/requests", Some(body("canary-read", "canary-db")));
+    let (st, v) = s.call(
+        "POST",
+        Some("drill-bot"),
+        "/v1/requests",
+        Some(body("canary-read", "canary-db")),
+    );
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["drill"], "canary-read");
     // Only admins run drills or read their report.
-    let (st, v) = s.call("POST", Some("drill-bot"), "/v1/drills/canary-read/run", None);
+    let (st, v) = s.call(
+        "POST",
+        Some("drill-bot"),
+        "/v1/drills/canary-read/run",
+        None,
+    );
     assert_eq!((st, v["code"].as_str()), (403, Some("admin_only")), "{v}");
     let (st, _) = s.call("GET", Some("drill-bot"), "/v1/drills/report", None);
     assert_eq!(st, 403);
     let (st, v) = s.call("POST", Some("admin"), "/v1/drills/nope/run", None);
-    assert_eq!((st, v["code"].as_str()), (404, Some("unknown_drill")), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (404, Some("unknown_drill")),
+        "{v}"
+    );
 }
 
 #[test]
@@ -373,25 +447,53 @@ fn a_drill_with_its_database_stopped_fails_at_the_session_step_and_the_report_ag
     );
     let out = s.cli("admin", &["drill", "run", "canary-read"]);
     out.ok();
-    for step in ["request", "approval", "credentials", "session", "revoke", "recording", "chain"] {
-        assert!(out.stdout.contains(step), "{step} missing in\n{}", out.stdout);
+    for step in [
+        "request",
+        "approval",
+        "credentials",
+        "session",
+        "revoke",
+        "recording",
+        "chain",
+    ] {
+        assert!(
+            out.stdout.contains(step),
+            "{step} missing in\n{}",
+            out.stdout
+        );
     }
-    assert!(out.stdout.contains("drill canary-read: PASS"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("drill canary-read: PASS"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("time to access:"), "{}", out.stdout);
 
     pg.stop_server().expect("stop the canary database");
     let out = s.cli("admin", &["drill", "run", "canary-read"]);
     assert_eq!(out.code, 1, "{out:#?}");
-    assert!(out.stdout.contains("drill canary-read: FAIL"), "{}", out.stdout);
     assert!(
-        out.stderr.contains("drill canary-read failed at step session"),
+        out.stdout.contains("drill canary-read: FAIL"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr
+            .contains("drill canary-read failed at step session"),
         "{}",
         out.stderr
     );
     let failed = s.events("drill.completed");
     let d = details(failed.last().expect("completed"));
-    assert_eq!((d["result"].as_str(), d["failed_step"].as_str()), (Some("fail"), Some("session")), "{d}");
-    assert!(d["error"].as_str().expect("error").contains("session"), "{d}");
+    assert_eq!(
+        (d["result"].as_str(), d["failed_step"].as_str()),
+        (Some("fail"), Some("session")),
+        "{d}"
+    );
+    assert!(
+        d["error"].as_str().expect("error").contains("session"),
+        "{d}"
+    );
     // The failed drill's grant did not stay live.
     let id = d["request_id"].as_str().expect("request id");
     let (_, req) = s.call("GET", Some("admin"), &format!("/v1/requests/{id}"), None);
@@ -399,12 +501,19 @@ fn a_drill_with_its_database_stopped_fails_at_the_session_step_and_the_report_ag
 
     // The report: two runs, one pass, the failure with its step; steps
     // the failed run completed count twice, later ones once.
-    let out = s.cli("admin", &["--output", "json", "drill", "report", "--since", "1d"]);
+    let out = s.cli(
+        "admin",
+        &["--output", "json", "drill", "report", "--since", "1d"],
+    );
     out.ok();
     let r: Value = serde_json::from_str(&out.stdout).expect("report JSON");
     let d = &r["drills"][0];
     assert_eq!(d["drill"], "canary-read");
-    assert_eq!((d["runs"].as_u64(), d["passed"].as_u64()), (Some(2), Some(1)), "{d}");
+    assert_eq!(
+        (d["runs"].as_u64(), d["passed"].as_u64()),
+        (Some(2), Some(1)),
+        "{d}"
+    );
     assert_eq!(d["pass_rate"].as_f64(), Some(0.5));
     let count = |step: &str| {
         d["steps"]
@@ -427,8 +536,11 @@ fn a_drill_with_its_database_stopped_fails_at_the_session_step_and_the_report_ag
     assert!(out.stdout.contains("at step session"), "{}", out.stdout);
     let m = s.metrics();
     assert!(
-        metric(&m, "breakglass_drill_runs_total{drill=\"canary-read\",result=\"fail\"}")
-            .is_some_and(|n| n >= 1.0),
+        metric(
+            &m,
+            "breakglass_drill_runs_total{drill=\"canary-read\",result=\"fail\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
         "{m}"
     );
 }
@@ -457,7 +569,11 @@ fn a_drill_whose_approver_was_removed_fails_at_the_approval_step() {
     let id = d["request_id"].as_str().expect("request id");
     let (_, req) = s.call("GET", Some("admin"), &format!("/v1/requests/{id}"), None);
     assert_eq!(req["state"], "cancelled", "{req}");
-    assert!(s.stderr().contains("will fail at its approval step"), "{}", s.stderr());
+    assert!(
+        s.stderr().contains("will fail at its approval step"),
+        "{}",
+        s.stderr()
+    );
 }
 
 #[test]
@@ -473,7 +589,17 @@ fn load_runs_bounded_in_count_and_time_beside_a_run_without_load() {
     let started = Instant::now();
     let out = s.cli(
         "admin",
-        &["--output", "json", "drill", "run", "canary-read", "--load", "40", "--for", "2s"],
+        &[
+            "--output",
+            "json",
+            "drill",
+            "run",
+            "canary-read",
+            "--load",
+            "40",
+            "--for",
+            "2s",
+        ],
     );
     let elapsed = started.elapsed();
     out.ok();
@@ -487,7 +613,10 @@ fn load_runs_bounded_in_count_and_time_beside_a_run_without_load() {
     assert_eq!(load["failed"].as_u64(), Some(0), "{load}");
     assert_eq!(load["time_to_access"]["count"].as_u64(), Some(80));
     // Bounded in time: the load's 2 s plus one step timeout at most.
-    assert!(load["elapsed_s"].as_f64().is_some_and(|e| e < 7.0), "{load}");
+    assert!(
+        load["elapsed_s"].as_f64().is_some_and(|e| e < 7.0),
+        "{load}"
+    );
     assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
     // Every synthetic lifecycle is labelled and ended.
     let mut n = 0;
@@ -512,10 +641,24 @@ fn load_runs_bounded_in_count_and_time_beside_a_run_without_load() {
     assert_eq!(n, 80 + 2, "80 load lifecycles and the two drill runs");
 
     // Over the bounds: refused with the reason, nothing run.
-    let out = s.cli("admin", &["drill", "run", "canary-read", "--load", "5000", "--for", "2s"]);
+    let out = s.cli(
+        "admin",
+        &[
+            "drill",
+            "run",
+            "canary-read",
+            "--load",
+            "5000",
+            "--for",
+            "2s",
+        ],
+    );
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("load.rate"), "{}", out.stderr);
-    let out = s.cli("admin", &["drill", "run", "canary-read", "--load", "10", "--for", "1h"]);
+    let out = s.cli(
+        "admin",
+        &["drill", "run", "canary-read", "--load", "10", "--for", "1h"],
+    );
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("load.for"), "{}", out.stderr);
     let out = s.cli("admin", &["drill", "run", "canary-read", "--load", "10"]);

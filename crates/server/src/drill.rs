@@ -397,7 +397,12 @@ fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
 impl DrillState {
     /// Where the API and the PostgreSQL gateway listen; `tls_cert` is the
     /// API's certificate (PEM) when it serves HTTPS only.
-    pub fn set_addrs(&self, api: SocketAddr, tls_cert: Option<Vec<u8>>, gateway: Option<SocketAddr>) {
+    pub fn set_addrs(
+        &self,
+        api: SocketAddr,
+        tls_cert: Option<Vec<u8>>,
+        gateway: Option<SocketAddr>,
+    ) {
         let api = loopback_if_unspecified(api);
         let scheme = if tls_cert.is_some() { "https" } else { "http" };
         let _ = self.api.set((format!("{scheme}://{api}"), tls_cert));
@@ -506,7 +511,11 @@ fn check_load(d: &DrillConfig, l: &LoadSpec) -> Result<(u32, u64), AppError> {
 }
 
 /// Runs a drill with its `drill.started` and `drill.completed` events.
-async fn run_recorded(app: &Arc<App>, d: &DrillConfig, trigger: Trigger) -> Result<DrillRun, AppError> {
+async fn run_recorded(
+    app: &Arc<App>,
+    d: &DrillConfig,
+    trigger: Trigger,
+) -> Result<DrillRun, AppError> {
     if let Some(why) = app.writes_blocked() {
         return Err(AppError::WritesBlocked(why));
     }
@@ -676,7 +685,13 @@ struct Api {
 }
 
 impl Api {
-    fn call(&self, method: &str, token: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+    fn call(
+        &self,
+        method: &str,
+        token: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {token}");
         let resp = match (method, body) {
@@ -850,7 +865,11 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
         // 3. credentials
         let creds: Credentials = rec.step("credentials", |rec| {
             let token = requester.clone()?;
-            let v = api.post(&token, &format!("/v1/requests/{}/credentials", active.id), None)?;
+            let v = api.post(
+                &token,
+                &format!("/v1/requests/{}/credentials", active.id),
+                None,
+            )?;
             let c: Credentials = parse(v, "credentials")?;
             rec.run.time_to_credentials_ms = Some(rec.since_start());
             Ok(c)
@@ -879,12 +898,24 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
                 let (client, connection) =
                     tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
                         .await
-                        .map_err(|_| format!("no session through the gateway at {gw} within {}s", timeout.as_secs()))?
-                        .map_err(|e| format!("cannot open a session through the gateway at {gw}: {}", pg_error(&e)))?;
+                        .map_err(|_| {
+                            format!(
+                                "no session through the gateway at {gw} within {}s",
+                                timeout.as_secs()
+                            )
+                        })?
+                        .map_err(|e| {
+                            format!(
+                                "cannot open a session through the gateway at {gw}: {}",
+                                pg_error(&e)
+                            )
+                        })?;
                 let task = tokio::spawn(connection);
                 let rows = tokio::time::timeout(timeout, client.simple_query(PROBE_SQL))
                     .await
-                    .map_err(|_| format!("{PROBE_SQL:?} got no answer within {}s", timeout.as_secs()))?
+                    .map_err(|_| {
+                        format!("{PROBE_SQL:?} got no answer within {}s", timeout.as_secs())
+                    })?
                     .map_err(|e| format!("{PROBE_SQL:?} failed: {}", pg_error(&e)))?;
                 let one = rows.iter().find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -939,7 +970,10 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
                 }
             };
             rec.run.session_id = Some(session.session_id.clone());
-            let v = api.get(&token, &format!("/v1/sessions/{}/recording", session.session_id))?;
+            let v = api.get(
+                &token,
+                &format!("/v1/sessions/{}/recording", session.session_id),
+            )?;
             let page: RecordingPage = parse(v, "recording")?;
             let has_probe = page
                 .entries
@@ -1122,15 +1156,26 @@ fn lifecycle(
         if r.state == State::Active {
             break;
         }
-        let v = api.post(a, &format!("/v1/requests/{}/approve", r.id), Some(&json!({})))?;
+        let v = api.post(
+            a,
+            &format!("/v1/requests/{}/approve", r.id),
+            Some(&json!({})),
+        )?;
         r = parse(v, "approve")?;
     }
     if r.state != State::Active {
         let _ = api.post(requester, &format!("/v1/requests/{}/cancel", r.id), None);
-        return Err(format!("request {} is {} after the approvals", r.id, r.state));
+        return Err(format!(
+            "request {} is {} after the approvals",
+            r.id, r.state
+        ));
     }
     let access = ms(t0.elapsed());
-    api.post(requester, &format!("/v1/requests/{}/credentials", r.id), None)?;
+    api.post(
+        requester,
+        &format!("/v1/requests/{}/credentials", r.id),
+        None,
+    )?;
     api.post(
         requester,
         &format!("/v1/requests/{}/revoke", r.id),
@@ -1205,7 +1250,11 @@ pub fn spawn_metrics_follower(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
             let since = now().millis() - (REPORT_SINCE_MAX_S as i64) * 1000;
             if let Ok(events) = app
                 .store
-                .audit_by_action("drill.completed", Timestamp::from_millis(since), REPORT_RUNS_MAX)
+                .audit_by_action(
+                    "drill.completed",
+                    Timestamp::from_millis(since),
+                    REPORT_RUNS_MAX,
+                )
                 .await
             {
                 for e in events {
@@ -1254,7 +1303,10 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let s = Stats::of("x", (1..=100).map(f64::from).collect());
-        assert_eq!((s.count, s.p50_ms, s.p99_ms, s.max_ms), (100, 50.0, 99.0, 100.0));
+        assert_eq!(
+            (s.count, s.p50_ms, s.p99_ms, s.max_ms),
+            (100, 50.0, 99.0, 100.0)
+        );
         let s = Stats::of("x", vec![3.0]);
         assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (3.0, 3.0, 3.0));
         let s = Stats::of("x", Vec::new());
@@ -1327,13 +1379,29 @@ mod tests {
         assert_eq!(credentials.p50_ms, 50.0);
         // Failed steps are not counted among the step's times.
         let session = step("session").expect("session");
-        assert_eq!((session.count, session.p50_ms, session.p99_ms, session.max_ms), (98, 49.0, 98.0, 98.0));
+        assert_eq!(
+            (
+                session.count,
+                session.p50_ms,
+                session.p99_ms,
+                session.max_ms
+            ),
+            (98, 49.0, 98.0, 98.0)
+        );
         let request = step("request").expect("request");
         assert_eq!((request.count, request.max_ms), (100, 2000.0));
-        let cut = a.figures.iter().find(|f| f.name == "cut_latency").expect("cut");
+        let cut = a
+            .figures
+            .iter()
+            .find(|f| f.name == "cut_latency")
+            .expect("cut");
         assert_eq!((cut.count, cut.max_ms), (98, 98.0));
         // Newest failure first, with its step and reason.
-        let f: Vec<_> = a.failures.iter().map(|f| f.failed_step.as_deref()).collect();
+        let f: Vec<_> = a
+            .failures
+            .iter()
+            .map(|f| f.failed_step.as_deref())
+            .collect();
         assert_eq!(f, [Some("approval"), Some("session")]);
         assert_eq!(a.failures[1].error.as_deref(), Some("session broke"));
         assert_eq!(r.drills[1].runs, 1);

@@ -73,7 +73,9 @@ pub async fn drill_report(
     require_admin(&who, "the drill report")?;
     let text = p.since.as_deref().unwrap_or(REPORT_SINCE_DEFAULT);
     let s = parse_since(text)?;
-    let since = now().millis().saturating_sub((s as i64).saturating_mul(1000));
+    let since = now()
+        .millis()
+        .saturating_sub((s as i64).saturating_mul(1000));
     Ok(Json(
         drill::read_report(&app, breakglass_core::Timestamp::from_millis(since)).await?,
     ))

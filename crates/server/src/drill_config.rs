@@ -168,8 +168,8 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
             bail!("{at}.every: must be between 1s and 30d");
         }
         parse_duration(&d.duration).map_err(|e| anyhow::anyhow!("{at}.duration: {e}"))?;
-        let step =
-            parse_duration(&d.step_timeout).map_err(|e| anyhow::anyhow!("{at}.step_timeout: {e}"))?;
+        let step = parse_duration(&d.step_timeout)
+            .map_err(|e| anyhow::anyhow!("{at}.step_timeout: {e}"))?;
         if !(1..=DRILL_STEP_TIMEOUT_MAX_S).contains(&step) {
             bail!("{at}.step_timeout: must be between 1s and 10m");
         }
@@ -314,7 +314,10 @@ kind = "ssh"
         match Config::parse(&text, "test.toml", Path::new("/etc/bg")) {
             Ok(c) => format!(
                 "ok {:?}",
-                c.drills[0].approvers.first().and_then(|a| a.token_file.clone())
+                c.drills[0]
+                    .approvers
+                    .first()
+                    .and_then(|a| a.token_file.clone())
             ),
             Err(e) => e.to_string(),
         }
@@ -333,17 +336,53 @@ approvers = [{ principal = "approver", token_file = "approver.token" }]"#;
         let check = |from: &str, to: &str| parse(&OK.replacen(from, to, 1));
         assert_eq!(parse(OK), "ok Some(\"/etc/bg/approver.token\")");
         for (from, to, want) in [
-            ("\"canary\"", "\"box\"", "drills[0].target: SSH drills need the SSH gateway"),
-            ("\"canary\"", "\"nope\"", "drills[0].target: no target \"nope\""),
-            ("\"read\"", "\"write\"", "drills[0].role: target canary has no role \"write\""),
+            (
+                "\"canary\"",
+                "\"box\"",
+                "drills[0].target: SSH drills need the SSH gateway",
+            ),
+            (
+                "\"canary\"",
+                "\"nope\"",
+                "drills[0].target: no target \"nope\"",
+            ),
+            (
+                "\"read\"",
+                "\"write\"",
+                "drills[0].role: target canary has no role \"write\"",
+            ),
             ("\"6h\"", "\"0s\"", "drills[0].every"),
             ("\"6h\"", "\"31d\"", "drills[0].every"),
-            ("principal = \"bot\"", "principal = \"stranger\"", "drills[0].requester.principal: \"stranger\" is neither"),
-            ("principal = \"approver\"", "principal = \"bot\"", "appears twice"),
-            (", token_env = \"BOT_TOKEN\"", "", "drills[0].requester: the drill acts through the API"),
-            ("token_env = \"BOT_TOKEN\"", "token_env = \"A\", token_file = \"f\"", "not both"),
-            ("name = \"d\"", "name = \"d\"\nmode = \"chaos\"", "unknown variant"),
-            ("name = \"d\"", "name = \"d\"\nshell = true", "unknown field `shell`"),
+            (
+                "principal = \"bot\"",
+                "principal = \"stranger\"",
+                "drills[0].requester.principal: \"stranger\" is neither",
+            ),
+            (
+                "principal = \"approver\"",
+                "principal = \"bot\"",
+                "appears twice",
+            ),
+            (
+                ", token_env = \"BOT_TOKEN\"",
+                "",
+                "drills[0].requester: the drill acts through the API",
+            ),
+            (
+                "token_env = \"BOT_TOKEN\"",
+                "token_env = \"A\", token_file = \"f\"",
+                "not both",
+            ),
+            (
+                "name = \"d\"",
+                "name = \"d\"\nmode = \"chaos\"",
+                "unknown variant",
+            ),
+            (
+                "name = \"d\"",
+                "name = \"d\"\nshell = true",
+                "unknown field `shell`",
+            ),
         ] {
             let got = check(from, to);
             assert!(got.contains(want), "{from} -> {to}: {got}");

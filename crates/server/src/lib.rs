@@ -428,9 +428,10 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     let addr = listener.local_addr()?;
     let api_cert = match &app.config.server.tls_cert {
-        Some(f) => Some(std::fs::read(f).with_context(|| {
-            format!("server.tls_cert: cannot read {}", f.display())
-        })?),
+        Some(f) => Some(
+            std::fs::read(f)
+                .with_context(|| format!("server.tls_cert: cannot read {}", f.display()))?,
+        ),
         None => None,
     };
     app.drills.set_addrs(addr, api_cert, pg_addr);

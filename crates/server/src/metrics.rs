@@ -158,7 +158,12 @@ impl DrillMetrics {
             h.render(out, "breakglass_drill_step_duration_seconds", &labels);
         }
         out.push_str("# HELP breakglass_drill_figure_seconds Drill figures: time to access, to credentials, to first statement, cut latency.\n# TYPE breakglass_drill_figure_seconds histogram\n");
-        for ((drill, figure), h) in self.figures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((drill, figure), h) in self
+            .figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let labels = format!("drill=\"{}\",figure=\"{}\"", escape(drill), escape(figure));
             h.render(out, "breakglass_drill_figure_seconds", &labels);
         }

@@ -743,14 +743,22 @@ mod suite {
         labelled.request.drill = Some("canary-read".to_string());
         let (req, _) = create(store, labelled, now).await;
         assert_eq!(req.drill.as_deref(), Some("canary-read"));
-        let (real, _) = create(store, new_request("00000000-real-0002", &alice(), 1, now), now).await;
+        let (real, _) = create(
+            store,
+            new_request("00000000-real-0002", &alice(), 1, now),
+            now,
+        )
+        .await;
         let got = store.get(&req.id).await.expect("get").expect("stored");
         assert_eq!(got.drill.as_deref(), Some("canary-read"));
         // A transition keeps the label.
         let next = approve(&got, &lead(0), now);
         store.apply(next, now).await.expect("apply");
         let got = store.get(&req.id).await.expect("get").expect("stored");
-        assert_eq!((got.state, got.drill.as_deref()), (State::Active, Some("canary-read")));
+        assert_eq!(
+            (got.state, got.drill.as_deref()),
+            (State::Active, Some("canary-read"))
+        );
         let ids = |drill: Option<bool>| async move {
             store
                 .list(ListQuery {
@@ -775,10 +783,22 @@ mod suite {
     pub async fn drill_runs_are_claimed_once(stores: &[&dyn Store]) {
         let store = stores[0];
         assert!(store.claim_drill_run("canary", 5).await.expect("claim"));
-        assert!(!store.claim_drill_run("canary", 5).await.expect("claim"), "again");
-        assert!(!store.claim_drill_run("canary", 4).await.expect("claim"), "older");
-        assert!(store.claim_drill_run("other", 5).await.expect("claim"), "another drill");
-        assert!(store.claim_drill_run("canary", 6).await.expect("claim"), "the next slot");
+        assert!(
+            !store.claim_drill_run("canary", 5).await.expect("claim"),
+            "again"
+        );
+        assert!(
+            !store.claim_drill_run("canary", 4).await.expect("claim"),
+            "older"
+        );
+        assert!(
+            store.claim_drill_run("other", 5).await.expect("claim"),
+            "another drill"
+        );
+        assert!(
+            store.claim_drill_run("canary", 6).await.expect("claim"),
+            "the next slot"
+        );
         let races: Vec<_> = (0..16)
             .map(|i| stores[i % stores.len()].claim_drill_run("canary", 9))
             .collect();

@@ -125,8 +125,7 @@ fn side_by_side(alone: &DrillRun, loaded: &DrillRun) -> String {
     for step in breakglass_server::drill::STEPS {
         let _ = writeln!(
             out,
-            "  {:<24} {:>12} {:>12}",
-            step,
+            "  {step:<24} {:>12} {:>12}",
             opt_ms(step_ms(alone, step)),
             opt_ms(step_ms(loaded, step))
         );

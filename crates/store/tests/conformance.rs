@@ -772,8 +772,8 @@ mod suite {
                 .map(|r| r.id)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(Some(true)).await, [req.id.clone()]);
-        assert_eq!(ids(Some(false)).await, [real.id.clone()]);
+        assert_eq!(ids(Some(true)).await, vec![req.id.clone()]);
+        assert_eq!(ids(Some(false)).await, vec![real.id.clone()]);
         assert_eq!(ids(None).await.len(), 2);
     }
 

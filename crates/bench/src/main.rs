@@ -12,6 +12,7 @@
 mod baseline;
 mod cpu;
 mod evidence;
+mod drills;
 mod gateway;
 mod nodes;
 mod scenarios;
@@ -34,7 +35,8 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --quick            much smaller counts: a smoke run of about a minute
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
-                     audit-verify, memory, startup, gateway, nodes, evidence
+                     audit-verify, memory, startup, gateway, nodes, evidence,
+                     drills
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -52,7 +54,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 11] = [
+pub const BENCHMARKS: [&str; 12] = [
     "access",
     "approve",
     "lifecycles",
@@ -64,6 +66,7 @@ pub const BENCHMARKS: [&str; 11] = [
     "gateway",
     "nodes",
     "evidence",
+    "drills",
 ];
 
 #[derive(Debug)]
@@ -308,6 +311,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "gateway" => c.gateway(),
                 "nodes" => c.nodes(),
                 "evidence" => c.evidence(),
+                "drills" => c.drills(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

@@ -274,6 +274,7 @@ pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
                 reason: REASONS[(i % 4) as usize].to_string(),
                 ticket: None,
                 emergency: false,
+                drill: None,
             };
             let approver = leads[i as usize % LEADS].clone();
             let s = store.clone();

@@ -534,6 +534,23 @@ impl Client {
         )
     }
 
+    /// `POST /v1/drills/{name}/run`.
+    pub fn drill_run(
+        &self,
+        name: &str,
+        body: &breakglass_server::drill::RunBody,
+    ) -> Result<breakglass_server::drill::RunAnswer, ApiError> {
+        self.post(&format!("/v1/drills/{name}/run"), Some(body))
+    }
+
+    /// `GET /v1/drills/report?since=`.
+    pub fn drill_report(
+        &self,
+        since: &str,
+    ) -> Result<breakglass_server::drill::DrillReport, ApiError> {
+        self.get("/v1/drills/report", &[("since", since.to_string())])
+    }
+
     // ---- plumbing ----
 
     fn url(&self, path: &str) -> String {

@@ -9,6 +9,7 @@ mod client;
 mod cmd;
 mod credentials;
 mod evidence;
+mod drill;
 mod exit;
 mod login;
 mod prompt;
@@ -218,6 +219,9 @@ enum Command {
     /// Move the store: copy an embedded store into PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Run a drill now, or show the history of drill runs (admins).
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// Show who the server thinks you are, and how you signed in.
     Whoami(ServerOnly),
     /// Sign in with the organisation's identity provider (device flow by
@@ -252,6 +256,8 @@ impl Command {
             Command::Audit(AuditCommand::Export { server, .. }) => server,
             Command::Evidence(a) if a.command.is_none() => &a.server,
             Command::Evidence(_) => return None,
+            Command::Drill(DrillCommand::Run { server, .. })
+            | Command::Drill(DrillCommand::Report { server, .. }) => server,
             Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
             Command::Login(a) => &a.server,
             Command::Serve(_)
@@ -556,6 +562,41 @@ enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DrillCommand {
+    /// Run a [[drills]] entry now through the real path and print each step
+    /// with its time; exit 0 when it passes. With --load, the built-in load
+    /// generator drives drill-labelled lifecycles meanwhile, and the drill's
+    /// figures are shown beside those of a run without load.
+    #[command(
+        after_help = "Examples:\n  breakglass drill run canary-read\n  breakglass drill run canary-read --load 500 --for 10s"
+    )]
+    Run {
+        /// The drill's name.
+        name: String,
+        /// Synthetic lifecycles per second (create, approve, credentials,
+        /// revoke), at most 2000.
+        #[arg(long, value_name = "RATE", requires = "for_")]
+        load: Option<u32>,
+        /// How long the load runs (at most 20s).
+        #[arg(long = "for", id = "for_", value_name = "DURATION", value_parser = parse_duration_arg, requires = "load")]
+        for_: Option<DurationArg>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// p50, p99 and max per step, the pass rate, and the failures.
+    #[command(
+        after_help = "Examples:\n  breakglass drill report\n  breakglass drill report --since 7d --output json"
+    )]
+    Report {
+        /// How far back, like 30d (the default), 12h.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        since: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum StoreCommand {
     /// Copy the embedded store of a stopped node into an empty PostgreSQL
     /// database, with seq, hashes and checkpoints unchanged (then point
@@ -806,6 +847,7 @@ fn main() -> ExitCode {
                 reason: a.reason,
                 ticket: a.ticket,
                 emergency: a.emergency,
+                drill: None,
             },
             a.wait.map(|w| w.secs),
         ),
@@ -833,6 +875,10 @@ fn main() -> ExitCode {
         Command::Evidence(EvidenceArgs { id, .. }) => {
             evidence::fetch(&ctx, id.as_deref().unwrap_or_default())
         }
+        Command::Drill(DrillCommand::Run {
+            name, load, for_, ..
+        }) => drill::run(&ctx, &name, load.zip(for_.map(|f| f.text))),
+        Command::Drill(DrillCommand::Report { since, .. }) => drill::report(&ctx, &since),
         Command::Store(StoreCommand::Copy { from, to_env }) => {
             cmd::store_copy(&ctx, &from, &to_env)
         }

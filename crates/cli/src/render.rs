@@ -295,6 +295,9 @@ pub fn request_block(r: &Request, now: Timestamp) -> String {
         },
     );
     field("requester", clean(&r.requester));
+    if let Some(d) = &r.drill {
+        field("drill", format!("{} (an exercise, not real use)", clean(d)));
+    }
     field("target", clean(&r.target));
     field("role", clean(&r.role));
     field("duration", format_duration(r.duration_s));
@@ -401,11 +404,14 @@ pub fn request_table(list: &RequestList, now: Timestamp) -> String {
     let header = ["ID", "STATE", "REQUESTER", "TARGET", "ROLE", "WHEN"].map(String::from);
     let mut rows = vec![header];
     for r in &list.requests {
-        let state = if r.emergency {
+        let mut state = if r.emergency {
             format!("{}!", r.state)
         } else {
             r.state.to_string()
         };
+        if r.drill.is_some() {
+            state.push('~');
+        }
         rows.push([
             clean(&r.id),
             state,
@@ -418,6 +424,9 @@ pub fn request_table(list: &RequestList, now: Timestamp) -> String {
     let mut out = table(&rows);
     if list.requests.iter().any(|r| r.emergency) {
         out.push_str("(! = emergency grant)\n");
+    }
+    if list.requests.iter().any(|r| r.drill.is_some()) {
+        out.push_str("(~ = drill: an exercise, not real use)\n");
     }
     if list.next.is_some() {
         out.push_str("There may be more: raise --limit to see them.\n");
@@ -722,6 +731,7 @@ mod tests {
             review_required: false,
             review: None,
             approver_fresh_auth_s: None,
+            drill: None,
             version: 1,
         }
     }

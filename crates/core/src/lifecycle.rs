@@ -26,6 +26,9 @@ pub struct NewRequest {
     pub reason: String,
     pub ticket: Option<String>,
     pub emergency: bool,
+    /// The drill this request belongs to; the caller has checked that the
+    /// requester may set it.
+    pub drill: Option<String>,
 }
 
 /// A command applied to an existing request.
@@ -305,6 +308,7 @@ pub fn create(
         review_required: input.emergency,
         review: None,
         approver_fresh_auth_s: ob.approver_fresh_auth_s,
+        drill: input.drill.clone(),
         version: 1,
     };
     if input.emergency {
@@ -326,6 +330,11 @@ pub fn create(
             "approver_groups": req.approver_groups,
         }),
     )];
+    // The label rides in the created event (only when set, so the events of
+    // real use keep their encoding) for everything that follows the feed.
+    if let (Some(drill), Some(details)) = (&req.drill, events[0].details.as_object_mut()) {
+        details.insert("drill".into(), json!(drill));
+    }
     if req.approvals_required == 0 {
         activate(&mut req, now, &mut events, requester);
     } else {

@@ -232,6 +232,11 @@ pub struct Request {
     /// within this many seconds (or a local principal with TOTP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approver_fresh_auth_s: Option<u64>,
+    /// The name of the drill that made this request, for requests a drill
+    /// (or its load generator) makes; `null` for real use. Reviews, reports
+    /// and the console keep drills apart from real use by this label.
+    #[serde(default)]
+    pub drill: Option<String>,
     /// Bumped by every transition; the store applies transitions as
     /// compare-and-set on it.
     pub version: u64,

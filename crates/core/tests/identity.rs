@@ -127,6 +127,7 @@ fn create(who: &Principal, role: &str, duration_s: u64, now: Timestamp) -> Resul
         reason: "deploy".into(),
         ticket: None,
         emergency: false,
+        drill: None,
     };
     lifecycle::create(&input, who, &decision, "r1".into(), now, 1800)
         .map(|t| t.request)

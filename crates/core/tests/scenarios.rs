@@ -420,6 +420,7 @@ impl World {
             reason,
             ticket: line.ticket.clone(),
             emergency,
+            drill: None,
         };
         let id = format!("r{}", self.created + 1);
         let t = lifecycle::create(&new, &who, &decision, id, line.now, PENDING_TIMEOUT_S)

@@ -161,6 +161,11 @@ pub struct App {
     pub sessions: breakglass_gateway_common::Registry,
     /// The SSH gateway's host key (`ssh-ed25519 AAAA...`), once started.
     pub ssh_host_key: std::sync::OnceLock<String>,
+    /// The PostgreSQL gateway, once started: a broken chain cuts its
+    /// sessions, and online verification asks it which sessions are live.
+    pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
+    /// Where drills reach this node, and the drills running now.
+    pub drills: crate::drill::DrillState,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -232,6 +237,8 @@ impl App {
             witnesses: crate::checkpoint::witnesses(&config),
             sessions: breakglass_gateway_common::Registry::new(),
             ssh_host_key: std::sync::OnceLock::new(),
+            gateway: std::sync::OnceLock::new(),
+            drills: crate::drill::DrillState::default(),
             config,
         })
     }
@@ -393,6 +400,11 @@ impl App {
             }
             _ => AppError::BadInput(format!("duration: {e}")),
         })?;
+        // INVARIANT: only a configured drill's requester labels a request
+        // as that drill, so a label never hides real use.
+        if let Some(drill) = &body.drill {
+            crate::drill::check_label(&self.config, who, drill, &body.target)?;
+        }
         let input = NewRequest {
             target: body.target,
             role: body.role,
@@ -400,6 +412,7 @@ impl App {
             reason: body.reason,
             ticket: body.ticket.filter(|t| !t.is_empty()),
             emergency: body.emergency,
+            drill: body.drill,
         };
         lifecycle::check_name("target", &input.target)?;
         lifecycle::check_name("role", &input.role)?;

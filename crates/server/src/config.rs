@@ -39,6 +39,9 @@ pub struct Config {
     /// principals).
     #[serde(default)]
     pub identity: crate::identity::config::IdentityConfig,
+    /// Drills: the real path run on a schedule against canary targets.
+    #[serde(default)]
+    pub drills: Vec<crate::drill_config::DrillConfig>,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -397,6 +400,7 @@ impl Config {
                 }
             }
         }
+        crate::drill_config::resolve_paths(&mut cfg, base);
         if cfg.audit.checkpoint_witness && cfg.audit.checkpoint_file.is_none() {
             match default_witness_file(&cfg.server.data_dir) {
                 Some(f) => cfg.audit.checkpoint_file = Some(f),
@@ -560,6 +564,7 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{at}.upstream: {e}"))?;
             }
         }
+        crate::drill_config::validate(self)?;
         Ok(())
     }
 

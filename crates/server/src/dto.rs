@@ -20,6 +20,11 @@ pub struct CreateRequest {
     pub ticket: Option<String>,
     #[serde(default)]
     pub emergency: bool,
+    /// Labels the request as made by this configured drill. Only that
+    /// drill's requester principal may set it, and only for the drill's
+    /// target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
 }
 
 /// `POST /v1/requests/{id}/approve` (also countersigns an emergency grant).

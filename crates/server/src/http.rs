@@ -270,6 +270,8 @@ pub struct ListParams {
     /// `-`, `_`): how the CLI resolves a short id. At most 20 are returned;
     /// `next` is always null.
     id_prefix: Option<String>,
+    /// `true`: only drill requests; `false`: only real use (no drill label).
+    drill: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -360,6 +362,7 @@ async fn list_requests(
         state,
         requester: None,
         visible_to: None,
+        drill: p.drill,
         after: p.after,
         limit,
     };
@@ -883,7 +886,8 @@ impl Modify for BearerAuth {
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
           sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
-          evidence),
+          evidence,
+          crate::drill_api::run_drill, crate::drill_api::drill_report),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -907,6 +911,8 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/drills/{name}/run", post(crate::drill_api::run_drill))
+        .route("/v1/drills/report", get(crate::drill_api::drill_report))
         .route("/v1/auth/config", get(auth_config))
         .route("/v1/targets", get(targets))
         .route("/healthz", get(healthz))

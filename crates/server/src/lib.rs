@@ -6,6 +6,9 @@ pub mod checkpoint;
 pub mod config;
 mod datadir;
 pub mod dev;
+pub mod drill;
+pub mod drill_api;
+pub mod drill_config;
 pub mod dto;
 pub mod evidence;
 pub mod gateway;
@@ -433,6 +436,18 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         }
     }
     let addr = listener.local_addr()?;
+    let api_cert = match &app.config.server.tls_cert {
+        Some(f) => Some(
+            std::fs::read(f)
+                .with_context(|| format!("server.tls_cert: cannot read {}", f.display()))?,
+        ),
+        None => None,
+    };
+    app.drills.set_addrs(addr, api_cert, pg_addr);
+    background.push(drill::spawn_metrics_follower(&app));
+    if broken.is_none() {
+        background.extend(drill::spawn_schedulers(&app));
+    }
     let (shutdown, mut rx) = tokio::sync::watch::channel(false);
     let router = http::router(app.clone()).into_make_service_with_connect_info::<ApiConn>();
     let listener = LimitedListener::new(

@@ -80,6 +80,123 @@ pub struct Metrics {
     /// API connections refused over `server.max_connections`.
     pub refused_connections: AtomicU64,
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    /// Drill runs of every node, from the feed.
+    pub drills: DrillMetrics,
+}
+
+/// Drill figures per drill: step and figure histograms, runs by result,
+/// the time of the last success (so an alert can fire on "no successful
+/// drill in 12 h").
+#[derive(Default)]
+pub struct DrillMetrics {
+    /// (drill, step) and (drill, figure).
+    steps: Mutex<BTreeMap<(String, String), Histogram>>,
+    figures: Mutex<BTreeMap<(String, String), Histogram>>,
+    /// (drill, result) -> runs.
+    runs: Mutex<BTreeMap<(String, String), u64>>,
+    /// drill -> Unix time of the last pass, in seconds.
+    last_success: Mutex<BTreeMap<String, f64>>,
+}
+
+impl DrillMetrics {
+    /// Counts one completed run at `at`.
+    pub fn observe(&self, run: &crate::drill::DrillRun, at: breakglass_core::Timestamp) {
+        let cap = crate::drill::DRILL_SERIES_MAX;
+        {
+            let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+            for s in run.steps.iter().filter(|s| s.ok) {
+                let key = (run.drill.clone(), s.step.clone());
+                if steps.contains_key(&key) || steps.len() < cap {
+                    steps.entry(key).or_default().observe(s.ms / 1e3);
+                }
+            }
+        }
+        {
+            let mut figures = self.figures.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, v) in [
+                ("time_to_access", run.time_to_access_ms),
+                ("time_to_credentials", run.time_to_credentials_ms),
+                ("time_to_first_statement", run.time_to_first_statement_ms),
+                ("cut_latency", run.cut_latency_ms),
+            ] {
+                let Some(v) = v else { continue };
+                let key = (run.drill.clone(), name.to_string());
+                if figures.contains_key(&key) || figures.len() < cap {
+                    figures.entry(key).or_default().observe(v / 1e3);
+                }
+            }
+        }
+        {
+            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (run.drill.clone(), run.result.clone());
+            if runs.contains_key(&key) || runs.len() < cap {
+                *runs.entry(key).or_default() += 1;
+            }
+        }
+        if run.passed() {
+            self.success_at(&run.drill, at);
+        }
+    }
+
+    /// Notes a pass of `drill` at `at` (keeps the newest).
+    pub fn success_at(&self, drill: &str, at: breakglass_core::Timestamp) {
+        let mut last = self.last_success.lock().unwrap_or_else(|p| p.into_inner());
+        if !last.contains_key(drill) && last.len() >= crate::drill::DRILL_SERIES_MAX {
+            return;
+        }
+        let t = at.millis() as f64 / 1e3;
+        let e = last.entry(drill.to_string()).or_insert(t);
+        if *e < t {
+            *e = t;
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("# HELP breakglass_drill_step_duration_seconds Time of each completed step of a drill run.\n# TYPE breakglass_drill_step_duration_seconds histogram\n");
+        for ((drill, step), h) in self.steps.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let labels = format!("drill=\"{}\",step=\"{}\"", escape(drill), escape(step));
+            h.render(out, "breakglass_drill_step_duration_seconds", &labels);
+        }
+        out.push_str("# HELP breakglass_drill_figure_seconds Drill figures: time to access, to credentials, to first statement, cut latency.\n# TYPE breakglass_drill_figure_seconds histogram\n");
+        for ((drill, figure), h) in self
+            .figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let labels = format!("drill=\"{}\",figure=\"{}\"", escape(drill), escape(figure));
+            h.render(out, "breakglass_drill_figure_seconds", &labels);
+        }
+        out.push_str("# HELP breakglass_drill_runs_total Drill runs by result.\n# TYPE breakglass_drill_runs_total counter\n");
+        for ((drill, result), n) in self.runs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "breakglass_drill_runs_total{{drill=\"{}\",result=\"{}\"}} {n}",
+                escape(drill),
+                escape(result)
+            );
+        }
+        out.push_str("# HELP breakglass_drill_last_success_timestamp_seconds Unix time of the drill's last pass.\n# TYPE breakglass_drill_last_success_timestamp_seconds gauge\n");
+        for (drill, t) in self
+            .last_success
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "breakglass_drill_last_success_timestamp_seconds{{drill=\"{}\"}} {t}",
+                escape(drill)
+            );
+        }
+    }
+}
+
+/// A label value in the exposition format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -159,6 +276,8 @@ impl Metrics {
                 &labels,
             );
         }
+        drop(map);
+        self.drills.render(&mut out);
         out
     }
 }

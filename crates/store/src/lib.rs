@@ -73,6 +73,9 @@ pub struct ListQuery {
     /// `None`: everything (admins). `Some`: requests by this principal or that
     /// one of these groups may approve.
     pub visible_to: Option<(String, Vec<String>)>,
+    /// `Some(true)`: only drill requests (`Request::drill` set);
+    /// `Some(false)`: only real use; `None`: both.
+    pub drill: Option<bool>,
     /// Continue after this id (exclusive).
     pub after: Option<String>,
     pub limit: u32,
@@ -165,6 +168,21 @@ pub trait Store: Send + Sync + 'static {
     /// across every node of a shared store, and durable, so a code is
     /// accepted once even across restarts.
     async fn use_one_time_code(&self, principal: &str, step: u64) -> Result<bool, StoreError>;
+
+    /// Claims the scheduled run `slot` of drill `drill` for this node: true
+    /// if `slot` is newer than every slot claimed for it before (claimed
+    /// now), false if another node (or an earlier call) claimed it. Atomic
+    /// across every node of a shared store, so one node runs each slot.
+    async fn claim_drill_run(&self, drill: &str, slot: u64) -> Result<bool, StoreError>;
+
+    /// Events of one `action` with `time >= since`, ascending by `seq`, at
+    /// most `limit` (drill results for reports).
+    async fn audit_by_action(
+        &self,
+        action: &str,
+        since: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
 
     /// The newest `(seq, hash)` of the chain this node knows: what it
     /// committed or what its feed has delivered.

@@ -146,6 +146,19 @@ CREATE TABLE merkle_nodes (
 ALTER TABLE chain_head ADD COLUMN tree BYTEA NOT NULL DEFAULT decode('0000000000000000', 'hex');
 ALTER TABLE checkpoints ADD COLUMN root BYTEA;
 "#,
+    // Drills: the label of drill requests as a column (so lists and reports
+    // can keep drills apart from real use), their results by action, and
+    // the newest scheduled slot each drill was claimed for.
+    r#"
+ALTER TABLE requests ADD COLUMN drill TEXT;
+UPDATE requests SET drill = body::jsonb->>'drill' WHERE body::jsonb->>'drill' IS NOT NULL;
+CREATE INDEX requests_drill ON requests(drill, id) WHERE drill IS NOT NULL;
+CREATE INDEX audit_action ON audit(action, time);
+CREATE TABLE drill_runs (
+    drill TEXT PRIMARY KEY,
+    slot BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -949,7 +962,7 @@ async fn insert_request(
 ) -> Result<bool, StoreError> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body, drill) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
         )
         .await
         .map_err(pg_err)?;
@@ -979,6 +992,7 @@ async fn insert_request(
                 &created_at,
                 &deadline,
                 &body,
+                &r.drill,
             ],
         ),
         futures_util::future::try_join_all(group_params.iter().map(|p| tx.execute(&groups, p))),
@@ -1243,6 +1257,11 @@ impl Store for PgStore {
             }
             sql.push(')');
         }
+        match q.drill {
+            Some(true) => sql.push_str(" AND drill IS NOT NULL"),
+            Some(false) => sql.push_str(" AND drill IS NULL"),
+            None => {}
+        }
         if let Some(a) = &q.after {
             sql.push_str(" AND id < ");
             arg(&mut sql, Box::new(a.clone()));
@@ -1346,6 +1365,42 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         Ok(changed == 1)
+    }
+
+    async fn claim_drill_run(&self, drill: &str, slot: u64) -> Result<bool, StoreError> {
+        // One statement, atomic across nodes: the node whose row change
+        // lands runs the slot, every other node sees 0 rows changed.
+        let changed = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO drill_runs (drill, slot) VALUES ($1, $2) \
+                 ON CONFLICT (drill) DO UPDATE SET slot = excluded.slot \
+                 WHERE drill_runs.slot < excluded.slot",
+                &[&drill, &(slot as i64)],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(changed == 1)
+    }
+
+    async fn audit_by_action(
+        &self,
+        action: &str,
+        since: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = $1 AND time >= $2 ORDER BY seq LIMIT $3",
+                &[
+                    &action,
+                    &since.millis(),
+                    &i64::from(limit.clamp(1, PAGE_LEN_MAX)),
+                ],
+            )
+            .await?;
+        rows.iter().map(row_to_event).collect()
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

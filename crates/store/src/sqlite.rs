@@ -115,6 +115,19 @@ CREATE TABLE merkle_nodes (
 ) STRICT, WITHOUT ROWID;
 ALTER TABLE checkpoints ADD COLUMN root BLOB;
 "#,
+    // Drills: the label of drill requests as a column (so lists and reports
+    // can keep drills apart from real use), their results by action, and
+    // the newest scheduled slot each drill was claimed for.
+    r#"
+ALTER TABLE requests ADD COLUMN drill TEXT;
+UPDATE requests SET drill = json_extract(body, '$.drill') WHERE json_extract(body, '$.drill') IS NOT NULL;
+CREATE INDEX requests_drill ON requests(drill, id) WHERE drill IS NOT NULL;
+CREATE INDEX audit_action ON audit(action, time);
+CREATE TABLE drill_runs (
+    drill TEXT PRIMARY KEY,
+    slot INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+"#,
 ];
 
 #[derive(Debug, Clone)]
@@ -142,6 +155,8 @@ enum Op {
     Checkpoint(Checkpoint),
     /// A principal's one-time code step: `Conflict` if not newer.
     OneTimeCode(String, u64),
+    /// A drill's scheduled slot: `Conflict` if not newer.
+    DrillRun(String, u64),
 }
 
 struct Job {
@@ -503,7 +518,7 @@ fn create_op(
     }
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO requests (id, version, state, requester, created_at, deadline, body, drill) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
             r.id,
@@ -512,7 +527,8 @@ fn create_op(
             r.requester,
             r.created_at.millis(),
             r.deadline().map(Timestamp::millis),
-            body_of(r)?
+            body_of(r)?,
+            r.drill
         ])?;
     if inserted == 0 {
         return Err(StoreError::Duplicate(r.id.clone()));
@@ -623,6 +639,22 @@ fn apply_op(
             }
             Ok(Vec::new())
         }
+        Op::DrillRun(drill, slot) => {
+            let changed = conn
+                .prepare_cached(
+                    "INSERT INTO drill_runs (drill, slot) VALUES (?1, ?2) \
+                     ON CONFLICT (drill) DO UPDATE SET slot = excluded.slot \
+                     WHERE drill_runs.slot < excluded.slot",
+                )?
+                .execute(params![drill, *slot as i64])?;
+            if changed == 0 {
+                return Err(StoreError::Conflict {
+                    id: drill.clone(),
+                    expected: *slot,
+                });
+            }
+            Ok(Vec::new())
+        }
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature, root) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -716,6 +748,11 @@ impl Store for SqliteStore {
                     sql.push_str("))");
                 }
                 sql.push(')');
+            }
+            match q.drill {
+                Some(true) => sql.push_str(" AND drill IS NOT NULL"),
+                Some(false) => sql.push_str(" AND drill IS NULL"),
+                None => {}
             }
             if let Some(a) = &q.after {
                 sql.push_str(" AND id < ?");
@@ -826,6 +863,40 @@ impl Store for SqliteStore {
             Err(StoreError::Conflict { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    async fn claim_drill_run(&self, drill: &str, slot: u64) -> Result<bool, StoreError> {
+        match self
+            .submit(
+                Op::DrillRun(drill.to_string(), slot),
+                Timestamp::from_millis(0),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn audit_by_action(
+        &self,
+        action: &str,
+        since: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let action = action.to_string();
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = ?1 AND time >= ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![action, since.millis(), i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+                row_to_event,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

@@ -97,6 +97,7 @@ mod suite {
             reason: "conformance test".to_string(),
             ticket: None,
             emergency: false,
+            drill: None,
         };
         lifecycle::create(
             &input,
@@ -734,6 +735,114 @@ mod suite {
         assert_eq!(won, 1, "exactly one concurrent use of a code wins");
     }
 
+    /// A request's drill label is stored and read back, and lists keep
+    /// drills apart from real use.
+    pub async fn drill_labels_are_stored_and_filtered(store: &dyn Store) {
+        let now = Timestamp::from_millis(1_000_000);
+        let mut labelled = new_request("00000000-drill-0001", &alice(), 1, now);
+        labelled.request.drill = Some("canary-read".to_string());
+        let (req, _) = create(store, labelled, now).await;
+        assert_eq!(req.drill.as_deref(), Some("canary-read"));
+        let (real, _) = create(
+            store,
+            new_request("00000000-real-0002", &alice(), 1, now),
+            now,
+        )
+        .await;
+        let got = store.get(&req.id).await.expect("get").expect("stored");
+        assert_eq!(got.drill.as_deref(), Some("canary-read"));
+        // A transition keeps the label.
+        let next = approve(&got, &lead(0), now);
+        store.apply(next, now).await.expect("apply");
+        let got = store.get(&req.id).await.expect("get").expect("stored");
+        assert_eq!(
+            (got.state, got.drill.as_deref()),
+            (State::Active, Some("canary-read"))
+        );
+        let ids = |drill: Option<bool>| async move {
+            store
+                .list(ListQuery {
+                    drill,
+                    limit: 100,
+                    ..ListQuery::default()
+                })
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Some(true)).await, vec![req.id.clone()]);
+        assert_eq!(ids(Some(false)).await, vec![real.id.clone()]);
+        assert_eq!(ids(None).await.len(), 2);
+    }
+
+    /// A drill's scheduled slot is claimed once: a repeat or an older slot
+    /// is refused, drills are independent, and of concurrent claims of one
+    /// slot (on `stores`, one or several nodes) exactly one wins.
+    pub async fn drill_runs_are_claimed_once(stores: &[&dyn Store]) {
+        let store = stores[0];
+        assert!(store.claim_drill_run("canary", 5).await.expect("claim"));
+        assert!(
+            !store.claim_drill_run("canary", 5).await.expect("claim"),
+            "again"
+        );
+        assert!(
+            !store.claim_drill_run("canary", 4).await.expect("claim"),
+            "older"
+        );
+        assert!(
+            store.claim_drill_run("other", 5).await.expect("claim"),
+            "another drill"
+        );
+        assert!(
+            store.claim_drill_run("canary", 6).await.expect("claim"),
+            "the next slot"
+        );
+        let races: Vec<_> = (0..16)
+            .map(|i| stores[i % stores.len()].claim_drill_run("canary", 9))
+            .collect();
+        let won = futures_util::future::join_all(races)
+            .await
+            .into_iter()
+            .filter(|r| *r.as_ref().expect("claim"))
+            .count();
+        assert_eq!(won, 1, "exactly one node runs a slot");
+    }
+
+    /// `audit_by_action` returns the events of one action from a time on,
+    /// in `seq` order.
+    pub async fn events_by_action(store: &dyn Store) {
+        let draft = |action: &str, n: u64| EventDraft {
+            actor: "system".to_string(),
+            action: action.to_string(),
+            request_id: None,
+            details: serde_json::json!({"n": n}),
+        };
+        for (t, n) in [(1_000, 1), (2_000, 2), (3_000, 3)] {
+            store
+                .append(
+                    vec![draft("drill.completed", n), draft("drill.started", n)],
+                    Timestamp::from_millis(t),
+                )
+                .await
+                .expect("append");
+        }
+        let got = store
+            .audit_by_action("drill.completed", Timestamp::from_millis(2_000), 100)
+            .await
+            .expect("audit_by_action");
+        let ns: Vec<String> = got.iter().map(|e| e.details.clone()).collect();
+        assert_eq!(ns, [r#"{"n":2}"#, r#"{"n":3}"#]);
+        assert!(got.iter().all(|e| e.action == "drill.completed"));
+        assert!(got[0].seq < got[1].seq);
+        let one = store
+            .audit_by_action("drill.completed", Timestamp::from_millis(0), 1)
+            .await
+            .expect("audit_by_action");
+        assert_eq!(one.len(), 1, "the limit holds");
+    }
+
     /// (7) `add_checkpoint` then `checkpoints` returns it, and the stored
     /// checkpoints verify against the log.
     pub async fn checkpoints_round_trip(store: &dyn Store) {
@@ -948,6 +1057,7 @@ mod suite {
             reason: "conformance emergency".to_string(),
             ticket: None,
             emergency: true,
+            drill: None,
         };
         lifecycle::create(
             &input,
@@ -1318,6 +1428,21 @@ async fn sqlite_one_time_codes_are_used_once() {
 }
 
 #[tokio::test]
+async fn sqlite_drill_labels_are_stored_and_filtered() {
+    suite::drill_labels_are_stored_and_filtered(&fresh().store).await;
+}
+
+#[tokio::test]
+async fn sqlite_drill_runs_are_claimed_once() {
+    suite::drill_runs_are_claimed_once(&[&fresh().store]).await;
+}
+
+#[tokio::test]
+async fn sqlite_events_by_action() {
+    suite::events_by_action(&fresh().store).await;
+}
+
+#[tokio::test]
 async fn sqlite_apply_is_compare_and_set() {
     suite::apply_is_compare_and_set(&fresh().store).await;
 }
@@ -1406,6 +1531,23 @@ async fn pg_one_time_codes_are_used_once_across_nodes() {
     let f = fresh_pg().await;
     let other = PgStore::open(&f.url).await.expect("a second node opens");
     suite::one_time_codes_are_used_once(&[&f.store, &other]).await;
+}
+
+#[tokio::test]
+async fn pg_drill_labels_are_stored_and_filtered() {
+    suite::drill_labels_are_stored_and_filtered(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_drill_runs_are_claimed_once_across_nodes() {
+    let f = fresh_pg().await;
+    let other = PgStore::open(&f.url).await.expect("a second node opens");
+    suite::drill_runs_are_claimed_once(&[&f.store, &other]).await;
+}
+
+#[tokio::test]
+async fn pg_events_by_action() {
+    suite::events_by_action(&fresh_pg().await.store).await;
 }
 
 #[tokio::test]

@@ -104,6 +104,7 @@ fn outcome(o: ReviewOutcome) -> &'static str {
     match o {
         ReviewOutcome::Ok => "ok",
         ReviewOutcome::Misuse => "misuse",
+        ReviewOutcome::AutoOk => "auto_ok",
     }
 }
 
@@ -713,6 +714,8 @@ mod tests {
             review_required: false,
             review: None,
             approver_fresh_auth_s: None,
+            review_due_at: None,
+            review_overdue: false,
             version: 1,
         }
     }

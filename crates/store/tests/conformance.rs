@@ -83,6 +83,7 @@ mod suite {
                 countersign_within_s: None,
                 approver_fresh_auth_s: None,
                 require_mfa: None,
+                review_always: None,
             }),
             errors: Vec::new(),
         }

@@ -177,7 +177,7 @@ impl Ctx {
     /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
     /// http to a non-loopback address is refused here, before anything is
     /// resolved or sent.
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let (base, roots) = self.server()?;
         let token = match &self.token {
             Some(t) => Some(t.clone()),
@@ -197,14 +197,14 @@ impl Ctx {
     }
 }
 
-fn print_text(text: &str) -> io::Result<()> {
+pub(crate) fn print_text(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
 }
 
 /// One JSON document, pretty-printed, then a newline.
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
     text.push('\n');
     print_text(&text)?;
@@ -679,7 +679,16 @@ pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     if ctx.json() {
         print_json(&r)?;
     } else {
-        print_text(&render::request_block(&r, Timestamp::now()))?;
+        let mut text = render::request_block(&r, Timestamp::now());
+        // The reviewer sees the summary and findings first, the raw
+        // recording one step away (DESIGN §16). A server without summaries
+        // (or one that refuses) leaves the block out.
+        if r.activated_at.is_some()
+            && let Ok(s) = client.summary(id)
+        {
+            text.push_str(&crate::review::summary_text(&s));
+        }
+        print_text(&text)?;
     }
     Ok(Exit::Success)
 }

@@ -61,6 +61,7 @@ pub enum Command {
     /// summary).
     Triage {
         flagged: Vec<String>,
+        findings: std::collections::BTreeMap<String, u64>,
         evidence: serde_json::Value,
         due_at: Timestamp,
     },
@@ -325,6 +326,7 @@ pub fn create(
         review: None,
         review_due_at: None,
         review_overdue: false,
+        review_findings: Default::default(),
         approver_fresh_auth_s: ob.approver_fresh_auth_s,
         version: 1,
     };
@@ -435,11 +437,15 @@ pub fn step(
         (
             Command::Triage {
                 flagged,
+                findings,
                 evidence,
                 due_at,
             },
             Actor::System,
-        ) => triage(&mut next, flagged, evidence, *due_at, now, &mut events)?,
+        ) => {
+            next.review_findings = findings.clone();
+            triage(&mut next, flagged, evidence, *due_at, now, &mut events)?;
+        }
         (Command::ReviewOverdue, Actor::System) => {
             let due_at = match (req.review_due_at, &req.review) {
                 (Some(d), None) if !req.review_overdue && now >= d => d,

@@ -248,6 +248,10 @@ pub struct Request {
     /// The service has recorded `review.overdue` for this grant (once).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub review_overdue: bool,
+    /// The automated review's findings, counted by rule (for reports; the
+    /// findings themselves are in the triage event's summary).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub review_findings: BTreeMap<String, u64>,
     /// From the governing policies' `@approver_fresh_auth`: approvals,
     /// denials and countersignatures need an approver who authenticated
     /// within this many seconds (or a local principal with TOTP).

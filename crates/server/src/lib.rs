@@ -15,6 +15,7 @@ mod listener;
 pub mod metrics;
 pub mod offline;
 pub mod openapi;
+pub mod review;
 pub mod scheduler;
 pub mod verify;
 
@@ -400,6 +401,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     }
     // After recovery: until then, interrupted sessions have no end.
     background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
+    // After recovery too: a grant is summarised once its sessions ended.
+    background.push(review::spawn(Arc::downgrade(&app)));
     if let Some(pg) = app.config.gateway.postgres.clone() {
         if broken.is_some() {
             tracing::error!("the PostgreSQL gateway stays off while the audit chain is broken");

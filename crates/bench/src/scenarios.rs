@@ -111,7 +111,7 @@ impl Ctx {
         })
     }
 
-    fn n(&self, full: usize, quick: usize) -> usize {
+    pub(crate) fn n(&self, full: usize, quick: usize) -> usize {
         if self.quick { quick } else { full }
     }
 
@@ -623,6 +623,14 @@ impl Ctx {
             Some((setup, _)) => Ok(setup),
             None => bail!("no seeded store"),
         }
+    }
+
+    /// A server on the shared seeded store, and how many requests it holds.
+    pub(crate) fn seeded_server(&mut self) -> anyhow::Result<(Server, u64)> {
+        let bin = self.bin.clone();
+        let setup = self.seeded()?;
+        let srv = Server::start(&bin, setup)?;
+        Ok((srv, self.stored_requests()))
     }
 
     fn stored_requests(&self) -> u64 {

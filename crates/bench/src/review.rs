@@ -18,14 +18,29 @@ use crate::stats::{Goal, Row, Samples, fmt_secs};
 /// A day's mix of statements an operator sends, in the order they repeat.
 const STATEMENTS: [(&str, &str); 10] = [
     ("select * from orders where id = 42", "SELECT 1"),
-    ("select count(*) from orders where created_at > now() - interval '1 day'", "SELECT 1"),
+    (
+        "select count(*) from orders where created_at > now() - interval '1 day'",
+        "SELECT 1",
+    ),
     ("begin", "BEGIN"),
-    ("update orders set state = 'shipped' where id = 42", "UPDATE 1"),
-    ("insert into audit_notes (order_id, note) values (42, 'manual fix')", "INSERT 0 1"),
+    (
+        "update orders set state = 'shipped' where id = 42",
+        "UPDATE 1",
+    ),
+    (
+        "insert into audit_notes (order_id, note) values (42, 'manual fix')",
+        "INSERT 0 1",
+    ),
     ("commit", "COMMIT"),
-    ("select o.id, c.name from orders o join customers c on c.id = o.customer_id where o.id in (1, 2, 3)", "SELECT 3"),
+    (
+        "select o.id, c.name from orders o join customers c on c.id = o.customer_id where o.id in (1, 2, 3)",
+        "SELECT 3",
+    ),
     ("set statement_timeout = '5s'", "SET"),
-    ("explain select * from orders where customer_id = 7", "EXPLAIN"),
+    (
+        "explain select * from orders where customer_id = 7",
+        "EXPLAIN",
+    ),
     ("delete from sessions where expires_at < now()", "DELETE 12"),
 ];
 

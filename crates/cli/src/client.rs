@@ -430,7 +430,10 @@ impl Client {
     }
 
     /// `GET /v1/reviews?overdue=`.
-    pub fn reviews(&self, overdue: bool) -> Result<breakglass_server::review::ReviewQueue, ApiError> {
+    pub fn reviews(
+        &self,
+        overdue: bool,
+    ) -> Result<breakglass_server::review::ReviewQueue, ApiError> {
         let query = if overdue {
             vec![("overdue", "true".to_string())]
         } else {

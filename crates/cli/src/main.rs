@@ -211,7 +211,9 @@ enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// List the ended grants waiting for a person's review, oldest first.
-    #[command(after_help = "Examples:\n  breakglass reviews\n  breakglass reviews --overdue --output json")]
+    #[command(
+        after_help = "Examples:\n  breakglass reviews\n  breakglass reviews --overdue --output json"
+    )]
     Reviews(ReviewsArgs),
     /// Report on grants: per team, target and policy (admins).
     #[command(

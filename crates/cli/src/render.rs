@@ -716,7 +716,7 @@ mod tests {
             approver_fresh_auth_s: None,
             review_due_at: None,
             review_overdue: false,
-        review_findings: Default::default(),
+            review_findings: Default::default(),
             version: 1,
         }
     }

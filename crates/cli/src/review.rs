@@ -184,7 +184,16 @@ pub fn report_text(r: &Report) -> String {
     );
     let header = format!(
         "{:<24} {:>7} {:>6} {:>9} {:>9} {:>6} {:>7} {:>7} {:>5} {:>6} {:>7}  top findings",
-        "", "grants", "emerg", "tta p50", "tta p99", "appr", "pending", "overdue", "ok", "misuse",
+        "",
+        "grants",
+        "emerg",
+        "tta p50",
+        "tta p99",
+        "appr",
+        "pending",
+        "overdue",
+        "ok",
+        "misuse",
         "auto_ok"
     );
     let row = |g: &ReportGroup| {

@@ -91,7 +91,10 @@ fn sessions_are_summarised_and_only_clean_grants_close_as_auto_ok() {
     assert_eq!(sum["statements"]["read"], 3, "{sum:#}");
     assert_eq!(sum["statements"]["transaction"], 2, "{sum:#}");
     assert_eq!(sum["rows_returned"], 6, "1 + 5 rows: {sum:#}");
-    assert!(sum["bytes_to_client"].as_u64().unwrap_or(0) > 100, "{sum:#}");
+    assert!(
+        sum["bytes_to_client"].as_u64().unwrap_or(0) > 100,
+        "{sum:#}"
+    );
     let (_, r) = bg.get("carol", &format!("/v1/requests/{}", clean.id));
     assert_eq!(r["review"]["outcome"], "auto_ok", "{r:#}");
     assert_eq!(r["review"]["by"], "system", "{r:#}");
@@ -113,14 +116,20 @@ fn sessions_are_summarised_and_only_clean_grants_close_as_auto_ok() {
     let s = recorded_summary(&bg, &risky);
     let found = rules(&s);
     for want in ["ddl", "delete_without_where", "unparsable", "copy_to"] {
-        assert!(found.iter().any(|f| f == want), "{want} in {found:?}: {s:#}");
+        assert!(
+            found.iter().any(|f| f == want),
+            "{want} in {found:?}: {s:#}"
+        );
     }
     let sum = &s["summary"];
     assert_eq!(sum["statements"]["ddl"], 1, "{sum:#}");
     assert_eq!(sum["statements"]["write"], 2, "{sum:#}");
     assert_eq!(sum["statements"]["unparsable"], 1, "{sum:#}");
     assert_eq!(sum["rows_affected"], 14, "7 inserted, 7 deleted: {sum:#}");
-    assert!(sum["errors"].as_u64().unwrap_or(0) >= 1, "the syntax error: {sum:#}");
+    assert!(
+        sum["errors"].as_u64().unwrap_or(0) >= 1,
+        "the syntax error: {sum:#}"
+    );
     assert!(
         s["flagged"]
             .as_array()
@@ -160,7 +169,10 @@ fn sessions_are_summarised_and_only_clean_grants_close_as_auto_ok() {
     assert!(overdue[0]["details"]["due_at"].is_string());
     let out = bg.cli(Some("carol"), &["reviews", "--overdue"]);
     let text = out.ok().stdout.clone();
-    assert!(text.contains(&risky.id) && text.contains("OVERDUE"), "{text}");
+    assert!(
+        text.contains(&risky.id) && text.contains("OVERDUE"),
+        "{text}"
+    );
 
     // `show` puts the summary and findings first, the recording one step away.
     let out = bg.cli(Some("carol"), &["show", &risky.id]);
@@ -209,7 +221,10 @@ fn sessions_are_summarised_and_only_clean_grants_close_as_auto_ok() {
     assert_eq!(rep["teams"][0]["name"], "oncall", "{rep:#}");
     assert_eq!(rep["targets"][0]["name"], "pg", "{rep:#}");
     assert_eq!(rep["policies"][0]["name"], "self-service", "{rep:#}");
-    let out = bg.cli(Some("carol"), &["report", "--since", "1h", "--output", "csv"]);
+    let out = bg.cli(
+        Some("carol"),
+        &["report", "--since", "1h", "--output", "csv"],
+    );
     let csv = out.ok().stdout.clone();
     assert!(csv.starts_with("dimension,name,grants,"), "{csv}");
     assert!(csv.contains("\ntotal,all,2,0,"), "{csv}");

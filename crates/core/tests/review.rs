@@ -223,7 +223,10 @@ fn findings_queue_the_grant_for_a_person_and_overdue_is_recorded_once() {
 fn emergency_and_review_always_grants_always_go_to_a_person() {
     let emergency = ended_grant("read", true);
     let always = ended_grant("admin", false);
-    assert!(always.review_required, "@review(\"always\") sets review_required");
+    assert!(
+        always.review_required,
+        "@review(\"always\") sets review_required"
+    );
     check(
         run(emergency, &[(Actor::System, triage(&[]), at(6))])
             + &run(always, &[(Actor::System, triage(&[]), at(6))]),

@@ -143,13 +143,31 @@ impl RuleSet {
         vec![
             r("ddl", "ddl", None, None, Medium),
             r("privilege_change", "privilege", None, None, High),
-            r("delete_without_where", "delete_without_where", None, None, High),
-            r("update_without_where", "update_without_where", None, None, High),
+            r(
+                "delete_without_where",
+                "delete_without_where",
+                None,
+                None,
+                High,
+            ),
+            r(
+                "update_without_where",
+                "update_without_where",
+                None,
+                None,
+                High,
+            ),
             r("truncate", "truncate", None, None, High),
             r("copy_to", "copy_to", None, None, Medium),
             r("copy_program", "copy_program", None, None, High),
             r("large_export", "read", Some(EXPORT_ROWS_MIN), None, Medium),
-            r("large_export_bytes", "read", None, Some(EXPORT_BYTES_MIN), Medium),
+            r(
+                "large_export_bytes",
+                "read",
+                None,
+                Some(EXPORT_BYTES_MIN),
+                Medium,
+            ),
             r("fastpath", "fastpath", None, None, Medium),
             r("role_setting", "role_setting", None, None, High),
             r("role_switch", "role_switch", None, None, Medium),
@@ -192,7 +210,11 @@ impl RuleSet {
                 Some(Matcher::Class(k)) => c.class == k,
                 Some(Matcher::Tag(t)) => c.tags.contains(&t),
             })
-            .filter(|r| r.pattern.as_ref().is_none_or(|p| upper.contains(p.as_str())))
+            .filter(|r| {
+                r.pattern
+                    .as_ref()
+                    .is_none_or(|p| upper.contains(p.as_str()))
+            })
             .filter(|r| r.rows_min.is_none_or(|m| rows.unwrap_or(0) >= m))
             .map(|r| (r.name.as_str(), r.severity))
             .collect()

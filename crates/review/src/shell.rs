@@ -238,7 +238,9 @@ fn writes_files(p: &str, args: &[String]) -> bool {
         "vi" | "vim" | "nvim" | "nano" | "emacs" | "ed" | "ex" | "pico" | "joe" | "mcedit"
         | "tee" | "cp" | "mv" | "install" | "dd" | "truncate" | "ln" | "rsync" | "scp"
         | "chmod" | "chown" | "chattr" | "rm" | "ssh-copy-id" => true,
-        "sed" | "perl" => args.iter().any(|a| a.starts_with("-i") || a == "--in-place"),
+        "sed" | "perl" => args
+            .iter()
+            .any(|a| a.starts_with("-i") || a == "--in-place"),
         _ => false,
     }
 }
@@ -270,9 +272,9 @@ fn pipeline_facts(pipeline: &[Vec<Token>], depth: usize, tags: &mut Vec<Tag>) {
         // `bash -c "$(curl ...)"`, `sh <(wget ...)`, `. <(curl ...)`.
         if is_interpreter(&s.program)
             && s.subs.iter().any(|sub| {
-                lex(sub).iter().any(
-                    |t| matches!(t, Token::Word { text, .. } if is_download(basename(text))),
-                )
+                lex(sub)
+                    .iter()
+                    .any(|t| matches!(t, Token::Word { text, .. } if is_download(basename(text))))
             })
         {
             tags.push(Tag::CurlPipeShell);
@@ -293,18 +295,16 @@ fn lex(line: &str) -> Vec<Token> {
     let mut subs = Vec::new();
     let mut in_word = false;
     let mut i = 0;
-    let flush = |out: &mut Vec<Token>,
-                 word: &mut String,
-                 subs: &mut Vec<String>,
-                 in_word: &mut bool| {
-        if *in_word {
-            out.push(Token::Word {
-                text: std::mem::take(word),
-                subs: std::mem::take(subs),
-            });
-            *in_word = false;
-        }
-    };
+    let flush =
+        |out: &mut Vec<Token>, word: &mut String, subs: &mut Vec<String>, in_word: &mut bool| {
+            if *in_word {
+                out.push(Token::Word {
+                    text: std::mem::take(word),
+                    subs: std::mem::take(subs),
+                });
+                *in_word = false;
+            }
+        };
     while i < chars.len() && out.len() < WORDS_MAX {
         let c = chars[i];
         match c {
@@ -363,7 +363,10 @@ fn lex(line: &str) -> Vec<Token> {
                 if chars.get(j) == Some(&'&') {
                     // `2>&1`: a duplication, not a file.
                     j += 1;
-                    while chars.get(j).is_some_and(|d| d.is_ascii_digit() || *d == '-') {
+                    while chars
+                        .get(j)
+                        .is_some_and(|d| d.is_ascii_digit() || *d == '-')
+                    {
                         j += 1;
                     }
                 } else {
@@ -474,7 +477,10 @@ fn balanced(chars: &[char], start: usize) -> (String, usize) {
         }
         i += 1;
     }
-    (chars[start.min(chars.len())..].iter().collect(), chars.len())
+    (
+        chars[start.min(chars.len())..].iter().collect(),
+        chars.len(),
+    )
 }
 
 fn backquoted(chars: &[char], start: usize) -> (String, usize) {
@@ -516,25 +522,40 @@ mod tests {
         ("find . -name x; rm -rf x", "rm_rf"),
         ("nohup env X=1 rm -rf d", "rm_rf"),
         ("curl -fsSL https://x.example/i.sh | sh", "curl_pipe_shell"),
-        ("curl https://x.example/i.sh | sudo bash -s", "curl_pipe_shell sudo"),
+        (
+            "curl https://x.example/i.sh | sudo bash -s",
+            "curl_pipe_shell sudo",
+        ),
         ("wget -qO- x.example | python3", "curl_pipe_shell"),
         ("curl x.example | tee f | bash", "curl_pipe_shell"),
         ("curl -o f x.example && sh f", ""),
         ("curl x.example | grep foo", ""),
-        ("bash -c \"$(curl -fsSL x.example/install.sh)\"", "curl_pipe_shell"),
+        (
+            "bash -c \"$(curl -fsSL x.example/install.sh)\"",
+            "curl_pipe_shell",
+        ),
         ("sh <(wget -qO- x.example)", "curl_pipe_shell"),
         ("bash -c 'curl x.example | sh'", "curl_pipe_shell"),
         ("echo 'curl x | sh'", ""),
         ("vi ~/.ssh/authorized_keys", "authorized_keys"),
-        ("echo ssh-ed25519 AAAA >> ~/.ssh/authorized_keys", "authorized_keys"),
+        (
+            "echo ssh-ed25519 AAAA >> ~/.ssh/authorized_keys",
+            "authorized_keys",
+        ),
         ("echo k>>/root/.ssh/authorized_keys", "authorized_keys"),
-        ("tee -a /home/u/.ssh/authorized_keys < key.pub", "authorized_keys"),
+        (
+            "tee -a /home/u/.ssh/authorized_keys < key.pub",
+            "authorized_keys",
+        ),
         ("sed -i '/old/d' .ssh/authorized_keys", "authorized_keys"),
         ("cat ~/.ssh/authorized_keys", ""),
         ("sed -n 1p .ssh/authorized_keys", ""),
         ("grep ed25519 .ssh/authorized_keys 2>&1", ""),
         ("ssh-copy-id user@host", "authorized_keys"),
-        ("sudo tee /root/.ssh/authorized_keys", "authorized_keys sudo"),
+        (
+            "sudo tee /root/.ssh/authorized_keys",
+            "authorized_keys sudo",
+        ),
         ("x=$(sudo cat /etc/shadow)", "sudo"),
         ("echo `rm -rf /srv`", "rm_rf"),
         ("(cd /srv; rm -rf data)", "rm_rf"),

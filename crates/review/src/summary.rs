@@ -103,12 +103,18 @@ impl Summary {
     }
 
     fn count(&mut self, class: Class) {
-        *self.statements.entry(class.as_str().to_string()).or_default() += 1;
+        *self
+            .statements
+            .entry(class.as_str().to_string())
+            .or_default() += 1;
     }
 
     fn find(&mut self, rules: &[(&str, Severity)], c: &Classified, session: &str, entry: u64) {
         for (rule, severity) in rules {
-            *self.findings_by_rule.entry((*rule).to_string()).or_default() += 1;
+            *self
+                .findings_by_rule
+                .entry((*rule).to_string())
+                .or_default() += 1;
             self.max_severity = self.max_severity.max(Some(*severity));
             if self.findings.len() < FINDINGS_MAX {
                 self.findings.push(Finding {
@@ -176,7 +182,12 @@ impl Seen {
         let rows = summary.rows_returned + summary.rows_affected;
         let found = rules.check_session(&self.classes, &self.tags, rows, summary.bytes_to_client);
         let c = Classified {
-            class: self.classes.iter().next().copied().unwrap_or(Class::Utility),
+            class: self
+                .classes
+                .iter()
+                .next()
+                .copied()
+                .unwrap_or(Class::Utility),
             tags: Vec::new(),
             normalised: format!(
                 "the session sent {} bytes to the client",
@@ -356,7 +367,8 @@ impl<'r> PostgresSession<'r> {
         while let Some(p) = self.pending.pop_front() {
             self.judge(p);
         }
-        self.seen.judge(self.rules, &mut self.summary, &self.session);
+        self.seen
+            .judge(self.rules, &mut self.summary, &self.session);
         self.summary.duration_ms = self.clock.duration_ms();
         self.summary.idle_ms = self.clock.idle_ms;
         self.summary
@@ -424,7 +436,8 @@ impl<'r> ShellSession<'r> {
     }
 
     pub fn finish(mut self) -> Summary {
-        self.seen.judge(self.rules, &mut self.summary, &self.session);
+        self.seen
+            .judge(self.rules, &mut self.summary, &self.session);
         self.summary.duration_ms = self.clock.duration_ms();
         self.summary.idle_ms = self.clock.idle_ms;
         self.summary

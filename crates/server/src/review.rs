@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path as UrlPath, State};
-use breakglass_core::lifecycle::{self, Actor, Command, LifecycleError};
+use breakglass_core::lifecycle::{self, Command, LifecycleError};
 use breakglass_core::time::{format_duration, parse_duration};
-use breakglass_core::{Principal, Request, Timestamp};
+use breakglass_core::{Actor, Principal, Request, Timestamp};
 use breakglass_gateway_postgres::recording::Recorder;
 use breakglass_review::rules::{Rule, RuleSet, Severity};
 use breakglass_review::summary::{Summary, summarise_postgres_recording};
@@ -432,18 +432,27 @@ pub struct ReviewQueue {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct QueueParams {
     /// Only reviews past their due time.
     pub overdue: Option<bool>,
 }
 
 /// The grants waiting for a person that `who` may see, oldest end first.
-pub async fn queue_for(app: &App, who: &Principal, overdue_only: bool) -> Result<ReviewQueue, AppError> {
+pub async fn queue_for(
+    app: &App,
+    who: &Principal,
+    overdue_only: bool,
+) -> Result<ReviewQueue, AppError> {
     let now = now();
     let mut out = Vec::new();
     let mut after = None;
     loop {
-        let page = app.store.unreviewed_grants(after.clone(), PAGE_LEN_MAX).await?;
+        let page = app
+            .store
+            .unreviewed_grants(after.clone(), PAGE_LEN_MAX)
+            .await?;
         let n = page.len();
         after = page.last().map(|r| r.id.clone());
         for req in page {
@@ -482,7 +491,9 @@ pub async fn queue(
     Auth(who): Auth,
     ApiQuery(p): ApiQuery<QueueParams>,
 ) -> Result<Json<ReviewQueue>, ApiError> {
-    Ok(Json(queue_for(&app, &who, p.overdue.unwrap_or(false)).await?))
+    Ok(Json(
+        queue_for(&app, &who, p.overdue.unwrap_or(false)).await?,
+    ))
 }
 
 // ---------------------------------------------------------------- reports
@@ -531,6 +542,8 @@ pub struct Report {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReportParams {
     /// How far back, as a duration (`30d`, `12h`); default `30d`.
     pub since: Option<String>,
@@ -558,7 +571,12 @@ impl Acc {
         }
         self.approvals += r.approvals.len() as u64 + u64::from(r.countersignature.is_some());
         match &r.review {
-            Some(rv) => *self.outcomes.entry(rv.outcome.as_str().to_string()).or_default() += 1,
+            Some(rv) => {
+                *self
+                    .outcomes
+                    .entry(rv.outcome.as_str().to_string())
+                    .or_default() += 1
+            }
             None if r.review_due_at.is_some() || (r.review_required && r.state.is_final()) => {
                 self.pending += 1;
                 if r.review_due_at.is_some_and(|d| now >= d) {
@@ -702,13 +720,11 @@ pub async fn report(
     if !who.admin {
         return Err(AppError::Forbidden(
             "admin_only",
-            "reports cover every grant and are readable by members of the admin groups only"
-                .into(),
+            "reports cover every grant and are readable by members of the admin groups only".into(),
         )
         .into());
     }
     let since = p.since.as_deref().unwrap_or("30d");
-    let since_s =
-        parse_duration(since).map_err(|e| AppError::BadInput(format!("since: {e}")))?;
+    let since_s = parse_duration(since).map_err(|e| AppError::BadInput(format!("since: {e}")))?;
     Ok(Json(report_for(&app, since_s).await?))
 }

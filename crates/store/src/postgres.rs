@@ -44,8 +44,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, SINCE_PAGE_LEN_MAX,
-    Store, StoreError,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
 /// Jobs the writer takes into one transaction at most.

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, SINCE_PAGE_LEN_MAX,
-    Store, StoreError,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
 /// Jobs the writer takes into one transaction at most.

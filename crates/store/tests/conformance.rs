@@ -552,7 +552,11 @@ mod suite {
         assert!(g1.review.is_some());
         let (g2, _) = apply(
             store,
-            system(&ended[1], triage(vec!["finding ddl (medium)".into()]), at(20)),
+            system(
+                &ended[1],
+                triage(vec!["finding ddl (medium)".into()]),
+                at(20),
+            ),
             at(20),
         )
         .await;
@@ -575,15 +579,9 @@ mod suite {
         assert_eq!(ids(&queue), ["g-3"]);
 
         // Reports read by creation time, in pages.
-        let all = store
-            .requests_since(at(0), None, 100)
-            .await
-            .expect("query");
+        let all = store.requests_since(at(0), None, 100).await.expect("query");
         assert_eq!(ids(&all), ["g-1", "g-2", "g-3", "p-1"]);
-        let later = store
-            .requests_since(at(2), None, 100)
-            .await
-            .expect("query");
+        let later = store.requests_since(at(2), None, 100).await.expect("query");
         assert_eq!(ids(&later), ["g-3", "p-1"], "created at or after since");
         let first = store.requests_since(at(0), None, 2).await.expect("query");
         assert_eq!(ids(&first), ["g-1", "g-2"]);
@@ -592,7 +590,11 @@ mod suite {
             .requests_since(at(0), Some((last.created_at, last.id.clone())), 2)
             .await
             .expect("query");
-        assert_eq!(ids(&next), ["g-3", "p-1"], "the next page starts after the key");
+        assert_eq!(
+            ids(&next),
+            ["g-3", "p-1"],
+            "the next page starts after the key"
+        );
     }
 
     pub async fn queries_reflect_states(store: &dyn Store) {

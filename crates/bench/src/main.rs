@@ -15,6 +15,7 @@ mod evidence;
 mod drills;
 mod gateway;
 mod nodes;
+mod review;
 mod scenarios;
 mod seed;
 mod server;
@@ -36,7 +37,7 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
                      audit-verify, memory, startup, gateway, nodes, evidence,
-                     drills
+                     drills, review
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -54,7 +55,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 12] = [
+pub const BENCHMARKS: [&str; 13] = [
     "access",
     "approve",
     "lifecycles",
@@ -67,6 +68,7 @@ pub const BENCHMARKS: [&str; 12] = [
     "nodes",
     "evidence",
     "drills",
+    "review",
 ];
 
 #[derive(Debug)]
@@ -312,6 +314,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "nodes" => c.nodes(),
                 "evidence" => c.evidence(),
                 "drills" => c.drills(),
+                "review" => c.review(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

@@ -625,6 +625,14 @@ impl Ctx {
         }
     }
 
+    /// A server on the shared seeded store, and how many requests it holds.
+    pub(crate) fn seeded_server(&mut self) -> anyhow::Result<(Server, u64)> {
+        let bin = self.bin.clone();
+        let setup = self.seeded()?;
+        let srv = Server::start(&bin, setup)?;
+        Ok((srv, self.stored_requests()))
+    }
+
     fn stored_requests(&self) -> u64 {
         self.seeded.as_ref().map_or(0, |(_, s)| s.requests)
     }

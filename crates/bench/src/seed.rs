@@ -306,6 +306,29 @@ pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
                         Timestamp(created.millis() + 600_000),
                     ));
                 }
+                // The automated review a running server does after the
+                // grant ended: most close as auto_ok, 1 in 20 of the
+                // released ones is queued for a person with a finding.
+                let ended = steps.last().map_or(created, |s| s.2);
+                let flagged = kind % 2 == 0 && i % 20 == 0;
+                steps.push((
+                    Actor::System,
+                    Command::Triage {
+                        flagged: if flagged {
+                            vec!["finding ddl (medium)".into()]
+                        } else {
+                            Vec::new()
+                        },
+                        findings: if flagged {
+                            [("ddl".to_string(), 1)].into()
+                        } else {
+                            Default::default()
+                        },
+                        evidence: serde_json::json!({"sessions": 0}),
+                        due_at: Timestamp(ended.millis() + 86_400_000),
+                    },
+                    Timestamp(ended.millis() + 1_000),
+                ));
                 for (actor, cmd, at) in steps {
                     let t = lifecycle::step(&req, &actor, &cmd, at)?;
                     req = t.request.clone();

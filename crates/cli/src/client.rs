@@ -423,6 +423,32 @@ impl Client {
         self.get(&format!("/v1/requests/{id}"), &[])
     }
 
+    /// `GET /v1/requests/{id}/summary`.
+    pub fn summary(
+        &self,
+        id: &str,
+    ) -> Result<breakglass_server::review::SummaryResponse, ApiError> {
+        self.get(&format!("/v1/requests/{id}/summary"), &[])
+    }
+
+    /// `GET /v1/reviews?overdue=`.
+    pub fn reviews(
+        &self,
+        overdue: bool,
+    ) -> Result<breakglass_server::review::ReviewQueue, ApiError> {
+        let query = if overdue {
+            vec![("overdue", "true".to_string())]
+        } else {
+            Vec::new()
+        };
+        self.get("/v1/reviews", &query)
+    }
+
+    /// `GET /v1/reports?since=`.
+    pub fn report(&self, since: &str) -> Result<breakglass_server::review::Report, ApiError> {
+        self.get("/v1/reports", &[("since", since.to_string())])
+    }
+
     /// `POST /v1/requests/{id}/approve` (also countersigns).
     pub fn approve(&self, id: &str, body: &ApproveBody) -> Result<Request, ApiError> {
         self.post(&format!("/v1/requests/{id}/approve"), Some(body))

@@ -680,7 +680,16 @@ pub fn show(ctx: &Ctx, id: &str) -> anyhow::Result<Exit> {
     if ctx.json() {
         print_json(&r)?;
     } else {
-        print_text(&render::request_block(&r, Timestamp::now()))?;
+        let mut text = render::request_block(&r, Timestamp::now());
+        // The reviewer sees the summary and findings first, the raw
+        // recording one step away (DESIGN §16). A server without summaries
+        // (or one that refuses) leaves the block out.
+        if r.activated_at.is_some()
+            && let Ok(s) = client.summary(id)
+        {
+            text.push_str(&crate::review::summary_text(&s));
+        }
+        print_text(&text)?;
     }
     Ok(Exit::Success)
 }

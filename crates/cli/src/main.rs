@@ -14,6 +14,7 @@ mod exit;
 mod login;
 mod prompt;
 mod render;
+mod review;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -145,6 +146,8 @@ impl ServerArgs {
 pub enum Output {
     Text,
     Json,
+    /// CSV tables (`report`); other commands print text.
+    Csv,
 }
 
 /// One variant per verb; a new verb is one variant here and one function
@@ -222,6 +225,16 @@ enum Command {
     /// Run a drill now, or show the history of drill runs (admins).
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// List the ended grants waiting for a person's review, oldest first.
+    #[command(
+        after_help = "Examples:\n  breakglass reviews\n  breakglass reviews --overdue --output json"
+    )]
+    Reviews(ReviewsArgs),
+    /// Report on grants: per team, target and policy (admins).
+    #[command(
+        after_help = "Examples:\n  breakglass report --since 30d\n  breakglass report --since 7d --output csv > grants.csv"
+    )]
+    Report(ReportArgs),
     /// Show who the server thinks you are, and how you signed in.
     Whoami(ServerOnly),
     /// Sign in with the organisation's identity provider (device flow by
@@ -259,6 +272,8 @@ impl Command {
             Command::Drill(DrillCommand::Run { server, .. })
             | Command::Drill(DrillCommand::Report { server, .. }) => server,
             Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
+            Command::Reviews(a) => &a.server,
+            Command::Report(a) => &a.server,
             Command::Login(a) => &a.server,
             Command::Serve(_)
             | Command::Audit(AuditCommand::Verify { .. })
@@ -477,6 +492,25 @@ struct ReasonArgs {
     /// Why; recorded in the audit log and shown to the requester.
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct ReviewsArgs {
+    /// Only the reviews past their due time (`review.due_within` after the
+    /// grant ended).
+    #[arg(long)]
+    overdue: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// How far back: requests created within this duration (`30d`, `12h`).
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    since: String,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -861,6 +895,8 @@ fn main() -> ExitCode {
         Command::Credentials(a) => cmd::credentials(&ctx, &a.id),
         Command::Connect(a) => cmd::connect(&ctx, &a.id, a.client.as_deref(), &a.args),
         Command::Sessions(a) => cmd::sessions(&ctx, &a.id),
+        Command::Reviews(a) => review::reviews(&ctx, a.overdue),
+        Command::Report(a) => review::report(&ctx, &a.since),
         Command::Recording(a) => {
             cmd::recording(&ctx, &a.id, a.format == RecordingFormat::Asciicast)
         }

@@ -104,6 +104,7 @@ fn outcome(o: ReviewOutcome) -> &'static str {
     match o {
         ReviewOutcome::Ok => "ok",
         ReviewOutcome::Misuse => "misuse",
+        ReviewOutcome::AutoOk => "auto_ok",
     }
 }
 
@@ -732,6 +733,9 @@ mod tests {
             review: None,
             approver_fresh_auth_s: None,
             drill: None,
+            review_due_at: None,
+            review_overdue: false,
+            review_findings: Default::default(),
             version: 1,
         }
     }

@@ -56,6 +56,21 @@ pub enum Command {
     /// pending request is cancelled, an active grant revoked, both with end
     /// reason `principal_removed`.
     Offboard,
+    /// The automated review of an ended grant (system only). The grant goes
+    /// to a person (`review.queued`, due at `due_at`) when it is an
+    /// emergency grant, its policy says `@review("always")`, or `flagged`
+    /// names why its summary needs one; otherwise it is closed with outcome
+    /// `auto_ok` (`request.reviewed`). Either event carries `evidence` (the
+    /// summary).
+    Triage {
+        flagged: Vec<String>,
+        findings: std::collections::BTreeMap<String, u64>,
+        evidence: serde_json::Value,
+        due_at: Timestamp,
+    },
+    /// A queued review passed its due time (system only): records
+    /// `review.overdue` once.
+    ReviewOverdue,
 }
 
 impl Command {
@@ -68,6 +83,8 @@ impl Command {
             Command::Review { .. } => "review",
             Command::Tick => "tick",
             Command::Offboard => "offboard",
+            Command::Triage { .. } => "triage",
+            Command::ReviewOverdue => "mark overdue",
         }
     }
 }
@@ -198,6 +215,9 @@ fn wrong_state(action: &'static str, req: &Request, detail: &str) -> LifecycleEr
     }
 }
 
+/// The actor name of everything the service does by itself.
+pub const SYSTEM: &str = "system";
+
 fn event(actor: &str, action: &str, req: &Request, details: serde_json::Value) -> EventDraft {
     EventDraft {
         actor: actor.to_string(),
@@ -305,8 +325,11 @@ pub fn create(
         end_reason: None,
         ended_by: None,
         end_comment: None,
-        review_required: input.emergency,
+        review_required: input.emergency || ob.review_always.is_some(),
         review: None,
+        review_due_at: None,
+        review_overdue: false,
+        review_findings: Default::default(),
         approver_fresh_auth_s: ob.approver_fresh_auth_s,
         drill: input.drill.clone(),
         version: 1,
@@ -397,7 +420,12 @@ pub fn step(
             });
         }
     }
-    if req.state.is_final() && !matches!(cmd, Command::Review { .. }) {
+    if req.state.is_final()
+        && !matches!(
+            cmd,
+            Command::Review { .. } | Command::Triage { .. } | Command::ReviewOverdue
+        )
+    {
         return Err(wrong_state(cmd.name(), req, ""));
     }
     let due = is_due(req, now);
@@ -415,7 +443,35 @@ pub fn step(
             }
             offboard(&mut next, now, &mut events);
         }
-        (Command::Tick | Command::Offboard, Actor::Principal(_)) => {
+        (
+            Command::Triage {
+                flagged,
+                findings,
+                evidence,
+                due_at,
+            },
+            Actor::System,
+        ) => {
+            next.review_findings = findings.clone();
+            triage(&mut next, flagged, evidence, *due_at, now, &mut events)?;
+        }
+        (Command::ReviewOverdue, Actor::System) => {
+            let due_at = match (req.review_due_at, &req.review) {
+                (Some(d), None) if !req.review_overdue && now >= d => d,
+                _ => return Err(LifecycleError::NotDue),
+            };
+            next.review_overdue = true;
+            events.push(event(
+                SYSTEM,
+                "review.overdue",
+                &next,
+                json!({"request_id": req.id, "due_at": due_at.to_rfc3339()}),
+            ));
+        }
+        (
+            Command::Tick | Command::Offboard | Command::Triage { .. } | Command::ReviewOverdue,
+            Actor::Principal(_),
+        ) => {
             return Err(LifecycleError::Invalid(format!(
                 "{} is for the service only",
                 cmd.name()
@@ -515,7 +571,19 @@ pub fn step(
                     ": only ended grants (expired or revoked) are reviewed",
                 ));
             }
-            if req.review.is_some() {
+            // INVARIANT: `auto_ok` is the service's alone; a person records
+            // `ok` or `misuse`, and may do so over an `auto_ok`.
+            if *outcome == ReviewOutcome::AutoOk {
+                return Err(LifecycleError::Invalid(
+                    "auto_ok is recorded by the service only; a person reviews with ok or misuse"
+                        .into(),
+                ));
+            }
+            if req
+                .review
+                .as_ref()
+                .is_some_and(|r| r.outcome != ReviewOutcome::AutoOk)
+            {
                 return Err(LifecycleError::AlreadyReviewed);
             }
             require_approver(req, p)?;
@@ -538,6 +606,80 @@ pub fn step(
         request: next,
         events,
     })
+}
+
+/// Whether an ended request was a grant the automated review looks at:
+/// it was active (expired or revoked) and nobody reviewed it yet.
+pub fn awaits_triage(req: &Request) -> bool {
+    matches!(req.state, State::Expired | State::Revoked)
+        && req.activated_at.is_some()
+        && req.review.is_none()
+        && req.review_due_at.is_none()
+}
+
+/// Reasons fixed before any summary: the grant's own kind and policy.
+pub fn review_reasons(req: &Request) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if req.emergency {
+        reasons.push("emergency grant".to_string());
+    } else if req.review_required {
+        reasons.push(format!("policy {} asks for review", req.policy));
+    }
+    reasons
+}
+
+fn triage(
+    next: &mut Request,
+    flagged: &[String],
+    evidence: &serde_json::Value,
+    due_at: Timestamp,
+    now: Timestamp,
+    events: &mut Vec<EventDraft>,
+) -> Result<(), LifecycleError> {
+    if !matches!(next.state, State::Expired | State::Revoked) || next.activated_at.is_none() {
+        return Err(LifecycleError::WrongState {
+            action: "triage",
+            state: next.state,
+            detail: ": only ended grants are reviewed".into(),
+        });
+    }
+    if next.review.is_some() {
+        return Err(LifecycleError::AlreadyReviewed);
+    }
+    if next.review_due_at.is_some() {
+        return Err(LifecycleError::WrongState {
+            action: "triage",
+            state: next.state,
+            detail: " and already queued for review".into(),
+        });
+    }
+    let mut reasons = review_reasons(next);
+    reasons.extend(flagged.iter().cloned());
+    if reasons.is_empty() {
+        let notes = "nothing in the summary needed a person".to_string();
+        next.review = Some(Review {
+            by: SYSTEM.to_string(),
+            at: now,
+            outcome: ReviewOutcome::AutoOk,
+            notes: notes.clone(),
+        });
+        events.push(event(
+            SYSTEM,
+            "request.reviewed",
+            next,
+            json!({"outcome": ReviewOutcome::AutoOk, "notes": notes, "summary": evidence}),
+        ));
+    } else {
+        next.review_required = true;
+        next.review_due_at = Some(due_at);
+        events.push(event(
+            SYSTEM,
+            "review.queued",
+            next,
+            json!({"reasons": reasons, "due_at": due_at.to_rfc3339(), "summary": evidence}),
+        ));
+    }
+    Ok(())
 }
 
 fn check_comment(comment: Option<&str>) -> Result<(), LifecycleError> {

@@ -159,14 +159,27 @@ pub struct Approval {
 pub enum ReviewOutcome {
     Ok,
     Misuse,
+    /// Closed by the service: nothing in the grant's summary needed a
+    /// person. Only the service records it, and the service records nothing
+    /// else (`lifecycle::step`).
+    AutoOk,
 }
 
 impl ReviewOutcome {
+    /// The outcomes a person may give (`auto_ok` is not one of them).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "ok" => Some(ReviewOutcome::Ok),
             "misuse" => Some(ReviewOutcome::Misuse),
             _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewOutcome::Ok => "ok",
+            ReviewOutcome::Misuse => "misuse",
+            ReviewOutcome::AutoOk => "auto_ok",
         }
     }
 }
@@ -227,6 +240,18 @@ pub struct Request {
     pub end_comment: Option<String>,
     pub review_required: bool,
     pub review: Option<Review>,
+    /// Set when the service queued the ended grant for a person's review
+    /// (`review.queued`): the review is due by then, and overdue after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub review_due_at: Option<Timestamp>,
+    /// The service has recorded `review.overdue` for this grant (once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub review_overdue: bool,
+    /// The automated review's findings, counted by rule (for reports; the
+    /// findings themselves are in the triage event's summary).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub review_findings: BTreeMap<String, u64>,
     /// From the governing policies' `@approver_fresh_auth`: approvals,
     /// denials and countersignatures need an approver who authenticated
     /// within this many seconds (or a local principal with TOTP).

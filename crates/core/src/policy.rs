@@ -53,7 +53,7 @@ action request, emergency appliesTo {
 };
 "#;
 
-const KNOWN_ANNOTATIONS: [&str; 8] = [
+const KNOWN_ANNOTATIONS: [&str; 9] = [
     "id",
     "approvals",
     "approvers",
@@ -62,6 +62,7 @@ const KNOWN_ANNOTATIONS: [&str; 8] = [
     "countersign_within",
     "approver_fresh_auth",
     "require_mfa",
+    "review",
 ];
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -136,6 +137,9 @@ pub struct Obligations {
     /// `@require_mfa`: the first governing policy (by id) that asks the
     /// requester for a second factor.
     pub require_mfa: Option<String>,
+    /// `@review("always")`: the first governing policy (by id) whose grants
+    /// always go to a person for review, findings or not.
+    pub review_always: Option<String>,
 }
 
 impl Obligations {
@@ -155,6 +159,9 @@ impl Obligations {
         };
         if self.require_mfa.is_none() {
             self.require_mfa = o.require_mfa.clone();
+        }
+        if self.review_always.is_none() {
+            self.review_always = o.review_always.clone();
         }
     }
 
@@ -210,6 +217,9 @@ impl Obligations {
         }
         if self.require_mfa.is_some() {
             s.push_str(", requester signed in with a second factor");
+        }
+        if self.review_always.is_some() {
+            s.push_str(", every grant reviewed by a person");
         }
         s
     }
@@ -749,6 +759,24 @@ fn parse_obligations<'a>(
             ));
         }
     };
+    // `@review("always")`: a person reviews every grant. `"auto"` (the
+    // default) lets the service close grants whose summary flags nothing.
+    let review_always = match get("review").map(str::trim) {
+        None | Some("auto") => None,
+        Some("always") => {
+            if approver_groups.is_empty() {
+                return Err(format!(
+                    "policy {name}: @review(\"always\") needs @approvers(\"group,...\"): approvers review"
+                ));
+            }
+            Some(name.to_string())
+        }
+        Some(other) => {
+            return Err(format!(
+                "policy {name}: @review takes \"always\" or \"auto\", got {other:?}"
+            ));
+        }
+    };
     Ok(Obligations {
         approvals,
         approver_groups,
@@ -757,5 +785,6 @@ fn parse_obligations<'a>(
         countersign_within_s,
         approver_fresh_auth_s,
         require_mfa,
+        review_always,
     })
 }

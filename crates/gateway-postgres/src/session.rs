@@ -472,6 +472,9 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         .await;
         return;
     }
+    // Bytes of the upstream's answers relayed to the client (the review's
+    // export figure), recorded in the `end` entry.
+    let mut sent_to_client: u64 = 0;
     let end = relay(
         &shared,
         &mut client,
@@ -482,6 +485,7 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
         &auth,
         &mut rec,
         &session_id,
+        &mut sent_to_client,
     )
     .await;
     let reason = match &end {
@@ -536,7 +540,11 @@ async fn run(shared: Arc<Shared>, mut client: Client, peer: SocketAddr, ready: R
     drop(upstream);
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, client.shutdown()).await;
     drop(client);
-    if let Err(e) = rec.append("end", &[("reason", Field::Str(&reason))], Timestamp::now()) {
+    let end_fields = [
+        ("bytes_to_client", Field::U64(sent_to_client)),
+        ("reason", Field::Str(&reason)),
+    ];
+    if let Err(e) = rec.append("end", &end_fields, Timestamp::now()) {
         tracing::error!(error = %e, "cannot record session end");
     }
     if let Err(e) = rec.close() {
@@ -570,6 +578,7 @@ async fn relay(
     auth: &Authorized,
     rec: &mut Recording,
     session_id: &str,
+    sent_to_client: &mut u64,
 ) -> End {
     let mut tracker = Tracker::new(auth.redact_parameters);
     // A client frame waits for earlier batches' answers (see
@@ -749,6 +758,7 @@ async fn relay(
             }
             if consumed > 0 {
                 let bytes: &[u8] = if rewritten { &out } else { &ubuf[..consumed] };
+                let len = bytes.len() as u64;
                 let write = client.write_all(bytes);
                 tokio::pin!(write);
                 let cut = tokio::select! {
@@ -756,7 +766,10 @@ async fn relay(
                     _ = cut_rx.changed() => Some(cut_reason(cut_rx)),
                     () = &mut expiry => Some("expired".to_string()),
                     r = &mut write => match r {
-                        Ok(()) => None,
+                        Ok(()) => {
+                            *sent_to_client += len;
+                            None
+                        }
                         Err(_) => return End::Closed("client_closed".into()),
                     },
                 };

@@ -489,6 +489,16 @@ impl App {
         Ok(request)
     }
 
+    /// Commits a system step computed elsewhere (the automated review).
+    pub(crate) async fn commit_step(
+        &self,
+        t: Transition,
+        now: Timestamp,
+    ) -> Result<Request, AppError> {
+        self.check_writable()?;
+        self.commit(t, now, false).await
+    }
+
     /// Reads a request the principal may see; others get `NotFound`, so ids
     /// of requests one may not see are not confirmed to exist.
     pub async fn get_visible(&self, who: &Principal, id: &str) -> Result<Request, AppError> {

@@ -42,6 +42,9 @@ pub struct Config {
     /// Drills: the real path run on a schedule against canary targets.
     #[serde(default)]
     pub drills: Vec<crate::drill_config::DrillConfig>,
+    /// `[review]`: the automated review of ended grants.
+    #[serde(default)]
+    pub review: crate::review::ReviewConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -464,6 +467,7 @@ impl Config {
         if !(1..=EMERGENCY_REVIEW_WITHIN_MAX_S).contains(&review) {
             bail!("emergency.review_within: must be between 1s and 30d");
         }
+        self.review.validate()?;
         if let Some(pg) = &self.gateway.postgres {
             pg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         }

@@ -887,7 +887,8 @@ impl Modify for BearerAuth {
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
           sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
           evidence,
-          crate::drill_api::run_drill, crate::drill_api::drill_report),
+          crate::drill_api::run_drill, crate::drill_api::drill_report,
+          crate::review::summary, crate::review::queue, crate::review::report),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -907,6 +908,9 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/requests/{id}/sessions", get(sessions))
         .route("/v1/sessions/{id}/recording", get(recording))
         .route("/v1/requests/{id}/evidence", get(evidence))
+        .route("/v1/requests/{id}/summary", get(crate::review::summary))
+        .route("/v1/reviews", get(crate::review::queue))
+        .route("/v1/reports", get(crate::review::report))
         .route("/v1/credentials/verify", post(introspect))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))

@@ -19,6 +19,7 @@ mod listener;
 pub mod metrics;
 pub mod offline;
 pub mod openapi;
+pub mod review;
 pub mod scheduler;
 pub mod ssh;
 pub mod verify;
@@ -406,6 +407,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     background.push(checkpoint::spawn_full_verify(Arc::downgrade(&app)));
     // One follower cuts the sessions of every gateway when a grant ends.
     background.push(gateway::spawn_cutter(&app));
+    // After recovery too: a grant is summarised once its sessions ended.
+    background.push(review::spawn(Arc::downgrade(&app)));
     if let Some(pg) = app.config.gateway.postgres.clone() {
         if broken.is_some() {
             tracing::error!("the PostgreSQL gateway stays off while the audit chain is broken");

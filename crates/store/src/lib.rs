@@ -25,6 +25,8 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The most rows one list or audit page returns.
 pub const PAGE_LEN_MAX: u32 = 10_000;
+/// Requests one `requests_since` page returns at most.
+pub const SINCE_PAGE_LEN_MAX: u32 = 20_000;
 
 /// The most requests [`Store::emergency_requests`] returns. A principal with
 /// this many open or unreviewed emergency requests is refused a new one.
@@ -133,6 +135,25 @@ pub trait Store: Send + Sync + 'static {
     /// or active, or ended (expired, revoked) with a review required and not
     /// given. Oldest first, at most [`EMERGENCY_REQUESTS_MAX`].
     async fn emergency_requests(&self, requester: &str) -> Result<Vec<Request>, StoreError>;
+
+    /// Ended grants (expired or revoked) without a review: those the
+    /// automated review has not looked at yet and those queued for a
+    /// person. By id, after `after`, at most `limit` (up to `PAGE_LEN_MAX`).
+    async fn unreviewed_grants(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError>;
+
+    /// Requests created at or after `since`, by `(created_at, id)`, after
+    /// the key `after`, at most `limit` (up to `SINCE_PAGE_LEN_MAX`): the
+    /// pages a report reads.
+    async fn requests_since(
+        &self,
+        since: Timestamp,
+        after: Option<(Timestamp, String)>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError>;
 
     /// Every request with a deadline (pending or active), for the scheduler.
     async fn open_requests(&self) -> Result<Vec<Request>, StoreError>;

@@ -45,7 +45,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
 /// Jobs the writer takes into one transaction at most.
@@ -158,6 +159,13 @@ CREATE TABLE drill_runs (
     drill TEXT PRIMARY KEY,
     slot BIGINT NOT NULL
 );
+"#,
+    // Reviews: ended grants nobody reviewed yet (the review queue), and
+    // requests by creation time (reports).
+    r#"
+CREATE INDEX requests_unreviewed ON requests(id)
+    WHERE state IN ('expired', 'revoked') AND (body::jsonb ->> 'review') IS NULL;
+CREATE INDEX requests_created ON requests(created_at, id);
 "#,
 ];
 
@@ -1290,6 +1298,49 @@ impl Store for PgStore {
             .await?;
         rows.iter()
             .map(|r| parse_request(&r.get::<_, String>(2)))
+            .collect()
+    }
+
+    async fn unreviewed_grants(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        // The WHERE terms are the partial index's, so the index serves it.
+        let rows = self
+            .query(
+                "SELECT body FROM requests WHERE state IN ('expired', 'revoked') AND (body::jsonb ->> 'review') IS NULL AND id > $1 ORDER BY id LIMIT $2",
+                &[
+                    &after.unwrap_or_default(),
+                    &i64::from(limit.clamp(1, PAGE_LEN_MAX)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| parse_request(&r.get::<_, String>(0)))
+            .collect()
+    }
+
+    async fn requests_since(
+        &self,
+        since: Timestamp,
+        after: Option<(Timestamp, String)>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        let (at, id) = after.unwrap_or((Timestamp(since.millis() - 1), String::new()));
+        let rows = self
+            .query(
+                "SELECT body FROM requests WHERE created_at >= $1 AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4",
+                &[
+                    &since.millis(),
+                    &at.millis(),
+                    &id,
+                    &i64::from(limit.clamp(1, SINCE_PAGE_LEN_MAX)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| parse_request(&r.get::<_, String>(0)))
             .collect()
     }
 

@@ -18,7 +18,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX, Store, StoreError,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
 /// Jobs the writer takes into one transaction at most.
@@ -127,6 +128,13 @@ CREATE TABLE drill_runs (
     drill TEXT PRIMARY KEY,
     slot INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
+"#,
+    // Reviews: ended grants nobody reviewed yet (the review queue), and
+    // requests by creation time (reports).
+    r#"
+CREATE INDEX requests_unreviewed ON requests(id)
+    WHERE state IN ('expired', 'revoked') AND json_extract(body, '$.review') IS NULL;
+CREATE INDEX requests_created ON requests(created_at, id);
 "#,
 ];
 
@@ -763,6 +771,58 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare(&sql)?;
             let rows =
                 stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for body in rows {
+                out.push(parse_request(&body?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unreviewed_grants(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        self.read_blocking(move |c| {
+            // The WHERE terms are the partial index's, so the index serves it.
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM requests WHERE state IN ('expired', 'revoked') AND json_extract(body, '$.review') IS NULL AND id > ? ORDER BY id LIMIT ?",
+            )?;
+            let rows = stmt.query_map(
+                rusqlite::params![after.unwrap_or_default(), i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+                |r| r.get::<_, String>(0),
+            )?;
+            let mut out = Vec::new();
+            for body in rows {
+                out.push(parse_request(&body?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn requests_since(
+        &self,
+        since: Timestamp,
+        after: Option<(Timestamp, String)>,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        self.read_blocking(move |c| {
+            let (at, id) = after.unwrap_or((Timestamp(since.millis() - 1), String::new()));
+            let mut stmt = c.prepare_cached(
+                "SELECT body FROM requests WHERE created_at >= ? AND (created_at, id) > (?, ?) ORDER BY created_at, id LIMIT ?",
+            )?;
+            let rows = stmt.query_map(
+                rusqlite::params![
+                    since.millis(),
+                    at.millis(),
+                    id,
+                    i64::from(limit.clamp(1, SINCE_PAGE_LEN_MAX))
+                ],
+                |r| r.get::<_, String>(0),
+            )?;
             let mut out = Vec::new();
             for body in rows {
                 out.push(parse_request(&body?)?);

@@ -83,6 +83,7 @@ mod suite {
                 countersign_within_s: None,
                 approver_fresh_auth_s: None,
                 require_mfa: None,
+                review_always: None,
             }),
             errors: Vec::new(),
         }
@@ -496,6 +497,107 @@ mod suite {
     }
 
     /// (5) `list`, `open_requests` and `count_by_state` follow transitions.
+    /// `unreviewed_grants` (the review queue) and `requests_since` (the
+    /// report's pages) after grants end and are triaged.
+    pub async fn review_queries(store: &dyn Store) {
+        let system = |req: &Request, cmd: Command, now: Timestamp| {
+            lifecycle::step(req, &Actor::System, &cmd, now).expect("the system step is valid")
+        };
+        let alice = alice();
+        // Three grants (no approval needed) and one pending request.
+        let mut grants = Vec::new();
+        for (i, id) in ["g-1", "g-2", "g-3"].into_iter().enumerate() {
+            let now = at(i as i64);
+            let (g, _) = create(store, new_request(id, &alice, 0, now), now).await;
+            assert_eq!(g.state, State::Active);
+            grants.push(g);
+        }
+        let (_, _) = create(store, new_request("p-1", &alice, 1, at(3)), at(3)).await;
+        assert!(
+            store
+                .unreviewed_grants(None, 100)
+                .await
+                .expect("query")
+                .is_empty(),
+            "live grants and pending requests are not in the queue"
+        );
+        // All three end.
+        let mut ended = Vec::new();
+        for g in &grants {
+            let t = step(
+                g,
+                &alice,
+                Command::Revoke {
+                    reason: "done".into(),
+                },
+                at(10),
+            );
+            ended.push(apply(store, t, at(10)).await.0);
+        }
+        let queue = store.unreviewed_grants(None, 100).await.expect("query");
+        assert_eq!(ids(&queue), ["g-1", "g-2", "g-3"], "by id");
+        let page = store
+            .unreviewed_grants(Some("g-1".into()), 1)
+            .await
+            .expect("query");
+        assert_eq!(ids(&page), ["g-2"], "after and limit");
+        // g-1 closes as auto_ok, g-2 is queued for a person: only g-2 and
+        // the untriaged g-3 stay in the queue.
+        let triage = |flagged: Vec<String>| Command::Triage {
+            flagged,
+            findings: BTreeMap::from([("ddl".to_string(), 2)]),
+            evidence: json!({}),
+            due_at: at(100),
+        };
+        let (g1, _) = apply(store, system(&ended[0], triage(vec![]), at(20)), at(20)).await;
+        assert!(g1.review.is_some());
+        let (g2, _) = apply(
+            store,
+            system(
+                &ended[1],
+                triage(vec!["finding ddl (medium)".into()]),
+                at(20),
+            ),
+            at(20),
+        )
+        .await;
+        let queue = store.unreviewed_grants(None, 100).await.expect("query");
+        assert_eq!(ids(&queue), ["g-2", "g-3"]);
+        assert_eq!(queue[0], g2, "the stored request, findings included");
+        assert_eq!(queue[0].review_findings.get("ddl"), Some(&2));
+        // A person's review takes it out.
+        let t = step(
+            &g2,
+            &lead(1),
+            Command::Review {
+                outcome: breakglass_core::ReviewOutcome::Ok,
+                notes: "planned".into(),
+            },
+            at(30),
+        );
+        apply(store, t, at(30)).await;
+        let queue = store.unreviewed_grants(None, 100).await.expect("query");
+        assert_eq!(ids(&queue), ["g-3"]);
+
+        // Reports read by creation time, in pages.
+        let all = store.requests_since(at(0), None, 100).await.expect("query");
+        assert_eq!(ids(&all), ["g-1", "g-2", "g-3", "p-1"]);
+        let later = store.requests_since(at(2), None, 100).await.expect("query");
+        assert_eq!(ids(&later), ["g-3", "p-1"], "created at or after since");
+        let first = store.requests_since(at(0), None, 2).await.expect("query");
+        assert_eq!(ids(&first), ["g-1", "g-2"]);
+        let last = first.last().expect("a page");
+        let next = store
+            .requests_since(at(0), Some((last.created_at, last.id.clone())), 2)
+            .await
+            .expect("query");
+        assert_eq!(
+            ids(&next),
+            ["g-3", "p-1"],
+            "the next page starts after the key"
+        );
+    }
+
     pub async fn queries_reflect_states(store: &dyn Store) {
         let (a, _) = create(store, new_request("r-a", &alice(), 1, at(0)), at(0)).await;
         let (b, _) = create(store, new_request("r-b", &alice(), 1, at(1)), at(1)).await;
@@ -1469,6 +1571,11 @@ async fn sqlite_queries_reflect_states() {
 }
 
 #[tokio::test]
+async fn sqlite_review_queries() {
+    suite::review_queries(&fresh().store).await;
+}
+
+#[tokio::test]
 async fn sqlite_event_queries_and_paging() {
     suite::event_queries_and_paging(&fresh().store).await;
 }
@@ -1579,6 +1686,11 @@ async fn pg_credential_limit_under_concurrency() {
 #[tokio::test]
 async fn pg_queries_reflect_states() {
     suite::queries_reflect_states(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_review_queries() {
+    suite::review_queries(&fresh_pg().await.store).await;
 }
 
 #[tokio::test]

@@ -518,7 +518,7 @@ impl Client {
         self.token.as_ref().map(|t| format!("Bearer {}", t.0))
     }
 
-    fn get<T: DeserializeOwned>(
+    pub(crate) fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
@@ -542,7 +542,7 @@ impl Client {
         })
     }
 
-    fn post<B: Serialize, T: DeserializeOwned>(
+    pub(crate) fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: Option<&B>,

@@ -177,7 +177,7 @@ impl Ctx {
     /// `BREAKGLASS_URL` never breaks `serve` or the offline verbs. Plain
     /// http to a non-loopback address is refused here, before anything is
     /// resolved or sent.
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let (base, roots) = self.server()?;
         let token = match &self.token {
             Some(t) => Some(t.clone()),
@@ -192,19 +192,19 @@ impl Ctx {
             .with_otp_prompt(crate::prompt::interactive()))
     }
 
-    fn json(&self) -> bool {
+    pub(crate) fn json(&self) -> bool {
         self.output == Output::Json
     }
 }
 
-fn print_text(text: &str) -> io::Result<()> {
+pub(crate) fn print_text(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
 }
 
 /// One JSON document, pretty-printed, then a newline.
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
     text.push('\n');
     print_text(&text)?;

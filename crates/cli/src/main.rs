@@ -10,6 +10,7 @@ mod cmd;
 mod credentials;
 mod exit;
 mod login;
+mod notify;
 mod prompt;
 mod render;
 
@@ -207,6 +208,10 @@ enum Command {
     /// Move the store: copy an embedded store into PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Notification sinks: send a test message, show delivery status
+    /// (admins).
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Show who the server thinks you are, and how you signed in.
     Whoami(ServerOnly),
     /// Sign in with the organisation's identity provider (device flow by
@@ -239,6 +244,8 @@ impl Command {
             Command::Connect(a) => &a.server,
             Command::Recording(a) => &a.server,
             Command::Audit(AuditCommand::Export { server, .. }) => server,
+            Command::Notify(NotifyCommand::Test { server, .. }) => server,
+            Command::Notify(NotifyCommand::Status(a)) => &a.server,
             Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
             Command::Login(a) => &a.server,
             Command::Serve(_)
@@ -494,6 +501,22 @@ enum AuditCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum NotifyCommand {
+    /// Send a test message to one sink now and report its answer (exit 1
+    /// when it was not delivered).
+    #[command(after_help = "Examples:\n  breakglass notify test oncall-slack")]
+    Test {
+        /// The sink's `name` in `[[notify]]`.
+        #[arg(value_name = "SINK")]
+        sink: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show each sink's cursor in the audit log, its lag and last error.
+    Status(ServerOnly),
 }
 
 #[derive(Debug, Subcommand)]
@@ -759,6 +782,8 @@ fn main() -> ExitCode {
             cmd::audit_verify(&ctx, &config, &key)
         }
         Command::Audit(AuditCommand::Export { after, .. }) => cmd::audit_export(&ctx, after),
+        Command::Notify(NotifyCommand::Test { sink, .. }) => notify::test(&ctx, &sink),
+        Command::Notify(NotifyCommand::Status(_)) => notify::status(&ctx),
         Command::Store(StoreCommand::Copy { from, to_env }) => {
             cmd::store_copy(&ctx, &from, &to_env)
         }

@@ -159,6 +159,10 @@ pub struct App {
     /// The PostgreSQL gateway, once started: a broken chain cuts its
     /// sessions, and online verification asks it which sessions are live.
     pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
+    /// The notification sinks, once started.
+    pub notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
+    /// The Slack integration (`None` when not configured), once started.
+    pub slack: std::sync::OnceLock<Option<crate::slack::Slack>>,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -229,6 +233,8 @@ impl App {
             recording_cursors: RecordingCursors::default(),
             witnesses: crate::checkpoint::witnesses(&config),
             gateway: std::sync::OnceLock::new(),
+            notifier: std::sync::OnceLock::new(),
+            slack: std::sync::OnceLock::new(),
             config,
         })
     }

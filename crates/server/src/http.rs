@@ -84,7 +84,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code: code.to_string(),
@@ -842,7 +842,8 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets),
+          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
+          crate::notify::notify_status, crate::notify::notify_test, crate::slack::slack_actions),
     components(schemas(Problem, AuditEventJson)),
     modifiers(&BearerAuth, &Truth)
 )]
@@ -871,6 +872,8 @@ pub fn router(app: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::notify::routes())
+        .merge(crate::slack::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             track_metrics,

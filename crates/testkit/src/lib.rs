@@ -20,6 +20,7 @@ mod certs;
 mod flood;
 pub mod oidc;
 mod pgbouncer;
+pub mod receiver;
 
 pub use certs::make_test_ca;
 pub use flood::{fd_limit, open_idle};

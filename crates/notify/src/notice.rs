@@ -151,17 +151,17 @@ pub fn build(
     let details: Value = serde_json::from_str(&event.details).unwrap_or(Value::Null);
     let (urgency, audience, summary) = describe(&event.action, &event.actor, &details, request.as_ref())?;
     let id = request.as_ref().map(|r| r.id.clone());
-    let command = id.as_ref().and_then(|id| {
+    let command = id.as_ref().map(|id| {
         let verb = match event.action.as_str() {
             "request.created" | "request.countersign_due" => "approve",
             "review.overdue" => "review",
             "request.activated" if request.as_ref().is_some_and(|r| r.emergency) => "approve",
             _ => "show",
         };
-        Some(match verb {
+        match verb {
             "review" => format!("breakglass review {id} --outcome ok|misuse --notes TEXT"),
             v => format!("breakglass {v} {id}"),
-        })
+        }
     });
     Some(Notice {
         seq: event.seq,

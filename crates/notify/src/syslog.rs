@@ -4,7 +4,6 @@
 
 use breakglass_core::audit::AuditEvent;
 use breakglass_core::Timestamp;
-use serde_json::json;
 
 /// Our private enterprise number placeholder for structured data: RFC 5424
 /// reserves 32473 for documentation and examples.
@@ -67,7 +66,7 @@ pub fn format_event(event: &AuditEvent, hostname: &str) -> String {
         sd.push_str(&format!(" request=\"{}\"", sd_value(r)));
     }
     sd.push(']');
-    let body = json!(event.to_json()).to_string();
+    let body = serde_json::to_string(&event.to_json()).unwrap_or_default();
     let mut msg = format!(
         "<{pri}>1 {} {} breakglass - {} {sd} \u{FEFF}{body}",
         event.time.to_rfc3339(),
@@ -169,20 +168,13 @@ pub fn parse_message(text: &str) -> Result<Message, SyslogError> {
         .strip_prefix("1 ")
         .ok_or(SyslogError::Malformed("version is not 1"))?;
     let mut fields = rest.splitn(6, ' ');
-    let mut next = |max: usize, what: &'static str| -> Result<&str, SyslogError> {
-        let f = fields.next().ok_or(SyslogError::Malformed(what))?;
-        if f.is_empty() || f.len() > max || !f.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(SyslogError::Malformed(what));
-        }
-        Ok(f)
-    };
-    let ts = next(64, "bad TIMESTAMP")?;
+    let ts = field(&mut fields, 64, "bad TIMESTAMP")?;
     let timestamp =
         Timestamp::parse_rfc3339(ts).map_err(|_| SyslogError::Malformed("bad TIMESTAMP"))?;
-    let hostname = next(HOSTNAME_LEN_MAX, "bad HOSTNAME")?.to_string();
-    let app_name = next(APP_NAME_LEN_MAX, "bad APP-NAME")?.to_string();
-    let _procid = next(128, "bad PROCID")?;
-    let msgid = next(MSGID_LEN_MAX, "bad MSGID")?.to_string();
+    let hostname = field(&mut fields, HOSTNAME_LEN_MAX, "bad HOSTNAME")?.to_string();
+    let app_name = field(&mut fields, APP_NAME_LEN_MAX, "bad APP-NAME")?.to_string();
+    let _procid = field(&mut fields, 128, "bad PROCID")?;
+    let msgid = field(&mut fields, MSGID_LEN_MAX, "bad MSGID")?.to_string();
     let rest = fields.next().ok_or(SyslogError::Malformed("no STRUCTURED-DATA"))?;
     let (sd, msg) = if let Some(after) = rest.strip_prefix("- ") {
         ("-".to_string(), after)
@@ -207,6 +199,19 @@ pub fn parse_message(text: &str) -> Result<Message, SyslogError> {
         structured_data: sd,
         msg: msg.to_string(),
     })
+}
+
+/// The next header field: printable ASCII, 1 to `max` bytes.
+fn field<'a>(
+    it: &mut impl Iterator<Item = &'a str>,
+    max: usize,
+    what: &'static str,
+) -> Result<&'a str, SyslogError> {
+    let f = it.next().ok_or(SyslogError::Malformed(what))?;
+    if f.is_empty() || f.len() > max || !f.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(SyslogError::Malformed(what));
+    }
+    Ok(f)
 }
 
 /// The end (exclusive) of one SD-ELEMENT at the start of `s`, honouring

@@ -31,6 +31,7 @@ use crate::dto::{
 };
 use crate::listener::ApiConn;
 use crate::openapi::Truth;
+use crate::slack::SlackSignature;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
@@ -845,7 +846,7 @@ impl Modify for BearerAuth {
           sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
           crate::notify::notify_status, crate::notify::notify_test, crate::slack::slack_actions),
     components(schemas(Problem, AuditEventJson)),
-    modifiers(&BearerAuth, &Truth)
+    modifiers(&BearerAuth, &Truth, &SlackSignature)
 )]
 pub struct ApiDoc;
 

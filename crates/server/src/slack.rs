@@ -252,7 +252,8 @@ async fn refuse(app: &App, slack: &Slack, why: &str, now_s: i64) -> ApiError {
         description = "Slack's interaction payload (`payload=<JSON>`), signed with X-Slack-Signature and X-Slack-Request-Timestamp"),
     responses((status = 200, description = "Taken; the message is updated with the outcome"),
               (status = 400, body = crate::dto::Problem), (status = 401, body = crate::dto::Problem),
-              (status = 404, body = crate::dto::Problem)))]
+              (status = 404, body = crate::dto::Problem)),
+    security(("slack_signature" = [])))]
 pub async fn slack_actions(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -429,6 +430,24 @@ async fn act(app: &App, slack_user: &str, action_id: &str, id: &str) -> Outcome 
             say("failed: internal error; see the server log".into(), view)
         }
         Err(e) => say(format!("refused: {e}"), view),
+    }
+}
+
+/// The OpenAPI security scheme of the Slack route: Slack's request
+/// signature (`X-Slack-Signature`, with `X-Slack-Request-Timestamp`).
+pub struct SlackSignature;
+
+impl utoipa::Modify for SlackSignature {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "slack_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Slack-Signature",
+                "v0=<hex HMAC-SHA256 of \"v0:{X-Slack-Request-Timestamp}:{body}\"> with the Slack app's signing secret",
+            ))),
+        );
     }
 }
 

@@ -115,6 +115,10 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     let v = wait_for(&prod, "activation", of_type("request.activated", &id)).json();
     assert_eq!(v["audience"], "requester");
     assert_eq!(v["request"]["requester"], "alice");
+    // A grant credential is issued: its token reaches no sink.
+    let (status, cred) = s.call("alice", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    assert_eq!(status, 200, "{cred}");
+    let grant_token = cred["token"].as_str().expect("token").to_string();
 
     // A denial reaches the requester too.
     let denied = create(&s, "alice", read_request("prod-db"));
@@ -164,10 +168,14 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
         "target_groups filters"
     );
 
-    // Every delivery verified, none twice.
+    // Every delivery verified, none twice, no token anywhere.
     for r in [&prod, &drills, &emergencies] {
         assert!(r.deliveries().iter().all(|d| d.signature_ok));
         assert!(r.counts_by_id().values().all(|n| *n == 1), "{:?}", r.counts_by_id());
+        for d in r.deliveries() {
+            let text = String::from_utf8_lossy(&d.body).to_string();
+            assert!(!text.contains(&grant_token) && !text.contains("token-"), "{text}");
+        }
     }
     let events = audit(&s);
     let last = events.last().expect("events")["seq"].as_u64().expect("seq");
@@ -192,6 +200,9 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
         seqs.contains(&last).then_some(())
     });
     assert!(got.is_some(), "syslog got up to seq {last}: {seqs:?}");
+    let all = String::from_utf8_lossy(&siem.bytes()).to_string();
+    assert!(all.contains("credentials.issued"), "syslog has every event");
+    assert!(!all.contains(&grant_token), "no token in the SIEM feed");
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "contiguous: {seqs:?}");
 }
 
@@ -238,7 +249,17 @@ fn retries_with_backoff_then_gives_up_with_notify_failed() {
     })
     .expect("notify.failed for the 404 sink");
     assert_eq!(gone_failed["details"]["attempts"], 1);
-    assert_eq!(gone.refused(), 1);
+    // Each event the 404 sink gets (the others' notify.failed too) is
+    // tried once and given up once.
+    poll(Duration::from_secs(10), || {
+        let given_up: Vec<Value> = audit(&s)
+            .into_iter()
+            .filter(|e| e["action"] == "notify.failed" && e["details"]["sink"] == "gone")
+            .collect();
+        assert!(given_up.iter().all(|e| e["details"]["attempts"] == 1));
+        (gone.refused() == given_up.len() as u64).then_some(())
+    })
+    .expect("one attempt per event for a 404");
 
     // The healthy sink hears of the others' failures; none of them of its own.
     wait_for(&flaky, "notify.failed of dead", |d| {
@@ -356,6 +377,44 @@ fn notify_test_reports_the_answer_and_is_audited() {
     let id = create(&s, "alice", read_request("prod-db"));
     let v = wait_for(&r, "created", of_type("request.created", &id)).json();
     assert_eq!(v["link"], format!("https://bg.example.com/requests/{id}"));
+}
+
+#[test]
+fn pagerduty_triggers_on_emergency_and_resolves_on_countersign() {
+    let pd = Receiver::start(|_| true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pd.key"), "R0UT1NGKEY0123456789abcdefABCDEF").expect("key");
+    let s = TestServer::start_configured(
+        dir,
+        &format!(
+            "[[notify]]\nname = \"pager\"\nkind = \"pagerduty\"\nurl = \"{}\"\nrouting_key_file = \"pd.key\"\n",
+            pd.url("/v2/enqueue")
+        ),
+        "",
+    );
+    // An ordinary request does not page.
+    let ordinary = create(&s, "alice", read_request("prod-db"));
+    let em = create(
+        &s,
+        "erin",
+        json!({"target": "prod-db", "role": "admin", "duration": "5m", "reason": "outage", "emergency": true}),
+    );
+    let trigger = wait_for(&pd, "trigger", |d| d.json()["event_action"] == "trigger").json();
+    assert_eq!(trigger["dedup_key"], em.as_str());
+    assert_eq!(trigger["routing_key"], "R0UT1NGKEY0123456789abcdefABCDEF");
+    assert_eq!(trigger["payload"]["severity"], "critical");
+    assert_eq!(trigger["payload"]["source"], "breakglass");
+    assert!(trigger["payload"]["summary"].as_str().expect("summary").contains("EMERGENCY"));
+    let (status, r) = s.call("bob", "POST", &format!("/v1/requests/{em}/approve"), Some(json!({})));
+    assert_eq!(status, 200, "{r}");
+    let resolve = wait_for(&pd, "resolve", |d| d.json()["event_action"] == "resolve").json();
+    assert_eq!(resolve["dedup_key"], em.as_str());
+    assert!(
+        pd.deliveries()
+            .iter()
+            .all(|d| d.json()["dedup_key"] != ordinary.as_str()),
+        "no page for an ordinary request"
+    );
 }
 
 /// Slack: a Block Kit message with buttons, and the actions route with

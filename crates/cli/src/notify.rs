@@ -16,7 +16,9 @@ pub fn test(ctx: &Ctx, sink: &str) -> anyhow::Result<Exit> {
     {
         return Err(Failure::usage(
             "bad_sink",
-            format!("{sink:?} is not a sink name (letters, digits and - _ . as in [[notify]] name)"),
+            format!(
+                "{sink:?} is not a sink name (letters, digits and - _ . as in [[notify]] name)"
+            ),
         )
         .into());
     }

@@ -44,7 +44,9 @@ fn create(api: &Api) -> String {
     let (status, r) = api.post(
         "alice",
         "/v1/requests",
-        Some(json!({"target": "prod-db", "role": "read", "duration": "10m", "reason": "disk full"})),
+        Some(
+            json!({"target": "prod-db", "role": "read", "duration": "10m", "reason": "disk full"}),
+        ),
     );
     assert_eq!(status, 201, "{r}");
     r["id"].as_str().expect("id").to_string()
@@ -87,7 +89,11 @@ fn kill_9_mid_delivery_loses_no_notification() {
         let got = created_ids(&r);
         (got == want).then_some(got)
     });
-    assert_eq!(got, Some(want), "every request.created reached the receiver");
+    assert_eq!(
+        got,
+        Some(want),
+        "every request.created reached the receiver"
+    );
 
     // Redeliveries carry the same id and the same event; every one signed.
     for d in r.deliveries() {
@@ -106,7 +112,10 @@ fn kill_9_mid_delivery_loses_no_notification() {
         .collect();
     let counts = r.counts_by_id();
     for seq in seqs {
-        assert!(counts.get(&seq.to_string()).is_some_and(|n| *n >= 1), "seq {seq} delivered");
+        assert!(
+            counts.get(&seq.to_string()).is_some_and(|n| *n >= 1),
+            "seq {seq} delivered"
+        );
     }
 }
 

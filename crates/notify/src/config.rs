@@ -246,8 +246,8 @@ impl SinkConfig {
         if !(1..=TIMEOUT_MAX_S).contains(&timeout) {
             return Err(bad("timeout", format!("must be 1s to {TIMEOUT_MAX_S}s")));
         }
-        let give_up = parse_duration(&self.give_up_after)
-            .map_err(|e| bad("give_up_after", e.to_string()))?;
+        let give_up =
+            parse_duration(&self.give_up_after).map_err(|e| bad("give_up_after", e.to_string()))?;
         if !(1..=GIVE_UP_AFTER_MAX_S).contains(&give_up) {
             return Err(bad("give_up_after", "must be 1s to 7d".into()));
         }
@@ -289,7 +289,11 @@ impl SinkConfig {
             k != SinkKind::Syslog && (self.address.is_some() || self.tls || self.ca_file.is_some()),
             "\"syslog\"",
         )?;
-        only("interactive", k != SinkKind::Slack && self.interactive, "\"slack\"")?;
+        only(
+            "interactive",
+            k != SinkKind::Slack && self.interactive,
+            "\"slack\"",
+        )?;
         match k {
             SinkKind::Webhook | SinkKind::Slack if urls == 0 => {
                 return Err(bad("url", "required (or url_env, url_file)".into()));

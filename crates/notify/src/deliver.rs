@@ -21,12 +21,19 @@ pub const BACKOFF_CAP_MS: u64 = 60_000;
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
-    Delivered { status: u16 },
+    Delivered {
+        status: u16,
+    },
     /// A timeout, a refused connection, 429 or 5xx: try again, after
     /// `after` if the receiver said when.
-    Retry { why: String, after: Option<Duration> },
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
     /// Another answer (4xx): retrying the same request will not help.
-    Fail { why: String },
+    Fail {
+        why: String,
+    },
 }
 
 /// The wait before retry number `attempt` (0 for the first retry):
@@ -202,7 +209,9 @@ pub fn send_syslog(
                 }
             };
             let mut tls_stream = rustls::StreamOwned::new(conn, stream);
-            let r = tls_stream.write_all(frames).and_then(|_| tls_stream.flush());
+            let r = tls_stream
+                .write_all(frames)
+                .and_then(|_| tls_stream.flush());
             tls_stream.conn.send_close_notify();
             let _ = tls_stream.flush();
             r
@@ -257,7 +266,10 @@ mod tests {
         assert_eq!(backoff(0, 0.0, None), Duration::from_millis(250));
         assert_eq!(backoff(0, 1.0, None), Duration::from_millis(500));
         assert_eq!(backoff(3, 0.0, None), Duration::from_millis(2000));
-        assert_eq!(backoff(30, 1.0, None), Duration::from_millis(BACKOFF_CAP_MS));
+        assert_eq!(
+            backoff(30, 1.0, None),
+            Duration::from_millis(BACKOFF_CAP_MS)
+        );
         assert_eq!(
             backoff(0, 0.5, Some(Duration::from_secs(7))),
             Duration::from_secs(7)

@@ -75,9 +75,10 @@ impl Sink {
         )
         .map_err(ctx)?
         {
-            Some(s) => Some(sign::webhook_key(&s).map_err(|e| {
-                NotifyError::Config(format!("{at}.secret_env: {e}"))
-            })?),
+            Some(s) => Some(
+                sign::webhook_key(&s)
+                    .map_err(|e| NotifyError::Config(format!("{at}.secret_env: {e}")))?,
+            ),
             None => None,
         };
         let routing_key = config::read_secret(

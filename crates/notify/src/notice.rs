@@ -149,7 +149,8 @@ pub fn build(
     links: &Links,
 ) -> Option<Notice> {
     let details: Value = serde_json::from_str(&event.details).unwrap_or(Value::Null);
-    let (urgency, audience, summary) = describe(&event.action, &event.actor, &details, request.as_ref())?;
+    let (urgency, audience, summary) =
+        describe(&event.action, &event.actor, &details, request.as_ref())?;
     let id = request.as_ref().map(|r| r.id.clone());
     let command = id.as_ref().map(|id| {
         let verb = match event.action.as_str() {
@@ -462,7 +463,9 @@ pub fn slack_message(n: &Notice, interactive: bool) -> Value {
 
 fn headline(n: &Notice) -> String {
     match (&n.request, n.action.as_str()) {
-        (Some(r), "request.created") => format!("{} asks for {} on {}", r.requester, r.role, r.target),
+        (Some(r), "request.created") => {
+            format!("{} asks for {} on {}", r.requester, r.role, r.target)
+        }
         _ => n.summary.clone(),
     }
 }

@@ -65,13 +65,7 @@ pub fn webhook_signature(key: &[u8], id: &str, timestamp_s: i64, body: &[u8]) ->
 /// Checks a `webhook-signature` header (space-separated `v1,<base64>`
 /// entries, any one of which may match) in constant time per entry. For
 /// receivers (tests, the CLI's examples); the service only signs.
-pub fn verify_webhook(
-    key: &[u8],
-    id: &str,
-    timestamp_s: i64,
-    body: &[u8],
-    header: &str,
-) -> bool {
+pub fn verify_webhook(key: &[u8], id: &str, timestamp_s: i64, body: &[u8], header: &str) -> bool {
     let want = webhook_signature(key, id, timestamp_s, body);
     header
         .split(' ')
@@ -95,10 +89,7 @@ pub enum SlackAuthError {
 /// Slack's request signature: `v0=` + hex HMAC-SHA256 of
 /// `v0:{timestamp}:{body}` with the app's signing secret.
 pub fn slack_signature(signing_secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mac = hmac_sha256(
-        signing_secret,
-        &[b"v0:", timestamp.as_bytes(), b":", body],
-    );
+    let mac = hmac_sha256(signing_secret, &[b"v0:", timestamp.as_bytes(), b":", body]);
     format!("v0={}", hex::encode(mac))
 }
 
@@ -140,8 +131,7 @@ mod tests {
     const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
     const SLACK_TS: &str = "1531420618";
     const SLACK_BODY: &str = "token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
-    const SLACK_SIG: &str =
-        "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
+    const SLACK_SIG: &str = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
 
     #[test]
     fn slack_published_example_vector() {
@@ -169,7 +159,13 @@ mod tests {
         let mut body = SLACK_BODY.to_string();
         body.push('x');
         assert_eq!(
-            verify_slack(secret, Some(SLACK_TS), Some(SLACK_SIG), body.as_bytes(), now),
+            verify_slack(
+                secret,
+                Some(SLACK_TS),
+                Some(SLACK_SIG),
+                body.as_bytes(),
+                now
+            ),
             Err(SlackAuthError::Forged)
         );
         assert_eq!(

@@ -2,8 +2,8 @@
 //! octet counting (RFC 6587 §3.4.1, RFC 5425) for TCP or TLS, and a strict
 //! decoder of such frames (for tests and fuzzing). Pure.
 
-use breakglass_core::audit::AuditEvent;
 use breakglass_core::Timestamp;
+use breakglass_core::audit::AuditEvent;
 
 /// Our private enterprise number placeholder for structured data: RFC 5424
 /// reserves 32473 for documentation and examples.
@@ -116,7 +116,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(String, usize)>, SyslogError> 
     };
     let digits = &buf[..sp];
     if digits.is_empty() || digits[0] == b'0' || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(SyslogError::BadLength(String::from_utf8_lossy(digits).into()));
+        return Err(SyslogError::BadLength(
+            String::from_utf8_lossy(digits).into(),
+        ));
     }
     let len: usize = std::str::from_utf8(digits)
         .ok()
@@ -175,7 +177,9 @@ pub fn parse_message(text: &str) -> Result<Message, SyslogError> {
     let app_name = field(&mut fields, APP_NAME_LEN_MAX, "bad APP-NAME")?.to_string();
     let _procid = field(&mut fields, 128, "bad PROCID")?;
     let msgid = field(&mut fields, MSGID_LEN_MAX, "bad MSGID")?.to_string();
-    let rest = fields.next().ok_or(SyslogError::Malformed("no STRUCTURED-DATA"))?;
+    let rest = fields
+        .next()
+        .ok_or(SyslogError::Malformed("no STRUCTURED-DATA"))?;
     let (sd, msg) = if let Some(after) = rest.strip_prefix("- ") {
         ("-".to_string(), after)
     } else if rest.starts_with('[') {
@@ -275,13 +279,31 @@ mod tests {
         for cut in [0, 1, 3, framed.len() - 1] {
             assert_eq!(decode_frame(&framed[..cut]), Ok(None), "cut at {cut}");
         }
-        assert!(matches!(decode_frame(b"012 x"), Err(SyslogError::BadLength(_))));
-        assert!(matches!(decode_frame(b"1234567 x"), Err(SyslogError::BadLength(_))));
-        assert!(matches!(decode_frame(b"999999 x"), Err(SyslogError::TooLong(_))));
-        assert!(matches!(decode_frame(b"<13>1 x"), Err(SyslogError::BadLength(_))));
-        assert!(parse_message("<13>1 - h a - - - \u{FEFF}x").is_err(), "bad timestamp");
+        assert!(matches!(
+            decode_frame(b"012 x"),
+            Err(SyslogError::BadLength(_))
+        ));
+        assert!(matches!(
+            decode_frame(b"1234567 x"),
+            Err(SyslogError::BadLength(_))
+        ));
+        assert!(matches!(
+            decode_frame(b"999999 x"),
+            Err(SyslogError::TooLong(_))
+        ));
+        assert!(matches!(
+            decode_frame(b"<13>1 x"),
+            Err(SyslogError::BadLength(_))
+        ));
+        assert!(
+            parse_message("<13>1 - h a - - - \u{FEFF}x").is_err(),
+            "bad timestamp"
+        );
         assert!(parse_message("<13>2 2026-01-01T00:00:00.000Z h a - - - x").is_err());
-        assert!(parse_message("<13>1 2026-01-01T00:00:00.000Z h a - - - x").is_err(), "no BOM");
+        assert!(
+            parse_message("<13>1 2026-01-01T00:00:00.000Z h a - - - x").is_err(),
+            "no BOM"
+        );
         assert!(parse_message("<13>1 2026-01-01T00:00:00.000Z h a - - [x a=\"]").is_err());
     }
 }

@@ -410,9 +410,7 @@ async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEv
     let notice = if cfg.kind == SinkKind::Syslog {
         None
     } else {
-        let view = req
-            .as_ref()
-            .map(|r| RequestView::new(r, drill_label(r)));
+        let view = req.as_ref().map(|r| RequestView::new(r, drill_label(r)));
         let approvers = req
             .as_ref()
             .map(|r| eligible_approvers(&a, r))
@@ -529,10 +527,15 @@ async fn countersign_reminders(
         if reseed {
             match a.store.open_requests().await {
                 Ok(open) => {
-                    due = open.iter().filter_map(|r| reminder_at(r).map(|t| (r.id.clone(), t))).collect();
+                    due = open
+                        .iter()
+                        .filter_map(|r| reminder_at(r).map(|t| (r.id.clone(), t)))
+                        .collect();
                     reseed = false;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read open requests for countersignature reminders"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read open requests for countersignature reminders")
+                }
             }
         }
         let t = now();
@@ -548,7 +551,9 @@ async fn countersign_reminders(
         let wait = due
             .values()
             .min()
-            .map(|at| Duration::from_millis(at.millis().saturating_sub(now().millis()).max(0) as u64))
+            .map(|at| {
+                Duration::from_millis(at.millis().saturating_sub(now().millis()).max(0) as u64)
+            })
             .unwrap_or(Duration::from_secs(60))
             .min(Duration::from_secs(60));
         drop(a);
@@ -591,7 +596,9 @@ fn reminder_at(r: &Request) -> Option<Timestamp> {
     let by = r.countersign_by?;
     let from = r.activated_at?;
     let window_ms = (by.millis() - from.millis()).max(0) as u64;
-    Some(Timestamp(by.millis() - countersign_warning_ms(window_ms) as i64))
+    Some(Timestamp(
+        by.millis() - countersign_warning_ms(window_ms) as i64,
+    ))
 }
 
 async fn remind(app: &App, id: &str) {
@@ -604,7 +611,10 @@ async fn remind(app: &App, id: &str) {
         return;
     }
     // Once per grant, across restarts.
-    if let Ok(events) = app.store.request_events(id, breakglass_store::PAGE_LEN_MAX).await
+    if let Ok(events) = app
+        .store
+        .request_events(id, breakglass_store::PAGE_LEN_MAX)
+        .await
         && events.iter().any(|e| e.action == "request.countersign_due")
     {
         return;
@@ -718,9 +728,9 @@ pub async fn notify_test(
         delivered: matches!(result, Attempt::Delivered { .. }),
         status: match &result {
             Attempt::Delivered { status } if *status != 0 => Some(*status),
-            Attempt::Retry { why, .. } | Attempt::Fail { why } => why
-                .strip_prefix("HTTP ")
-                .and_then(|s| s.parse().ok()),
+            Attempt::Retry { why, .. } | Attempt::Fail { why } => {
+                why.strip_prefix("HTTP ").and_then(|s| s.parse().ok())
+            }
             _ => None,
         },
         error: match &result {

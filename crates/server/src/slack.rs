@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
 use breakglass_core::lifecycle::Command;
 use breakglass_core::{EventDraft, Principal, Request};
 use breakglass_notify::notice::{self, RequestView, SLACK_ACTION_APPROVE, SLACK_ACTION_DENY};
@@ -295,8 +295,8 @@ pub async fn slack_actions(
         .find(|(k, _)| k == "payload")
         .map(|(_, v)| v.into_owned())
         .ok_or_else(|| bad("no payload field in the form"))?;
-    let it: Interaction =
-        serde_json::from_str(&payload).map_err(|_| bad("the payload is not a Slack interaction"))?;
+    let it: Interaction = serde_json::from_str(&payload)
+        .map_err(|_| bad("the payload is not a Slack interaction"))?;
     if it.kind != "block_actions" {
         return Ok(StatusCode::OK.into_response());
     }
@@ -304,10 +304,7 @@ pub async fn slack_actions(
         return Err(bad("no action in the interaction"));
     };
     let id = action.value.unwrap_or_default();
-    if id.is_empty()
-        || id.len() > SLACK_FIELD_LEN_MAX
-        || it.user.id.len() > SLACK_FIELD_LEN_MAX
-    {
+    if id.is_empty() || id.len() > SLACK_FIELD_LEN_MAX || it.user.id.len() > SLACK_FIELD_LEN_MAX {
         return Err(bad("the action names no request"));
     }
     let outcome = act(&app, &it.user.id, &action.action_id, &id).await;
@@ -330,7 +327,9 @@ pub async fn slack_actions(
                 }
             });
         } else {
-            tracing::warn!("Slack response_url is outside integrations.slack.response_url_prefix; message not updated");
+            tracing::warn!(
+                "Slack response_url is outside integrations.slack.response_url_prefix; message not updated"
+            );
         }
     }
     Ok(StatusCode::OK.into_response())
@@ -367,7 +366,9 @@ fn console_or_cli(app: &App, id: &str, verb: &str) -> String {
 
 async fn act(app: &App, slack_user: &str, action_id: &str, id: &str) -> Outcome {
     let req: Option<Request> = app.store.get(id).await.ok().flatten();
-    let view = req.as_ref().map(|r| RequestView::new(r, crate::notify::drill_label(r)));
+    let view = req
+        .as_ref()
+        .map(|r| RequestView::new(r, crate::notify::drill_label(r)));
     let say = |text: String, request: Option<RequestView>| Outcome { text, request };
     let Some(req) = req else {
         return say(format!("no request {id}"), None);
@@ -423,7 +424,10 @@ async fn act(app: &App, slack_user: &str, action_id: &str, id: &str) -> Outcome 
                     r.approvals_required
                 ),
             };
-            say(text, Some(RequestView::new(&r, crate::notify::drill_label(&r))))
+            say(
+                text,
+                Some(RequestView::new(&r, crate::notify::drill_label(&r))),
+            )
         }
         Err(e) if e.is_internal() => {
             tracing::error!(error = %e, "Slack action failed");

@@ -102,7 +102,10 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     assert_eq!(v["approvers"], json!(["bob", "carol", "lead"]));
     assert_eq!(v["urgency"], "normal");
     assert!(
-        v["summary"].as_str().expect("summary").contains("alice asks for read on prod-db"),
+        v["summary"]
+            .as_str()
+            .expect("summary")
+            .contains("alice asks for read on prod-db"),
         "{v}"
     );
     assert_eq!(v["command"], format!("breakglass approve {id}"));
@@ -110,13 +113,23 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     assert_eq!(d.header("content-type"), Some("application/json"));
 
     // A decision: the requester.
-    let (status, _) = s.call("bob", "POST", &format!("/v1/requests/{id}/approve"), Some(json!({})));
+    let (status, _) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{id}/approve"),
+        Some(json!({})),
+    );
     assert_eq!(status, 200);
     let v = wait_for(&prod, "activation", of_type("request.activated", &id)).json();
     assert_eq!(v["audience"], "requester");
     assert_eq!(v["request"]["requester"], "alice");
     // A grant credential is issued: its token reaches no sink.
-    let (status, cred) = s.call("alice", "POST", &format!("/v1/requests/{id}/credentials"), None);
+    let (status, cred) = s.call(
+        "alice",
+        "POST",
+        &format!("/v1/requests/{id}/credentials"),
+        None,
+    );
     assert_eq!(status, 200, "{cred}");
     let grant_token = cred["token"].as_str().expect("token").to_string();
 
@@ -130,7 +143,12 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     );
     assert_eq!(status, 200);
     let v = wait_for(&prod, "denial", of_type("request.denied", &denied)).json();
-    assert!(v["summary"].as_str().expect("summary").contains("use the replica"));
+    assert!(
+        v["summary"]
+            .as_str()
+            .expect("summary")
+            .contains("use the replica")
+    );
 
     // An emergency activation: every eligible approver, loudly, and the
     // emergency-only sink; then the countersignature reminder.
@@ -143,9 +161,19 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
         let v = wait_for(r, "emergency activation", of_type("request.activated", &em)).json();
         assert_eq!(v["urgency"], "high");
         assert_eq!(v["audience"], "approvers");
-        assert!(v["summary"].as_str().expect("summary").starts_with("EMERGENCY"));
+        assert!(
+            v["summary"]
+                .as_str()
+                .expect("summary")
+                .starts_with("EMERGENCY")
+        );
     }
-    let v = wait_for(&prod, "countersign reminder", of_type("request.countersign_due", &em)).json();
+    let v = wait_for(
+        &prod,
+        "countersign reminder",
+        of_type("request.countersign_due", &em),
+    )
+    .json();
     assert_eq!(v["urgency"], "high");
     assert!(
         emergencies
@@ -157,24 +185,40 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
 
     // A drill target's request goes to the drills sink only.
     let drill = create(&s, "alice", read_request("drill-db"));
-    wait_for(&drills, "drill activation", of_type("request.activated", &drill));
+    wait_for(
+        &drills,
+        "drill activation",
+        of_type("request.activated", &drill),
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        prod.deliveries().iter().all(|d| d.json()["request"]["id"] != drill),
+        prod.deliveries()
+            .iter()
+            .all(|d| d.json()["request"]["id"] != drill),
         "target_groups filters"
     );
     assert!(
-        drills.deliveries().iter().all(|d| d.json()["request"]["target"] == "drill-db"),
+        drills
+            .deliveries()
+            .iter()
+            .all(|d| d.json()["request"]["target"] == "drill-db"),
         "target_groups filters"
     );
 
     // Every delivery verified, none twice, no token anywhere.
     for r in [&prod, &drills, &emergencies] {
         assert!(r.deliveries().iter().all(|d| d.signature_ok));
-        assert!(r.counts_by_id().values().all(|n| *n == 1), "{:?}", r.counts_by_id());
+        assert!(
+            r.counts_by_id().values().all(|n| *n == 1),
+            "{:?}",
+            r.counts_by_id()
+        );
         for d in r.deliveries() {
             let text = String::from_utf8_lossy(&d.body).to_string();
-            assert!(!text.contains(&grant_token) && !text.contains("token-"), "{text}");
+            assert!(
+                !text.contains(&grant_token) && !text.contains("token-"),
+                "{text}"
+            );
         }
     }
     let events = audit(&s);
@@ -203,7 +247,10 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     let all = String::from_utf8_lossy(&siem.bytes()).to_string();
     assert!(all.contains("credentials.issued"), "syslog has every event");
     assert!(!all.contains(&grant_token), "no token in the SIEM feed");
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "contiguous: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "contiguous: {seqs:?}"
+    );
 }
 
 #[test]
@@ -223,8 +270,10 @@ fn retries_with_backoff_then_gives_up_with_notify_failed() {
     let id = create(&s, "alice", read_request("prod-db"));
 
     // 429 then recovery: delivered once, late.
-    poll(Duration::from_secs(10), || (flaky.refused() >= 2).then_some(()))
-        .expect("the 429 sink is retried");
+    poll(Duration::from_secs(10), || {
+        (flaky.refused() >= 2).then_some(())
+    })
+    .expect("the 429 sink is retried");
     flaky.set_mode(Mode::Ok);
     let d = wait_for(&flaky, "after 429", of_type("request.created", &id));
     assert!(d.signature_ok);
@@ -269,7 +318,11 @@ fn retries_with_backoff_then_gives_up_with_notify_failed() {
     let (status, _) = s.call("alice", "POST", &format!("/v1/requests/{id}/cancel"), None);
     assert_eq!(status, 200);
     let id2 = create(&s, "alice", read_request("prod-db"));
-    wait_for(&dead, "the next event after giving up", of_type("request.created", &id2));
+    wait_for(
+        &dead,
+        "the next event after giving up",
+        of_type("request.created", &id2),
+    );
     assert!(
         dead.deliveries()
             .iter()
@@ -307,8 +360,12 @@ fn a_hanging_sink_delays_neither_transitions_nor_other_sinks() {
     let started = Instant::now();
     for _ in 0..10 {
         let id = create(&s, "alice", read_request("prod-db"));
-        let (status, _) =
-            s.call("bob", "POST", &format!("/v1/requests/{id}/approve"), Some(json!({})));
+        let (status, _) = s.call(
+            "bob",
+            "POST",
+            &format!("/v1/requests/{id}/approve"),
+            Some(json!({})),
+        );
         assert_eq!(status, 200);
         ids.push(id);
     }
@@ -322,7 +379,10 @@ fn a_hanging_sink_delays_neither_transitions_nor_other_sinks() {
         "transitions and the healthy sink did not wait for the stuck one ({:?})",
         started.elapsed()
     );
-    assert!(stuck.deliveries().is_empty(), "the stuck sink never answered");
+    assert!(
+        stuck.deliveries().is_empty(),
+        "the stuck sink never answered"
+    );
     let (_, st) = s.call("dave", "GET", "/v1/notify/status", None);
     let lag = |name: &str| {
         st["sinks"]
@@ -363,7 +423,12 @@ fn notify_test_reports_the_answer_and_is_audited() {
 
     let (status, out) = s.call("dave", "POST", "/v1/notify/nope/test", None);
     assert_eq!(status, 404);
-    assert!(out["detail"].as_str().expect("detail").contains("hook, down"));
+    assert!(
+        out["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("hook, down")
+    );
     let (status, _) = s.call("alice", "POST", "/v1/notify/hook/test", None);
     assert_eq!(status, 403);
     let tested: Vec<_> = audit(&s)
@@ -383,7 +448,11 @@ fn notify_test_reports_the_answer_and_is_audited() {
 fn pagerduty_triggers_on_emergency_and_resolves_on_countersign() {
     let pd = Receiver::start(|_| true);
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("pd.key"), "R0UT1NGKEY0123456789abcdefABCDEF").expect("key");
+    std::fs::write(
+        dir.path().join("pd.key"),
+        "R0UT1NGKEY0123456789abcdefABCDEF",
+    )
+    .expect("key");
     let s = TestServer::start_configured(
         dir,
         &format!(
@@ -404,8 +473,18 @@ fn pagerduty_triggers_on_emergency_and_resolves_on_countersign() {
     assert_eq!(trigger["routing_key"], "R0UT1NGKEY0123456789abcdefABCDEF");
     assert_eq!(trigger["payload"]["severity"], "critical");
     assert_eq!(trigger["payload"]["source"], "breakglass");
-    assert!(trigger["payload"]["summary"].as_str().expect("summary").contains("EMERGENCY"));
-    let (status, r) = s.call("bob", "POST", &format!("/v1/requests/{em}/approve"), Some(json!({})));
+    assert!(
+        trigger["payload"]["summary"]
+            .as_str()
+            .expect("summary")
+            .contains("EMERGENCY")
+    );
+    let (status, r) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{em}/approve"),
+        Some(json!({})),
+    );
     assert_eq!(status, 200, "{r}");
     let resolve = wait_for(&pd, "resolve", |d| d.json()["event_action"] == "resolve").json();
     assert_eq!(resolve["dedup_key"], em.as_str());
@@ -455,12 +534,7 @@ mod slack {
     }
 
     /// POSTs an interaction as Slack would, signed at `ts` (or with `sig`).
-    fn interact(
-        s: &TestServer,
-        body: &str,
-        ts: i64,
-        sig: Option<&str>,
-    ) -> (u16, String) {
+    fn interact(s: &TestServer, body: &str, ts: i64, sig: Option<&str>) -> (u16, String) {
         let ts = ts.to_string();
         let good = slack_signature(SLACK_SECRET.as_bytes(), &ts, body.as_bytes());
         let resp = common::agent()
@@ -512,15 +586,29 @@ mod slack {
         })
         .json();
         let text = msg["blocks"].to_string();
-        for want in ["alice", "read on prod-db", "10m", "1 approval missing", "disk full on primary"] {
+        for want in [
+            "alice",
+            "read on prod-db",
+            "10m",
+            "1 approval missing",
+            "disk full on primary",
+        ] {
             assert!(text.contains(want), "{want} in {text}");
         }
         assert!(text.contains("breakglass_approve") && text.contains("breakglass_deny"));
-        assert!(text.contains(&format!("breakglass approve {id}")), "CLI command without public_url");
+        assert!(
+            text.contains(&format!("breakglass approve {id}")),
+            "CLI command without public_url"
+        );
 
         // An outsider is refused; the request stays pending.
         let respond = chat.url("/respond/1");
-        let (status, _) = interact(&s, &click("U0OTTO", "breakglass_approve", &id, &respond), now_s(), None);
+        let (status, _) = interact(
+            &s,
+            &click("U0OTTO", "breakglass_approve", &id, &respond),
+            now_s(),
+            None,
+        );
         assert_eq!(status, 200);
         let upd = wait_for(&chat, "outsider outcome", |d| d.path == "/respond/1").json();
         assert_eq!(upd["replace_original"], true);
@@ -530,7 +618,12 @@ mod slack {
         // Self-approval is refused.
         let own = create(&s, "rita", read_request("prod-db"));
         let respond = chat.url("/respond/2");
-        let (status, _) = interact(&s, &click("U0RITA", "breakglass_approve", &own, &respond), now_s(), None);
+        let (status, _) = interact(
+            &s,
+            &click("U0RITA", "breakglass_approve", &own, &respond),
+            now_s(),
+            None,
+        );
         assert_eq!(status, 200);
         let upd = wait_for(&chat, "self outcome", |d| d.path == "/respond/2").json();
         assert!(upd.to_string().contains("cannot approve"), "{upd}");
@@ -538,7 +631,12 @@ mod slack {
 
         // An unknown Slack user is told how to link.
         let respond = chat.url("/respond/3");
-        interact(&s, &click("U0NOBODY", "breakglass_approve", &id, &respond), now_s(), None);
+        interact(
+            &s,
+            &click("U0NOBODY", "breakglass_approve", &id, &respond),
+            now_s(),
+            None,
+        );
         let upd = wait_for(&chat, "unknown user", |d| d.path == "/respond/3").json();
         assert!(upd.to_string().contains("slack_user"), "{upd}");
 
@@ -550,7 +648,10 @@ mod slack {
         assert_eq!(status, 200);
         let upd = wait_for(&chat, "approval outcome", |d| d.path == "/respond/4").json();
         assert!(upd.to_string().contains("approved by sam"), "{upd}");
-        assert!(!upd.to_string().contains("breakglass_approve"), "no buttons after");
+        assert!(
+            !upd.to_string().contains("breakglass_approve"),
+            "no buttons after"
+        );
         assert_eq!(state(&s, &id), "active");
 
         // Replayed, forged, stale and unsigned calls are refused and audited.
@@ -570,7 +671,10 @@ mod slack {
             .filter(|e| e["action"] == "slack.refused")
             .map(|e| e["details"]["reason"].as_str().expect("reason").to_string())
             .collect();
-        assert_eq!(reasons, ["replayed", "bad signature", "stale timestamp", "unsigned"]);
+        assert_eq!(
+            reasons,
+            ["replayed", "bad signature", "stale timestamp", "unsigned"]
+        );
         let approvals: Vec<_> = audit(&s)
             .into_iter()
             .filter(|e| e["action"] == "request.approved" && e["request_id"] == id)
@@ -581,7 +685,12 @@ mod slack {
         // Deny from Slack.
         let other = create(&s, "alice", read_request("prod-db"));
         let respond = chat.url("/respond/5");
-        interact(&s, &click("U0SAM", "breakglass_deny", &other, &respond), now_s(), None);
+        interact(
+            &s,
+            &click("U0SAM", "breakglass_deny", &other, &respond),
+            now_s(),
+            None,
+        );
         wait_for(&chat, "deny outcome", |d| d.path == "/respond/5");
         assert_eq!(state(&s, &other), "denied");
     }
@@ -608,11 +717,17 @@ mod slack {
         );
         let id = create(&s, "alice", read_request("prod-db"));
         let respond = chat.url("/respond/fresh");
-        let (status, _) = interact(&s, &click("U0SAM", "breakglass_approve", &id, &respond), now_s(), None);
+        let (status, _) = interact(
+            &s,
+            &click("U0SAM", "breakglass_approve", &id, &respond),
+            now_s(),
+            None,
+        );
         assert_eq!(status, 200);
         let upd = wait_for(&chat, "fresh auth outcome", |d| d.path == "/respond/fresh").json();
         assert!(
-            upd.to_string().contains(&format!("https://bg.example.com/requests/{id}")),
+            upd.to_string()
+                .contains(&format!("https://bg.example.com/requests/{id}")),
             "{upd}"
         );
         assert_eq!(state(&s, &id), "pending");

@@ -114,7 +114,11 @@ impl Receiver {
 
     /// Requests answered with an error status.
     pub fn refused(&self) -> u64 {
-        *self.shared.refused.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .shared
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// How often each `webhook-id` arrived.

@@ -37,7 +37,7 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
                      audit-verify, memory, startup, gateway, nodes, evidence,
-                     drills, review
+                     drills, review, notify
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -55,7 +55,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 13] = [
+pub const BENCHMARKS: [&str; 14] = [
     "access",
     "approve",
     "lifecycles",
@@ -69,6 +69,7 @@ pub const BENCHMARKS: [&str; 13] = [
     "evidence",
     "drills",
     "review",
+    "notify",
 ];
 
 #[derive(Debug)]
@@ -315,6 +316,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "evidence" => c.evidence(),
                 "drills" => c.drills(),
                 "review" => c.review(),
+                "notify" => c.notify(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

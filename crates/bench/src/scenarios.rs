@@ -17,6 +17,8 @@ use crate::seed::{self, RequestSeed};
 use crate::server::{self, AUDITOR, Client, Server, Setup, lead, metric, requester};
 use crate::stats::{Goal, Row, Samples, fmt_mb, fmt_secs};
 
+mod notify;
+
 const MS: f64 = 1e-3;
 /// A second of a throughput run counts as quiet when other processes used
 /// less than this share of the CPUs.

@@ -12,6 +12,7 @@ mod evidence;
 mod drill;
 mod exit;
 mod login;
+mod notify;
 mod prompt;
 mod render;
 mod review;
@@ -235,6 +236,10 @@ enum Command {
         after_help = "Examples:\n  breakglass report --since 30d\n  breakglass report --since 7d --output csv > grants.csv"
     )]
     Report(ReportArgs),
+    /// Notification sinks: send a test message, show delivery status
+    /// (admins).
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Show who the server thinks you are, and how you signed in.
     Whoami(ServerOnly),
     /// Sign in with the organisation's identity provider (device flow by
@@ -271,6 +276,8 @@ impl Command {
             Command::Evidence(_) => return None,
             Command::Drill(DrillCommand::Run { server, .. })
             | Command::Drill(DrillCommand::Report { server, .. }) => server,
+            Command::Notify(NotifyCommand::Test { server, .. }) => server,
+            Command::Notify(NotifyCommand::Status(a)) => &a.server,
             Command::Whoami(a) | Command::Targets(a) | Command::Logout(a) => &a.server,
             Command::Reviews(a) => &a.server,
             Command::Report(a) => &a.server,
@@ -631,6 +638,22 @@ enum DrillCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum NotifyCommand {
+    /// Send a test message to one sink now and report its answer (exit 1
+    /// when it was not delivered).
+    #[command(after_help = "Examples:\n  breakglass notify test oncall-slack")]
+    Test {
+        /// The sink's `name` in `[[notify]]`.
+        #[arg(value_name = "SINK")]
+        sink: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show each sink's cursor in the audit log, its lag and last error.
+    Status(ServerOnly),
+}
+
+#[derive(Debug, Subcommand)]
 enum StoreCommand {
     /// Copy the embedded store of a stopped node into an empty PostgreSQL
     /// database, with seq, hashes and checkpoints unchanged (then point
@@ -915,6 +938,8 @@ fn main() -> ExitCode {
             name, load, for_, ..
         }) => drill::run(&ctx, &name, load.zip(for_.map(|f| f.text))),
         Command::Drill(DrillCommand::Report { since, .. }) => drill::report(&ctx, &since),
+        Command::Notify(NotifyCommand::Test { sink, .. }) => notify::test(&ctx, &sink),
+        Command::Notify(NotifyCommand::Status(_)) => notify::status(&ctx),
         Command::Store(StoreCommand::Copy { from, to_env }) => {
             cmd::store_copy(&ctx, &from, &to_env)
         }

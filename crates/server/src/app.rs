@@ -166,6 +166,10 @@ pub struct App {
     pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
     /// Where drills reach this node, and the drills running now.
     pub drills: crate::drill::DrillState,
+    /// The notification sinks, once started.
+    pub notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
+    /// The Slack integration (`None` when not configured), once started.
+    pub slack: std::sync::OnceLock<Option<crate::slack::Slack>>,
 }
 
 /// Credentials one grant may be issued in all. Each is valid for the whole
@@ -239,6 +243,8 @@ impl App {
             ssh_host_key: std::sync::OnceLock::new(),
             gateway: std::sync::OnceLock::new(),
             drills: crate::drill::DrillState::default(),
+            notifier: std::sync::OnceLock::new(),
+            slack: std::sync::OnceLock::new(),
             config,
         })
     }

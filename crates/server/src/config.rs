@@ -45,6 +45,12 @@ pub struct Config {
     /// `[review]`: the automated review of ended grants.
     #[serde(default)]
     pub review: crate::review::ReviewConfig,
+    /// Notification sinks (`[[notify]]`).
+    #[serde(default)]
+    pub notify: Vec<breakglass_notify::SinkConfig>,
+    /// Chat integrations that act on requests (`[integrations.slack]`).
+    #[serde(default)]
+    pub integrations: crate::slack::IntegrationsConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -153,6 +159,10 @@ pub struct ServerConfig {
     /// without it `/metrics` is open.
     #[serde(default)]
     pub metrics_token_sha256: Option<String>,
+    /// The base URL users reach the service at (the web console); links in
+    /// notifications point there. Unset: messages show the CLI command.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_feed_loss_grace() -> String {
@@ -271,6 +281,10 @@ pub struct PrincipalConfig {
     /// `totp_secret_env`.
     #[serde(default)]
     pub totp_secret_file: Option<PathBuf>,
+    /// The principal's Slack user id (`U…`): buttons pressed in Slack by
+    /// that user act as this principal.
+    #[serde(default)]
+    pub slack_user: Option<String>,
 }
 
 /// What a principal is (see [`PrincipalConfig::kind`]).
@@ -396,6 +410,10 @@ impl Config {
                 resolve(f);
             }
         }
+        for n in &mut cfg.notify {
+            n.resolve_paths(base);
+        }
+        cfg.integrations.resolve_paths(base);
         for t in &mut cfg.targets {
             for r in t.roles.values_mut() {
                 if let Some(f) = r.password_file.as_mut() {
@@ -513,6 +531,7 @@ impl Config {
             }
         }
         self.identity.validate()?;
+        crate::notify::validate(self)?;
         let prefixes = self.identity.workload_prefixes();
         for (i, p) in self.principals.iter().enumerate() {
             if let Some(prefix) = prefixes.iter().find(|w| p.name.starts_with(w.as_str())) {

@@ -32,6 +32,7 @@ use crate::dto::{
 };
 use crate::listener::ApiConn;
 use crate::openapi::Truth;
+use crate::slack::SlackSignature;
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LEN_MAX: usize = 64 * 1024;
@@ -85,7 +86,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code: code.to_string(),
@@ -888,9 +889,10 @@ impl Modify for BearerAuth {
           sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
           evidence,
           crate::drill_api::run_drill, crate::drill_api::drill_report,
-          crate::review::summary, crate::review::queue, crate::review::report),
+          crate::review::summary, crate::review::queue, crate::review::report,
+          crate::notify::notify_status, crate::notify::notify_test, crate::slack::slack_actions),
     components(schemas(Problem, AuditEventJson)),
-    modifiers(&BearerAuth, &Truth)
+    modifiers(&BearerAuth, &Truth, &SlackSignature)
 )]
 pub struct ApiDoc;
 
@@ -923,6 +925,8 @@ pub fn router(app: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::notify::routes())
+        .merge(crate::slack::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             track_metrics,

@@ -17,11 +17,13 @@ pub mod identity;
 pub mod keys;
 mod listener;
 pub mod metrics;
+pub mod notify;
 pub mod offline;
 pub mod openapi;
 pub mod review;
 pub mod scheduler;
 pub mod ssh;
+pub mod slack;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -348,6 +350,8 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
     if let Some(why) = &broken {
         tracing::error!(reason = %why, "AUDIT CHAIN BROKEN: refusing all writes until it is investigated (run `breakglass audit verify`)");
     }
+    let notifier = Arc::new(notify::Notifier::open(&config)?);
+    let slack = slack::Slack::open(&config)?;
     let metrics = Arc::new(Metrics::default());
     let interval = Duration::from_secs(config.checkpoint_interval_s());
     let app = App::new(
@@ -387,7 +391,14 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
             )
             .await?;
     }
+    let _ = app.slack.set(slack);
     let mut background = vec![app.scheduler.spawn()];
+    // Notifications follow the log from each sink's cursor; not while the
+    // chain is broken (nothing in it can be vouched for).
+    if broken.is_none() {
+        let _ = app.notifier.set(notifier.clone());
+        background.extend(notifier.spawn(&app).await?);
+    }
     if let Some(feed) = shared_feed {
         background.push(app.scheduler.spawn_follower(feed));
     }

@@ -66,6 +66,19 @@ pub struct CredentialRecord {
     pub issued_at: Timestamp,
 }
 
+/// A notification sink's place in the audit feed: every event up to `seq`
+/// has been delivered (or given up with a `notify.failed` event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyCursor {
+    pub sink: String,
+    pub seq: u64,
+    pub updated_at: Timestamp,
+    /// The newest delivery error, `None` after a success.
+    pub last_error: Option<String>,
+    /// Events given up so far.
+    pub failed: u64,
+}
+
 /// Which requests `list` returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -182,6 +195,13 @@ pub trait Store: Send + Sync + 'static {
     /// missing, `Limit` beyond [`tree::TREE_READ_LEN_MAX`]. The nodes of an
     /// event commit in its transaction.
     async fn tree_nodes(&self, nodes: &[Subtree]) -> Result<Vec<Hash>, StoreError>;
+    /// Every notification sink's cursor, by sink name.
+    async fn notify_cursors(&self) -> Result<Vec<NotifyCursor>, StoreError>;
+
+    /// Creates or updates a sink's cursor. `seq` never moves back: a lower
+    /// one keeps the stored `seq` (and still updates the rest), so a late
+    /// or concurrent writer cannot make events be delivered twice as often.
+    async fn set_notify_cursor(&self, cursor: NotifyCursor) -> Result<(), StoreError>;
 
     /// Records that `principal` used its one-time code of time step `step`:
     /// true if `step` is newer than every step recorded for it before

@@ -45,7 +45,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, NotifyCursor, PAGE_LEN_MAX,
     SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
@@ -166,6 +166,17 @@ CREATE TABLE drill_runs (
 CREATE INDEX requests_unreviewed ON requests(id)
     WHERE state IN ('expired', 'revoked') AND (body::jsonb ->> 'review') IS NULL;
 CREATE INDEX requests_created ON requests(created_at, id);
+"#,
+"#,
+    // Each notification sink's place in the audit feed.
+    r#"
+CREATE TABLE notify_cursors (
+    sink TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    last_error TEXT,
+    failed BIGINT NOT NULL DEFAULT 0
+);
 "#,
 ];
 
@@ -1452,6 +1463,49 @@ impl Store for PgStore {
             )
             .await?;
         rows.iter().map(row_to_event).collect()
+    }
+
+    async fn notify_cursors(&self) -> Result<Vec<NotifyCursor>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT sink, seq, updated_at, last_error, failed FROM notify_cursors ORDER BY sink",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| NotifyCursor {
+                sink: r.get(0),
+                seq: r.get::<_, i64>(1) as u64,
+                updated_at: Timestamp(r.get(2)),
+                last_error: r.get(3),
+                failed: r.get::<_, i64>(4) as u64,
+            })
+            .collect())
+    }
+
+    async fn set_notify_cursor(&self, c: NotifyCursor) -> Result<(), StoreError> {
+        // One statement, atomic across nodes; it needs no chain head lock.
+        // GREATEST: a node that delivered less never moves the cursor back.
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO notify_cursors (sink, seq, updated_at, last_error, failed) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sink) DO UPDATE SET \
+                 seq = GREATEST(notify_cursors.seq, excluded.seq), \
+                 updated_at = excluded.updated_at, last_error = excluded.last_error, \
+                 failed = excluded.failed",
+                &[
+                    &c.sink,
+                    &(c.seq as i64),
+                    &c.updated_at.millis(),
+                    &c.last_error,
+                    &(c.failed as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, PAGE_LEN_MAX,
+    Committed, CredentialRecord, EMERGENCY_REQUESTS_MAX, ListQuery, NotifyCursor, PAGE_LEN_MAX,
     SINCE_PAGE_LEN_MAX, Store, StoreError,
 };
 
@@ -136,6 +136,17 @@ CREATE INDEX requests_unreviewed ON requests(id)
     WHERE state IN ('expired', 'revoked') AND json_extract(body, '$.review') IS NULL;
 CREATE INDEX requests_created ON requests(created_at, id);
 "#,
+"#,
+    // Each notification sink's place in the audit feed.
+    r#"
+CREATE TABLE notify_cursors (
+    sink TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_error TEXT,
+    failed INTEGER NOT NULL DEFAULT 0
+) STRICT, WITHOUT ROWID;
+"#,
 ];
 
 #[derive(Debug, Clone)]
@@ -165,6 +176,8 @@ enum Op {
     OneTimeCode(String, u64),
     /// A drill's scheduled slot: `Conflict` if not newer.
     DrillRun(String, u64),
+    /// A notification sink's cursor (never moved back).
+    NotifyCursor(NotifyCursor),
 }
 
 struct Job {
@@ -663,6 +676,22 @@ fn apply_op(
             }
             Ok(Vec::new())
         }
+        Op::NotifyCursor(c) => {
+            conn.prepare_cached(
+                "INSERT INTO notify_cursors (sink, seq, updated_at, last_error, failed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sink) DO UPDATE SET \
+                 seq = max(notify_cursors.seq, excluded.seq), updated_at = excluded.updated_at, \
+                 last_error = excluded.last_error, failed = excluded.failed",
+            )?
+            .execute(params![
+                c.sink,
+                c.seq as i64,
+                c.updated_at.millis(),
+                c.last_error,
+                c.failed as i64
+            ])?;
+            Ok(Vec::new())
+        }
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature, root) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -957,6 +986,32 @@ impl Store for SqliteStore {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
+    }
+
+    async fn notify_cursors(&self) -> Result<Vec<NotifyCursor>, StoreError> {
+        self.read_blocking(|c| {
+            let mut stmt = c.prepare(
+                "SELECT sink, seq, updated_at, last_error, failed FROM notify_cursors ORDER BY sink",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NotifyCursor {
+                    sink: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    updated_at: Timestamp(r.get(2)?),
+                    last_error: r.get(3)?,
+                    failed: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn set_notify_cursor(&self, cursor: NotifyCursor) -> Result<(), StoreError> {
+        let time = cursor.updated_at;
+        self.submit(Op::NotifyCursor(cursor), time)
+            .await
+            .map(|_| ())
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

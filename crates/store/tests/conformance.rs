@@ -945,6 +945,57 @@ mod suite {
         assert_eq!(one.len(), 1, "the limit holds");
     }
 
+    /// A notification sink's cursor is created, updated, never moved back
+    /// (even by another node), and kept per sink.
+    pub async fn notify_cursors_only_move_forward(stores: &[&dyn Store]) {
+        use breakglass_store::NotifyCursor;
+        let store = stores[0];
+        assert!(store.notify_cursors().await.expect("read").is_empty());
+        let at = |sink: &str, seq: u64, err: Option<&str>, failed: u64| NotifyCursor {
+            sink: sink.into(),
+            seq,
+            updated_at: Timestamp(1_000 + seq as i64),
+            last_error: err.map(String::from),
+            failed,
+        };
+        store
+            .set_notify_cursor(at("hook", 5, None, 0))
+            .await
+            .expect("set");
+        store
+            .set_notify_cursor(at("siem", 2, Some("HTTP 503"), 1))
+            .await
+            .expect("set");
+        let other = stores[stores.len() - 1];
+        other
+            .set_notify_cursor(at("hook", 3, Some("timed out"), 0))
+            .await
+            .expect("a lower seq is not an error");
+        let got = store.notify_cursors().await.expect("read");
+        assert_eq!(
+            got,
+            vec![
+                NotifyCursor {
+                    sink: "hook".into(),
+                    seq: 5,
+                    updated_at: Timestamp(1_003),
+                    last_error: Some("timed out".into()),
+                    failed: 0,
+                },
+                at("siem", 2, Some("HTTP 503"), 1),
+            ],
+            "the seq stays, the error and time are updated"
+        );
+        other
+            .set_notify_cursor(at("hook", 9, None, 0))
+            .await
+            .expect("set");
+        assert_eq!(
+            store.notify_cursors().await.expect("read")[0],
+            at("hook", 9, None, 0)
+        );
+    }
+
     /// (7) `add_checkpoint` then `checkpoints` returns it, and the stored
     /// checkpoints verify against the log.
     pub async fn checkpoints_round_trip(store: &dyn Store) {
@@ -1545,6 +1596,11 @@ async fn sqlite_events_by_action() {
 }
 
 #[tokio::test]
+async fn sqlite_notify_cursors_only_move_forward() {
+    suite::notify_cursors_only_move_forward(&[&fresh().store]).await;
+}
+
+#[tokio::test]
 async fn sqlite_apply_is_compare_and_set() {
     suite::apply_is_compare_and_set(&fresh().store).await;
 }
@@ -1655,6 +1711,13 @@ async fn pg_drill_runs_are_claimed_once_across_nodes() {
 #[tokio::test]
 async fn pg_events_by_action() {
     suite::events_by_action(&fresh_pg().await.store).await;
+}
+
+#[tokio::test]
+async fn pg_notify_cursors_only_move_forward_across_nodes() {
+    let f = fresh_pg().await;
+    let other = PgStore::open(&f.url).await.expect("a second node opens");
+    suite::notify_cursors_only_move_forward(&[&f.store, &other]).await;
 }
 
 #[tokio::test]

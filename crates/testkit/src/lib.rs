@@ -21,6 +21,7 @@ mod flood;
 pub mod oidc;
 mod pgbouncer;
 pub mod sshd;
+pub mod receiver;
 
 pub use certs::make_test_ca;
 pub use flood::{fd_limit, open_idle};

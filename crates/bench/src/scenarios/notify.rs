@@ -1,0 +1,142 @@
+//! `notify`: the cost of notification sinks on the request path. The same
+//! lifecycle load and approve latency are measured without sinks and with
+//! three (a signed webhook to a live receiver, a syslog TCP receiver, and
+//! a webhook whose port refuses every connection, so it retries all the
+//! time), in interleaved rounds within one run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use breakglass_testkit::receiver::{Receiver, TcpSink};
+
+use super::{Ctx, approve, create_body, created, expect_state, revoke};
+use crate::server::{self, Client, lead, requester};
+use crate::stats::{Goal, Row, Samples, fmt_secs};
+
+/// Concurrent clients of the throughput part.
+const CLIENTS: usize = 16;
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+struct Figures {
+    rate: f64,
+    /// Approve latencies, in seconds.
+    approve: Vec<f64>,
+}
+
+impl Ctx {
+    pub fn notify(&mut self) -> anyhow::Result<()> {
+        let live = Receiver::start(|_| true);
+        let siem = TcpSink::start();
+        // Nothing listens here: every attempt is a refused connection.
+        let dead = server::free_port()?;
+        let sinks = format!(
+            "\n[[notify]]\nname = \"live\"\nkind = \"webhook\"\nurl = \"{}\"\nsecret_file = \"hook.secret\"\n\
+             \n[[notify]]\nname = \"siem\"\nkind = \"syslog\"\naddress = \"{}\"\n\
+             \n[[notify]]\nname = \"dead\"\nkind = \"webhook\"\nurl = \"http://{dead}/hook\"\nsecret_file = \"hook.secret\"\ntimeout = \"2s\"\n",
+            live.url("/hook"),
+            siem.addr
+        );
+        let rounds = self.n(3, 1);
+        let (mut without, mut with) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            without.push(self.notify_round(None)?);
+            with.push(self.notify_round(Some(&sinks))?);
+        }
+        let rate = |f: &[Figures]| f.iter().map(|x| x.rate).sum::<f64>() / f.len() as f64;
+        let p99 = |f: &[Figures]| {
+            let all: Vec<f64> = f.iter().flat_map(|x| x.approve.iter().copied()).collect();
+            Samples::from_secs(all).p99()
+        };
+        let (r0, r1) = (rate(&without), rate(&with));
+        let (p0, p1) = (p99(&without), p99(&with));
+        self.rows.push(Row::target(
+            "notify: lifecycle throughput, 3 sinks (1 dead) vs none",
+            format!("{r1:.0}/s vs {r0:.0}/s ({:.0}%)", 100.0 * r1 / r0.max(1e-9)),
+            r1 / r0.max(1e-9),
+            ">= 90%",
+            Goal::AtLeast(0.9),
+            format!("{CLIENTS} clients, {rounds} interleaved rounds each"),
+        ));
+        self.rows.push(Row::target(
+            "notify: approve p99, 3 sinks (1 dead) vs none",
+            format!(
+                "{} vs {} ({:.0}%)",
+                fmt_secs(p1),
+                fmt_secs(p0),
+                100.0 * p1 / p0.max(1e-9)
+            ),
+            p1 / p0.max(1e-9),
+            "<= 110%",
+            Goal::AtMost(1.1),
+            "sequential approvals of pending requests".to_string(),
+        ));
+        self.notes.push(format!(
+            "notify: the live webhook received {} deliveries, the syslog receiver {} bytes; the dead sink retried throughout",
+            live.deliveries().len(),
+            siem.bytes().len()
+        ));
+        Ok(())
+    }
+
+    /// One server, with `sinks` appended to its config (or none): approve
+    /// latency, then lifecycle throughput.
+    fn notify_round(&self, sinks: Option<&str>) -> anyhow::Result<Figures> {
+        let setup = server::setup()?;
+        if let Some(extra) = sinks {
+            std::fs::write(setup.dir.path().join("hook.secret"), SECRET)?;
+            let mut text = std::fs::read_to_string(&setup.config)?;
+            text.push_str(extra);
+            std::fs::write(&setup.config, text)?;
+        }
+        let srv = self.start(&setup)?;
+        let c = Client::new(&srv.url);
+        let body = create_body("prod-db", "15m");
+        let n = self.n(300, 40);
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = created(&c, &requester(i), &body, "pending")?;
+            let t0 = Instant::now();
+            let v = approve(&c, &lead(i), &id)?;
+            lat.push(t0.elapsed());
+            expect_state(&v, "active", "approve")?;
+        }
+        let window = Duration::from_secs(if self.quick { 2 } else { 5 });
+        let stop = Arc::new(AtomicBool::new(false));
+        let barrier = Arc::new(Barrier::new(CLIENTS + 1));
+        let mut handles = Vec::new();
+        for t in 0..CLIENTS {
+            let (stop, barrier, url) = (stop.clone(), barrier.clone(), srv.url.clone());
+            handles.push(std::thread::spawn(move || -> anyhow::Result<usize> {
+                let c = Client::new(&url);
+                let body = create_body("prod-db", "15m");
+                let mut done = 0;
+                barrier.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    let id = created(&c, &requester(t), &body, "pending")?;
+                    let v = approve(&c, &lead(t), &id)?;
+                    expect_state(&v, "active", "approve")?;
+                    revoke(&c, &requester(t), &id)?;
+                    done += 1;
+                }
+                Ok(done)
+            }));
+        }
+        barrier.wait();
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        stop.store(true, Ordering::Relaxed);
+        let mut count = 0;
+        for h in handles {
+            count += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        srv.stop()?;
+        Ok(Figures {
+            rate: count as f64 / secs,
+            approve: lat.iter().map(Duration::as_secs_f64).collect(),
+        })
+    }
+}

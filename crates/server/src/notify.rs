@@ -1,0 +1,767 @@
+//! Notifications (DESIGN §13): every `[[notify]]` sink follows the audit
+//! feed from its own durable cursor (`Store::notify_cursors`), decides what
+//! each event means for it, and delivers it with retries; after
+//! `give_up_after` it writes `notify.failed` and moves on. Also the
+//! `request.countersign_due` reminder and the admin API behind `breakglass
+//! notify status` and `notify test`.
+//!
+//! Delivery is at-least-once: the cursor is saved after delivery (at most
+//! every [`CURSOR_SAVE_INTERVAL_MS`]), so a crash redelivers the events
+//! after the saved cursor, with the same `webhook-id` (the event's `seq`).
+//! Each sink has its own task and one delivery in flight; a slow or dead
+//! sink delays only itself, never a transition (the feed is a broadcast
+//! that never waits for its readers) and never another sink.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use breakglass_core::audit::AuditEvent;
+use breakglass_core::{EventDraft, Request, State as ReqState, Timestamp};
+use breakglass_notify::config::SINKS_MAX;
+use breakglass_notify::deliver::backoff;
+use breakglass_notify::notice::{self, Links, RequestView};
+use breakglass_notify::{Attempt, Payload, Sink, SinkKind};
+use breakglass_store::{NotifyCursor, Store};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
+
+use crate::app::{App, AppError, now};
+use crate::config::Config;
+use crate::http::{ApiError, Auth};
+
+/// A sink's cursor is written to the store at most this often while events
+/// flow (and whenever the sink goes idle): a crash redelivers at most this
+/// much, and cursor writes never compete with transitions for the writer.
+pub const CURSOR_SAVE_INTERVAL_MS: u64 = 200;
+/// Events read from the store per page when a sink catches up.
+pub const CATCH_UP_PAGE_LEN: u32 = 256;
+/// An idle sink re-reads the log this often even without a feed wake-up.
+const IDLE_POLL_MS: u64 = 1000;
+/// The longest error text kept in a cursor and in `notify.failed`.
+pub const ERROR_LEN_MAX: usize = 300;
+/// A countersignature reminder is sent this long before the deadline at
+/// most; for short windows, a third of the window before it.
+pub const COUNTERSIGN_WARNING_MAX_S: u64 = 300;
+/// The longest `server.public_url`.
+pub const PUBLIC_URL_LEN_MAX: usize = 512;
+
+/// Checks `[[notify]]`, `server.public_url`, `slack_user` and
+/// `[integrations.slack]` without reading secrets.
+pub fn validate(config: &Config) -> anyhow::Result<()> {
+    if config.notify.len() > SINKS_MAX {
+        bail!("notify: more than {SINKS_MAX} sinks");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, s) in config.notify.iter().enumerate() {
+        let at = format!("notify[{i}]");
+        s.validate(&at).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !names.insert(s.name.as_str()) {
+            bail!("{at}.name: duplicate sink name {:?}", s.name);
+        }
+        if s.interactive && config.integrations.slack.is_none() {
+            bail!(
+                "{at}.interactive: buttons need [integrations.slack] (the signing secret that checks their calls)"
+            );
+        }
+    }
+    if let Some(url) = &config.server.public_url
+        && (url.len() > PUBLIC_URL_LEN_MAX
+            || !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        bail!(
+            "server.public_url: an http:// or https:// URL of at most {PUBLIC_URL_LEN_MAX} characters, without spaces"
+        );
+    }
+    crate::slack::validate(config)
+}
+
+/// What `GET /v1/notify/status` reports for one sink.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SinkStatus {
+    pub name: String,
+    pub kind: String,
+    /// Every event up to this `seq` has been delivered or given up.
+    pub cursor: u64,
+    /// Events committed after the cursor.
+    pub lag: u64,
+    /// The newest delivery error, cleared by a success.
+    pub last_error: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_delivered_at: Option<Timestamp>,
+    /// Events given up (each has a `notify.failed` audit event).
+    pub failed: u64,
+    /// An event is being retried right now.
+    pub retrying: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SinkStatusList {
+    /// The newest `seq` of the audit log.
+    pub head: u64,
+    pub sinks: Vec<SinkStatus>,
+}
+
+/// The answer of one test delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TestResult {
+    pub sink: String,
+    pub delivered: bool,
+    /// The receiver's HTTP status, if it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+struct Runtime {
+    sink: Arc<Sink>,
+    status: Mutex<SinkStatus>,
+}
+
+impl Runtime {
+    fn status(&self) -> std::sync::MutexGuard<'_, SinkStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The configured sinks, opened (secrets read) at start.
+pub struct Notifier {
+    sinks: Vec<Arc<Runtime>>,
+    links: Links,
+}
+
+fn cut(text: &str) -> String {
+    text.chars().take(ERROR_LEN_MAX).collect()
+}
+
+impl Notifier {
+    /// Opens every sink; an unreadable secret or CA file stops start-up
+    /// with the key at fault.
+    pub fn open(config: &Config) -> anyhow::Result<Notifier> {
+        let mut sinks = Vec::new();
+        for (i, s) in config.notify.iter().enumerate() {
+            let sink = Sink::open(s.clone(), &format!("notify[{i}]"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sinks.push(Arc::new(Runtime {
+                status: Mutex::new(SinkStatus {
+                    name: s.name.clone(),
+                    kind: s.kind.as_str().into(),
+                    cursor: 0,
+                    lag: 0,
+                    last_error: None,
+                    last_delivered_at: None,
+                    failed: 0,
+                    retrying: false,
+                }),
+                sink: Arc::new(sink),
+            }));
+        }
+        Ok(Notifier {
+            sinks,
+            links: Links {
+                public_url: config.server.public_url.clone(),
+            },
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// Loads (or creates, at the head of the log: a new sink starts with
+    /// what happens from now on) every sink's cursor, then starts one task
+    /// per sink and the countersignature reminder.
+    pub async fn spawn(
+        self: &Arc<Self>,
+        app: &Arc<App>,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut out = Vec::new();
+        if self.sinks.is_empty() {
+            return Ok(out);
+        }
+        let store = app.store.clone();
+        let cursors: BTreeMap<String, NotifyCursor> = store
+            .notify_cursors()
+            .await?
+            .into_iter()
+            .map(|c| (c.sink.clone(), c))
+            .collect();
+        let head = store.head().0;
+        for rt in &self.sinks {
+            let start = match cursors.get(rt.sink.name()) {
+                Some(c) => {
+                    let mut st = rt.status();
+                    st.last_error = c.last_error.clone();
+                    st.failed = c.failed;
+                    c.seq
+                }
+                None => {
+                    store
+                        .set_notify_cursor(NotifyCursor {
+                            sink: rt.sink.name().into(),
+                            seq: head,
+                            updated_at: now(),
+                            last_error: None,
+                            failed: 0,
+                        })
+                        .await?;
+                    head
+                }
+            };
+            rt.status().cursor = start;
+            let feed = store.subscribe();
+            out.push(tokio::spawn(run_sink(
+                Arc::downgrade(app),
+                self.clone(),
+                rt.clone(),
+                feed,
+                start,
+            )));
+        }
+        out.push(tokio::spawn(countersign_reminders(
+            Arc::downgrade(app),
+            store.subscribe(),
+        )));
+        Ok(out)
+    }
+
+    pub fn status(&self, head: u64) -> SinkStatusList {
+        SinkStatusList {
+            head,
+            sinks: self
+                .sinks
+                .iter()
+                .map(|rt| {
+                    let mut st = rt.status().clone();
+                    st.lag = head.saturating_sub(st.cursor);
+                    st
+                })
+                .collect(),
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<Runtime>> {
+        self.sinks.iter().find(|rt| rt.sink.name() == name)
+    }
+}
+
+/// The label of a request made by a drill, read in this one place.
+/// FIXME: requests do not carry a drill label yet; return `Request::drill`
+/// once it exists.
+pub(crate) fn drill_label(_req: &Request) -> Option<String> {
+    None
+}
+
+/// Everyone configured who may approve `req` (the requester never).
+/// People of the identity provider are not listed by name: the payload's
+/// `approver_groups` names their groups.
+fn eligible_approvers(app: &App, req: &Request) -> Vec<String> {
+    app.config
+        .principals
+        .iter()
+        .filter(|p| {
+            p.name != req.requester
+                && !app.config.is_service(&p.name)
+                && p.groups.iter().any(|g| req.approver_groups.contains(g))
+        })
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// Whether the request passes a sink's `target_groups` and `emergency`
+/// filters.
+fn passes_filters(app: &App, sink: &Sink, req: Option<&Request>) -> bool {
+    let cfg = &sink.config;
+    if cfg.target_groups.is_empty() && cfg.emergency.is_none() {
+        return true;
+    }
+    let Some(req) = req else {
+        // Events about no request pass only unfiltered sinks.
+        return false;
+    };
+    if let Some(e) = cfg.emergency
+        && req.emergency != e
+    {
+        return false;
+    }
+    if cfg.target_groups.is_empty() {
+        return true;
+    }
+    app.config
+        .target(&req.target)
+        .is_some_and(|t| t.groups.iter().any(|g| cfg.target_groups.contains(g)))
+}
+
+async fn run_sink(
+    app: Weak<App>,
+    notifier: Arc<Notifier>,
+    rt: Arc<Runtime>,
+    mut feed: tokio::sync::broadcast::Receiver<Arc<AuditEvent>>,
+    mut cursor: u64,
+) {
+    let mut saved = cursor;
+    let mut saved_at = Instant::now();
+    loop {
+        let Some(a) = app.upgrade() else { return };
+        let store = a.store.clone();
+        drop(a);
+        let page = match store.audit(cursor, CATCH_UP_PAGE_LEN).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(sink = rt.sink.name(), error = %e, "cannot read the audit log; retrying");
+                tokio::time::sleep(Duration::from_millis(IDLE_POLL_MS)).await;
+                continue;
+            }
+        };
+        let idle = page.is_empty();
+        for ev in page {
+            handle(&app, &notifier, &rt, &ev).await;
+            cursor = ev.seq;
+            rt.status().cursor = cursor;
+            if saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS) {
+                save(store.as_ref(), &rt, cursor).await;
+                (saved, saved_at) = (cursor, Instant::now());
+            }
+        }
+        if !idle {
+            continue;
+        }
+        if saved != cursor {
+            save(store.as_ref(), &rt, cursor).await;
+            (saved, saved_at) = (cursor, Instant::now());
+        }
+        // Idle: wait for the next event. Contiguous ones are handled
+        // straight from the feed; anything else sends us back to the log.
+        match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv()).await {
+            Ok(Ok(ev)) if ev.seq == cursor + 1 => {
+                handle(&app, &notifier, &rt, &ev).await;
+                cursor = ev.seq;
+                rt.status().cursor = cursor;
+            }
+            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => {}
+            Ok(Err(RecvError::Closed)) => return,
+        }
+    }
+}
+
+async fn save(store: &dyn Store, rt: &Runtime, seq: u64) {
+    let (last_error, failed) = {
+        let st = rt.status();
+        (st.last_error.clone(), st.failed)
+    };
+    if let Err(e) = store
+        .set_notify_cursor(NotifyCursor {
+            sink: rt.sink.name().into(),
+            seq,
+            updated_at: now(),
+            last_error,
+            failed,
+        })
+        .await
+    {
+        // The next save writes it; meanwhile a crash only redelivers.
+        tracing::warn!(sink = rt.sink.name(), error = %e, "cannot save the notification cursor");
+    }
+}
+
+/// Decides what `ev` means for this sink and delivers it.
+async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEvent) {
+    let cfg = &rt.sink.config;
+    // A sink is never told about its own failures: it could not take them.
+    if ev.action == "notify.failed"
+        && serde_json::from_str::<serde_json::Value>(&ev.details)
+            .ok()
+            .and_then(|d| d.get("sink").and_then(|s| s.as_str()).map(String::from))
+            .as_deref()
+            == Some(cfg.name.as_str())
+    {
+        return;
+    }
+    let wants = cfg.wants_action(&ev.action);
+    if !wants && !cfg.security {
+        return;
+    }
+    let Some(a) = app.upgrade() else { return };
+    let filtered = !cfg.target_groups.is_empty() || cfg.emergency.is_some();
+    let needs_request = cfg.kind != SinkKind::Syslog || filtered;
+    let req = match (&ev.request_id, needs_request) {
+        (Some(id), true) => match a.store.get(id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(sink = cfg.name, seq = ev.seq, error = %e, "cannot read the request of an event; sending without it");
+                None
+            }
+        },
+        _ => None,
+    };
+    let notice = if cfg.kind == SinkKind::Syslog {
+        None
+    } else {
+        let view = req.as_ref().map(|r| RequestView::new(r, drill_label(r)));
+        let approvers = req
+            .as_ref()
+            .map(|r| eligible_approvers(&a, r))
+            .unwrap_or_default();
+        notice::build(ev, view, approvers, &notifier.links)
+    };
+    let urgent = notice
+        .as_ref()
+        .is_some_and(|n| n.urgency == breakglass_notify::Urgency::High);
+    // A security sink gets every urgent notice whatever its filters say.
+    let pass = (wants && passes_filters(&a, &rt.sink, req.as_ref())) || (cfg.security && urgent);
+    if !pass {
+        return;
+    }
+    let Some(payload) = rt.sink.render(ev, notice.as_ref()) else {
+        return;
+    };
+    drop(a);
+    deliver(app, rt, ev, payload).await;
+}
+
+/// Delivers with retries until success, a refusal, or `give_up_after`.
+async fn deliver(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, payload: Payload) {
+    let started = Instant::now();
+    let give_up_after = rt.sink.config.give_up_after();
+    let mut attempt: u32 = 0;
+    let payload = Arc::new(payload);
+    loop {
+        let result = send_once(rt, &payload).await;
+        match result {
+            Attempt::Delivered { .. } => {
+                let mut st = rt.status();
+                st.last_error = None;
+                st.last_delivered_at = Some(now());
+                st.retrying = false;
+                return;
+            }
+            Attempt::Fail { why } => {
+                give_up(app, rt, ev, attempt + 1, &why).await;
+                return;
+            }
+            Attempt::Retry { why, after } => {
+                let wait = backoff(attempt, rand::thread_rng().r#gen::<f64>(), after);
+                {
+                    let mut st = rt.status();
+                    st.last_error = Some(cut(&why));
+                    st.retrying = true;
+                }
+                tracing::info!(sink = rt.sink.name(), seq = ev.seq, attempt = attempt + 1, error = %why, "notification not delivered; retrying");
+                if started.elapsed() + wait >= give_up_after {
+                    give_up(app, rt, ev, attempt + 1, &why).await;
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// One attempt, off the async workers (the HTTP client blocks; its
+/// timeout bounds the thread's time).
+async fn send_once(rt: &Runtime, payload: &Arc<Payload>) -> Attempt {
+    let now_s = now().millis() / 1000;
+    let sink = rt.sink.clone();
+    let p = payload.clone();
+    tokio::task::spawn_blocking(move || sink.send(&p, now_s))
+        .await
+        .unwrap_or_else(|_| Attempt::Retry {
+            why: "delivery task failed".into(),
+            after: None,
+        })
+}
+
+async fn give_up(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, attempts: u32, why: &str) {
+    {
+        let mut st = rt.status();
+        st.failed += 1;
+        st.retrying = false;
+        st.last_error = Some(cut(why));
+    }
+    tracing::error!(sink = rt.sink.name(), seq = ev.seq, attempts, error = %why, "notification given up");
+    let Some(a) = app.upgrade() else { return };
+    let draft = EventDraft {
+        actor: "system".into(),
+        action: "notify.failed".into(),
+        request_id: None,
+        details: json!({
+            "sink": rt.sink.name(),
+            "kind": rt.sink.config.kind.as_str(),
+            "seq": ev.seq,
+            "action": ev.action,
+            "event_request_id": ev.request_id,
+            "attempts": attempts,
+            "error": cut(why),
+        }),
+    };
+    if let Err(e) = a.store.append(vec![draft], now()).await {
+        tracing::error!(sink = rt.sink.name(), seq = ev.seq, error = %e, "cannot write notify.failed");
+    }
+}
+
+/// Watches emergency grants that wait for a countersignature and writes
+/// `request.countersign_due` before the deadline (see
+/// [`countersign_warning_ms`]), once per grant.
+async fn countersign_reminders(
+    app: Weak<App>,
+    mut feed: tokio::sync::broadcast::Receiver<Arc<AuditEvent>>,
+) {
+    let mut due: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut reseed = true;
+    loop {
+        let Some(a) = app.upgrade() else { return };
+        if reseed {
+            match a.store.open_requests().await {
+                Ok(open) => {
+                    due = open
+                        .iter()
+                        .filter_map(|r| reminder_at(r).map(|t| (r.id.clone(), t)))
+                        .collect();
+                    reseed = false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read open requests for countersignature reminders")
+                }
+            }
+        }
+        let t = now();
+        let ready: Vec<String> = due
+            .iter()
+            .filter(|(_, at)| **at <= t)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ready {
+            due.remove(&id);
+            remind(&a, &id).await;
+        }
+        let wait = due
+            .values()
+            .min()
+            .map(|at| {
+                Duration::from_millis(at.millis().saturating_sub(now().millis()).max(0) as u64)
+            })
+            .unwrap_or(Duration::from_secs(60))
+            .min(Duration::from_secs(60));
+        drop(a);
+        match tokio::time::timeout(wait, feed.recv()).await {
+            Ok(Ok(ev)) => {
+                let Some(id) = &ev.request_id else { continue };
+                match ev.action.as_str() {
+                    "request.activated" => {
+                        if let Some(a) = app.upgrade()
+                            && let Ok(Some(r)) = a.store.get(id).await
+                            && let Some(at) = reminder_at(&r)
+                        {
+                            due.insert(id.clone(), at);
+                        }
+                    }
+                    "request.countersigned" | "request.revoked" | "request.expired" => {
+                        due.remove(id);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Err(RecvError::Lagged(_))) => reseed = true,
+            Ok(Err(RecvError::Closed)) => return,
+            Err(_) => {}
+        }
+    }
+}
+
+/// How long before its countersignature deadline a grant's approvers are
+/// reminded, in milliseconds: [`COUNTERSIGN_WARNING_MAX_S`] (5 minutes),
+/// or a third of the window for windows shorter than 15 minutes.
+pub fn countersign_warning_ms(window_ms: u64) -> u64 {
+    (COUNTERSIGN_WARNING_MAX_S * 1000).min(window_ms / 3)
+}
+
+fn reminder_at(r: &Request) -> Option<Timestamp> {
+    if r.state != ReqState::Active || r.countersignature.is_some() {
+        return None;
+    }
+    let by = r.countersign_by?;
+    let from = r.activated_at?;
+    let window_ms = (by.millis() - from.millis()).max(0) as u64;
+    Some(Timestamp(
+        by.millis() - countersign_warning_ms(window_ms) as i64,
+    ))
+}
+
+async fn remind(app: &App, id: &str) {
+    let Ok(Some(r)) = app.store.get(id).await else {
+        return;
+    };
+    let t = now();
+    let Some(by) = r.countersign_by else { return };
+    if r.state != ReqState::Active || r.countersignature.is_some() || by <= t {
+        return;
+    }
+    // Once per grant, across restarts.
+    if let Ok(events) = app
+        .store
+        .request_events(id, breakglass_store::PAGE_LEN_MAX)
+        .await
+        && events.iter().any(|e| e.action == "request.countersign_due")
+    {
+        return;
+    }
+    let draft = EventDraft {
+        actor: "system".into(),
+        action: "request.countersign_due".into(),
+        request_id: Some(id.into()),
+        details: json!({
+            "countersign_by": by.to_rfc3339(),
+            "seconds_left": (by.millis() - t.millis()) / 1000,
+        }),
+    };
+    if let Err(e) = app.store.append(vec![draft], t).await {
+        tracing::warn!(request = id, error = %e, "cannot write request.countersign_due");
+    }
+}
+
+fn require_admin(who: &breakglass_core::Principal) -> Result<(), ApiError> {
+    if who.admin {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} is not an admin: notification sinks are for members of server.admin_groups",
+                who.name
+            ),
+        ))
+    }
+}
+
+fn notifier(app: &App) -> Result<&Arc<Notifier>, ApiError> {
+    app.notifier.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "notifications are not running (the audit chain is broken or the service is starting)",
+        )
+    })
+}
+
+/// Each sink's cursor, lag and last error (admins only).
+#[utoipa::path(get, path = "/v1/notify/status",
+    responses((status = 200, body = SinkStatusList), (status = 401, body = crate::dto::Problem),
+              (status = 403, body = crate::dto::Problem)),
+    security(("bearer" = [])))]
+pub async fn notify_status(
+    State(app): State<Arc<App>>,
+    Auth(who): Auth,
+) -> Result<Json<SinkStatusList>, ApiError> {
+    require_admin(&who)?;
+    let n = notifier(&app)?;
+    Ok(Json(n.status(app.store.head().0)))
+}
+
+/// Sends one `notify.test` message to a sink now, once, and reports its
+/// answer (admins only). Audited as `notify.tested`.
+#[utoipa::path(post, path = "/v1/notify/{sink}/test",
+    params(("sink" = String, Path, description = "The sink's name")),
+    responses((status = 200, body = TestResult), (status = 401, body = crate::dto::Problem),
+              (status = 403, body = crate::dto::Problem), (status = 404, body = crate::dto::Problem)),
+    security(("bearer" = [])))]
+pub async fn notify_test(
+    State(app): State<Arc<App>>,
+    Auth(who): Auth,
+    Path(sink): Path<String>,
+) -> Result<Json<TestResult>, ApiError> {
+    require_admin(&who)?;
+    let n = notifier(&app)?;
+    let Some(rt) = n.find(&sink) else {
+        let names: Vec<&str> = n.sinks.iter().map(|r| r.sink.name()).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no sink named {sink:?} (configured: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        ));
+    };
+    let t = now();
+    let ev = AuditEvent {
+        seq: 0,
+        time: t,
+        actor: who.name.clone(),
+        action: "notify.test".into(),
+        request_id: None,
+        details: json!({"sink": sink}).to_string(),
+        hash: [0; 32],
+    };
+    let notice = notice::build(&ev, None, Vec::new(), &n.links);
+    let mut payload = rt.sink.render(&ev, notice.as_ref());
+    if let Some(Payload::Http { id, .. }) = payload.as_mut() {
+        *id = format!("test-{}", t.millis());
+    }
+    let started = Instant::now();
+    let result = match &payload {
+        Some(p) => send_once(rt, &Arc::new(p.clone())).await,
+        None => Attempt::Fail {
+            why: "this sink sends nothing for a test event".into(),
+        },
+    };
+    let out = TestResult {
+        sink: sink.clone(),
+        delivered: matches!(result, Attempt::Delivered { .. }),
+        status: match &result {
+            Attempt::Delivered { status } if *status != 0 => Some(*status),
+            Attempt::Retry { why, .. } | Attempt::Fail { why } => {
+                why.strip_prefix("HTTP ").and_then(|s| s.parse().ok())
+            }
+            _ => None,
+        },
+        error: match &result {
+            Attempt::Delivered { .. } => None,
+            Attempt::Retry { why, .. } | Attempt::Fail { why } => Some(cut(why)),
+        },
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    app.store
+        .append(
+            vec![EventDraft {
+                actor: who.name.clone(),
+                action: "notify.tested".into(),
+                request_id: None,
+                details: json!({
+                    "sink": sink,
+                    "delivered": out.delivered,
+                    "error": out.error,
+                    "auth_method": who.authn.method.as_str(),
+                }),
+            }],
+            t,
+        )
+        .await
+        .map_err(AppError::from)?;
+    Ok(Json(out))
+}
+
+/// The routes of this module.
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/notify/status", get(notify_status))
+        .route("/v1/notify/{sink}/test", post(notify_test))
+}

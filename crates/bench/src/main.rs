@@ -10,6 +10,7 @@
 //! temp dir, and is stopped by its pid when its benchmark ends.
 
 mod baseline;
+mod console;
 mod cpu;
 mod gateway;
 mod nodes;
@@ -33,7 +34,8 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --quick            much smaller counts: a smoke run of about a minute
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
-                     audit-verify, memory, startup, gateway, nodes
+                     audit-verify, memory, startup, gateway, nodes,
+                     console
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -51,7 +53,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 10] = [
+pub const BENCHMARKS: [&str; 11] = [
     "access",
     "approve",
     "lifecycles",
@@ -62,6 +64,7 @@ pub const BENCHMARKS: [&str; 10] = [
     "startup",
     "gateway",
     "nodes",
+    "console",
 ];
 
 #[derive(Debug)]
@@ -305,6 +308,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "startup" => c.startup(),
                 "gateway" => c.gateway(),
                 "nodes" => c.nodes(),
+                "console" => c.console(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

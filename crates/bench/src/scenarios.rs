@@ -111,11 +111,11 @@ impl Ctx {
         })
     }
 
-    fn n(&self, full: usize, quick: usize) -> usize {
+    pub(crate) fn n(&self, full: usize, quick: usize) -> usize {
         if self.quick { quick } else { full }
     }
 
-    fn start(&self, setup: &Setup) -> anyhow::Result<Server> {
+    pub(crate) fn start(&self, setup: &Setup) -> anyhow::Result<Server> {
         Server::start(&self.bin, setup)
     }
 

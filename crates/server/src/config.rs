@@ -39,6 +39,9 @@ pub struct Config {
     /// principals).
     #[serde(default)]
     pub identity: crate::identity::config::IdentityConfig,
+    /// The web console at `/`.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -145,6 +148,10 @@ pub struct ServerConfig {
     /// without it `/metrics` is open.
     #[serde(default)]
     pub metrics_token_sha256: Option<String>,
+    /// The base URL users reach the service at (`https://breakglass.example.com`),
+    /// for links to its pages.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_feed_loss_grace() -> String {
@@ -391,6 +398,7 @@ impl Config {
         if self.server.database_url_env.is_some() && self.server.database_url_file.is_some() {
             bail!("server.database_url_env, server.database_url_file: set one of them, not both");
         }
+        crate::console::validate_config(self)?;
         let grace = parse_duration(&self.server.feed_loss_grace)
             .map_err(|e| anyhow::anyhow!("server.feed_loss_grace: {e}"))?;
         if !(1..=3600).contains(&grace) {

@@ -84,12 +84,17 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code: code.to_string(),
             detail: detail.into(),
         }
+    }
+
+    /// The status, stable code and message, for the web console's pages.
+    pub(crate) fn parts(&self) -> (StatusCode, &str, &str) {
+        (self.status, &self.code, &self.detail)
     }
 }
 
@@ -223,13 +228,13 @@ fn bearer(parts: &Parts) -> &str {
 
 /// The connection showed a valid token: it leaves the evictable,
 /// deadline-bound pool of unauthenticated connections (see `listener`).
-fn signed_in(parts: &Parts) {
+pub(crate) fn signed_in(parts: &Parts) {
     if let Some(ConnectInfo(conn)) = parts.extensions.get::<ConnectInfo<ApiConn>>() {
         conn.slot.authenticate();
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Whether `who` is a local service principal (`kind = "service"`): only a
 /// local token makes one; a person or workload of the same name is not.
@@ -239,7 +244,7 @@ fn is_service(app: &App, who: &Principal) -> bool {
 
 /// Service principals check credentials; they never request, approve, deny
 /// or review.
-fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
+pub(crate) fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
     if is_service(app, who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -644,7 +649,7 @@ async fn recording(
     ))
 }
 
-fn require_admin(who: &Principal) -> ApiResult<()> {
+pub(crate) fn require_admin(who: &Principal) -> ApiResult<()> {
     if who.admin {
         Ok(())
     } else {
@@ -688,6 +693,11 @@ async fn audit_verify(
     Auth(who): Auth,
 ) -> ApiResult<Json<VerifyReport>> {
     require_admin(&who)?;
+    Ok(Json(verify_report(&app).await?))
+}
+
+/// The online verification of the whole log (`GET /v1/audit/verify`).
+pub(crate) async fn verify_report(app: &App) -> ApiResult<VerifyReport> {
     let report = crate::verify::verify_store(
         app.store.as_ref(),
         &app.trusted_keys(),
@@ -698,7 +708,7 @@ async fn audit_verify(
     )
     .await
     .map_err(AppError::from)?;
-    Ok(Json(report))
+    Ok(report)
 }
 
 #[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = Problem)),
@@ -871,6 +881,7 @@ pub fn router(app: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::console::router(&app))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             track_metrics,

@@ -579,24 +579,12 @@ async fn create_request(
             form: f,
         });
     }
-    let refused = |e: PageError, f: NewForm| async move {
-        let choices = choices(&c.app, &s.principal).await?;
-        html_status(
-            e.status,
-            NewPage {
-                nav: Nav::of(&s, "new"),
-                choices,
-                form: f,
-                error: Some(e.detail),
-            },
-        )
-    };
     let Some((target, role)) = f.choice.split_once(' ') else {
         let e = PageError::bad_input("choose a target and role");
-        return refused(e, f).await;
+        return new_refused(&c, &s, e, f).await;
     };
     if let Err(e) = crate::http::require_person(&c.app, who) {
-        return refused(e.into(), f).await;
+        return new_refused(&c, &s, e.into(), f).await;
     }
     let body = CreateRequest {
         target: target.to_string(),
@@ -608,8 +596,22 @@ async fn create_request(
     };
     match c.app.create_request(who, body).await {
         Ok(req) => Ok(see_other(&format!("/requests/{}", req.id))),
-        Err(e) => refused(e.into(), f).await,
+        Err(e) => new_refused(&c, &s, e.into(), f).await,
     }
+}
+
+/// The new-request form again, with the refusal and what was entered.
+async fn new_refused(c: &ConsoleState, s: &SignedIn, e: PageError, f: NewForm) -> PageResult {
+    let choices = choices(&c.app, &s.principal).await?;
+    html_status(
+        e.status,
+        NewPage {
+            nav: Nav::of(s, "new"),
+            choices,
+            form: f,
+            error: Some(e.detail),
+        },
+    )
 }
 
 // ---------------------------------------------------------------- grants

@@ -44,7 +44,11 @@ fn get(a: &ureq::Agent, url: &str, cookie: &str) -> anyhow::Result<(u16, Vec<Str
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
-    let body = r.body_mut().with_config().limit(64 << 20).read_to_string()?;
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()?;
     Ok((r.status().as_u16(), set, body))
 }
 

@@ -151,11 +151,7 @@ fn resp_parts(r: &mut ureq::http::Response<ureq::Body>) -> (u16, Vec<String>, St
     (r.status().as_u16(), cookies, body)
 }
 
-fn post_form(
-    url: &str,
-    cookie: &str,
-    form: &[(&str, &str)],
-) -> (u16, Vec<String>, String) {
+fn post_form(url: &str, cookie: &str, form: &[(&str, &str)]) -> (u16, Vec<String>, String) {
     let body: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form)
         .finish();
@@ -258,11 +254,43 @@ fn forms_need_the_sessions_csrf_token_and_cookies_the_right_flags() {
     );
     assert_eq!(status, 401, "{body}");
 
+    // After signing in, only a path on this site: never another host.
+    let (_, set, page) = call(agent().get(format!("{base}/signin?next=//evil.example/x")));
+    let form: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("csrf", csrf_of(&page)),
+            ("token", token("alice")),
+            ("next", "//evil.example/x".to_string()),
+        ])
+        .finish();
+    let r = agent()
+        .post(format!("{base}/signin"))
+        .header("cookie", &cookie_pair(&set, "bg_signin"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send(form)
+        .expect("sign in");
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers().get("location").and_then(|v| v.to_str().ok()),
+        Some("/"),
+        "the redirect stays on this site"
+    );
+
     let (alice, line) = sign_in(base, "alice");
-    assert!(line.contains("HttpOnly") && line.contains("SameSite=Lax"), "{line}");
-    assert!(!line.contains("Secure"), "plain HTTP: no Secure flag: {line}");
+    assert!(
+        line.contains("HttpOnly") && line.contains("SameSite=Lax"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("Secure"),
+        "plain HTTP: no Secure flag: {line}"
+    );
     let (bob, _) = sign_in(base, "bob");
-    let (_, _, alice_page) = call(agent().get(format!("{base}/requests/new")).header("cookie", &alice));
+    let (_, _, alice_page) = call(
+        agent()
+            .get(format!("{base}/requests/new"))
+            .header("cookie", &alice),
+    );
     let alice_csrf = csrf_of(&alice_page);
     let (status, _, created) = post_form(
         &format!("{base}/requests"),
@@ -275,12 +303,33 @@ fn forms_need_the_sessions_csrf_token_and_cookies_the_right_flags() {
         ],
     );
     assert_eq!(status, 303, "{created}");
+    // An emergency request first asks for a second, explicit confirmation,
+    // and creates nothing until then.
+    let (status, _, page) = post_form(
+        &format!("{base}/requests"),
+        &alice,
+        &[
+            ("csrf", &alice_csrf),
+            ("choice", "pg trust"),
+            ("duration", "5m"),
+            ("reason", "emergency test"),
+            ("emergency", "yes"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Confirm the emergency request"), "{page}");
+    assert!(page.contains("name=\"confirm\" value=\"yes\""), "{page}");
     let mut r = agent()
         .get(format!("{base}/v1/requests?state=pending"))
         .header("authorization", &format!("Bearer {}", token("bob")))
         .call()
         .expect("list");
     let v: serde_json::Value = serde_json::from_str(&resp_parts(&mut r).2).expect("json");
+    assert_eq!(
+        v["requests"].as_array().map(Vec::len),
+        Some(1),
+        "only the confirmed request: {v}"
+    );
     let id = v["requests"][0]["id"].as_str().expect("id").to_string();
     let decide = format!("{base}/requests/{id}/decide");
     // Missing, another session's, and a made-up token: all refused.
@@ -291,7 +340,10 @@ fn forms_need_the_sessions_csrf_token_and_cookies_the_right_flags() {
         }
         let (status, _, body) = post_form(&decide, &bob, &form);
         assert_eq!(status, 403, "{body}");
-        assert!(body.contains("CSRF token does not belong to your session"), "{body}");
+        assert!(
+            body.contains("CSRF token does not belong to your session"),
+            "{body}"
+        );
     }
     // A made-up session cookie is no session.
     let (status, _, _) = post_form(&decide, &format!("bg_session={}", "a".repeat(64)), &[]);
@@ -301,11 +353,19 @@ fn forms_need_the_sessions_csrf_token_and_cookies_the_right_flags() {
     let (status, _, body) = post_form(
         &decide,
         &bob,
-        &[("csrf", &csrf_of(&page)), ("decision", "approve"), ("comment", "ok")],
+        &[
+            ("csrf", &csrf_of(&page)),
+            ("decision", "approve"),
+            ("comment", "ok"),
+        ],
     );
     assert_eq!(status, 303, "{body}");
     // Sign-out: the old cookie no longer works.
-    let (status, set, _) = post_form(&format!("{base}/signout"), &bob, &[("csrf", &csrf_of(&page))]);
+    let (status, set, _) = post_form(
+        &format!("{base}/signout"),
+        &bob,
+        &[("csrf", &csrf_of(&page))],
+    );
     assert_eq!(status, 303);
     assert!(set.iter().any(|c| c.starts_with("bg_session=;")), "{set:?}");
     let (status, _, _) = call(agent().get(format!("{base}/")).header("cookie", &bob));

@@ -45,7 +45,11 @@ pub fn run_script(
         bail!("{CHROMIUM} is missing: install Debian's chromium (`cargo xtask test` does)");
     }
     let modules = crate::oidc::node_modules()?;
-    if !modules.join("playwright-core").join("package.json").is_file() {
+    if !modules
+        .join("playwright-core")
+        .join("package.json")
+        .is_file()
+    {
         bail!(
             "playwright-core is not installed in {}; run `cargo xtask test`, which installs it",
             modules.display()
@@ -62,27 +66,24 @@ pub fn run_script(
     std::fs::write(&input_path, serde_json::to_vec_pretty(&input)?)?;
     let stdout_path: PathBuf = dir.path().join("stdout");
     let stderr_path: PathBuf = dir.path().join("stderr");
-    let child = Command::new("node")
-        .arg(dir.path().join(name))
-        .arg(&input_path)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path)?)
-        .stderr(std::fs::File::create(&stderr_path)?)
-        .spawn()
-        .context("cannot run `node` (Node.js 20.19 or later is needed)")?;
-    let mut child = Some(child);
+    let mut child = Child(Some(
+        Command::new("node")
+            .arg(dir.path().join(name))
+            .arg(&input_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path)?)
+            .stderr(std::fs::File::create(&stderr_path)?)
+            .spawn()
+            .context("cannot run `node` (Node.js 20.19 or later is needed)")?,
+    ));
     let deadline = Instant::now() + limit;
     let status = loop {
-        let Some(c) = child.as_mut() else {
-            bail!("the script's process is gone");
-        };
-        if let Some(st) = c.try_wait()? {
-            child = None;
+        if let Some(st) = child.try_wait()? {
             break st;
         }
         if Instant::now() >= deadline {
-            breakglass_localpg::os::stop_child(child.take(), Duration::from_secs(3));
+            child.stop();
             bail!(
                 "{name} did not finish within {limit:?}:\n{}",
                 breakglass_localpg::os::log_tail(&stderr_path, 40)
@@ -99,9 +100,44 @@ pub fn run_script(
         bail!(
             "{name} failed ({status}):\n{}\nstdout:\n{}",
             breakglass_localpg::os::log_tail(&stderr_path, 60),
-            out.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            out.lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     let last = out.lines().last().unwrap_or("");
     serde_json::from_str(last).with_context(|| format!("{name} printed no JSON result: {last:?}"))
+}
+
+/// The script's process, stopped by pid when dropped (a test that fails or
+/// panics leaves no browser behind).
+struct Child(Option<std::process::Child>);
+
+impl Child {
+    fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(c) = self.0.as_mut() else {
+            bail!("the script's process is gone");
+        };
+        let st = c.try_wait()?;
+        if st.is_some() {
+            // Reaped: its pid may be reused, so it is never signalled again.
+            self.0 = None;
+        }
+        Ok(st)
+    }
+
+    fn stop(&mut self) {
+        breakglass_localpg::os::stop_child(self.0.take(), Duration::from_secs(3));
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -13,8 +13,6 @@ pub const CONSOLE_CSS: &str = include_str!("assets/console.css");
 pub const CONSOLE_JS: &str = include_str!("assets/console.js");
 pub const PLAYER_JS: &str = include_str!("vendor/asciinema-player/asciinema-player.min.js");
 pub const PLAYER_CSS: &str = include_str!("vendor/asciinema-player/asciinema-player.css");
-/// The vendored player's version.
-pub const PLAYER_VERSION: &str = "3.18.0";
 
 /// Cached by browsers for an hour; the files change only with the binary.
 const CACHE: &str = "public, max-age=3600";

@@ -300,3 +300,41 @@ pub(crate) fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_public_url(url: &str) -> anyhow::Result<()> {
+        let text = format!(
+            "[server]\ndata_dir = \"d\"\npublic_url = {url:?}\n[policy]\nfile = \"p.cedar\"\n"
+        );
+        let config: Config = toml::from_str(&text)?;
+        validate_config(&config)
+    }
+
+    #[test]
+    fn public_url_is_an_absolute_base_url() {
+        for ok in [
+            "https://bg.example.com",
+            "http://127.0.0.1:8080",
+            "https://x.example/bg",
+        ] {
+            assert!(with_public_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "bg.example.com",
+            "ftp://bg.example.com",
+            "https://",
+            "https:///path",
+            "https://bg.example.com/?x=1",
+            "https://bg.example.com/#top",
+            "https://bg example.com",
+        ] {
+            let e = with_public_url(bad).expect_err(bad).to_string();
+            assert!(e.starts_with("server.public_url:"), "{bad}: {e}");
+        }
+        let long = format!("https://{}", "a".repeat(PUBLIC_URL_LEN_MAX));
+        assert!(with_public_url(&long).is_err());
+    }
+}

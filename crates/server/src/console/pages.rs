@@ -78,11 +78,7 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, PageError> {
         match axum::Form::<T>::from_request(req, state).await {
             Ok(axum::Form(v)) => Ok(PageForm(v)),
-            Err(rej) => Err(PageError::new(
-                rej.status(),
-                "bad_request",
-                rej.body_text(),
-            )),
+            Err(rej) => Err(PageError::new(rej.status(), "bad_request", rej.body_text())),
         }
     }
 }
@@ -667,15 +663,19 @@ async fn credentials(
     check_csrf(&s, &f.csrf)?;
     let cred = c.app.issue_credentials(&s.principal, &id).await?;
     let now = crate::app::now();
-    let psql = cred.connection.as_ref().filter(|k| k.kind == "postgres").map(|k| {
-        format!(
-            "psql \"host={} port={} user={} dbname={}\"",
-            k.host,
-            k.port,
-            k.user,
-            k.database.as_deref().unwrap_or(&cred.target)
-        )
-    });
+    let psql = cred
+        .connection
+        .as_ref()
+        .filter(|k| k.kind == "postgres")
+        .map(|k| {
+            format!(
+                "psql \"host={} port={} user={} dbname={}\"",
+                k.host,
+                k.port,
+                k.user,
+                k.database.as_deref().unwrap_or(&cred.target)
+            )
+        });
     let left = ((cred.expires_at.millis() - now.millis()) / 1000).max(0) as u64;
     html(CredentialsPage {
         nav: Nav::of(&s, "grants"),
@@ -693,7 +693,6 @@ async fn credentials(
 struct RequestPage {
     nav: Nav,
     row: Row,
-    r: Request,
     timeline: Vec<TimelineEntry>,
     sessions: Vec<SessionRow>,
     can_decide: bool,
@@ -717,7 +716,10 @@ impl SessionRow {
         SessionRow {
             id: s.session_id.clone(),
             started: view::moment(s.started_at),
-            ended: s.ended_at.map(view::moment).unwrap_or_else(|| "live".into()),
+            ended: s
+                .ended_at
+                .map(view::moment)
+                .unwrap_or_else(|| "live".into()),
             statements: s.statements.map(|n| n.to_string()).unwrap_or_default(),
             end_reason: s.end_reason.clone().unwrap_or_default(),
         }
@@ -749,7 +751,18 @@ async fn request_page(
     let review = r
         .review
         .as_ref()
-        .map(|v| format!("{} by {}: {}", if v.outcome == ReviewOutcome::Ok { "ok" } else { "misuse" }, v.by, v.notes))
+        .map(|v| {
+            format!(
+                "{} by {}: {}",
+                if v.outcome == ReviewOutcome::Ok {
+                    "ok"
+                } else {
+                    "misuse"
+                },
+                v.by,
+                v.notes
+            )
+        })
         .unwrap_or_default();
     html(RequestPage {
         nav: Nav::of(&s, ""),
@@ -762,7 +775,6 @@ async fn request_page(
         review,
         timeline: view::timeline(&events),
         sessions: sessions.iter().map(SessionRow::of).collect(),
-        r,
     })
 }
 
@@ -870,7 +882,13 @@ async fn session_of(
     let s = sessions
         .into_iter()
         .find(|s| s.session_id == sid)
-        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "not_found", format!("no session {sid}")))?;
+        .ok_or_else(|| {
+            PageError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no session {sid}"),
+            )
+        })?;
     let kind = s
         .target
         .as_deref()
@@ -1013,11 +1031,14 @@ async fn admin_requests(
     crate::http::require_admin(who)?;
     let state = match q.state.as_str() {
         "" => None,
-        st => Some(ReqState::parse(st).ok_or_else(|| {
-            PageError::bad_input(format!("unknown state {st:?}"))
-        })?),
+        st => Some(
+            ReqState::parse(st)
+                .ok_or_else(|| PageError::bad_input(format!("unknown state {st:?}")))?,
+        ),
     };
-    if q.after.as_ref().is_some_and(|a| a.len() > crate::http::CURSOR_LEN_MAX)
+    if q.after
+        .as_ref()
+        .is_some_and(|a| a.len() > crate::http::CURSOR_LEN_MAX)
         || q.requester.len() > breakglass_core::model::NAME_LEN_MAX
     {
         return Err(PageError::bad_input("after or requester is too long"));

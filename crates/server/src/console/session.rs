@@ -131,7 +131,10 @@ mod tests {
         assert!(signed.csrf_ok(&signed.csrf));
         assert!(!signed.csrf_ok(&random_hex()));
         assert!(!signed.csrf_ok(""));
-        assert!(s.get(&id, Timestamp(2_000_000)).is_none(), "ended at expiry");
+        assert!(
+            s.get(&id, Timestamp(2_000_000)).is_none(),
+            "ended at expiry"
+        );
         let (id, _) = s.start(who(), Timestamp(2_000_000), now).expect("room");
         s.remove(&id);
         assert!(s.get(&id, now).is_none(), "ended at sign-out");

@@ -203,10 +203,7 @@ pub fn statements(entries: &[serde_json::Value], search: &str) -> (Vec<Statement
         .filter(|s| needle.is_empty() || s.text.to_lowercase().contains(&needle))
         .collect();
     let n = matched.len();
-    (
-        matched.into_iter().take(STATEMENTS_SHOWN_MAX).collect(),
-        n,
-    )
+    (matched.into_iter().take(STATEMENTS_SHOWN_MAX).collect(), n)
 }
 
 fn cut(s: &str) -> String {
@@ -271,7 +268,12 @@ mod tests {
             r.created_at = Timestamp(at);
             r
         };
-        let mut v = vec![mk("a", false, 3), mk("b", true, 1), mk("c", true, 2), mk("d", false, 4)];
+        let mut v = vec![
+            mk("a", false, 3),
+            mk("b", true, 1),
+            mk("c", true, 2),
+            mk("d", false, 4),
+        ];
         inbox_order(&mut v);
         let ids: Vec<&str> = v.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["c", "b", "d", "a"]);

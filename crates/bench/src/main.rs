@@ -10,6 +10,7 @@
 //! temp dir, and is stopped by its pid when its benchmark ends.
 
 mod baseline;
+mod console;
 mod cpu;
 mod evidence;
 mod drills;
@@ -37,7 +38,8 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
   --only NAMES       run only these benchmarks (the baselines always run):
                      access, approve, lifecycles, expiry, expiry-burst,
                      audit-verify, memory, startup, gateway, nodes, evidence,
-                     drills, review, notify
+                     drills, review, notify,
+                     console
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -55,7 +57,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 14] = [
+pub const BENCHMARKS: [&str; 15] = [
     "access",
     "approve",
     "lifecycles",
@@ -70,6 +72,7 @@ pub const BENCHMARKS: [&str; 14] = [
     "drills",
     "review",
     "notify",
+    "console",
 ];
 
 #[derive(Debug)]
@@ -317,6 +320,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "drills" => c.drills(),
                 "review" => c.review(),
                 "notify" => c.notify(),
+                "console" => c.console(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

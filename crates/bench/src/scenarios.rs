@@ -117,7 +117,7 @@ impl Ctx {
         if self.quick { quick } else { full }
     }
 
-    fn start(&self, setup: &Setup) -> anyhow::Result<Server> {
+    pub(crate) fn start(&self, setup: &Setup) -> anyhow::Result<Server> {
         Server::start(&self.bin, setup)
     }
 

@@ -51,6 +51,9 @@ pub struct Config {
     /// Chat integrations that act on requests (`[integrations.slack]`).
     #[serde(default)]
     pub integrations: crate::slack::IntegrationsConfig,
+    /// The web console at `/`.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// The most emergency requests one principal may be allowed to hold at once.
@@ -159,8 +162,9 @@ pub struct ServerConfig {
     /// without it `/metrics` is open.
     #[serde(default)]
     pub metrics_token_sha256: Option<String>,
-    /// The base URL users reach the service at (the web console); links in
-    /// notifications point there. Unset: messages show the CLI command.
+    /// The base URL users reach the service at (`https://breakglass.example.com`),
+    /// for links to its pages (the web console); links in notifications
+    /// point there. Unset: messages show the CLI command.
     #[serde(default)]
     pub public_url: Option<String>,
 }
@@ -443,6 +447,7 @@ impl Config {
         if self.server.database_url_env.is_some() && self.server.database_url_file.is_some() {
             bail!("server.database_url_env, server.database_url_file: set one of them, not both");
         }
+        crate::console::validate_config(self)?;
         let grace = parse_duration(&self.server.feed_loss_grace)
             .map_err(|e| anyhow::anyhow!("server.feed_loss_grace: {e}"))?;
         if !(1..=3600).contains(&grace) {

@@ -260,7 +260,8 @@ pub fn prepare(opts: &DevOptions) -> anyhow::Result<DevSetup> {
     let mut toml = format!(
         "# Written by `breakglass serve --dev`. Demo only: not for production.\n\
          [server]\nlisten = \"{listen}\"\ndata_dir = \"data\"\npending_timeout = \"30m\"\nadmin_groups = [\"security\"]\n\n\
-         [policy]\nfile = \"policy.cedar\"\n\n"
+         [policy]\nfile = \"policy.cedar\"\n\n\
+         [console]\nenabled = true\n\n"
     );
     for (name, groups, _) in DEMO_PRINCIPALS {
         let token = new_token();
@@ -362,7 +363,7 @@ pub fn banner(setup: &DevSetup, url: &str) -> String {
     s.push_str("  NOT FOR PRODUCTION. Tokens below are printed in clear on purpose.\n");
     s.push_str("==================================================================\n\n");
     s.push_str(&format!(
-        "API:       {url}\nConfig:    {}\n",
+        "API:       {url}\nConsole:   {url}/ (sign in with a token below)\nConfig:    {}\n",
         setup.config_path.display()
     ));
     match &setup.files.demo_db {

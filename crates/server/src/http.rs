@@ -93,6 +93,11 @@ impl ApiError {
             detail: detail.into(),
         }
     }
+
+    /// The status, stable code and message, for the web console's pages.
+    pub(crate) fn parts(&self) -> (StatusCode, &str, &str) {
+        (self.status, &self.code, &self.detail)
+    }
 }
 
 impl From<AppError> for ApiError {
@@ -225,13 +230,13 @@ fn bearer(parts: &Parts) -> &str {
 
 /// The connection showed a valid token: it leaves the evictable,
 /// deadline-bound pool of unauthenticated connections (see `listener`).
-fn signed_in(parts: &Parts) {
+pub(crate) fn signed_in(parts: &Parts) {
     if let Some(ConnectInfo(conn)) = parts.extensions.get::<ConnectInfo<ApiConn>>() {
         conn.slot.authenticate();
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Whether `who` is a local service principal (`kind = "service"`): only a
 /// local token makes one; a person or workload of the same name is not.
@@ -241,7 +246,7 @@ fn is_service(app: &App, who: &Principal) -> bool {
 
 /// Service principals check credentials; they never request, approve, deny
 /// or review.
-fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
+pub(crate) fn require_person(app: &App, who: &Principal) -> ApiResult<()> {
     if is_service(app, who) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -688,7 +693,7 @@ async fn recording(
     Ok(Json(app.recording(&who, &id, seq_after(p.after)?, limit).await?).into_response())
 }
 
-fn require_admin(who: &Principal) -> ApiResult<()> {
+pub(crate) fn require_admin(who: &Principal) -> ApiResult<()> {
     if who.admin {
         Ok(())
     } else {
@@ -732,6 +737,11 @@ async fn audit_verify(
     Auth(who): Auth,
 ) -> ApiResult<Json<VerifyReport>> {
     require_admin(&who)?;
+    Ok(Json(verify_report(&app).await?))
+}
+
+/// The online verification of the whole log (`GET /v1/audit/verify`).
+pub(crate) async fn verify_report(app: &App) -> ApiResult<VerifyReport> {
     let report = crate::verify::verify_store(
         app.store.as_ref(),
         &app.trusted_keys(),
@@ -742,7 +752,7 @@ async fn audit_verify(
     )
     .await
     .map_err(AppError::from)?;
-    Ok(Json(report))
+    Ok(report)
 }
 
 #[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = Problem)),
@@ -927,6 +937,7 @@ pub fn router(app: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .merge(crate::notify::routes())
         .merge(crate::slack::routes())
+        .merge(crate::console::router(&app))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             track_metrics,

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod checkpoint;
 pub mod config;
+pub mod console;
 mod datadir;
 pub mod dev;
 pub mod drill;

@@ -16,6 +16,7 @@
 //! This crate returns [`anyhow`] errors: it is only used from tests and
 //! benchmarks, where a readable chain of context is all a caller needs.
 
+pub mod browser;
 mod certs;
 mod flood;
 pub mod oidc;

@@ -141,7 +141,7 @@ fn hex_digest(bytes: &[u8]) -> String {
 }
 
 /// The installed `node_modules`, or an error saying how to install them.
-fn node_modules() -> anyhow::Result<PathBuf> {
+pub(crate) fn node_modules() -> anyhow::Result<PathBuf> {
     check_node_modules(&node_install_dir()?)
 }
 

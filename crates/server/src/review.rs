@@ -114,8 +114,8 @@ impl ReviewConfig {
 
 /// Whether a request is a drill's (DESIGN §15): reviews and reports keep
 /// drills apart from real use. The one place that decides it.
-pub fn is_drill(_req: &Request) -> bool {
-    false
+pub fn is_drill(req: &Request) -> bool {
+    req.drill.is_some()
 }
 
 /// A gateway session of a request, from its audit events.

@@ -950,8 +950,9 @@ async fn replay(
 
 /// The asciicast of a session, for the player.
 ///
-/// Only SSH sessions replay in the player, and their recordings come from
-/// the SSH gateway; a PostgreSQL session replays as its statement list.
+/// Only SSH sessions replay in the player (the same cast as
+/// `GET /v1/sessions/{id}/recording?format=asciicast`); a PostgreSQL
+/// session replays as its statement list.
 async fn session_cast(
     app: &App,
     who: &Principal,
@@ -966,12 +967,9 @@ async fn session_cast(
             "a PostgreSQL session replays as its list of statements, not in the player",
         ));
     }
-    Err(PageError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "no_ssh_gateway",
-        "SSH replay needs the SSH gateway",
-    ))
+    Ok(crate::ssh::recording_cast(app, who, sid).await?)
 }
+
 
 async fn cast(
     State(c): State<ConsoleState>,

@@ -64,7 +64,8 @@ pub async fn tree_root(store: &dyn Store, size: u64) -> Result<Hash, StoreError>
     if size == 0 {
         return Ok(merkle::empty_root());
     }
-    let mut r = resolve(store, &[0..size]).await?;
+    let whole = 0..size;
+    let mut r = resolve(store, std::slice::from_ref(&whole)).await?;
     r.pop()
         .ok_or_else(|| StoreError::Corrupt("a Merkle tree node is missing".into()))
 }

@@ -629,11 +629,7 @@ impl Client {
     ) -> Result<T, ApiError> {
         let mut resp = result.map_err(|e| self.transport_error(e))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(limit)
-            .read_to_vec();
+        let body = resp.body_mut().with_config().limit(limit).read_to_vec();
         if (200..300).contains(&status) {
             let bytes = body.map_err(|e| self.transport_error(e))?;
             serde_json::from_slice(&bytes).map_err(|e| ApiError::BadResponse {

@@ -130,7 +130,11 @@ impl Ctx {
         self.rows.push(Row::info(
             format!("evidence: consistency proof to {n} events p99"),
             fmt_secs(c.p99()),
-            format!("p50 {}; {} random earlier sizes", fmt_secs(c.p50()), c.len()),
+            format!(
+                "p50 {}; {} random earlier sizes",
+                fmt_secs(c.p50()),
+                c.len()
+            ),
         ));
         drop(store);
 

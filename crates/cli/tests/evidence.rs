@@ -87,7 +87,10 @@ fn bundles_verify_offline_and_name_every_tamper() {
     let bundle: Value = serde_json::from_str(&out.ok().stdout).expect("the bundle is JSON");
     assert_eq!(bundle["format"], "breakglass-evidence/1");
     assert_eq!(bundle["request_id"], g.id.as_str());
-    assert_eq!(bundle["recordings"].as_array().expect("recordings").len(), 2);
+    assert_eq!(
+        bundle["recordings"].as_array().expect("recordings").len(),
+        2
+    );
     let cp: Checkpoint =
         serde_json::from_value(bundle["checkpoint"].clone()).expect("a checkpoint");
     assert!(cp.root.is_some(), "the checkpoint signs a tree head");
@@ -106,7 +109,15 @@ fn bundles_verify_offline_and_name_every_tamper() {
     let key = std::fs::read_to_string(pubkey(&bg)).expect("public key");
     let json = bg.cli(
         None,
-        &["--output", "json", "evidence", "verify", &file, "--key", key.trim()],
+        &[
+            "--output",
+            "json",
+            "evidence",
+            "verify",
+            &file,
+            "--key",
+            key.trim(),
+        ],
     );
     let report: Value = serde_json::from_str(&json.ok().stdout).expect("report");
     assert_eq!(report["ok"], true, "{report}");
@@ -124,7 +135,12 @@ fn bundles_verify_offline_and_name_every_tamper() {
             .expect("details")
             .replace("gateway test", "nothing to see"),
     );
-    fails_at(&bg, "event", &b, &format!("event seq {created_seq}: its content"));
+    fails_at(
+        &bg,
+        "event",
+        &b,
+        &format!("event seq {created_seq}: its content"),
+    );
 
     // An event altered with its leaf hash recomputed: its proof fails.
     let mut b = bundle.clone();
@@ -132,19 +148,26 @@ fn bundles_verify_offline_and_name_every_tamper() {
     e["actor"] = Value::String("mallory".into());
     let leaf = breakglass_core::audit::canonical_bytes(
         e["seq"].as_u64().expect("seq"),
-        breakglass_core::Timestamp::parse_rfc3339(e["time"].as_str().expect("time"))
-            .expect("time"),
+        breakglass_core::Timestamp::parse_rfc3339(e["time"].as_str().expect("time")).expect("time"),
         "mallory",
         e["action"].as_str().expect("action"),
         e["request_id"].as_str(),
         e["details"].as_str().expect("details"),
     );
     e["leaf_hash"] = Value::String(hex::encode(breakglass_core::merkle::leaf_hash(&leaf)));
-    fails_at(&bg, "event-and-leaf", &b, &format!("proof of event seq {created_seq}"));
+    fails_at(
+        &bg,
+        "event-and-leaf",
+        &b,
+        &format!("proof of event seq {created_seq}"),
+    );
 
     // The proof: one hash flipped.
     let mut b = bundle.clone();
-    let p = b["events"][ended]["proof"][0].as_str().expect("proof").to_string();
+    let p = b["events"][ended]["proof"][0]
+        .as_str()
+        .expect("proof")
+        .to_string();
     let flipped = format!("{}{}", if p.starts_with('0') { "1" } else { "0" }, &p[1..]);
     b["events"][ended]["proof"][0] = Value::String(flipped);
     fails_at(&bg, "proof", &b, &format!("proof of event seq {ended_seq}"));
@@ -185,7 +208,10 @@ fn bundles_verify_offline_and_name_every_tamper() {
 
     // A recording left out.
     let mut b = bundle.clone();
-    b["recordings"].as_array_mut().expect("recordings").remove(0);
+    b["recordings"]
+        .as_array_mut()
+        .expect("recordings")
+        .remove(0);
     fails_at(
         &bg,
         "recording-missing",
@@ -195,8 +221,15 @@ fn bundles_verify_offline_and_name_every_tamper() {
 
     // The signature: flipped, or the tree head it signs changed.
     let mut b = bundle.clone();
-    let sig = b["checkpoint"]["signature"].as_str().expect("sig").to_string();
-    let flipped = format!("{}{}", if sig.starts_with('0') { "1" } else { "0" }, &sig[1..]);
+    let sig = b["checkpoint"]["signature"]
+        .as_str()
+        .expect("sig")
+        .to_string();
+    let flipped = format!(
+        "{}{}",
+        if sig.starts_with('0') { "1" } else { "0" },
+        &sig[1..]
+    );
     b["checkpoint"]["signature"] = Value::String(flipped);
     fails_at(&bg, "signature", &b, "checkpoint signature");
     let mut b = bundle.clone();
@@ -211,7 +244,10 @@ fn bundles_verify_offline_and_name_every_tamper() {
     );
     let out = verify(&bg, &file, &other);
     assert_eq!(out.code, 1, "{out:#?}");
-    assert!(out.stdout.contains("not signed by a trusted key"), "{out:#?}");
+    assert!(
+        out.stdout.contains("not signed by a trusted key"),
+        "{out:#?}"
+    );
 
     // Not a bundle at all, and a bundle of another format.
     let junk = write(&bg, "junk.json", &serde_json::json!({"hello": 1}));
@@ -269,7 +305,16 @@ fn audit_verify_since_proves_the_log_only_grew() {
     let early_arg = early_file.display().to_string();
     let out = bg.cli(
         None,
-        &["audit", "verify", "--config", &config, "--key", &pubkey(&bg), "--since", &early_arg],
+        &[
+            "audit",
+            "verify",
+            "--config",
+            &config,
+            "--key",
+            &pubkey(&bg),
+            "--since",
+            &early_arg,
+        ],
     );
     assert!(
         out.ok().stdout.contains(&format!(
@@ -282,14 +327,23 @@ fn audit_verify_since_proves_the_log_only_grew() {
     let whole = witness(&bg).display().to_string();
     bg.cli(
         None,
-        &["audit", "verify", "--config", &config, "--key", &pubkey(&bg), "--since", &whole],
+        &[
+            "audit",
+            "verify",
+            "--config",
+            &config,
+            "--key",
+            &pubkey(&bg),
+            "--since",
+            &whole,
+        ],
     )
     .ok();
 
     // A fork: a tree head of another history at the same size, signed with
     // the node's own key (a stolen key, or a server that lied then).
-    let secret = std::fs::read_to_string(bg.dir.path().join("data/audit-signing.key"))
-        .expect("key");
+    let secret =
+        std::fs::read_to_string(bg.dir.path().join("data/audit-signing.key")).expect("key");
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(secret.trim(), &mut bytes).expect("64 hex digits");
     let key = ed25519_dalek::SigningKey::from_bytes(&bytes);
@@ -311,7 +365,8 @@ fn audit_verify_since_proves_the_log_only_grew() {
     );
     assert_eq!(out.code, 1, "{out:#?}");
     assert!(
-        out.stderr.contains(&format!("seq {}", early.seq)) && out.stderr.contains("does not extend"),
+        out.stderr.contains(&format!("seq {}", early.seq))
+            && out.stderr.contains("does not extend"),
         "{out:#?}"
     );
 
@@ -325,7 +380,17 @@ fn audit_verify_since_proves_the_log_only_grew() {
         [],
     )
     .expect("tree damaged");
-    let out = bg.cli(None, &["audit", "verify", "--config", &config, "--key", &pubkey(&bg)]);
+    let out = bg.cli(
+        None,
+        &[
+            "audit",
+            "verify",
+            "--config",
+            &config,
+            "--key",
+            &pubkey(&bg),
+        ],
+    );
     assert_eq!(out.code, 1, "{out:#?}");
     assert!(out.stderr.contains("stored Merkle tree"), "{out:#?}");
 }

@@ -837,7 +837,8 @@ fn a_chain_re_signed_with_a_planted_key_fails_against_the_trusted_key() {
         }
         c.execute("DELETE FROM checkpoints", []).expect("drop");
         // The Merkle tree is rebuilt from the forged log at the next open.
-        c.execute("DELETE FROM merkle_nodes", []).expect("drop tree");
+        c.execute("DELETE FROM merkle_nodes", [])
+            .expect("drop tree");
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&prev);
         let cp = Checkpoint::sign(&planted, all.len() as u64, hash, Timestamp::now());

@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use breakglass_core::Timestamp;
 use breakglass_core::audit::{Checkpoint, Hash, canonical_bytes};
 use breakglass_core::merkle::{self, ProofError};
-use breakglass_core::Timestamp;
 use breakglass_gateway_postgres::recording::{Recorder, read_recording_bytes};
 use breakglass_store::{PAGE_LEN_MAX, Store, StoreError};
 use ed25519_dalek::VerifyingKey;
@@ -264,7 +264,8 @@ async fn recordings_of(
 /// last line (not part of the chain) is left out.
 fn read_bounded(path: &std::path::Path) -> Result<(String, String), String> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("recording not found on this node: {e}"))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("recording not found on this node: {e}"))?;
     let mut bytes = Vec::new();
     file.take(RECORDING_LEN_MAX + 1)
         .read_to_end(&mut bytes)
@@ -332,7 +333,10 @@ impl std::fmt::Display for Finding {
                 session_id,
                 line,
                 reason,
-            } => write!(f, "recording of session {session_id}, line {line}: {reason}"),
+            } => write!(
+                f,
+                "recording of session {session_id}, line {line}: {reason}"
+            ),
             Finding::Recording { session_id, reason } => {
                 write!(f, "recording of session {session_id}: {reason}")
             }
@@ -436,14 +440,19 @@ fn check(b: &Bundle, keys: &[VerifyingKey], r: &mut EvidenceReport) {
     for e in &b.events {
         r.events += 1;
         if e.seq <= prev {
-            r.findings
-                .push(bundle(format!("event seq {} is out of order or repeated", e.seq)));
+            r.findings.push(bundle(format!(
+                "event seq {} is out of order or repeated",
+                e.seq
+            )));
         }
         prev = e.seq;
         if e.request_id.as_deref() != Some(b.request_id.as_str()) {
             r.findings.push(Finding::Event {
                 seq: e.seq,
-                reason: format!("it belongs to request {:?}, not {}", e.request_id, b.request_id),
+                reason: format!(
+                    "it belongs to request {:?}, not {}",
+                    e.request_id, b.request_id
+                ),
             });
         }
         let leaf = merkle::leaf_hash(&leaf_of(e));
@@ -471,10 +480,9 @@ fn check(b: &Bundle, keys: &[VerifyingKey], r: &mut EvidenceReport) {
         }
         if let Err(err) = merkle::verify_inclusion(e.seq - 1, cp.seq, &leaf, &proof, &root) {
             let reason = match err {
-                ProofError::OutOfRange { .. } => format!(
-                    "the event is past the checkpoint (tree size {})",
-                    cp.seq
-                ),
+                ProofError::OutOfRange { .. } => {
+                    format!("the event is past the checkpoint (tree size {})", cp.seq)
+                }
                 other => other.to_string(),
             };
             r.findings.push(Finding::Proof { seq: e.seq, reason });
@@ -529,7 +537,8 @@ fn check_recordings(b: &Bundle, r: &mut EvidenceReport) {
             reason,
         };
         if !seen.insert(sid.clone()) {
-            r.findings.push(finding("the bundle carries it twice".into()));
+            r.findings
+                .push(finding("the bundle carries it twice".into()));
             continue;
         }
         let Some(bind) = ended.get(sid) else {

@@ -24,12 +24,12 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError, GrantRefusal};
-use crate::evidence::{__path_evidence, evidence};
 use crate::dto::{
     ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, OidcClientConfig, Problem,
     Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody, SessionList, TargetList,
     VerifyReport, WhoAmI,
 };
+use crate::evidence::{__path_evidence, evidence};
 use crate::listener::ApiConn;
 use crate::openapi::Truth;
 use crate::slack::SlackSignature;

@@ -168,7 +168,10 @@ pub fn read_since(path: &Path) -> anyhow::Result<Checkpoint> {
         .read_to_string(&mut text)
         .with_context(|| format!("--since: cannot read {}", path.display()))?;
     if text.len() as u64 > SINCE_FILE_LEN_MAX {
-        bail!("--since {}: larger than {SINCE_FILE_LEN_MAX} bytes", path.display());
+        bail!(
+            "--since {}: larger than {SINCE_FILE_LEN_MAX} bytes",
+            path.display()
+        );
     }
     let last = text
         .lines()

@@ -491,11 +491,15 @@ async fn build_tree(db: &DbUrl) -> Result<(), StoreError> {
         }
         let tx = client.transaction().await.map_err(pg_err)?;
         let row = tx
-            .query_one("SELECT seq, tree FROM chain_head WHERE id = 1 FOR UPDATE", &[])
+            .query_one(
+                "SELECT seq, tree FROM chain_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
             .await
             .map_err(pg_err)?;
         let mut frontier = crate::tree::pg::frontier(row.get(1))?;
-        let added = crate::tree::pg::catch_up(&tx, &mut frontier, row.get::<_, i64>(0) as u64).await?;
+        let added =
+            crate::tree::pg::catch_up(&tx, &mut frontier, row.get::<_, i64>(0) as u64).await?;
         tx.execute(
             "UPDATE chain_head SET tree = $1 WHERE id = 1",
             &[&frontier.to_bytes()],
@@ -504,7 +508,10 @@ async fn build_tree(db: &DbUrl) -> Result<(), StoreError> {
         .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
         if added > 0 {
-            tracing::info!(events = added, "Merkle tree built over the existing audit log");
+            tracing::info!(
+                events = added,
+                "Merkle tree built over the existing audit log"
+            );
         }
         Ok(())
     }

@@ -64,7 +64,8 @@ pub async fn tree_root(store: &dyn Store, size: u64) -> Result<Hash, StoreError>
     if size == 0 {
         return Ok(merkle::empty_root());
     }
-    let mut r = resolve(store, &[0..size]).await?;
+    let whole = 0..size;
+    let mut r = resolve(store, std::slice::from_ref(&whole)).await?;
     r.pop()
         .ok_or_else(|| StoreError::Corrupt("a Merkle tree node is missing".into()))
 }
@@ -106,9 +107,8 @@ pub mod sqlite {
     const BACKFILL_PAGE_LEN: i64 = 10_000;
 
     pub fn insert(conn: &Connection, nodes: &[(Subtree, Hash)]) -> Result<(), StoreError> {
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
-        )?;
+        let mut stmt =
+            conn.prepare_cached("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
         for (s, h) in nodes {
             stmt.execute(params![i64::from(s.level), s.index as i64, &h[..]])?;
         }
@@ -196,7 +196,10 @@ pub mod sqlite {
         }
         tx.commit()?;
         if added > 0 {
-            tracing::info!(events = added, "Merkle tree built over the existing audit log");
+            tracing::info!(
+                events = added,
+                "Merkle tree built over the existing audit log"
+            );
         }
         Ok(frontier)
     }
@@ -230,7 +233,8 @@ pub(crate) mod pg {
     }
 
     pub fn frontier(bytes: &[u8]) -> Result<Frontier, StoreError> {
-        Frontier::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("chain_head.tree: {e}")))
+        Frontier::from_bytes(bytes)
+            .map_err(|e| StoreError::Corrupt(format!("chain_head.tree: {e}")))
     }
 
     pub async fn read<C: GenericClient>(c: &C, nodes: &[Subtree]) -> Result<Vec<Hash>, StoreError> {

@@ -111,7 +111,8 @@ impl Verifier {
                 let seq = e.seq;
                 self.fail(
                     seq,
-                    "the Merkle tree root of the events differs from the signed checkpoint's".into(),
+                    "the Merkle tree root of the events differs from the signed checkpoint's"
+                        .into(),
                 );
                 return false;
             }
@@ -173,7 +174,9 @@ pub async fn check_stored_tree(
         if got != *want {
             return Ok(Some((
                 *size,
-                format!("the stored Merkle tree of the first {size} events differs from the tree of the log"),
+                format!(
+                    "the stored Merkle tree of the first {size} events differs from the tree of the log"
+                ),
             )));
         }
     }

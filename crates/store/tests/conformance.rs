@@ -1407,7 +1407,6 @@ mod suite {
     }
 }
 
-
 /// The Merkle tree over the log, checked against the core's reference
 /// (`Frontier` over the committed events) on every store.
 mod tree_suite {
@@ -1936,7 +1935,8 @@ async fn sqlite_tree_is_built_for_an_older_log_at_open() {
         tree_suite::tree_grows_with_the_log(Arc::new(store)).await;
     }
     let conn = rusqlite::Connection::open(dir.path().join("breakglass.db")).expect("opens");
-    conn.execute("DELETE FROM merkle_nodes", []).expect("nodes removed");
+    conn.execute("DELETE FROM merkle_nodes", [])
+        .expect("nodes removed");
     drop(conn);
     let store = open_at(dir.path());
     tree_suite::tree_matches_the_log(&store).await;
@@ -1954,8 +1954,10 @@ async fn pg_tree_grows_with_the_log() {
 async fn pg_two_nodes_grow_one_tree() {
     let f = fresh_pg().await;
     let other = PgStore::open(&f.url).await.expect("a second node opens");
-    let (a, b): (Arc<dyn breakglass_store::Store>, Arc<dyn breakglass_store::Store>) =
-        (Arc::new(f.store.clone()), Arc::new(other.clone()));
+    let (a, b): (
+        Arc<dyn breakglass_store::Store>,
+        Arc<dyn breakglass_store::Store>,
+    ) = (Arc::new(f.store.clone()), Arc::new(other.clone()));
     let writers: Vec<_> = [a.clone(), b.clone()]
         .into_iter()
         .enumerate()
@@ -2005,7 +2007,8 @@ async fn pg_tree_is_built_for_an_older_log() {
         .await
         .expect("connects");
     let driver = tokio::spawn(conn);
-    let forget = "DELETE FROM merkle_nodes; UPDATE chain_head SET tree = decode('0000000000000000', 'hex')";
+    let forget =
+        "DELETE FROM merkle_nodes; UPDATE chain_head SET tree = decode('0000000000000000', 'hex')";
     client.batch_execute(forget).await.expect("tree forgotten");
     let reopened = PgStore::open(&f.url).await.expect("reopens");
     tree_suite::tree_matches_the_log(&reopened).await;

@@ -212,7 +212,9 @@ fn principal(name: &str, group: &str) -> Principal {
 /// Stores `n` requests the way the service would have, mostly ended: 1 in
 /// 100 pending (1-approval), the others half expired 0-approval grants and
 /// half approved-then-released 1-approval grants, created over the last
-/// hours. Signs a checkpoint at the end, as a running server would have.
+/// hours, each ended grant triaged as the automated review would (1 in 40
+/// queued for a person with a `ddl` finding, the rest `auto_ok`). Signs a
+/// checkpoint at the end, as a running server would have.
 pub fn requests(data_dir: &Path, n: u64) -> anyhow::Result<RequestSeed> {
     const IN_FLIGHT: usize = 1024;
     let t0 = Instant::now();

@@ -108,8 +108,8 @@ fn sessions_are_summarised_and_only_clean_grants_close_as_auto_ok() {
             "create temp table review_t (id int)",
             "insert into review_t select generate_series(1, 7)",
             "delete from review_t",
-            "selct 1",
             "copy (select 1) to stdout",
+            "selct 1",
         ],
     );
     release(&bg, &risky);

@@ -172,10 +172,10 @@ fn nothing_flagged_closes_as_auto_ok_once() {
             ],
         ),
         expect![[r#"
-            request.reviewed by system: {"notes":"nothing in the summary needed a person","outcome":"auto_ok","summary":{"statements":{"read":3}}}
+            request.reviewed by system: {"outcome":"auto_ok","notes":"nothing in the summary needed a person","summary":{"statements":{"read":3}}}
               => review Some(AutoOk), due None, overdue false, findings {}
             triage by system: refused: this request has already been reviewed
-            request.reviewed by bob: {"notes":"exported the customer table","outcome":"misuse"}
+            request.reviewed by bob: {"outcome":"misuse","notes":"exported the customer table"}
               => review Some(Misuse), due None, overdue false, findings {}
         "#]],
     );
@@ -205,14 +205,14 @@ fn findings_queue_the_grant_for_a_person_and_overdue_is_recorded_once() {
             ],
         ),
         expect![[r#"
-            review.queued by system: {"due_at":"2027-01-16T08:05:00.000Z","reasons":["finding ddl (medium)"],"summary":{"statements":{"read":3}}}
+            review.queued by system: {"reasons":["finding ddl (medium)"],"due_at":"2027-01-16T08:05:00.000Z","summary":{"statements":{"read":3}}}
               => review None, due Some("2027-01-16T08:05:00.000Z"), overdue false, findings {"finding ddl (medium)": 1}
             triage by system: refused: cannot triage a request that is revoked and already queued for review
             mark overdue by system: refused: nothing is due
-            review.overdue by system: {"due_at":"2027-01-16T08:05:00.000Z","request_id":"r1"}
+            review.overdue by system: {"request_id":"r1","due_at":"2027-01-16T08:05:00.000Z"}
               => review None, due Some("2027-01-16T08:05:00.000Z"), overdue true, findings {"finding ddl (medium)": 1}
             mark overdue by system: refused: nothing is due
-            request.reviewed by bob: {"notes":"planned migration","outcome":"ok"}
+            request.reviewed by bob: {"outcome":"ok","notes":"planned migration"}
               => review Some(Ok), due Some("2027-01-16T08:05:00.000Z"), overdue true, findings {"finding ddl (medium)": 1}
             mark overdue by system: refused: nothing is due
         "#]],
@@ -231,9 +231,9 @@ fn emergency_and_review_always_grants_always_go_to_a_person() {
         run(emergency, &[(Actor::System, triage(&[]), at(6))])
             + &run(always, &[(Actor::System, triage(&[]), at(6))]),
         expect![[r#"
-            review.queued by system: {"due_at":"2027-01-16T08:05:00.000Z","reasons":["emergency grant"],"summary":{"statements":{"read":3}}}
+            review.queued by system: {"reasons":["emergency grant"],"due_at":"2027-01-16T08:05:00.000Z","summary":{"statements":{"read":3}}}
               => review None, due Some("2027-01-16T08:05:00.000Z"), overdue false, findings {}
-            review.queued by system: {"due_at":"2027-01-16T08:05:00.000Z","reasons":["policy admin-always asks for review"],"summary":{"statements":{"read":3}}}
+            review.queued by system: {"reasons":["policy admin-always asks for review"],"due_at":"2027-01-16T08:05:00.000Z","summary":{"statements":{"read":3}}}
               => review None, due Some("2027-01-16T08:05:00.000Z"), overdue false, findings {}
         "#]],
     );

@@ -212,7 +212,10 @@ mod tests {
         let header: Value =
             serde_json::from_str(got.lines().next().expect("header")).expect("json");
         assert_eq!(header["command"], "uname -a");
-        assert_eq!((&header["width"], &header["height"]), (&json!(80), &json!(24)));
+        assert_eq!(
+            (&header["width"], &header["height"]),
+            (&json!(80), &json!(24))
+        );
         assert!(got.ends_with("[0.02,\"o\",\"Linux\\n\"]\n"), "{got}");
         let pg = cast(&[json!({"kind": "session", "time": "2026-01-01T00:00:00.000Z"})]);
         assert!(pg.is_err());

@@ -524,6 +524,32 @@ impl Conn {
         }
     }
 
+    /// Refuses what a channel was opened for: the request succeeds, so the
+    /// client reads the reason on the channel's stderr before it closes
+    /// (a failed request makes OpenSSH quit before it reads anything),
+    /// then exit status 1 and close. The upstream twin is closed too.
+    fn refuse_and_close(
+        &mut self,
+        channel: ChannelId,
+        what: &str,
+        detail: &str,
+        session: &mut Session,
+    ) {
+        self.refuse(Some(channel), what, detail, session);
+        reply(session, channel, true);
+        let _ = session.exit_status_request(channel, 1);
+        let _ = session.eof(channel);
+        let _ = session.close(channel);
+        if let Some(Chan::Relayed { up }) = self.channels.remove(&channel) {
+            tokio::spawn(async move {
+                let _ = up.close().await;
+            });
+        }
+        if let Some(live) = self.live() {
+            lock(&live.channels).remove(&channel);
+        }
+    }
+
     /// The upstream twin of a client channel, or tells the client why there
     /// is none.
     fn relayed(
@@ -738,15 +764,12 @@ impl russh::server::Handler for Conn {
         }
         let command = String::from_utf8_lossy(data).into_owned();
         if is_file_transfer(&command) {
-            self.refuse(
-                Some(channel),
+            self.refuse_and_close(
+                channel,
                 "scp",
                 "file transfer (scp, rsync) is not allowed for this role",
                 session,
             );
-            reply(session, channel, false);
-            let _ = session.exit_status_request(channel, 1);
-            let _ = session.close(channel);
             return Ok(());
         }
         let Some(up) = self.relayed(channel, session) else {
@@ -774,9 +797,7 @@ impl russh::server::Handler for Conn {
         } else {
             format!("subsystem {name:?} is not allowed")
         };
-        self.refuse(Some(channel), "subsystem", &detail, session);
-        reply(session, channel, false);
-        let _ = session.close(channel);
+        self.refuse_and_close(channel, "subsystem", &detail, session);
         Ok(())
     }
 

@@ -298,7 +298,11 @@ impl SinkConfig {
             k != SinkKind::Slack && self.interactive,
             "\"slack\"",
         )?;
-        only("witness", k != SinkKind::Webhook && self.witness, "\"webhook\"")?;
+        only(
+            "witness",
+            k != SinkKind::Webhook && self.witness,
+            "\"webhook\"",
+        )?;
         match k {
             SinkKind::Webhook | SinkKind::Slack if urls == 0 => {
                 return Err(bad("url", "required (or url_env, url_file)".into()));

@@ -801,14 +801,22 @@ pub fn webhook_witnesses(config: &Config) -> Vec<Box<dyn crate::checkpoint::Witn
     out
 }
 
-fn post_checkpoints(sink: &Sink, rx: &std::sync::mpsc::Receiver<breakglass_core::audit::Checkpoint>) {
+fn post_checkpoints(
+    sink: &Sink,
+    rx: &std::sync::mpsc::Receiver<breakglass_core::audit::Checkpoint>,
+) {
     while let Ok(cp) = rx.recv() {
         let body = json!({"type": "audit.checkpoint", "checkpoint": cp}).to_string();
         let payload = Payload::Http {
             id: format!(
                 "checkpoint-{}-{}",
                 cp.seq,
-                cp.key.as_deref().unwrap_or("").chars().take(16).collect::<String>()
+                cp.key
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(16)
+                    .collect::<String>()
             ),
             body: body.into_bytes(),
         };

@@ -115,6 +115,10 @@ pub struct SinkConfig {
     /// Slack: add Approve and Deny buttons (needs `[integrations.slack]`).
     #[serde(default)]
     pub interactive: bool,
+    /// Webhook: also post every signed checkpoint of the audit chain (a
+    /// checkpoint witness that only receives).
+    #[serde(default)]
+    pub witness: bool,
     /// One delivery attempt's deadline (connect, send, answer).
     #[serde(default = "default_timeout")]
     pub timeout: String,
@@ -293,6 +297,11 @@ impl SinkConfig {
             "interactive",
             k != SinkKind::Slack && self.interactive,
             "\"slack\"",
+        )?;
+        only(
+            "witness",
+            k != SinkKind::Webhook && self.witness,
+            "\"webhook\"",
         )?;
         match k {
             SinkKind::Webhook | SinkKind::Slack if urls == 0 => {

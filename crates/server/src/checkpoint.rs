@@ -26,6 +26,12 @@ pub trait Witness: Send + Sync {
     /// What the witness holds, for verification: `Ok(None)` when it holds
     /// nothing at all (missing or empty).
     fn read(&self) -> Result<Option<Vec<Checkpoint>>, String>;
+    /// Whether [`Witness::read`] can tell what the witness holds. A witness
+    /// that only receives (a webhook) cannot be read back, so verification
+    /// skips it; its receiver keeps the checkpoints.
+    fn readable(&self) -> bool {
+        true
+    }
 }
 
 /// A checkpoint file: one JSON line per checkpoint, fsynced.
@@ -57,6 +63,7 @@ pub fn witnesses(config: &crate::config::Config) -> Vec<Box<dyn Witness>> {
     if let Some(path) = config.witness_file() {
         out.push(Box::new(FileWitness { path }));
     }
+    out.extend(crate::notify::webhook_witnesses(config));
     out
 }
 
@@ -162,7 +169,7 @@ pub fn check_witnesses(
         .map(|c| c.seq)
         .max();
     let mut out = Vec::new();
-    for w in witnesses {
+    for w in witnesses.iter().filter(|w| w.readable()) {
         let held = w
             .read()
             .map_err(|e| (0, format!("witness unreadable: {e}")))?;

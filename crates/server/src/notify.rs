@@ -751,3 +751,100 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/notify/status", get(notify_status))
         .route("/v1/notify/{sink}/test", post(notify_test))
 }
+
+/// Checkpoints queued for one webhook witness at most; beyond that the
+/// newest is dropped (logged): each checkpoint covers all before it, and
+/// the file witness and the store keep every one.
+pub const WITNESS_QUEUE_LEN_MAX: usize = 1024;
+
+/// A `[[notify]]` webhook with `witness = true`: every signed checkpoint is
+/// posted to it (`type` `audit.checkpoint`, `webhook-id`
+/// `checkpoint-<seq>-<key>`), in order, from its own thread with the
+/// sink's retries, so a slow receiver never holds the checkpoint timer. It
+/// only receives, so verification does not read it back.
+pub struct WebhookWitness {
+    name: String,
+    queue: std::sync::mpsc::SyncSender<breakglass_core::audit::Checkpoint>,
+}
+
+/// The webhook witnesses the config names. A sink whose secret cannot be
+/// read is left out (start-up has refused such a config already; offline
+/// verification never posts).
+pub fn webhook_witnesses(config: &Config) -> Vec<Box<dyn crate::checkpoint::Witness>> {
+    let mut out: Vec<Box<dyn crate::checkpoint::Witness>> = Vec::new();
+    for (i, s) in config.notify.iter().enumerate() {
+        if !s.witness || s.kind != SinkKind::Webhook {
+            continue;
+        }
+        let Ok(sink) = Sink::open(s.clone(), &format!("notify[{i}]")) else {
+            continue;
+        };
+        let (queue, rx) = std::sync::mpsc::sync_channel(WITNESS_QUEUE_LEN_MAX);
+        let name = s.name.clone();
+        std::thread::spawn(move || post_checkpoints(&sink, &rx));
+        out.push(Box::new(WebhookWitness { name, queue }));
+    }
+    out
+}
+
+fn post_checkpoints(
+    sink: &Sink,
+    rx: &std::sync::mpsc::Receiver<breakglass_core::audit::Checkpoint>,
+) {
+    while let Ok(cp) = rx.recv() {
+        let body = json!({"type": "audit.checkpoint", "checkpoint": cp}).to_string();
+        let payload = Payload::Http {
+            id: format!(
+                "checkpoint-{}-{}",
+                cp.seq,
+                cp.key
+                    .as_deref()
+                    .unwrap_or("")
+                    .chars()
+                    .take(16)
+                    .collect::<String>()
+            ),
+            body: body.into_bytes(),
+        };
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match sink.send(&payload, now().millis() / 1000) {
+                Attempt::Delivered { .. } => break,
+                Attempt::Fail { why } => {
+                    tracing::error!(sink = sink.name(), seq = cp.seq, error = %why, "checkpoint witness refused a checkpoint");
+                    break;
+                }
+                Attempt::Retry { why, after } => {
+                    let wait = backoff(attempt, rand::thread_rng().r#gen::<f64>(), after);
+                    if started.elapsed() + wait >= sink.config.give_up_after() {
+                        tracing::error!(sink = sink.name(), seq = cp.seq, error = %why, "checkpoint witness given up");
+                        break;
+                    }
+                    std::thread::sleep(wait);
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+}
+
+impl crate::checkpoint::Witness for WebhookWitness {
+    fn name(&self) -> String {
+        format!("webhook witness {}", self.name)
+    }
+
+    fn record(&self, cp: &breakglass_core::audit::Checkpoint) -> Result<(), String> {
+        self.queue
+            .try_send(cp.clone())
+            .map_err(|_| "its queue is full (the receiver is not keeping up)".to_string())
+    }
+
+    fn read(&self) -> Result<Option<Vec<breakglass_core::audit::Checkpoint>>, String> {
+        Err("a webhook witness cannot be read back; its receiver keeps the checkpoints".into())
+    }
+
+    fn readable(&self) -> bool {
+        false
+    }
+}

@@ -247,6 +247,9 @@ fn every_event_kind_reaches_the_right_sinks_signed() {
     let all = String::from_utf8_lossy(&siem.bytes()).to_string();
     assert!(all.contains("credentials.issued"), "syslog has every event");
     assert!(!all.contains(&grant_token), "no token in the SIEM feed");
+    // One connection per event: the receiver's threads may finish reading
+    // them out of order, so check that none is missing or repeated.
+    seqs.sort_unstable();
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "contiguous: {seqs:?}"
@@ -494,6 +497,47 @@ fn pagerduty_triggers_on_emergency_and_resolves_on_countersign() {
             .all(|d| d.json()["dedup_key"] != ordinary.as_str()),
         "no page for an ordinary request"
     );
+}
+
+#[test]
+fn a_webhook_witness_receives_every_checkpoint_signed() {
+    let w = webhook_receiver();
+    let s = start(&hook(
+        "witness",
+        &w,
+        "witness = true\nevents = [\"notify.test\"]",
+    ));
+    let id = create(&s, "alice", read_request("prod-db"));
+    let (status, _) = s.call(
+        "bob",
+        "POST",
+        &format!("/v1/requests/{id}/approve"),
+        Some(json!({})),
+    );
+    assert_eq!(status, 200);
+    let head = audit(&s).last().expect("events")["seq"]
+        .as_u64()
+        .expect("seq");
+    let d = wait_for(&w, "a checkpoint at the head", |d| {
+        d.json()["type"] == "audit.checkpoint"
+            && d.json()["checkpoint"]["seq"]
+                .as_u64()
+                .is_some_and(|seq| seq >= head)
+    });
+    assert!(d.signature_ok);
+    assert!(
+        d.header("webhook-id")
+            .expect("id")
+            .starts_with("checkpoint-")
+    );
+    assert!(
+        d.json()["checkpoint"]["signature"].is_string(),
+        "{}",
+        d.json()
+    );
+    // Verification still passes: a witness that only receives is not read back.
+    let (status, report) = s.call("dave", "GET", "/v1/audit/verify", None);
+    assert_eq!(status, 200, "{report}");
 }
 
 /// Slack: a Block Kit message with buttons, and the actions route with

@@ -86,6 +86,7 @@ fn ended_grant(role: &str, emergency: bool) -> Request {
         reason: "disk full".into(),
         ticket: None,
         emergency,
+        drill: None,
     };
     let req = lifecycle::create(&input, &who, &decision, "r1".into(), at(0), 1800)
         .expect("created")

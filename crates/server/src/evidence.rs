@@ -38,9 +38,9 @@ use crate::http::{ApiError, Auth};
 
 /// The format a bundle names; a verifier refuses any other.
 pub const BUNDLE_FORMAT: &str = "breakglass-evidence/1";
-/// The PostgreSQL gateway's recordings: JSON lines with their own hash
-/// chain (`breakglass_gateway_postgres::recording`).
-pub const RECORDING_FORMAT_PG: &str = "breakglass-pg-jsonl/1";
+/// The gateways' recordings (PostgreSQL and SSH alike): JSON lines with
+/// their own hash chain (`breakglass_gateway_common::recording`).
+pub const RECORDING_FORMAT: &str = "breakglass-recording-jsonl/1";
 /// The largest bundle `evidence verify` reads.
 pub const BUNDLE_LEN_MAX: u64 = 1 << 30;
 /// The most events one bundle holds (one page of a request's events).
@@ -75,7 +75,7 @@ pub struct BundleEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BundleRecording {
     pub session_id: String,
-    /// How to read `content` ([`RECORDING_FORMAT_PG`]).
+    /// How to read `content` ([`RECORDING_FORMAT`]).
     pub format: String,
     /// The file's name where the gateway keeps it.
     pub file: String,
@@ -247,7 +247,7 @@ async fn recordings_of(
         match read {
             Ok((file, content)) => out.push(BundleRecording {
                 session_id: sid,
-                format: RECORDING_FORMAT_PG.into(),
+                format: RECORDING_FORMAT.into(),
                 file,
                 content,
             }),
@@ -547,7 +547,7 @@ fn check_recordings(b: &Bundle, r: &mut EvidenceReport) {
             ));
             continue;
         };
-        if rec.format != RECORDING_FORMAT_PG {
+        if rec.format != RECORDING_FORMAT {
             r.findings.push(finding(format!(
                 "format {:?} is not one this verifier reads",
                 rec.format

@@ -20,7 +20,7 @@ use breakglass_core::time::{format_duration, parse_duration};
 use breakglass_core::{Actor, Principal, Request, Timestamp};
 use breakglass_gateway_postgres::recording::Recorder;
 use breakglass_review::rules::{Rule, RuleSet, Severity};
-use breakglass_review::summary::{Summary, summarise_postgres_recording};
+use breakglass_review::summary::{Summary, summarise_recording};
 use breakglass_store::{PAGE_LEN_MAX, SINCE_PAGE_LEN_MAX, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -187,7 +187,7 @@ async fn compute_summary(
         for s in &sessions {
             let path = Recorder::path_of(&dir, &s.id);
             if Path::new(&path).exists() {
-                total.add(summarise_postgres_recording(&rules, &s.id, &path));
+                total.add(summarise_recording(&rules, &s.id, &path));
             } else {
                 let whose = match &s.node {
                     Some(n) if *n != node => format!("node {n}"),

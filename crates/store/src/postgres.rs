@@ -167,7 +167,6 @@ CREATE INDEX requests_unreviewed ON requests(id)
     WHERE state IN ('expired', 'revoked') AND (body::jsonb ->> 'review') IS NULL;
 CREATE INDEX requests_created ON requests(created_at, id);
 "#,
-"#,
     // Each notification sink's place in the audit feed.
     r#"
 CREATE TABLE notify_cursors (

@@ -136,7 +136,6 @@ CREATE INDEX requests_unreviewed ON requests(id)
     WHERE state IN ('expired', 'revoked') AND json_extract(body, '$.review') IS NULL;
 CREATE INDEX requests_created ON requests(created_at, id);
 "#,
-"#,
     // Each notification sink's place in the audit feed.
     r#"
 CREATE TABLE notify_cursors (

@@ -381,6 +381,7 @@ async fn scan(app: &App, who: &Principal, state: ReqState) -> Result<Vec<Request
             visible_to: None,
             after: after.clone(),
             limit: LIST_PAGE_LEN,
+            drill: None,
         };
         let page = app.list(who, q, false).await?;
         let full = page.len() as u32 == LIST_PAGE_LEN;
@@ -589,6 +590,7 @@ async fn create_request(
         reason: f.reason.clone(),
         ticket: Some(f.ticket.trim().to_string()).filter(|t| !t.is_empty()),
         emergency,
+        drill: None,
     };
     match c.app.create_request(who, body).await {
         Ok(req) => Ok(see_other(&format!("/requests/{}", req.id))),
@@ -629,6 +631,7 @@ async fn grants(State(c): State<ConsoleState>, Viewer(s): Viewer) -> PageResult 
         visible_to: None,
         after: None,
         limit: LIST_PAGE_LEN,
+        drill: None,
     };
     let active = c.app.list(who, mine(ReqState::Active), true).await?;
     let pending = c.app.list(who, mine(ReqState::Pending), true).await?;
@@ -1047,6 +1050,7 @@ async fn admin_requests(
         visible_to: None,
         after: q.after.clone().filter(|a| !a.is_empty()),
         limit: ADMIN_PAGE_LEN,
+        drill: None,
     };
     let reqs = c.app.list(who, lq, false).await?;
     let now = crate::app::now();

@@ -302,6 +302,7 @@ fn only_ended_grants_are_triaged() {
         reason: "x".into(),
         ticket: None,
         emergency: false,
+        drill: None,
     };
     let live = lifecycle::create(&input, &who, &decision, "r1".into(), at(0), 1800)
         .expect("created")

@@ -12,8 +12,8 @@
 mod baseline;
 mod console;
 mod cpu;
-mod evidence;
 mod drills;
+mod evidence;
 mod gateway;
 mod nodes;
 mod review;

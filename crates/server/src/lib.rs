@@ -23,8 +23,8 @@ pub mod offline;
 pub mod openapi;
 pub mod review;
 pub mod scheduler;
-pub mod ssh;
 pub mod slack;
+pub mod ssh;
 pub mod verify;
 
 use std::net::SocketAddr;

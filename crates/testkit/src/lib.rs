@@ -21,8 +21,8 @@ mod certs;
 mod flood;
 pub mod oidc;
 mod pgbouncer;
-pub mod sshd;
 pub mod receiver;
+pub mod sshd;
 
 pub use certs::make_test_ca;
 pub use flood::{fd_limit, open_idle};

@@ -973,7 +973,6 @@ async fn session_cast(
     Ok(crate::ssh::recording_cast(app, who, sid).await?)
 }
 
-
 async fn cast(
     State(c): State<ConsoleState>,
     Viewer(s): Viewer,

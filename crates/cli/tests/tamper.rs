@@ -83,7 +83,19 @@ fn base() -> Base {
         .map(|s| s.expect("seq") as u64)
         .collect();
     let head = head as u64;
-    assert_eq!(head, 51, "service.started + 10 lifecycles of 5 events");
+    // The automated review may close some of the ended grants meanwhile.
+    let reviewed: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE action IN ('request.reviewed', 'review.queued')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("reviews");
+    assert_eq!(
+        head - reviewed as u64,
+        51,
+        "service.started + 10 lifecycles of 5 events"
+    );
     assert_eq!(checkpoints.last(), Some(&head), "the stop signs the head");
     assert!(
         checkpoints.iter().any(|&c| c > 10 && c < head),

@@ -313,7 +313,7 @@ fn unknown_annotations_are_typos() {
     check(
         &with_line(2, r#"@aprovals("1")"#),
         expect![[r#"
-            policy.cedar:1:1: policy oncall-db-read: unknown annotation @aprovals (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa)
+            policy.cedar:1:1: policy oncall-db-read: unknown annotation @aprovals (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa, review)
               1 | @id("oncall-db-read")
                 | ^
         "#]],
@@ -321,7 +321,7 @@ fn unknown_annotations_are_typos() {
     check(
         &with_line(4, r#"@max_duration("30m") @ticket("INC-1")"#),
         expect![[r#"
-            policy.cedar:1:1: policy oncall-db-read: unknown annotation @ticket (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa)
+            policy.cedar:1:1: policy oncall-db-read: unknown annotation @ticket (known: id, approvals, approvers, max_duration, require_ticket, countersign_within, approver_fresh_auth, require_mfa, review)
               1 | @id("oncall-db-read")
                 | ^
         "#]],

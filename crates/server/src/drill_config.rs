@@ -306,7 +306,10 @@ user = "u"
 [[targets]]
 name = "box"
 kind = "ssh"
+upstream = "ssh://127.0.0.1:22"
+host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMRqDckyw+l2fyqXEkP5USK3OTXD7oFo9OlTXbHyaEjv"
 [targets.roles.login]
+user = "root"
 [[drills]]
 {drill}
 "#

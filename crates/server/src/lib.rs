@@ -145,8 +145,14 @@ impl Running {
                 .context("server failed")?,
             Err(_) => tracing::warn!("in-flight requests did not finish within 10s"),
         }
+        // Aborted and awaited: a background task (the review's triage, a
+        // drill, a notifier's audit event) must not commit after the final
+        // checkpoint below, or the stop would not sign the head.
         for h in &self.background {
             h.abort();
+        }
+        for h in self.background {
+            let _ = h.await;
         }
         let app = &self.app;
         if app.writes_blocked().is_some() {

@@ -504,19 +504,15 @@ impl Client {
         self.get(&format!("/v1/sessions/{id}/recording"), &query)
     }
 
-    /// `GET /v1/sessions/{id}/recording?format=asciicast`: an SSH
-    /// session's cast, as the server wrote it.
+    /// `GET /v1/sessions/{id}/cast`: an SSH session's cast, as the
+    /// server wrote it.
     pub fn recording_cast(&self, id: &str) -> Result<Vec<u8>, ApiError> {
-        let url = self.url(&format!("/v1/sessions/{id}/recording"));
+        let url = self.url(&format!("/v1/sessions/{id}/cast"));
         self.with_otp_retry(|otp| {
-            let mut req = self
-                .agent
-                .get(&url)
-                .header(
-                    "Accept",
-                    "application/x-asciicast, application/problem+json",
-                )
-                .query("format", "asciicast");
+            let mut req = self.agent.get(&url).header(
+                "Accept",
+                "application/x-asciicast, application/problem+json",
+            );
             if let Some(auth) = self.auth_header() {
                 req = req.header("Authorization", auth);
             }

@@ -440,7 +440,6 @@ fn start_on(setup: &Setup) -> (Server, u16, Value) {
 }
 
 #[test]
-#[ignore = "known defect: with the automated review running, the tampered row is not caught before the deadline"]
 fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
     let base = base();
     let head = base.head as i64;
@@ -590,7 +589,9 @@ fn a_server_on_a_broken_chain_refuses_writes_but_serves_reads() {
         let copy = tampered(&base.setup, tamper);
         let (server, _status, _body) = start_on(&copy);
         let api = Api::new(&copy.url());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Generous: the background verification shares two cores with the
+        // whole suite in CI.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let (st, p) = api.post(
                 "alice",
@@ -818,7 +819,6 @@ fn the_default_witness_catches_truncation_and_its_own_loss() {
 }
 
 #[test]
-#[ignore = "known defect: the automated review can commit after the final checkpoint at shutdown"]
 fn a_chain_re_signed_with_a_planted_key_fails_against_the_trusted_key() {
     use breakglass_core::Timestamp;
     use breakglass_core::audit::Checkpoint;

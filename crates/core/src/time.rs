@@ -101,15 +101,33 @@ pub enum DurationError {
     Syntax(String),
     #[error("duration {0:?} must be positive")]
     Zero(String),
-    #[error("duration {0:?} is longer than the maximum of {DURATION_MAX_S}s")]
-    TooLong(String),
+    #[error("duration {0:?} is longer than the maximum of {1}s")]
+    TooLong(String, u64),
     #[error("invalid timestamp: {0}")]
     Timestamp(String),
 }
 
-/// Parses `90s`, `15m`, `1h`, `1h30m`, `2d` into seconds. A bare number is
-/// refused: a unit must be explicit so `15` never silently means seconds.
+/// The longest window a report looks back over: a year, a leap day
+/// included.
+pub const REPORT_WINDOW_MAX_S: u64 = 366 * 86_400;
+/// A report's window when none is given.
+pub const REPORT_WINDOW_DEFAULT: &str = "30d";
+
+/// Parses `90s`, `15m`, `1h`, `1h30m`, `2d` into seconds, at most
+/// [`DURATION_MAX_S`] (a grant's hard cap). A bare number is refused: a unit
+/// must be explicit so `15` never silently means seconds.
 pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
+    parse_duration_at_most(text, DURATION_MAX_S)
+}
+
+/// A report's `since` (default [`REPORT_WINDOW_DEFAULT`]): a duration of at
+/// most [`REPORT_WINDOW_MAX_S`].
+pub fn parse_report_window(text: Option<&str>) -> Result<u64, DurationError> {
+    parse_duration_at_most(text.unwrap_or(REPORT_WINDOW_DEFAULT), REPORT_WINDOW_MAX_S)
+}
+
+/// [`parse_duration`] with another cap.
+pub fn parse_duration_at_most(text: &str, max_s: u64) -> Result<u64, DurationError> {
     let t = text.trim();
     if t.is_empty() {
         return Err(DurationError::Empty);
@@ -137,11 +155,11 @@ pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
         }
         let n: u64 = digits
             .parse()
-            .map_err(|_| DurationError::TooLong(t.to_string()))?;
+            .map_err(|_| DurationError::TooLong(t.to_string(), max_s))?;
         total = n
             .checked_mul(unit)
             .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| DurationError::TooLong(t.to_string()))?;
+            .ok_or_else(|| DurationError::TooLong(t.to_string(), max_s))?;
         digits.clear();
         saw_unit = true;
     }
@@ -151,8 +169,8 @@ pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
     if total == 0 {
         return Err(DurationError::Zero(t.to_string()));
     }
-    if total > DURATION_MAX_S {
-        return Err(DurationError::TooLong(t.to_string()));
+    if total > max_s {
+        return Err(DurationError::TooLong(t.to_string(), max_s));
     }
     Ok(total)
 }
@@ -198,14 +216,27 @@ mod tests {
         ));
         assert!(matches!(
             parse_duration("99999999999999999999h"),
-            Err(DurationError::TooLong(_))
+            Err(DurationError::TooLong(..))
         ));
         assert!(matches!(
             parse_duration("8d"),
-            Err(DurationError::TooLong(_))
+            Err(DurationError::TooLong(..))
         ));
         assert_eq!(format_duration(5400), "1h30m");
         assert_eq!(format_duration(90), "1m30s");
+    }
+
+    #[test]
+    fn report_windows_reach_a_year_and_no_further() {
+        assert_eq!(parse_report_window(None), Ok(30 * 86_400));
+        assert_eq!(parse_report_window(Some("366d")), Ok(REPORT_WINDOW_MAX_S));
+        assert_eq!(parse_report_window(Some("12h")), Ok(12 * 3600));
+        let e = parse_report_window(Some("367d")).expect_err("over a year");
+        assert_eq!(
+            e.to_string(),
+            "duration \"367d\" is longer than the maximum of 31622400s"
+        );
+        assert_eq!(parse_report_window(Some("")), Err(DurationError::Empty));
     }
 
     #[test]

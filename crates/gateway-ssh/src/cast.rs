@@ -88,19 +88,15 @@ impl CastBuilder {
         let start = *self.start_ms.get_or_insert(ms.unwrap_or(0));
         let t = (ms.unwrap_or(start) - start).max(0) as f64 / 1000.0;
         match kind {
-            "pty" => {
-                if self.size.is_none() {
-                    self.size = Some((
-                        entry["cols"].as_u64().unwrap_or(DEFAULT_SIZE.0),
-                        entry["rows"].as_u64().unwrap_or(DEFAULT_SIZE.1),
-                    ));
-                    self.term = entry["term"].as_str().map(str::to_string);
-                }
+            "pty" if self.size.is_none() => {
+                self.size = Some((
+                    entry["cols"].as_u64().unwrap_or(DEFAULT_SIZE.0),
+                    entry["rows"].as_u64().unwrap_or(DEFAULT_SIZE.1),
+                ));
+                self.term = entry["term"].as_str().map(str::to_string);
             }
-            "exec" => {
-                if self.command.is_none() {
-                    self.command = entry["command"].as_str().map(str::to_string);
-                }
+            "exec" if self.command.is_none() => {
+                self.command = entry["command"].as_str().map(str::to_string);
             }
             "o" | "i" => {
                 let slot = usize::from(kind == "i");

@@ -171,13 +171,14 @@ pub(crate) async fn handle(
         channels: HashMap::new(),
     };
     let config = shared.server_config.clone();
-    let session = async move {
+    // Boxed, so that dropping it below closes the connection before the
+    // session is finished (a stack pin would live to the end of the scope).
+    let mut session = Box::pin(async move {
         match russh::server::run_stream(config, stream, conn).await {
             Ok(running) => running.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         }
-    };
-    tokio::pin!(session);
+    });
     let deadline = tokio::time::Instant::now() + shared.config.handshake();
     enum Phase {
         Done(Result<(), String>),

@@ -401,7 +401,7 @@ impl App {
         self.check_writable()?;
         let duration_s = parse_duration(&body.duration).map_err(|e| match e {
             // Over the hard cap is a refusal like a policy's cap, not a typo.
-            breakglass_core::time::DurationError::TooLong(_) => {
+            breakglass_core::time::DurationError::TooLong(..) => {
                 AppError::Forbidden("duration_exceeds_policy", format!("duration: {e}"))
             }
             _ => AppError::BadInput(format!("duration: {e}")),

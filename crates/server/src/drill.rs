@@ -61,8 +61,6 @@ const ANSWER_LEN_MAX: u64 = 4 << 20;
 pub const REPORT_RUNS_MAX: u32 = 10_000;
 /// Failures one report lists per drill (the newest).
 pub const REPORT_FAILURES_MAX: usize = 20;
-/// The longest `since` of a report: a year.
-pub const REPORT_SINCE_MAX_S: u64 = 366 * 24 * 3600;
 /// Load: lifecycles per second at most.
 pub const LOAD_RATE_MAX: u32 = 2_000;
 /// Load: the longest run (an API call carries it, under the CLI's call
@@ -164,8 +162,12 @@ pub struct RunBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadSpec {
+    /// Lifecycles per second, 1 to LOAD_RATE_MAX.
+    #[schema(minimum = 1, maximum = 2000)]
     pub rate: u32,
-    /// Like `10s`; at most 20s.
+    /// Like `10s`; at most LOAD_DURATION_MAX_S (20s). The server also reads
+    /// other spellings of the same durations (`1m` is too long either way).
+    #[schema(pattern = "^([1-9]|1[0-9]|20)s$", min_length = 2, max_length = 3)]
     #[serde(rename = "for")]
     pub for_: String,
 }
@@ -441,9 +443,10 @@ fn start_running<'a>(state: &'a DrillState, name: &str) -> Result<RunningGuard<'
 
 /// Runs drill `name` now (the API's `POST /v1/drills/{name}/run`), with the
 /// load generator meanwhile when `body.load` asks for it.
-pub async fn run_now(app: &Arc<App>, name: &str, body: RunBody) -> Result<RunAnswer, AppError> {
-    let Some(d) = app.config.drill(name).cloned() else {
-        return Err(AppError::UnknownName(
+/// The configured drill called `name`, or a refusal naming those there are.
+pub fn configured<'a>(app: &'a App, name: &str) -> Result<&'a DrillConfig, AppError> {
+    app.config.drill(name).ok_or_else(|| {
+        AppError::UnknownName(
             "unknown_drill",
             format!(
                 "no drill {name:?} is configured (drills: {})",
@@ -454,8 +457,12 @@ pub async fn run_now(app: &Arc<App>, name: &str, body: RunBody) -> Result<RunAns
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-        ));
-    };
+        )
+    })
+}
+
+pub async fn run_now(app: &Arc<App>, name: &str, body: RunBody) -> Result<RunAnswer, AppError> {
+    let d = configured(app, name)?.clone();
     let load = body.load.map(|l| check_load(&d, &l)).transpose()?;
     let _guard = start_running(&app.drills, name)?;
     let Some(load) = load else {
@@ -1247,7 +1254,7 @@ pub fn spawn_metrics_follower(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
     let mut feed = app.store.subscribe();
     tokio::spawn(async move {
         if let Some(app) = weak.upgrade() {
-            let since = now().millis() - (REPORT_SINCE_MAX_S as i64) * 1000;
+            let since = now().millis() - (breakglass_core::time::REPORT_WINDOW_MAX_S as i64) * 1000;
             if let Ok(events) = app
                 .store
                 .audit_by_action(
@@ -1299,6 +1306,23 @@ pub async fn read_report(app: &App, since: Timestamp) -> Result<DrillReport, App
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_load_schema_states_the_limits_the_server_enforces() {
+        let schema = serde_json::to_value(<LoadSpec as utoipa::PartialSchema>::schema())
+            .expect("a schema is JSON");
+        let props = &schema["properties"];
+        assert_eq!(props["rate"]["maximum"], serde_json::json!(LOAD_RATE_MAX));
+        assert_eq!(props["rate"]["minimum"], serde_json::json!(1));
+        let pattern = props["for"]["pattern"]
+            .as_str()
+            .expect("a pattern for `for`");
+        assert_eq!(
+            pattern,
+            format!("^([1-9]|1[0-9]|{LOAD_DURATION_MAX_S})s$"),
+            "the pattern's top value is LOAD_DURATION_MAX_S"
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -8,17 +8,14 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use breakglass_core::Principal;
-use breakglass_core::time::parse_duration;
+use breakglass_core::time::parse_report_window;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::app::{App, AppError, now};
-use crate::drill::{self, DrillReport, REPORT_SINCE_MAX_S, RunAnswer, RunBody};
+use crate::drill::{self, DrillReport, RunAnswer, RunBody};
 use crate::dto::Problem;
 use crate::http::{ApiError, ApiQuery, Auth};
-
-/// The default `since` of a report.
-pub const REPORT_SINCE_DEFAULT: &str = "30d";
 
 fn require_admin(who: &Principal, what: &str) -> Result<(), ApiError> {
     if who.admin {
@@ -45,6 +42,8 @@ pub async fn run_drill(
     body: Bytes,
 ) -> Result<Json<RunAnswer>, ApiError> {
     require_admin(&who, "running a drill")?;
+    // An unknown drill is refused as such whatever the body says.
+    drill::configured(&app, &name)?;
     let body: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
         RunBody::default()
     } else {
@@ -71,28 +70,12 @@ pub async fn drill_report(
     ApiQuery(p): ApiQuery<ReportParams>,
 ) -> Result<Json<DrillReport>, ApiError> {
     require_admin(&who, "the drill report")?;
-    let text = p.since.as_deref().unwrap_or(REPORT_SINCE_DEFAULT);
-    let s = parse_since(text)?;
+    let s = parse_report_window(p.since.as_deref())
+        .map_err(|e| AppError::BadInput(format!("since: {e}")))?;
     let since = now()
         .millis()
         .saturating_sub((s as i64).saturating_mul(1000));
     Ok(Json(
         drill::read_report(&app, breakglass_core::Timestamp::from_millis(since)).await?,
     ))
-}
-
-fn parse_since(text: &str) -> Result<u64, AppError> {
-    // `parse_duration` caps durations at a grant's hard maximum; a report
-    // looks further back, so days are read here.
-    let s = match text.strip_suffix('d').map(str::parse::<u64>) {
-        Some(Ok(days)) => days.saturating_mul(24 * 3600),
-        _ => parse_duration(text).map_err(|e| AppError::BadInput(format!("since: {e}")))?,
-    };
-    if !(1..=REPORT_SINCE_MAX_S).contains(&s) {
-        return Err(AppError::BadInput(format!(
-            "since: must be between 1s and {}d",
-            REPORT_SINCE_MAX_S / 86_400
-        )));
-    }
-    Ok(s)
 }

@@ -648,49 +648,40 @@ pub struct RecordingParams {
     after: Option<u64>,
     /// Page size (default 1000, at most 10000).
     limit: Option<u32>,
-    /// `json` (default: pages of verified entries) or `asciicast` (an SSH
-    /// session as one asciicast v2 file, `application/x-asciicast`).
-    format: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/sessions/{id}/recording", params(("id" = String, Path), RecordingParams),
-    responses((status = 200, body = RecordingPage),
-        (status = 200, description = "with `format=asciicast`: the asciicast v2 file", content_type = "application/x-asciicast", body = String),
-        (status = 404, body = Problem)),
+    responses((status = 200, body = RecordingPage), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 async fn recording(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<RecordingParams>,
-) -> ApiResult<axum::response::Response> {
-    match p.format.as_deref() {
-        None | Some("json") => {}
-        Some("asciicast") => {
-            if p.after.is_some() || p.limit.is_some() {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "format=asciicast is the whole session: leave out after and limit",
-                ));
-            }
-            let cast = crate::ssh::recording_cast(&app, &who, &id).await?;
-            return Ok((
-                [(axum::http::header::CONTENT_TYPE, "application/x-asciicast")],
-                cast,
-            )
-                .into_response());
-        }
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("format: {other:?} is not a recording format; give json or asciicast"),
-            ));
-        }
-    }
+) -> ApiResult<Json<RecordingPage>> {
     let limit = page_limit(p.limit, AUDIT_PAGE_LEN_DEFAULT, PAGE_LEN_MAX)?;
-    Ok(Json(app.recording(&who, &id, seq_after(p.after)?, limit).await?).into_response())
+    Ok(Json(
+        app.recording(&who, &id, seq_after(p.after)?, limit).await?,
+    ))
+}
+
+/// An SSH session's recording as one asciicast v2 file, verified as it is
+/// read; a PostgreSQL session has no terminal and is refused.
+#[utoipa::path(get, path = "/v1/sessions/{id}/cast", params(("id" = String, Path)),
+    responses((status = 200, description = "the asciicast v2 file", content_type = "application/x-asciicast", body = String),
+        (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+async fn cast(
+    State(app): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    let cast = crate::ssh::recording_cast(&app, &who, &id).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-asciicast")],
+        cast,
+    )
+        .into_response())
 }
 
 pub(crate) fn require_admin(who: &Principal) -> ApiResult<()> {
@@ -896,7 +887,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "breakglass", description = "Break-glass access: time-bound, multi-party, audited emergency grants."),
     paths(create_request, list_requests, get_request, approve, deny, cancel, revoke, review, credentials,
-          sessions, recording, introspect, audit, audit_verify, whoami, auth_config, targets,
+          sessions, recording, cast, introspect, audit, audit_verify, whoami, auth_config, targets,
           evidence,
           crate::drill_api::run_drill, crate::drill_api::drill_report,
           crate::review::summary, crate::review::queue, crate::review::report,
@@ -919,6 +910,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/requests/{id}/credentials", post(credentials))
         .route("/v1/requests/{id}/sessions", get(sessions))
         .route("/v1/sessions/{id}/recording", get(recording))
+        .route("/v1/sessions/{id}/cast", get(cast))
         .route("/v1/requests/{id}/evidence", get(evidence))
         .route("/v1/requests/{id}/summary", get(crate::review::summary))
         .route("/v1/reviews", get(crate::review::queue))

@@ -38,6 +38,9 @@ pub const DURATION_PATTERN: &str = "^([0-9]+[smhd])*[0-9]*[1-9][0-9]*[smhd]([0-9
 
 /// Longest duration text accepted.
 const DURATION_LEN_MAX: usize = 32;
+/// A report's `since`: seconds, minutes or hours in few enough digits, or
+/// at most 366 days.
+const REPORT_WINDOW_PATTERN: &str = "^([1-9][0-9]{0,6}s|[1-9][0-9]{0,4}m|[1-9][0-9]{0,2}h|([1-9][0-9]?|[12][0-9]{2}|3[0-5][0-9]|36[0-6])d)$";
 
 /// Adds the problem responses and input constraints (see the module doc).
 pub struct Truth;
@@ -218,6 +221,14 @@ fn constrain_param(p: &mut Parameter, page_len_max: u32) {
         "limit" => {
             obj.minimum = Some(1.into());
             obj.maximum = Some(page_len_max.into());
+        }
+        "since" => {
+            // A report's window: one term whose digits cannot pass
+            // REPORT_WINDOW_MAX_S (a year). The server also reads compound
+            // durations (`1d12h`), which this pattern leaves out.
+            obj.min_length = Some(2);
+            obj.max_length = Some(9);
+            obj.pattern = Some(REPORT_WINDOW_PATTERN.to_string());
         }
         _ => {}
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path as UrlPath, State};
 use breakglass_core::lifecycle::{self, Command, LifecycleError};
-use breakglass_core::time::{format_duration, parse_duration};
+use breakglass_core::time::{parse_duration, parse_report_window};
 use breakglass_core::{Actor, Principal, Request, Timestamp};
 use breakglass_gateway_postgres::recording::Recorder;
 use breakglass_review::rules::{Rule, RuleSet, Severity};
@@ -39,8 +39,6 @@ const TRIAGE_BATCH_MAX: usize = 256;
 /// holds the recordings) for this long after its end; then any node
 /// triages it, naming the recordings it cannot read (a person looks).
 const HANDOFF_S: u64 = 60;
-/// The longest report window: a bit more than a year.
-pub const REPORT_SINCE_MAX_S: u64 = 400 * 24 * 3600;
 /// Findings listed per report group at most.
 const TOP_FINDINGS_MAX: usize = 5;
 /// Groups (teams, targets, policies) listed per report dimension at most.
@@ -632,14 +630,9 @@ fn groups(map: HashMap<String, Acc>) -> Vec<ReportGroup> {
     v
 }
 
-/// The report over the grants requested in the last `since_s` seconds.
+/// The report over the grants requested in the last `since_s` seconds
+/// (from [`parse_report_window`]).
 pub async fn report_for(app: &App, since_s: u64) -> Result<Report, AppError> {
-    if since_s == 0 || since_s > REPORT_SINCE_MAX_S {
-        return Err(AppError::BadInput(format!(
-            "since must be between 1s and {}",
-            format_duration(REPORT_SINCE_MAX_S)
-        )));
-    }
     let until = now();
     let since = Timestamp(until.millis() - i64::try_from(since_s * 1000).unwrap_or(i64::MAX));
     let team_of: HashMap<&str, &[String]> = app
@@ -724,7 +717,7 @@ pub async fn report(
         )
         .into());
     }
-    let since = p.since.as_deref().unwrap_or("30d");
-    let since_s = parse_duration(since).map_err(|e| AppError::BadInput(format!("since: {e}")))?;
+    let since_s = parse_report_window(p.since.as_deref())
+        .map_err(|e| AppError::BadInput(format!("since: {e}")))?;
     Ok(Json(report_for(&app, since_s).await?))
 }

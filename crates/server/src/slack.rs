@@ -260,6 +260,15 @@ pub async fn slack_actions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let Some(slack) = app.slack.get().and_then(|s| s.as_ref()) else {
+        // An unsigned call is refused as such whether or not Slack is
+        // configured; only a signed one learns that it is not.
+        if !headers.contains_key("x-slack-signature") {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Slack request refused: unsigned",
+            ));
+        }
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -240,32 +240,6 @@ pub async fn start(
     Ok(Some(addr))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_upstream;
-
-    #[test]
-    fn upstream_addresses() {
-        assert_eq!(parse_upstream("ssh://db1:2200"), Ok(("db1".into(), 2200)));
-        assert_eq!(
-            parse_upstream("ssh://10.0.0.1"),
-            Ok(("10.0.0.1".into(), 22))
-        );
-        assert_eq!(parse_upstream("ssh://[::1]:22"), Ok(("::1".into(), 22)));
-        for bad in [
-            "db1:22",
-            "ssh://",
-            "ssh://root@db1",
-            "ssh://db1:0",
-            "ssh://db1:99999",
-            "ssh://db1/x",
-            "ssh://:22",
-        ] {
-            assert!(parse_upstream(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 /// A cast is at most this long; longer sessions are read page by page as
 /// JSON lines.
 pub const CAST_LEN_MAX: usize = 256 * 1024 * 1024;
@@ -299,4 +273,30 @@ pub async fn recording_cast(
     })
     .await
     .map_err(|e| AppError::BadInput(format!("cannot read recording: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_upstream;
+
+    #[test]
+    fn upstream_addresses() {
+        assert_eq!(parse_upstream("ssh://db1:2200"), Ok(("db1".into(), 2200)));
+        assert_eq!(
+            parse_upstream("ssh://10.0.0.1"),
+            Ok(("10.0.0.1".into(), 22))
+        );
+        assert_eq!(parse_upstream("ssh://[::1]:22"), Ok(("::1".into(), 22)));
+        for bad in [
+            "db1:22",
+            "ssh://",
+            "ssh://root@db1",
+            "ssh://db1:0",
+            "ssh://db1:99999",
+            "ssh://db1/x",
+            "ssh://:22",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
 }

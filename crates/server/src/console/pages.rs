@@ -954,7 +954,7 @@ async fn replay(
 /// The asciicast of a session, for the player.
 ///
 /// Only SSH sessions replay in the player (the same cast as
-/// `GET /v1/sessions/{id}/recording?format=asciicast`); a PostgreSQL
+/// `GET /v1/sessions/{id}/cast`); a PostgreSQL
 /// session replays as its statement list.
 async fn session_cast(
     app: &App,

@@ -4,8 +4,8 @@
 //! terminal, `connect`, the certificate the gateway signs (its key id in
 //! sshd's log), refusals (bad and ended credentials, SFTP, a host key that
 //! is not the pinned one), cuts at revoke and at expiry while `sleep 60`
-//! runs, `kill -9` with recovery and verification, and the recording
-//! played back with `asciinema cat`.
+//! runs, `kill -9` with recovery and verification, the recording played
+//! back with `asciinema cat`, and drills on SSH targets.
 
 mod gateway_support;
 
@@ -29,6 +29,14 @@ struct Env {
 }
 
 fn start(sshd_ca_from: impl FnOnce(&Path) -> String) -> Env {
+    start_with(sshd_ca_from, |_| String::new())
+}
+
+/// [`start`] with more config, written by `extra` in the config dir.
+fn start_with(
+    sshd_ca_from: impl FnOnce(&Path) -> String,
+    extra: impl FnOnce(&Path) -> String,
+) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_path_buf();
     // The gateway's user CA, made beforehand so sshd can trust it.
@@ -68,6 +76,7 @@ fn start(sshd_ca_from: impl FnOnce(&Path) -> String) -> Env {
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755))
             .expect("chmod askpass");
     }
+    cfg.push_str(&extra(&d));
     let bg = Bg::from_config(dir, http_port, gw_port, &cfg);
     Env { bg, sshd, askpass }
 }
@@ -476,4 +485,80 @@ fn connect_runs_ssh_with_the_grant_and_returns_the_command_status() {
         kinds(&rec, "exec")[0]["command"],
         "echo via-connect; exit 5"
     );
+}
+
+#[test]
+fn a_drill_on_an_ssh_target_runs_true_through_the_gateway_and_sees_the_cut() {
+    // Two drills: one on `web`, one on the target whose pinned host key is
+    // not the upstream's. `every` is long, so only the manual runs happen.
+    let e = start_with(
+        |d| keygen(&d.join("ssh_ca")).expect("ca"),
+        |d| {
+            std::fs::write(d.join("alice.token"), gateway_support::token("alice"))
+                .expect("token file");
+            let drill = |name: &str, target: &str| {
+                format!(
+                    "[[drills]]\nname = \"{name}\"\nevery = \"30d\"\ntarget = \"{target}\"\n\
+                     role = \"ops\"\nduration = \"2m\"\nstep_timeout = \"15s\"\n\
+                     requester = {{ principal = \"alice\", token_file = \"alice.token\" }}\n\n"
+                )
+            };
+            drill("ssh-canary", "web") + &drill("ssh-wrong-key", "web-pinned-wrong")
+        },
+    );
+    let out = e.bg.cli(Some("carol"), &["drill", "run", "ssh-canary"]);
+    assert_eq!(out.code, 0, "{out:#?}\n{}", e.bg.stderr());
+    for step in [
+        "request",
+        "credentials",
+        "session",
+        "revoke",
+        "recording",
+        "chain",
+    ] {
+        assert!(
+            out.stdout.contains(step),
+            "step {step} shown: {}",
+            out.stdout
+        );
+    }
+    let done: Vec<Value> =
+        e.bg.audit()
+            .into_iter()
+            .filter(|v| v["action"] == "drill.completed")
+            .collect();
+    assert_eq!(done.len(), 1, "{done:?}");
+    let run = &done[0]["details"];
+    assert_eq!(run["result"], "pass", "{run}");
+    assert!(
+        run["time_to_first_statement_ms"].as_f64().is_some(),
+        "{run}"
+    );
+    assert!(run["cut_latency_ms"].as_f64().is_some(), "{run}");
+    // The session went through the gateway, ran `true`, and was cut when
+    // the grant ended.
+    let session_id = run["session_id"]
+        .as_str()
+        .expect("the run names its session");
+    let rec = e.bg.recording(session_id);
+    let execs = kinds(&rec, "exec");
+    assert_eq!(execs.len(), 1, "{rec:?}");
+    assert_eq!(execs[0]["command"], "true");
+    let request_id = run["request_id"]
+        .as_str()
+        .expect("the run names its request");
+    let sessions = e.bg.sessions("alice", request_id);
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    // The drill's requester ends its own grant: a release.
+    assert_eq!(sessions[0]["end_reason"], "released", "{sessions:?}");
+
+    // A drill whose target's host key is not the pinned one fails at the
+    // session step, saying so, and leaves no grant open.
+    let out = e.bg.cli(Some("carol"), &["drill", "run", "ssh-wrong-key"]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(said.contains("session"), "{said}");
+    assert!(said.contains("not the pinned"), "{said}");
+    let (_, list) = e.bg.get("carol", "/v1/requests?state=active");
+    assert_eq!(list["requests"], json!([]), "{list}");
 }

@@ -17,6 +17,7 @@
 
 pub mod cast;
 pub mod keys;
+pub mod probe;
 mod session;
 mod upstream;
 

@@ -43,6 +43,17 @@ impl client::Handler for Pinned {
     }
 }
 
+impl Pinned {
+    /// A handler that accepts only `pinned`.
+    pub(crate) fn new(pinned: russh::keys::PublicKey) -> Pinned {
+        Pinned {
+            pinned,
+            mismatch: Arc::new(AtomicBool::new(false)),
+            offered: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+}
+
 pub(crate) type Upstream = client::Handle<Pinned>;
 
 /// Connects and signs in; the error is the one line the client is told.

@@ -4,7 +4,8 @@
 //! A run is a client of the node's own public HTTP API over a real socket,
 //! with the tokens of the principals it acts as: it requests, the approvers
 //! approve (or countersign), it fetches credentials, opens a real session
-//! through the node's PostgreSQL gateway and runs `select 1`, revokes and
+//! through the node's PostgreSQL gateway and runs `select 1` (or through its
+//! SSH gateway and runs `true`), revokes and
 //! waits for the session to be cut, reads the session's recording back and
 //! verifies the audit chain. Nothing is simulated or skipped; the only
 //! in-process call is the chain verification (the same function as
@@ -53,6 +54,8 @@ pub const FIGURES: [&str; 4] = [
 ];
 /// The probe a run sends through the gateway.
 pub const PROBE_SQL: &str = "select 1";
+/// What a drill runs through the SSH gateway.
+pub const PROBE_COMMAND: &str = "true";
 /// Longest error text kept in a run's result (and its audit event).
 pub const DRILL_ERROR_LEN_MAX: usize = 512;
 /// Largest API answer a run reads.
@@ -381,6 +384,7 @@ pub fn check_label(
 pub struct DrillState {
     api: OnceLock<(String, Option<Vec<u8>>)>,
     gateway: OnceLock<SocketAddr>,
+    ssh_gateway: OnceLock<SocketAddr>,
     running: Mutex<HashSet<String>>,
 }
 
@@ -397,19 +401,23 @@ fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
 }
 
 impl DrillState {
-    /// Where the API and the PostgreSQL gateway listen; `tls_cert` is the
-    /// API's certificate (PEM) when it serves HTTPS only.
+    /// Where the API and the PostgreSQL and SSH gateways listen;
+    /// `tls_cert` is the API's certificate (PEM) when it serves HTTPS only.
     pub fn set_addrs(
         &self,
         api: SocketAddr,
         tls_cert: Option<Vec<u8>>,
         gateway: Option<SocketAddr>,
+        ssh_gateway: Option<SocketAddr>,
     ) {
         let api = loopback_if_unspecified(api);
         let scheme = if tls_cert.is_some() { "https" } else { "http" };
         let _ = self.api.set((format!("{scheme}://{api}"), tls_cert));
         if let Some(g) = gateway {
             let _ = self.gateway.set(loopback_if_unspecified(g));
+        }
+        if let Some(g) = ssh_gateway {
+            let _ = self.ssh_gateway.set(loopback_if_unspecified(g));
         }
     }
 }
@@ -634,6 +642,7 @@ struct RunCtx {
     base: String,
     roots: Option<Vec<u8>>,
     gateway: Option<SocketAddr>,
+    ssh_gateway: Option<SocketAddr>,
     rt: tokio::runtime::Handle,
 }
 
@@ -649,6 +658,7 @@ impl RunCtx {
             base,
             roots,
             gateway: app.drills.gateway.get().copied(),
+            ssh_gateway: app.drills.ssh_gateway.get().copied(),
             rt: tokio::runtime::Handle::current(),
         })
     }
@@ -882,59 +892,18 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
             Ok(c)
         })?;
         // 4. a real session through the gateway, and the probe
-        let (client, conn) = rec.step("session", |rec| {
-            let gw = ctx
-                .gateway
-                .ok_or("the PostgreSQL gateway is not running on this node")?;
+        let mut probe = rec.step("session", |rec| {
             let conn = creds
                 .connection
                 .as_ref()
                 .ok_or("the credentials name no gateway connection")?;
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host(gw.ip().to_string())
-                .port(gw.port())
-                .user(&conn.user)
-                .password(&creds.token)
-                .dbname(conn.database.as_deref().unwrap_or(&d.target))
-                .application_name("breakglass-drill")
-                // The gateway is on loopback, where plaintext logins are
-                // accepted; the token never leaves the machine.
-                .ssl_mode(tokio_postgres::config::SslMode::Disable)
-                .connect_timeout(timeout);
-            let (client, task) = ctx.rt.block_on(async {
-                let (client, connection) =
-                    tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
-                        .await
-                        .map_err(|_| {
-                            format!(
-                                "no session through the gateway at {gw} within {}s",
-                                timeout.as_secs()
-                            )
-                        })?
-                        .map_err(|e| {
-                            format!(
-                                "cannot open a session through the gateway at {gw}: {}",
-                                pg_error(&e)
-                            )
-                        })?;
-                let task = tokio::spawn(connection);
-                let rows = tokio::time::timeout(timeout, client.simple_query(PROBE_SQL))
-                    .await
-                    .map_err(|_| {
-                        format!("{PROBE_SQL:?} got no answer within {}s", timeout.as_secs())
-                    })?
-                    .map_err(|e| format!("{PROBE_SQL:?} failed: {}", pg_error(&e)))?;
-                let one = rows.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                    _ => None,
-                });
-                if one.as_deref() != Some("1") {
-                    return Err(format!("{PROBE_SQL:?} answered {one:?}, not 1"));
-                }
-                Ok::<_, String>((client, task))
-            })?;
+            let probe = if conn.kind == "ssh" {
+                ssh_probe(ctx, conn, &creds.token, timeout)?
+            } else {
+                pg_probe(ctx, conn, &creds.token, &d.target, timeout)?
+            };
             rec.run.time_to_first_statement_ms = Some(rec.since_start());
-            Ok((client, task))
+            Ok(probe)
         })?;
         // 5. revoke, and the session is cut
         rec.step("revoke", |rec| {
@@ -948,8 +917,7 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
             let r: Request = parse(v, "revoke")?;
             req = Some(r.clone());
             ended = r.state.is_final();
-            let cut = ctx.rt.block_on(tokio::time::timeout(timeout, conn));
-            if cut.is_err() || !client.is_closed() {
+            if !ctx.rt.block_on(probe.closed_within(timeout)) {
                 return Err(format!(
                     "the gateway session was still open {}s after the grant was revoked",
                     timeout.as_secs()
@@ -982,14 +950,11 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
                 &format!("/v1/sessions/{}/recording", session.session_id),
             )?;
             let page: RecordingPage = parse(v, "recording")?;
-            let has_probe = page
-                .entries
-                .iter()
-                .any(|e| e.to_string().to_lowercase().contains(PROBE_SQL));
-            if !has_probe {
+            if !page.entries.iter().any(|e| probe.is_in(e)) {
                 return Err(format!(
-                    "the recording of session {} does not hold the probe {PROBE_SQL:?}",
-                    session.session_id
+                    "the recording of session {} does not hold the probe {:?}",
+                    session.session_id,
+                    probe.text()
                 ));
             }
             Ok(())
@@ -1035,6 +1000,126 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
         }
     }
     rec.run
+}
+
+/// A probe's session through a gateway, kept open until the grant ends.
+enum Probe {
+    Postgres {
+        client: tokio_postgres::Client,
+        task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    },
+    Ssh(breakglass_gateway_ssh::probe::Probe),
+}
+
+impl Probe {
+    /// What the probe ran.
+    fn text(&self) -> &'static str {
+        match self {
+            Probe::Postgres { .. } => PROBE_SQL,
+            Probe::Ssh(_) => PROBE_COMMAND,
+        }
+    }
+
+    /// Whether a recording entry is the probe: the statement, or the
+    /// `exec` of the command.
+    fn is_in(&self, entry: &Value) -> bool {
+        match self {
+            Probe::Postgres { .. } => entry.to_string().to_lowercase().contains(PROBE_SQL),
+            Probe::Ssh(_) => {
+                entry["kind"] == "exec" && entry["command"].as_str() == Some(PROBE_COMMAND)
+            }
+        }
+    }
+
+    /// Whether the gateway cut the session within `timeout`.
+    async fn closed_within(&mut self, timeout: Duration) -> bool {
+        match self {
+            Probe::Postgres { client, task } => {
+                tokio::time::timeout(timeout, task).await.is_ok() && client.is_closed()
+            }
+            Probe::Ssh(p) => p.closed_within(timeout).await,
+        }
+    }
+}
+
+/// `select 1` through the node's PostgreSQL gateway.
+fn pg_probe(
+    ctx: &RunCtx,
+    conn: &crate::dto::Connection,
+    token: &str,
+    target: &str,
+    timeout: Duration,
+) -> Result<Probe, String> {
+    let gw = ctx
+        .gateway
+        .ok_or("the PostgreSQL gateway is not running on this node")?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(gw.ip().to_string())
+        .port(gw.port())
+        .user(&conn.user)
+        .password(token)
+        .dbname(conn.database.as_deref().unwrap_or(target))
+        .application_name("breakglass-drill")
+        // The gateway is on loopback, where plaintext logins are
+        // accepted; the token never leaves the machine.
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect_timeout(timeout);
+    ctx.rt.block_on(async {
+        let (client, connection) =
+            tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no session through the gateway at {gw} within {}s",
+                        timeout.as_secs()
+                    )
+                })?
+                .map_err(|e| {
+                    format!(
+                        "cannot open a session through the gateway at {gw}: {}",
+                        pg_error(&e)
+                    )
+                })?;
+        let task = tokio::spawn(connection);
+        let rows = tokio::time::timeout(timeout, client.simple_query(PROBE_SQL))
+            .await
+            .map_err(|_| format!("{PROBE_SQL:?} got no answer within {}s", timeout.as_secs()))?
+            .map_err(|e| format!("{PROBE_SQL:?} failed: {}", pg_error(&e)))?;
+        let one = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        if one.as_deref() != Some("1") {
+            return Err(format!("{PROBE_SQL:?} answered {one:?}, not 1"));
+        }
+        Ok(Probe::Postgres { client, task })
+    })
+}
+
+/// `true` through the node's SSH gateway, whose host key the credentials
+/// name (and the client pins).
+fn ssh_probe(
+    ctx: &RunCtx,
+    conn: &crate::dto::Connection,
+    token: &str,
+    timeout: Duration,
+) -> Result<Probe, String> {
+    let gw = ctx
+        .ssh_gateway
+        .ok_or("the SSH gateway is not running on this node")?;
+    let host_key = conn
+        .host_key
+        .as_deref()
+        .ok_or("the credentials name no SSH host key")?;
+    let p = ctx.rt.block_on(breakglass_gateway_ssh::probe::exec(
+        gw,
+        host_key,
+        &conn.user,
+        token,
+        PROBE_COMMAND,
+        timeout,
+    ))?;
+    Ok(Probe::Ssh(p))
 }
 
 /// A PostgreSQL error as the server said it (the driver's `Display` of a

@@ -464,7 +464,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         ),
         None => None,
     };
-    app.drills.set_addrs(addr, api_cert, pg_addr);
+    app.drills.set_addrs(addr, api_cert, pg_addr, ssh_addr);
     background.push(drill::spawn_metrics_follower(&app));
     if broken.is_none() {
         background.extend(drill::spawn_schedulers(&app));

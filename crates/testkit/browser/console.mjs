@@ -173,6 +173,23 @@ try {
   check(after.body.state === "revoked" && after.body.ended_by === input.admin_name, "revoked by the admin: " + JSON.stringify(after.body.state));
   await carol.page.goto(base + "/admin/audit?verify=yes");
   check(await carol.page.isVisible("p.verified"), "the audit page verifies the chain");
+  // What the sessions did, on the request's page: the two statements, one
+  // of them failed.
+  await carol.page.goto(`${base}/requests/${id}`);
+  const figures = await carol.page.$$eval("section.summary dl.figures dd", (els) => els.map((e) => e.textContent.trim()));
+  check(figures.length === 6 && figures[1] === "read 2" && figures[2].startsWith("1 "), "the summary's figures: " + figures);
+  seen.summary = figures;
+  await carol.page.screenshot({ path: join(input.artefacts, "summary.png"), fullPage: true });
+  // The usage report and the drill report, for admins.
+  await carol.page.goto(base + "/admin/reports?since=1d");
+  const total = await carol.page.$$eval("section.report:first-of-type tbody td", (els) => els.map((e) => e.textContent.trim()));
+  check(total[0] === "all" && Number(total[1]) >= 1, "the report counts the grant: " + total);
+  const targets = await carol.page.textContent("main");
+  check(targets.includes("Targets") && targets.includes(input.target), "the report lists the target");
+  await carol.page.goto(base + "/admin/reports?since=400d");
+  check((await carol.page.textContent("main")).includes("longer than the maximum"), "an over-long window is refused with the reason");
+  await carol.page.goto(base + "/admin/drills");
+  check((await carol.page.textContent("main")).includes("No drill is configured"), "the drill report says none is configured");
   await alice.page.goto(base + "/grants");
   check(await alice.page.locator(`li[data-request="${id}"]`).count() === 0, "the revoked grant left My grants");
 

@@ -12,6 +12,7 @@
 
 mod assets;
 mod pages;
+mod reports;
 mod session;
 pub mod view;
 
@@ -137,6 +138,7 @@ pub fn router(app: &Arc<App>) -> Router<Arc<App>> {
     }
     let console = Arc::new(Console::new(app.clone()));
     pages::routes()
+        .merge(reports::routes())
         .merge(assets::routes())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)

@@ -17,13 +17,14 @@ use breakglass_core::{Principal, Request, ReviewOutcome, State as ReqState, Time
 use breakglass_store::{ListQuery, PAGE_LEN_MAX};
 use serde::Deserialize;
 
+use super::reports::SummaryView;
 use super::session::SignedIn;
 use super::view::{self, Statement, TimelineEntry};
 use super::{ConsoleState, PageError, PlayerPage, Viewer, cookie};
 use crate::app::App;
 use crate::dto::{CreateRequest, Credentials, SessionSummary, TargetOption, VerifyReport};
 
-type PageResult = Result<Response, PageError>;
+pub(super) type PageResult = Result<Response, PageError>;
 
 /// Requests of one state read at most to fill the inbox (pages of
 /// `LIST_PAGE_LEN`); the inbox counts what it could not read.
@@ -96,7 +97,7 @@ fn check_csrf(s: &SignedIn, sent: &str) -> Result<(), PageError> {
     }
 }
 
-fn html(page: impl Template) -> PageResult {
+pub(super) fn html(page: impl Template) -> PageResult {
     html_status(StatusCode::OK, page)
 }
 
@@ -121,7 +122,7 @@ pub struct Nav {
 }
 
 impl Nav {
-    fn of(s: &SignedIn, here: &'static str) -> Nav {
+    pub(super) fn of(s: &SignedIn, here: &'static str) -> Nav {
         Nav {
             name: s.principal.name.clone(),
             admin: s.principal.admin,
@@ -704,6 +705,8 @@ struct RequestPage {
     can_review: bool,
     ended: String,
     review: String,
+    /// What the sessions did, when there were any.
+    summary: Option<SummaryView>,
 }
 
 pub struct SessionRow {
@@ -743,6 +746,12 @@ async fn request_page(
         .await
         .map_err(crate::app::AppError::from)?;
     let sessions = c.app.sessions(who, &r.id).await?;
+    let summary = if sessions.is_empty() {
+        None
+    } else {
+        let s = crate::review::summary_of(&c.app, who, &r.id).await?;
+        Some(SummaryView::of(&s))
+    };
     let now = crate::app::now();
     let mine = r.requester == who.name;
     let live = r.is_live(now);
@@ -778,6 +787,7 @@ async fn request_page(
         review,
         timeline: view::timeline(&events),
         sessions: sessions.iter().map(SessionRow::of).collect(),
+        summary,
     })
 }
 

@@ -625,3 +625,114 @@ fn otp_for_a_local_principal_with_totp() {
     out.expect_code(3);
     assert!(out.stderr.contains("wrong one-time code"), "{out:#?}");
 }
+
+/// A GET as a browser would send it (no redirects followed): status, the
+/// `Location`, the `Set-Cookie` lines and the body.
+fn browser_get(url: &str, cookie: Option<&str>) -> (u16, String, Vec<String>, String) {
+    let mut req = common::agent(Duration::from_secs(30)).get(url);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let mut r = req.call().expect("GET");
+    let header = |name: &str| -> Vec<String> {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    };
+    let location = header("location").into_iter().next().unwrap_or_default();
+    let cookies = header("set-cookie");
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    (r.status().as_u16(), location, cookies, body)
+}
+
+/// `name=value` of the cookie `name` among `Set-Cookie` lines.
+fn cookie_of(set: &[String], name: &str) -> String {
+    set.iter()
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn console_sign_in_with_the_identity_provider_code_flow_and_pkce() {
+    let op = OidcProvider::start().expect("provider");
+    let setup = server_setup(&op, None);
+    let url = setup.url();
+    let text = std::fs::read_to_string(setup.config_path()).expect("config");
+    let text = text.replacen(
+        "[server]\n",
+        &format!("[server]\npublic_url = \"{url}\"\n"),
+        1,
+    ) + "\n[console]\nenabled = true\n";
+    std::fs::write(setup.config_path(), text).expect("config");
+    let _server = Server::start(&setup);
+
+    let (status, _, _, page) = browser_get(&format!("{url}/signin"), None);
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"signin-oidc\""), "{page}");
+
+    // The console sends the browser to the provider with PKCE, a state
+    // tied to this browser by a cookie, and a nonce.
+    let start = |next: &str| {
+        let (status, authorize, set, body) =
+            browser_get(&format!("{url}/signin/oidc?next={next}"), None);
+        assert_eq!(status, 303, "{body}");
+        assert!(authorize.starts_with(&op.issuer()), "{authorize}");
+        let params = oidc::query_params(&authorize);
+        assert_eq!(params["code_challenge_method"], "S256");
+        assert_eq!(params["redirect_uri"], format!("{url}/signin/oidc/callback"));
+        assert_eq!(params["client_id"], op.client_id());
+        assert!(params["nonce"].len() >= 32 && params["code_challenge"].len() >= 43);
+        let cookie = cookie_of(&set, "bg_oidc");
+        assert_eq!(cookie, format!("bg_oidc={}", params["state"]));
+        (authorize, cookie, params["state"].clone())
+    };
+    let (authorize, cookie, state) = start("/grants");
+    let back = op.authorize_redirect(&authorize, "carol").expect("login");
+    assert!(back.starts_with(&format!("{url}/signin/oidc/callback?")), "{back}");
+    assert_eq!(oidc::query_params(&back)["state"], state);
+
+    // Another browser (no cookie) cannot finish this sign-in.
+    let (status, _, set, body) = browser_get(&back, None);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("did not start in this browser"), "{body}");
+    assert!(cookie_of(&set, "bg_session").is_empty());
+
+    // The browser that started it is signed in as the provider's person.
+    let (status, location, set, body) = browser_get(&back, Some(&cookie));
+    assert_eq!(status, 303, "{body}");
+    assert_eq!(location, "/grants");
+    let session = cookie_of(&set, "bg_session");
+    assert!(!session.is_empty(), "{set:?}");
+    let (status, _, _, page) = browser_get(&format!("{url}/grants"), Some(&session));
+    assert_eq!(status, 200);
+    assert!(page.contains("<span class=\"who\">carol</span>"), "{page}");
+
+    // The same code and state a second time: refused.
+    let (status, _, set, body) = browser_get(&back, Some(&cookie));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("expired or was already used"), "{body}");
+    assert!(cookie_of(&set, "bg_session").is_empty());
+
+    // The provider's refusal is shown, and signs nobody in.
+    let (_, cookie, state) = start("/");
+    let (status, _, set, body) = browser_get(
+        &format!("{url}/signin/oidc/callback?state={state}&error=access_denied&error_description=nope"),
+        Some(&cookie),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("access_denied nope"), "{body}");
+    assert!(cookie_of(&set, "bg_session").is_empty());
+
+    // A made-up code with a valid state: the provider refuses to trade it.
+    let (_, cookie, state) = start("/");
+    let (status, _, _, body) = browser_get(
+        &format!("{url}/signin/oidc/callback?state={state}&code=made-up"),
+        Some(&cookie),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("did not trade the code"), "{body}");
+}

@@ -146,7 +146,9 @@ const provider = new Provider(issuer, {
     grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
     // Native clients' loopback redirects match on any port (RFC 8252 §7.3).
-    redirect_uris: ['http://127.0.0.1/callback'],
+    // The CLI's loopback redirect, and the web console's (any port: a
+    // native client's loopback URIs match whatever the port).
+    redirect_uris: ['http://127.0.0.1/callback', 'http://127.0.0.1/signin/oidc/callback'],
     require_auth_time: true,
   }],
   scopes: ['openid', 'offline_access', 'profile', 'groups'],

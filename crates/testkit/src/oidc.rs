@@ -490,6 +490,26 @@ impl OidcProvider {
         })
     }
 
+    /// What a browser does with an authorization URL a web application sent
+    /// it to: loads it, logs in as `user` (unless the provider still has a
+    /// session for them) and consents. Returns where the provider then
+    /// sends the browser (the application's redirect URI with the code or
+    /// an error), without going there.
+    pub fn authorize_redirect(&self, authorize_url: &str, user: &str) -> anyhow::Result<String> {
+        let test_user = self::user(user)?;
+        let issuer = self.issuer();
+        self.with_browser(user, |b| {
+            let mut page = b.get_until_leaving_no_follow(authorize_url, &issuer)?;
+            for _ in 0..PAGES_MAX {
+                if let Some(location) = page.left_to.take() {
+                    return Ok(location);
+                }
+                page = b.step_no_follow(&page, user, test_user.password, &issuer)?;
+            }
+            bail!("login did not finish within {PAGES_MAX} pages")
+        })
+    }
+
     /// Logs `user` in with the authorization code flow and PKCE, driven
     /// over HTTP as a browser and a client would; `max_age` as given.
     pub fn login(&self, user: &str, max_age: Option<u32>) -> anyhow::Result<Tokens> {

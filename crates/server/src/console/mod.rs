@@ -11,6 +11,7 @@
 //! ends with the token. Every form carries the session's CSRF token.
 
 mod assets;
+mod oidc;
 mod pages;
 mod reports;
 mod session;
@@ -81,6 +82,8 @@ pub fn validate_config(config: &Config) -> anyhow::Result<()> {
 pub struct Console {
     pub(crate) app: Arc<App>,
     pub(crate) sessions: Sessions,
+    /// Sign-ins with the identity provider in progress.
+    pub(crate) oidc: oidc::OidcLogins,
     /// The service is reached over TLS (its own, or a proxy's named by an
     /// `https://` `server.public_url`).
     pub(crate) secure: bool,
@@ -96,6 +99,7 @@ impl Console {
         Console {
             app,
             sessions: Sessions::default(),
+            oidc: oidc::OidcLogins::default(),
             secure,
         }
     }
@@ -119,6 +123,16 @@ impl Console {
         }
     }
 
+    /// The cookie that ties a sign-in with the identity provider to the
+    /// browser that started it (its `state`).
+    pub(crate) fn oidc_cookie_name(&self) -> &'static str {
+        if self.secure {
+            "__Host-bg_oidc"
+        } else {
+            "bg_oidc"
+        }
+    }
+
     /// A `Set-Cookie` value: `HttpOnly`, `SameSite=Lax`, path `/`, and
     /// `Secure` over TLS; `max_age_s` 0 removes it.
     pub(crate) fn cookie(&self, name: &str, value: &str, max_age_s: u64) -> HeaderValue {
@@ -139,6 +153,7 @@ pub fn router(app: &Arc<App>) -> Router<Arc<App>> {
     let console = Arc::new(Console::new(app.clone()));
     pages::routes()
         .merge(reports::routes())
+        .merge(oidc::routes())
         .merge(assets::routes())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)

@@ -108,7 +108,7 @@ fn html_status(status: StatusCode, page: impl Template) -> PageResult {
     Ok((status, Html(body)).into_response())
 }
 
-fn see_other(to: &str) -> Response {
+pub(super) fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
 
@@ -161,6 +161,8 @@ struct SigninPage {
     csrf: String,
     next: String,
     error: Option<String>,
+    /// Offer signing in with the identity provider.
+    oidc: bool,
 }
 
 #[derive(Deserialize)]
@@ -170,7 +172,7 @@ struct NextQuery {
 }
 
 /// Only a path on this site: `/...`, never `//host` or `/\host`.
-fn safe_next(next: &str) -> String {
+pub(super) fn safe_next(next: &str) -> String {
     let ok = next.len() <= NEXT_LEN_MAX
         && next.starts_with('/')
         && !next.starts_with("//")
@@ -185,7 +187,7 @@ async fn signin_form(State(c): State<ConsoleState>, Query(q): Query<NextQuery>) 
     signin_page(&c, token, safe_next(&q.next), None, StatusCode::OK)
 }
 
-fn signin_page(
+pub(super) fn signin_page(
     c: &ConsoleState,
     csrf: String,
     next: String,
@@ -193,7 +195,16 @@ fn signin_page(
     status: StatusCode,
 ) -> PageResult {
     let cookie = c.cookie(c.signin_cookie_name(), &csrf, 3600);
-    let mut resp = html_status(status, SigninPage { csrf, next, error })?;
+    let oidc = super::oidc::offered(c);
+    let mut resp = html_status(
+        status,
+        SigninPage {
+            csrf,
+            next,
+            error,
+            oidc,
+        },
+    )?;
     resp.headers_mut().append(header::SET_COOKIE, cookie);
     Ok(resp)
 }
@@ -210,7 +221,7 @@ struct SigninForm {
     next: String,
 }
 
-fn parts_of(headers: &HeaderMap) -> Parts {
+pub(super) fn parts_of(headers: &HeaderMap) -> Parts {
     let mut req = axum::http::Request::new(());
     *req.headers_mut() = headers.clone();
     req.into_parts().0
@@ -261,14 +272,23 @@ async fn signin(
             return signin_page(&c, fresh, next, Some(e.detail), e.status);
         }
     };
+    let mut resp = start_session(&c, who, &next)?;
+    resp.headers_mut()
+        .append(header::SET_COOKIE, c.cookie(c.signin_cookie_name(), "", 0));
+    Ok(resp)
+}
+
+/// Starts a console session for `who` (until its token expires, at most
+/// `SESSION_LIFETIME_S`) and sends the browser to `next`.
+pub(super) fn start_session(c: &ConsoleState, who: Principal, next: &str) -> PageResult {
     let now = crate::app::now();
     let cap = Timestamp(now.millis() + (super::SESSION_LIFETIME_S as i64) * 1000);
     let expires_at = who.authn.expires_at.map_or(cap, |t| t.min(cap));
     let Some((id, _)) = c.sessions.start(who, expires_at, now) else {
         return signin_page(
-            &c,
-            fresh,
-            next,
+            c,
+            super::session::random_hex(),
+            next.to_string(),
             Some(format!(
                 "the console holds {} sessions, its limit; try again later",
                 super::SESSIONS_MAX
@@ -277,10 +297,9 @@ async fn signin(
         );
     };
     let max_age = ((expires_at.millis() - now.millis()) / 1000).max(0) as u64;
-    let mut resp = see_other(&next);
-    let h = resp.headers_mut();
-    h.append(header::SET_COOKIE, c.cookie(c.cookie_name(), &id, max_age));
-    h.append(header::SET_COOKIE, c.cookie(c.signin_cookie_name(), "", 0));
+    let mut resp = see_other(next);
+    resp.headers_mut()
+        .append(header::SET_COOKIE, c.cookie(c.cookie_name(), &id, max_age));
     Ok(resp)
 }
 

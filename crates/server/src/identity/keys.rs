@@ -41,7 +41,9 @@ pub struct KeySource {
     fetching: tokio::sync::Mutex<()>,
 }
 
-fn agent() -> ureq::Agent {
+/// The HTTP client for identity providers: the system's roots, no proxy,
+/// no redirects, and timeouts.
+pub(crate) fn http_agent() -> ureq::Agent {
     let roots: Vec<ureq::tls::Certificate<'static>> = rustls_native_certs::load_native_certs()
         .certs
         .iter()
@@ -78,7 +80,7 @@ impl KeySource {
         KeySource {
             issuer: issuer.to_string(),
             cache_file,
-            agent: agent(),
+            agent: http_agent(),
             state: RwLock::new(State {
                 keys: Arc::new(keys),
                 healthy: false,

@@ -39,7 +39,7 @@ const USAGE: &str = "usage: breakglass-bench [--breakglass PATH] [--quick] [--on
                      access, approve, lifecycles, expiry, expiry-burst,
                      audit-verify, memory, startup, gateway, nodes, evidence,
                      drills, review, notify,
-                     console
+                     console, ssh
 ";
 
 /// Other processes may use at most this share of the CPUs before a
@@ -57,7 +57,7 @@ const RETRIED: [&str; 4] = ["access", "approve", "lifecycles", "startup"];
 /// One run of a benchmark: others' CPU share, its result, rows and notes.
 type Attempt = (f64, anyhow::Result<()>, Vec<Row>, Vec<String>);
 
-pub const BENCHMARKS: [&str; 15] = [
+pub const BENCHMARKS: [&str; 16] = [
     "access",
     "approve",
     "lifecycles",
@@ -73,6 +73,7 @@ pub const BENCHMARKS: [&str; 15] = [
     "review",
     "notify",
     "console",
+    "ssh",
 ];
 
 #[derive(Debug)]
@@ -321,6 +322,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 "review" => c.review(),
                 "notify" => c.notify(),
                 "console" => c.console(),
+                "ssh" => c.ssh(),
                 _ => Ok(()),
             });
             let new_rows = ctx.rows.split_off(rows);

@@ -18,6 +18,7 @@ use crate::server::{self, AUDITOR, Client, Server, Setup, lead, metric, requeste
 use crate::stats::{Goal, Row, Samples, fmt_mb, fmt_secs};
 
 mod notify;
+mod ssh;
 
 const MS: f64 = 1e-3;
 /// A second of a throughput run counts as quiet when other processes used

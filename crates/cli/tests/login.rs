@@ -683,7 +683,10 @@ fn console_sign_in_with_the_identity_provider_code_flow_and_pkce() {
         assert!(authorize.starts_with(&op.issuer()), "{authorize}");
         let params = oidc::query_params(&authorize);
         assert_eq!(params["code_challenge_method"], "S256");
-        assert_eq!(params["redirect_uri"], format!("{url}/signin/oidc/callback"));
+        assert_eq!(
+            params["redirect_uri"],
+            format!("{url}/signin/oidc/callback")
+        );
         assert_eq!(params["client_id"], op.client_id());
         assert!(params["nonce"].len() >= 32 && params["code_challenge"].len() >= 43);
         let cookie = cookie_of(&set, "bg_oidc");
@@ -692,7 +695,10 @@ fn console_sign_in_with_the_identity_provider_code_flow_and_pkce() {
     };
     let (authorize, cookie, state) = start("/grants");
     let back = op.authorize_redirect(&authorize, "carol").expect("login");
-    assert!(back.starts_with(&format!("{url}/signin/oidc/callback?")), "{back}");
+    assert!(
+        back.starts_with(&format!("{url}/signin/oidc/callback?")),
+        "{back}"
+    );
     assert_eq!(oidc::query_params(&back)["state"], state);
 
     // Another browser (no cookie) cannot finish this sign-in.
@@ -720,7 +726,9 @@ fn console_sign_in_with_the_identity_provider_code_flow_and_pkce() {
     // The provider's refusal is shown, and signs nobody in.
     let (_, cookie, state) = start("/");
     let (status, _, set, body) = browser_get(
-        &format!("{url}/signin/oidc/callback?state={state}&error=access_denied&error_description=nope"),
+        &format!(
+            "{url}/signin/oidc/callback?state={state}&error=access_denied&error_description=nope"
+        ),
         Some(&cookie),
     );
     assert_eq!(status, 401, "{body}");

@@ -1,7 +1,10 @@
 //! Approving from Slack (`POST /v1/integrations/slack/actions`): Slack's
 //! request signature is checked (HMAC-SHA256 with the signing secret, in
 //! constant time, the timestamp within 5 minutes, each signature once),
-//! the Slack user is mapped to a principal (`slack_user`), and the button
+//! the Slack user is mapped to a principal (`slack_user` on a local
+//! principal, or the identity provider's person with the Slack user's
+//! verified e-mail, from `users.info`, while their newest ID token seen by
+//! this node is unexpired), and the button
 //! runs the same lifecycle step as the API. The original message is then
 //! replaced with the outcome through the interaction's `response_url`.
 //! Refused calls are answered 401 and audited as `slack.refused`.
@@ -41,6 +44,10 @@ pub const ACTIONS_MAX: usize = 1;
 
 /// Slack's own host for `response_url`s.
 pub const SLACK_RESPONSE_URL_PREFIX: &str = "https://hooks.slack.com/";
+/// Slack's Web API, whose `users.info` names a user's e-mail.
+pub const SLACK_API_URL: &str = "https://slack.com/api";
+/// The largest `users.info` answer read.
+pub const USER_INFO_LEN_MAX: u64 = 64 * 1024;
 
 /// `[integrations]`: chat integrations that act on requests.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,19 +71,39 @@ pub struct SlackConfig {
     /// prefix (default Slack's own host).
     #[serde(default = "default_prefix")]
     pub response_url_prefix: String,
+    /// Environment variable holding the app's bot token (`xoxb-...`, with
+    /// the `users:read.email` scope): with it, a Slack user who is not a
+    /// local principal's `slack_user` is matched by e-mail to the identity
+    /// provider's person.
+    #[serde(default)]
+    pub bot_token_env: Option<String>,
+    /// File holding the bot token instead.
+    #[serde(default)]
+    pub bot_token_file: Option<PathBuf>,
+    /// Slack's Web API base URL.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
 }
 
 fn default_prefix() -> String {
     SLACK_RESPONSE_URL_PREFIX.into()
 }
 
+fn default_api_url() -> String {
+    SLACK_API_URL.into()
+}
+
 impl IntegrationsConfig {
     pub fn resolve_paths(&mut self, base: &Path) {
-        if let Some(s) = self.slack.as_mut()
-            && let Some(f) = s.signing_secret_file.as_mut()
-            && f.is_relative()
-        {
-            *f = base.join(&*f);
+        if let Some(s) = self.slack.as_mut() {
+            for f in [s.signing_secret_file.as_mut(), s.bot_token_file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
+            }
         }
     }
 }
@@ -97,6 +124,11 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
                 "integrations.slack.response_url_prefix: an http(s) URL prefix of at most 512 characters"
             );
         }
+        if s.bot_token_env.is_some() && s.bot_token_file.is_some() {
+            anyhow::bail!("integrations.slack: set bot_token_env or bot_token_file, not both");
+        }
+        crate::identity::config::check_issuer_url(&s.api_url)
+            .map_err(|e| anyhow::anyhow!("integrations.slack.api_url: {e}"))?;
     }
     let mut seen = std::collections::BTreeMap::new();
     for (i, p) in config.principals.iter().enumerate() {
@@ -122,6 +154,9 @@ pub fn validate(config: &Config) -> anyhow::Result<()> {
 /// refusal budget.
 pub struct Slack {
     secret: Vec<u8>,
+    /// The bot token, for `users.info`.
+    bot_token: Option<String>,
+    api_url: String,
     response_url_prefix: String,
     seen: Mutex<Seen>,
     http: breakglass_notify::deliver::HttpSender,
@@ -155,8 +190,16 @@ impl Slack {
                 sign::SECRET_LEN_MIN
             );
         }
+        let bot_token = breakglass_notify::config::read_secret(
+            "bot_token",
+            s.bot_token_env.as_deref(),
+            s.bot_token_file.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("integrations.slack.{e}"))?;
         Ok(Some(Slack {
             secret: secret.into_bytes(),
+            bot_token,
+            api_url: s.api_url.trim_end_matches('/').to_string(),
             response_url_prefix: s.response_url_prefix.clone(),
             seen: Mutex::new(Seen::default()),
             http: breakglass_notify::deliver::HttpSender::new(Duration::from_secs(10)),
@@ -316,7 +359,7 @@ pub async fn slack_actions(
     if id.is_empty() || id.len() > SLACK_FIELD_LEN_MAX || it.user.id.len() > SLACK_FIELD_LEN_MAX {
         return Err(bad("the action names no request"));
     }
-    let outcome = act(&app, &it.user.id, &action.action_id, &id).await;
+    let outcome = act(&app, slack, &it.user.id, &action.action_id, &id).await;
     tracing::info!(slack_user = %it.user.id, request = %id, outcome = %outcome.text, "Slack action");
     if let (Some(url), Some(view)) = (it.response_url, outcome.request) {
         if url.starts_with(&slack.response_url_prefix) {
@@ -373,7 +416,64 @@ fn console_or_cli(app: &App, id: &str, verb: &str) -> String {
     }
 }
 
-async fn act(app: &App, slack_user: &str, action_id: &str, id: &str) -> Outcome {
+/// The e-mail of a Slack user, from `users.info` with the bot token.
+async fn email_of(slack: &Slack, user: &str) -> Result<String, String> {
+    let Some(token) = slack.bot_token.clone() else {
+        return Err("no bot token".into());
+    };
+    let url = format!("{}/users.info", slack.api_url);
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("user", user)
+        .finish();
+    tokio::task::spawn_blocking(move || {
+        let mut resp = crate::identity::keys::http_agent()
+            .post(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .send(body)
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(USER_INFO_LEN_MAX)
+            .read_to_vec()
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|_| format!("POST {url}: not JSON"))?;
+        if v["ok"] != true {
+            return Err(format!("users.info refused: {}", v["error"]));
+        }
+        v["user"]["profile"]["email"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                "users.info names no e-mail (the app needs the users:read.email scope)".into()
+            })
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// The identity provider's person behind a Slack user who is no local
+/// principal's `slack_user`: the one whose verified e-mail is the Slack
+/// user's, as their unexpired ID token made them. The error says why not.
+async fn person_for(app: &App, slack: &Slack, slack_user: &str) -> Result<Principal, String> {
+    let unlinked = "your Slack user is not linked to a breakglass principal (slack_user)";
+    if app.identity.oidc().is_none() || slack.bot_token.is_none() {
+        return Err(unlinked.into());
+    }
+    let email = email_of(slack, slack_user).await.map_err(|e| {
+        tracing::warn!(slack_user, error = %e, "cannot look up a Slack user's e-mail");
+        format!("{unlinked}, and its e-mail cannot be looked up")
+    })?;
+    app.identity.person_by_email(&email, now()).ok_or_else(|| {
+        format!(
+            "{email} has not signed in to breakglass with the identity provider recently (no unexpired ID token of theirs seen here)"
+        )
+    })
+}
+
+async fn act(app: &App, slack: &Slack, slack_user: &str, action_id: &str, id: &str) -> Outcome {
     let req: Option<Request> = app.store.get(id).await.ok().flatten();
     let view = req
         .as_ref()
@@ -382,14 +482,17 @@ async fn act(app: &App, slack_user: &str, action_id: &str, id: &str) -> Outcome 
     let Some(req) = req else {
         return say(format!("no request {id}"), None);
     };
-    let Some((who, has_totp)) = principal_for(app, slack_user) else {
-        return say(
-            format!(
-                "your Slack user is not linked to a breakglass principal (slack_user); decide with {}",
-                console_or_cli(app, id, "approve")
-            ),
-            view,
-        );
+    let (who, has_totp) = match principal_for(app, slack_user) {
+        Some(local) => local,
+        None => match person_for(app, slack, slack_user).await {
+            Ok(person) => (person, false),
+            Err(why) => {
+                return say(
+                    format!("{why}; decide with {}", console_or_cli(app, id, "approve")),
+                    view,
+                );
+            }
+        },
     };
     let verb = match action_id {
         SLACK_ACTION_APPROVE => "approve",

@@ -776,4 +776,90 @@ mod slack {
         );
         assert_eq!(state(&s, &id), "pending");
     }
+
+    #[test]
+    fn an_identity_provider_person_approves_from_slack_by_verified_email() {
+        use breakglass_testkit::oidc::{CLIENT_ID, OidcProvider};
+        let op = OidcProvider::start().expect("provider");
+        let chat = Receiver::start(|_| true);
+        // Slack's Web API: users.info answers with the user's e-mail.
+        let slack_api = Receiver::start(|_| true);
+        slack_api.set_answer(&json!({
+            "ok": true,
+            "user": {"id": "U0BOB", "profile": {"email": "Bob@Example.com"}}
+        }));
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("slack.url"), chat.url("/services/T0/B0/x")).expect("url");
+        std::fs::write(dir.path().join("slack.secret"), SLACK_SECRET).expect("secret");
+        std::fs::write(dir.path().join("slack.bot"), "xoxb-test-bot-token").expect("bot");
+        let s = TestServer::start_configured(
+            dir,
+            &format!(
+                "[identity.oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\n\
+                 [[notify]]\nname = \"chat\"\nkind = \"slack\"\nurl_file = \"slack.url\"\ninteractive = true\n\
+                 [integrations.slack]\nsigning_secret_file = \"slack.secret\"\nresponse_url_prefix = \"{}\"\n\
+                 bot_token_file = \"slack.bot\"\napi_url = \"{}\"\n{}",
+                op.issuer(),
+                chat.url("/"),
+                slack_api.url("/api"),
+                slack_principals()
+            ),
+            "",
+        );
+        let id = create(&s, "alice", read_request("prod-db"));
+
+        // Bob has not shown breakglass an ID token yet: nobody to act as.
+        let respond = chat.url("/respond/idp-1");
+        let body = click("U0BOB", "breakglass_approve", &id, &respond);
+        let (status, _) = interact(&s, &body, now_s(), None);
+        assert_eq!(status, 200);
+        let upd = wait_for(&chat, "not signed in", |d| d.path == "/respond/idp-1").json();
+        assert!(
+            upd.to_string()
+                .contains("Bob@Example.com has not signed in"),
+            "{upd}"
+        );
+        assert_eq!(state(&s, &id), "pending");
+        let asked = slack_api.deliveries();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!(asked[0].path, "/api/users.info");
+        assert_eq!(
+            asked[0].header("authorization"),
+            Some("Bearer xoxb-test-bot-token")
+        );
+        assert_eq!(String::from_utf8_lossy(&asked[0].body), "user=U0BOB");
+
+        // Bob signs in with the identity provider (any API call with his ID
+        // token); his next click acts as him, with his groups. E-mails
+        // match whatever their case.
+        let bob = op.id_token("bob").expect("bob logs in");
+        let (status, me) = common::call_raw(&s.url, Some(&bob), "GET", "/v1/whoami", None);
+        assert_eq!(status, 200, "{me}");
+        let respond = chat.url("/respond/idp-2");
+        let body = click("U0BOB", "breakglass_approve", &id, &respond);
+        let (status, _) = interact(&s, &body, now_s() - 1, None);
+        assert_eq!(status, 200);
+        let upd = wait_for(&chat, "approved by bob", |d| d.path == "/respond/idp-2").json();
+        assert!(upd.to_string().contains("approved by bob"), "{upd}");
+        assert_eq!(state(&s, &id), "active");
+        let (_, r) = s.call("dave", "GET", &format!("/v1/requests/{id}"), None);
+        assert_eq!(r["approvals"][0]["by"], "bob", "{r}");
+
+        // Another Slack user whose e-mail is nobody's: refused, with why.
+        slack_api.set_answer(&json!({
+            "ok": true,
+            "user": {"id": "U0EVE", "profile": {"email": "eve@example.com"}}
+        }));
+        let other = create(&s, "alice", read_request("prod-db"));
+        let respond = chat.url("/respond/idp-3");
+        let body = click("U0EVE", "breakglass_approve", &other, &respond);
+        interact(&s, &body, now_s(), None);
+        let upd = wait_for(&chat, "eve refused", |d| d.path == "/respond/idp-3").json();
+        assert!(
+            upd.to_string()
+                .contains("eve@example.com has not signed in"),
+            "{upd}"
+        );
+        assert_eq!(state(&s, &other), "pending");
+    }
 }

@@ -151,13 +151,14 @@ const provider = new Provider(issuer, {
     redirect_uris: ['http://127.0.0.1/callback', 'http://127.0.0.1/signin/oidc/callback'],
     require_auth_time: true,
   }],
-  scopes: ['openid', 'offline_access', 'profile', 'groups'],
+  scopes: ['openid', 'offline_access', 'profile', 'groups', 'email'],
   claims: {
     // `amr` comes from the login, not the account; listing it under
     // `openid` puts it in every ID token.
     openid: ['sub', 'amr'],
     profile: ['preferred_username', 'name'],
     groups: ['groups'],
+    email: ['email', 'email_verified'],
   },
   // Profile and groups claims go into the ID token, which is what the
   // breakglass CLI sends.
@@ -187,7 +188,10 @@ const provider = new Provider(issuer, {
     return {
       accountId: sub,
       async claims() {
-        return { sub, preferred_username: sub, name: sub, groups: user.groups };
+        return {
+          sub, preferred_username: sub, name: sub, groups: user.groups,
+          email: `${sub}@example.com`, email_verified: true,
+        };
       },
     };
   },

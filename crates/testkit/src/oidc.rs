@@ -61,7 +61,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 pub const CLIENT_ID: &str = "breakglass-cli";
 
 /// The scopes the CLI asks for.
-pub const SCOPES: &[&str] = &["openid", "profile", "groups", "offline_access"];
+pub const SCOPES: &[&str] = &["openid", "profile", "groups", "email", "offline_access"];
 
 /// A user of the test provider.
 #[derive(Debug, Clone, Copy)]

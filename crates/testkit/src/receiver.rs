@@ -55,6 +55,8 @@ type Check = Box<dyn Fn(&Delivery) -> bool + Send + Sync>;
 
 struct Shared {
     mode: Mutex<Mode>,
+    /// The JSON body of 200 answers (`ok` as text when unset).
+    answer: Mutex<Option<String>>,
     got: Mutex<Vec<Delivery>>,
     /// Requests answered with something other than 200, by mode.
     refused: Mutex<u64>,
@@ -76,6 +78,7 @@ impl Receiver {
         let addr = listener.local_addr().expect("receiver address");
         let shared = Arc::new(Shared {
             mode: Mutex::new(Mode::Ok),
+            answer: Mutex::new(None),
             got: Mutex::new(Vec::new()),
             refused: Mutex::new(0),
             stop: AtomicBool::new(false),
@@ -101,6 +104,12 @@ impl Receiver {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+    }
+
+    /// Answers 200s with this JSON body from now on (an API the service
+    /// calls, rather than a sink it delivers to).
+    pub fn set_answer(&self, json: &serde_json::Value) {
+        *self.shared.answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(json.to_string());
     }
 
     /// Every request answered 200 (or stalled), in arrival order.
@@ -189,7 +198,18 @@ fn serve(conn: TcpStream, s: &Shared) {
         let answer = match mode {
             Mode::Ok => {
                 s.got.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string()
+                match s
+                    .answer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_deref()
+                {
+                    Some(json) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+                        json.len()
+                    ),
+                    None => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+                }
             }
             Mode::Status(code) => {
                 *s.refused.lock().unwrap_or_else(|p| p.into_inner()) += 1;

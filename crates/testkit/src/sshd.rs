@@ -77,6 +77,18 @@ fn login_user() -> anyhow::Result<(String, Option<(u32, u32)>)> {
     Ok((SSHD_USER.to_string(), Some(ids)))
 }
 
+/// The `tty` group's id, from `/etc/group`.
+fn tty_gid() -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        match f.as_slice() {
+            ["tty", _, gid, ..] => gid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
 fn chown(path: &Path, ids: Option<(u32, u32)>) -> anyhow::Result<()> {
     if let Some((uid, gid)) = ids {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
@@ -159,6 +171,11 @@ impl Sshd {
         chown(d, ids)?;
         let mut cmd = match ids {
             Some((uid, gid)) => {
+                // With the `tty` group as its group, the pseudo terminals
+                // it opens for sessions are already (user, tty), so it need
+                // not chown them, which an unprivileged sshd may not do
+                // (it gives up the session: "chown(/dev/pts/N) failed").
+                let gid = tty_gid().unwrap_or(gid);
                 let mut c = Command::new("setpriv");
                 c.arg(format!("--reuid={uid}"))
                     .arg(format!("--regid={gid}"))

@@ -103,7 +103,10 @@ fn discover(issuer: &str) -> Result<Endpoints, String> {
         issuer.trim_end_matches('/')
     );
     let doc = read_json(
-        http_agent().get(&url).header("Accept", "application/json").call(),
+        http_agent()
+            .get(&url)
+            .header("Accept", "application/json")
+            .call(),
         DISCOVERY_LEN_MAX,
     )
     .map_err(|e| format!("GET {url}: {e}"))?;
@@ -157,7 +160,10 @@ fn clip(s: &str) -> String {
 /// the address people reach the console by (and the provider knows).
 fn redirect_uri(c: &ConsoleState) -> Option<String> {
     let base = c.app.config.server.public_url.as_deref()?;
-    Some(format!("{}/signin/oidc/callback", base.trim_end_matches('/')))
+    Some(format!(
+        "{}/signin/oidc/callback",
+        base.trim_end_matches('/')
+    ))
 }
 
 /// Whether the sign-in page offers the identity provider.
@@ -232,7 +238,9 @@ async fn start(State(c): State<ConsoleState>, Query(q): Query<StartQuery>) -> Pa
             &c,
             "/",
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{PENDING_MAX} sign-ins are in progress, this node's limit; try again in a few minutes"),
+            format!(
+                "{PENDING_MAX} sign-ins are in progress, this node's limit; try again in a few minutes"
+            ),
         );
     }
     let mut scopes = oidc.scopes.clone();
@@ -380,6 +388,10 @@ async fn callback(
                     .post(&token_url)
                     .header("Content-Type", "application/x-www-form-urlencoded")
                     .header("Accept", "application/json")
+                    // The provider's error answer is read, not thrown.
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
                     .send(body),
                 TOKEN_RESPONSE_LEN_MAX,
             )
@@ -387,13 +399,12 @@ async fn callback(
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
     };
-    let id_token = match exchange
-        .and_then(|v| {
-            v["id_token"]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| "the token answer has no id_token".to_string())
-        }) {
+    let id_token = match exchange.and_then(|v| {
+        v["id_token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| "the token answer has no id_token".to_string())
+    }) {
         Ok(t) => t,
         Err(why) => {
             tracing::info!(error = %why, "console sign-in: the code exchange failed");
@@ -401,7 +412,10 @@ async fn callback(
                 &c,
                 &next,
                 StatusCode::UNAUTHORIZED,
-                format!("the identity provider did not trade the code: {}", clip(&why)),
+                format!(
+                    "the identity provider did not trade the code: {}",
+                    clip(&why)
+                ),
             );
         }
     };
@@ -416,7 +430,12 @@ async fn callback(
     // ...and it must answer this sign-in.
     let nonce = crate::identity::jwt::decode(&id_token)
         .ok()
-        .and_then(|j| j.claims.get("nonce").and_then(Value::as_str).map(str::to_string))
+        .and_then(|j| {
+            j.claims
+                .get("nonce")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     let nonce_ok = nonce.len() == pending.nonce.len()
         && bool::from(subtle::ConstantTimeEq::ct_eq(

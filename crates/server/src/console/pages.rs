@@ -161,8 +161,8 @@ struct SigninPage {
     csrf: String,
     next: String,
     error: Option<String>,
-    /// Offer signing in with the identity provider.
-    oidc: bool,
+    /// Where signing in with the identity provider starts, when offered.
+    oidc: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -195,7 +195,8 @@ pub(super) fn signin_page(
     status: StatusCode,
 ) -> PageResult {
     let cookie = c.cookie(c.signin_cookie_name(), &csrf, 3600);
-    let oidc = super::oidc::offered(c);
+    let oidc =
+        super::oidc::offered(c).then(|| format!("/signin/oidc?next={}", view::query_value(&next)));
     let mut resp = html_status(
         status,
         SigninPage {

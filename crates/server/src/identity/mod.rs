@@ -94,7 +94,16 @@ pub struct Identity {
     /// The fixed prefixes of workload names (`gha:`): no person's name
     /// starts with one.
     workload_prefixes: Vec<String>,
+    /// People of the identity provider seen on this node, by verified
+    /// e-mail (lowercased), as their newest ID token made them, until it
+    /// expires: chat integrations act as them (`person_by_email`).
+    people: Mutex<HashMap<String, Principal>>,
 }
+
+/// People remembered by e-mail at most (expired ones are dropped first).
+pub const PEOPLE_REMEMBERED_MAX: usize = 10_000;
+/// The longest e-mail address remembered.
+pub const EMAIL_LEN_MAX: usize = 254;
 
 /// `/readyz`'s word on identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +238,52 @@ impl Identity {
             totp_wrong: Mutex::new(HashMap::new()),
             admin_groups,
             workload_prefixes: config.identity.workload_prefixes(),
+            people: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The identity provider's person whose verified e-mail is `email`, as
+    /// their newest ID token seen on this node made them, while that token
+    /// has not expired. A chat click signed by the chat service and tied to
+    /// the same verified e-mail acts with exactly what that token grants.
+    pub fn person_by_email(&self, email: &str, now: Timestamp) -> Option<Principal> {
+        let people = self.people.lock().unwrap_or_else(|p| p.into_inner());
+        let who = people.get(&email.to_lowercase())?;
+        who.authn
+            .expires_at
+            .is_some_and(|exp| exp > now)
+            .then(|| who.clone())
+    }
+
+    /// Remembers a person by the verified e-mail of their ID token.
+    fn remember(&self, claims: &serde_json::Map<String, Value>, who: &Principal, now: Timestamp) {
+        let (Some(email), Some(true)) = (
+            claims.get("email").and_then(Value::as_str),
+            claims.get("email_verified").and_then(Value::as_bool),
+        ) else {
+            return;
+        };
+        if email.len() > EMAIL_LEN_MAX
+            || !email.contains('@')
+            || email.chars().any(char::is_control)
+        {
+            return;
+        }
+        let key = email.to_lowercase();
+        let mut people = self.people.lock().unwrap_or_else(|p| p.into_inner());
+        // A token older than the one remembered changes nothing.
+        if let Some(known) = people.get(&key)
+            && known.authn.issued_at > who.authn.issued_at
+        {
+            return;
+        }
+        if people.len() >= PEOPLE_REMEMBERED_MAX && !people.contains_key(&key) {
+            people.retain(|_, p| p.authn.expires_at.is_some_and(|e| e > now));
+            if people.len() >= PEOPLE_REMEMBERED_MAX {
+                return;
+            }
+        }
+        people.insert(key, who.clone());
     }
 
     /// Fetches every issuer's keys now and then on a timer, in the
@@ -497,7 +551,7 @@ impl Identity {
                 .any(|m| c.mfa_amr.iter().any(|w| w == m)),
             _ => false,
         };
-        Ok(Principal {
+        let who = Principal {
             name,
             admin: groups.iter().any(|g| self.admin_groups.contains(g)),
             groups,
@@ -510,7 +564,9 @@ impl Identity {
                 mfa,
                 claims: BTreeMap::new(),
             },
-        })
+        };
+        self.remember(claims, &who, now);
+        Ok(who)
     }
 
     /// The first entry whose audience and claims the token matches names

@@ -347,6 +347,8 @@ pub struct Row {
     /// What the countdown counts to, its RFC 3339 moment, and the time
     /// left as rendered by the server (JavaScript keeps it ticking).
     pub deadline: Option<(&'static str, String, String)>,
+    /// Show the state (the inbox does not: all of it awaits you).
+    pub show_state: bool,
 }
 
 impl Row {
@@ -375,6 +377,7 @@ impl Row {
                 .saturating_sub(r.approvals.len() as u32),
             countersign: r.state == ReqState::Active,
             created: view::moment(r.created_at),
+            show_state: true,
             deadline: view::deadline(r).map(|(what, at)| {
                 let left = ((at.millis() - now.millis()) / 1000).max(0) as u64;
                 (what, at.to_rfc3339(), view::duration(left))
@@ -432,7 +435,10 @@ pub async fn inbox_rows(app: &App, who: &Principal) -> Result<(Vec<Row>, usize),
     let rows = reqs
         .iter()
         .take(INBOX_SHOWN_MAX)
-        .map(|r| Row::of(r, now))
+        .map(|r| Row {
+            show_state: false,
+            ..Row::of(r, now)
+        })
         .collect();
     Ok((rows, more))
 }

@@ -426,20 +426,15 @@ async fn email_of(slack: &Slack, user: &str) -> Result<String, String> {
         .append_pair("user", user)
         .finish();
     tokio::task::spawn_blocking(move || {
-        let mut resp = crate::identity::keys::http_agent()
-            .post(&url)
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Content-Type", "application/x-www-form-urlencoded")
-            .send(body)
-            .map_err(|e| format!("POST {url}: {e}"))?;
-        let bytes = resp
-            .body_mut()
-            .with_config()
-            .limit(USER_INFO_LEN_MAX)
-            .read_to_vec()
-            .map_err(|e| format!("POST {url}: {e}"))?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|_| format!("POST {url}: not JSON"))?;
+        let v = crate::identity::keys::read_json(
+            crate::identity::keys::http_agent()
+                .post(&url)
+                .header("Authorization", format!("Bearer {token}"))
+                .header("Content-Type", "application/x-www-form-urlencoded")
+                .send(body),
+            USER_INFO_LEN_MAX,
+        )
+        .map_err(|e| format!("POST {url}: {e}"))?;
         if v["ok"] != true {
             return Err(format!("users.info refused: {}", v["error"]));
         }

@@ -29,7 +29,7 @@ use super::pages::{PageResult, parts_of, safe_next, see_other, signin_page, star
 use super::session::random_hex;
 use super::{ConsoleState, cookie};
 use crate::identity::config::{OidcConfig, check_issuer_url};
-use crate::identity::keys::{DISCOVERY_LEN_MAX, http_agent};
+use crate::identity::keys::{DISCOVERY_LEN_MAX, http_agent, read_json};
 
 /// Sign-ins started and not finished that one node keeps at most.
 pub const PENDING_MAX: usize = 10_000;
@@ -129,28 +129,6 @@ fn discover(issuer: &str) -> Result<Endpoints, String> {
     })
 }
 
-fn read_json(
-    resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    limit: u64,
-) -> Result<Value, String> {
-    let mut resp = resp.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(limit)
-        .read_to_vec()
-        .map_err(|e| e.to_string())?;
-    let v: Value = serde_json::from_slice(&body).map_err(|_| format!("{status}, not JSON"))?;
-    if !status.is_success() {
-        // OAuth's error answer (RFC 6749 §5.2).
-        let error = v["error"].as_str().unwrap_or("no error code");
-        let description = v["error_description"].as_str().unwrap_or("");
-        return Err(format!("{status}: {error} {}", clip(description)));
-    }
-    Ok(v)
-}
-
 fn clip(s: &str) -> String {
     let s: String = s.chars().filter(|c| !c.is_control()).collect();
     s.chars().take(ERROR_SHOWN_MAX).collect()
@@ -197,30 +175,38 @@ fn configured(c: &ConsoleState) -> Result<(OidcConfig, String), String> {
         .identity
         .oidc()
         .cloned()
-        .ok_or("no identity provider is configured ([identity.oidc])")?;
+        .ok_or("no identity provider is configured ([identity.oidc])".to_string())?;
     let redirect = redirect_uri(c).ok_or(
-        "signing in with the identity provider needs server.public_url (the console's address, registered at the provider)",
+        "signing in with the identity provider needs server.public_url (the console's address, registered at the provider)".to_string(),
     )?;
     Ok((oidc, redirect))
 }
 
+/// The provider's configuration, the redirect URI and its endpoints; or
+/// the sign-in page saying why not.
+async fn provider(
+    c: &ConsoleState,
+    next: &str,
+) -> Result<(OidcConfig, String, Endpoints), PageResult> {
+    let (oidc, redirect) =
+        configured(c).map_err(|why| refused(c, next, StatusCode::NOT_FOUND, why))?;
+    let endpoints = c.oidc.endpoints(&oidc.issuer).await.map_err(|why| {
+        tracing::warn!(error = %why, "cannot read the identity provider's discovery document");
+        refused(
+            c,
+            next,
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the identity provider cannot be reached: {}", clip(&why)),
+        )
+    })?;
+    Ok((oidc, redirect, endpoints))
+}
+
 async fn start(State(c): State<ConsoleState>, Query(q): Query<StartQuery>) -> PageResult {
     let next = safe_next(&q.next);
-    let (oidc, redirect) = match configured(&c) {
+    let (oidc, redirect, endpoints) = match provider(&c, &next).await {
         Ok(v) => v,
-        Err(why) => return refused(&c, &next, StatusCode::NOT_FOUND, why.to_string()),
-    };
-    let endpoints = match c.oidc.endpoints(&oidc.issuer).await {
-        Ok(e) => e,
-        Err(why) => {
-            tracing::warn!(error = %why, "cannot read the identity provider's discovery document");
-            return refused(
-                &c,
-                &next,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the identity provider cannot be reached: {}", clip(&why)),
-            );
-        }
+        Err(page) => return page,
     };
     let (state, nonce, verifier) = (random_hex(), random_hex(), random_hex());
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
@@ -336,20 +322,9 @@ async fn callback(
             "the identity provider sent no usable code".into(),
         );
     }
-    let (oidc, redirect) = match configured(&c) {
+    let (oidc, redirect, endpoints) = match provider(&c, &next).await {
         Ok(v) => v,
-        Err(why) => return refused(&c, &next, StatusCode::NOT_FOUND, why.to_string()),
-    };
-    let endpoints = match c.oidc.endpoints(&oidc.issuer).await {
-        Ok(e) => e,
-        Err(why) => {
-            return refused(
-                &c,
-                &next,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the identity provider cannot be reached: {}", clip(&why)),
-            );
-        }
+        Err(page) => return page,
     };
     let secret = match oidc.client_secret_env.as_deref().map(std::env::var) {
         None => None,

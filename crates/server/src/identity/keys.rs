@@ -41,6 +41,36 @@ pub struct KeySource {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// A JSON answer of at most `limit` bytes. A non-2xx answer (when the
+/// request reads them rather than failing) is an error naming OAuth's
+/// `error` and `error_description` (RFC 6749 §5.2) when it has them.
+pub(crate) fn read_json(
+    resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    limit: u64,
+) -> Result<Value, String> {
+    let mut resp = resp.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&body).map_err(|_| format!("{status}, not JSON"))?;
+    if !status.is_success() {
+        let error = v["error"].as_str().unwrap_or("no error code");
+        let description: String = v["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        return Err(format!("{status}: {error} {description}"));
+    }
+    Ok(v)
+}
+
 /// The HTTP client for identity providers: the system's roots, no proxy,
 /// no redirects, and timeouts.
 pub(crate) fn http_agent() -> ureq::Agent {
@@ -183,19 +213,14 @@ impl KeySource {
     }
 
     fn get_json(&self, url: &str, limit: u64) -> Result<Value, String> {
-        let mut resp = self
-            .agent
-            .get(url)
-            .header("Accept", "application/json")
-            .call()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(limit)
-            .read_to_vec()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        serde_json::from_slice(&body).map_err(|_| format!("GET {url}: not JSON"))
+        read_json(
+            self.agent
+                .get(url)
+                .header("Accept", "application/json")
+                .call(),
+            limit,
+        )
+        .map_err(|e| format!("GET {url}: {e}"))
     }
 
     /// Discovery document, then the JWKS it names. Blocking.

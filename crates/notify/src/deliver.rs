@@ -160,66 +160,119 @@ fn transport_error(e: &ureq::Error) -> String {
     }
 }
 
-/// Syslog over TCP, or TLS when `tls` is set: connects, writes the frames,
-/// and closes, all within `timeout`.
+/// A syslog sink's connection, kept from one event to the next (a SIEM
+/// collector takes a stream; a connection per event costs both sides a
+/// handshake and, on many collectors, a thread).
+pub enum SyslogConn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl SyslogConn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            SyslogConn::Plain(s) => s,
+            SyslogConn::Tls(s) => &s.sock,
+        }
+    }
+
+    fn write_frames(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        match self {
+            SyslogConn::Plain(s) => s.write_all(frames).and_then(|_| s.flush()),
+            SyslogConn::Tls(s) => s.write_all(frames).and_then(|_| s.flush()),
+        }
+    }
+
+    /// Whether the collector has closed its end (a write would seem to
+    /// succeed and the frames be lost): a peek that finds the end of the
+    /// stream, or an error.
+    fn closed_by_peer(&self) -> bool {
+        let tcp = self.tcp();
+        if tcp.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut one = [0u8; 1];
+        let closed = match tcp.peek(&mut one) {
+            Ok(0) => true,
+            // A collector does not speak; TLS may (session tickets).
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        tcp.set_nonblocking(false).is_err() || closed
+    }
+}
+
+/// Opens a syslog connection (TLS when `tls` is set) within `timeout`.
+fn syslog_connect(
+    address: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<SyslogConn, Attempt> {
+    let retry = |why: String| Attempt::Retry { why, after: None };
+    let addr = match address.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => return Err(retry(format!("cannot resolve {address}"))),
+    };
+    let stream = TcpStream::connect_timeout(
+        &addr,
+        timeout.min(Duration::from_secs(CONNECT_TIMEOUT_MAX_S)),
+    )
+    .map_err(|e| retry(format!("connection failed: {}", e.kind())))?;
+    let _ = stream.set_write_timeout(Some(timeout));
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_nodelay(true);
+    let Some(config) = tls else {
+        return Ok(SyslogConn::Plain(stream));
+    };
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let name = rustls::pki_types::ServerName::try_from(host).map_err(|_| Attempt::Fail {
+        why: format!("{address}: not a valid TLS server name"),
+    })?;
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| Attempt::Fail {
+        why: format!("TLS set-up failed: {e}"),
+    })?;
+    Ok(SyslogConn::Tls(Box::new(rustls::StreamOwned::new(
+        conn, stream,
+    ))))
+}
+
+/// Syslog over TCP, or TLS when `tls` is set: writes the frames on the
+/// sink's connection `kept`, opening one when there is none or the
+/// collector closed it, within `timeout`. A failed write drops the
+/// connection (the retry opens a new one).
 pub fn send_syslog(
     address: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
     frames: &[u8],
     timeout: Duration,
+    kept: &std::sync::Mutex<Option<SyslogConn>>,
 ) -> Attempt {
-    let retry = |why: String| Attempt::Retry { why, after: None };
-    let addr = match address.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => return retry(format!("cannot resolve {address}")),
+    let mut kept = kept.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.as_ref().is_some_and(SyslogConn::closed_by_peer) {
+        *kept = None;
+    }
+    let conn = match kept.take() {
+        Some(c) => c,
+        None => match syslog_connect(address, tls, timeout) {
+            Ok(c) => c,
+            Err(attempt) => return attempt,
+        },
     };
-    let mut stream = match TcpStream::connect_timeout(
-        &addr,
-        timeout.min(Duration::from_secs(CONNECT_TIMEOUT_MAX_S)),
-    ) {
-        Ok(s) => s,
-        Err(e) => return retry(format!("connection failed: {}", e.kind())),
-    };
-    let _ = stream.set_write_timeout(Some(timeout));
-    let _ = stream.set_read_timeout(Some(timeout));
-    let _ = stream.set_nodelay(true);
-    let result = match tls {
-        None => stream.write_all(frames).and_then(|_| stream.flush()),
-        Some(config) => {
-            let host = address
-                .rsplit_once(':')
-                .map_or(address, |(h, _)| h)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let name = match rustls::pki_types::ServerName::try_from(host) {
-                Ok(n) => n,
-                Err(_) => {
-                    return Attempt::Fail {
-                        why: format!("{address}: not a valid TLS server name"),
-                    };
-                }
-            };
-            let conn = match rustls::ClientConnection::new(config.clone(), name) {
-                Ok(c) => c,
-                Err(e) => {
-                    return Attempt::Fail {
-                        why: format!("TLS set-up failed: {e}"),
-                    };
-                }
-            };
-            let mut tls_stream = rustls::StreamOwned::new(conn, stream);
-            let r = tls_stream
-                .write_all(frames)
-                .and_then(|_| tls_stream.flush());
-            tls_stream.conn.send_close_notify();
-            let _ = tls_stream.flush();
-            r
+    let mut conn = conn;
+    match conn.write_frames(frames) {
+        Ok(()) => {
+            *kept = Some(conn);
+            Attempt::Delivered { status: 0 }
         }
-    };
-    match result {
-        Ok(()) => Attempt::Delivered { status: 0 },
-        Err(e) => retry(format!("write failed: {}", e.kind())),
+        Err(e) => Attempt::Retry {
+            why: format!("write failed: {}", e.kind()),
+            after: None,
+        },
     }
 }
 
@@ -260,6 +313,36 @@ pub fn syslog_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_syslog_connection_is_kept_and_reopened_when_the_collector_closes_it() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let kept = std::sync::Mutex::new(None);
+        let send = |frame: &[u8]| send_syslog(&address, None, frame, Duration::from_secs(5), &kept);
+        assert_eq!(send(b"one"), Attempt::Delivered { status: 0 });
+        assert_eq!(send(b"two"), Attempt::Delivered { status: 0 });
+        let (mut first, _) = listener.accept().expect("the first connection");
+        let mut got = [0u8; 6];
+        first.read_exact(&mut got).expect("both frames on it");
+        assert_eq!(&got, b"onetwo");
+        // The collector closes its end (a restart, an idle timeout): the
+        // next frame goes on a new connection, not into the closed one.
+        drop(first);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(send(b"three"), Attempt::Delivered { status: 0 });
+        listener.set_nonblocking(false).expect("blocking accept");
+        let (mut second, _) = listener.accept().expect("a second connection");
+        let mut got = [0u8; 5];
+        second.read_exact(&mut got).expect("the frame on it");
+        assert_eq!(&got, b"three");
+        // Nothing listens any more: the attempt is retried later.
+        drop(second);
+        drop(listener);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(send(b"four"), Attempt::Retry { .. }));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_cap() {

@@ -47,6 +47,8 @@ pub struct Sink {
     http: deliver::HttpSender,
     tls: Option<Arc<rustls::ClientConfig>>,
     hostname: String,
+    /// `syslog`: the connection kept between events.
+    syslog: std::sync::Mutex<Option<deliver::SyslogConn>>,
 }
 
 impl std::fmt::Debug for Sink {
@@ -106,6 +108,7 @@ impl Sink {
             routing_key,
             tls,
             hostname,
+            syslog: std::sync::Mutex::new(None),
         })
     }
 
@@ -153,6 +156,7 @@ impl Sink {
                 self.tls.as_ref(),
                 frames,
                 self.config.timeout(),
+                &self.syslog,
             ),
             Payload::Http { id, body } => {
                 let Some(url) = &self.endpoint else {

@@ -256,17 +256,24 @@ impl TcpSink {
                 let Ok(mut conn) = conn else { continue };
                 let b = b.clone();
                 std::thread::spawn(move || {
-                    let mut buf = Vec::new();
-                    let _ = conn.read_to_end(&mut buf);
-                    b.lock().unwrap_or_else(|p| p.into_inner()).extend(buf);
+                    // Kept as it arrives: a sink keeps its connection open.
+                    let mut buf = [0u8; 64 * 1024];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => b
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .extend_from_slice(&buf[..n]),
+                        }
+                    }
                 });
             }
         });
         TcpSink { addr, bytes, stop }
     }
 
-    /// Everything received so far, connections concatenated as they
-    /// closed.
+    /// Everything received so far, in the order it arrived.
     pub fn bytes(&self) -> Vec<u8> {
         self.bytes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -26,7 +26,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::pages::{PageResult, parts_of, safe_next, see_other, signin_page, start_session};
-use super::session::random_hex;
+use super::session::{random_hex, same_secret};
 use super::{ConsoleState, cookie};
 use crate::identity::config::{OidcConfig, check_issuer_url};
 use crate::identity::keys::{DISCOVERY_LEN_MAX, http_agent, read_json};
@@ -279,12 +279,7 @@ async fn callback(
     let expected = cookie(&parts, c.oidc_cookie_name()).unwrap_or("");
     // INVARIANT: the state comes back to the browser that started the
     // sign-in (its cookie), and a pending sign-in is taken once.
-    let same_browser = !expected.is_empty()
-        && expected.len() == q.state.len()
-        && bool::from(subtle::ConstantTimeEq::ct_eq(
-            expected.as_bytes(),
-            q.state.as_bytes(),
-        ));
+    let same_browser = same_secret(&q.state, expected);
     if !same_browser {
         return refused(
             &c,
@@ -412,11 +407,7 @@ async fn callback(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let nonce_ok = nonce.len() == pending.nonce.len()
-        && bool::from(subtle::ConstantTimeEq::ct_eq(
-            nonce.as_bytes(),
-            pending.nonce.as_bytes(),
-        ));
+    let nonce_ok = same_secret(&nonce, &pending.nonce);
     if !nonce_ok {
         tracing::info!(principal = %who.name, "console sign-in refused: the ID token's nonce is not this sign-in's");
         return refused(

@@ -238,12 +238,7 @@ async fn signin(
     let parts = parts_of(&headers);
     let next = safe_next(&f.next);
     let expected = cookie(&parts, c.signin_cookie_name()).unwrap_or("");
-    let csrf_ok = !expected.is_empty()
-        && expected.len() == f.csrf.len()
-        && bool::from(subtle::ConstantTimeEq::ct_eq(
-            expected.as_bytes(),
-            f.csrf.as_bytes(),
-        ));
+    let csrf_ok = super::session::same_secret(&f.csrf, expected);
     let fresh = super::session::random_hex();
     if !csrf_ok {
         return signin_page(

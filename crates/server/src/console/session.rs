@@ -34,8 +34,16 @@ pub struct SignedIn {
 impl SignedIn {
     /// Whether a form's CSRF token is this session's (constant time).
     pub fn csrf_ok(&self, sent: &str) -> bool {
-        sent.len() == self.csrf.len() && bool::from(sent.as_bytes().ct_eq(self.csrf.as_bytes()))
+        same_secret(sent, &self.csrf)
     }
+}
+
+/// Whether `sent` is the non-empty secret `kept` (a CSRF token, a
+/// sign-in's state or nonce), compared in constant time.
+pub fn same_secret(sent: &str, kept: &str) -> bool {
+    !kept.is_empty()
+        && sent.len() == kept.len()
+        && bool::from(sent.as_bytes().ct_eq(kept.as_bytes()))
 }
 
 /// The sessions of this node.

@@ -28,6 +28,8 @@ pub struct CastBuilder {
     carry: [Vec<u8>; 2],
     /// A recording of another protocol: no cast.
     foreign: bool,
+    /// The time of the newest entry, for what is left in `carry` at the end.
+    last_t: f64,
 }
 
 /// A recording that is not an SSH session's.
@@ -44,15 +46,27 @@ fn bytes_of(entry: &Value) -> Vec<u8> {
     entry["data"].as_str().unwrap_or("").as_bytes().to_vec()
 }
 
+/// How many bytes at the end of `b` begin a UTF-8 character that the next
+/// chunk may complete (whatever came before them).
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let start = b.len() - back;
+        // The last byte that is not a continuation starts the character.
+        if b[start] & 0xC0 != 0x80 {
+            return match std::str::from_utf8(&b[start..]) {
+                Err(e) if e.valid_up_to() == 0 && e.error_len().is_none() => back,
+                _ => 0,
+            };
+        }
+    }
+    0
+}
+
 /// Splits `bytes` after its last complete UTF-8 character; the rest waits
 /// for the next chunk (bytes that can never be UTF-8 are replaced).
 fn take_text(carry: &mut Vec<u8>, bytes: &[u8]) -> String {
     carry.extend_from_slice(bytes);
-    let keep = match std::str::from_utf8(carry) {
-        Ok(_) => 0,
-        Err(e) if e.error_len().is_none() => carry.len() - e.valid_up_to(),
-        Err(_) => 0,
-    };
+    let keep = incomplete_tail(carry);
     let tail = carry.split_off(carry.len() - keep);
     let text = String::from_utf8_lossy(carry).into_owned();
     *carry = tail;
@@ -87,6 +101,7 @@ impl CastBuilder {
         }
         let start = *self.start_ms.get_or_insert(ms.unwrap_or(0));
         let t = (ms.unwrap_or(start) - start).max(0) as f64 / 1000.0;
+        self.last_t = self.last_t.max(t);
         match kind {
             "pty" if self.size.is_none() => {
                 self.size = Some((
@@ -140,7 +155,16 @@ impl CastBuilder {
         }
         let mut out = header.to_string();
         out.push('\n');
-        for e in self.events {
+        // A stream that ended inside a character: those bytes are shown as
+        // the replacement they are, not dropped.
+        let mut events = self.events;
+        for (slot, kind) in [(0, "o"), (1, "i")] {
+            if !self.carry[slot].is_empty() {
+                let text = String::from_utf8_lossy(&self.carry[slot]).into_owned();
+                events.push(json!([self.last_t, kind, text]).to_string());
+            }
+        }
+        for e in events {
             out.push_str(&e);
             out.push('\n');
         }
@@ -159,6 +183,55 @@ mod tests {
             b.push(e);
         }
         b.finish()
+    }
+
+    /// Output cut into chunks anywhere, valid UTF-8 or not: the cast's
+    /// output text is the whole stream's text, whatever the cuts.
+    #[test]
+    fn any_chunking_of_any_bytes_gives_the_streams_text() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_ca57);
+        for case in 0..2_000 {
+            let len = rng.gen_range(0..64);
+            // Mostly multi-byte UTF-8, with stray continuation and lead
+            // bytes mixed in.
+            let all: Vec<u8> = if case % 2 == 0 {
+                (0..len).map(|_| rng.r#gen::<u8>()).collect()
+            } else {
+                let text: String = (0..len)
+                    .map(|_| char::from_u32(rng.gen_range(0x20..0x1_0000)).unwrap_or('?'))
+                    .collect();
+                let mut b = text.into_bytes();
+                if let Some(x) = b.get_mut(len / 2) {
+                    *x = 0x80 | (*x & 0x3f);
+                }
+                b
+            };
+            let mut b = CastBuilder::new();
+            b.push(&json!({"kind": "session", "protocol": "ssh"}));
+            let mut at = 0;
+            while at < all.len() {
+                let n = rng.gen_range(1..=4).min(all.len() - at);
+                let chunk = &all[at..at + n];
+                b.push(&json!({"kind": "o", "hex": hex::encode(chunk), "data": "ignored"}));
+                at += n;
+            }
+            let text: String = b
+                .finish()
+                .expect("ssh")
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).expect("an event is JSON");
+                    v[2].as_str().expect("text").to_string()
+                })
+                .collect();
+            assert_eq!(
+                text,
+                String::from_utf8_lossy(&all),
+                "case {case}: {all:02x?}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ struct Figures {
     rate: f64,
     /// Approve latencies, in seconds.
     approve: Vec<f64>,
+    /// The server's own CPU seconds per lifecycle in the throughput part
+    /// (deliveries included; the receivers are other processes).
+    cpu_per_lifecycle: f64,
 }
 
 impl Ctx {
@@ -70,6 +73,20 @@ impl Ctx {
             "<= 110%",
             Goal::AtMost(1.1),
             "sequential approvals of pending requests".to_string(),
+        ));
+        let cpu = |f: &[Figures]| {
+            f.iter().map(|x| x.cpu_per_lifecycle).sum::<f64>() / f.len() as f64
+        };
+        let (c0, c1) = (cpu(&without), cpu(&with));
+        self.rows.push(Row::info(
+            "notify: the server's CPU per lifecycle, 3 sinks (1 dead) vs none",
+            format!(
+                "{} vs {} ({:.0}%)",
+                fmt_secs(c1),
+                fmt_secs(c0),
+                100.0 * c1 / c0.max(1e-12)
+            ),
+            "utime + stime of the server process over the throughput window, per lifecycle: what the sinks cost the node itself, without the receivers' share of the two cores",
         ));
         self.notes.push(format!(
             "notify: the live webhook received {} deliveries, the syslog receiver {} bytes; the dead sink retried throughout",
@@ -124,6 +141,7 @@ impl Ctx {
         }
         barrier.wait();
         let t0 = Instant::now();
+        let cpu0 = srv.cpu_secs();
         std::thread::sleep(window);
         stop.store(true, Ordering::Relaxed);
         let mut count = 0;
@@ -133,10 +151,12 @@ impl Ctx {
                 .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
         }
         let secs = t0.elapsed().as_secs_f64();
+        let cpu = srv.cpu_secs() - cpu0;
         srv.stop()?;
         Ok(Figures {
             rate: count as f64 / secs,
             approve: lat.iter().map(Duration::as_secs_f64).collect(),
+            cpu_per_lifecycle: cpu / (count.max(1) as f64),
         })
     }
 }

@@ -74,9 +74,8 @@ impl Ctx {
             Goal::AtMost(1.1),
             "sequential approvals of pending requests".to_string(),
         ));
-        let cpu = |f: &[Figures]| {
-            f.iter().map(|x| x.cpu_per_lifecycle).sum::<f64>() / f.len() as f64
-        };
+        let cpu =
+            |f: &[Figures]| f.iter().map(|x| x.cpu_per_lifecycle).sum::<f64>() / f.len() as f64;
         let (c0, c1) = (cpu(&without), cpu(&with));
         self.rows.push(Row::info(
             "notify: the server's CPU per lifecycle, 3 sinks (1 dead) vs none",

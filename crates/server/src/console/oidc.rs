@@ -31,7 +31,8 @@ use super::{ConsoleState, cookie};
 use crate::identity::config::{OidcConfig, check_issuer_url};
 use crate::identity::keys::{DISCOVERY_LEN_MAX, http_agent, read_json};
 
-/// Sign-ins started and not finished that one node keeps at most.
+/// Sign-ins started and not finished that one node keeps at most (the
+/// oldest gives way to a new one).
 pub const PENDING_MAX: usize = 10_000;
 /// How long a started sign-in may take at the provider.
 pub const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -63,16 +64,19 @@ pub struct OidcLogins {
 }
 
 impl OidcLogins {
-    /// Keeps a new pending sign-in; false when full.
-    fn insert(&self, state: &str, p: Pending) -> bool {
+    /// Keeps a new pending sign-in. When full, the oldest one gives way:
+    /// anyone may start sign-ins, so a flood of them must not lock out the
+    /// next person (it can only outrun sign-ins already at the provider).
+    fn insert(&self, state: &str, p: Pending) {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         map.retain(|_, v| now.duration_since(v.at) < PENDING_TTL);
-        if map.len() >= PENDING_MAX {
-            return false;
+        if map.len() >= PENDING_MAX
+            && let Some(oldest) = map.iter().min_by_key(|(_, v)| v.at).map(|(k, _)| *k)
+        {
+            map.remove(&oldest);
         }
         map.insert(Sha256::digest(state.as_bytes()).into(), p);
-        true
     }
 
     /// Takes the pending sign-in of `state` (once), if it has not expired.
@@ -210,7 +214,7 @@ async fn start(State(c): State<ConsoleState>, Query(q): Query<StartQuery>) -> Pa
     };
     let (state, nonce, verifier) = (random_hex(), random_hex(), random_hex());
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-    let kept = c.oidc.insert(
+    c.oidc.insert(
         &state,
         Pending {
             verifier,
@@ -219,16 +223,6 @@ async fn start(State(c): State<ConsoleState>, Query(q): Query<StartQuery>) -> Pa
             at: Instant::now(),
         },
     );
-    if !kept {
-        return refused(
-            &c,
-            "/",
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "{PENDING_MAX} sign-ins are in progress, this node's limit; try again in a few minutes"
-            ),
-        );
-    }
     let mut scopes = oidc.scopes.clone();
     if !scopes.iter().any(|s| s == "openid") {
         scopes.insert(0, "openid".into());
@@ -436,13 +430,35 @@ mod tests {
             next: "/".into(),
             at,
         };
-        assert!(logins.insert("s1", p(Instant::now())));
+        logins.insert("s1", p(Instant::now()));
         assert!(logins.take("s2").is_none(), "another state");
         assert!(logins.take("s1").is_some());
         assert!(logins.take("s1").is_none(), "taken once");
         if let Some(old) = Instant::now().checked_sub(PENDING_TTL + Duration::from_secs(1)) {
-            assert!(logins.insert("s3", p(old)));
+            logins.insert("s3", p(old));
             assert!(logins.take("s3").is_none(), "expired");
         }
+    }
+
+    #[test]
+    fn a_flood_of_started_sign_ins_never_locks_out_the_next_one() {
+        let logins = OidcLogins::default();
+        let start = Instant::now();
+        let p = |i: u64| Pending {
+            verifier: "v".into(),
+            nonce: "n".into(),
+            next: "/".into(),
+            at: start + Duration::from_millis(i),
+        };
+        for i in 0..=PENDING_MAX as u64 {
+            logins.insert(&format!("flood-{i}"), p(i));
+        }
+        logins.insert("person", p(PENDING_MAX as u64 + 1));
+        let held = logins.pending.lock().map(|m| m.len()).unwrap_or(0);
+        assert_eq!(held, PENDING_MAX, "bounded");
+        assert!(logins.take("person").is_some(), "the newest is kept");
+        assert!(logins.take("flood-0").is_none(), "the oldest gave way");
+        assert!(logins.take("flood-1").is_none(), "and the next oldest");
+        assert!(logins.take(&format!("flood-{PENDING_MAX}")).is_some());
     }
 }

@@ -564,8 +564,20 @@ fn a_drill_on_an_ssh_target_runs_true_through_the_gateway_and_sees_the_cut() {
     let out = e.bg.cli(Some("carol"), &["drill", "run", "ssh-wrong-key"]);
     assert_eq!(out.code, 1, "{out:#?}");
     let said = format!("{}{}", out.stdout, out.stderr);
-    assert!(said.contains("session"), "{said}");
+    let failed: Vec<&str> = said
+        .lines()
+        .filter(|l| l.trim_end().ends_with("FAILED"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{said}");
+    assert!(failed[0].trim_start().starts_with("session "), "{said}");
     assert!(said.contains("not the pinned"), "{said}");
+    let last =
+        e.bg.audit()
+            .into_iter()
+            .rfind(|v| v["action"] == "drill.completed")
+            .expect("a completed run");
+    assert_eq!(last["details"]["drill"], "ssh-wrong-key");
+    assert_eq!(last["details"]["failed_step"], "session", "{last}");
     let (_, list) = e.bg.get("carol", "/v1/requests?state=active");
     assert_eq!(list["requests"], json!([]), "{list}");
 }

@@ -271,9 +271,10 @@ impl Identity {
         }
         let key = email.to_lowercase();
         let mut people = self.people.lock().unwrap_or_else(|p| p.into_inner());
-        // A token older than the one remembered changes nothing.
+        // A token no newer than the one remembered changes nothing (the
+        // same token on every call of a session: no copy per call).
         if let Some(known) = people.get(&key)
-            && known.authn.issued_at > who.authn.issued_at
+            && known.authn.issued_at >= who.authn.issued_at
         {
             return;
         }

@@ -20,13 +20,36 @@ pub enum Field<'a> {
 /// Members every entry has; callers' fields must not use these keys.
 pub const RESERVED: [&str; 4] = ["hash", "kind", "seq", "time"];
 
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// The index of the first byte at or after `from` that needs escaping
+/// (`bytes.len()` when none does); whole chunks are checked without
+/// branches, so long clean runs (base64, plain text) cost little.
+fn clean_until(bytes: &[u8], from: usize) -> usize {
+    const CHUNK: usize = 32;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + CHUNK) {
+        if chunk.iter().fold(false, |dirty, &b| dirty | needs_escape(b)) {
+            break;
+        }
+        i += CHUNK;
+    }
+    while i < bytes.len() && !needs_escape(bytes[i]) {
+        i += 1;
+    }
+    i
+}
+
 /// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = clean_until(bytes, 0);
+    while let Some(&b) = bytes.get(i) {
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -35,8 +58,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0..=0x1f => &[],
-            _ => continue,
+            _ => &[],
         };
         out.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
@@ -47,6 +69,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
             out.extend_from_slice(esc);
         }
         start = i + 1;
+        i = clean_until(bytes, start);
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -131,6 +154,28 @@ mod tests {
                 String::from_utf8(out).expect("utf-8"),
                 serde_json::to_string(&s).expect("json"),
                 "byte {b:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_strings_escape_like_serde_json() {
+        // Long clean runs are skipped chunk by chunk: escapes at every
+        // position relative to the chunks must still be found.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let len = rng.gen_range(0..300);
+            let s: String = (0..len)
+                .map(|_| match rng.gen_range(0..40) {
+                    0 => ['"', '\\', '\n', '\u{0}', '\u{1b}', 'é'][rng.gen_range(0..6)],
+                    _ => char::from(rng.gen_range(b' '..=b'~')),
+                })
+                .collect();
+            let mut out = Vec::new();
+            write_str(&mut out, &s);
+            assert_eq!(
+                String::from_utf8(out).expect("utf-8"),
+                serde_json::to_string(&s).expect("json")
             );
         }
     }

@@ -1,11 +1,13 @@
 //! What every gateway of breakglass shares: the per-session recordings with
-//! their own hash chain (`recording`, `entry`), the [`SessionAuthority`]
+//! their own hash chain (`recording`, `entry`) and how they carry bytes
+//! (`data`), the [`SessionAuthority`]
 //! every gateway asks about grants and sessions, the [`Registry`] of live
 //! sessions per grant that a cut reaches, and the anchoring of live
 //! recordings in the audit chain. The protocol gateways
 //! (`breakglass-gateway-postgres`, `breakglass-gateway-ssh`) add their wire
 //! protocol on top; the server implements the authority once for both.
 
+pub mod data;
 mod entry;
 pub mod recording;
 

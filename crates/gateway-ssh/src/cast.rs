@@ -5,11 +5,12 @@
 //! The recording's entries are read in order (see `session` for the
 //! kinds): the first `pty` gives the size (80x24 without one), `exec`
 //! gives the header's `command`, `o` and `i` become output and input
-//! events, `r` resize events. Bytes are rebuilt exactly from `hex` where
-//! the recording has it, and a UTF-8 character split across two chunks is
+//! events, `r` resize events. Bytes are rebuilt exactly (`b64`, or `hex`
+//! in older recordings), and a UTF-8 character split across two chunks is
 //! joined again, so the cast's text is what the terminal showed.
 
 use breakglass_core::Timestamp;
+use breakglass_gateway_common::data;
 use serde_json::{Value, json};
 
 /// Columns and rows of a cast without a terminal.
@@ -36,15 +37,6 @@ pub struct CastBuilder {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("recording of a {0} session; only SSH sessions have an asciicast")]
 pub struct NotSsh(pub String);
-
-fn bytes_of(entry: &Value) -> Vec<u8> {
-    if let Some(h) = entry["hex"].as_str()
-        && let Ok(b) = hex::decode(h)
-    {
-        return b;
-    }
-    entry["data"].as_str().unwrap_or("").as_bytes().to_vec()
-}
 
 /// How many bytes at the end of `b` begin a UTF-8 character that the next
 /// chunk may complete (whatever came before them).
@@ -115,7 +107,10 @@ impl CastBuilder {
             }
             "o" | "i" => {
                 let slot = usize::from(kind == "i");
-                let text = take_text(&mut self.carry[slot], &bytes_of(entry));
+                // The chain was verified before the cast is built, so only
+                // a gateway that wrote bad base64 leaves nothing here.
+                let bytes = data::bytes_of(entry).unwrap_or_default();
+                let text = take_text(&mut self.carry[slot], &bytes);
                 if !text.is_empty() {
                     self.events.push(json!([t, kind, text]).to_string());
                 }
@@ -175,6 +170,8 @@ impl CastBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
     use expect_test::expect;
 
     fn cast(entries: &[Value]) -> Result<String, NotSsh> {
@@ -213,7 +210,12 @@ mod tests {
             while at < all.len() {
                 let n = rng.gen_range(1..=4).min(all.len() - at);
                 let chunk = &all[at..at + n];
-                b.push(&json!({"kind": "o", "hex": hex::encode(chunk), "data": "ignored"}));
+                // Recordings carry `b64` now, older ones `hex`.
+                b.push(&if n % 2 == 0 {
+                    json!({"kind": "o", "b64": STANDARD.encode(chunk)})
+                } else {
+                    json!({"kind": "o", "hex": hex::encode(chunk), "data": "ignored"})
+                });
                 at += n;
             }
             let text: String = b

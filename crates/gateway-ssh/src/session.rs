@@ -10,10 +10,10 @@
 //! - `pty` `{channel, term, cols, rows}`, `r` `{channel, cols, rows}`:
 //!   the terminal and its resizes;
 //! - `shell` `{channel}`, `exec` `{channel, command}`: what runs;
-//! - `i` / `o` `{channel, data[, hex][, stream]}`: input from the client,
-//!   output from the target (`stream: "stderr"` for extended data); `data`
-//!   is the text with bad UTF-8 replaced, `hex` the exact bytes when they
-//!   are not UTF-8;
+//! - `i` / `o` `{channel, data | b64[, stream]}`: input from the client,
+//!   output from the target (`stream: "stderr"` for extended data), as
+//!   text or base64, whichever is shorter (see
+//!   [`breakglass_gateway_common::data`]);
 //! - `signal` `{channel, signal}`, `exit` `{channel, status}` or
 //!   `{channel, signal}`, `eof` and `close` `{channel}`;
 //! - `refused` `{channel?, what, detail}`: SFTP, scp, forwarding, agent,
@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use breakglass_core::Timestamp;
 use breakglass_core::slots::{Slot, SlotRefusal};
+use breakglass_gateway_common::data::Data;
 use breakglass_gateway_common::recording::{Field, Recording};
 use breakglass_gateway_common::{Cut, SessionEnd, SessionInfo, cut_of};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Response, Session};
@@ -89,17 +90,12 @@ impl Live {
     /// Records bytes that crossed the gateway.
     fn record_data(&self, kind: &str, channel: ChannelId, data: &[u8], stderr: bool) -> bool {
         let ch = u64::from(u32::from(channel));
-        let text = String::from_utf8_lossy(data);
-        let hex_text;
-        let mut fields: Vec<(&str, Field<'_>)> = vec![("channel", Field::U64(ch))];
-        fields.push(("data", Field::Str(&text)));
-        if std::str::from_utf8(data).is_err() {
-            hex_text = hex::encode(data);
-            fields.push(("hex", Field::Str(&hex_text)));
-        }
+        let data = Data::of(data);
+        let mut fields: Vec<(&str, Field<'_>)> = vec![data.field(), ("channel", Field::U64(ch))];
         if stderr {
             fields.push(("stream", Field::Str("stderr")));
         }
+        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
         self.record(kind, &fields)
     }
 

@@ -57,6 +57,18 @@ impl Pinned {
 pub(crate) type Upstream = client::Handle<Pinned>;
 
 /// Connects and signs in; the error is the one line the client is told.
+/// The ciphers the gateway offers upstream, best first. AES-GCM comes
+/// before ChaCha20-Poly1305 (russh's own first choice): with AES-NI, on
+/// both sides, it costs a fraction of the CPU per byte, and every byte a
+/// session moves is also hashed into its recording on the same cores.
+const UPSTREAM_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 pub(crate) async fn connect(
     auth: &Authorized,
     session_id: &str,
@@ -75,6 +87,10 @@ pub(crate) async fn connect(
         inactivity_timeout: None,
         maximum_packet_size: packet_len_max,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(UPSTREAM_CIPHERS),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     });
     let timeout = Duration::from_millis(UPSTREAM_TIMEOUT_MS);

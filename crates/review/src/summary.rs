@@ -13,6 +13,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use breakglass_core::Timestamp;
+use breakglass_gateway_common::data;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -430,7 +431,8 @@ pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> S
                 }
             }
             Some("i") => {
-                let data = v["data"].as_str().unwrap_or_default();
+                let bytes = data::bytes_of(v).unwrap_or_default();
+                let data = String::from_utf8_lossy(&bytes);
                 let (start, line) = typed.entry(channel).or_insert((entry, String::new()));
                 for c in data.chars() {
                     match c {
@@ -459,11 +461,7 @@ pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> S
                 }
             }
             Some("o") => {
-                let bytes = v["hex"]
-                    .as_str()
-                    .map(|h| h.len() as u64 / 2)
-                    .unwrap_or_else(|| v["data"].as_str().map_or(0, |d| d.len() as u64));
-                s.output(time, bytes);
+                s.output(time, data::len_of(v));
             }
             _ => {}
         }

@@ -10,9 +10,11 @@
 //! after the saved cursor, with the same `webhook-id` (the event's `seq`).
 //! Each sink has its own task and one delivery in flight; a slow or dead
 //! sink delays only itself, never a transition (the feed is a broadcast
-//! that never waits for its readers) and never another sink.
+//! that never waits for its readers) and never another sink. A sink that
+//! has caught up follows the feed without reading the log, and what an
+//! event means (its request, the notice) is worked out once for all sinks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,12 +27,13 @@ use breakglass_core::audit::AuditEvent;
 use breakglass_core::{EventDraft, Request, State as ReqState, Timestamp};
 use breakglass_notify::config::SINKS_MAX;
 use breakglass_notify::deliver::backoff;
-use breakglass_notify::notice::{self, Links, RequestView};
+use breakglass_notify::notice::{self, Links, Notice, RequestView};
 use breakglass_notify::{Attempt, Payload, Sink, SinkKind};
 use breakglass_store::{NotifyCursor, Store};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::OnceCell;
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
@@ -121,10 +124,27 @@ impl Runtime {
     }
 }
 
+/// What one event means, worked out once for all sinks: its request
+/// (read once from the store) and the notice built from it.
+struct EventContext {
+    req: Option<Request>,
+    notice: Option<Notice>,
+}
+
+/// An event's context, once the first sink that needs it has built it.
+type ContextCell = Arc<OnceCell<Arc<EventContext>>>;
+
+/// Contexts of this many recent events are kept for the sinks that have
+/// not reached them yet; a sink further behind works its own out.
+const CONTEXTS_KEPT: usize = 1024;
+
 /// The configured sinks, opened (secrets read) at start.
 pub struct Notifier {
     sinks: Vec<Arc<Runtime>>,
     links: Links,
+    /// Recent events' contexts by `seq`, oldest first; the first sink to
+    /// need one builds it while the others wait for it.
+    contexts: Mutex<VecDeque<(u64, ContextCell)>>,
 }
 
 fn cut(text: &str) -> String {
@@ -158,7 +178,47 @@ impl Notifier {
             links: Links {
                 public_url: config.server.public_url.clone(),
             },
+            contexts: Mutex::default(),
         })
+    }
+
+    /// The context of `ev`, built by the first sink that asks.
+    async fn context(&self, app: &App, ev: &AuditEvent) -> Arc<EventContext> {
+        let cell = {
+            let mut kept = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+            match kept.iter().rev().find(|(seq, _)| *seq == ev.seq) {
+                Some((_, cell)) => cell.clone(),
+                None => {
+                    let cell = Arc::new(OnceCell::new());
+                    if kept.len() >= CONTEXTS_KEPT {
+                        kept.pop_front();
+                    }
+                    kept.push_back((ev.seq, cell.clone()));
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| async {
+            let req = match &ev.request_id {
+                Some(id) => match app.store.get(id).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(seq = ev.seq, error = %e, "cannot read the request of an event; sending without it");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let view = req.as_ref().map(|r| RequestView::new(r, drill_label(r)));
+            let approvers = req
+                .as_ref()
+                .map(|r| eligible_approvers(app, r))
+                .unwrap_or_default();
+            let notice = notice::build(ev, view, approvers, &self.links);
+            Arc::new(EventContext { req, notice })
+        })
+        .await
+        .clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,16 +389,26 @@ async fn run_sink(
             save(store.as_ref(), &rt, cursor).await;
             (saved, saved_at) = (cursor, Instant::now());
         }
-        // Idle: wait for the next event. Contiguous ones are handled
-        // straight from the feed; anything else sends us back to the log.
-        match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv()).await {
-            Ok(Ok(ev)) if ev.seq == cursor + 1 => {
-                handle(&app, &notifier, &rt, &ev).await;
-                cursor = ev.seq;
-                rt.status().cursor = cursor;
+        // Caught up: follow the feed while it brings the next event (no
+        // read of the log per event); a gap, a lag or a quiet second sends
+        // the sink back to the log (other nodes' events are only there).
+        loop {
+            match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv()).await {
+                Ok(Ok(ev)) if ev.seq <= cursor => {}
+                Ok(Ok(ev)) if ev.seq == cursor + 1 => {
+                    handle(&app, &notifier, &rt, &ev).await;
+                    cursor = ev.seq;
+                    rt.status().cursor = cursor;
+                    if saved != cursor
+                        && saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS)
+                    {
+                        save(store.as_ref(), &rt, cursor).await;
+                        (saved, saved_at) = (cursor, Instant::now());
+                    }
+                }
+                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
+                Ok(Err(RecvError::Closed)) => return,
             }
-            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => {}
-            Ok(Err(RecvError::Closed)) => return,
         }
     }
 }
@@ -382,36 +452,24 @@ async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEv
     }
     let Some(a) = app.upgrade() else { return };
     let filtered = !cfg.target_groups.is_empty() || cfg.emergency.is_some();
-    let needs_request = cfg.kind != SinkKind::Syslog || filtered;
-    let req = match (&ev.request_id, needs_request) {
-        (Some(id), true) => match a.store.get(id).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(sink = cfg.name, seq = ev.seq, error = %e, "cannot read the request of an event; sending without it");
-                None
-            }
-        },
-        _ => None,
-    };
-    let notice = if cfg.kind == SinkKind::Syslog {
-        None
+    // Syslog takes the event itself: it needs the request only to filter.
+    let ctx = if cfg.kind != SinkKind::Syslog || filtered {
+        Some(notifier.context(&a, ev).await)
     } else {
-        let view = req.as_ref().map(|r| RequestView::new(r, drill_label(r)));
-        let approvers = req
-            .as_ref()
-            .map(|r| eligible_approvers(&a, r))
-            .unwrap_or_default();
-        notice::build(ev, view, approvers, &notifier.links)
+        None
     };
-    let urgent = notice
+    let req = ctx.as_ref().and_then(|c| c.req.as_ref());
+    let notice = ctx
         .as_ref()
-        .is_some_and(|n| n.urgency == breakglass_notify::Urgency::High);
+        .filter(|_| cfg.kind != SinkKind::Syslog)
+        .and_then(|c| c.notice.as_ref());
+    let urgent = notice.is_some_and(|n| n.urgency == breakglass_notify::Urgency::High);
     // A security sink gets every urgent notice whatever its filters say.
-    let pass = (wants && passes_filters(&a, &rt.sink, req.as_ref())) || (cfg.security && urgent);
+    let pass = (wants && passes_filters(&a, &rt.sink, req)) || (cfg.security && urgent);
     if !pass {
         return;
     }
-    let Some(payload) = rt.sink.render(ev, notice.as_ref()) else {
+    let Some(payload) = rt.sink.render(ev, notice) else {
         return;
     };
     drop(a);

@@ -134,7 +134,11 @@ mod tests {
                 let added: usize = bytes.iter().map(|&b| escape_cost(b)).sum();
                 assert_eq!(json.len() - 2, bytes.len() + added);
                 let text_max = bytes.len() + bytes.len() / 2;
-                assert_eq!(e.get("data").is_some(), json.len() - 2 <= text_max, "{encoded}");
+                assert_eq!(
+                    e.get("data").is_some(),
+                    json.len() - 2 <= text_max,
+                    "{encoded}"
+                );
             } else {
                 assert!(e.get("b64").is_some());
             }

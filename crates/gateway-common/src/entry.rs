@@ -31,7 +31,10 @@ fn clean_until(bytes: &[u8], from: usize) -> usize {
     const CHUNK: usize = 32;
     let mut i = from;
     while let Some(chunk) = bytes.get(i..i + CHUNK) {
-        if chunk.iter().fold(false, |dirty, &b| dirty | needs_escape(b)) {
+        if chunk
+            .iter()
+            .fold(false, |dirty, &b| dirty | needs_escape(b))
+        {
             break;
         }
         i += CHUNK;

@@ -12,6 +12,9 @@
 #[derive(Debug, Clone, Copy)]
 pub enum Field<'a> {
     Str(&'a str),
+    /// A string that needs no escaping (base64, hex digits): written
+    /// between quotes as it is.
+    Plain(&'a str),
     U64(u64),
     /// Canonical JSON already (an array, an object, `null`).
     Json(&'a str),
@@ -83,6 +86,12 @@ fn write_field(out: &mut Vec<u8>, key: &str, value: Field<'_>) {
     out.push(b':');
     match value {
         Field::Str(s) => write_str(out, s),
+        Field::Plain(s) => {
+            debug_assert!(!s.bytes().any(needs_escape), "Field::Plain needs escaping");
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
         Field::U64(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
         Field::Json(j) => out.extend_from_slice(j.as_bytes()),
     }

@@ -149,7 +149,7 @@ impl<'a> Fields<'a> {
     fn text(&mut self, key: &'a str, key_hex: &'a str, t: &'a Text<'a>) -> &mut Self {
         self.push(key, Field::Str(&t.lossy));
         if let Some(h) = &t.hex {
-            self.push(key_hex, Field::Str(h));
+            self.push(key_hex, Field::Plain(h));
         }
         self
     }

@@ -34,7 +34,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::OnceCell;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use utoipa::ToSchema;
 
 use crate::app::{App, AppError, now};
@@ -47,6 +47,9 @@ use crate::http::{ApiError, Auth};
 pub const CURSOR_SAVE_INTERVAL_MS: u64 = 200;
 /// Events read from the store per page when a sink catches up.
 pub const CATCH_UP_PAGE_LEN: u32 = 256;
+/// Consecutive events handled together at most (a syslog sink sends
+/// them with one write).
+const BATCH_LEN_MAX: usize = 64;
 /// An idle sink re-reads the log this often even without a feed wake-up.
 const IDLE_POLL_MS: u64 = 1000;
 /// The longest error text kept in a cursor and in `notify.failed`.
@@ -373,9 +376,10 @@ async fn run_sink(
             }
         };
         let idle = page.is_empty();
-        for ev in page {
-            handle(&app, &notifier, &rt, &ev).await;
-            cursor = ev.seq;
+        let page: Vec<Arc<AuditEvent>> = page.into_iter().map(Arc::new).collect();
+        for batch in page.chunks(BATCH_LEN_MAX) {
+            process(&app, &notifier, &rt, batch).await;
+            cursor = batch.last().map_or(cursor, |ev| ev.seq);
             rt.status().cursor = cursor;
             if saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS) {
                 save(store.as_ref(), &rt, cursor).await;
@@ -389,27 +393,73 @@ async fn run_sink(
             save(store.as_ref(), &rt, cursor).await;
             (saved, saved_at) = (cursor, Instant::now());
         }
-        // Caught up: follow the feed while it brings the next event (no
-        // read of the log per event); a gap, a lag or a quiet second sends
-        // the sink back to the log (other nodes' events are only there).
-        loop {
-            match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv()).await {
-                Ok(Ok(ev)) if ev.seq <= cursor => {}
-                Ok(Ok(ev)) if ev.seq == cursor + 1 => {
-                    handle(&app, &notifier, &rt, &ev).await;
-                    cursor = ev.seq;
-                    rt.status().cursor = cursor;
-                    if saved != cursor
-                        && saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS)
-                    {
-                        save(store.as_ref(), &rt, cursor).await;
-                        (saved, saved_at) = (cursor, Instant::now());
-                    }
-                }
+        // Caught up: follow the feed while it brings the next events (no
+        // read of the log per event), taking what it already holds as one
+        // batch; a gap, a lag or a quiet second sends the sink back to the
+        // log (other nodes' events are only there).
+        'follow: loop {
+            let first = match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv())
+                .await
+            {
+                Ok(Ok(ev)) if ev.seq <= cursor => continue,
+                Ok(Ok(ev)) if ev.seq == cursor + 1 => ev,
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
                 Ok(Err(RecvError::Closed)) => return,
+            };
+            let mut batch = vec![first];
+            let mut gap = false;
+            while batch.len() < BATCH_LEN_MAX {
+                let last = batch.last().map_or(cursor, |ev| ev.seq);
+                match feed.try_recv() {
+                    Ok(ev) if ev.seq <= last => {}
+                    Ok(ev) if ev.seq == last + 1 => batch.push(ev),
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                        gap = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return,
+                }
+            }
+            process(&app, &notifier, &rt, &batch).await;
+            cursor = batch.last().map_or(cursor, |ev| ev.seq);
+            rt.status().cursor = cursor;
+            if saved != cursor
+                && saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS)
+            {
+                save(store.as_ref(), &rt, cursor).await;
+                (saved, saved_at) = (cursor, Instant::now());
+            }
+            if gap {
+                break 'follow;
             }
         }
+    }
+}
+
+/// Delivers consecutive events: one by one, except that a syslog sink
+/// sends the frames of all of them with one write (a stream takes them
+/// as they come; a write and a thread hand-off per event cost the node
+/// more than the event).
+async fn process(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, batch: &[Arc<AuditEvent>]) {
+    if rt.sink.config.kind != SinkKind::Syslog {
+        for ev in batch {
+            if let Some(payload) = prepare(app, notifier, rt, ev).await {
+                deliver(app, rt, std::slice::from_ref(ev), payload).await;
+            }
+        }
+        return;
+    }
+    let mut frames = Vec::new();
+    let mut carried = Vec::new();
+    for ev in batch {
+        if let Some(Payload::Syslog(f)) = prepare(app, notifier, rt, ev).await {
+            frames.extend_from_slice(&f);
+            carried.push(ev.clone());
+        }
+    }
+    if !carried.is_empty() {
+        deliver(app, rt, &carried, Payload::Syslog(frames)).await;
     }
 }
 
@@ -433,8 +483,13 @@ async fn save(store: &dyn Store, rt: &Runtime, seq: u64) {
     }
 }
 
-/// Decides what `ev` means for this sink and delivers it.
-async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEvent) {
+/// Decides what `ev` means for this sink: what to send it, if anything.
+async fn prepare(
+    app: &Weak<App>,
+    notifier: &Notifier,
+    rt: &Runtime,
+    ev: &AuditEvent,
+) -> Option<Payload> {
     let cfg = &rt.sink.config;
     // A sink is never told about its own failures: it could not take them.
     if ev.action == "notify.failed"
@@ -444,13 +499,13 @@ async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEv
             .as_deref()
             == Some(cfg.name.as_str())
     {
-        return;
+        return None;
     }
     let wants = cfg.wants_action(&ev.action);
     if !wants && !cfg.security {
-        return;
+        return None;
     }
-    let Some(a) = app.upgrade() else { return };
+    let a = app.upgrade()?;
     let filtered = !cfg.target_groups.is_empty() || cfg.emergency.is_some();
     // Syslog takes the event itself: it needs the request only to filter.
     let ctx = if cfg.kind != SinkKind::Syslog || filtered {
@@ -467,17 +522,15 @@ async fn handle(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, ev: &AuditEv
     // A security sink gets every urgent notice whatever its filters say.
     let pass = (wants && passes_filters(&a, &rt.sink, req)) || (cfg.security && urgent);
     if !pass {
-        return;
+        return None;
     }
-    let Some(payload) = rt.sink.render(ev, notice) else {
-        return;
-    };
-    drop(a);
-    deliver(app, rt, ev, payload).await;
+    rt.sink.render(ev, notice)
 }
 
-/// Delivers with retries until success, a refusal, or `give_up_after`.
-async fn deliver(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, payload: Payload) {
+/// Delivers `payload` (what `events` mean for the sink) with retries
+/// until success, a refusal, or `give_up_after`.
+async fn deliver(app: &Weak<App>, rt: &Runtime, events: &[Arc<AuditEvent>], payload: Payload) {
+    let seq = events.last().map_or(0, |ev| ev.seq);
     let started = Instant::now();
     let give_up_after = rt.sink.config.give_up_after();
     let mut attempt: u32 = 0;
@@ -493,7 +546,7 @@ async fn deliver(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, payload: Payloa
                 return;
             }
             Attempt::Fail { why } => {
-                give_up(app, rt, ev, attempt + 1, &why).await;
+                give_up(app, rt, events, attempt + 1, &why).await;
                 return;
             }
             Attempt::Retry { why, after } => {
@@ -503,9 +556,9 @@ async fn deliver(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, payload: Payloa
                     st.last_error = Some(cut(&why));
                     st.retrying = true;
                 }
-                tracing::info!(sink = rt.sink.name(), seq = ev.seq, attempt = attempt + 1, error = %why, "notification not delivered; retrying");
+                tracing::info!(sink = rt.sink.name(), seq, attempt = attempt + 1, error = %why, "notification not delivered; retrying");
                 if started.elapsed() + wait >= give_up_after {
-                    give_up(app, rt, ev, attempt + 1, &why).await;
+                    give_up(app, rt, events, attempt + 1, &why).await;
                     return;
                 }
                 tokio::time::sleep(wait).await;
@@ -529,31 +582,42 @@ async fn send_once(rt: &Runtime, payload: &Arc<Payload>) -> Attempt {
         })
 }
 
-async fn give_up(app: &Weak<App>, rt: &Runtime, ev: &AuditEvent, attempts: u32, why: &str) {
+/// Writes one `notify.failed` per event the sink could not be given.
+async fn give_up(
+    app: &Weak<App>,
+    rt: &Runtime,
+    events: &[Arc<AuditEvent>],
+    attempts: u32,
+    why: &str,
+) {
     {
         let mut st = rt.status();
-        st.failed += 1;
+        st.failed += events.len() as u64;
         st.retrying = false;
         st.last_error = Some(cut(why));
     }
-    tracing::error!(sink = rt.sink.name(), seq = ev.seq, attempts, error = %why, "notification given up");
+    let seqs = events.first().map(|f| f.seq)..=events.last().map(|l| l.seq);
+    tracing::error!(sink = rt.sink.name(), ?seqs, attempts, error = %why, "notification given up");
     let Some(a) = app.upgrade() else { return };
-    let draft = EventDraft {
-        actor: "system".into(),
-        action: "notify.failed".into(),
-        request_id: None,
-        details: json!({
-            "sink": rt.sink.name(),
-            "kind": rt.sink.config.kind.as_str(),
-            "seq": ev.seq,
-            "action": ev.action,
-            "event_request_id": ev.request_id,
-            "attempts": attempts,
-            "error": cut(why),
-        }),
-    };
-    if let Err(e) = a.store.append(vec![draft], now()).await {
-        tracing::error!(sink = rt.sink.name(), seq = ev.seq, error = %e, "cannot write notify.failed");
+    let drafts = events
+        .iter()
+        .map(|ev| EventDraft {
+            actor: "system".into(),
+            action: "notify.failed".into(),
+            request_id: None,
+            details: json!({
+                "sink": rt.sink.name(),
+                "kind": rt.sink.config.kind.as_str(),
+                "seq": ev.seq,
+                "action": ev.action,
+                "event_request_id": ev.request_id,
+                "attempts": attempts,
+                "error": cut(why),
+            }),
+        })
+        .collect();
+    if let Err(e) = a.store.append(drafts, now()).await {
+        tracing::error!(sink = rt.sink.name(), ?seqs, error = %e, "cannot write notify.failed");
     }
 }
 

@@ -66,8 +66,8 @@ fn render_status(list: &SinkStatusList) -> String {
         return "no notification sinks are configured ([[notify]])\n".into();
     }
     let mut out = format!(
-        "{:<20} {:<10} {:>10} {:>8} {:>7}  last error\n",
-        "SINK", "KIND", "CURSOR", "LAG", "FAILED"
+        "{:<20} {:<10} {:>10} {:>8} {:>7}  {:<5}  last error\n",
+        "SINK", "KIND", "CURSOR", "LAG", "FAILED", "HERE"
     );
     for s in &list.sinks {
         let err = match (&s.last_error, s.retrying) {
@@ -75,12 +75,16 @@ fn render_status(list: &SinkStatusList) -> String {
             (Some(e), false) => e.clone(),
             (None, _) => "-".into(),
         };
+        let here = if s.delivering { "yes" } else { "no" };
         out.push_str(&format!(
-            "{:<20} {:<10} {:>10} {:>8} {:>7}  {err}\n",
+            "{:<20} {:<10} {:>10} {:>8} {:>7}  {here:<5}  {err}\n",
             s.name, s.kind, s.cursor, s.lag, s.failed
         ));
     }
-    out.push_str(&format!("audit log head: {}\n", list.head));
+    out.push_str(&format!(
+        "audit log head: {}\nHERE: this node delivers the sink (one node at a time does)\n",
+        list.head
+    ));
     out
 }
 
@@ -103,6 +107,7 @@ mod tests {
                     last_delivered_at: None,
                     failed: 0,
                     retrying: false,
+                    delivering: true,
                 },
                 SinkStatus {
                     name: "pager".into(),
@@ -113,14 +118,16 @@ mod tests {
                     last_delivered_at: None,
                     failed: 2,
                     retrying: true,
+                    delivering: false,
                 },
             ],
         };
         expect_test::expect![[r#"
-            SINK                 KIND           CURSOR      LAG  FAILED  last error
-            hook                 webhook            42        0       0  -
-            pager                pagerduty          30       12       2  HTTP 503 (retrying)
+            SINK                 KIND           CURSOR      LAG  FAILED  HERE   last error
+            hook                 webhook            42        0       0  yes    -
+            pager                pagerduty          30       12       2  no     HTTP 503 (retrying)
             audit log head: 42
+            HERE: this node delivers the sink (one node at a time does)
         "#]]
         .assert_eq(&render_status(&list));
     }

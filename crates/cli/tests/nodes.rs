@@ -4,7 +4,8 @@
 //! its grants still end on time on the other; a PostgreSQL restart under
 //! load answers 503 while down and recovers without restarting the nodes;
 //! nodes starting at once on an empty database; `store copy` from an
-//! embedded store keeps `seq`, hashes and checkpoints.
+//! embedded store keeps `seq`, hashes and checkpoints; one node at a time
+//! delivers a notification sink, and another takes over after a `kill -9`.
 //!
 //! The store database lives on the upstream cluster the gateway tests share
 //! (a fresh database per test), except for the restart test, which stops
@@ -12,6 +13,7 @@
 
 mod gateway_support;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -146,6 +148,92 @@ fn two_nodes_start_together_and_a_revoke_on_one_cuts_a_session_on_the_other() {
     for n in &nodes {
         verify_online(n);
     }
+}
+
+/// Whether each node says it delivers the sink `hook`.
+fn delivering(nodes: &[Bg]) -> Vec<bool> {
+    nodes
+        .iter()
+        .map(|n| {
+            let (st, v) = n.get("carol", "/v1/notify/status");
+            assert_eq!(st, 200, "{v}");
+            v["sinks"][0]["delivering"].as_bool().expect("delivering")
+        })
+        .collect()
+}
+
+/// Activates a self-served grant through `node`; its request id.
+fn activate(node: &Bg, i: usize) -> String {
+    let body = json!({"target": "notes", "role": "read", "duration": "1m", "reason": format!("lease {i}")});
+    let (st, r) = node.post("alice", "/v1/requests", body);
+    assert_eq!((st, &r["state"]), (201, &json!("active")), "{r}");
+    r["id"].as_str().expect("id").to_string()
+}
+
+#[test]
+fn one_node_at_a_time_delivers_a_sink_and_another_takes_over_after_a_kill9() {
+    let up = upstream();
+    let url = breakglass_testkit::fresh_database(&up.pg).expect("store database");
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let secret = secrets.path().join("hook.secret");
+    std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+    let r = breakglass_testkit::receiver::Receiver::start(|_| true);
+    let sink = format!(
+        "\n[[notify]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}\"\n\
+         secret_file = \"{}\"\nevents = [\"request.activated\"]\ntimeout = \"2s\"\n",
+        r.url("/hook"),
+        secret.display()
+    );
+    let mut nodes = start_nodes_with(&up, &url, 2, &sink);
+    let activated = |r: &breakglass_testkit::receiver::Receiver| -> BTreeMap<String, usize> {
+        let mut by_request = BTreeMap::new();
+        for d in r.deliveries() {
+            let v = d.json();
+            if v["type"] == "request.activated" {
+                let id = v["request"]["id"].as_str().unwrap_or_default().to_string();
+                *by_request.entry(id).or_insert(0) += 1;
+            }
+        }
+        by_request
+    };
+    let mut ids: Vec<String> = (0..6).map(|i| activate(&nodes[i % 2], i)).collect();
+    let all = poll(Duration::from_secs(20), || {
+        let got = activated(&r);
+        ids.iter().all(|id| got.contains_key(id)).then_some(got)
+    })
+    .expect("every activation is delivered");
+    // Both nodes ran the sink all along; each event still came once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let again = activated(&r);
+    assert_eq!(again, all, "nothing more arrived");
+    assert!(all.values().all(|&n| n == 1), "one delivery each: {all:?}");
+    let here = delivering(&nodes);
+    assert_eq!(here.iter().filter(|&&h| h).count(), 1, "{here:?}");
+    let holder = here.iter().position(|&h| h).expect("one holder");
+    let other = 1 - holder;
+
+    // The node that delivers dies; the other takes the lease once it has
+    // run out (6 s) and delivers what happened meanwhile.
+    nodes[holder].kill9();
+    let t0 = Instant::now();
+    let later: Vec<String> = (6..9).map(|i| activate(&nodes[other], i)).collect();
+    let got = poll(Duration::from_secs(30), || {
+        let got = activated(&r);
+        later.iter().all(|id| got.contains_key(id)).then_some(got)
+    })
+    .unwrap_or_else(|| panic!("the other node never took over:\n{}", nodes[other].stderr()));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "taken over after {took:?}: before the lease could have run out"
+    );
+    eprintln!("the sink was taken over and delivered {took:?} after the kill");
+    ids.extend(later);
+    assert!(ids.iter().all(|id| got[id] >= 1));
+    let (st, v) = nodes[other].get("carol", "/v1/notify/status");
+    assert_eq!(st, 200);
+    assert_eq!(v["sinks"][0]["delivering"], true, "{v}");
+    assert_eq!(v["sinks"][0]["lag"], 0, "{v}");
 }
 
 #[test]

@@ -47,6 +47,17 @@ use crate::http::{ApiError, Auth};
 pub const CURSOR_SAVE_INTERVAL_MS: u64 = 200;
 /// Events read from the store per page when a sink catches up.
 pub const CATCH_UP_PAGE_LEN: u32 = 256;
+/// A node delivers a sink for this long (at least; twice the sink's
+/// `timeout` when that is longer, so one hanging attempt cannot outlast
+/// it) after taking or renewing its lease. If the node stops, another
+/// takes over after at most that long, from the stored cursor: what was
+/// delivered after the last save is delivered again, with the same
+/// `webhook-id`.
+pub const LEASE_MS: u64 = 6000;
+/// The holder renews its lease this long after taking or renewing it.
+const LEASE_RENEW_MS: u64 = 2000;
+/// A node without the lease asks for it again this often.
+const LEASE_RETRY_MS: u64 = 1000;
 /// Consecutive events handled together at most (a syslog sink sends
 /// them with one write).
 const BATCH_LEN_MAX: usize = 64;
@@ -96,6 +107,9 @@ pub struct SinkStatus {
     pub failed: u64,
     /// An event is being retried right now.
     pub retrying: bool,
+    /// This node holds the sink's delivery lease: with several nodes on
+    /// one store, one node at a time delivers each sink.
+    pub delivering: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -172,6 +186,7 @@ impl Notifier {
                     last_delivered_at: None,
                     failed: 0,
                     retrying: false,
+                    delivering: false,
                 }),
                 sink: Arc::new(sink),
             }));
@@ -354,6 +369,45 @@ fn passes_filters(app: &App, sink: &Sink, req: Option<&Request>) -> bool {
         .is_some_and(|t| t.groups.iter().any(|g| cfg.target_groups.contains(g)))
 }
 
+/// A sink's delivery lease as this node holds it.
+struct Lease {
+    node: String,
+    /// Until when this node may deliver (by its own clock), if it holds it.
+    until: Option<Instant>,
+}
+
+impl Lease {
+    /// Whether this node may deliver now: renews the lease when it runs
+    /// low. A store error counts as not holding it (nobody delivers
+    /// rather than two nodes at once).
+    async fn hold(&mut self, store: &dyn Store, rt: &Runtime) -> bool {
+        let now_i = Instant::now();
+        let length = Duration::from_millis(LEASE_MS).max(rt.sink.config.timeout() * 2);
+        if self
+            .until
+            .is_some_and(|u| u + Duration::from_millis(LEASE_RENEW_MS) > now_i + length)
+        {
+            return true;
+        }
+        let t = now();
+        let until = Timestamp(t.0 + i64::try_from(length.as_millis()).unwrap_or(i64::MAX));
+        let held = match store
+            .lease_notify_sink(rt.sink.name(), &self.node, t, until)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(sink = rt.sink.name(), error = %e, "cannot renew the delivery lease; pausing the sink");
+                false
+            }
+        };
+        // Counted from before the call, so this node stops first.
+        self.until = held.then(|| now_i + length);
+        rt.status().delivering = held;
+        held
+    }
+}
+
 async fn run_sink(
     app: Weak<App>,
     notifier: Arc<Notifier>,
@@ -361,12 +415,38 @@ async fn run_sink(
     mut feed: tokio::sync::broadcast::Receiver<Arc<AuditEvent>>,
     mut cursor: u64,
 ) {
+    let Some(node) = app.upgrade().map(|a| a.node_id()) else {
+        return;
+    };
+    let mut lease = Lease { node, until: None };
     let mut saved = cursor;
     let mut saved_at = Instant::now();
     loop {
         let Some(a) = app.upgrade() else { return };
         let store = a.store.clone();
         drop(a);
+        let had = lease.until.is_some();
+        if !lease.hold(store.as_ref(), &rt).await {
+            tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
+            continue;
+        }
+        if !had {
+            // Taken (over): go on from where the last holder saved.
+            match store.notify_cursors().await {
+                Ok(all) => {
+                    if let Some(c) = all.iter().find(|c| c.sink == rt.sink.name()) {
+                        (cursor, saved) = (c.seq, c.seq);
+                        rt.status().cursor = cursor;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(sink = rt.sink.name(), error = %e, "cannot read the notification cursor; retrying");
+                    lease.until = None;
+                    tokio::time::sleep(Duration::from_millis(LEASE_RETRY_MS)).await;
+                    continue;
+                }
+            }
+        }
         let page = match store.audit(cursor, CATCH_UP_PAGE_LEN).await {
             Ok(p) => p,
             Err(e) => {
@@ -378,7 +458,11 @@ async fn run_sink(
         let idle = page.is_empty();
         let page: Vec<Arc<AuditEvent>> = page.into_iter().map(Arc::new).collect();
         for batch in page.chunks(BATCH_LEN_MAX) {
-            process(&app, &notifier, &rt, batch).await;
+            if !lease.hold(store.as_ref(), &rt).await
+                || !process(&app, &notifier, &rt, &mut lease, batch).await
+            {
+                break;
+            }
             cursor = batch.last().map_or(cursor, |ev| ev.seq);
             rt.status().cursor = cursor;
             if saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS) {
@@ -386,17 +470,17 @@ async fn run_sink(
                 (saved, saved_at) = (cursor, Instant::now());
             }
         }
-        if !idle {
-            continue;
-        }
         if saved != cursor {
             save(store.as_ref(), &rt, cursor).await;
             (saved, saved_at) = (cursor, Instant::now());
         }
+        if !idle || lease.until.is_none() {
+            continue;
+        }
         // Caught up: follow the feed while it brings the next events (no
         // read of the log per event), taking what it already holds as one
-        // batch; a gap, a lag or a quiet second sends the sink back to the
-        // log (other nodes' events are only there).
+        // batch; a gap, a lag, a quiet second or a lost lease sends the
+        // sink back to the log (other nodes' events are only there).
         'follow: loop {
             let first = match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv())
                 .await
@@ -421,7 +505,11 @@ async fn run_sink(
                     Err(TryRecvError::Closed) => return,
                 }
             }
-            process(&app, &notifier, &rt, &batch).await;
+            if !lease.hold(store.as_ref(), &rt).await
+                || !process(&app, &notifier, &rt, &mut lease, &batch).await
+            {
+                break 'follow;
+            }
             cursor = batch.last().map_or(cursor, |ev| ev.seq);
             rt.status().cursor = cursor;
             if saved != cursor
@@ -440,15 +528,24 @@ async fn run_sink(
 /// Delivers consecutive events: one by one, except that a syslog sink
 /// sends the frames of all of them with one write (a stream takes them
 /// as they come; a write and a thread hand-off per event cost the node
-/// more than the event).
-async fn process(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, batch: &[Arc<AuditEvent>]) {
+/// more than the event). False when the lease was lost before all were
+/// delivered or given up: the cursor must not pass them.
+async fn process(
+    app: &Weak<App>,
+    notifier: &Notifier,
+    rt: &Runtime,
+    lease: &mut Lease,
+    batch: &[Arc<AuditEvent>],
+) -> bool {
     if rt.sink.config.kind != SinkKind::Syslog {
         for ev in batch {
-            if let Some(payload) = prepare(app, notifier, rt, ev).await {
-                deliver(app, rt, std::slice::from_ref(ev), payload).await;
+            if let Some(payload) = prepare(app, notifier, rt, ev).await
+                && !deliver(app, rt, lease, std::slice::from_ref(ev), payload).await
+            {
+                return false;
             }
         }
-        return;
+        return true;
     }
     let mut frames = Vec::new();
     let mut carried = Vec::new();
@@ -458,9 +555,7 @@ async fn process(app: &Weak<App>, notifier: &Notifier, rt: &Runtime, batch: &[Ar
             carried.push(ev.clone());
         }
     }
-    if !carried.is_empty() {
-        deliver(app, rt, &carried, Payload::Syslog(frames)).await;
-    }
+    carried.is_empty() || deliver(app, rt, lease, &carried, Payload::Syslog(frames)).await
 }
 
 async fn save(store: &dyn Store, rt: &Runtime, seq: u64) {
@@ -528,8 +623,16 @@ async fn prepare(
 }
 
 /// Delivers `payload` (what `events` mean for the sink) with retries
-/// until success, a refusal, or `give_up_after`.
-async fn deliver(app: &Weak<App>, rt: &Runtime, events: &[Arc<AuditEvent>], payload: Payload) {
+/// until success, a refusal, or `give_up_after`; stops when the lease is
+/// lost between attempts (the node that took it over delivers): false
+/// then, true when delivered or given up.
+async fn deliver(
+    app: &Weak<App>,
+    rt: &Runtime,
+    lease: &mut Lease,
+    events: &[Arc<AuditEvent>],
+    payload: Payload,
+) -> bool {
     let seq = events.last().map_or(0, |ev| ev.seq);
     let started = Instant::now();
     let give_up_after = rt.sink.config.give_up_after();
@@ -543,11 +646,11 @@ async fn deliver(app: &Weak<App>, rt: &Runtime, events: &[Arc<AuditEvent>], payl
                 st.last_error = None;
                 st.last_delivered_at = Some(now());
                 st.retrying = false;
-                return;
+                return true;
             }
             Attempt::Fail { why } => {
                 give_up(app, rt, events, attempt + 1, &why).await;
-                return;
+                return true;
             }
             Attempt::Retry { why, after } => {
                 let wait = backoff(attempt, rand::thread_rng().r#gen::<f64>(), after);
@@ -559,9 +662,27 @@ async fn deliver(app: &Weak<App>, rt: &Runtime, events: &[Arc<AuditEvent>], payl
                 tracing::info!(sink = rt.sink.name(), seq, attempt = attempt + 1, error = %why, "notification not delivered; retrying");
                 if started.elapsed() + wait >= give_up_after {
                     give_up(app, rt, events, attempt + 1, &why).await;
-                    return;
+                    return true;
                 }
-                tokio::time::sleep(wait).await;
+                // The wait keeps the lease, so a dead sink stays with one
+                // node instead of moving between them.
+                let resume = Instant::now() + wait;
+                loop {
+                    let left = resume.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    tokio::time::sleep(left.min(Duration::from_millis(LEASE_RENEW_MS))).await;
+                    let Some(a) = app.upgrade() else {
+                        return false;
+                    };
+                    let store = a.store.clone();
+                    drop(a);
+                    if !lease.hold(store.as_ref(), rt).await {
+                        rt.status().retrying = false;
+                        return false;
+                    }
+                }
                 attempt = attempt.saturating_add(1);
             }
         }

@@ -203,6 +203,19 @@ pub trait Store: Send + Sync + 'static {
     /// or concurrent writer cannot make events be delivered twice as often.
     async fn set_notify_cursor(&self, cursor: NotifyCursor) -> Result<(), StoreError>;
 
+    /// Takes or renews the lease on delivering sink `sink` for node
+    /// `holder` until `until`: true if the sink's cursor exists and the
+    /// lease was free, expired before `now`, or already `holder`'s (taken
+    /// now), false if another node holds it. Atomic across every node of a
+    /// shared store, so one node at a time delivers each sink.
+    async fn lease_notify_sink(
+        &self,
+        sink: &str,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError>;
+
     /// Records that `principal` used its one-time code of time step `step`:
     /// true if `step` is newer than every step recorded for it before
     /// (recorded now), false if not (a replay, or an older code). Atomic

@@ -177,6 +177,11 @@ CREATE TABLE notify_cursors (
     failed BIGINT NOT NULL DEFAULT 0
 );
 "#,
+    // The node that delivers each sink, and until when.
+    r#"
+ALTER TABLE notify_cursors ADD COLUMN holder TEXT;
+ALTER TABLE notify_cursors ADD COLUMN held_until BIGINT;
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -1488,6 +1493,28 @@ impl Store for PgStore {
                 failed: r.get::<_, i64>(4) as u64,
             })
             .collect())
+    }
+
+    async fn lease_notify_sink(
+        &self,
+        sink: &str,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        // One statement, atomic across nodes: the node whose update lands
+        // holds the lease; the others see 0 rows changed.
+        let changed = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE notify_cursors SET holder = $2, held_until = $4 WHERE sink = $1 \
+                 AND (holder IS NULL OR holder = $2 OR held_until IS NULL OR held_until < $3)",
+                &[&sink, &holder, &now.millis(), &until.millis()],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(changed == 1)
     }
 
     async fn set_notify_cursor(&self, c: NotifyCursor) -> Result<(), StoreError> {

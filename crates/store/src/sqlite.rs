@@ -146,6 +146,11 @@ CREATE TABLE notify_cursors (
     failed INTEGER NOT NULL DEFAULT 0
 ) STRICT, WITHOUT ROWID;
 "#,
+    // The node that delivers each sink, and until when.
+    r#"
+ALTER TABLE notify_cursors ADD COLUMN holder TEXT;
+ALTER TABLE notify_cursors ADD COLUMN held_until INTEGER;
+"#,
 ];
 
 #[derive(Debug, Clone)]
@@ -177,6 +182,9 @@ enum Op {
     DrillRun(String, u64),
     /// A notification sink's cursor (never moved back).
     NotifyCursor(NotifyCursor),
+    /// A sink's delivery lease: (sink, holder, now, until); `Conflict` if
+    /// another node holds it.
+    NotifyLease(String, String, i64, i64),
 }
 
 struct Job {
@@ -691,6 +699,21 @@ fn apply_op(
             ])?;
             Ok(Vec::new())
         }
+        Op::NotifyLease(sink, holder, now, until) => {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE notify_cursors SET holder = ?2, held_until = ?4 WHERE sink = ?1 \
+                     AND (holder IS NULL OR holder = ?2 OR held_until IS NULL OR held_until < ?3)",
+                )?
+                .execute(params![sink, holder, now, until])?;
+            if changed == 0 {
+                return Err(StoreError::Conflict {
+                    id: sink.clone(),
+                    expected: 0,
+                });
+            }
+            Ok(Vec::new())
+        }
         Op::Checkpoint(cp) => {
             conn.prepare_cached(
                 "INSERT OR IGNORE INTO checkpoints (seq, key, time, hash, signature, root) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1011,6 +1034,21 @@ impl Store for SqliteStore {
         self.submit(Op::NotifyCursor(cursor), time)
             .await
             .map(|_| ())
+    }
+
+    async fn lease_notify_sink(
+        &self,
+        sink: &str,
+        holder: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let op = Op::NotifyLease(sink.into(), holder.into(), now.millis(), until.millis());
+        match self.submit(op, now).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn add_checkpoint(&self, cp: Checkpoint) -> Result<(), StoreError> {

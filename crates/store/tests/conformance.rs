@@ -996,6 +996,91 @@ mod suite {
         );
     }
 
+    /// One node at a time holds a sink's delivery lease: it renews it, the
+    /// other node is refused until it expires, then takes it over; a sink
+    /// without a cursor has no lease; the cursor survives the leases.
+    pub async fn notify_leases_are_held_by_one_node(stores: &[&dyn Store]) {
+        use breakglass_store::NotifyCursor;
+        let (a, b) = (stores[0], stores[stores.len() - 1]);
+        let t = Timestamp;
+        assert!(
+            !a.lease_notify_sink("hook", "node-a", t(1_000), t(7_000))
+                .await
+                .expect("lease"),
+            "no cursor, no lease"
+        );
+        a.set_notify_cursor(NotifyCursor {
+            sink: "hook".into(),
+            seq: 4,
+            updated_at: t(1_000),
+            last_error: None,
+            failed: 0,
+        })
+        .await
+        .expect("set");
+        assert!(
+            a.lease_notify_sink("hook", "node-a", t(1_000), t(7_000))
+                .await
+                .expect("lease")
+        );
+        assert!(
+            !b.lease_notify_sink("hook", "node-b", t(2_000), t(8_000))
+                .await
+                .expect("lease"),
+            "held by node-a"
+        );
+        assert!(
+            a.lease_notify_sink("hook", "node-a", t(3_000), t(9_000))
+                .await
+                .expect("lease"),
+            "the holder renews"
+        );
+        assert!(
+            !b.lease_notify_sink("hook", "node-b", t(8_999), t(15_000))
+                .await
+                .expect("lease"),
+            "not expired yet"
+        );
+        assert!(
+            b.lease_notify_sink("hook", "node-b", t(9_001), t(15_000))
+                .await
+                .expect("lease"),
+            "expired: taken over"
+        );
+        assert!(
+            !a.lease_notify_sink("hook", "node-a", t(9_500), t(15_500))
+                .await
+                .expect("lease"),
+            "the old holder lost it"
+        );
+        // Several nodes at once on a free lease: exactly one gets it.
+        b.set_notify_cursor(NotifyCursor {
+            sink: "siem".into(),
+            seq: 1,
+            updated_at: t(1_000),
+            last_error: None,
+            failed: 0,
+        })
+        .await
+        .expect("set");
+        let tries = (0..6).map(|i| {
+            stores[i % stores.len()].lease_notify_sink(
+                "siem",
+                ["n0", "n1", "n2", "n3", "n4", "n5"][i],
+                t(1_000),
+                t(7_000),
+            )
+        });
+        let won = futures_util::future::join_all(tries)
+            .await
+            .into_iter()
+            .filter(|r| *r.as_ref().expect("lease"))
+            .count();
+        assert_eq!(won, 1);
+        let cursors = a.notify_cursors().await.expect("read");
+        assert_eq!(cursors.iter().map(|c| c.seq).collect::<Vec<_>>(), [4, 1]);
+    }
+
     /// (7) `add_checkpoint` then `checkpoints` returns it, and the stored
     /// checkpoints verify against the log.
     pub async fn checkpoints_round_trip(store: &dyn Store) {
@@ -1600,6 +1685,11 @@ async fn sqlite_notify_cursors_only_move_forward() {
 }
 
 #[tokio::test]
+async fn sqlite_notify_leases_are_held_by_one_node() {
+    suite::notify_leases_are_held_by_one_node(&[&fresh().store]).await;
+}
+
+#[tokio::test]
 async fn sqlite_apply_is_compare_and_set() {
     suite::apply_is_compare_and_set(&fresh().store).await;
 }
@@ -1717,6 +1807,13 @@ async fn pg_notify_cursors_only_move_forward_across_nodes() {
     let f = fresh_pg().await;
     let other = PgStore::open(&f.url).await.expect("a second node opens");
     suite::notify_cursors_only_move_forward(&[&f.store, &other]).await;
+}
+
+#[tokio::test]
+async fn pg_notify_leases_are_held_by_one_node_across_nodes() {
+    let f = fresh_pg().await;
+    let other = PgStore::open(&f.url).await.expect("a second node opens");
+    suite::notify_leases_are_held_by_one_node(&[&f.store, &other]).await;
 }
 
 #[tokio::test]

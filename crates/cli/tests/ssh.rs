@@ -9,7 +9,7 @@
 
 mod gateway_support;
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,8 +61,10 @@ fn start_with(
          [[targets]]\nname = \"web-key\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
          [targets.roles.ops]\nuser = \"{}\"\nkey_file = \"role_key\"\n\n\
          [[targets]]\nname = \"web-pinned-wrong\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{other}\"\n\
-         [targets.roles.ops]\nuser = \"{}\"\n\n",
-        sshd.host_key, sshd.user, sshd.host_key, sshd.user, sshd.user
+         [targets.roles.ops]\nuser = \"{}\"\n\n\
+         [[targets]]\nname = \"web-fwd\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
+         [targets.roles.ops]\nuser = \"{}\"\nport_forwarding = true\n\n",
+        sshd.host_key, sshd.user, sshd.host_key, sshd.user, sshd.user, sshd.host_key, sshd.user
     ));
     // The tests' own SSH_ASKPASS: answers with $BG_TEST_SSH_PASSWORD.
     let askpass = d.join("askpass.sh");
@@ -90,6 +92,11 @@ impl Env {
     /// `ssh` to `target` through the gateway with `password`, no host key
     /// checks of the gateway (the tests of `connect` check it).
     fn ssh(&self, target: &str, password: &str, args: &[&str]) -> Command {
+        self.ssh_with(target, password, &[], args)
+    }
+
+    /// [`Env::ssh`] with client options `opts` (before the destination).
+    fn ssh_with(&self, target: &str, password: &str, opts: &[&str], args: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.env("SSH_ASKPASS", &self.askpass)
             .env("SSH_ASKPASS_REQUIRE", "force")
@@ -114,6 +121,7 @@ impl Env {
                 "-p",
             ])
             .arg(self.bg.gw_port.to_string())
+            .args(opts)
             .arg(format!("{target}@127.0.0.1"))
             .args(args);
         cmd
@@ -404,6 +412,125 @@ fn refusals_say_why_and_reach_no_upstream_when_they_should_not() {
         "{refused:#?}"
     );
     assert!(refused.iter().any(|r| r["what"] == "scp"), "{refused:#?}");
+}
+
+/// An upper-casing echo service on loopback for forwarded connections:
+/// its port. It answers every connection until the test ends.
+fn shouting_echo() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Connects to a forwarded local port, sends `line`, returns the answer
+/// (empty when the forwarded connection was refused).
+fn through_forward(port: u16, line: &str) -> Option<String> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    c.write_all(line.as_bytes()).ok()?;
+    let mut got = vec![0u8; line.len()];
+    let mut at = 0;
+    while at < got.len() {
+        match c.read(&mut got[at..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => at += n,
+        }
+    }
+    got.truncate(at);
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+#[test]
+fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwise() {
+    let e = start_with(
+        |d| keygen(&d.join("ssh_ca")).expect("ca"),
+        |_| String::new(),
+    );
+    let echo = shouting_echo();
+    let fwd = |target: &str, token: &str, local: u16| {
+        let spec = format!("{local}:127.0.0.1:{echo}");
+        Spawned::spawn(&mut e.ssh_with(
+            target,
+            token,
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &spec],
+            &[],
+        ))
+    };
+    // Allowed: bytes go both ways and are in the recording.
+    let g = e.bg.grant("alice", "web-fwd", "ops", "10m");
+    let local = free_port();
+    let client = fwd("web-fwd", &g.token, local);
+    let answer = poll(Duration::from_secs(20), || {
+        through_forward(local, "select 1;\n").filter(|a| !a.is_empty())
+    });
+    assert_eq!(answer.as_deref(), Some("SELECT 1;\n"));
+    let live = e.live_session(&g);
+    let sid = live["session_id"].as_str().expect("sid").to_string();
+    let out = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/revoke", g.id),
+        json!({"reason": "done"}),
+    );
+    assert_eq!(out.0, 200, "{:?}", out.1);
+    let _ = client.wait(Duration::from_secs(20));
+    let rec = e.bg.recording(&sid);
+    let forward = kinds(&rec, "forward");
+    assert_eq!(forward.len(), 1, "{rec:#?}");
+    assert_eq!(forward[0]["host"], "127.0.0.1");
+    assert_eq!(forward[0]["port"], u64::from(echo));
+    let sent: String = kinds(&rec, "forward_in")
+        .iter()
+        .map(|x| x["data"].as_str().unwrap_or("").to_string())
+        .collect();
+    let came: String = kinds(&rec, "forward_out")
+        .iter()
+        .map(|x| x["data"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        (sent.as_str(), came.as_str()),
+        ("select 1;\n", "SELECT 1;\n")
+    );
+    // Forwarded bytes are not terminal output: the cast holds none.
+    assert!(
+        kinds(&rec, "o").is_empty() && kinds(&rec, "i").is_empty(),
+        "{rec:#?}"
+    );
+
+    // Not allowed: the connection is refused and the refusal recorded.
+    let g = e.bg.grant("bob", "web", "ops", "10m");
+    let local = free_port();
+    let client = fwd("web", &g.token, local);
+    let live = e.live_session(&g);
+    let sid = live["session_id"].as_str().expect("sid").to_string();
+    let answer = through_forward(local, "select 1;\n");
+    assert!(answer.as_deref().is_none_or(str::is_empty), "{answer:?}");
+    let refused = poll(Duration::from_secs(10), || {
+        let r: Vec<Value> = kinds(&e.bg.recording(&sid), "refused");
+        (!r.is_empty()).then_some(r)
+    })
+    .expect("the refusal is recorded");
+    assert_eq!(refused[0]["what"], "port_forwarding");
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("port_forwarding = false"),
+        "{refused:#?}"
+    );
+    drop(client);
 }
 
 /// Runs `sleep 60` through the gateway; returns the running client.

@@ -119,6 +119,8 @@ pub struct CertRequest<'a> {
     pub valid_before: Timestamp,
     /// Allow a PTY, as a shell needs.
     pub pty: bool,
+    /// Allow port forwarding (a role with `port_forwarding = true`).
+    pub port_forwarding: bool,
 }
 
 /// Signs a user certificate for `subject` with the CA key.
@@ -149,6 +151,10 @@ pub fn sign_user_certificate(
     b.valid_principal(req.user).map_err(|e| bad(&e))?;
     if req.pty {
         b.extension("permit-pty", "").map_err(|e| bad(&e))?;
+    }
+    if req.port_forwarding {
+        b.extension("permit-port-forwarding", "")
+            .map_err(|e| bad(&e))?;
     }
     b.sign(ca).map_err(|e| bad(&e))
 }
@@ -189,6 +195,7 @@ mod tests {
                 valid_after: Timestamp::from_millis(1_700_000_000_000),
                 valid_before: Timestamp::from_millis(1_700_000_900_500),
                 pty: true,
+                port_forwarding: false,
             },
         )
         .expect("sign");
@@ -206,6 +213,7 @@ mod tests {
                 valid_after: Timestamp::from_millis(0),
                 valid_before: Timestamp::from_millis(1000),
                 pty: false,
+                port_forwarding: false,
             },
         );
         assert!(too_long.is_err());

@@ -233,6 +233,8 @@ pub struct Authorized {
     pub target: String,
     pub role: String,
     pub expires_at: Timestamp,
+    /// The role allows local port forwarding (`ssh -L`).
+    pub port_forwarding: bool,
     pub upstream: UpstreamTarget,
 }
 

@@ -16,6 +16,9 @@
 //!   [`breakglass_gateway_common::data`]);
 //! - `signal` `{channel, signal}`, `exit` `{channel, status}` or
 //!   `{channel, signal}`, `eof` and `close` `{channel}`;
+//! - `forward` `{channel, host, port, originator}`: a forwarded TCP
+//!   connection (`ssh -L`, roles with `port_forwarding = true`), whose
+//!   bytes are `forward_in` / `forward_out` `{channel, data | b64}`;
 //! - `refused` `{channel?, what, detail}`: SFTP, scp, forwarding, agent,
 //!   X11 and anything else the gateway refused;
 //! - `end` `{reason}`.
@@ -41,6 +44,9 @@ use tokio::sync::{Notify, watch};
 use crate::upstream::{self, Upstream};
 use crate::{Authorized, COMMAND_LEN_MAX, Shared, TERM_LEN_MAX, TERMINAL_SIZE_MAX};
 
+/// The longest host name a forwarded connection may name (DNS's limit).
+const FORWARD_HOST_LEN_MAX: usize = 253;
+
 /// After the cut line is queued, the connection is closed at the latest
 /// this much later, whatever the client does.
 const CUT_GRACE_MS: u64 = 50;
@@ -57,8 +63,8 @@ struct Live {
     /// the `end` entry that `session.ended` names).
     rec: Mutex<Option<Recording>>,
     upstream: Upstream,
-    /// Client channels open now, and whether each has a terminal.
-    channels: Mutex<HashMap<ChannelId, bool>>,
+    /// Client channels open now, and what each is.
+    channels: Mutex<HashMap<ChannelId, Open>>,
     /// Set once, by whatever ends the session first.
     end: Mutex<Option<String>>,
     /// Wakes the cutter at once (expiry seen on the data path, a failed
@@ -121,8 +127,24 @@ enum Chan {
     Relayed {
         up: ChannelWriteHalf<client::Msg>,
     },
+    /// A forwarded TCP connection (`ssh -L`): bytes only, no requests.
+    Forwarded {
+        up: ChannelWriteHalf<client::Msg>,
+    },
     /// The session could not start; the first request is told why.
     Failed,
+}
+
+/// What an open client channel is, for the cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// A session channel without a terminal: the cut line goes to stderr.
+    Session,
+    /// A session channel with a terminal: the cut line goes to the screen.
+    Terminal,
+    /// A forwarded connection: closed without a word (its bytes are the
+    /// forwarded stream's).
+    Forward,
 }
 
 /// The russh handler of one connection.
@@ -292,16 +314,22 @@ async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, clien
         .disconnect(russh::Disconnect::ByApplication, &message, "");
     let _ = tokio::time::timeout(Duration::from_millis(CUT_GRACE_MS), upstream).await;
     let line = format!("\r\n{message}\r\n");
-    let channels: Vec<(ChannelId, bool)> =
-        lock(&live.channels).iter().map(|(c, p)| (*c, *p)).collect();
-    for (ch, pty) in channels {
+    let channels: Vec<(ChannelId, Open)> =
+        lock(&live.channels).iter().map(|(c, o)| (*c, *o)).collect();
+    for (ch, open) in channels {
         let bytes = line.clone().into_bytes();
-        if pty {
-            let _ = client.data(ch, bytes).await;
-        } else {
-            let _ = client.extended_data(ch, 1, bytes).await;
+        match open {
+            Open::Terminal => {
+                let _ = client.data(ch, bytes).await;
+            }
+            Open::Session => {
+                let _ = client.extended_data(ch, 1, bytes).await;
+            }
+            Open::Forward => {}
         }
-        let _ = client.exit_status_request(ch, 255).await;
+        if open != Open::Forward {
+            let _ = client.exit_status_request(ch, 255).await;
+        }
         let _ = client.eof(ch).await;
         let _ = client.close(ch).await;
     }
@@ -317,12 +345,18 @@ async fn cutter(live: Arc<Live>, mut cut_rx: watch::Receiver<Option<Cut>>, clien
 
 /// Relays one upstream channel to its client channel, recording output
 /// before forwarding it.
-async fn pump(live: Arc<Live>, mut up: russh::ChannelReadHalf, client: Handle, ch: ChannelId) {
+async fn pump(
+    live: Arc<Live>,
+    mut up: russh::ChannelReadHalf,
+    client: Handle,
+    ch: ChannelId,
+    out: &'static str,
+) {
     let chan = u64::from(u32::from(ch));
     while let Some(msg) = up.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
-                if !live.within_grant() || !live.record_data("o", ch, &data, false) {
+                if !live.within_grant() || !live.record_data(out, ch, &data, false) {
                     break;
                 }
                 if client.data(ch, data).await.is_err() {
@@ -330,7 +364,7 @@ async fn pump(live: Arc<Live>, mut up: russh::ChannelReadHalf, client: Handle, c
                 }
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                if !live.within_grant() || !live.record_data("o", ch, &data, true) {
+                if !live.within_grant() || !live.record_data(out, ch, &data, true) {
                     break;
                 }
                 if client.extended_data(ch, ext, data).await.is_err() {
@@ -564,7 +598,8 @@ impl Conn {
                 let _ = session.close(channel);
                 None
             }
-            None => None,
+            // Requests on a forwarded connection make no sense: ignored.
+            Some(Chan::Forwarded { .. }) | None => None,
         }
     }
 }
@@ -658,10 +693,10 @@ impl russh::server::Handler for Conn {
             "channel",
             &[("channel", Field::U64(u64::from(u32::from(id))))],
         );
-        lock(&live.channels).insert(id, false);
+        lock(&live.channels).insert(id, Open::Session);
         self.channels.insert(id, Chan::Relayed { up: write });
         reply_to.accept().await;
-        tokio::spawn(pump(live, read, session.handle(), id));
+        tokio::spawn(pump(live, read, session.handle(), id, "o"));
         Ok(())
     }
 
@@ -711,7 +746,7 @@ impl russh::server::Handler for Conn {
             .await
             .is_ok();
         if ok {
-            lock(&live.channels).insert(channel, true);
+            lock(&live.channels).insert(channel, Open::Terminal);
         }
         reply(session, channel, ok);
         Ok(())
@@ -865,12 +900,16 @@ impl russh::server::Handler for Conn {
         let Some(live) = self.live().cloned() else {
             return Ok(());
         };
-        let Some(up) = self.relayed(channel, session) else {
-            return Ok(());
+        let (up, kind) = match self.channels.get(&channel) {
+            Some(Chan::Forwarded { up }) => (up, "forward_in"),
+            _ => match self.relayed(channel, session) {
+                Some(up) => (up, "i"),
+                None => return Ok(()),
+            },
         };
         // INVARIANT: input reaches the upstream only after it is recorded,
         // and only within the grant.
-        if live.within_grant() && live.record_data("i", channel, data, false) {
+        if live.within_grant() && live.record_data(kind, channel, data, false) {
             let _ = up.data_bytes(data.to_vec()).await;
         }
         Ok(())
@@ -892,7 +931,9 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(up) = self.relayed(channel, session) {
+        if let Some(Chan::Forwarded { up }) = self.channels.get(&channel) {
+            let _ = up.eof().await;
+        } else if let Some(up) = self.relayed(channel, session) {
             let _ = up.eof().await;
         }
         Ok(())
@@ -903,7 +944,8 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(Chan::Relayed { up }) = self.channels.remove(&channel) {
+        if let Some(Chan::Relayed { up } | Chan::Forwarded { up }) = self.channels.remove(&channel)
+        {
             let _ = up.close().await;
         }
         if let Some(live) = self.live() {
@@ -960,23 +1002,85 @@ impl russh::server::Handler for Conn {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host: &str,
         port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply_to: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse(
-            None,
-            "port_forwarding",
-            &format!("local port forwarding to {host}:{port} is not allowed for this role"),
-            session,
-        );
-        reply_to
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
+        let Some(live) = self.live().cloned() else {
+            reply_to
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let to = format!("{host}:{port}");
+        let why = if !live.auth.port_forwarding {
+            Some(format!(
+                "local port forwarding to {to} is not allowed for this role (port_forwarding = false)"
+            ))
+        } else if host.is_empty() || host.len() > FORWARD_HOST_LEN_MAX || port > 65535 {
+            Some(format!(
+                "local port forwarding to {:?}: not a host and port",
+                to.chars().take(80).collect::<String>()
+            ))
+        } else if self.channels.len() >= self.shared.config.max_channels_per_connection {
+            Some("too many channels on this connection".into())
+        } else if !live.within_grant() {
+            Some("the grant has ended".into())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            reply_to
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            self.refuse(None, "port_forwarding", &why, session);
+            return Ok(());
+        }
+        let id = channel.id();
+        let up = match live
+            .upstream
+            .channel_open_direct_tcpip(host, port, originator_address, originator_port)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(session = %live.info.session_id, to, error = %e, "upstream refused a forwarded connection");
+                self.refuse(
+                    None,
+                    "port_forwarding",
+                    &format!("the target refused the forwarded connection to {to}"),
+                    session,
+                );
+                reply_to
+                    .reject(russh::ChannelOpenFailure::ConnectFailed)
+                    .await;
+                return Ok(());
+            }
+        };
+        let (read, write) = up.split();
+        let origin = format!("{originator_address}:{originator_port}");
+        if !live.record(
+            "forward",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(id)))),
+                ("host", Field::Str(host)),
+                ("originator", Field::Str(&origin)),
+                ("port", Field::U64(u64::from(port))),
+            ],
+        ) {
+            reply_to
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        lock(&live.channels).insert(id, Open::Forward);
+        self.channels.insert(id, Chan::Forwarded { up: write });
+        reply_to.accept().await;
+        tokio::spawn(pump(live, read, session.handle(), id, "forward_out"));
         Ok(())
     }
 
@@ -989,7 +1093,9 @@ impl russh::server::Handler for Conn {
         self.refuse(
             None,
             "port_forwarding",
-            &format!("remote port forwarding from {address}:{port} is not allowed for this role"),
+            &format!(
+                "remote port forwarding from {address}:{port} is not available through the gateway"
+            ),
             session,
         );
         Ok(false)

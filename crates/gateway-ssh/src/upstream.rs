@@ -132,6 +132,7 @@ pub(crate) async fn connect(
                         valid_after: breakglass_core::Timestamp::now(),
                         valid_before: auth.expires_at,
                         pty: true,
+                        port_forwarding: auth.port_forwarding,
                     },
                 )
                 .map_err(|e| e.to_string())?;

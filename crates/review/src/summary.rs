@@ -430,6 +430,13 @@ pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> S
                     s.command(entry, time, cmd);
                 }
             }
+            // A forwarded connection is listed where commands are, so a
+            // reviewer sees where it went (its bytes are not terminal I/O).
+            Some("forward") => {
+                let host = v["host"].as_str().unwrap_or("?");
+                let port = v["port"].as_u64().unwrap_or(0);
+                s.command(entry, time, &format!("port forward to {host}:{port}"));
+            }
             Some("i") => {
                 let bytes = data::bytes_of(v).unwrap_or_default();
                 let data = String::from_utf8_lossy(&bytes);

@@ -339,6 +339,11 @@ pub struct RoleConfig {
     /// a certificate from its user CA, valid until the grant ends.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// SSH targets: allow local port forwarding (`ssh -L`) through the
+    /// gateway; each forwarded connection is recorded like a session
+    /// channel (destination, then every byte each way).
+    #[serde(default)]
+    pub port_forwarding: bool,
 }
 
 const TARGET_KINDS: [&str; 3] = ["postgres", "ssh", "generic"];
@@ -581,6 +586,13 @@ impl Config {
                 crate::ssh::validate_target(t).map_err(|e| anyhow::anyhow!("{at}.{e}"))?;
             } else if t.host_key.is_some() {
                 bail!("{at}.host_key: only ssh targets have a pinned host key");
+            } else if let Some(name) = t
+                .roles
+                .iter()
+                .find(|(_, r)| r.port_forwarding)
+                .map(|(n, _)| n)
+            {
+                bail!("{at}.roles.{name}.port_forwarding: only ssh targets forward ports");
             }
             if t.kind == "postgres" {
                 let Some(url) = &t.upstream else {
@@ -885,6 +897,13 @@ mod tests {
             "{base}[[targets]]\nname = \"db\"\nkind = \"mysql\"\n[targets.roles.read]\n"
         ));
         assert!(e.contains("targets[0].kind"), "{e}");
+        let e = parse(&format!(
+            "{base}[[targets]]\nname = \"db\"\nkind = \"generic\"\n[targets.roles.read]\nport_forwarding = true\n"
+        ));
+        assert!(
+            e.contains("targets[0].roles.read.port_forwarding") && e.contains("only ssh targets"),
+            "{e}"
+        );
         let e = parse(
             "[server]\ndata_dir = \"d\"\npending_timeout = \"soon\"\n[policy]\nfile = \"p\"\n",
         );

@@ -143,6 +143,7 @@ impl Authority for GatewayAuthority {
             target: t.name.clone(),
             role: grant.request.role.clone(),
             expires_at,
+            port_forwarding: role.port_forwarding,
             upstream: UpstreamTarget {
                 host,
                 port,

@@ -533,6 +533,93 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
     drop(client);
 }
 
+/// Reads from `c` until the peer closes it or `limit` passes: whether it
+/// closed, and what it sent.
+fn read_until_closed(c: &mut std::net::TcpStream, limit: Duration) -> (bool, Vec<u8>) {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+        match c.read(&mut buf) {
+            Ok(0) => return (true, got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (true, got),
+        }
+    }
+    (false, got)
+}
+
+#[test]
+fn garbage_endless_versions_failed_negotiations_and_idle_sockets_are_dropped_alone() {
+    let e = env();
+    // A session that runs through everything below and must not notice.
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    let mut steady = e.ssh("web", &g.token, &["sleep 4; echo still here"]);
+    let steady = Spawned::spawn(steady.stdin(Stdio::null()));
+    let connect = || {
+        let c = std::net::TcpStream::connect(("127.0.0.1", e.bg.gw_port)).expect("connect");
+        c.set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        c
+    };
+
+    // Garbage instead of a version line.
+    let mut c = connect();
+    let _ = c.write_all(&[0x00, 0xff, 0x13, 0x37].repeat(300));
+    let (closed, _) = read_until_closed(&mut c, Duration::from_secs(10));
+    assert!(closed, "garbage was not dropped");
+
+    // A version line that never ends: dropped long before the handshake
+    // timeout could matter, whatever is still being sent.
+    let mut c = connect();
+    let mut endless = b"SSH-2.0-".to_vec();
+    endless.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    let _ = c.write_all(&endless);
+    let (closed, _) = read_until_closed(&mut c, Duration::from_secs(10));
+    assert!(closed, "an endless version line was not dropped");
+
+    // Nothing at all: dropped at the handshake timeout (3 s here).
+    let mut idle = connect();
+    let t0 = Instant::now();
+    let (closed, said) = read_until_closed(&mut idle, Duration::from_secs(15));
+    assert!(closed, "an idle socket was kept");
+    assert!(
+        said.starts_with(b"SSH-2.0-breakglass"),
+        "{:?}",
+        String::from_utf8_lossy(&said)
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    // Algorithms the gateway does not speak: the negotiation fails at
+    // once (not at a timeout) and no session starts.
+    for opt in [
+        "Ciphers=3des-cbc",
+        "KexAlgorithms=diffie-hellman-group1-sha1",
+    ] {
+        let out = run(&mut e.ssh_with("web", &g.token, &["-o", opt], &["true"]));
+        assert_eq!(out.code, 255, "{opt}: {out:#?}");
+        assert!(out.elapsed < Duration::from_secs(2), "{opt}: {out:#?}");
+    }
+    assert_eq!(
+        e.bg.sessions("alice", &g.id).len(),
+        1,
+        "only the steady session started"
+    );
+
+    // Through all of it, the session went on; and the gateway still
+    // serves new ones.
+    let out = steady.wait(Duration::from_secs(30));
+    assert_eq!((out.code, out.stdout.trim()), (0, "still here"), "{out:#?}");
+    let out = run(&mut e.ssh("web", &g.token, &["echo again"]));
+    assert_eq!((out.code, out.stdout.trim()), (0, "again"), "{out:#?}");
+}
+
 /// Runs `sleep 60` through the gateway; returns the running client.
 fn sleeper(e: &Env, g: &Grant) -> Spawned {
     let mut cmd = e.ssh("web", &g.token, &["sleep 60"]);

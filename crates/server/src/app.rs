@@ -124,6 +124,26 @@ pub struct GrantCheck {
     pub credential: CredentialRecord,
 }
 
+impl GrantCheck {
+    /// When a session on this grant must end: the grant's end or the
+    /// credential's, whichever comes first.
+    pub fn ends_at(&self) -> Timestamp {
+        self.request
+            .expires_at
+            .unwrap_or(self.credential.expires_at)
+            .min(self.credential.expires_at)
+    }
+}
+
+/// How a gateway answers a [`GrantRefusal`]: the credential is not one,
+/// it does not allow this, or nothing can be checked right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    BadCredential,
+    NotAuthorized,
+    Unavailable,
+}
+
 /// Why a grant credential is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum GrantRefusal {
@@ -139,6 +159,42 @@ pub enum GrantRefusal {
     RequesterRemoved(String),
     #[error("store unavailable")]
     Unavailable,
+}
+
+impl GrantRefusal {
+    /// What a gateway tells a client signing in to `target` with a refused
+    /// credential (`who`: the user the client named, when it names one).
+    pub fn answer(&self, target: &str, who: Option<&str>) -> (RefusalKind, String) {
+        match self {
+            GrantRefusal::Unknown => (
+                RefusalKind::BadCredential,
+                "not a valid grant credential (get one with `breakglass credentials ID`)".into(),
+            ),
+            GrantRefusal::WrongPrincipal => (
+                RefusalKind::NotAuthorized,
+                match who {
+                    Some(u) => format!("this grant credential does not belong to {u:?}"),
+                    None => "this grant credential belongs to someone else".into(),
+                },
+            ),
+            GrantRefusal::WrongTarget => (
+                RefusalKind::NotAuthorized,
+                format!("this grant credential is not for target {target:?}"),
+            ),
+            GrantRefusal::Ended(why) => (
+                RefusalKind::NotAuthorized,
+                format!("the grant has ended ({why})"),
+            ),
+            GrantRefusal::RequesterRemoved(r) => (
+                RefusalKind::NotAuthorized,
+                format!("the grant's requester {r:?} is no longer a known principal"),
+            ),
+            GrantRefusal::Unavailable => (
+                RefusalKind::Unavailable,
+                "cannot check the grant right now".into(),
+            ),
+        }
+    }
 }
 
 pub struct App {

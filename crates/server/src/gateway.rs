@@ -19,7 +19,7 @@ use breakglass_store::{PAGE_LEN_MAX, Store, StoreError, for_each_event};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::app::{App, GrantRefusal, now};
+use crate::app::{App, RefusalKind, now};
 use crate::config::RoleConfig;
 
 /// Back-off between attempts to audit a session end the store refused.
@@ -127,25 +127,12 @@ impl Authority for GatewayAuthority {
         let grant = app
             .check_grant(password, Some(user), Some(database))
             .await
-            .map_err(|r| match r {
-                GrantRefusal::Unknown => Refusal::BadCredential(format!(
-                    "password authentication failed for user {user:?}: not a valid grant credential (get one with `breakglass credentials ID`)"
+            .map_err(|r| match r.answer(database, Some(user)) {
+                (RefusalKind::BadCredential, why) => Refusal::BadCredential(format!(
+                    "password authentication failed for user {user:?}: {why}"
                 )),
-                GrantRefusal::WrongPrincipal => Refusal::NotAuthorized(format!(
-                    "this grant credential does not belong to {user:?}"
-                )),
-                GrantRefusal::WrongTarget => Refusal::NotAuthorized(format!(
-                    "this grant credential is not for target {database:?}"
-                )),
-                GrantRefusal::Ended(why) => {
-                    Refusal::NotAuthorized(format!("the grant has ended ({why})"))
-                }
-                GrantRefusal::RequesterRemoved(who) => Refusal::NotAuthorized(format!(
-                    "the grant's requester {who:?} is no longer a known principal"
-                )),
-                GrantRefusal::Unavailable => {
-                    Refusal::Unavailable("cannot check the grant right now".into())
-                }
+                (RefusalKind::NotAuthorized, why) => Refusal::NotAuthorized(why),
+                (RefusalKind::Unavailable, why) => Refusal::Unavailable(why),
             })?;
         let role = target.roles.get(&grant.request.role).ok_or_else(|| {
             Refusal::NotAuthorized(format!(
@@ -159,11 +146,7 @@ impl Authority for GatewayAuthority {
             tracing::error!(target_name = %target.name, error = %e, "upstream password unavailable");
             Refusal::Unavailable("the upstream credentials are not available; see the server log".into())
         })?;
-        let expires_at = grant
-            .request
-            .expires_at
-            .unwrap_or(grant.credential.expires_at)
-            .min(grant.credential.expires_at);
+        let expires_at = grant.ends_at();
         Ok(Authorized {
             request_id: grant.request.id.clone(),
             principal: grant.request.requester.clone(),

@@ -12,7 +12,7 @@ use breakglass_gateway_ssh::{
 };
 use tokio::net::TcpListener;
 
-use crate::app::{App, GrantRefusal};
+use crate::app::{App, RefusalKind};
 use crate::config::TargetConfig;
 use crate::gateway::GatewayAuthority;
 
@@ -100,22 +100,10 @@ impl Authority for GatewayAuthority {
         let grant = app
             .check_grant(credential, None, Some(target))
             .await
-            .map_err(|r| match r {
-                GrantRefusal::Unknown => {
-                    Refusal::BadCredential("not a valid grant credential".into())
-                }
-                GrantRefusal::WrongPrincipal | GrantRefusal::WrongTarget => {
-                    Refusal::NotAuthorized(format!("the credential is not for target {target:?}"))
-                }
-                GrantRefusal::Ended(why) => {
-                    Refusal::NotAuthorized(format!("the grant has ended ({why})"))
-                }
-                GrantRefusal::RequesterRemoved(who) => Refusal::NotAuthorized(format!(
-                    "the grant's requester {who:?} is no longer a known principal"
-                )),
-                GrantRefusal::Unavailable => {
-                    Refusal::Unavailable("cannot check the grant right now".into())
-                }
+            .map_err(|r| match r.answer(target, None) {
+                (RefusalKind::BadCredential, why) => Refusal::BadCredential(why),
+                (RefusalKind::NotAuthorized, why) => Refusal::NotAuthorized(why),
+                (RefusalKind::Unavailable, why) => Refusal::Unavailable(why),
             })?;
         let role = t.roles.get(&grant.request.role).ok_or_else(|| {
             Refusal::NotAuthorized(format!(
@@ -132,11 +120,7 @@ impl Authority for GatewayAuthority {
         let (host, port) =
             parse_upstream(t.upstream.as_deref().unwrap_or("")).map_err(bad_config)?;
         let host_key = parse_public_key(t.host_key.as_deref().unwrap_or("")).map_err(bad_config)?;
-        let expires_at = grant
-            .request
-            .expires_at
-            .unwrap_or(grant.credential.expires_at)
-            .min(grant.credential.expires_at);
+        let expires_at = grant.ends_at();
         Ok(Authorized {
             request_id: grant.request.id.clone(),
             principal: grant.request.requester.clone(),

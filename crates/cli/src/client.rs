@@ -479,6 +479,19 @@ impl Client {
         self.post::<(), _>(&format!("/v1/requests/{id}/credentials"), None)
     }
 
+    /// `POST /v1/requests/{id}/credentials` with an SSH public key: for an
+    /// SSH target the answer holds a certificate for it.
+    pub fn credentials_with_ssh_key(
+        &self,
+        id: &str,
+        ssh_public_key: &str,
+    ) -> Result<Credentials, ApiError> {
+        let body = breakglass_server::dto::CredentialsBody {
+            ssh_public_key: Some(ssh_public_key.to_string()),
+        };
+        self.post(&format!("/v1/requests/{id}/credentials"), Some(&body))
+    }
+
     /// `GET /v1/audit?after=SEQ&limit=N`.
     pub fn audit_page(&self, after: Option<u64>, limit: u32) -> Result<AuditPage, ApiError> {
         let mut query = vec![("limit", limit.to_string())];

@@ -717,7 +717,18 @@ pub fn connect(
 ) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
     let id = &resolve_id(&client, id)?;
-    let c = client.credentials(id)?;
+    // A key of this connection's own: for an SSH target the server signs a
+    // certificate for it that stands for the new credential, so ssh signs
+    // in with it and no token crosses the terminal. Nothing else uses it.
+    let keys = tempfile::tempdir().context("cannot create a directory for the session key")?;
+    let key_path = keys.path().join("id_ed25519");
+    let (key, _) = breakglass_gateway_ssh::keys::load_or_create(&key_path)
+        .map_err(|e| anyhow::anyhow!("cannot create the session key: {e}"))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .context("cannot encode the session key")?;
+    let c = client.credentials_with_ssh_key(id, &public)?;
     let Some(conn) = c.connection.as_ref() else {
         return Err(Failure::new(
             Exit::Error,
@@ -730,7 +741,16 @@ pub fn connect(
         .into());
     };
     if conn.kind == "ssh" {
-        return connect_ssh(&c, conn, program.unwrap_or("ssh"), args);
+        let cert = match &c.ssh_certificate {
+            Some(cert) => {
+                let path = keys.path().join("id_ed25519-cert.pub");
+                std::fs::write(&path, format!("{cert}\n"))
+                    .context("cannot write the session certificate")?;
+                Some((key_path, path))
+            }
+            None => None,
+        };
+        return connect_ssh(&c, conn, cert, program.unwrap_or("ssh"), args);
     }
     let program = program.unwrap_or("psql");
     if conn.kind != "postgres" {
@@ -796,13 +816,16 @@ pub fn ssh_askpass() -> Option<std::process::ExitCode> {
 }
 
 /// Runs the system's ssh through the SSH gateway: the gateway's host key
-/// pinned in a known-hosts file of its own, the grant credential answered
-/// by this binary as `SSH_ASKPASS` (in ssh's environment only, as
-/// PGPASSWORD is for psql). Arguments are the remote command; the exit
-/// status is the command's.
+/// pinned in a known-hosts file of its own; signed in with the session's
+/// key and its certificate (`cert`: key file, certificate file), or, from
+/// a server that signed none, with the grant credential answered by this
+/// binary as `SSH_ASKPASS` (in ssh's environment only, as PGPASSWORD is
+/// for psql). Arguments are the remote command; the exit status is the
+/// command's.
 fn connect_ssh(
     c: &breakglass_server::dto::Credentials,
     conn: &breakglass_server::dto::Connection,
+    cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     program: &str,
     args: &[String],
 ) -> anyhow::Result<Exit> {
@@ -825,24 +848,47 @@ fn connect_ssh(
         .context("cannot write a known-hosts file")?;
     let mut child = std::process::Command::new(program);
     child
-        .env(ASKPASS_TOKEN_ENV, &c.token)
-        .env("SSH_ASKPASS", &me)
-        .env("SSH_ASKPASS_REQUIRE", "force")
         .arg("-p")
         .arg(conn.port.to_string())
         .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.path().display()))
+        .arg(format!("UserKnownHostsFile={}", known.path().display()));
+    match &cert {
+        Some((key, cert)) => {
+            child
+                .arg("-i")
+                .arg(key)
+                .arg("-o")
+                .arg(format!("CertificateFile={}", cert.display()))
+                .args([
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    "IdentityAgent=none",
+                    "-o",
+                    "PreferredAuthentications=publickey",
+                ]);
+        }
+        None => {
+            child
+                .env(ASKPASS_TOKEN_ENV, &c.token)
+                .env("SSH_ASKPASS", &me)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .args([
+                    "-o",
+                    "PreferredAuthentications=keyboard-interactive,password",
+                    "-o",
+                    "PubkeyAuthentication=no",
+                    "-o",
+                    "NumberOfPasswordPrompts=1",
+                ]);
+        }
+    }
+    child
         .args([
             "-o",
             "GlobalKnownHostsFile=/dev/null",
             "-o",
             "StrictHostKeyChecking=yes",
-            "-o",
-            "PreferredAuthentications=keyboard-interactive,password",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-o",
-            "NumberOfPasswordPrompts=1",
             "-o",
             "ForwardAgent=no",
             "-o",

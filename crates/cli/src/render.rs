@@ -945,6 +945,7 @@ mod tests {
                 host_key: None,
                 host_key_fingerprint: None,
             }),
+            ssh_certificate: None,
         };
         assert_eq!(
             credentials(&c, t0()),

@@ -706,6 +706,168 @@ fn connect_runs_ssh_with_the_grant_and_returns_the_command_status() {
         kinds(&rec, "exec")[0]["command"],
         "echo via-connect; exit 5"
     );
+    // `connect` signed in with a certificate for a key of its own: the
+    // credential it was issued names the key, and ssh offered nothing but
+    // that key (PreferredAuthentications=publickey).
+    let issued: Vec<Value> =
+        e.bg.audit()
+            .into_iter()
+            .filter(|x| x["action"] == "credentials.issued" && x["request_id"] == json!(g.id))
+            .collect();
+    let last = issued.last().expect("connect's credential");
+    assert!(
+        last["details"]["ssh_certificate_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("SHA256:")),
+        "{last}"
+    );
+}
+
+impl Env {
+    /// `ssh` to `target` through the gateway with a key and certificate
+    /// only (no password method, no agent).
+    fn ssh_cert(&self, target: &str, key: &Path, cert: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "/dev/null", "-i"])
+            .arg(key)
+            .arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()))
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "IdentityAgent=none",
+                "-o",
+                "PreferredAuthentications=publickey",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-p",
+            ])
+            .arg(self.bg.gw_port.to_string())
+            .arg(format!("{target}@127.0.0.1"))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+}
+
+#[test]
+fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the_grant_lives() {
+    let e = env();
+    let d = e.bg.dir.path();
+    let public = keygen(&d.join("client")).expect("client key");
+    let g = e.bg.grant("alice", "web", "ops", "10m");
+    let (st, c) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/credentials", g.id),
+        json!({"ssh_public_key": public}),
+    );
+    assert_eq!(st, 200, "{c}");
+    let cert = c["ssh_certificate"].as_str().expect("a certificate");
+    assert!(
+        cert.starts_with("ssh-ed25519-cert-v01@openssh.com "),
+        "{cert}"
+    );
+    assert!(!cert.contains(c["token"].as_str().expect("token")));
+    let cert_path = d.join("client-cert.pub");
+    std::fs::write(&cert_path, format!("{cert}\n")).expect("cert");
+    let key = d.join("client");
+    let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["echo cert-ok"]));
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "cert-ok\n"),
+        "{out:#?}"
+    );
+    // What ssh-keygen reads in it: the target as principal, the grant as key id.
+    let shown = run(Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(&cert_path));
+    assert!(
+        shown.stdout.contains(&format!("breakglass:alice:{}", g.id)),
+        "{shown:#?}"
+    );
+    assert!(shown.stdout.contains("credential@breakglass"), "{shown:#?}");
+
+    // Another target, with the same certificate: refused.
+    let out = run(&mut e.ssh_cert("web-key", &key, &cert_path, &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
+
+    // A certificate from a CA that is not the service's: refused, even
+    // when it names the hash of a live credential (the holder of a token
+    // knows its hash).
+    let token_hash = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            c["token"].as_str().expect("token").as_bytes(),
+        ))
+    };
+    let other_ca = d.join("other_ca");
+    keygen(&other_ca).expect("other CA");
+    let forged = run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&other_ca)
+        .args(["-I", "forged", "-n", "web", "-O"])
+        .arg(format!(
+            "extension:credential@breakglass={}",
+            "00".repeat(32)
+        ))
+        .arg(d.join("client.pub")));
+    assert_eq!(forged.code, 0, "{forged:#?}");
+    let out = run(&mut e.ssh_cert(
+        "web",
+        &key,
+        &cert_path.with_file_name("client-cert.pub"),
+        &["true"],
+    ));
+    assert_eq!(
+        out.code, 255,
+        "the forged certificate replaced the real one: {out:#?}"
+    );
+
+    // Bad keys are refused with the reason.
+    let (st, v) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/credentials", g.id),
+        json!({"ssh_public_key": "ssh-ed25519 not-base64"}),
+    );
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_request")), "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ssh_public_key"),
+        "{v}"
+    );
+
+    // After the revoke, a certificate of the grant opens nothing.
+    let g2 = e.bg.grant("alice", "web", "ops", "10m");
+    let (_, c2) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/credentials", g2.id),
+        json!({"ssh_public_key": public}),
+    );
+    std::fs::write(
+        &cert_path,
+        format!("{}\n", c2["ssh_certificate"].as_str().expect("cert")),
+    )
+    .expect("cert");
+    let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["true"]));
+    assert_eq!(out.code, 0, "{out:#?}");
+    let (st, v) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/revoke", g2.id),
+        json!({"reason": "done"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The gateway's own keys (its host key, the user CA it signs upstream
-//! certificates with) and the per-session certificates.
+//! certificates with, the client CA that signs `connect`'s certificates)
+//! and the certificates.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -10,7 +11,7 @@ use rand::RngCore;
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::{HashAlg, LineEnding};
-use russh::keys::{Certificate, PrivateKey, PublicKey};
+pub use russh::keys::{Algorithm, Certificate, PrivateKey, PublicKey};
 
 use crate::SshError;
 
@@ -121,6 +122,44 @@ pub struct CertRequest<'a> {
     pub pty: bool,
     /// Allow port forwarding (a role with `port_forwarding = true`).
     pub port_forwarding: bool,
+    /// A client certificate: the SHA-256 of the grant credential it
+    /// stands for, in the [`CREDENTIAL_EXTENSION`] extension.
+    pub credential: Option<[u8; 32]>,
+}
+
+/// The extension of a client certificate that names the grant credential
+/// (its SHA-256, hex) the certificate stands for.
+pub const CREDENTIAL_EXTENSION: &str = "credential@breakglass";
+
+/// Checks a client certificate offered to the gateway for `target` (the
+/// SSH user name) at `now` (Unix seconds): signed by the client CA whose
+/// fingerprint is `ca`, within its validity, a user certificate for
+/// `target`, no critical option; returns the credential hash it names.
+/// The client's possession of the certified key was verified by russh.
+pub fn check_client_certificate(
+    cert: &Certificate,
+    target: &str,
+    ca: &russh::keys::ssh_key::Fingerprint,
+    now: u64,
+) -> Result<[u8; 32], &'static str> {
+    cert.validate_at(now, [ca])
+        .map_err(|_| "not signed by this service's client CA, or outside its validity")?;
+    if cert.cert_type() != CertType::User {
+        return Err("not a user certificate");
+    }
+    if !cert.valid_principals().iter().any(|p| p == target) {
+        return Err("not a certificate for this target");
+    }
+    if !cert.critical_options().is_empty() {
+        return Err("critical options this gateway does not know");
+    }
+    let hex_hash = cert
+        .extensions()
+        .get(CREDENTIAL_EXTENSION)
+        .ok_or("names no grant credential")?;
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| "names no grant credential")?;
+    Ok(hash)
 }
 
 /// Signs a user certificate for `subject` with the CA key.
@@ -154,6 +193,10 @@ pub fn sign_user_certificate(
     }
     if req.port_forwarding {
         b.extension("permit-port-forwarding", "")
+            .map_err(|e| bad(&e))?;
+    }
+    if let Some(hash) = req.credential {
+        b.extension(CREDENTIAL_EXTENSION, hex::encode(hash))
             .map_err(|e| bad(&e))?;
     }
     b.sign(ca).map_err(|e| bad(&e))
@@ -196,6 +239,7 @@ mod tests {
                 valid_before: Timestamp::from_millis(1_700_000_900_500),
                 pty: true,
                 port_forwarding: false,
+                credential: None,
             },
         )
         .expect("sign");
@@ -214,6 +258,7 @@ mod tests {
                 valid_before: Timestamp::from_millis(1000),
                 pty: false,
                 port_forwarding: false,
+                credential: None,
             },
         );
         assert!(too_long.is_err());

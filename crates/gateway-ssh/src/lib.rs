@@ -82,6 +82,12 @@ pub struct SshGatewayConfig {
     /// `TrustedUserCAKeys`. Default `<data_dir>/ssh/user_ca_ed25519_key`.
     #[serde(default)]
     pub user_ca_key_file: Option<PathBuf>,
+    /// The CA key breakglass signs client certificates with (`connect`'s
+    /// certificate login, bound to a grant credential); created when
+    /// absent. Default `<data_dir>/ssh/client_ca_ed25519_key`. Nodes
+    /// that share a store must share this key.
+    #[serde(default)]
+    pub client_ca_key_file: Option<PathBuf>,
     /// fsync every recorded entry before forwarding it (slower; the default
     /// makes entries durable within a few milliseconds).
     #[serde(default)]
@@ -269,12 +275,22 @@ impl Refusal {
 pub trait Authority: SessionAuthority {
     /// Checks a sign-in to `target` with a grant credential.
     async fn authorize(&self, target: &str, credential: &str) -> Result<Authorized, Refusal>;
+    /// Checks a sign-in to `target` with a client certificate the service
+    /// signed for the grant credential whose SHA-256 is `credential_hash`
+    /// (the certificate itself was verified by the gateway).
+    async fn authorize_certificate(
+        &self,
+        target: &str,
+        credential_hash: [u8; 32],
+    ) -> Result<Authorized, Refusal>;
 }
 
 /// The gateway's keys.
 pub struct GatewayKeys {
     pub host_key: PrivateKey,
     pub user_ca: PrivateKey,
+    /// The public key of the CA that signs client certificates.
+    pub client_ca: PublicKey,
 }
 
 pub(crate) struct Shared {
@@ -285,6 +301,8 @@ pub(crate) struct Shared {
     sessions: Registry,
     slots: Arc<Slots>,
     user_ca: PrivateKey,
+    /// SHA-256 fingerprint of the client certificate CA.
+    client_ca: russh::keys::ssh_key::Fingerprint,
 }
 
 /// The SSH gateway. Cloning shares it.
@@ -309,6 +327,7 @@ impl SshGateway {
         );
         let methods = russh::MethodSet::from(
             &[
+                russh::MethodKind::PublicKey,
                 russh::MethodKind::Password,
                 russh::MethodKind::KeyboardInteractive,
             ][..],
@@ -338,6 +357,7 @@ impl SshGateway {
                 recorder,
                 sessions,
                 user_ca: keys.user_ca,
+                client_ca: keys.client_ca.fingerprint(russh::keys::HashAlg::Sha256),
             }),
         })
     }

@@ -410,12 +410,25 @@ async fn pump(
     }
 }
 
+/// What a client signed in with.
+enum Presented<'a> {
+    /// A grant credential (password or keyboard-interactive).
+    Token(&'a str),
+    /// A client certificate standing for the credential with this SHA-256.
+    Certificate([u8; 32]),
+}
+
 impl Conn {
-    async fn sign_in(&mut self, target: &str, credential: &str) -> Auth {
+    async fn sign_in(&mut self, target: &str, presented: Presented<'_>) -> Auth {
         if self.live.get().is_some() || self.failed.is_some() {
             return Auth::reject();
         }
-        let auth = match self.shared.authority.authorize(target, credential).await {
+        let authority = &self.shared.authority;
+        let checked = match presented {
+            Presented::Token(credential) => authority.authorize(target, credential).await,
+            Presented::Certificate(hash) => authority.authorize_certificate(target, hash).await,
+        };
+        let auth = match checked {
             Ok(a) => a,
             Err(r) => {
                 tracing::info!(client = %self.peer, target, reason = r.message(), "ssh sign-in refused");
@@ -616,7 +629,23 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        Ok(self.sign_in(user, password).await)
+        Ok(self.sign_in(user, Presented::Token(password)).await)
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let now = u64::try_from(Timestamp::now().millis().div_euclid(1000)).unwrap_or(0);
+        match crate::keys::check_client_certificate(certificate, user, &self.shared.client_ca, now)
+        {
+            Ok(hash) => Ok(self.sign_in(user, Presented::Certificate(hash)).await),
+            Err(why) => {
+                tracing::info!(client = %self.peer, target = user, reason = why, "ssh certificate refused");
+                Ok(Auth::reject())
+            }
+        }
     }
 
     async fn auth_keyboard_interactive<'a>(
@@ -642,7 +671,7 @@ impl russh::server::Handler for Conn {
             return Ok(Auth::reject());
         };
         let credential = credential.to_string();
-        Ok(self.sign_in(user, &credential).await)
+        Ok(self.sign_in(user, Presented::Token(&credential)).await)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {

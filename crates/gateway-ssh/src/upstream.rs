@@ -133,6 +133,7 @@ pub(crate) async fn connect(
                         valid_before: auth.expires_at,
                         pty: true,
                         port_forwarding: auth.port_forwarding,
+                        credential: None,
                     },
                 )
                 .map_err(|e| e.to_string())?;

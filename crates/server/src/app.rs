@@ -144,6 +144,31 @@ pub enum RefusalKind {
     Unavailable,
 }
 
+/// The longest SSH public key a certificate is signed for.
+pub const SSH_PUBLIC_KEY_LEN_MAX: usize = 8 * 1024;
+
+/// Reads the public key a client certificate is asked for: one OpenSSH
+/// line, ed25519 or ECDSA.
+fn parse_client_key(text: &str) -> Result<breakglass_gateway_ssh::keys::PublicKey, AppError> {
+    let bad = |why: String| AppError::BadInput(format!("ssh_public_key: {why}"));
+    if text.len() > SSH_PUBLIC_KEY_LEN_MAX {
+        return Err(bad(format!("longer than {SSH_PUBLIC_KEY_LEN_MAX} bytes")));
+    }
+    let key = breakglass_gateway_ssh::keys::PublicKey::from_openssh(text.trim())
+        .map_err(|e| bad(format!("not an OpenSSH public key line ({e})")))?;
+    if !matches!(
+        key.algorithm(),
+        breakglass_gateway_ssh::keys::Algorithm::Ed25519
+            | breakglass_gateway_ssh::keys::Algorithm::Ecdsa { .. }
+    ) {
+        return Err(bad(format!(
+            "{} keys are not signed; use ed25519 or ECDSA",
+            key.algorithm()
+        )));
+    }
+    Ok(key)
+}
+
 /// Why a grant credential is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum GrantRefusal {
@@ -217,6 +242,9 @@ pub struct App {
     pub sessions: breakglass_gateway_common::Registry,
     /// The SSH gateway's host key (`ssh-ed25519 AAAA...`), once started.
     pub ssh_host_key: std::sync::OnceLock<String>,
+    /// The CA that signs `connect`'s client certificates, once the SSH
+    /// gateway started.
+    pub ssh_client_ca: std::sync::OnceLock<breakglass_gateway_ssh::keys::PrivateKey>,
     /// The PostgreSQL gateway, once started: a broken chain cuts its
     /// sessions, and online verification asks it which sessions are live.
     pub gateway: std::sync::OnceLock<breakglass_gateway_postgres::Gateway>,
@@ -297,6 +325,7 @@ impl App {
             witnesses: crate::checkpoint::witnesses(&config),
             sessions: breakglass_gateway_common::Registry::new(),
             ssh_host_key: std::sync::OnceLock::new(),
+            ssh_client_ca: std::sync::OnceLock::new(),
             gateway: std::sync::OnceLock::new(),
             drills: crate::drill::DrillState::default(),
             notifier: std::sync::OnceLock::new(),
@@ -685,8 +714,10 @@ impl App {
         &self,
         who: &Principal,
         id: &str,
+        ssh_public_key: Option<&str>,
     ) -> Result<Credentials, AppError> {
         self.check_writable()?;
+        let ssh_key = ssh_public_key.map(parse_client_key).transpose()?;
         let req = self.get_visible(who, id).await?;
         if req.requester != who.name {
             return Err(AppError::Forbidden(
@@ -710,6 +741,38 @@ impl App {
         rand::rngs::OsRng.fill_bytes(&mut random);
         let secret = token::grant_token(random);
         let hash = token::token_hash(&secret);
+        // The certificate stands for this very credential: it names its
+        // hash, and the gateway checks the grant by it.
+        let ssh_certificate = match &ssh_key {
+            Some(key) if self.is_ssh_target(&req.target) => {
+                let ca = self.ssh_client_ca.get().ok_or_else(|| {
+                    AppError::Conflict(
+                        "no_gateway",
+                        "this node runs no SSH gateway to sign a certificate for".into(),
+                    )
+                })?;
+                let cert = breakglass_gateway_ssh::keys::sign_user_certificate(
+                    ca,
+                    key,
+                    &breakglass_gateway_ssh::keys::CertRequest {
+                        user: &req.target,
+                        key_id: format!("breakglass:{}:{}", req.requester, req.id),
+                        valid_after: now,
+                        valid_before: expires_at,
+                        pty: true,
+                        port_forwarding: false,
+                        credential: Some(hash),
+                    },
+                )
+                .map_err(|e| AppError::BadInput(format!("ssh_public_key: {e}")))?;
+                Some(cert.to_openssh().map_err(|e| {
+                    AppError::BadInput(format!(
+                        "ssh_public_key: cannot encode the certificate: {e}"
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         let record = CredentialRecord {
             hash,
             request_id: req.id.clone(),
@@ -730,6 +793,7 @@ impl App {
                 // Enough to correlate with gateway logs; useless to an attacker.
                 "token_sha256_prefix": hex::encode(&hash[..6]),
                 "auth_method": who.authn.method.as_str(),
+                "ssh_certificate_key": ssh_certificate.as_ref().and(ssh_key.as_ref()).map(breakglass_gateway_ssh::keys::fingerprint),
             }),
         };
         self.store
@@ -743,7 +807,12 @@ impl App {
             role: req.role.clone(),
             expires_at,
             connection: self.connection_for(&req),
+            ssh_certificate,
         })
+    }
+
+    fn is_ssh_target(&self, name: &str) -> bool {
+        self.config.target(name).is_some_and(|t| t.kind == "ssh")
     }
 
     /// The gateway sessions of a request the principal may see, from the
@@ -939,12 +1008,23 @@ impl App {
         if !secret.starts_with(token::GRANT_TOKEN_PREFIX) || secret.len() > token::TOKEN_LEN_MAX {
             return Err(GrantRefusal::Unknown);
         }
+        self.check_grant_hash(token::token_hash(secret), principal, target)
+            .await
+    }
+
+    /// [`App::check_grant`] of the credential whose SHA-256 is `hash` (a
+    /// client certificate the service signed names it).
+    pub async fn check_grant_hash(
+        &self,
+        hash: [u8; 32],
+        principal: Option<&str>,
+        target: Option<&str>,
+    ) -> Result<GrantCheck, GrantRefusal> {
         // Fail closed: while the audit chain is broken no grant is used
         // (nothing done with it could be recorded).
         if self.check_writable().is_err() {
             return Err(GrantRefusal::Unavailable);
         }
-        let hash = token::token_hash(secret);
         let cred = self
             .store
             .credential(hash)

@@ -392,9 +392,13 @@ impl Config {
             resolve(f);
         }
         if let Some(ssh) = cfg.gateway.ssh.as_mut() {
-            for f in [ssh.host_key_file.as_mut(), ssh.user_ca_key_file.as_mut()]
-                .into_iter()
-                .flatten()
+            for f in [
+                ssh.host_key_file.as_mut(),
+                ssh.user_ca_key_file.as_mut(),
+                ssh.client_ca_key_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 resolve(f);
             }
@@ -836,6 +840,17 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| self.server.data_dir.join("ssh").join("user_ca_ed25519_key")),
         )
+    }
+
+    /// The SSH gateway's client CA key file (`connect`'s certificates).
+    pub fn ssh_client_ca_key_file(&self) -> Option<PathBuf> {
+        let ssh = self.gateway.ssh.as_ref()?;
+        Some(ssh.client_ca_key_file.clone().unwrap_or_else(|| {
+            self.server
+                .data_dir
+                .join("ssh")
+                .join("client_ca_ed25519_key")
+        }))
     }
 
     /// Whether `name` is a service principal (`kind = "service"`).

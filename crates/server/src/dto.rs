@@ -71,6 +71,21 @@ pub struct Credentials {
     pub expires_at: Timestamp,
     /// What the target's gateway expects, when one is configured.
     pub connection: Option<Connection>,
+    /// SSH targets, when `ssh_public_key` was sent: an OpenSSH user
+    /// certificate for that key, standing for this credential, valid until
+    /// `expires_at`; the gateway accepts it instead of the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_certificate: Option<String>,
+}
+
+/// `POST /v1/requests/{id}/credentials` (the body is optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsBody {
+    /// An OpenSSH public key line (ed25519 or ECDSA, at most 8 KiB): for an
+    /// SSH target, the answer has a certificate for it.
+    #[serde(default)]
+    pub ssh_public_key: Option<String>,
 }
 
 /// How to reach the target through its gateway with these credentials.

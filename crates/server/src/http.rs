@@ -25,9 +25,9 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::app::{App, AppError, GrantRefusal};
 use crate::dto::{
-    ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, OidcClientConfig, Problem,
-    Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody, SessionList, TargetList,
-    VerifyReport, WhoAmI,
+    ApproveBody, AuditPage, AuthConfig, CreateRequest, Credentials, CredentialsBody,
+    OidcClientConfig, Problem, Readiness, ReasonBody, RecordingPage, RequestList, ReviewBody,
+    SessionList, TargetList, VerifyReport, WhoAmI,
 };
 use crate::evidence::{__path_evidence, evidence};
 use crate::listener::ApiConn;
@@ -440,29 +440,8 @@ async fn approve(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Request>> {
     require_person(&app, &who)?;
-    let body = body.map_err(|rej| {
-        let status = rej.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
-        } else {
-            "bad_request"
-        };
-        ApiError::new(status, code, rej.body_text())
-    })?;
     // The body is optional: `approve` with no comment needs none.
-    let comment = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<ApproveBody>(&body)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("invalid JSON body: {e}"),
-                )
-            })?
-            .comment
-    };
+    let comment = optional_json::<ApproveBody>(body)?.and_then(|b| b.comment);
     Ok(Json(
         app.act(&who, &id, Command::Approve { comment }).await?,
     ))
@@ -546,18 +525,49 @@ async fn review(
     Ok(Json(app.act(&who, &id, cmd).await?))
 }
 
+/// A JSON body that may be left out (empty or only whitespace: `None`).
+fn optional_json<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Option<T>, ApiError> {
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rej.body_text())
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice::<T>(&body).map(Some).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
 /// Issues a grant credential to the requester of an active grant. A grant
 /// has at most 1,024 (409 `credential_limit`); each is valid for the whole
-/// grant.
-#[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)),
-    responses((status = 200, body = Credentials), (status = 403, body = Problem), (status = 409, body = Problem, description = "wrong_state, or credential_limit")),
+/// grant. With `ssh_public_key` (an SSH target), the answer also holds a
+/// certificate for that key that stands for the new credential.
+#[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)), request_body = CredentialsBody,
+    responses((status = 200, body = Credentials), (status = 400, body = Problem, description = "a bad body or ssh_public_key"), (status = 403, body = Problem), (status = 409, body = Problem, description = "wrong_state, credential_limit, or no_gateway")),
     security(("bearer" = [])))]
 async fn credentials(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Credentials>> {
-    Ok(Json(app.issue_credentials(&who, &id).await?))
+    let body = optional_json::<CredentialsBody>(body)?.unwrap_or_default();
+    Ok(Json(
+        app.issue_credentials(&who, &id, body.ssh_public_key.as_deref())
+            .await?,
+    ))
 }
 
 /// Checks a grant credential for a target. Only service principals

@@ -86,6 +86,27 @@ pub fn validate_target(t: &TargetConfig) -> Result<(), String> {
 #[async_trait]
 impl Authority for GatewayAuthority {
     async fn authorize(&self, target: &str, credential: &str) -> Result<Authorized, Refusal> {
+        let (app, t) = self.ssh_target(target)?;
+        let grant = app.check_grant(credential, None, Some(target)).await;
+        Self::authorized(t, grant)
+    }
+
+    async fn authorize_certificate(
+        &self,
+        target: &str,
+        credential_hash: [u8; 32],
+    ) -> Result<Authorized, Refusal> {
+        let (app, t) = self.ssh_target(target)?;
+        let grant = app
+            .check_grant_hash(credential_hash, None, Some(target))
+            .await;
+        Self::authorized(t, grant)
+    }
+}
+
+impl GatewayAuthority {
+    /// The node, if it admits sign-ins, and the SSH target named `target`.
+    fn ssh_target(&self, target: &str) -> Result<(Arc<App>, TargetConfig), Refusal> {
         let app = self.admitting().map_err(Refusal::Unavailable)?;
         let t = app
             .config
@@ -97,14 +118,21 @@ impl Authority for GatewayAuthority {
                 t.kind
             )));
         }
-        let grant = app
-            .check_grant(credential, None, Some(target))
-            .await
-            .map_err(|r| match r.answer(target, None) {
-                (RefusalKind::BadCredential, why) => Refusal::BadCredential(why),
-                (RefusalKind::NotAuthorized, why) => Refusal::NotAuthorized(why),
-                (RefusalKind::Unavailable, why) => Refusal::Unavailable(why),
-            })?;
+        let t = t.clone();
+        Ok((app, t))
+    }
+
+    /// What the gateway needs for a sign-in to `t` with `grant`.
+    fn authorized(
+        t: TargetConfig,
+        grant: Result<crate::app::GrantCheck, crate::app::GrantRefusal>,
+    ) -> Result<Authorized, Refusal> {
+        let target = t.name.as_str();
+        let grant = grant.map_err(|r| match r.answer(target, None) {
+            (RefusalKind::BadCredential, why) => Refusal::BadCredential(why),
+            (RefusalKind::NotAuthorized, why) => Refusal::NotAuthorized(why),
+            (RefusalKind::Unavailable, why) => Refusal::Unavailable(why),
+        })?;
         let role = t.roles.get(&grant.request.role).ok_or_else(|| {
             Refusal::NotAuthorized(format!(
                 "role {:?} is no longer configured on {target:?}",
@@ -164,11 +192,14 @@ pub fn check_key_files(config: &crate::config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The gateway's host and CA keys, created in the data dir when absent.
+/// The gateway's host and CA keys, created in the data dir when absent;
+/// the client CA's private key goes to `app.ssh_client_ca` (the API signs
+/// `connect`'s certificates with it).
 pub fn gateway_keys(app: &App) -> anyhow::Result<Option<GatewayKeys>> {
-    let (Some(host), Some(ca)) = (
+    let (Some(host), Some(ca), Some(client)) = (
         app.config.ssh_host_key_file(),
         app.config.ssh_user_ca_key_file(),
+        app.config.ssh_client_ca_key_file(),
     ) else {
         return Ok(None);
     };
@@ -185,7 +216,18 @@ pub fn gateway_keys(app: &App) -> anyhow::Result<Option<GatewayKeys>> {
     if created {
         tracing::warn!(path = %ca.display(), public_key = %ca_pub, "created the SSH user CA; put its public key into the targets' TrustedUserCAKeys");
     }
-    Ok(Some(GatewayKeys { host_key, user_ca }))
+    let (client_ca, created) =
+        load_or_create(&client).context("gateway.ssh.client_ca_key_file: cannot load or create")?;
+    if created {
+        tracing::warn!(path = %client.display(), "created the SSH client CA (certificates for `breakglass connect`); nodes that share a store must share this key");
+    }
+    let client_pub = client_ca.public_key().clone();
+    let _ = app.ssh_client_ca.set(client_ca);
+    Ok(Some(GatewayKeys {
+        host_key,
+        user_ca,
+        client_ca: client_pub,
+    }))
 }
 
 /// Starts the SSH gateway when configured; returns where it listens.

@@ -839,7 +839,7 @@ fn a_passed_countersignature_deadline_refuses_credentials_before_the_scheduler_r
             .await
             .expect("erin");
         let e = app
-            .issue_credentials(&erin, &id)
+            .issue_credentials(&erin, &id, None)
             .await
             .expect_err("no new credentials either");
         assert_eq!(e.status_and_code(), (409, "wrong_state"), "{e}");

@@ -686,7 +686,7 @@ async fn credentials(
     PageForm(f): PageForm<CsrfForm>,
 ) -> PageResult {
     check_csrf(&s, &f.csrf)?;
-    let cred = c.app.issue_credentials(&s.principal, &id).await?;
+    let cred = c.app.issue_credentials(&s.principal, &id, None).await?;
     let now = crate::app::now();
     let psql = cred
         .connection

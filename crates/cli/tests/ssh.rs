@@ -814,10 +814,7 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
         .args(["-q", "-s"])
         .arg(&other_ca)
         .args(["-I", "forged", "-n", "web", "-O"])
-        .arg(format!(
-            "extension:credential@breakglass={}",
-            "00".repeat(32)
-        ))
+        .arg(format!("extension:credential@breakglass={token_hash}"))
         .arg(d.join("client.pub")));
     assert_eq!(forged.code, 0, "{forged:#?}");
     let out = run(&mut e.ssh_cert(

@@ -63,8 +63,18 @@ fn start_with(
          [[targets]]\nname = \"web-pinned-wrong\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{other}\"\n\
          [targets.roles.ops]\nuser = \"{}\"\n\n\
          [[targets]]\nname = \"web-fwd\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
-         [targets.roles.ops]\nuser = \"{}\"\nport_forwarding = true\n\n",
-        sshd.host_key, sshd.user, sshd.host_key, sshd.user, sshd.user, sshd.host_key, sshd.user
+         [targets.roles.ops]\nuser = \"{}\"\nport_forwarding = true\n\n\
+         [[targets]]\nname = \"web-files\"\nkind = \"ssh\"\nupstream = \"{up}\"\nhost_key = \"{}\"\n\
+         [targets.roles.ops]\nuser = \"{}\"\nfile_transfer = true\n\n",
+        sshd.host_key,
+        sshd.user,
+        sshd.host_key,
+        sshd.user,
+        sshd.user,
+        sshd.host_key,
+        sshd.user,
+        sshd.host_key,
+        sshd.user
     ));
     // The tests' own SSH_ASKPASS: answers with $BG_TEST_SSH_PASSWORD.
     let askpass = d.join("askpass.sh");
@@ -755,6 +765,121 @@ impl Env {
             .stdin(Stdio::null());
         cmd
     }
+}
+
+#[test]
+fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role_allows_them() {
+    use sha2::Digest as _;
+    let e = env();
+    let d = e.bg.dir.path();
+    let public = keygen(&d.join("client")).expect("client key");
+    let g = e.bg.grant("alice", "web-files", "ops", "10m");
+    let (st, c) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/credentials", g.id),
+        json!({"ssh_public_key": public}),
+    );
+    assert_eq!(st, 200, "{c}");
+    let cert = d.join("client-cert.pub");
+    std::fs::write(
+        &cert,
+        format!("{}\n", c["ssh_certificate"].as_str().expect("cert")),
+    )
+    .expect("cert");
+    // 300 KB that are not all alike, so the hash means something.
+    let body: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let local = d.join("up.bin");
+    std::fs::write(&local, &body).expect("local file");
+    let remote = format!("/tmp/bg-sftp-{}.bin", std::process::id());
+    let batch = d.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {remote}\nget {remote} {}\nrename {remote} {remote}.2\nrm {remote}.2\n",
+            local.display(),
+            d.join("down.bin").display()
+        ),
+    )
+    .expect("batch");
+    let out = run(Command::new("sftp")
+        .arg("-b")
+        .arg(&batch)
+        .args(["-F", "/dev/null", "-i"])
+        .arg(d.join("client"))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-P",
+        ])
+        .arg(e.bg.gw_port.to_string())
+        .arg("web-files@127.0.0.1"));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(std::fs::read(d.join("down.bin")).expect("downloaded"), body);
+    let s = e.ended_session(&g);
+    let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
+    let sha = hex::encode(sha2::Sha256::digest(&body));
+    let files = kinds(&rec, "file");
+    let summary: Vec<(String, String, u64, String, bool)> = files
+        .iter()
+        .map(|f| {
+            (
+                f["direction"].as_str().unwrap_or("").to_string(),
+                f["path"].as_str().unwrap_or("").to_string(),
+                f["size"].as_u64().unwrap_or(0),
+                f["sha256"].as_str().unwrap_or("").to_string(),
+                f["closed"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "upload".into(),
+                remote.clone(),
+                body.len() as u64,
+                sha.clone(),
+                true
+            ),
+            (
+                "download".into(),
+                remote.clone(),
+                body.len() as u64,
+                sha,
+                true
+            ),
+        ],
+        "{rec:#?}"
+    );
+    let ops: Vec<(String, String)> = kinds(&rec, "sftp")
+        .iter()
+        .map(|o| {
+            (
+                o["op"].as_str().unwrap_or("").to_string(),
+                o["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(ops.contains(&("rename".into(), remote.clone())), "{ops:?}");
+    assert!(
+        ops.contains(&("remove".into(), format!("{remote}.2"))),
+        "{ops:?}"
+    );
+    // File contents are not in the recording: no input or output entries.
+    assert!(
+        kinds(&rec, "i").is_empty() && kinds(&rec, "o").is_empty(),
+        "{rec:#?}"
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod cast;
 pub mod keys;
 pub mod probe;
 mod session;
+pub mod sftp;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -241,6 +242,8 @@ pub struct Authorized {
     pub expires_at: Timestamp,
     /// The role allows local port forwarding (`ssh -L`).
     pub port_forwarding: bool,
+    /// The role allows SFTP and `scp` (`file_transfer = true`).
+    pub file_transfer: bool,
     pub upstream: UpstreamTarget,
 }
 

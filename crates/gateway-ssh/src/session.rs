@@ -19,6 +19,10 @@
 //! - `forward` `{channel, host, port, originator}`: a forwarded TCP
 //!   connection (`ssh -L`, roles with `port_forwarding = true`), whose
 //!   bytes are `forward_in` / `forward_out` `{channel, data | b64}`;
+//! - `subsystem` `{channel, name: "sftp"}`, then `file` `{channel, path,
+//!   direction: upload | download, size, sha256 | null, closed}` per file
+//!   handle and `sftp` `{channel, op, path, target?}` per change to the
+//!   tree (roles with `file_transfer = true`; see [`crate::sftp`]);
 //! - `refused` `{channel?, what, detail}`: SFTP, scp, forwarding, agent,
 //!   X11 and anything else the gateway refused;
 //! - `end` `{reason}`.
@@ -65,6 +69,9 @@ struct Live {
     upstream: Upstream,
     /// Client channels open now, and what each is.
     channels: Mutex<HashMap<ChannelId, Open>>,
+    /// The SFTP channels (roles with `file_transfer = true`) and what each
+    /// has moved so far.
+    sftp: Mutex<HashMap<ChannelId, crate::sftp::Tracker>>,
     /// Set once, by whatever ends the session first.
     end: Mutex<Option<String>>,
     /// Wakes the cutter at once (expiry seen on the data path, a failed
@@ -103,6 +110,85 @@ impl Live {
         }
         fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
         self.record(kind, &fields)
+    }
+
+    /// Bytes of an SFTP channel (`from_client` or from the target): what
+    /// they complete is recorded, file contents are not. `None` when the
+    /// channel is not an SFTP channel; `Some(false)` when it must be cut
+    /// (a packet beyond the limits, or a failed recording).
+    fn record_sftp(&self, channel: ChannelId, data: &[u8], from_client: bool) -> Option<bool> {
+        let events = {
+            let mut all = lock(&self.sftp);
+            let t = all.get_mut(&channel)?;
+            if from_client {
+                t.client(data)
+            } else {
+                t.server(data)
+            }
+        };
+        Some(match events {
+            Ok(events) => events.iter().all(|e| self.record_sftp_event(channel, e)),
+            Err(why) => {
+                tracing::info!(session = %self.info.session_id, reason = %why, "sftp channel cut");
+                self.record(
+                    "refused",
+                    &[
+                        ("channel", Field::U64(u64::from(u32::from(channel)))),
+                        ("detail", Field::Str(&why)),
+                        ("what", Field::Str("sftp")),
+                    ],
+                );
+                false
+            }
+        })
+    }
+
+    fn record_sftp_event(&self, channel: ChannelId, e: &crate::sftp::Event) -> bool {
+        let ch = Field::U64(u64::from(u32::from(channel)));
+        match e {
+            crate::sftp::Event::File {
+                path,
+                direction,
+                size,
+                sha256,
+                closed,
+            } => self.record(
+                "file",
+                &[
+                    ("channel", ch),
+                    (
+                        "closed",
+                        Field::Json(if *closed { "true" } else { "false" }),
+                    ),
+                    ("direction", Field::Str(direction)),
+                    ("path", Field::Str(path)),
+                    (
+                        "sha256",
+                        sha256.as_deref().map_or(Field::Json("null"), Field::Plain),
+                    ),
+                    ("size", Field::U64(*size)),
+                ],
+            ),
+            crate::sftp::Event::Op { op, path, target } => {
+                let mut fields = vec![
+                    ("channel", ch),
+                    ("op", Field::Str(op)),
+                    ("path", Field::Str(path)),
+                ];
+                if let Some(t) = target {
+                    fields.push(("target", Field::Str(t)));
+                }
+                self.record("sftp", &fields)
+            }
+        }
+    }
+
+    /// The SFTP channel ended: the files still open are recorded.
+    fn finish_sftp(&self, channel: ChannelId) {
+        let left = lock(&self.sftp).remove(&channel).map(|mut t| t.finish());
+        for e in left.unwrap_or_default() {
+            self.record_sftp_event(channel, &e);
+        }
     }
 
     /// Asks the cutter to end the session now.
@@ -356,7 +442,11 @@ async fn pump(
     while let Some(msg) = up.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
-                if !live.within_grant() || !live.record_data(out, ch, &data, false) {
+                if !live.within_grant()
+                    || !live
+                        .record_sftp(ch, &data, false)
+                        .unwrap_or_else(|| live.record_data(out, ch, &data, false))
+                {
                     break;
                 }
                 if client.data(ch, data).await.is_err() {
@@ -404,6 +494,7 @@ async fn pump(
             _ => {}
         }
     }
+    live.finish_sftp(ch);
     if lock(&live.channels).remove(&ch).is_some() {
         live.record("close", &[("channel", Field::U64(chan))]);
         let _ = client.close(ch).await;
@@ -537,6 +628,7 @@ impl Conn {
                 rec: Mutex::new(Some(rec)),
                 upstream: up,
                 channels: Mutex::default(),
+                sftp: Mutex::default(),
                 end: Mutex::default(),
                 cut_now: Notify::new(),
                 cut_reason_now: Mutex::default(),
@@ -824,11 +916,11 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         let command = String::from_utf8_lossy(data).into_owned();
-        if is_file_transfer(&command) {
+        if is_file_transfer(&command) && !live.auth.file_transfer {
             self.refuse_and_close(
                 channel,
                 "scp",
-                "file transfer (scp, rsync) is not allowed for this role",
+                "file transfer (scp, rsync) is not allowed for this role (file_transfer = false)",
                 session,
             );
             return Ok(());
@@ -853,8 +945,26 @@ impl russh::server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if name == "sftp"
+            && let Some(live) = self.live().cloned()
+            && live.auth.file_transfer
+        {
+            let Some(up) = self.relayed(channel, session) else {
+                return Ok(());
+            };
+            lock(&live.sftp).insert(channel, crate::sftp::Tracker::default());
+            let ok = live.record(
+                "subsystem",
+                &[
+                    ("channel", Field::U64(u64::from(u32::from(channel)))),
+                    ("name", Field::Str("sftp")),
+                ],
+            ) && up.request_subsystem(false, "sftp").await.is_ok();
+            reply(session, channel, ok);
+            return Ok(());
+        }
         let detail = if name == "sftp" {
-            "SFTP is not allowed for this role".to_string()
+            "SFTP is not allowed for this role (file_transfer = false)".to_string()
         } else {
             format!("subsystem {name:?} is not allowed")
         };
@@ -938,8 +1048,22 @@ impl russh::server::Handler for Conn {
         };
         // INVARIANT: input reaches the upstream only after it is recorded,
         // and only within the grant.
-        if live.within_grant() && live.record_data(kind, channel, data, false) {
-            let _ = up.data_bytes(data.to_vec()).await;
+        if !live.within_grant() {
+            return Ok(());
+        }
+        match live.record_sftp(channel, data, true) {
+            Some(true) => {
+                let _ = up.data_bytes(data.to_vec()).await;
+            }
+            Some(false) => {
+                let _ = up.close().await;
+                let _ = session.close(channel);
+            }
+            None => {
+                if live.record_data(kind, channel, data, false) {
+                    let _ = up.data_bytes(data.to_vec()).await;
+                }
+            }
         }
         Ok(())
     }

@@ -437,6 +437,26 @@ pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> S
                 let port = v["port"].as_u64().unwrap_or(0);
                 s.command(entry, time, &format!("port forward to {host}:{port}"));
             }
+            // File transfers and changes over SFTP, likewise.
+            Some("file") => {
+                let direction = v["direction"].as_str().unwrap_or("?");
+                let path = v["path"].as_str().unwrap_or("?");
+                let size = v["size"].as_u64().unwrap_or(0);
+                s.command(
+                    entry,
+                    time,
+                    &format!("sftp {direction} {path} ({size} bytes)"),
+                );
+            }
+            Some("sftp") => {
+                let op = v["op"].as_str().unwrap_or("?");
+                let path = v["path"].as_str().unwrap_or("?");
+                let target = v["target"]
+                    .as_str()
+                    .map(|t| format!(" {t}"))
+                    .unwrap_or_default();
+                s.command(entry, time, &format!("sftp {op} {path}{target}"));
+            }
             Some("i") => {
                 let bytes = data::bytes_of(v).unwrap_or_default();
                 let data = String::from_utf8_lossy(&bytes);

@@ -344,6 +344,10 @@ pub struct RoleConfig {
     /// channel (destination, then every byte each way).
     #[serde(default)]
     pub port_forwarding: bool,
+    /// SSH targets: allow SFTP and `scp` through the gateway; each file
+    /// transfer is recorded with its path, direction, size and SHA-256.
+    #[serde(default)]
+    pub file_transfer: bool,
 }
 
 const TARGET_KINDS: [&str; 3] = ["postgres", "ssh", "generic"];
@@ -597,6 +601,13 @@ impl Config {
                 .map(|(n, _)| n)
             {
                 bail!("{at}.roles.{name}.port_forwarding: only ssh targets forward ports");
+            } else if let Some(name) = t
+                .roles
+                .iter()
+                .find(|(_, r)| r.file_transfer)
+                .map(|(n, _)| n)
+            {
+                bail!("{at}.roles.{name}.file_transfer: only ssh targets transfer files");
             }
             if t.kind == "postgres" {
                 let Some(url) = &t.upstream else {
@@ -917,6 +928,13 @@ mod tests {
         ));
         assert!(
             e.contains("targets[0].roles.read.port_forwarding") && e.contains("only ssh targets"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{base}[[targets]]\nname = \"db\"\nkind = \"generic\"\n[targets.roles.read]\nfile_transfer = true\n"
+        ));
+        assert!(
+            e.contains("targets[0].roles.read.file_transfer") && e.contains("only ssh targets"),
             "{e}"
         );
         let e = parse(

@@ -156,6 +156,7 @@ impl GatewayAuthority {
             role: grant.request.role.clone(),
             expires_at,
             port_forwarding: role.port_forwarding,
+            file_transfer: role.file_transfer,
             upstream: UpstreamTarget {
                 host,
                 port,

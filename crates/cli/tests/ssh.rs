@@ -519,6 +519,53 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
         "{rec:#?}"
     );
 
+    // Remote forwarding: the target listens, the client's side answers.
+    let g = e.bg.grant("alice", "web-fwd", "ops", "10m");
+    let remote = free_port();
+    let spec = format!("{remote}:127.0.0.1:{echo}");
+    let client = Spawned::spawn(&mut e.ssh_with(
+        "web-fwd",
+        &g.token,
+        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
+        &[],
+    ));
+    let answer = poll(Duration::from_secs(20), || {
+        through_forward(remote, "ping\n").filter(|a| !a.is_empty())
+    });
+    assert_eq!(answer.as_deref(), Some("PING\n"));
+    let sid = e.live_session(&g)["session_id"]
+        .as_str()
+        .expect("sid")
+        .to_string();
+    let (st, v) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/revoke", g.id),
+        json!({"reason": "done"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let _ = client.wait(Duration::from_secs(20));
+    let rec = e.bg.recording(&sid);
+    let listening = kinds(&rec, "remote_forward");
+    assert_eq!(listening.len(), 1, "{rec:#?}");
+    assert_eq!(listening[0]["port"], u64::from(remote));
+    let forward = kinds(&rec, "forward");
+    assert!(
+        forward
+            .iter()
+            .any(|f| f["remote"] == true && f["port"] == u64::from(remote)),
+        "{forward:#?}"
+    );
+    let text = |kind: &str| -> String {
+        kinds(&rec, kind)
+            .iter()
+            .map(|x| x["data"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(
+        (text("forward_out"), text("forward_in")),
+        ("ping\n".to_string(), "PING\n".to_string())
+    );
+
     // Not allowed: the connection is refused and the refusal recorded.
     let g = e.bg.grant("bob", "web", "ops", "10m");
     let local = free_port();
@@ -541,6 +588,15 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
         "{refused:#?}"
     );
     drop(client);
+    // A remote forward is refused at once: the client exits.
+    let spec = format!("{}:127.0.0.1:{echo}", free_port());
+    let out = run(&mut e.ssh_with(
+        "web",
+        &g.token,
+        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
+        &[],
+    ));
+    assert_eq!(out.code, 255, "{out:#?}");
 }
 
 /// Reads from `c` until the peer closes it or `limit` passes: whether it

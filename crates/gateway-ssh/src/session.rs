@@ -16,9 +16,12 @@
 //!   [`breakglass_gateway_common::data`]);
 //! - `signal` `{channel, signal}`, `exit` `{channel, status}` or
 //!   `{channel, signal}`, `eof` and `close` `{channel}`;
-//! - `forward` `{channel, host, port, originator}`: a forwarded TCP
-//!   connection (`ssh -L`, roles with `port_forwarding = true`), whose
-//!   bytes are `forward_in` / `forward_out` `{channel, data | b64}`;
+//! - `forward` `{channel, host, port, originator[, remote]}`: a forwarded
+//!   TCP connection (`ssh -L`, or `ssh -R` with `remote: true`; roles
+//!   with `port_forwarding = true`), whose bytes are `forward_in` (from
+//!   the client) / `forward_out` (from the target) `{channel, data |
+//!   b64}`; `remote_forward` `{address, port}`: a port the target listens
+//!   on for the client;
 //! - `subsystem` `{channel, name: "sftp"}`, then `file` `{channel, path,
 //!   direction: upload | download, size, sha256 | null, closed}` per file
 //!   handle and `sftp` `{channel, op, path, target?}` per change to the
@@ -72,6 +75,9 @@ struct Live {
     /// The SFTP channels (roles with `file_transfer = true`) and what each
     /// has moved so far.
     sftp: Mutex<HashMap<ChannelId, crate::sftp::Tracker>>,
+    /// Connections the target forwards for `ssh -R`, until the relay task
+    /// takes them at sign-in.
+    forwarded: Mutex<Option<tokio::sync::mpsc::Receiver<upstream::Forwarded>>>,
     /// Set once, by whatever ends the session first.
     end: Mutex<Option<String>>,
     /// Wakes the cutter at once (expiry seen on the data path, a failed
@@ -501,6 +507,89 @@ async fn pump(
     }
 }
 
+/// Relays the connections the target forwards for `ssh -R` (roles with
+/// `port_forwarding = true`) to the client, each recorded like a local
+/// forward: `forward` with `remote: true`, then its bytes.
+async fn remote_forwards(
+    live: Arc<Live>,
+    mut forwarded: tokio::sync::mpsc::Receiver<upstream::Forwarded>,
+    client: Handle,
+) {
+    while let Some(f) = forwarded.recv().await {
+        // Refused (the reply dropped) once the grant has ended.
+        if !live.within_grant() {
+            continue;
+        }
+        let Ok(to_client) = client
+            .channel_open_forwarded_tcpip(
+                f.connected_address.clone(),
+                f.connected_port,
+                f.originator_address.clone(),
+                f.originator_port,
+            )
+            .await
+        else {
+            continue;
+        };
+        let id = to_client.id();
+        let origin = format!("{}:{}", f.originator_address, f.originator_port);
+        if !live.record(
+            "forward",
+            &[
+                ("channel", Field::U64(u64::from(u32::from(id)))),
+                ("host", Field::Str(&f.connected_address)),
+                ("originator", Field::Str(&origin)),
+                ("port", Field::U64(u64::from(f.connected_port))),
+                ("remote", Field::Json("true")),
+            ],
+        ) {
+            let _ = to_client.close().await;
+            continue;
+        }
+        f.reply.accept().await;
+        lock(&live.channels).insert(id, Open::Forward);
+        let (client_read, client_write) = to_client.split();
+        drop(client_write);
+        let (up_read, up_write) = f.channel.split();
+        tokio::spawn(pump(
+            live.clone(),
+            up_read,
+            client.clone(),
+            id,
+            "forward_out",
+        ));
+        tokio::spawn(relay_in(live.clone(), client_read, up_write, id));
+    }
+}
+
+/// Relays what the client sends on a channel the gateway opened to it
+/// (a remote forward) to the target, recording it first.
+async fn relay_in(
+    live: Arc<Live>,
+    mut from_client: russh::ChannelReadHalf,
+    up: ChannelWriteHalf<client::Msg>,
+    ch: ChannelId,
+) {
+    while let Some(msg) = from_client.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if !live.within_grant() || !live.record_data("forward_in", ch, &data, false) {
+                    break;
+                }
+                if up.data_bytes(data.to_vec()).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::Eof => {
+                let _ = up.eof().await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    let _ = up.close().await;
+}
+
 /// What a client signed in with.
 enum Presented<'a> {
     /// A grant credential (password or keyboard-interactive).
@@ -567,11 +656,14 @@ impl Conn {
             unregister();
             return Err(Cut::new(&reason).message());
         }
+        let (forwarded_tx, forwarded_rx) =
+            tokio::sync::mpsc::channel(upstream::FORWARDED_QUEUE_LEN);
         let up = match upstream::connect(
             &auth,
             &session_id,
             &shared.user_ca,
             shared.config.packet_len_max,
+            forwarded_tx,
         )
         .await
         {
@@ -629,6 +721,7 @@ impl Conn {
                 upstream: up,
                 channels: Mutex::default(),
                 sftp: Mutex::default(),
+                forwarded: Mutex::new(Some(forwarded_rx)),
                 end: Mutex::default(),
                 cut_now: Notify::new(),
                 cut_reason_now: Mutex::default(),
@@ -769,6 +862,9 @@ impl russh::server::Handler for Conn {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         if let (Some(live), Some(rx)) = (self.live.get(), self.cut_rx.take()) {
             tokio::spawn(cutter(live.clone(), rx, session.handle()));
+            if let Some(forwarded) = lock(&live.forwarded).take() {
+                tokio::spawn(remote_forwards(live.clone(), forwarded, session.handle()));
+            }
         }
         self.signed_in.notify_one();
         Ok(())
@@ -1243,15 +1339,68 @@ impl russh::server::Handler for Conn {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse(
-            None,
-            "port_forwarding",
-            &format!(
-                "remote port forwarding from {address}:{port} is not available through the gateway"
-            ),
-            session,
-        );
-        Ok(false)
+        let Some(live) = self.live().cloned() else {
+            return Ok(false);
+        };
+        let from = format!("{address}:{port}");
+        let why = if !live.auth.port_forwarding {
+            Some(format!(
+                "remote port forwarding from {from} is not allowed for this role (port_forwarding = false)"
+            ))
+        } else if address.len() > FORWARD_HOST_LEN_MAX || *port > 65535 {
+            Some("remote port forwarding: not a host and port".to_string())
+        } else if !live.within_grant() {
+            Some("the grant has ended".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.refuse(None, "port_forwarding", &why, session);
+            return Ok(false);
+        }
+        match live.upstream.tcpip_forward(address, *port).await {
+            Ok(bound) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                Ok(live.record(
+                    "remote_forward",
+                    &[
+                        ("address", Field::Str(address)),
+                        ("port", Field::U64(u64::from(*port))),
+                    ],
+                ))
+            }
+            Err(e) => {
+                tracing::info!(session = %live.info.session_id, from, error = %e, "upstream refused a remote forward");
+                self.refuse(
+                    None,
+                    "port_forwarding",
+                    &format!("the target refused remote port forwarding from {from}"),
+                    session,
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            return Ok(false);
+        };
+        if !live.auth.port_forwarding {
+            return Ok(false);
+        }
+        Ok(live
+            .upstream
+            .cancel_tcpip_forward(address, port)
+            .await
+            .is_ok())
     }
 
     async fn streamlocal_forward(

@@ -17,7 +17,25 @@ pub(crate) struct Pinned {
     pinned: russh::keys::PublicKey,
     mismatch: Arc<AtomicBool>,
     offered: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where connections the target forwards (`ssh -R`) go; without it
+    /// they are refused.
+    forwarded: Option<tokio::sync::mpsc::Sender<Forwarded>>,
 }
+
+/// A connection the target forwarded to the gateway for a remote forward
+/// (`ssh -R`): to be relayed to the client, or refused (dropping `reply`
+/// refuses it).
+pub(crate) struct Forwarded {
+    pub channel: russh::Channel<client::Msg>,
+    pub connected_address: String,
+    pub connected_port: u32,
+    pub originator_address: String,
+    pub originator_port: u32,
+    pub reply: client::ChannelOpenHandle,
+}
+
+/// Forwarded connections waiting to be relayed, at most.
+pub(crate) const FORWARDED_QUEUE_LEN: usize = 64;
 
 impl client::Handler for Pinned {
     type Error = russh::Error;
@@ -41,6 +59,31 @@ impl client::Handler for Pinned {
         }
         Ok(ok)
     }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // A full queue or no session to relay to: `reply` is dropped, which
+        // refuses the connection.
+        if let Some(tx) = &self.forwarded {
+            let _ = tx.try_send(Forwarded {
+                channel,
+                connected_address: connected_address.into(),
+                connected_port,
+                originator_address: originator_address.into(),
+                originator_port,
+                reply,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Pinned {
@@ -50,6 +93,7 @@ impl Pinned {
             pinned,
             mismatch: Arc::new(AtomicBool::new(false)),
             offered: Arc::new(std::sync::Mutex::new(None)),
+            forwarded: None,
         }
     }
 }
@@ -74,6 +118,7 @@ pub(crate) async fn connect(
     session_id: &str,
     user_ca: &russh::keys::PrivateKey,
     packet_len_max: u32,
+    forwarded: tokio::sync::mpsc::Sender<Forwarded>,
 ) -> Result<Upstream, String> {
     let up = &auth.upstream;
     let mismatch = Arc::new(AtomicBool::new(false));
@@ -82,6 +127,7 @@ pub(crate) async fn connect(
         pinned: up.host_key.clone(),
         mismatch: mismatch.clone(),
         offered: offered.clone(),
+        forwarded: auth.port_forwarding.then_some(forwarded),
     };
     let config = Arc::new(client::Config {
         inactivity_timeout: None,

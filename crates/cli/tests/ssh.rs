@@ -794,33 +794,34 @@ impl Env {
     /// only (no password method, no agent).
     fn ssh_cert(&self, target: &str, key: &Path, cert: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-i"])
-            .arg(key)
-            .arg("-o")
-            .arg(format!("CertificateFile={}", cert.display()))
-            .args([
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "IdentityAgent=none",
-                "-o",
-                "PreferredAuthentications=publickey",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-p",
-            ])
+        cmd.args(cert_options(key, cert))
+            .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-p"])
             .arg(self.bg.gw_port.to_string())
             .arg(format!("{target}@127.0.0.1"))
             .args(args)
             .stdin(Stdio::null());
         cmd
     }
+}
+
+/// Client options that sign in with `key` and its certificate `cert` only
+/// (no password method, no agent, no other key), to a gateway whose host
+/// key the test does not pin.
+fn cert_options(key: &Path, cert: &Path) -> Vec<std::ffi::OsString> {
+    let mut o: Vec<std::ffi::OsString> =
+        vec!["-F".into(), "/dev/null".into(), "-i".into(), key.into()];
+    for opt in [
+        format!("CertificateFile={}", cert.display()),
+        "IdentitiesOnly=yes".into(),
+        "IdentityAgent=none".into(),
+        "PreferredAuthentications=publickey".into(),
+        "StrictHostKeyChecking=no".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+    ] {
+        o.push("-o".into());
+        o.push(opt.into());
+    }
+    o
 }
 
 #[test]
@@ -862,21 +863,8 @@ fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role
     let out = run(Command::new("sftp")
         .arg("-b")
         .arg(&batch)
-        .args(["-F", "/dev/null", "-i"])
-        .arg(d.join("client"))
-        .arg("-o")
-        .arg(format!("CertificateFile={}", cert.display()))
-        .args([
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "IdentityAgent=none",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-P",
-        ])
+        .args(cert_options(&d.join("client"), &cert))
+        .arg("-P")
         .arg(e.bg.gw_port.to_string())
         .arg("web-files@127.0.0.1"));
     assert_eq!(out.code, 0, "{out:#?}");

@@ -717,7 +717,6 @@ impl App {
         ssh_public_key: Option<&str>,
     ) -> Result<Credentials, AppError> {
         self.check_writable()?;
-        let ssh_key = ssh_public_key.map(parse_client_key).transpose()?;
         let req = self.get_visible(who, id).await?;
         if req.requester != who.name {
             return Err(AppError::Forbidden(
@@ -736,6 +735,9 @@ impl App {
                 format!("request {id} is {state}; credentials exist only for an active grant"),
             ));
         }
+        // Read only for the requester of a live grant: nobody else learns
+        // how keys are judged.
+        let ssh_key = ssh_public_key.map(parse_client_key).transpose()?;
         let expires_at = req.expires_at.unwrap_or(now);
         let mut random = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut random);

@@ -594,20 +594,15 @@ impl Config {
                 crate::ssh::validate_target(t).map_err(|e| anyhow::anyhow!("{at}.{e}"))?;
             } else if t.host_key.is_some() {
                 bail!("{at}.host_key: only ssh targets have a pinned host key");
-            } else if let Some(name) = t
-                .roles
-                .iter()
-                .find(|(_, r)| r.port_forwarding)
-                .map(|(n, _)| n)
-            {
-                bail!("{at}.roles.{name}.port_forwarding: only ssh targets forward ports");
-            } else if let Some(name) = t
-                .roles
-                .iter()
-                .find(|(_, r)| r.file_transfer)
-                .map(|(n, _)| n)
-            {
-                bail!("{at}.roles.{name}.file_transfer: only ssh targets transfer files");
+            } else {
+                for (name, role) in &t.roles {
+                    if role.port_forwarding {
+                        bail!("{at}.roles.{name}.port_forwarding: only ssh targets forward ports");
+                    }
+                    if role.file_transfer {
+                        bail!("{at}.roles.{name}.file_transfer: only ssh targets transfer files");
+                    }
+                }
             }
             if t.kind == "postgres" {
                 let Some(url) = &t.upstream else {

@@ -85,6 +85,10 @@ pub struct CredentialsBody {
     /// An OpenSSH public key line (ed25519 or ECDSA, at most 8 KiB): for an
     /// SSH target, the answer has a certificate for it.
     #[serde(default)]
+    #[schema(
+        max_length = 8192,
+        pattern = r"^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}( [^\n]*)?\n?$"
+    )]
     pub ssh_public_key: Option<String>,
 }
 

@@ -572,9 +572,11 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
     let client = fwd("web", &g.token, local);
     let live = e.live_session(&g);
     let sid = live["session_id"].as_str().expect("sid").to_string();
-    let answer = through_forward(local, "select 1;\n");
-    assert!(answer.as_deref().is_none_or(str::is_empty), "{answer:?}");
-    let refused = poll(Duration::from_secs(10), || {
+    // The client may still be setting up its listener after sign-in: try
+    // until a connection reached the gateway and was refused.
+    let refused = poll(Duration::from_secs(20), || {
+        let answer = through_forward(local, "select 1;\n");
+        assert!(answer.as_deref().is_none_or(str::is_empty), "{answer:?}");
         let r: Vec<Value> = kinds(&e.bg.recording(&sid), "refused");
         (!r.is_empty()).then_some(r)
     })

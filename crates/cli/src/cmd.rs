@@ -717,13 +717,11 @@ pub fn connect(
 ) -> anyhow::Result<Exit> {
     let client = ctx.client()?;
     let id = &resolve_id(&client, id)?;
-    // A key of this connection's own: for an SSH target the server signs a
-    // certificate for it that stands for the new credential, so ssh signs
-    // in with it and no token crosses the terminal. Nothing else uses it.
-    let keys = tempfile::tempdir().context("cannot create a directory for the session key")?;
-    let key_path = keys.path().join("id_ed25519");
-    let (key, _) = breakglass_gateway_ssh::keys::load_or_create(&key_path)
-        .map_err(|e| anyhow::anyhow!("cannot create the session key: {e}"))?;
+    // A key of this connection's own, in memory: for an SSH target the
+    // server signs a certificate for it that stands for the new credential,
+    // so ssh signs in with it and no token crosses the terminal. It reaches
+    // the disk only for ssh, and nothing else uses it.
+    let key = breakglass_gateway_ssh::keys::random_ed25519();
     let public = key
         .public_key()
         .to_openssh()
@@ -741,8 +739,12 @@ pub fn connect(
         .into());
     };
     if conn.kind == "ssh" {
+        let keys = tempfile::tempdir().context("cannot create a directory for the session key")?;
         let cert = match &c.ssh_certificate {
             Some(cert) => {
+                let key_path = keys.path().join("id_ed25519");
+                breakglass_gateway_ssh::keys::write_private_key(&key_path, &key)
+                    .map_err(|e| anyhow::anyhow!("cannot write the session key: {e}"))?;
                 let path = keys.path().join("id_ed25519-cert.pub");
                 std::fs::write(&path, format!("{cert}\n"))
                     .context("cannot write the session certificate")?;

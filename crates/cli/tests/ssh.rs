@@ -599,6 +599,21 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
         &[],
     ));
     assert_eq!(out.code, 255, "{out:#?}");
+    // ... for the role's reason, not any other (the same grant signed in).
+    let why = poll(Duration::from_secs(10), || {
+        e.bg.sessions("bob", &g.id)
+            .iter()
+            .flat_map(|s| e.bg.recording(s["session_id"].as_str().unwrap_or("")))
+            .filter(|x| x["kind"] == "refused")
+            .find_map(|x| {
+                x["detail"]
+                    .as_str()
+                    .filter(|d| d.starts_with("remote port forwarding"))
+                    .map(String::from)
+            })
+    })
+    .expect("the remote forward's refusal is recorded");
+    assert!(why.contains("port_forwarding = false"), "{why}");
 }
 
 /// Reads from `c` until the peer closes it or `limit` passes: whether it

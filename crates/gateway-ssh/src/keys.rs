@@ -60,6 +60,23 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKey, SshError> {
     Ok(key)
 }
 
+/// Writes `key` to a new file at `path` (OpenSSH format, mode 0600 from
+/// the start, synced); an existing file is an error.
+pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), String> {
+    let text = key.to_openssh(LineEnding::LF).map_err(|e| e.to_string())?;
+    // INVARIANT: the private key is never readable by anyone else, not
+    // even for a moment (created 0600, never chmod-ed after).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| e.to_string())
+}
+
 /// Reads the key at `path`, or creates a new ed25519 key there (mode 0600)
 /// when there is none. Returns the key and whether it was created.
 pub fn load_or_create(path: &Path) -> Result<(PrivateKey, bool), SshError> {
@@ -74,20 +91,7 @@ pub fn load_or_create(path: &Path) -> Result<(PrivateKey, bool), SshError> {
                 std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
             }
             let key = random_ed25519();
-            let text = key
-                .to_openssh(LineEnding::LF)
-                .map_err(|e| bad(e.to_string()))?;
-            // INVARIANT: the private key is never readable by anyone else,
-            // not even for a moment (created 0600, never chmod-ed after).
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| bad(e.to_string()))?;
-            f.write_all(text.as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|e| bad(e.to_string()))?;
+            write_private_key(path, &key).map_err(bad)?;
             Ok((key, true))
         }
         Err(e) => Err(SshError::Key {

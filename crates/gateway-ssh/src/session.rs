@@ -250,6 +250,8 @@ pub(crate) struct Conn {
     /// Why a signed-in connection has no session (told on its channels).
     failed: Option<String>,
     channels: HashMap<ChannelId, Chan>,
+    /// Ports the target listens on for this client (`ssh -R`).
+    remote_listens: usize,
 }
 
 /// Drives one connection to its end and records the end.
@@ -279,6 +281,7 @@ pub(crate) async fn handle(
         cut_rx: None,
         failed: None,
         channels: HashMap::new(),
+        remote_listens: 0,
     };
     let config = shared.server_config.clone();
     // Boxed, so that dropping it below closes the connection before the
@@ -514,10 +517,23 @@ async fn remote_forwards(
     live: Arc<Live>,
     mut forwarded: tokio::sync::mpsc::Receiver<upstream::Forwarded>,
     client: Handle,
+    max_channels: usize,
 ) {
     while let Some(f) = forwarded.recv().await {
-        // Refused (the reply dropped) once the grant has ended.
+        // Refused (the reply dropped) once the grant has ended, or when
+        // the connection has as many channels as it may: whoever connects
+        // on the target's side must not open channels without bound.
         if !live.within_grant() {
+            continue;
+        }
+        if lock(&live.channels).len() >= max_channels {
+            live.record(
+                "refused",
+                &[
+                    ("detail", Field::Str("too many channels on this connection")),
+                    ("what", Field::Str("port_forwarding")),
+                ],
+            );
             continue;
         }
         let Ok(to_client) = client
@@ -863,7 +879,12 @@ impl russh::server::Handler for Conn {
         if let (Some(live), Some(rx)) = (self.live.get(), self.cut_rx.take()) {
             tokio::spawn(cutter(live.clone(), rx, session.handle()));
             if let Some(forwarded) = lock(&live.forwarded).take() {
-                tokio::spawn(remote_forwards(live.clone(), forwarded, session.handle()));
+                tokio::spawn(remote_forwards(
+                    live.clone(),
+                    forwarded,
+                    session.handle(),
+                    self.shared.config.max_channels_per_connection,
+                ));
             }
         }
         self.signed_in.notify_one();
@@ -1349,6 +1370,8 @@ impl russh::server::Handler for Conn {
             ))
         } else if address.len() > FORWARD_HOST_LEN_MAX || *port > 65535 {
             Some("remote port forwarding: not a host and port".to_string())
+        } else if self.remote_listens >= self.shared.config.max_channels_per_connection {
+            Some("too many remote port forwards on this connection".to_string())
         } else if !live.within_grant() {
             Some("the grant has ended".to_string())
         } else {
@@ -1363,6 +1386,7 @@ impl russh::server::Handler for Conn {
                 if *port == 0 {
                     *port = bound;
                 }
+                self.remote_listens += 1;
                 Ok(live.record(
                     "remote_forward",
                     &[
@@ -1396,11 +1420,15 @@ impl russh::server::Handler for Conn {
         if !live.auth.port_forwarding {
             return Ok(false);
         }
-        Ok(live
+        let cancelled = live
             .upstream
             .cancel_tcpip_forward(address, port)
             .await
-            .is_ok())
+            .is_ok();
+        if cancelled {
+            self.remote_listens = self.remote_listens.saturating_sub(1);
+        }
+        Ok(cancelled)
     }
 
     async fn streamlocal_forward(

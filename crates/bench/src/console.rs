@@ -23,12 +23,12 @@ const PAGE_WEIGHT_MAX: usize = 100 * 1024;
 
 /// A browser-like client: one keep-alive connection, no redirects.
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
         .timeout_global(Some(std::time::Duration::from_secs(60)))
-        .build()
-        .into()
+        .build();
+    breakglass_notify::agent::agent(config)
 }
 
 /// GET `url` with `cookie`: status, Set-Cookie values, body.

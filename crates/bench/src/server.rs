@@ -371,15 +371,14 @@ impl Answer {
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
             .max_idle_connections(4)
             .max_idle_connections_per_host(4)
-            .build()
-            .into();
+            .build();
         Client {
-            agent,
+            agent: breakglass_notify::agent::agent(config),
             base: base.to_string(),
         }
     }

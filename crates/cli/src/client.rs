@@ -352,7 +352,7 @@ pub fn agent(roots: Vec<ureq::tls::Certificate<'static>>) -> ureq::Agent {
         .proxy(None)
         .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
         .build();
-    config.into()
+    breakglass_notify::agent::agent(config)
 }
 
 impl Client {

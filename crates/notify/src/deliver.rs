@@ -82,7 +82,7 @@ impl HttpSender {
             .root_certs(ureq::tls::RootCerts::Specific(roots()))
             .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .build();
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .tls_config(tls)
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
@@ -92,9 +92,10 @@ impl HttpSender {
             .max_redirects(0)
             .proxy(None)
             .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        HttpSender { agent }
+            .build();
+        HttpSender {
+            agent: crate::agent::agent(config),
+        }
     }
 
     /// POSTs `body` as JSON with `headers`. Never includes the URL in what

@@ -8,6 +8,7 @@
 //! follows the audit feed, keeps the per-sink cursors and decides when to
 //! retry or give up (`crates/server/src/notify.rs`).
 
+pub mod agent;
 pub mod config;
 pub mod deliver;
 pub mod notice;

@@ -689,7 +689,7 @@ impl RunCtx {
             );
         }
         Api {
-            agent: b.build().into(),
+            agent: breakglass_notify::agent::agent(b.build()),
             base: self.base.clone(),
         }
     }

@@ -84,15 +84,15 @@ pub(crate) fn http_agent() -> ureq::Agent {
         .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
         .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .build();
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .tls_config(tls)
         .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
         .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_S)))
         .max_redirects(0)
         .proxy(None)
         .user_agent(concat!("breakglass/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+        .build();
+    breakglass_notify::agent::agent(config)
 }
 
 impl KeySource {

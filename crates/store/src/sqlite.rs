@@ -6,6 +6,7 @@
 //! job rolls back alone), and commits them all with one fsync. Readers use a
 //! small pool of their own connections; WAL lets them run beside the writer.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,8 @@ const BATCH_LEN_MAX: usize = 512;
 const QUEUE_DEPTH_MAX: usize = 16_384;
 /// Idle read connections kept open.
 const READERS_IDLE_MAX: usize = 8;
+/// Requests the writer keeps as it last wrote them (see [`Recent`]).
+const RECENT_MAX: usize = 1024;
 /// How long a connection waits on a lock held by another process.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
@@ -198,6 +201,48 @@ struct Shared {
     head: Mutex<(u64, Hash)>,
     readers: Mutex<Vec<Connection>>,
     events: broadcast::Sender<Arc<AuditEvent>>,
+    recent: Mutex<Recent<Request>>,
+}
+
+/// The requests written last, as the writer committed them: a request in
+/// the middle of its lifecycle (approve, credentials, revoke, the review
+/// and the notifications that follow its events) is read from here, with
+/// no row read and no JSON parsed.
+///
+/// INVARIANT: only the writer thread fills it, after its transaction
+/// committed and before it replies or broadcasts the batch's events. The
+/// writer is the only writer of `requests`: one serving process per
+/// database file, which the chain head it keeps in memory assumes already.
+/// So an entry is always the newest committed version. Readers never fill
+/// it: a row they read may already be older than the entry.
+struct Recent<T> {
+    by_id: HashMap<String, T>,
+    /// Ids in the order they first came; the oldest goes first.
+    order: VecDeque<String>,
+}
+
+impl<T: Clone> Recent<T> {
+    fn new() -> Recent<T> {
+        Recent {
+            by_id: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<T> {
+        self.by_id.get(id).cloned()
+    }
+
+    fn put(&mut self, id: &str, value: T) {
+        if self.by_id.insert(id.to_string(), value).is_none() {
+            self.order.push_back(id.to_string());
+            if self.order.len() > RECENT_MAX
+                && let Some(old) = self.order.pop_front()
+            {
+                self.by_id.remove(&old);
+            }
+        }
+    }
 }
 
 /// The embedded SQLite store. Cloning shares the same writer and readers.
@@ -310,6 +355,7 @@ impl SqliteStore {
             head: Mutex::new(head),
             readers: Mutex::new(Vec::new()),
             events,
+            recent: Mutex::new(Recent::new()),
         });
         let (jobs, rx) = sync_channel(QUEUE_DEPTH_MAX);
         let writer_shared = shared.clone();
@@ -322,6 +368,17 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// A request as its row says (not from [`Recent`]).
+    fn get_row(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        self.read(|c| {
+            let body: Option<String> = c
+                .prepare_cached("SELECT body FROM requests WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            body.map(|b| parse_request(&b)).transpose()
+        })
     }
 
     async fn submit(&self, op: Op, now: Timestamp) -> Result<Committed, StoreError> {
@@ -461,6 +518,16 @@ fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>, mut tre
             Ok(()) => {
                 tree = grown;
                 *lock(&shared.head) = head;
+                {
+                    let mut recent = lock(&shared.recent);
+                    for (job, result) in batch.iter().zip(&results) {
+                        if let (Op::Create(t) | Op::CreateEmergency(t, _) | Op::Apply(t), Ok(_)) =
+                            (&job.op, result)
+                        {
+                            recent.put(&t.request.id, t.request.clone());
+                        }
+                    }
+                }
                 for (job, result) in batch.into_iter().zip(results) {
                     if let Ok(events) = &result {
                         for e in events {
@@ -769,13 +836,10 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Request>, StoreError> {
-        self.read(|c| {
-            let body: Option<String> = c
-                .prepare_cached("SELECT body FROM requests WHERE id = ?1")?
-                .query_row([id], |r| r.get(0))
-                .optional()?;
-            body.map(|b| parse_request(&b)).transpose()
-        })
+        if let Some(r) = lock(&self.shared.recent).get(id) {
+            return Ok(Some(r));
+        }
+        self.get_row(id)
     }
 
     async fn list(&self, q: ListQuery) -> Result<Vec<Request>, StoreError> {
@@ -1112,5 +1176,31 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keeps_the_newest_value_of_at_most_its_bound_of_ids() {
+        let mut r: Recent<u32> = Recent::new();
+        for i in 0..RECENT_MAX as u32 {
+            r.put(&format!("id-{i}"), i);
+        }
+        // A new value of a kept id replaces it and takes no more room.
+        r.put("id-0", 7);
+        assert_eq!(r.get("id-0"), Some(7));
+        assert_eq!(r.by_id.len(), RECENT_MAX);
+        assert_eq!(r.order.len(), RECENT_MAX);
+        // The next new id pushes out the one that came first.
+        r.put("new", 1);
+        assert_eq!(r.get("id-0"), None);
+        assert_eq!(r.get("id-1"), Some(1));
+        assert_eq!(r.get("new"), Some(1));
+        assert_eq!(r.by_id.len(), RECENT_MAX);
+        assert_eq!(r.order.len(), RECENT_MAX);
+        assert_eq!(r.get("never"), None);
     }
 }

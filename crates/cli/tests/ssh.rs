@@ -616,28 +616,6 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
     assert!(why.contains("port_forwarding = false"), "{why}");
 }
 
-/// Reads from `c` until the peer closes it or `limit` passes: whether it
-/// closed, and what it sent.
-fn read_until_closed(c: &mut std::net::TcpStream, limit: Duration) -> (bool, Vec<u8>) {
-    let deadline = Instant::now() + limit;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
-        match c.read(&mut buf) {
-            Ok(0) => return (true, got),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return (true, got),
-        }
-    }
-    (false, got)
-}
-
 #[test]
 fn garbage_endless_versions_failed_negotiations_and_idle_sockets_are_dropped_alone() {
     let e = env();
@@ -645,17 +623,12 @@ fn garbage_endless_versions_failed_negotiations_and_idle_sockets_are_dropped_alo
     let g = e.bg.grant("alice", "web", "ops", "10m");
     let mut steady = e.ssh("web", &g.token, &["sleep 4; echo still here"]);
     let steady = Spawned::spawn(steady.stdin(Stdio::null()));
-    let connect = || {
-        let c = std::net::TcpStream::connect(("127.0.0.1", e.bg.gw_port)).expect("connect");
-        c.set_write_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        c
-    };
+    let connect = || gateway_support::Raw::connect(e.bg.gw_port);
 
     // Garbage instead of a version line.
     let mut c = connect();
-    let _ = c.write_all(&[0x00, 0xff, 0x13, 0x37].repeat(300));
-    let (closed, _) = read_until_closed(&mut c, Duration::from_secs(10));
+    c.try_send(&[0x00, 0xff, 0x13, 0x37].repeat(300));
+    let (_, closed) = c.read_to_close(Duration::from_secs(10));
     assert!(closed, "garbage was not dropped");
 
     // A version line that never ends: dropped long before the handshake
@@ -663,14 +636,14 @@ fn garbage_endless_versions_failed_negotiations_and_idle_sockets_are_dropped_alo
     let mut c = connect();
     let mut endless = b"SSH-2.0-".to_vec();
     endless.extend(std::iter::repeat_n(b'a', 64 * 1024));
-    let _ = c.write_all(&endless);
-    let (closed, _) = read_until_closed(&mut c, Duration::from_secs(10));
+    c.try_send(&endless);
+    let (_, closed) = c.read_to_close(Duration::from_secs(10));
     assert!(closed, "an endless version line was not dropped");
 
     // Nothing at all: dropped at the handshake timeout (3 s here).
     let mut idle = connect();
     let t0 = Instant::now();
-    let (closed, said) = read_until_closed(&mut idle, Duration::from_secs(15));
+    let (said, closed) = idle.read_to_close(Duration::from_secs(15));
     assert!(closed, "an idle socket was kept");
     assert!(
         said.starts_with(b"SSH-2.0-breakglass"),
@@ -807,6 +780,20 @@ fn connect_runs_ssh_with_the_grant_and_returns_the_command_status() {
 }
 
 impl Env {
+    /// alice's credentials for grant `id` with a certificate for `public`,
+    /// written to `path`; the whole answer (token, certificate).
+    fn certify(&self, id: &str, public: &str, path: &Path) -> Value {
+        let (st, c) = self.bg.post(
+            "alice",
+            &format!("/v1/requests/{id}/credentials"),
+            json!({"ssh_public_key": public}),
+        );
+        assert_eq!(st, 200, "{c}");
+        let cert = c["ssh_certificate"].as_str().expect("a certificate");
+        std::fs::write(path, format!("{cert}\n")).expect("certificate file");
+        c
+    }
+
     /// `ssh` to `target` through the gateway with a key and certificate
     /// only (no password method, no agent).
     fn ssh_cert(&self, target: &str, key: &Path, cert: &Path, args: &[&str]) -> Command {
@@ -848,18 +835,8 @@ fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role
     let d = e.bg.dir.path();
     let public = keygen(&d.join("client")).expect("client key");
     let g = e.bg.grant("alice", "web-files", "ops", "10m");
-    let (st, c) = e.bg.post(
-        "alice",
-        &format!("/v1/requests/{}/credentials", g.id),
-        json!({"ssh_public_key": public}),
-    );
-    assert_eq!(st, 200, "{c}");
     let cert = d.join("client-cert.pub");
-    std::fs::write(
-        &cert,
-        format!("{}\n", c["ssh_certificate"].as_str().expect("cert")),
-    )
-    .expect("cert");
+    e.certify(&g.id, &public, &cert);
     // 300 KB that are not all alike, so the hash means something.
     let body: Vec<u8> = (0..300_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -949,20 +926,14 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
     let d = e.bg.dir.path();
     let public = keygen(&d.join("client")).expect("client key");
     let g = e.bg.grant("alice", "web", "ops", "10m");
-    let (st, c) = e.bg.post(
-        "alice",
-        &format!("/v1/requests/{}/credentials", g.id),
-        json!({"ssh_public_key": public}),
-    );
-    assert_eq!(st, 200, "{c}");
+    let cert_path = d.join("client-cert.pub");
+    let c = e.certify(&g.id, &public, &cert_path);
     let cert = c["ssh_certificate"].as_str().expect("a certificate");
     assert!(
         cert.starts_with("ssh-ed25519-cert-v01@openssh.com "),
         "{cert}"
     );
     assert!(!cert.contains(c["token"].as_str().expect("token")));
-    let cert_path = d.join("client-cert.pub");
-    std::fs::write(&cert_path, format!("{cert}\n")).expect("cert");
     let key = d.join("client");
     let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["echo cert-ok"]));
     assert_eq!(
@@ -981,9 +952,19 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
     );
     assert!(shown.stdout.contains("credential@breakglass"), "{shown:#?}");
 
+    // Each refusal below is the gateway's, for its own reason (ssh exits
+    // 255 for any failure, its own ones included): the server logs the
+    // reason before the client is told.
+    let refused = |why: &str| e.bg.stderr().matches(why).count();
+
     // Another target, with the same certificate: refused.
+    let before = refused("not a certificate for this target");
     let out = run(&mut e.ssh_cert("web-key", &key, &cert_path, &["true"]));
     assert_eq!(out.code, 255, "{out:#?}");
+    assert!(
+        refused("not a certificate for this target") > before,
+        "{out:#?}"
+    );
 
     // A certificate from a CA that is not the service's: refused, even
     // when it names the hash of a live credential (the holder of a token
@@ -1003,15 +984,14 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
         .arg(format!("extension:credential@breakglass={token_hash}"))
         .arg(d.join("client.pub")));
     assert_eq!(forged.code, 0, "{forged:#?}");
-    let out = run(&mut e.ssh_cert(
-        "web",
-        &key,
-        &cert_path.with_file_name("client-cert.pub"),
-        &["true"],
-    ));
-    assert_eq!(
-        out.code, 255,
-        "the forged certificate replaced the real one: {out:#?}"
+    // ssh-keygen wrote the forged certificate over the real one (it
+    // names the certificate after the key: `client-cert.pub`).
+    let before = refused("not signed by this service's client CA");
+    let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["true"]));
+    assert_eq!(out.code, 255, "{out:#?}");
+    assert!(
+        refused("not signed by this service's client CA") > before,
+        "{out:#?}"
     );
 
     // Bad keys are refused with the reason.
@@ -1031,16 +1011,7 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
 
     // After the revoke, a certificate of the grant opens nothing.
     let g2 = e.bg.grant("alice", "web", "ops", "10m");
-    let (_, c2) = e.bg.post(
-        "alice",
-        &format!("/v1/requests/{}/credentials", g2.id),
-        json!({"ssh_public_key": public}),
-    );
-    std::fs::write(
-        &cert_path,
-        format!("{}\n", c2["ssh_certificate"].as_str().expect("cert")),
-    )
-    .expect("cert");
+    e.certify(&g2.id, &public, &cert_path);
     let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["true"]));
     assert_eq!(out.code, 0, "{out:#?}");
     let (st, v) = e.bg.post(
@@ -1049,8 +1020,10 @@ fn a_certificate_stands_for_its_credential_only_on_its_target_and_only_while_the
         json!({"reason": "done"}),
     );
     assert_eq!(st, 200, "{v}");
+    let before = refused("ssh sign-in refused");
     let out = run(&mut e.ssh_cert("web", &key, &cert_path, &["true"]));
     assert_eq!(out.code, 255, "{out:#?}");
+    assert!(refused("ssh sign-in refused") > before, "{out:#?}");
 }
 
 #[test]

@@ -120,20 +120,32 @@ impl Live {
 
     /// Bytes of an SFTP channel (`from_client` or from the target): what
     /// they complete is recorded, file contents are not. `None` when the
-    /// channel is not an SFTP channel; `Some(false)` when it must be cut
-    /// (a packet beyond the limits, or a failed recording).
-    fn record_sftp(&self, channel: ChannelId, data: &[u8], from_client: bool) -> Option<bool> {
+    /// channel is not an SFTP channel; `Some(Err(why))` when it must be cut
+    /// (a packet beyond the limits, or a failed recording), with the line
+    /// the client is told.
+    fn record_sftp(
+        &self,
+        channel: ChannelId,
+        data: &[u8],
+        from_client: bool,
+    ) -> Option<Result<(), String>> {
         let events = {
             let mut all = lock(&self.sftp);
             let t = all.get_mut(&channel)?;
             if from_client {
                 t.client(data)
             } else {
-                t.server(data)
+                t.server(data).map(|()| Vec::new())
             }
         };
         Some(match events {
-            Ok(events) => events.iter().all(|e| self.record_sftp_event(channel, e)),
+            Ok(events) => {
+                if events.iter().all(|e| self.record_sftp_event(channel, e)) {
+                    Ok(())
+                } else {
+                    Err("breakglass: the session recording failed; SFTP channel closed\r\n".into())
+                }
+            }
             Err(why) => {
                 tracing::info!(session = %self.info.session_id, reason = %why, "sftp channel cut");
                 self.record(
@@ -144,7 +156,7 @@ impl Live {
                         ("what", Field::Str("sftp")),
                     ],
                 );
-                false
+                Err(format!("breakglass: {why}; SFTP channel closed\r\n"))
             }
         })
     }
@@ -218,11 +230,11 @@ impl Live {
 enum Chan {
     Relayed {
         up: ChannelWriteHalf<client::Msg>,
+        /// A shell, a command or a subsystem runs on it (one at most).
+        started: bool,
     },
     /// A forwarded TCP connection (`ssh -L`): bytes only, no requests.
-    Forwarded {
-        up: ChannelWriteHalf<client::Msg>,
-    },
+    Forwarded { up: ChannelWriteHalf<client::Msg> },
     /// The session could not start; the first request is told why.
     Failed,
 }
@@ -346,6 +358,12 @@ pub(crate) async fn handle(
 
 /// Records the end of a session and releases it.
 async fn finish(shared: &Shared, live: &Arc<Live>) {
+    // Transfers still open (a cut, a dropped connection) are recorded
+    // before the recording ends, not when their relay task gets to it.
+    let open: Vec<ChannelId> = lock(&live.sftp).keys().copied().collect();
+    for ch in open {
+        live.finish_sftp(ch);
+    }
     let reason = lock(&live.end)
         .get_or_insert_with(|| "client_closed".to_string())
         .clone();
@@ -451,12 +469,20 @@ async fn pump(
     while let Some(msg) = up.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
-                if !live.within_grant()
-                    || !live
-                        .record_sftp(ch, &data, false)
-                        .unwrap_or_else(|| live.record_data(out, ch, &data, false))
-                {
+                if !live.within_grant() {
                     break;
+                }
+                match live.record_sftp(ch, &data, false) {
+                    Some(Ok(())) => {}
+                    Some(Err(line)) => {
+                        let _ = client.extended_data(ch, 1, line.into_bytes()).await;
+                        break;
+                    }
+                    None => {
+                        if !live.record_data(out, ch, &data, false) {
+                            break;
+                        }
+                    }
                 }
                 if client.data(ch, data).await.is_err() {
                     break;
@@ -785,7 +811,7 @@ impl Conn {
         let _ = session.exit_status_request(channel, 1);
         let _ = session.eof(channel);
         let _ = session.close(channel);
-        if let Some(Chan::Relayed { up }) = self.channels.remove(&channel) {
+        if let Some(Chan::Relayed { up, .. }) = self.channels.remove(&channel) {
             tokio::spawn(async move {
                 let _ = up.close().await;
             });
@@ -803,7 +829,7 @@ impl Conn {
         session: &mut Session,
     ) -> Option<&ChannelWriteHalf<client::Msg>> {
         match self.channels.get(&channel) {
-            Some(Chan::Relayed { up }) => Some(up),
+            Some(Chan::Relayed { up, .. }) => Some(up),
             Some(Chan::Failed) => {
                 let why = self.failed.clone().unwrap_or_default();
                 let _ = session.extended_data(channel, 1, format!("{why}\r\n").into_bytes());
@@ -815,6 +841,37 @@ impl Conn {
             // Requests on a forwarded connection make no sense: ignored.
             Some(Chan::Forwarded { .. }) | None => None,
         }
+    }
+
+    /// Marks `channel` as running what it was opened for, or refuses a
+    /// second shell, command or subsystem on it and closes it: the bytes
+    /// that follow would be read as the first one's (SFTP packets, which
+    /// are recorded by what they do, reaching a shell unrecorded). False
+    /// when refused.
+    fn begin(&mut self, channel: ChannelId, what: &str, session: &mut Session) -> bool {
+        let again = match self.channels.get_mut(&channel) {
+            Some(Chan::Relayed { started, .. }) => std::mem::replace(started, true),
+            _ => false,
+        };
+        if again {
+            self.refuse_and_close(
+                channel,
+                what,
+                "this channel already runs a shell, a command or a subsystem",
+                session,
+            );
+        }
+        !again
+    }
+
+    /// Whether the connection has as many channels as it may: session
+    /// channels, local forwards and the target's remote forwards together.
+    fn channels_full(&self) -> bool {
+        let open = match self.live() {
+            Some(live) => lock(&live.channels).len(),
+            None => self.channels.len(),
+        };
+        open >= self.shared.config.max_channels_per_connection
     }
 }
 
@@ -898,7 +955,7 @@ impl russh::server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let id = channel.id();
-        if self.channels.len() >= self.shared.config.max_channels_per_connection {
+        if self.channels_full() {
             tracing::info!(client = %self.peer, "ssh channel refused: too many channels on this connection");
             reply_to
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
@@ -932,7 +989,13 @@ impl russh::server::Handler for Conn {
             &[("channel", Field::U64(u64::from(u32::from(id))))],
         );
         lock(&live.channels).insert(id, Open::Session);
-        self.channels.insert(id, Chan::Relayed { up: write });
+        self.channels.insert(
+            id,
+            Chan::Relayed {
+                up: write,
+                started: false,
+            },
+        );
         reply_to.accept().await;
         tokio::spawn(pump(live, read, session.handle(), id, "o"));
         Ok(())
@@ -1000,6 +1063,9 @@ impl russh::server::Handler for Conn {
             let _ = self.relayed(channel, session);
             return Ok(());
         };
+        if !self.begin(channel, "shell", session) {
+            return Ok(());
+        }
         let Some(up) = self.relayed(channel, session) else {
             return Ok(());
         };
@@ -1042,6 +1108,9 @@ impl russh::server::Handler for Conn {
             );
             return Ok(());
         }
+        if !self.begin(channel, "exec", session) {
+            return Ok(());
+        }
         let Some(up) = self.relayed(channel, session) else {
             return Ok(());
         };
@@ -1066,6 +1135,9 @@ impl russh::server::Handler for Conn {
             && let Some(live) = self.live().cloned()
             && live.auth.file_transfer
         {
+            if !self.begin(channel, "subsystem", session) {
+                return Ok(());
+            }
             let Some(up) = self.relayed(channel, session) else {
                 return Ok(());
             };
@@ -1169,10 +1241,11 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         match live.record_sftp(channel, data, true) {
-            Some(true) => {
+            Some(Ok(())) => {
                 let _ = up.data_bytes(data.to_vec()).await;
             }
-            Some(false) => {
+            Some(Err(line)) => {
+                let _ = session.extended_data(channel, 1, line.into_bytes());
                 let _ = up.close().await;
                 let _ = session.close(channel);
             }
@@ -1214,7 +1287,8 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(Chan::Relayed { up } | Chan::Forwarded { up }) = self.channels.remove(&channel)
+        if let Some(Chan::Relayed { up, .. } | Chan::Forwarded { up }) =
+            self.channels.remove(&channel)
         {
             let _ = up.close().await;
         }
@@ -1296,7 +1370,7 @@ impl russh::server::Handler for Conn {
                 "local port forwarding to {:?}: not a host and port",
                 to.chars().take(80).collect::<String>()
             ))
-        } else if self.channels.len() >= self.shared.config.max_channels_per_connection {
+        } else if self.channels_full() {
             Some("too many channels on this connection".into())
         } else if !live.within_grant() {
             Some("the grant has ended".into())

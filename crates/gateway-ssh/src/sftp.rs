@@ -5,9 +5,11 @@
 //! - each file transfer when its handle is closed: path, direction, size
 //!   and the SHA-256 of the bytes moved (when they moved in order, as
 //!   `sftp` and `scp` move them; `null` when the client jumped around);
-//! - each change to the file tree: remove, rename, mkdir, rmdir, setstat,
-//!   symlink (and OpenSSH's `posix-rename`, `hardlink` and `lsetstat`
-//!   extensions), with its paths.
+//! - each change to the file tree: remove, rename, mkdir, rmdir, setstat
+//!   (by path or by handle), symlink (and OpenSSH's `posix-rename`,
+//!   `hardlink`, `lsetstat` and `copy-data` extensions), with its paths.
+//!   A `copy-data` copy happens on the target: its bytes never cross the
+//!   gateway, so the file it wrote has no hash.
 //!
 //! File contents are not recorded, only their hashes. A packet longer than
 //! [`PACKET_LEN_MAX`], or more outstanding requests or open handles than
@@ -24,8 +26,11 @@ pub const PACKET_LEN_MAX: usize = 256 * 1024 + 1024;
 const PENDING_MAX: usize = 4096;
 /// Files open at once on one channel.
 const HANDLES_MAX: usize = 1024;
-/// A path or handle is at most this long.
+/// A path is at most this long.
 const STRING_LEN_MAX: usize = 64 * 1024;
+/// A handle is at most this long (the draft's own limit; OpenSSH's are 4
+/// bytes). Handles are kept per open file and per outstanding read.
+const HANDLE_LEN_MAX: usize = 256;
 
 /// Something to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +41,7 @@ pub enum Event {
         path: String,
         /// `upload` (opened for writing) or `download`.
         direction: &'static str,
-        /// The highest byte written or read, plus one.
+        /// The highest byte written or read through the gateway, plus one.
         size: u64,
         /// Hex SHA-256 of the bytes moved, when they moved in order from
         /// offset 0.
@@ -173,12 +178,13 @@ impl Tracker {
         Ok(events)
     }
 
-    /// Bytes from the server.
-    pub fn server(&mut self, data: &[u8]) -> Result<Vec<Event>, String> {
+    /// Bytes from the server: they complete nothing to record (what they
+    /// answer was recorded when it was asked, or is at the close).
+    pub fn server(&mut self, data: &[u8]) -> Result<(), String> {
         for p in packets(&mut self.from_server, data)? {
             self.server_packet(&p)?;
         }
-        Ok(Vec::new())
+        Ok(())
     }
 
     /// The channel ended: the files still open.
@@ -242,6 +248,14 @@ impl Tracker {
                 }
             }
             9 => events.extend(op("setstat", r.text(), None)),
+            10 => {
+                // FSETSTAT: a setstat (a truncate, a mode) through a handle.
+                let path = r
+                    .string()
+                    .and_then(|h| self.handles.get(h))
+                    .map(|f| f.path.clone());
+                events.extend(op("setstat", path, None));
+            }
             13 => events.extend(op("remove", r.text(), None)),
             14 => events.extend(op("mkdir", r.text(), None)),
             15 => events.extend(op("rmdir", r.text(), None)),
@@ -258,6 +272,10 @@ impl Tracker {
             200 => {
                 // EXTENDED: OpenSSH's own requests that change the tree.
                 let name = r.string().unwrap_or_default();
+                if name == b"copy-data@openssh.com" {
+                    self.copy_data(&mut r, events);
+                    return Ok(());
+                }
                 let kind = match name {
                     b"posix-rename@openssh.com" => Some("rename"),
                     b"hardlink@openssh.com" => Some("hardlink"),
@@ -275,6 +293,29 @@ impl Tracker {
         Ok(())
     }
 
+    /// OpenSSH's `copy-data`: the target copies between two open handles
+    /// (read handle, offset, length, write handle, offset). Recorded as a
+    /// `copy`; the written file gets no hash, since its bytes never crossed.
+    fn copy_data(&mut self, r: &mut Reader<'_>, events: &mut Vec<Event>) {
+        let from = r.string().map(<[u8]>::to_vec);
+        let (_, _) = (r.u64(), r.u64());
+        let to = r.string();
+        let src = from
+            .and_then(|h| self.handles.get(&h))
+            .map(|f| f.path.clone());
+        let dst = to.and_then(|h| self.handles.get_mut(h)).map(|f| {
+            f.in_order = false;
+            f.path.clone()
+        });
+        if let Some(path) = src {
+            events.push(Event::Op {
+                op: "copy",
+                path,
+                target: dst,
+            });
+        }
+    }
+
     fn server_packet(&mut self, p: &[u8]) -> Result<(), String> {
         let mut r = Reader(p);
         let Some(kind) = r.u8() else { return Ok(()) };
@@ -286,6 +327,12 @@ impl Tracker {
             (Some(Pending::Open { path, write }), 102) => {
                 // HANDLE
                 if let Some(h) = r.string() {
+                    if h.len() > HANDLE_LEN_MAX {
+                        return Err(format!(
+                            "an SFTP handle of {} bytes (the limit is {HANDLE_LEN_MAX})",
+                            h.len()
+                        ));
+                    }
                     if self.handles.len() >= HANDLES_MAX {
                         return Err(format!("more than {HANDLES_MAX} files open over SFTP"));
                     }
@@ -505,6 +552,64 @@ mod tests {
     }
 
     #[test]
+    fn setstat_by_handle_and_copies_on_the_target_are_reported() {
+        let mut t = Tracker::default();
+        t.client(&open(1, "/srv/src", 1)).expect("ok");
+        t.server(&handle(1, b"r")).expect("ok");
+        t.client(&open(2, "/srv/dst", SSH_FXF_WRITE | SSH_FXF_CREAT))
+            .expect("ok");
+        t.server(&handle(2, b"w")).expect("ok");
+        let mut b = Vec::new();
+        string(&mut b, b"w");
+        b.extend_from_slice(&0u32.to_be_bytes()); // attrs: no flags
+        let e = t.client(&packet(10, Some(3), &b)).expect("ok");
+        assert_eq!(
+            e,
+            vec![Event::Op {
+                op: "setstat",
+                path: "/srv/dst".into(),
+                target: None
+            }]
+        );
+        let mut b = Vec::new();
+        string(&mut b, b"copy-data@openssh.com");
+        string(&mut b, b"r");
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        string(&mut b, b"w");
+        b.extend_from_slice(&0u64.to_be_bytes());
+        let e = t.client(&packet(200, Some(4), &b)).expect("ok");
+        assert_eq!(
+            e,
+            vec![Event::Op {
+                op: "copy",
+                path: "/srv/src".into(),
+                target: Some("/srv/dst".into())
+            }]
+        );
+        // The copied file's bytes never crossed: no hash claims them.
+        let e = t.client(&close(5, b"w")).expect("ok");
+        assert!(
+            matches!(&e[..], [Event::File { path, sha256: None, .. }] if path == "/srv/dst"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_handle_over_its_limit_cuts_the_channel() {
+        let mut t = Tracker::default();
+        t.client(&open(1, "f", 1)).expect("ok");
+        let err = t
+            .server(&handle(1, &[b'h'; HANDLE_LEN_MAX + 1]))
+            .expect_err("too long");
+        assert!(err.contains("handle of 257 bytes"), "{err}");
+        let mut t = Tracker::default();
+        t.client(&open(1, "f", 1)).expect("ok");
+        t.server(&handle(1, &[b'h'; HANDLE_LEN_MAX]))
+            .expect("at the limit");
+    }
+
+    #[test]
     fn random_bytes_never_panic() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -519,7 +624,7 @@ mod tests {
                     bytes[..4].copy_from_slice(&n.to_be_bytes());
                 }
                 let _ = if rng.gen_bool(0.5) {
-                    t.client(&bytes)
+                    t.client(&bytes).map(|_| ())
                 } else {
                     t.server(&bytes)
                 };

@@ -100,7 +100,6 @@ impl Pinned {
 
 pub(crate) type Upstream = client::Handle<Pinned>;
 
-/// Connects and signs in; the error is the one line the client is told.
 /// The ciphers the gateway offers upstream, best first. AES-GCM comes
 /// before ChaCha20-Poly1305 (russh's own first choice): with AES-NI, on
 /// both sides, it costs a fraction of the CPU per byte, and every byte a
@@ -113,6 +112,7 @@ const UPSTREAM_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_CTR,
 ];
 
+/// Connects and signs in; the error is the one line the client is told.
 pub(crate) async fn connect(
     auth: &Authorized,
     session_id: &str,

@@ -435,18 +435,40 @@ pub fn summarise_ssh_recording(rules: &RuleSet, session: &str, path: &Path) -> S
             Some("forward") => {
                 let host = v["host"].as_str().unwrap_or("?");
                 let port = v["port"].as_u64().unwrap_or(0);
-                s.command(entry, time, &format!("port forward to {host}:{port}"));
+                let line = if v["remote"].as_bool() == Some(true) {
+                    let from = v["originator"].as_str().unwrap_or("?");
+                    format!(
+                        "remote port forward from {from} to the client ({host}:{port} on the target)"
+                    )
+                } else {
+                    format!("port forward to {host}:{port}")
+                };
+                s.command(entry, time, &line);
             }
-            // File transfers and changes over SFTP, likewise.
+            Some("remote_forward") => {
+                let address = v["address"].as_str().unwrap_or("?");
+                let port = v["port"].as_u64().unwrap_or(0);
+                s.command(
+                    entry,
+                    time,
+                    &format!("remote port forward: the target listens on {address}:{port}"),
+                );
+            }
+            // File transfers and changes over SFTP, likewise; a transfer
+            // the channel's end cut short, or without a hash, says so.
             Some("file") => {
                 let direction = v["direction"].as_str().unwrap_or("?");
                 let path = v["path"].as_str().unwrap_or("?");
                 let size = v["size"].as_u64().unwrap_or(0);
-                s.command(
-                    entry,
-                    time,
-                    &format!("sftp {direction} {path} ({size} bytes)"),
-                );
+                let mut line = format!("sftp {direction} {path} ({size} bytes");
+                if v["closed"].as_bool() == Some(false) {
+                    line.push_str(", interrupted");
+                }
+                if v["sha256"].is_null() {
+                    line.push_str(", no hash");
+                }
+                line.push(')');
+                s.command(entry, time, &line);
             }
             Some("sftp") => {
                 let op = v["op"].as_str().unwrap_or("?");

@@ -761,17 +761,26 @@ impl App {
                         key_id: format!("breakglass:{}:{}", req.requester, req.id),
                         valid_after: now,
                         valid_before: expires_at,
-                        pty: true,
+                        // The gateway decides from the grant's role, not
+                        // from the certificate's extensions: it reads
+                        // only the credential's. None is granted here.
+                        pty: false,
                         port_forwarding: false,
                         credential: Some(hash),
                     },
                 )
-                .map_err(|e| AppError::BadInput(format!("ssh_public_key: {e}")))?;
-                Some(cert.to_openssh().map_err(|e| {
-                    AppError::BadInput(format!(
-                        "ssh_public_key: cannot encode the certificate: {e}"
-                    ))
-                })?)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.to_openssh().map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    // The key was checked above: this is the node's fault,
+                    // not the caller's.
+                    tracing::error!(request = %req.id, error = %e, "cannot sign an SSH client certificate");
+                    AppError::Conflict(
+                        "no_gateway",
+                        "this node could not sign the SSH certificate (its log says why); ask again without ssh_public_key, or on another node".into(),
+                    )
+                })?;
+                Some(cert)
             }
             _ => None,
         };

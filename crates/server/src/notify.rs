@@ -413,14 +413,13 @@ async fn run_sink(
     notifier: Arc<Notifier>,
     rt: Arc<Runtime>,
     mut feed: tokio::sync::broadcast::Receiver<Arc<AuditEvent>>,
-    mut cursor: u64,
+    cursor: u64,
 ) {
     let Some(node) = app.upgrade().map(|a| a.node_id()) else {
         return;
     };
     let mut lease = Lease { node, until: None };
-    let mut saved = cursor;
-    let mut saved_at = Instant::now();
+    let mut at = Cursor::new(cursor);
     loop {
         let Some(a) = app.upgrade() else { return };
         let store = a.store.clone();
@@ -435,8 +434,8 @@ async fn run_sink(
             match store.notify_cursors().await {
                 Ok(all) => {
                     if let Some(c) = all.iter().find(|c| c.sink == rt.sink.name()) {
-                        (cursor, saved) = (c.seq, c.seq);
-                        rt.status().cursor = cursor;
+                        at = Cursor::new(c.seq);
+                        rt.status().cursor = c.seq;
                     }
                 }
                 Err(e) => {
@@ -447,7 +446,7 @@ async fn run_sink(
                 }
             }
         }
-        let page = match store.audit(cursor, CATCH_UP_PAGE_LEN).await {
+        let page = match store.audit(at.seq, CATCH_UP_PAGE_LEN).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(sink = rt.sink.name(), error = %e, "cannot read the audit log; retrying");
@@ -463,17 +462,9 @@ async fn run_sink(
             {
                 break;
             }
-            cursor = batch.last().map_or(cursor, |ev| ev.seq);
-            rt.status().cursor = cursor;
-            if saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS) {
-                save(store.as_ref(), &rt, cursor).await;
-                (saved, saved_at) = (cursor, Instant::now());
-            }
+            at.passed(store.as_ref(), &rt, batch).await;
         }
-        if saved != cursor {
-            save(store.as_ref(), &rt, cursor).await;
-            (saved, saved_at) = (cursor, Instant::now());
-        }
+        at.save(store.as_ref(), &rt).await;
         if !idle || lease.until.is_none() {
             continue;
         }
@@ -485,15 +476,15 @@ async fn run_sink(
             let first = match tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), feed.recv())
                 .await
             {
-                Ok(Ok(ev)) if ev.seq <= cursor => continue,
-                Ok(Ok(ev)) if ev.seq == cursor + 1 => ev,
+                Ok(Ok(ev)) if ev.seq <= at.seq => continue,
+                Ok(Ok(ev)) if ev.seq == at.seq + 1 => ev,
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
                 Ok(Err(RecvError::Closed)) => return,
             };
             let mut batch = vec![first];
             let mut gap = false;
             while batch.len() < BATCH_LEN_MAX {
-                let last = batch.last().map_or(cursor, |ev| ev.seq);
+                let last = batch.last().map_or(at.seq, |ev| ev.seq);
                 match feed.try_recv() {
                     Ok(ev) if ev.seq <= last => {}
                     Ok(ev) if ev.seq == last + 1 => batch.push(ev),
@@ -510,14 +501,7 @@ async fn run_sink(
             {
                 break 'follow;
             }
-            cursor = batch.last().map_or(cursor, |ev| ev.seq);
-            rt.status().cursor = cursor;
-            if saved != cursor
-                && saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS)
-            {
-                save(store.as_ref(), &rt, cursor).await;
-                (saved, saved_at) = (cursor, Instant::now());
-            }
+            at.passed(store.as_ref(), &rt, &batch).await;
             if gap {
                 break 'follow;
             }
@@ -556,6 +540,42 @@ async fn process(
         }
     }
     carried.is_empty() || deliver(app, rt, lease, &carried, Payload::Syslog(frames)).await
+}
+
+/// Where a sink stands: the last event it passed (delivered, given up on or
+/// not meant for it), saved at most every `CURSOR_SAVE_INTERVAL_MS` while
+/// it moves and at once when it stops.
+struct Cursor {
+    seq: u64,
+    saved: u64,
+    saved_at: Instant,
+}
+
+impl Cursor {
+    fn new(seq: u64) -> Cursor {
+        Cursor {
+            seq,
+            saved: seq,
+            saved_at: Instant::now(),
+        }
+    }
+
+    /// The sink passed `batch`: moves on, and saves if the last save is old.
+    async fn passed(&mut self, store: &dyn Store, rt: &Runtime, batch: &[Arc<AuditEvent>]) {
+        self.seq = batch.last().map_or(self.seq, |ev| ev.seq);
+        rt.status().cursor = self.seq;
+        if self.saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS) {
+            self.save(store, rt).await;
+        }
+    }
+
+    /// Saves the cursor if it moved since the last save.
+    async fn save(&mut self, store: &dyn Store, rt: &Runtime) {
+        if self.saved != self.seq {
+            save(store, rt, self.seq).await;
+            (self.saved, self.saved_at) = (self.seq, Instant::now());
+        }
+    }
 }
 
 async fn save(store: &dyn Store, rt: &Runtime, seq: u64) {

@@ -201,7 +201,7 @@ struct Shared {
     head: Mutex<(u64, Hash)>,
     readers: Mutex<Vec<Connection>>,
     events: broadcast::Sender<Arc<AuditEvent>>,
-    recent: Mutex<Recent<Request>>,
+    recent: Mutex<Recent<Arc<Request>>>,
 }
 
 /// The requests written last, as the writer committed them: a request in
@@ -524,7 +524,7 @@ fn writer_loop(conn: Connection, rx: Receiver<Job>, shared: Arc<Shared>, mut tre
                         if let (Op::Create(t) | Op::CreateEmergency(t, _) | Op::Apply(t), Ok(_)) =
                             (&job.op, result)
                         {
-                            recent.put(&t.request.id, t.request.clone());
+                            recent.put(&t.request.id, Arc::new(t.request.clone()));
                         }
                     }
                 }
@@ -836,8 +836,10 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Request>, StoreError> {
-        if let Some(r) = lock(&self.shared.recent).get(id) {
-            return Ok(Some(r));
+        // The lock is held for an `Arc` clone only; the copy is made after.
+        let kept = lock(&self.shared.recent).get(id);
+        if let Some(r) = kept {
+            return Ok(Some(Request::clone(&r)));
         }
         self.get_row(id)
     }

@@ -654,18 +654,35 @@ fn garbage_endless_versions_failed_negotiations_and_idle_sockets_are_dropped_alo
 
     // Algorithms the gateway does not speak: the negotiation fails at
     // once (not at a timeout) and no session starts.
+    // By default the gateway offers AES-GCM alone: a client that only
+    // speaks ChaCha20-Poly1305 or AES-CTR is refused the same way.
     for opt in [
         "Ciphers=3des-cbc",
+        "Ciphers=chacha20-poly1305@openssh.com",
+        "Ciphers=aes128-ctr",
         "KexAlgorithms=diffie-hellman-group1-sha1",
     ] {
-        let out = run(&mut e.ssh_with("web", &g.token, &["-o", opt], &["true"]));
+        // `-v`: the client says why at its info level, under LogLevel=ERROR.
+        let out = run(&mut e.ssh_with("web", &g.token, &["-v", "-o", opt], &["true"]));
         assert_eq!(out.code, 255, "{opt}: {out:#?}");
         assert!(out.elapsed < Duration::from_secs(2), "{opt}: {out:#?}");
+        // (This client no longer speaks 3des-cbc itself.)
+        if opt.starts_with("Ciphers=") && opt != "Ciphers=3des-cbc" {
+            assert!(out.stderr.contains("no matching cipher"), "{opt}: {out:#?}");
+        }
+    }
+    // Either AES-GCM goes through.
+    for opt in [
+        "Ciphers=aes128-gcm@openssh.com",
+        "Ciphers=aes256-gcm@openssh.com",
+    ] {
+        let out = run(&mut e.ssh_with("web", &g.token, &["-o", opt], &["echo gcm"]));
+        assert_eq!((out.code, out.stdout.trim()), (0, "gcm"), "{opt}: {out:#?}");
     }
     assert_eq!(
         e.bg.sessions("alice", &g.id).len(),
-        1,
-        "only the steady session started"
+        3,
+        "only the steady session and the two AES-GCM ones started"
     );
 
     // Through all of it, the session went on; and the gateway still

@@ -29,7 +29,10 @@ impl<'a> Data<'a> {
         {
             return Data::Text(text);
         }
-        Data::Base64(STANDARD.encode(bytes))
+        // Every byte of binary output is encoded on the relay path, so the
+        // SIMD encoder (several times faster); the same standard alphabet
+        // with padding, as the test against `base64` checks.
+        Data::Base64(base64_simd::STANDARD.encode_to_string(bytes))
     }
 
     /// The entry member: `("data", text)` or `("b64", base64)`.
@@ -149,6 +152,24 @@ mod tests {
             } else {
                 assert!(e.get("b64").is_some());
             }
+        }
+    }
+
+    #[test]
+    fn binary_is_encoded_as_the_base64_crate_encodes_it() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        // Every length around the SIMD block sizes, then large packets.
+        let lens = (0..200).chain([4095, 4096, 32_768, 32_769, 262_144]);
+        for len in lens {
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+            if let Some(first) = bytes.first_mut() {
+                *first = 0; // never text
+            }
+            let Data::Base64(b) = Data::of(&bytes) else {
+                assert!(len == 0, "{len} bytes stayed text");
+                continue;
+            };
+            assert_eq!(b, STANDARD.encode(&bytes), "{len} bytes");
         }
     }
 

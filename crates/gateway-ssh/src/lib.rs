@@ -62,6 +62,8 @@ pub enum SshError {
     Certificate(String),
     #[error("recordings: {0}")]
     Recordings(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// `[gateway.ssh]` in the config.
@@ -122,6 +124,40 @@ pub struct SshGatewayConfig {
     /// Largest SSH packet, in bytes (between 32768 and 262144).
     #[serde(default = "default_packet_len_max")]
     pub packet_len_max: u32,
+    /// The ciphers offered to clients (the client picks its first one the
+    /// gateway offers). Default: AES-GCM only; see [`CLIENT_CIPHERS`].
+    #[serde(default = "default_ciphers")]
+    pub ciphers: Vec<String>,
+}
+
+/// The ciphers `gateway.ssh.ciphers` may name: the AEAD and CTR modes
+/// russh implements (no CBC, no `none`).
+pub const CLIENT_CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
+/// AES-GCM only, by default. A stock OpenSSH client prefers
+/// ChaCha20-Poly1305, then AES-CTR with a MAC, then AES-GCM, and takes the
+/// first the server offers; offering GCM alone gets it GCM, which:
+/// - is not open to the Terrapin prefix truncation (CVE-2023-48795) with
+///   clients that lack strict key exchange, as ChaCha20-Poly1305 and the
+///   `-etm` MACs are;
+/// - costs a fraction of ChaCha20-Poly1305's CPU per byte with AES-NI, on
+///   a path where every byte is also decrypted from the target, hashed
+///   into the recording and encrypted again.
+///
+/// Every OpenSSH since 6.2, PuTTY since 0.76 and Go's x/crypto/ssh speak
+/// it; `ciphers` admits the others for older clients.
+fn default_ciphers() -> Vec<String> {
+    vec![
+        russh::cipher::AES_256_GCM.as_ref().into(),
+        russh::cipher::AES_128_GCM.as_ref().into(),
+    ]
 }
 
 fn default_max_connections() -> usize {
@@ -190,7 +226,31 @@ impl SshGatewayConfig {
                 "gateway.ssh.packet_len_max must be between 32768 and {PACKET_LEN_MAX}"
             ));
         }
+        self.cipher_names()?;
         Ok(())
+    }
+
+    /// `ciphers` as russh names, in the configured order: at least one,
+    /// each from [`CLIENT_CIPHERS`], none twice.
+    pub fn cipher_names(&self) -> Result<Vec<russh::cipher::Name>, String> {
+        if self.ciphers.is_empty() {
+            return Err("gateway.ssh.ciphers must name at least one cipher".into());
+        }
+        let mut out = Vec::with_capacity(self.ciphers.len());
+        for c in &self.ciphers {
+            let Some(name) = CLIENT_CIPHERS.iter().find(|n| n.as_ref() == c.as_str()) else {
+                let known: Vec<&str> = CLIENT_CIPHERS.iter().map(|n| n.as_ref()).collect();
+                return Err(format!(
+                    "gateway.ssh.ciphers: {c:?} is not one of {}",
+                    known.join(", ")
+                ));
+            };
+            if out.contains(name) {
+                return Err(format!("gateway.ssh.ciphers: {c:?} is named twice"));
+            }
+            out.push(*name);
+        }
+        Ok(out)
     }
 
     /// The slot limits of the listener.
@@ -349,6 +409,10 @@ impl SshGateway {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
             nodelay: true,
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Owned(config.cipher_names().map_err(SshError::Config)?),
+                ..russh::Preferred::DEFAULT
+            },
             ..Default::default()
         };
         Ok(SshGateway {
@@ -395,5 +459,45 @@ impl SshGateway {
             self.shared.authority.as_ref(),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<SshGatewayConfig, String> {
+        let text = format!("listen = \"127.0.0.1:2222\"\n{extra}");
+        let c: SshGatewayConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn ciphers_default_to_aes_gcm_and_take_only_what_russh_offers_safely() {
+        let c = config("").expect("defaults");
+        assert_eq!(
+            c.cipher_names().expect("names"),
+            vec![russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM]
+        );
+        let c = config("ciphers = [\"chacha20-poly1305@openssh.com\", \"aes128-ctr\"]")
+            .expect("older clients admitted");
+        assert_eq!(
+            c.cipher_names().expect("names"),
+            vec![russh::cipher::CHACHA20_POLY1305, russh::cipher::AES_128_CTR]
+        );
+        for (bad, says) in [
+            ("ciphers = []", "at least one"),
+            ("ciphers = [\"aes128-cbc\"]", "\"aes128-cbc\" is not one of"),
+            ("ciphers = [\"none\"]", "\"none\" is not one of"),
+            (
+                "ciphers = [\"aes128-ctr\", \"aes128-ctr\"]",
+                "\"aes128-ctr\" is named twice",
+            ),
+        ] {
+            let err = config(bad).expect_err(bad);
+            assert!(err.contains("gateway.ssh.ciphers"), "{bad}: {err}");
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -262,6 +262,17 @@ impl Ctx {
             Goal::AtLeast(0.8),
             format!("best of {rounds} interleaved runs each, stock ssh client, same sshd"),
         ));
+        let rates = |v: &[f64]| {
+            v.iter()
+                .map(|s| format!("{:.0}", mb / s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        self.notes.push(format!(
+            "ssh: every bulk run in MB/s, in order: direct {}; gateway {}",
+            rates(&direct),
+            rates(&via)
+        ));
 
         // Keystrokes.
         let n = self.n(1000, 100);

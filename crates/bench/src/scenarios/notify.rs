@@ -2,7 +2,9 @@
 //! lifecycle load and approve latency are measured without sinks and with
 //! three (a signed webhook to a live receiver, a syslog TCP receiver, and
 //! a webhook whose port refuses every connection, so it retries all the
-//! time), in interleaved rounds within one run.
+//! time), in interleaved rounds within one run. Each round runs both
+//! servers at once: approvals alternate between them (paired samples of
+//! the same moments), then each takes the lifecycle load alone.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use breakglass_testkit::receiver::{Receiver, TcpSink};
 
 use super::{Ctx, approve, create_body, created, expect_state, revoke};
-use crate::server::{self, Client, lead, requester};
+use crate::server::{self, AUDITOR, Client, lead, requester};
 use crate::stats::{Goal, Row, Samples, fmt_secs};
 
 /// Concurrent clients of the throughput part.
@@ -25,6 +27,8 @@ struct Figures {
     /// The server's own CPU seconds per lifecycle in the throughput part
     /// (deliveries included; the receivers are other processes).
     cpu_per_lifecycle: f64,
+    /// Events each sink had not delivered yet when the load stopped.
+    lag: Vec<(String, u64)>,
 }
 
 impl Ctx {
@@ -42,9 +46,10 @@ impl Ctx {
         );
         let rounds = self.n(3, 1);
         let (mut without, mut with) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            without.push(self.notify_round(None)?);
-            with.push(self.notify_round(Some(&sinks))?);
+        for round in 0..rounds {
+            let (a, b) = self.notify_round(&sinks, round % 2 == 1)?;
+            without.push(a);
+            with.push(b);
         }
         let rate = |f: &[Figures]| f.iter().map(|x| x.rate).sum::<f64>() / f.len() as f64;
         let p99 = |f: &[Figures]| {
@@ -72,7 +77,8 @@ impl Ctx {
             p1 / p0.max(1e-9),
             "<= 110%",
             Goal::AtMost(1.1),
-            "sequential approvals of pending requests".to_string(),
+            "sequential approvals of pending requests, alternating between the two servers"
+                .to_string(),
         ));
         let cpu =
             |f: &[Figures]| f.iter().map(|x| x.cpu_per_lifecycle).sum::<f64>() / f.len() as f64;
@@ -92,70 +98,128 @@ impl Ctx {
             live.deliveries().len(),
             siem.bytes().len()
         ));
+        let lags: Vec<String> = with
+            .iter()
+            .map(|f| {
+                f.lag
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
+        self.notes.push(format!(
+            "notify: events not yet delivered when each round's load stopped (per sink): {}",
+            lags.join("; ")
+        ));
         Ok(())
     }
 
-    /// One server, with `sinks` appended to its config (or none): approve
-    /// latency, then lifecycle throughput.
-    fn notify_round(&self, sinks: Option<&str>) -> anyhow::Result<Figures> {
-        let setup = server::setup()?;
-        if let Some(extra) = sinks {
-            std::fs::write(setup.dir.path().join("hook.secret"), SECRET)?;
-            let mut text = std::fs::read_to_string(&setup.config)?;
-            text.push_str(extra);
-            std::fs::write(&setup.config, text)?;
-        }
-        let srv = self.start(&setup)?;
-        let c = Client::new(&srv.url);
+    /// Two servers at once, one without sinks and one with `sinks`
+    /// appended to its config: approve latency measured on both in turn
+    /// (each approval on one is followed by one on the other, so both see
+    /// the same moments of the shared machine and its hypervisor), then
+    /// lifecycle throughput on each alone, the other idle.
+    /// `sinks_first`: the server with sinks has its throughput measured
+    /// first (rounds alternate).
+    fn notify_round(&self, sinks: &str, sinks_first: bool) -> anyhow::Result<(Figures, Figures)> {
+        let bare = server::setup()?;
+        let sinked = server::setup()?;
+        std::fs::write(sinked.dir.path().join("hook.secret"), SECRET)?;
+        let mut text = std::fs::read_to_string(&sinked.config)?;
+        text.push_str(sinks);
+        std::fs::write(&sinked.config, text)?;
+        let servers = [self.start(&bare)?, self.start(&sinked)?];
+        let clients = [Client::new(&servers[0].url), Client::new(&servers[1].url)];
         let body = create_body("prod-db", "15m");
         let n = self.n(300, 40);
-        let mut lat = Vec::with_capacity(n);
+        let mut lat = [Vec::with_capacity(n), Vec::with_capacity(n)];
         for i in 0..n {
-            let id = created(&c, &requester(i), &body, "pending")?;
-            let t0 = Instant::now();
-            let v = approve(&c, &lead(i), &id)?;
-            lat.push(t0.elapsed());
-            expect_state(&v, "active", "approve")?;
+            // Alternate which goes first, so neither always follows the other.
+            for k in [i % 2, 1 - i % 2] {
+                let c = &clients[k];
+                let id = created(c, &requester(i), &body, "pending")?;
+                let t0 = Instant::now();
+                let v = approve(c, &lead(i), &id)?;
+                lat[k].push(t0.elapsed().as_secs_f64());
+                expect_state(&v, "active", "approve")?;
+            }
         }
-        let window = Duration::from_secs(if self.quick { 2 } else { 5 });
-        let stop = Arc::new(AtomicBool::new(false));
-        let barrier = Arc::new(Barrier::new(CLIENTS + 1));
-        let mut handles = Vec::new();
-        for t in 0..CLIENTS {
-            let (stop, barrier, url) = (stop.clone(), barrier.clone(), srv.url.clone());
-            handles.push(std::thread::spawn(move || -> anyhow::Result<usize> {
-                let c = Client::new(&url);
-                let body = create_body("prod-db", "15m");
-                let mut done = 0;
-                barrier.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    let id = created(&c, &requester(t), &body, "pending")?;
-                    let v = approve(&c, &lead(t), &id)?;
-                    expect_state(&v, "active", "approve")?;
-                    revoke(&c, &requester(t), &id)?;
-                    done += 1;
-                }
-                Ok(done)
-            }));
+        let [l0, l1] = lat;
+        let [s0, s1] = servers;
+        if sinks_first {
+            let b = throughput(self.quick, s1, l1)?;
+            Ok((throughput(self.quick, s0, l0)?, b))
+        } else {
+            let a = throughput(self.quick, s0, l0)?;
+            Ok((a, throughput(self.quick, s1, l1)?))
         }
-        barrier.wait();
-        let t0 = Instant::now();
-        let cpu0 = srv.cpu_secs();
-        std::thread::sleep(window);
-        stop.store(true, Ordering::Relaxed);
-        let mut count = 0;
-        for h in handles {
-            count += h
-                .join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu = srv.cpu_secs() - cpu0;
-        srv.stop()?;
-        Ok(Figures {
-            rate: count as f64 / secs,
-            approve: lat.iter().map(Duration::as_secs_f64).collect(),
-            cpu_per_lifecycle: cpu / (count.max(1) as f64),
-        })
     }
+}
+
+/// Lifecycle throughput of `srv` with [`CLIENTS`] clients; stops it.
+fn throughput(quick: bool, srv: server::Server, latencies: Vec<f64>) -> anyhow::Result<Figures> {
+    let window = Duration::from_secs(if quick { 2 } else { 5 });
+    let stop = Arc::new(AtomicBool::new(false));
+    let barrier = Arc::new(Barrier::new(CLIENTS + 1));
+    let mut handles = Vec::new();
+    for t in 0..CLIENTS {
+        let (stop, barrier, url) = (stop.clone(), barrier.clone(), srv.url.clone());
+        handles.push(std::thread::spawn(move || -> anyhow::Result<usize> {
+            let c = Client::new(&url);
+            let body = create_body("prod-db", "15m");
+            let mut done = 0;
+            barrier.wait();
+            while !stop.load(Ordering::Relaxed) {
+                let id = created(&c, &requester(t), &body, "pending")?;
+                let v = approve(&c, &lead(t), &id)?;
+                expect_state(&v, "active", "approve")?;
+                revoke(&c, &requester(t), &id)?;
+                done += 1;
+            }
+            Ok(done)
+        }));
+    }
+    barrier.wait();
+    let t0 = Instant::now();
+    let cpu0 = srv.cpu_secs();
+    std::thread::sleep(window);
+    stop.store(true, Ordering::Relaxed);
+    let mut count = 0;
+    for h in handles {
+        count += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = srv.cpu_secs() - cpu0;
+    let lag = sink_lag(&Client::new(&srv.url))?;
+    srv.stop()?;
+    Ok(Figures {
+        rate: count as f64 / secs,
+        approve: latencies,
+        cpu_per_lifecycle: cpu / (count.max(1) as f64),
+        lag,
+    })
+}
+
+/// Each sink's lag (`GET /v1/notify/status`): events committed and not
+/// yet delivered or given up.
+fn sink_lag(c: &Client) -> anyhow::Result<Vec<(String, u64)>> {
+    let v = c
+        .get(AUDITOR, "/v1/notify/status")?
+        .expect(200, "notify status")?;
+    Ok(v["sinks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["name"].as_str().unwrap_or("?").to_string(),
+                        s["lag"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
 }

@@ -458,6 +458,17 @@ fn kill_9_under_load_loses_nothing() {
         setup.new_port();
         let spawned_ms = now_ms();
         let mut server = Server::start(&setup);
+        if round == 0 {
+            // A second server on the same data dir is refused at once and
+            // told which process holds it.
+            let out = setup.cli(None, &["serve", "--config", &config]);
+            assert_ne!(out.code, 0, "{out:#?}");
+            assert!(
+                out.stderr
+                    .contains("held by a running `breakglass serve` (pid "),
+                "{out:#?}"
+            );
+        }
         let api = Api::new(&setup.url());
         let events = check_after_restart(&api, &rec, spawned_ms, seed);
         let problems = lock(&rec.problems).clone();

@@ -20,6 +20,51 @@ pub fn prepare(dir: &Path, store_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The file in `data_dir` that a serving process holds locked.
+pub const LOCK_FILE: &str = "serve.lock";
+
+/// Takes `dir` for this process: an exclusive lock on [`LOCK_FILE`], held
+/// until the returned file is dropped or the process ends, however it
+/// ends (the kernel drops the lock of a killed process). Two servers on
+/// one data dir would write one store, each with its own idea of the
+/// audit chain's head and of the requests it just wrote, and the same
+/// recordings directory; `what` says who asks, for the refusal. The file
+/// holds the holder's pid, to name it in that refusal.
+pub fn lock(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let mut f = open
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut held_by = String::new();
+            let _ = (&f).take(32).read_to_string(&mut held_by);
+            let pid = held_by
+                .trim()
+                .parse::<u32>()
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default();
+            bail!(
+                "{what}: {} is held by a running `breakglass serve`{pid}: one server at a time may use a data_dir (stop it first, or give each node its own data_dir)",
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
 #[cfg(unix)]
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -92,6 +137,24 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn one_holder_at_a_time_and_the_next_is_told_who() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let held = lock(tmp.path(), "serve").expect("first");
+        let err = lock(tmp.path(), "store copy")
+            .expect_err("second")
+            .to_string();
+        assert!(err.starts_with("store copy: "), "{err}");
+        assert!(
+            err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
+        assert!(err.contains("one server at a time"), "{err}");
+        assert_eq!(mode(&tmp.path().join(LOCK_FILE)), 0o600);
+        drop(held);
+        lock(tmp.path(), "serve").expect("free again once dropped");
     }
 
     #[test]

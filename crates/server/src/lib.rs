@@ -123,6 +123,8 @@ pub struct Running {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// The data dir's lock, released when this is dropped.
+    _lock: std::fs::File,
 }
 
 impl Running {
@@ -339,6 +341,9 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         &config.server.data_dir,
         database_url.is_none().then_some(db.as_path()),
     )?;
+    // INVARIANT: one serving process per data dir (the in-memory chain
+    // head and the store's request cache assume a single writer).
+    let lock = datadir::lock(&config.server.data_dir, "serve")?;
     let key = keys::load_or_create(&config.server.data_dir)?;
     let store = open_store(&config, database_url.as_deref()).await?;
     let trusted = trusted_keys(&config, &key.verifying_key())?;
@@ -497,6 +502,7 @@ pub async fn start(config: Config, listener: TcpListener) -> anyhow::Result<Runn
         server,
         shutdown,
         background,
+        _lock: lock,
     })
 }
 
@@ -569,6 +575,11 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 (Config::load(path)?, None)
             }
         };
+        // A second server on a data dir in use is told so before its
+        // listen address is found taken (`start` holds the lock itself).
+        if config.server.data_dir.is_dir() {
+            drop(datadir::lock(&config.server.data_dir, "serve")?);
+        }
         let listen = config.server.listen;
         let listener = TcpListener::bind(listen)
             .await

@@ -210,6 +210,8 @@ pub fn store_copy(data_dir: &Path, url: &str) -> anyhow::Result<CopyReport> {
             db.display()
         );
     }
+    // The copy is of a stopped node: a running one would go on writing.
+    let _lock = crate::datadir::lock(data_dir, "store copy")?;
     let from = SqliteStore::open(&db, SqliteOptions::default())
         .with_context(|| format!("cannot open {}", db.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -430,18 +430,19 @@ async fn get_request(
     Ok(Json(app.get_visible(&who, &id).await?))
 }
 
-#[utoipa::path(post, path = "/v1/requests/{id}/approve", params(("id" = String, Path)), request_body = ApproveBody,
+#[utoipa::path(post, path = "/v1/requests/{id}/approve", params(("id" = String, Path)), request_body = Option<ApproveBody>,
     responses((status = 200, body = Request), (status = 403, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]
 async fn approve(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Request>> {
     require_person(&app, &who)?;
     // The body is optional: `approve` with no comment needs none.
-    let comment = optional_json::<ApproveBody>(body)?.and_then(|b| b.comment);
+    let comment = optional_json::<ApproveBody>(&headers, body)?.and_then(|b| b.comment);
     Ok(Json(
         app.act(&who, &id, Command::Approve { comment }).await?,
     ))
@@ -525,8 +526,10 @@ async fn review(
     Ok(Json(app.act(&who, &id, cmd).await?))
 }
 
-/// A JSON body that may be left out (empty or only whitespace: `None`).
+/// A JSON body that may be left out (empty, only whitespace, or `null`:
+/// `None`); one that is there must be sent as JSON (415 otherwise).
 fn optional_json<T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Option<T>, ApiError> {
     let body = body.map_err(|rej| {
@@ -541,7 +544,16 @@ fn optional_json<T: serde::de::DeserializeOwned>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    serde_json::from_slice::<T>(&body).map(Some).map_err(|e| {
+    // A body that is there is JSON, said so as for every other body.
+    if !is_json_type(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_request",
+            "Expected request with `Content-Type: application/json`",
+        ));
+    }
+    // `null` stands for no body, as the document's optional body says.
+    serde_json::from_slice::<Option<T>>(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -550,20 +562,40 @@ fn optional_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// `Content-Type: application/json`, or another `application/*+json`
+/// (parameters such as `charset` allowed), as axum's `Json` asks.
+fn is_json_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(v) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 /// Issues a grant credential to the requester of an active grant. A grant
 /// has at most 1,024 (409 `credential_limit`); each is valid for the whole
 /// grant. With `ssh_public_key` (an SSH target), the answer also holds a
 /// certificate for that key that stands for the new credential.
-#[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)), request_body = CredentialsBody,
+#[utoipa::path(post, path = "/v1/requests/{id}/credentials", params(("id" = String, Path)), request_body = Option<CredentialsBody>,
     responses((status = 200, body = Credentials), (status = 400, body = Problem, description = "a bad body or ssh_public_key"), (status = 403, body = Problem), (status = 409, body = Problem, description = "wrong_state, credential_limit, or no_gateway")),
     security(("bearer" = [])))]
 async fn credentials(
     State(app): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Credentials>> {
-    let body = optional_json::<CredentialsBody>(body)?.unwrap_or_default();
+    let body = optional_json::<CredentialsBody>(&headers, body)?.unwrap_or_default();
     Ok(Json(
         app.issue_credentials(&who, &id, body.ssh_public_key.as_deref())
             .await?,

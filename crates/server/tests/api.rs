@@ -329,6 +329,30 @@ fn bad_input_gets_a_problem_that_names_it() {
     // Nothing was stored by any of it.
     let (_, l) = s.call("carol", "GET", "/v1/requests", None);
     assert_eq!(l["requests"].as_array().map(Vec::len), Some(0));
+
+    // Approve's body is optional; one that is there must say it is JSON.
+    let id = read_req(&s, "alice");
+    let addr = s.url().trim_start_matches("http://").to_string();
+    let approve = |headers: &str, body: &str| {
+        raw_exchange(
+            &addr,
+            format!(
+                "POST /v1/requests/{id}/approve HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer token-bob\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let refused = approve("Content-Type: text/plain\r\n", "{\"comment\": \"go\"}");
+    assert!(refused.starts_with("HTTP/1.1 415"), "{refused}");
+    assert!(refused.contains("application/json"), "{refused}");
+    let refused = approve("", "{\"comment\": \"go\"}");
+    assert!(refused.starts_with("HTTP/1.1 415"), "{refused}");
+    let (_, r) = s.call("alice", "GET", &format!("/v1/requests/{id}"), None);
+    assert_eq!(r["state"], "pending", "a refused body approves nothing");
+    let approved = approve("", "");
+    assert!(approved.starts_with("HTTP/1.1 200"), "{approved}");
+    assert!(approved.contains("\"state\":\"active\""), "{approved}");
 }
 
 #[test]

@@ -41,6 +41,9 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "notify.test",
 ];
 
+/// The most deliveries one webhook sink may have in flight.
+pub const IN_FLIGHT_MAX: usize = 32;
+
 /// PagerDuty's Events API v2 endpoint, the default `url` of a `pagerduty`
 /// sink.
 pub const PAGERDUTY_EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";
@@ -126,6 +129,10 @@ pub struct SinkConfig {
     /// is written to the audit log.
     #[serde(default = "default_give_up_after")]
     pub give_up_after: String,
+    /// Deliveries in flight at once (webhook only): 1 delivers in order;
+    /// more let a sink keep up with a busy node, out of order.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
 }
 
 fn default_timeout() -> String {
@@ -180,6 +187,16 @@ pub fn read_secret(
 impl SinkConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(parse_duration(&self.timeout).unwrap_or(10))
+    }
+
+    /// Deliveries in flight at once: `max_in_flight` for a webhook, 1 for
+    /// every other kind (Slack and PagerDuty keep their order; syslog is
+    /// one stream).
+    pub fn in_flight(&self) -> usize {
+        match self.kind {
+            SinkKind::Webhook => self.max_in_flight.unwrap_or(1),
+            _ => 1,
+        }
     }
 
     pub fn give_up_after(&self) -> Duration {
@@ -299,6 +316,20 @@ impl SinkConfig {
             "\"slack\"",
         )?;
         only(
+            "max_in_flight",
+            k != SinkKind::Webhook && self.max_in_flight.is_some(),
+            "\"webhook\"",
+        )?;
+        if self
+            .max_in_flight
+            .is_some_and(|n| !(1..=IN_FLIGHT_MAX).contains(&n))
+        {
+            return Err(bad(
+                "max_in_flight",
+                format!("must be 1 to {IN_FLIGHT_MAX}"),
+            ));
+        }
+        only(
             "witness",
             k != SinkKind::Webhook && self.witness,
             "\"webhook\"",
@@ -368,4 +399,50 @@ fn check_url(url: &str) -> Result<(), String> {
         return Err("must start with https:// (or http://)".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    fn sink(kind: &str, extra: serde_json::Value) -> SinkConfig {
+        let mut v = serde_json::json!({"name": "s", "kind": kind});
+        let need = match kind {
+            "syslog" => serde_json::json!({"address": "127.0.0.1:514"}),
+            "webhook" => {
+                serde_json::json!({"url": "https://hooks.example.com/x", "secret_env": "S"})
+            }
+            _ => serde_json::json!({"url": "https://hooks.example.com/x"}),
+        };
+        if let (Some(o), Some(n)) = (v.as_object_mut(), need.as_object()) {
+            o.extend(n.clone());
+        }
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).expect("sink config")
+    }
+
+    #[test]
+    fn max_in_flight_is_for_webhooks_and_bounded() {
+        let s = sink("webhook", serde_json::json!({}));
+        assert_eq!(s.in_flight(), 1, "in order by default");
+        s.validate("notify[0]").expect("default");
+        let s = sink("webhook", serde_json::json!({"max_in_flight": 8}));
+        assert_eq!(s.in_flight(), 8);
+        s.validate("notify[0]").expect("8");
+        for (kind, n, says) in [
+            ("webhook", 0, "must be 1 to 32"),
+            ("webhook", 33, "must be 1 to 32"),
+            ("slack", 2, "only for kind = \"webhook\", not slack"),
+            ("syslog", 2, "only for kind = \"webhook\", not syslog"),
+        ] {
+            let err = sink(kind, serde_json::json!({"max_in_flight": n}))
+                .validate("notify[0]")
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("notify[0].max_in_flight"), "{err}");
+            assert!(err.contains(says), "{kind} {n}: {err}");
+        }
+    }
 }

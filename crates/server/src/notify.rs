@@ -370,6 +370,7 @@ fn passes_filters(app: &App, sink: &Sink, req: Option<&Request>) -> bool {
 }
 
 /// A sink's delivery lease as this node holds it.
+#[derive(Clone)]
 struct Lease {
     node: String,
     /// Until when this node may deliver (by its own clock), if it holds it.
@@ -509,7 +510,8 @@ async fn run_sink(
     }
 }
 
-/// Delivers consecutive events: one by one, except that a syslog sink
+/// Delivers consecutive events: one by one (a webhook sink with
+/// `max_in_flight` several at once), except that a syslog sink
 /// sends the frames of all of them with one write (a stream takes them
 /// as they come; a write and a thread hand-off per event cost the node
 /// more than the event). False when the lease was lost before all were
@@ -522,14 +524,39 @@ async fn process(
     batch: &[Arc<AuditEvent>],
 ) -> bool {
     if rt.sink.config.kind != SinkKind::Syslog {
-        for ev in batch {
-            if let Some(payload) = prepare(app, notifier, rt, ev).await
-                && !deliver(app, rt, lease, std::slice::from_ref(ev), payload).await
-            {
-                return false;
+        let in_flight = rt.sink.config.in_flight();
+        if in_flight <= 1 {
+            for ev in batch {
+                if let Some(payload) = prepare(app, notifier, rt, ev).await
+                    && !deliver(app, rt, lease, std::slice::from_ref(ev), payload).await
+                {
+                    return false;
+                }
             }
+            return true;
         }
-        return true;
+        // Up to `in_flight` events at once, each with its own retries and
+        // its own copy of the lease (renewing it is idempotent); the batch
+        // counts as passed only when every one of them is delivered or
+        // given up, so the cursor never passes an unfinished event.
+        use futures_util::StreamExt;
+        let mut pending = futures_util::stream::FuturesOrdered::new();
+        let mut all = true;
+        for ev in batch {
+            if pending.len() >= in_flight
+                && let Some(done) = pending.next().await
+            {
+                all &= done;
+            }
+            if !all {
+                break;
+            }
+            pending.push_back(deliver_one(app, notifier, rt, lease.clone(), ev));
+        }
+        while let Some(done) = pending.next().await {
+            all &= done;
+        }
+        return all;
     }
     let mut frames = Vec::new();
     let mut carried = Vec::new();
@@ -540,6 +567,20 @@ async fn process(
         }
     }
     carried.is_empty() || deliver(app, rt, lease, &carried, Payload::Syslog(frames)).await
+}
+
+/// What `ev` means for the sink, delivered with its own copy of the lease.
+async fn deliver_one(
+    app: &Weak<App>,
+    notifier: &Notifier,
+    rt: &Runtime,
+    mut lease: Lease,
+    ev: &Arc<AuditEvent>,
+) -> bool {
+    match prepare(app, notifier, rt, ev).await {
+        Some(payload) => deliver(app, rt, &mut lease, std::slice::from_ref(ev), payload).await,
+        None => true,
+    }
 }
 
 /// Where a sink stands: the last event it passed (delivered, given up on or

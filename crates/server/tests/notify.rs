@@ -350,6 +350,59 @@ fn retries_with_backoff_then_gives_up_with_notify_failed() {
 }
 
 #[test]
+fn a_webhook_sink_with_max_in_flight_delivers_several_at_once_and_passes_none_unfinished() {
+    let serial = webhook_receiver();
+    serial.set_mode(Mode::Slow(200));
+    let wide = webhook_receiver();
+    wide.set_mode(Mode::Slow(200));
+    let s = start(&format!(
+        "{}{}",
+        hook("serial", &serial, ""),
+        hook("wide", &wide, "max_in_flight = 4"),
+    ));
+    let ids: Vec<String> = (0..12)
+        .map(|_| create(&s, "alice", read_request("prod-db")))
+        .collect();
+    for id in &ids {
+        wait_for(&wide, "creation (wide)", of_type("request.created", id));
+        wait_for(&serial, "creation (serial)", of_type("request.created", id));
+    }
+    let most = wide.most_in_flight();
+    assert!(
+        (2..=4).contains(&most),
+        "wide had {most} deliveries in flight at most"
+    );
+    assert_eq!(serial.most_in_flight(), 1, "the default delivers in order");
+    for r in [&serial, &wide] {
+        let twice: Vec<_> = r
+            .counts_by_id()
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .collect();
+        assert!(twice.is_empty(), "delivered twice: {twice:?}");
+        assert!(r.deliveries().iter().all(|d| d.signature_ok));
+    }
+    // The serial sink got them in the order they happened.
+    let order: Vec<String> = serial
+        .deliveries()
+        .iter()
+        .map(|d| d.json())
+        .filter(|v| v["type"] == "request.created")
+        .map(|v| v["request"]["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(order, ids);
+    // Both cursors reach the head once every delivery has finished.
+    poll(Duration::from_secs(20), || {
+        let (_, st) = s.call("dave", "GET", "/v1/notify/status", None);
+        st["sinks"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["lag"] == 0))
+            .then_some(())
+    })
+    .expect("both sinks caught up");
+}
+
+#[test]
 fn a_hanging_sink_delays_neither_transitions_nor_other_sinks() {
     let stuck = webhook_receiver();
     stuck.set_mode(Mode::Stall);

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ pub enum Mode {
     TooMany,
     /// Reads the request and never answers (until the receiver drops).
     Stall,
+    /// 200, after this many milliseconds (a receiver that takes its time).
+    Slow(u64),
 }
 
 /// One request as received.
@@ -62,6 +64,9 @@ struct Shared {
     refused: Mutex<u64>,
     stop: AtomicBool,
     check: Check,
+    /// Requests being answered right now, and the most there ever were.
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
 }
 
 /// An HTTP receiver on `127.0.0.1`, stopped when dropped.
@@ -83,6 +88,8 @@ impl Receiver {
             refused: Mutex::new(0),
             stop: AtomicBool::new(false),
             check: Box::new(check),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -113,6 +120,11 @@ impl Receiver {
     }
 
     /// Every request answered 200 (or stalled), in arrival order.
+    /// The most requests this receiver was answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.shared.most_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.shared
             .got
@@ -195,8 +207,14 @@ fn serve(conn: TcpStream, s: &Shared) {
         };
         d.signature_ok = (s.check)(&d);
         let mode = *s.mode.lock().unwrap_or_else(|p| p.into_inner());
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        if let Mode::Slow(ms) = mode {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
         let answer = match mode {
-            Mode::Ok => {
+            Mode::Ok | Mode::Slow(_) => {
                 s.got.lock().unwrap_or_else(|p| p.into_inner()).push(d);
                 match s
                     .answer

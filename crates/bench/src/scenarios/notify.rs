@@ -1,6 +1,7 @@
 //! `notify`: the cost of notification sinks on the request path. The same
 //! lifecycle load and approve latency are measured without sinks and with
-//! three (a signed webhook to a live receiver, a syslog TCP receiver, and
+//! three (a signed webhook to a live receiver with 8 deliveries in flight,
+//! so that it keeps up, a syslog TCP receiver, and
 //! a webhook whose port refuses every connection, so it retries all the
 //! time), in interleaved rounds within one run. Each round runs both
 //! servers at once: approvals alternate between them (paired samples of
@@ -38,7 +39,7 @@ impl Ctx {
         // Nothing listens here: every attempt is a refused connection.
         let dead = server::free_port()?;
         let sinks = format!(
-            "\n[[notify]]\nname = \"live\"\nkind = \"webhook\"\nurl = \"{}\"\nsecret_file = \"hook.secret\"\n\
+            "\n[[notify]]\nname = \"live\"\nkind = \"webhook\"\nurl = \"{}\"\nsecret_file = \"hook.secret\"\nmax_in_flight = 8\n\
              \n[[notify]]\nname = \"siem\"\nkind = \"syslog\"\naddress = \"{}\"\n\
              \n[[notify]]\nname = \"dead\"\nkind = \"webhook\"\nurl = \"http://{dead}/hook\"\nsecret_file = \"hook.secret\"\ntimeout = \"2s\"\n",
             live.url("/hook"),

@@ -8,11 +8,13 @@
 //! Delivery is at-least-once: the cursor is saved after delivery (at most
 //! every [`CURSOR_SAVE_INTERVAL_MS`]), so a crash redelivers the events
 //! after the saved cursor, with the same `webhook-id` (the event's `seq`).
-//! Each sink has its own task and one delivery in flight; a slow or dead
-//! sink delays only itself, never a transition (the feed is a broadcast
-//! that never waits for its readers) and never another sink. A sink that
-//! has caught up follows the feed without reading the log, and what an
-//! event means (its request, the notice) is worked out once for all sinks.
+//! Each sink has its own task and one delivery in flight (a webhook with
+//! `max_in_flight`: several, the cursor passing only finished batches); a
+//! slow or dead sink delays only itself, never a transition (the feed is a
+//! broadcast that never waits for its readers) and never another sink. A
+//! sink that has caught up follows the feed without reading the log, and
+//! what an event means (its request, the notice) is worked out once for
+//! all sinks.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};

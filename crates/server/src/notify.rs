@@ -380,6 +380,15 @@ struct Lease {
 }
 
 impl Lease {
+    /// Takes in what a copy learnt while delivering: a loss wins (no
+    /// delivery after it), else the later renewal.
+    fn merge(&mut self, copy: &Lease) {
+        self.until = match (self.until, copy.until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+
     /// Whether this node may deliver now: renews the lease when it runs
     /// low. A store error counts as not holding it (nobody delivers
     /// rather than two nodes at once).
@@ -526,39 +535,29 @@ async fn process(
     batch: &[Arc<AuditEvent>],
 ) -> bool {
     if rt.sink.config.kind != SinkKind::Syslog {
-        let in_flight = rt.sink.config.in_flight();
-        if in_flight <= 1 {
-            for ev in batch {
-                if let Some(payload) = prepare(app, notifier, rt, ev).await
-                    && !deliver(app, rt, lease, std::slice::from_ref(ev), payload).await
-                {
-                    return false;
-                }
-            }
-            return true;
-        }
-        // Up to `in_flight` events at once, each with its own retries and
-        // its own copy of the lease (renewing it is idempotent); the batch
-        // counts as passed only when every one of them is delivered or
-        // given up, so the cursor never passes an unfinished event.
+        // Up to `in_flight` events at once (1, the default: in order),
+        // each with its own retries and its own copy of the lease, whose
+        // renewal or loss is merged back as each finishes. The batch counts
+        // as passed only when every event of it is delivered or given up,
+        // so the cursor never passes an unfinished one.
         use futures_util::StreamExt;
+        let in_flight = rt.sink.config.in_flight();
+        let mut events = batch.iter();
         let mut pending = futures_util::stream::FuturesOrdered::new();
         let mut all = true;
-        for ev in batch {
-            if pending.len() >= in_flight
-                && let Some(done) = pending.next().await
+        loop {
+            while all
+                && pending.len() < in_flight
+                && let Some(ev) = events.next()
             {
-                all &= done;
+                pending.push_back(deliver_one(app, notifier, rt, lease.clone(), ev));
             }
-            if !all {
-                break;
-            }
-            pending.push_back(deliver_one(app, notifier, rt, lease.clone(), ev));
-        }
-        while let Some(done) = pending.next().await {
+            let Some((done, copy)) = pending.next().await else {
+                return all;
+            };
+            lease.merge(&copy);
             all &= done;
         }
-        return all;
     }
     let mut frames = Vec::new();
     let mut carried = Vec::new();
@@ -571,18 +570,20 @@ async fn process(
     carried.is_empty() || deliver(app, rt, lease, &carried, Payload::Syslog(frames)).await
 }
 
-/// What `ev` means for the sink, delivered with its own copy of the lease.
+/// What `ev` means for the sink, delivered with its own copy of the
+/// lease; returns whether it passed, and the copy as delivery left it.
 async fn deliver_one(
     app: &Weak<App>,
     notifier: &Notifier,
     rt: &Runtime,
     mut lease: Lease,
     ev: &Arc<AuditEvent>,
-) -> bool {
-    match prepare(app, notifier, rt, ev).await {
+) -> (bool, Lease) {
+    let done = match prepare(app, notifier, rt, ev).await {
         Some(payload) => deliver(app, rt, &mut lease, std::slice::from_ref(ev), payload).await,
         None => true,
-    }
+    };
+    (done, lease)
 }
 
 /// Where a sink stands: the last event it passed (delivered, given up on or
@@ -1152,5 +1153,31 @@ impl crate::checkpoint::Witness for WebhookWitness {
 
     fn readable(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_copy_brings_back_its_loss_or_its_renewal() {
+        let t = Instant::now();
+        let held = |until: Option<Instant>| Lease {
+            node: "n".into(),
+            until,
+        };
+        let later = t + Duration::from_secs(6);
+        let mut l = held(Some(t));
+        l.merge(&held(Some(t)));
+        assert_eq!(l.until, Some(t), "a copy that did nothing changes nothing");
+        l.merge(&held(Some(later)));
+        assert_eq!(l.until, Some(later), "a renewal is kept");
+        l.merge(&held(Some(t)));
+        assert_eq!(l.until, Some(later), "an older copy does not undo it");
+        l.merge(&held(None));
+        assert_eq!(l.until, None, "a loss wins");
+        l.merge(&held(Some(later)));
+        assert_eq!(l.until, None, "and stays lost until renewed by the sink");
     }
 }

@@ -363,6 +363,17 @@ fn a_webhook_sink_with_max_in_flight_delivers_several_at_once_and_passes_none_un
     let ids: Vec<String> = (0..12)
         .map(|_| create(&s, "alice", read_request("prod-db")))
         .collect();
+    // Twelve deliveries of 200 ms, at most four at once, take at least
+    // 600 ms: the cursor must not have passed them yet.
+    let (_, st) = s.call("dave", "GET", "/v1/notify/status", None);
+    let wide_lag = st["sinks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "wide"))
+        .and_then(|x| x["lag"].as_u64());
+    assert!(
+        wide_lag.is_some_and(|n| n >= 1),
+        "the cursor passed deliveries still in flight: {st}"
+    );
     for id in &ids {
         wait_for(&wide, "creation (wide)", of_type("request.created", id));
         wait_for(&serial, "creation (serial)", of_type("request.created", id));

@@ -149,16 +149,31 @@ impl Sink {
         }
     }
 
-    /// One attempt (blocking). `now_s` is the `webhook-timestamp`.
-    pub fn send(&self, payload: &Payload, now_s: i64) -> Attempt {
-        match payload {
-            Payload::Syslog(frames) => deliver::send_syslog(
-                self.config.address.as_deref().unwrap_or(""),
-                self.tls.as_ref(),
-                frames,
-                self.config.timeout(),
-                &self.syslog,
-            ),
+    /// One attempt. `now_s` is the `webhook-timestamp`. HTTP runs on the
+    /// caller's runtime; a syslog write (blocking) on its blocking threads.
+    pub async fn send(self: &Arc<Sink>, payload: &Arc<Payload>, now_s: i64) -> Attempt {
+        match payload.as_ref() {
+            Payload::Syslog(_) => {
+                let (sink, payload) = (self.clone(), payload.clone());
+                tokio::task::spawn_blocking(move || {
+                    let frames = match payload.as_ref() {
+                        Payload::Syslog(f) => f.as_slice(),
+                        Payload::Http { .. } => &[],
+                    };
+                    deliver::send_syslog(
+                        sink.config.address.as_deref().unwrap_or(""),
+                        sink.tls.as_ref(),
+                        frames,
+                        sink.config.timeout(),
+                        &sink.syslog,
+                    )
+                })
+                .await
+                .unwrap_or_else(|_| Attempt::Retry {
+                    why: "delivery task failed".into(),
+                    after: None,
+                })
+            }
             Payload::Http { id, body } => {
                 let Some(url) = &self.endpoint else {
                     return Attempt::Fail {
@@ -174,7 +189,7 @@ impl Sink {
                         sign::webhook_signature(key, id, now_s, body),
                     ));
                 }
-                self.http.post(url, &headers, body)
+                self.http.post(url, &headers, body).await
             }
         }
     }

@@ -164,6 +164,58 @@ pub struct Notifier {
     /// Recent events' contexts by `seq`, oldest first; the first sink to
     /// need one builds it while the others wait for it.
     contexts: Mutex<VecDeque<(u64, ContextCell)>>,
+    approvers: Approvers,
+}
+
+/// The configured principals who may approve, by group, worked out once
+/// at start rather than by a scan of every principal per event.
+#[derive(Default)]
+struct Approvers {
+    /// People (not services), in config order.
+    names: Vec<String>,
+    /// Group → indices into `names`, ascending.
+    by_group: BTreeMap<String, Vec<usize>>,
+}
+
+impl Approvers {
+    fn new(config: &Config) -> Approvers {
+        let mut out = Approvers::default();
+        for p in &config.principals {
+            if p.kind == crate::config::PrincipalKind::Service {
+                continue;
+            }
+            let i = out.names.len();
+            out.names.push(p.name.clone());
+            for g in &p.groups {
+                let list = out.by_group.entry(g.clone()).or_default();
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Everyone configured in one of `groups` (a request's approver
+    /// groups) but `requester`, in config order. People of the identity
+    /// provider are not listed by name: the payload's `approver_groups`
+    /// names their groups.
+    fn eligible(&self, groups: &[String], requester: &str) -> Vec<String> {
+        let mut picked: Vec<usize> = groups
+            .iter()
+            .filter_map(|g| self.by_group.get(g))
+            .flatten()
+            .copied()
+            .collect();
+        picked.sort_unstable();
+        picked.dedup();
+        picked
+            .into_iter()
+            .map(|i| &self.names[i])
+            .filter(|n| n.as_str() != requester)
+            .cloned()
+            .collect()
+    }
 }
 
 fn cut(text: &str) -> String {
@@ -199,6 +251,7 @@ impl Notifier {
                 public_url: config.server.public_url.clone(),
             },
             contexts: Mutex::default(),
+            approvers: Approvers::new(config),
         })
     }
 
@@ -232,7 +285,7 @@ impl Notifier {
             let view = req.as_ref().map(|r| RequestView::new(r, drill_label(r)));
             let approvers = req
                 .as_ref()
-                .map(|r| eligible_approvers(app, r))
+                .map(|r| self.approvers.eligible(&r.approver_groups, &r.requester))
                 .unwrap_or_default();
             let notice = notice::build(ev, view, approvers, &self.links);
             Arc::new(EventContext { req, notice })
@@ -329,22 +382,6 @@ impl Notifier {
 /// The label of a request made by a drill, read in this one place.
 pub(crate) fn drill_label(req: &Request) -> Option<String> {
     req.drill.clone()
-}
-
-/// Everyone configured who may approve `req` (the requester never).
-/// People of the identity provider are not listed by name: the payload's
-/// `approver_groups` names their groups.
-fn eligible_approvers(app: &App, req: &Request) -> Vec<String> {
-    app.config
-        .principals
-        .iter()
-        .filter(|p| {
-            p.name != req.requester
-                && !app.config.is_service(&p.name)
-                && p.groups.iter().any(|g| req.approver_groups.contains(g))
-        })
-        .map(|p| p.name.clone())
-        .collect()
 }
 
 /// Whether the request passes a sink's `target_groups` and `emergency`
@@ -753,18 +790,9 @@ async fn deliver(
     }
 }
 
-/// One attempt, off the async workers (the HTTP client blocks; its
-/// timeout bounds the thread's time).
+/// One attempt, stamped now.
 async fn send_once(rt: &Runtime, payload: &Arc<Payload>) -> Attempt {
-    let now_s = now().millis() / 1000;
-    let sink = rt.sink.clone();
-    let p = payload.clone();
-    tokio::task::spawn_blocking(move || sink.send(&p, now_s))
-        .await
-        .unwrap_or_else(|_| Attempt::Retry {
-            why: "delivery task failed".into(),
-            after: None,
-        })
+    rt.sink.send(payload, now().millis() / 1000).await
 }
 
 /// Writes one `notify.failed` per event the sink could not be given.
@@ -1088,19 +1116,33 @@ pub fn webhook_witnesses(config: &Config) -> Vec<Box<dyn crate::checkpoint::Witn
         };
         let (queue, rx) = std::sync::mpsc::sync_channel(WITNESS_QUEUE_LEN_MAX);
         let name = s.name.clone();
+        let sink = Arc::new(sink);
         std::thread::spawn(move || post_checkpoints(&sink, &rx));
         out.push(Box::new(WebhookWitness { name, queue }));
     }
     out
 }
 
+/// The witness's own thread: posts each checkpoint in turn, with retries,
+/// on a runtime of its own (checkpoints are written by the store's thread,
+/// outside the server's runtime).
 fn post_checkpoints(
-    sink: &Sink,
+    sink: &Arc<Sink>,
     rx: &std::sync::mpsc::Receiver<breakglass_core::audit::Checkpoint>,
 ) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(sink = sink.name(), error = %e, "cannot start the checkpoint witness");
+            return;
+        }
+    };
     while let Ok(cp) = rx.recv() {
         let body = json!({"type": "audit.checkpoint", "checkpoint": cp}).to_string();
-        let payload = Payload::Http {
+        let payload = Arc::new(Payload::Http {
             id: format!(
                 "checkpoint-{}-{}",
                 cp.seq,
@@ -1112,11 +1154,11 @@ fn post_checkpoints(
                     .collect::<String>()
             ),
             body: body.into_bytes(),
-        };
+        });
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
-            match sink.send(&payload, now().millis() / 1000) {
+            match runtime.block_on(sink.send(&payload, now().millis() / 1000)) {
                 Attempt::Delivered { .. } => break,
                 Attempt::Fail { why } => {
                     tracing::error!(sink = sink.name(), seq = cp.seq, error = %why, "checkpoint witness refused a checkpoint");
@@ -1159,6 +1201,40 @@ impl crate::checkpoint::Witness for WebhookWitness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eligible_approvers_are_the_people_of_the_groups_but_the_requester() {
+        let mut text = String::from("[server]\ndata_dir = \"d\"\n[policy]\nfile = \"p.cedar\"\n");
+        for (i, (name, kind, groups)) in [
+            ("ann", "human", "\"leads\", \"sre\""),
+            ("bob", "human", "\"sre\""),
+            ("ci", "service", "\"leads\""),
+            ("cy", "human", "\"dba\", \"leads\""),
+            ("dee", "human", ""),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            text.push_str(&format!(
+                "[[principals]]\nname = \"{name}\"\nkind = \"{kind}\"\ngroups = [{groups}]\ntoken_sha256 = \"{i:064x}\"\n"
+            ));
+        }
+        let config =
+            Config::parse(&text, "test.toml", std::path::Path::new("/etc/bg")).expect("config");
+        let a = Approvers::new(&config);
+        let groups = |g: &[&str]| g.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Config order, once each, never a service, never the requester.
+        assert_eq!(
+            a.eligible(&groups(&["sre", "leads"]), "dee"),
+            ["ann", "bob", "cy"]
+        );
+        assert_eq!(a.eligible(&groups(&["leads"]), "ann"), ["cy"]);
+        assert_eq!(
+            a.eligible(&groups(&["nobody"]), "ann"),
+            Vec::<String>::new()
+        );
+        assert_eq!(a.eligible(&[], "ann"), Vec::<String>::new());
+    }
 
     #[test]
     fn a_lease_copy_brings_back_its_loss_or_its_renewal() {

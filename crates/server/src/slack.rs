@@ -372,8 +372,8 @@ pub async fn slack_actions(
             );
             let http = slack.http.clone();
             // Slack wants its answer within 3 s: the update goes after it.
-            tokio::task::spawn_blocking(move || {
-                let r = http.post(&url, &[], msg.to_string().as_bytes());
+            tokio::spawn(async move {
+                let r = http.post(&url, &[], msg.to_string().as_bytes()).await;
                 if !matches!(r, breakglass_notify::Attempt::Delivered { .. }) {
                     tracing::warn!(result = ?r, "cannot update the Slack message");
                 }

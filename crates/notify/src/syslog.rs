@@ -29,50 +29,72 @@ pub fn severity(action: &str) -> u8 {
     }
 }
 
-/// Keeps printable US-ASCII (33..=126), as RFC 5424 header fields require;
-/// `-` when nothing is left.
-fn header_field(text: &str, max: usize) -> String {
-    let out: String = text
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(max)
-        .collect();
-    if out.is_empty() { "-".into() } else { out }
+/// Appends `text` keeping printable US-ASCII (33..=126), as RFC 5424
+/// header fields require; `-` when nothing is left.
+fn push_header_field(out: &mut String, text: &str, max: usize) {
+    let start = out.len();
+    out.extend(text.chars().filter(char::is_ascii_graphic).take(max));
+    if out.len() == start {
+        out.push('-');
+    }
 }
 
-/// Escapes a structured-data parameter value (`"`, `\` and `]`).
-fn sd_value(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
+/// Appends a structured-data parameter value, escaped (`"`, `\` and `]`).
+fn push_sd_value(out: &mut String, text: &str) {
     for c in text.chars() {
         if matches!(c, '"' | '\\' | ']') {
             out.push('\\');
         }
         out.push(c);
     }
-    out
+}
+
+/// The event as `audit export` prints it, with its details exactly as
+/// stored and hashed (a SIEM can recompute the chain from them).
+#[derive(serde::Serialize)]
+struct EventJson<'a> {
+    seq: u64,
+    time: Timestamp,
+    actor: &'a str,
+    action: &'a str,
+    request_id: Option<&'a str>,
+    details: Option<&'a serde_json::value::RawValue>,
+    hash: String,
 }
 
 /// The RFC 5424 message for one audit event: `<PRI>1 TIMESTAMP HOST
 /// breakglass - ACTION [breakglass@32473 seq=.. actor=.. request=..] BOM
 /// JSON`, the JSON being the event as `audit export` prints it.
 pub fn format_event(event: &AuditEvent, hostname: &str) -> String {
+    use std::fmt::Write as _;
     let pri = u16::from(FACILITY_AUTH) * 8 + u16::from(severity(&event.action));
-    let mut sd = format!(
-        "[{SD_ID} seq=\"{}\" actor=\"{}\"",
-        event.seq,
-        sd_value(&event.actor)
-    );
+    let mut msg = String::with_capacity(320 + event.details.len());
+    let _ = write!(msg, "<{pri}>1 {} ", event.time.to_rfc3339());
+    push_header_field(&mut msg, hostname, HOSTNAME_LEN_MAX);
+    msg.push_str(" breakglass - ");
+    push_header_field(&mut msg, &event.action, MSGID_LEN_MAX);
+    let _ = write!(msg, " [{SD_ID} seq=\"{}\" actor=\"", event.seq);
+    push_sd_value(&mut msg, &event.actor);
+    msg.push('"');
     if let Some(r) = &event.request_id {
-        sd.push_str(&format!(" request=\"{}\"", sd_value(r)));
+        msg.push_str(" request=\"");
+        push_sd_value(&mut msg, r);
+        msg.push('"');
     }
-    sd.push(']');
-    let body = serde_json::to_string(&event.to_json()).unwrap_or_default();
-    let mut msg = format!(
-        "<{pri}>1 {} {} breakglass - {} {sd} \u{FEFF}{body}",
-        event.time.to_rfc3339(),
-        header_field(hostname, HOSTNAME_LEN_MAX),
-        header_field(&event.action, MSGID_LEN_MAX),
-    );
+    msg.push_str("] \u{FEFF}");
+    let json = EventJson {
+        seq: event.seq,
+        time: event.time,
+        actor: &event.actor,
+        action: &event.action,
+        request_id: event.request_id.as_deref(),
+        // Details that are not JSON (never written so) print as null.
+        details: serde_json::from_str(&event.details).ok(),
+        hash: hex::encode(event.hash),
+    };
+    if let Ok(body) = serde_json::to_string(&json) {
+        msg.push_str(&body);
+    }
     if msg.len() > MESSAGE_LEN_MAX {
         // Details are bounded by the API's limits; this cannot happen in
         // practice, but a frame must never exceed what receivers accept.
@@ -249,6 +271,24 @@ mod tests {
             details: r#"{"reason":"db \"down\" ]"}"#.into(),
             hash: [1; 32],
         }
+    }
+
+    #[test]
+    fn the_body_is_the_event_as_exported_with_its_details_as_hashed() {
+        let mut ev = event("alice");
+        ev.details = r#"{"reason":"x","n":[1,2.5,{"z":null,"a":true}],"u":"é\u0001"}"#.into();
+        let msg = format_event(&ev, "node1");
+        let body = msg.split_once('\u{FEFF}').expect("BOM").1;
+        assert_eq!(body, serde_json::to_string(&ev.to_json()).expect("json"));
+        assert!(body.contains(&ev.details), "{body}");
+        // Details that are not JSON print as null, as in an export.
+        ev.details = "{not json".into();
+        let msg = format_event(&ev, "node1");
+        let body = msg.split_once('\u{FEFF}').expect("BOM").1;
+        assert_eq!(body, serde_json::to_string(&ev.to_json()).expect("json"));
+        assert!(body.contains(r#""details":null"#), "{body}");
+        // Header fields keep printable ASCII, or are "-".
+        assert!(format_event(&ev, " \t").contains(" - breakglass - request.created "));
     }
 
     #[test]

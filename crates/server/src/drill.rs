@@ -1342,11 +1342,7 @@ pub fn spawn_metrics_follower(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
             let since = now().millis() - (breakglass_core::time::REPORT_WINDOW_MAX_S as i64) * 1000;
             if let Ok(events) = app
                 .store
-                .audit_by_action(
-                    "drill.completed",
-                    Timestamp::from_millis(since),
-                    REPORT_RUNS_MAX,
-                )
+                .drill_results(Timestamp::from_millis(since), REPORT_RUNS_MAX)
                 .await
             {
                 for e in events {
@@ -1380,10 +1376,7 @@ pub fn spawn_metrics_follower(app: &Arc<App>) -> tokio::task::JoinHandle<()> {
 
 /// Reads the report of the runs since `since`.
 pub async fn read_report(app: &App, since: Timestamp) -> Result<DrillReport, AppError> {
-    let events = app
-        .store
-        .audit_by_action("drill.completed", since, REPORT_RUNS_MAX)
-        .await?;
+    let events = app.store.drill_results(since, REPORT_RUNS_MAX).await?;
     let truncated = events.len() >= REPORT_RUNS_MAX as usize;
     Ok(report(&events, since, truncated))
 }

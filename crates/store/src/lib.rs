@@ -229,11 +229,12 @@ pub trait Store: Send + Sync + 'static {
     /// across every node of a shared store, so one node runs each slot.
     async fn claim_drill_run(&self, drill: &str, slot: u64) -> Result<bool, StoreError>;
 
-    /// Events of one `action` with `time >= since`, ascending by `seq`, at
-    /// most `limit` (drill results for reports).
-    async fn audit_by_action(
+    /// The `drill.completed` events with `time >= since`, ascending by
+    /// `seq`, at most `limit` (drill results for reports and metrics). Only
+    /// these events are indexed by action: an index entry for every event
+    /// cost every commit pages for a query that reads one action.
+    async fn drill_results(
         &self,
-        action: &str,
         since: Timestamp,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;

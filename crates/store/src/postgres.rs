@@ -182,6 +182,12 @@ CREATE TABLE notify_cursors (
 ALTER TABLE notify_cursors ADD COLUMN holder TEXT;
 ALTER TABLE notify_cursors ADD COLUMN held_until BIGINT;
 "#,
+    // Only drill results are read by action: the index on every event's
+    // action becomes a partial one on `drill.completed`.
+    r#"
+DROP INDEX audit_action;
+CREATE INDEX audit_drill_results ON audit(time) WHERE action = 'drill.completed';
+"#,
 ];
 
 /// The schema version this binary writes.
@@ -1457,17 +1463,15 @@ impl Store for PgStore {
         Ok(changed == 1)
     }
 
-    async fn audit_by_action(
+    async fn drill_results(
         &self,
-        action: &str,
         since: Timestamp,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let rows = self
             .query(
-                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = $1 AND time >= $2 ORDER BY seq LIMIT $3",
+                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = 'drill.completed' AND time >= $1 ORDER BY seq LIMIT $2",
                 &[
-                    &action,
                     &since.millis(),
                     &i64::from(limit.clamp(1, PAGE_LEN_MAX)),
                 ],

@@ -35,6 +35,10 @@ const RECENT_MAX: usize = 1024;
 /// How long a connection waits on a lock held by another process.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
+/// The `drill.completed` events from a time on; the literal action lets
+/// SQLite use the partial index `audit_drill_results`.
+const DRILL_RESULTS_SQL: &str = "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = 'drill.completed' AND time >= ?1 ORDER BY seq LIMIT ?2";
+
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -153,6 +157,12 @@ CREATE TABLE notify_cursors (
     r#"
 ALTER TABLE notify_cursors ADD COLUMN holder TEXT;
 ALTER TABLE notify_cursors ADD COLUMN held_until INTEGER;
+"#,
+    // Only drill results are read by action: the index on every event's
+    // action becomes a partial one on `drill.completed`.
+    r#"
+DROP INDEX audit_action;
+CREATE INDEX audit_drill_results ON audit(time) WHERE action = 'drill.completed';
 "#,
 ];
 
@@ -1060,19 +1070,15 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn audit_by_action(
+    async fn drill_results(
         &self,
-        action: &str,
         since: Timestamp,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
-        let action = action.to_string();
         self.read_blocking(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, time, actor, action, request_id, details, hash FROM audit WHERE action = ?1 AND time >= ?2 ORDER BY seq LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare_cached(DRILL_RESULTS_SQL)?;
             let rows = stmt.query_map(
-                params![action, since.millis(), i64::from(limit.clamp(1, PAGE_LEN_MAX))],
+                params![since.millis(), i64::from(limit.clamp(1, PAGE_LEN_MAX))],
                 row_to_event,
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -1188,6 +1194,34 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drill_results_are_read_through_their_partial_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bg.db");
+        drop(SqliteStore::open(&path, SqliteOptions::default()).expect("open"));
+        let conn = Connection::open(&path).expect("conn");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DRILL_RESULTS_SQL}"))
+            .expect("explain")
+            .query_map(params![0, 10], |r| r.get::<_, String>(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert!(
+            plan.iter().any(|p| p.contains("audit_drill_results")),
+            "{plan:?}"
+        );
+        // Every other event leaves no index entry by action.
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit'")
+            .expect("indexes")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("names");
+        assert!(!indexes.iter().any(|n| n == "audit_action"), "{indexes:?}");
+    }
 
     #[test]
     fn recent_keeps_the_newest_value_of_at_most_its_bound_of_ids() {

@@ -912,9 +912,9 @@ mod suite {
         assert_eq!(won, 1, "exactly one node runs a slot");
     }
 
-    /// `audit_by_action` returns the events of one action from a time on,
-    /// in `seq` order.
-    pub async fn events_by_action(store: &dyn Store) {
+    /// `drill_results` returns the `drill.completed` events from a time on,
+    /// in `seq` order, and no other action's.
+    pub async fn drill_results(store: &dyn Store) {
         let draft = |action: &str, n: u64| EventDraft {
             actor: "system".to_string(),
             action: action.to_string(),
@@ -931,17 +931,17 @@ mod suite {
                 .expect("append");
         }
         let got = store
-            .audit_by_action("drill.completed", Timestamp::from_millis(2_000), 100)
+            .drill_results(Timestamp::from_millis(2_000), 100)
             .await
-            .expect("audit_by_action");
+            .expect("drill_results");
         let ns: Vec<String> = got.iter().map(|e| e.details.clone()).collect();
         assert_eq!(ns, [r#"{"n":2}"#, r#"{"n":3}"#]);
         assert!(got.iter().all(|e| e.action == "drill.completed"));
         assert!(got[0].seq < got[1].seq);
         let one = store
-            .audit_by_action("drill.completed", Timestamp::from_millis(0), 1)
+            .drill_results(Timestamp::from_millis(0), 1)
             .await
-            .expect("audit_by_action");
+            .expect("drill_results");
         assert_eq!(one.len(), 1, "the limit holds");
     }
 
@@ -1675,8 +1675,8 @@ async fn sqlite_drill_runs_are_claimed_once() {
 }
 
 #[tokio::test]
-async fn sqlite_events_by_action() {
-    suite::events_by_action(&fresh().store).await;
+async fn sqlite_drill_results() {
+    suite::drill_results(&fresh().store).await;
 }
 
 #[tokio::test]
@@ -1798,8 +1798,8 @@ async fn pg_drill_runs_are_claimed_once_across_nodes() {
 }
 
 #[tokio::test]
-async fn pg_events_by_action() {
-    suite::events_by_action(&fresh_pg().await.store).await;
+async fn pg_drill_results() {
+    suite::drill_results(&fresh_pg().await.store).await;
 }
 
 #[tokio::test]

@@ -75,21 +75,27 @@ const IDLE_PER_HOST_MAX: usize = crate::config::IN_FLIGHT_MAX;
 /// An idle kept connection is closed after this long.
 const IDLE_TIMEOUT_S: u64 = 30;
 
-/// The TLS client config of webhooks: the system's CA certificates
-/// (read once per process), TLS 1.2 and 1.3.
-fn tls_config() -> rustls::ClientConfig {
+/// The system's CA certificates, read once per process.
+fn native_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
-    let roots = ROOTS.get_or_init(|| {
-        let mut store = rustls::RootCertStore::empty();
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = store.add(c);
-        }
-        Arc::new(store)
-    });
+    ROOTS
+        .get_or_init(|| {
+            let mut store = rustls::RootCertStore::empty();
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = store.add(c);
+            }
+            Arc::new(store)
+        })
+        .clone()
+}
+
+/// A TLS client config trusting `roots`: ring, TLS 1.2 and 1.3, no client
+/// certificate. Every outbound TLS connection of a sink is made with one.
+fn client_tls(roots: Arc<rustls::RootCertStore>) -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots.clone())
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
         .with_no_client_auth()
 }
 
@@ -103,7 +109,7 @@ impl HttpSender {
         ));
         http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config())
+            .with_tls_config(client_tls(native_roots()))
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -334,35 +340,22 @@ pub fn send_syslog(
 /// The TLS client config for a syslog sink: the PEM CA file's certificates,
 /// or the system's.
 pub fn syslog_tls(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let Some(path) = ca_file else {
+        return Ok(Arc::new(client_tls(native_roots())));
+    };
     let mut store = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for item in ureq::tls::parse_pem(&pem) {
-                if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
-                    store
-                        .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-            }
-            if store.is_empty() {
-                return Err(format!("{}: no PEM certificate in it", path.display()));
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = store.add(c);
-            }
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for item in ureq::tls::parse_pem(&pem) {
+        if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+            store
+                .add(rustls::pki_types::CertificateDer::from(c.der().to_vec()))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
+    if store.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(Arc::new(client_tls(Arc::new(store))))
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ pub const LOCK_FILE: &str = "serve.lock";
 /// ends (the kernel drops the lock of a killed process). Two servers on
 /// one data dir would write one store, each with its own idea of the
 /// audit chain's head and of the requests it just wrote, and the same
-/// recordings directory; `what` says who asks, for the refusal. The file
-/// holds the holder's pid, to name it in that refusal.
+/// recordings directory. `what` (`serve`, `store copy`) names the taker:
+/// the file holds its pid and `what`, so that a refusal names the holder.
 pub fn lock(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
     let path = dir.join(LOCK_FILE);
@@ -43,15 +43,20 @@ pub fn lock(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
     match f.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
+            // "PID WHAT", as the holder wrote it below.
             let mut held_by = String::new();
-            let _ = (&f).take(32).read_to_string(&mut held_by);
-            let pid = held_by
-                .trim()
-                .parse::<u32>()
-                .map(|p| format!(" (pid {p})"))
-                .unwrap_or_default();
+            let _ = (&f).take(64).read_to_string(&mut held_by);
+            let held_by = held_by.trim();
+            let (pid, holder) = held_by.split_once(' ').unwrap_or((held_by, ""));
+            let pid = pid.parse::<u32>().ok();
+            // Only a name this function writes; anything else on disk is
+            // not repeated to the user.
+            let holder = Some(holder)
+                .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_lowercase() || c == ' '))
+                .unwrap_or("serve");
+            let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
             bail!(
-                "{what}: {} is held by a running `breakglass serve`{pid}: one server at a time may use a data_dir (stop it first, or give each node its own data_dir)",
+                "{what}: {} is held by a running `breakglass {holder}`{pid}: one process at a time may use a data_dir (stop it first, or give each node its own data_dir)",
                 path.display()
             );
         }
@@ -61,7 +66,7 @@ pub fn lock(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
     }
     f.set_len(0)?;
     f.rewind()?;
-    writeln!(f, "{}", std::process::id())?;
+    writeln!(f, "{} {what}", std::process::id())?;
     Ok(f)
 }
 
@@ -148,13 +153,23 @@ mod tests {
             .to_string();
         assert!(err.starts_with("store copy: "), "{err}");
         assert!(
-            err.contains(&format!("(pid {})", std::process::id())),
+            err.contains(&format!(
+                "held by a running `breakglass serve` (pid {})",
+                std::process::id()
+            )),
             "{err}"
         );
-        assert!(err.contains("one server at a time"), "{err}");
+        assert!(err.contains("one process at a time"), "{err}");
         assert_eq!(mode(&tmp.path().join(LOCK_FILE)), 0o600);
         drop(held);
-        lock(tmp.path(), "serve").expect("free again once dropped");
+        // The holder is named, whoever it is.
+        let copying = lock(tmp.path(), "store copy").expect("free again once dropped");
+        let err = lock(tmp.path(), "serve").expect_err("held").to_string();
+        assert!(
+            err.starts_with("serve: ") && err.contains("`breakglass store copy` (pid "),
+            "{err}"
+        );
+        drop(copying);
     }
 
     #[test]

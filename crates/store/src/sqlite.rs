@@ -222,10 +222,11 @@ struct Shared {
 /// INVARIANT: only the writer thread fills it, after its transaction
 /// committed and before it replies or broadcasts the batch's events. The
 /// writer is the only writer of `requests`: one serving process per
-/// database file (the server holds `<data_dir>/serve.lock` while it serves,
-/// see `breakglass_server::datadir::lock`), which the chain head it keeps
-/// in memory assumes too. So an entry is always the newest committed version. Readers never fill
-/// it: a row they read may already be older than the entry.
+/// database file (the server holds `<data_dir>/serve.lock` while it
+/// serves, see `breakglass_server::datadir::lock`), which the chain head
+/// it keeps in memory assumes too. So an entry is always the newest
+/// committed version. Readers never fill it: a row they read may already
+/// be older than the entry.
 struct Recent<T> {
     by_id: HashMap<String, T>,
     /// Ids in the order they first came; the oldest goes first.

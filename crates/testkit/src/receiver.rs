@@ -119,12 +119,12 @@ impl Receiver {
         *self.shared.answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(json.to_string());
     }
 
-    /// Every request answered 200 (or stalled), in arrival order.
     /// The most requests this receiver was answering at once.
     pub fn most_in_flight(&self) -> usize {
         self.shared.most_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Every request answered 200 (or stalled), in arrival order.
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.shared
             .got

@@ -23,6 +23,8 @@ use crate::stats::{Goal, Row, Samples, fmt_secs};
 /// Concurrent clients of the throughput part.
 const CLIENTS: usize = 16;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The sink whose port refuses every connection: it never catches up.
+const DEAD: &str = "dead";
 
 struct Figures {
     rate: f64,
@@ -49,7 +51,7 @@ impl Ctx {
         let sinks = format!(
             "\n[[notify]]\nname = \"live\"\nkind = \"webhook\"\nurl = \"{}\"\nsecret_file = \"hook.secret\"\nmax_in_flight = 16\n\
              \n[[notify]]\nname = \"siem\"\nkind = \"syslog\"\naddress = \"{}\"\n\
-             \n[[notify]]\nname = \"dead\"\nkind = \"webhook\"\nurl = \"http://{dead}/hook\"\nsecret_file = \"hook.secret\"\ntimeout = \"2s\"\n",
+             \n[[notify]]\nname = \"{DEAD}\"\nkind = \"webhook\"\nurl = \"http://{dead}/hook\"\nsecret_file = \"hook.secret\"\ntimeout = \"2s\"\n",
             live.url("/hook"),
             siem.addr
         );
@@ -216,7 +218,7 @@ fn throughput(quick: bool, srv: server::Server, latencies: Vec<f64>) -> anyhow::
     let drain_deadline = Instant::now() + Duration::from_secs(DRAIN_MAX_S);
     while sink_lag(&client)?
         .iter()
-        .any(|(name, n)| name != "dead" && *n > 0)
+        .any(|(name, n)| name != DEAD && *n > 0)
     {
         if Instant::now() > drain_deadline {
             anyhow::bail!("the sinks did not catch up within {DRAIN_MAX_S} s of the load");

@@ -8,7 +8,10 @@
 //! the same moments), then each takes the lifecycle load alone. A
 //! throughput window lasts until the live sinks have delivered what the
 //! load produced, so a sink that falls behind under load still pays
-//! for its deliveries inside the window.
+//! for its deliveries inside the window. Last, the floor: the CPU of the
+//! live webhook's POSTs alone (the same client, body and receiver, on
+//! one thread), per lifecycle, against a lifecycle without sinks: what no
+//! implementation of the sinks can save on this machine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -37,6 +40,8 @@ struct Figures {
     lag: Vec<(String, u64)>,
     /// Seconds after the load until the live sinks had caught up.
     drain: f64,
+    /// The whole window (load and catch-up), in seconds.
+    secs: f64,
 }
 
 /// The longest wait for the sinks to catch up after the load.
@@ -106,10 +111,36 @@ impl Ctx {
             ),
             "utime + stime of the server process over the throughput window, per lifecycle: what the sinks cost the node itself, without the receivers' share of the two cores",
         ));
+        let got = live.deliveries();
         self.notes.push(format!(
             "notify: the live webhook received {} deliveries, the syslog receiver {} bytes; the dead sink retried throughout",
-            live.deliveries().len(),
+            got.len(),
             siem.bytes().len()
+        ));
+        // The floor: what the same POSTs cost with nothing of breakglass
+        // around them, measured here on the same receiver. The approvals'
+        // lifecycles (created and activated, never revoked) count too, so
+        // POSTs per lifecycle, and the floor, are if anything understated.
+        let lifecycles: f64 = with.iter().map(|f| f.rate * f.secs).sum::<f64>()
+            + with.iter().map(|f| f.approve.len() as f64).sum::<f64>();
+        let per_lifecycle = got.len() as f64 / lifecycles.max(1.0);
+        let body = got.last().map(|d| d.body.clone()).unwrap_or_default();
+        let post = post_cpu(&live, &body, self.n(20_000, 4_000))?;
+        let floor = per_lifecycle * post;
+        self.rows.push(Row::info(
+            "notify: floor, the live webhook's POSTs alone vs a lifecycle without sinks",
+            format!(
+                "{per_lifecycle:.2} POSTs × {} = {} per lifecycle ({:.0}% of {}); ratio ceiling {:.0}%",
+                fmt_secs(post),
+                fmt_secs(floor),
+                100.0 * floor / c0.max(1e-12),
+                fmt_secs(c0),
+                100.0 * c0 / (c0 + floor).max(1e-12)
+            ),
+            format!(
+                "CPU of one thread POSTing the same {} B signed body with the same HTTP client (16 in flight, kept connections) to the same receiver; the ceiling is the CPU ratio if everything else of the sinks were free",
+                body.len()
+            ),
         ));
         let lags: Vec<String> = with
             .iter()
@@ -234,6 +265,7 @@ fn throughput(quick: bool, srv: server::Server, latencies: Vec<f64>) -> anyhow::
         cpu_per_lifecycle: cpu / (count.max(1) as f64),
         drain: secs - load_secs,
         lag,
+        secs,
     })
 }
 
@@ -256,4 +288,62 @@ fn sink_lag(c: &Client) -> anyhow::Result<Vec<(String, u64)>> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// CPU seconds per POST of `body` to `to`, signed as a sink signs it, with
+/// the sinks' HTTP client and 16 POSTs in flight: all of it on one thread
+/// (a current-thread runtime), whose CPU time (kernel included: on
+/// loopback, sending also runs the receiving side of TCP) is read from
+/// `/proc/thread-self/stat`.
+fn post_cpu(to: &Receiver, body: &[u8], n: usize) -> anyhow::Result<f64> {
+    use breakglass_notify::deliver::HttpSender;
+    use breakglass_notify::{Attempt, sign};
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    const IN_FLIGHT: usize = 16;
+    let key = sign::webhook_key(SECRET)?;
+    let url = to.url("/hook");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let sender = HttpSender::new(Duration::from_secs(10));
+    let post = |i: usize| {
+        let (sender, url, key) = (&sender, &url, &key);
+        async move {
+            let id = format!("floor{i}");
+            let ts = 1_700_000_000;
+            let headers = [
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.to_string()),
+                (
+                    "webhook-signature",
+                    sign::webhook_signature(key, &id, ts, body),
+                ),
+            ];
+            sender.post(url, &headers, body).await
+        }
+    };
+    let run = |count: usize| -> anyhow::Result<()> {
+        rt.block_on(async {
+            let mut pending = FuturesUnordered::new();
+            let mut next = 0;
+            while next < count || !pending.is_empty() {
+                while next < count && pending.len() < IN_FLIGHT {
+                    pending.push(post(next));
+                    next += 1;
+                }
+                if let Some(a) = pending.next().await
+                    && !matches!(a, Attempt::Delivered { .. })
+                {
+                    anyhow::bail!("a floor POST failed: {a:?}");
+                }
+            }
+            Ok(())
+        })
+    };
+    // Warm: connections opened, buffers grown.
+    run(n / 10)?;
+    let cpu = || server::cpu_secs_of("/proc/thread-self/stat");
+    let c0 = cpu();
+    run(n)?;
+    Ok((cpu() - c0) / n as f64)
 }

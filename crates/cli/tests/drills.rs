@@ -568,7 +568,7 @@ fn a_drill_whose_approver_was_removed_fails_at_the_approval_step() {
     // The pending request did not stay behind.
     let id = d["request_id"].as_str().expect("request id");
     let (_, req) = s.call("GET", Some("admin"), &format!("/v1/requests/{id}"), None);
-    assert_eq!(req["state"], "cancelled", "{req}");
+    assert_eq!(req["state"], "cancelled", "{req}\n{}", s.stderr());
     assert!(
         s.stderr().contains("will fail at its approval step"),
         "{}",

@@ -986,20 +986,57 @@ fn run_steps(ctx: &RunCtx, app: &App, d: &DrillConfig, trigger: Trigger) -> Dril
     if outcome.is_none()
         && !ended
         && let (Some(r), Ok(token)) = (&req, &requester)
+        && let Err(e) = end_request(&api, token, &r.id, &d.name)
     {
-        let (path, body) = if r.state == State::Pending {
-            (format!("/v1/requests/{}/cancel", r.id), None)
-        } else {
-            (
-                format!("/v1/requests/{}/revoke", r.id),
-                Some(json!({"reason": format!("drill {} failed", d.name)})),
-            )
-        };
-        if let Err(e) = api.post(token, &path, body.as_ref()) {
-            tracing::warn!(drill = %d.name, request = %r.id, error = %e, "cannot end the request of a failed drill");
-        }
+        tracing::error!(drill = %d.name, request = %r.id, error = %e, "cannot end the request of a failed drill");
+        let error = rec.run.error.take().unwrap_or_default();
+        rec.run.error = Some(clip(&format!(
+            "{error}; and its request {} could not be ended: {e}",
+            r.id
+        )));
     }
     rec.run
+}
+
+/// Attempts to end a failed run's request (it expires anyway, but a
+/// drill must not leave one open for its duration).
+const END_ATTEMPTS: u32 = 3;
+
+/// Ends request `id` of a failed run as its requester: cancelled if
+/// pending, revoked if active, left alone if it has ended. The state is
+/// read again before each attempt, so an attempt that timed out after the
+/// node acted is not mistaken for a failure.
+fn end_request(api: &Api, token: &str, id: &str, drill: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..END_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+        }
+        let state = match api
+            .get(token, &format!("/v1/requests/{id}"))
+            .and_then(|v| parse::<Request>(v, "request"))
+        {
+            Ok(r) => r.state,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let done = match state {
+            s if s.is_final() => return Ok(()),
+            State::Pending => api.post(token, &format!("/v1/requests/{id}/cancel"), None),
+            _ => api.post(
+                token,
+                &format!("/v1/requests/{id}/revoke"),
+                Some(&json!({"reason": format!("drill {drill} failed")})),
+            ),
+        };
+        match done {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A probe's session through a gateway, kept open until the grant ends.

@@ -36,6 +36,9 @@ struct Figures {
     /// The server's own CPU seconds per lifecycle in the throughput part
     /// (deliveries included; the receivers are other processes).
     cpu_per_lifecycle: f64,
+    /// This process's CPU seconds per lifecycle in the same window: the
+    /// load's clients, and the receivers when there are sinks.
+    bench_cpu_per_lifecycle: f64,
     /// Events each sink had not delivered yet when the load stopped.
     lag: Vec<(String, u64)>,
     /// Seconds after the load until the live sinks had caught up.
@@ -125,12 +128,12 @@ impl Ctx {
             + with.iter().map(|f| f.approve.len() as f64).sum::<f64>();
         let per_lifecycle = got.len() as f64 / lifecycles.max(1.0);
         let body = got.last().map(|d| d.body.clone()).unwrap_or_default();
-        let post = post_cpu(&live, &body, self.n(20_000, 4_000))?;
+        let (post, receive) = post_cpu(&live, &body, self.n(20_000, 4_000))?;
         let floor = per_lifecycle * post;
         self.rows.push(Row::info(
             "notify: floor, the live webhook's POSTs alone vs a lifecycle without sinks",
             format!(
-                "{per_lifecycle:.2} POSTs × {} = {} per lifecycle ({:.0}% of {}); ratio ceiling {:.0}%",
+                "{per_lifecycle:.2} POSTs × {} = {} per lifecycle ({:.0}% of {}); CPU ratio ceiling {:.0}%",
                 fmt_secs(post),
                 fmt_secs(floor),
                 100.0 * floor / c0.max(1e-12),
@@ -138,8 +141,30 @@ impl Ctx {
                 100.0 * c0 / (c0 + floor).max(1e-12)
             ),
             format!(
-                "CPU of one thread POSTing the same {} B signed body with the same HTTP client (16 in flight, kept connections) to the same receiver; the ceiling is the CPU ratio if everything else of the sinks were free",
+                "CPU of one thread POSTing the same {} B signed body with the same HTTP client (16 in flight, kept connections) to the same receiver; the ceiling is the server's CPU ratio if everything else of the sinks were free",
                 body.len()
+            ),
+        ));
+        // On this machine the load and the receivers share the server's
+        // cores, so throughput follows the machine's CPU per lifecycle.
+        let bench = |f: &[Figures]| {
+            f.iter().map(|x| x.bench_cpu_per_lifecycle).sum::<f64>() / f.len() as f64
+        };
+        let whole = c0 + bench(&without);
+        let least = per_lifecycle * (post + receive);
+        self.rows.push(Row::info(
+            "notify: throughput ceiling on this machine, the POSTs and their receiving alone",
+            format!(
+                "{:.0}% ({} of POST and receiver per lifecycle on top of {})",
+                100.0 * whole / (whole + least).max(1e-12),
+                fmt_secs(least),
+                fmt_secs(whole)
+            ),
+            format!(
+                "the machine's CPU per lifecycle without sinks (server {} + load clients {}) against the same plus the floor's POSTs and the receiver's CPU for them ({} per POST); the load is CPU-bound, so no implementation of the sinks can do better here",
+                fmt_secs(c0),
+                fmt_secs(bench(&without)),
+                fmt_secs(receive)
             ),
         ));
         let lags: Vec<String> = with
@@ -232,6 +257,7 @@ fn throughput(quick: bool, srv: server::Server, latencies: Vec<f64>) -> anyhow::
     barrier.wait();
     let t0 = Instant::now();
     let cpu0 = srv.cpu_secs();
+    let own0 = own_cpu();
     std::thread::sleep(window);
     stop.store(true, Ordering::Relaxed);
     let mut count = 0;
@@ -258,11 +284,13 @@ fn throughput(quick: bool, srv: server::Server, latencies: Vec<f64>) -> anyhow::
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = srv.cpu_secs() - cpu0;
+    let own = own_cpu() - own0;
     srv.stop()?;
     Ok(Figures {
         rate: count as f64 / secs,
         approve: latencies,
         cpu_per_lifecycle: cpu / (count.max(1) as f64),
+        bench_cpu_per_lifecycle: own / (count.max(1) as f64),
         drain: secs - load_secs,
         lag,
         secs,
@@ -294,8 +322,9 @@ fn sink_lag(c: &Client) -> anyhow::Result<Vec<(String, u64)>> {
 /// the sinks' HTTP client and 16 POSTs in flight: all of it on one thread
 /// (a current-thread runtime), whose CPU time (kernel included: on
 /// loopback, sending also runs the receiving side of TCP) is read from
-/// `/proc/thread-self/stat`.
-fn post_cpu(to: &Receiver, body: &[u8], n: usize) -> anyhow::Result<f64> {
+/// `/proc/thread-self/stat`; and the receiver's CPU seconds per POST (the
+/// rest of this process meanwhile).
+fn post_cpu(to: &Receiver, body: &[u8], n: usize) -> anyhow::Result<(f64, f64)> {
     use breakglass_notify::deliver::HttpSender;
     use breakglass_notify::{Attempt, sign};
     use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -343,7 +372,18 @@ fn post_cpu(to: &Receiver, body: &[u8], n: usize) -> anyhow::Result<f64> {
     // Warm: connections opened, buffers grown.
     run(n / 10)?;
     let cpu = || server::cpu_secs_of("/proc/thread-self/stat");
-    let c0 = cpu();
+    let (c0, p0) = (cpu(), own_cpu());
     run(n)?;
-    Ok((cpu() - c0) / n as f64)
+    let (c1, p1) = (cpu(), own_cpu());
+    // The rest of this process is the receiver's threads (the load's
+    // clients have stopped).
+    Ok((
+        (c1 - c0) / n as f64,
+        ((p1 - p0) - (c1 - c0)).max(0.0) / n as f64,
+    ))
+}
+
+/// This process's CPU seconds so far (all threads).
+fn own_cpu() -> f64 {
+    server::cpu_secs_of("/proc/self/stat")
 }

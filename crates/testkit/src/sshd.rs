@@ -20,6 +20,8 @@ use breakglass_localpg::os::{output, running_as_root, stop_child};
 pub const SSHD_USER: &str = "breakglass-sshd";
 /// How long sshd may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Starts of sshd tried before giving up (see [`Sshd::start`]).
+const START_ATTEMPTS: u32 = 3;
 
 /// A running sshd.
 pub struct Sshd {
@@ -57,6 +59,16 @@ fn login_user() -> anyhow::Result<(String, Option<(u32, u32)>)> {
             }
         }))
     };
+    // One test process at a time creates the user, and none goes on while
+    // another is half-way through `useradd` (the user in /etc/passwd, its
+    // group or home not yet made).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("breakglass-testkit-useradd.lock"))
+        .context("the useradd lock file")?;
+    lock.lock().context("lock the useradd lock file")?;
     if find()?.is_none() {
         // `*` as the password: no password works, but the account is not
         // locked (sshd refuses locked accounts even for key logins).
@@ -148,73 +160,95 @@ impl Sshd {
         let host_key = keygen(&d.join("host_ed25519_key"))?;
         std::fs::write(d.join("ca.pub"), format!("{ca_public}\n"))?;
         std::fs::write(d.join("authorized_keys"), authorized.join("\n") + "\n")?;
-        let port = crate::free_port();
-        let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519_key\n\
-             PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             TrustedUserCAKeys {d}/ca.pub\nAuthorizedKeysFile {d}/authorized_keys\n\
-             LogLevel VERBOSE\nSubsystem sftp internal-sftp\nPermitUserEnvironment no\n\
-             PrintMotd no\nPrintLastLog no\nMaxStartups 100:30:200\nMaxSessions 50\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("sshd_config"), config)?;
-        for f in [
-            "host_ed25519_key",
-            "host_ed25519_key.pub",
-            "ca.pub",
-            "authorized_keys",
-            "sshd_config",
-        ] {
-            chown(&d.join(f), ids)?;
-        }
-        chown(d, ids)?;
-        let mut cmd = match ids {
-            Some((uid, gid)) => {
-                // With the `tty` group as its group, the pseudo terminals
-                // it opens for sessions are already (user, tty), so it need
-                // not chown them, which an unprivileged sshd may not do
-                // (it gives up the session: "chown(/dev/pts/N) failed").
-                let gid = tty_gid().unwrap_or(gid);
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}"))
-                    .arg(format!("--regid={gid}"))
-                    .arg("--init-groups")
-                    .arg("--")
-                    .arg(&bin);
-                c
+        // An sshd that exits at once (its port taken between `free_port`
+        // and its bind by another test binary, or the sshd user still being
+        // created by one) is started again, on a new port.
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = crate::free_port();
+            let config = format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519_key\n\
+                 PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 TrustedUserCAKeys {d}/ca.pub\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 LogLevel VERBOSE\nSubsystem sftp internal-sftp\nPermitUserEnvironment no\n\
+                 PrintMotd no\nPrintLastLog no\nMaxStartups 100:30:200\nMaxSessions 50\n",
+                d = d.display()
+            );
+            std::fs::write(d.join("sshd_config"), config)?;
+            for f in [
+                "host_ed25519_key",
+                "host_ed25519_key.pub",
+                "ca.pub",
+                "authorized_keys",
+                "sshd_config",
+            ] {
+                chown(&d.join(f), ids)?;
             }
-            None => Command::new(&bin),
-        };
-        cmd.arg("-D")
-            .arg("-f")
-            .arg(d.join("sshd_config"))
-            .arg("-E")
-            .arg(d.join("sshd.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().context("spawn sshd")?;
-        let mut sshd = Sshd {
-            port,
-            user,
-            host_key,
-            dir: Some(dir),
-            child: Some(child),
-        };
-        let listening = crate::poll(START_TIMEOUT, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        if listening.is_none() {
-            let log = sshd.log();
-            if let Some(c) = sshd.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                bail!("sshd exited ({st}):\n{log}");
+            chown(d, ids)?;
+            let mut cmd = match ids {
+                Some((uid, gid)) => {
+                    // With the `tty` group as its group, the pseudo terminals
+                    // it opens for sessions are already (user, tty), so it need
+                    // not chown them, which an unprivileged sshd may not do
+                    // (it gives up the session: "chown(/dev/pts/N) failed").
+                    let gid = tty_gid().unwrap_or(gid);
+                    let mut c = Command::new("setpriv");
+                    c.arg(format!("--reuid={uid}"))
+                        .arg(format!("--regid={gid}"))
+                        .arg("--init-groups")
+                        .arg("--")
+                        .arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            // What goes to stderr (setpriv's errors, sshd's before its log
+            // is open) is kept beside the log.
+            let stderr =
+                std::fs::File::create(d.join("sshd.stderr")).context("sshd stderr file")?;
+            cmd.arg("-D")
+                .arg("-f")
+                .arg(d.join("sshd_config"))
+                .arg("-E")
+                .arg(d.join("sshd.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr);
+            let child = cmd.spawn().context("spawn sshd")?;
+            let mut child = Some(child);
+            let listening = crate::poll(START_TIMEOUT, || {
+                if let Some(c) = child.as_mut()
+                    && let Ok(Some(_)) = c.try_wait()
+                {
+                    // Exited: no point in waiting for it.
+                    return Some(false);
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| true)
+            });
+            if listening == Some(true) {
+                return Ok(Sshd {
+                    port,
+                    user,
+                    host_key,
+                    dir: Some(dir),
+                    child,
+                });
             }
-            bail!("sshd did not listen on port {port} within {START_TIMEOUT:?}:\n{log}");
+            let what = match child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(st))) => format!("sshd exited ({st})"),
+                _ => format!("sshd did not listen on port {port} within {START_TIMEOUT:?}"),
+            };
+            stop_child(child.take(), Duration::from_secs(2));
+            let log = std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default();
+            let err = std::fs::read_to_string(d.join("sshd.stderr")).unwrap_or_default();
+            last = format!("{what}:\n{log}\nstderr:\n{err}");
+            eprintln!("testkit: starting sshd again: {last}");
+            let _ = std::fs::remove_file(d.join("sshd.log"));
         }
-        Ok(sshd)
+        bail!("{last}")
     }
 
     /// sshd's log (it names every certificate's key id).

@@ -4,8 +4,10 @@
 //! terminal, `connect`, the certificate the gateway signs (its key id in
 //! sshd's log), refusals (bad and ended credentials, SFTP, a host key that
 //! is not the pinned one), cuts at revoke and at expiry while `sleep 60`
-//! runs, `kill -9` with recovery and verification, the recording played
-//! back with `asciinema cat`, and drills on SSH targets.
+//! runs, `kill -9` with recovery and verification, an SFTP upload cut by
+//! `kill -9` of the client (recorded as far as it went, and no further
+//! than the recording), the recording played back with `asciinema cat`,
+//! and drills on SSH targets.
 
 mod gateway_support;
 
@@ -935,6 +937,101 @@ fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role
         kinds(&rec, "i").is_empty() && kinds(&rec, "o").is_empty(),
         "{rec:#?}"
     );
+}
+
+/// The pids of `pid`'s children, from `/proc/*/stat`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // After "pid (comm) state ": the parent's pid.
+        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
+}
+
+#[test]
+fn an_upload_cut_by_kill_9_of_the_client_is_recorded_as_far_as_it_went() {
+    use sha2::Digest as _;
+    let e = env();
+    let d = e.bg.dir.path();
+    let public = keygen(&d.join("client")).expect("client key");
+    let g = e.bg.grant("alice", "web-files", "ops", "10m");
+    let cert = d.join("client-cert.pub");
+    e.certify(&g.id, &public, &cert);
+    // 8 MB at 4 Mbit/s (`-l`): about 16 s, cut after the first 256 KB.
+    let body: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let local = d.join("big.bin");
+    std::fs::write(&local, &body).expect("local file");
+    let remote = format!("/tmp/bg-sftp-cut-{}.bin", std::process::id());
+    let batch = d.join("batch");
+    std::fs::write(&batch, format!("put {} {remote}\n", local.display())).expect("batch");
+    let mut cmd = Command::new("sftp");
+    cmd.arg("-b")
+        .arg(&batch)
+        .args(["-l", "4000"])
+        .args(cert_options(&d.join("client"), &cert))
+        .arg("-P")
+        .arg(e.bg.gw_port.to_string())
+        .arg("web-files@127.0.0.1")
+        .stdin(Stdio::null());
+    let client = Spawned::spawn(&mut cmd);
+    let grown = poll(Duration::from_secs(20), || {
+        std::fs::metadata(&remote)
+            .ok()
+            .filter(|m| m.len() >= 256 * 1024)
+    });
+    assert!(grown.is_some(), "the upload did not start");
+    // The transport is `ssh`, a child of `sftp`: killed first, it cannot
+    // close its channel; the gateway sees the connection drop mid-write.
+    let transports = children_of(client.pid());
+    assert!(!transports.is_empty(), "sftp runs ssh as its child");
+    for pid in transports {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    }
+    let _ = Command::new("kill")
+        .arg("-9")
+        .arg(client.pid().to_string())
+        .status();
+    let out = client.wait(Duration::from_secs(20));
+    assert_ne!(out.code, 0, "{out:#?}");
+    let s = e.ended_session(&g);
+    let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
+    let files = kinds(&rec, "file");
+    assert_eq!(files.len(), 1, "{files:#?}");
+    let f = &files[0];
+    assert_eq!(f["direction"], "upload", "{f}");
+    assert_eq!(f["path"], remote.as_str(), "{f}");
+    assert_eq!(f["closed"], false, "the handle was never closed: {f}");
+    let size = f["size"].as_u64().expect("size");
+    assert!(
+        size >= 256 * 1024 && size < body.len() as u64,
+        "recorded {size} of {} bytes",
+        body.len()
+    );
+    // What the recording vouches for is exactly the file's first bytes.
+    let prefix = &body[..usize::try_from(size).expect("size fits")];
+    assert_eq!(
+        f["sha256"].as_str(),
+        Some(hex::encode(sha2::Sha256::digest(prefix)).as_str()),
+        "{f}"
+    );
+    // Nothing reached the target that the recording does not hold.
+    let on_target = std::fs::read(&remote).expect("the partial upload");
+    let _ = std::fs::remove_file(&remote);
+    assert!(
+        on_target.len() as u64 <= size,
+        "{} bytes on the target, {size} recorded",
+        on_target.len()
+    );
+    assert_eq!(on_target, prefix[..on_target.len()], "the target's bytes");
+    assert_eq!(s["end_reason"], "client_closed", "{s}");
 }
 
 #[test]

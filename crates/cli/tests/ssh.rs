@@ -4,7 +4,8 @@
 //! terminal, `connect`, the certificate the gateway signs (its key id in
 //! sshd's log), refusals (bad and ended credentials, SFTP, a host key that
 //! is not the pinned one), cuts at revoke and at expiry while `sleep 60`
-//! runs, `kill -9` with recovery and verification, an SFTP upload cut by
+//! runs, the bound on channels a target forwards back (`ssh -R`),
+//! `kill -9` with recovery and verification, an SFTP upload cut by
 //! `kill -9` of the client (recorded as far as it went, and no further
 //! than the recording), the recording played back with `asciinema cat`,
 //! and drills on SSH targets.
@@ -616,6 +617,71 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
     })
     .expect("the remote forward's refusal is recorded");
     assert!(why.contains("port_forwarding = false"), "{why}");
+}
+
+/// Opens a connection to `port`, sends `line` and reads the echo; the
+/// connection is kept open when the echo came back (None otherwise).
+fn held_through_forward(port: u16, line: &str) -> Option<std::net::TcpStream> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    c.write_all(line.as_bytes()).ok()?;
+    let mut got = vec![0u8; line.len()];
+    c.read_exact(&mut got).ok()?;
+    (got == line.to_ascii_uppercase().as_bytes()).then_some(c)
+}
+
+#[test]
+fn connections_a_target_forwards_back_are_bounded_per_connection_and_the_rest_refused() {
+    let e = env();
+    let echo = shouting_echo();
+    let g = e.bg.grant("alice", "web-fwd", "ops", "10m");
+    let remote = free_port();
+    let spec = format!("{remote}:127.0.0.1:{echo}");
+    // `-N`: no session channel, so every channel of the connection is a
+    // forwarded one; the gateway allows 10 (the default).
+    let client = Spawned::spawn(&mut e.ssh_with(
+        "web-fwd",
+        &g.token,
+        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
+        &[],
+    ));
+    let first = poll(Duration::from_secs(20), || {
+        held_through_forward(remote, "ping\n")
+    })
+    .expect("the remote forward answers");
+    let mut held = vec![first];
+    let mut turned_away = 0;
+    // Whoever connects on the target's side, one at a time, each kept open.
+    for i in 0..11 {
+        match held_through_forward(remote, &format!("conn {i}\n")) {
+            Some(c) => held.push(c),
+            None => turned_away += 1,
+        }
+    }
+    assert_eq!((held.len(), turned_away), (10, 2));
+    let sid = e.live_session(&g)["session_id"]
+        .as_str()
+        .expect("sid")
+        .to_string();
+    let refused: Vec<Value> = kinds(&e.bg.recording(&sid), "refused")
+        .into_iter()
+        .filter(|r| r["detail"] == "too many channels on this connection")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(refused.iter().all(|r| r["what"] == "port_forwarding"));
+    // A slot given back is taken again.
+    drop(held.pop());
+    let again = poll(Duration::from_secs(10), || {
+        held_through_forward(remote, "again\n")
+    });
+    assert!(again.is_some(), "a closed channel frees its slot");
+    let (st, v) = e.bg.post(
+        "alice",
+        &format!("/v1/requests/{}/revoke", g.id),
+        json!({"reason": "done"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let _ = client.wait(Duration::from_secs(20));
 }
 
 #[test]

@@ -913,44 +913,81 @@ fn cert_options(key: &Path, cert: &Path) -> Vec<std::ffi::OsString> {
     o
 }
 
+/// A grant on `web-files` with a signed client certificate, and a local
+/// file of `len` bytes that are not all alike (so a hash means something).
+struct SftpFixture {
+    grant: Grant,
+    cert: PathBuf,
+    key: PathBuf,
+    body: Vec<u8>,
+    local: PathBuf,
+}
+
+impl SftpFixture {
+    fn new(e: &Env, len: u32) -> SftpFixture {
+        let d = e.bg.dir.path();
+        let key = d.join("client");
+        let public = keygen(&key).expect("client key");
+        let grant = e.bg.grant("alice", "web-files", "ops", "10m");
+        let cert = d.join("client-cert.pub");
+        e.certify(&grant.id, &public, &cert);
+        let body: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let local = d.join("up.bin");
+        std::fs::write(&local, &body).expect("local file");
+        SftpFixture {
+            grant,
+            cert,
+            key,
+            body,
+            local,
+        }
+    }
+
+    /// `sftp -b` with `batch` and `opts` through the gateway, as the
+    /// grant's holder.
+    fn sftp(&self, e: &Env, opts: &[&str], batch: &str) -> Command {
+        let file = e.bg.dir.path().join("batch");
+        std::fs::write(&file, batch).expect("batch");
+        let mut cmd = Command::new("sftp");
+        cmd.arg("-b")
+            .arg(&file)
+            .args(opts)
+            .args(cert_options(&self.key, &self.cert))
+            .arg("-P")
+            .arg(e.bg.gw_port.to_string())
+            .arg("web-files@127.0.0.1");
+        cmd
+    }
+}
+
 #[test]
 fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role_allows_them() {
     use sha2::Digest as _;
     let e = env();
     let d = e.bg.dir.path();
-    let public = keygen(&d.join("client")).expect("client key");
-    let g = e.bg.grant("alice", "web-files", "ops", "10m");
-    let cert = d.join("client-cert.pub");
-    e.certify(&g.id, &public, &cert);
     // 300 KB that are not all alike, so the hash means something.
-    let body: Vec<u8> = (0..300_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let local = d.join("up.bin");
-    std::fs::write(&local, &body).expect("local file");
+    let f = SftpFixture::new(&e, 300_000);
+    let (body, local) = (&f.body, &f.local);
     let remote = format!("/tmp/bg-sftp-{}.bin", std::process::id());
-    let batch = d.join("batch");
-    std::fs::write(
-        &batch,
-        format!(
+    let out = run(&mut f.sftp(
+        &e,
+        &[],
+        &format!(
             "put {} {remote}\nget {remote} {}\nrename {remote} {remote}.2\nrm {remote}.2\n",
             local.display(),
             d.join("down.bin").display()
         ),
-    )
-    .expect("batch");
-    let out = run(Command::new("sftp")
-        .arg("-b")
-        .arg(&batch)
-        .args(cert_options(&d.join("client"), &cert))
-        .arg("-P")
-        .arg(e.bg.gw_port.to_string())
-        .arg("web-files@127.0.0.1"));
+    ));
     assert_eq!(out.code, 0, "{out:#?}");
-    assert_eq!(std::fs::read(d.join("down.bin")).expect("downloaded"), body);
-    let s = e.ended_session(&g);
+    assert_eq!(
+        &std::fs::read(d.join("down.bin")).expect("downloaded"),
+        body
+    );
+    let s = e.ended_session(&f.grant);
     let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
-    let sha = hex::encode(sha2::Sha256::digest(&body));
+    let sha = hex::encode(sha2::Sha256::digest(body));
     let files = kinds(&rec, "file");
     let summary: Vec<(String, String, u64, String, bool)> = files
         .iter()
@@ -1024,29 +1061,16 @@ fn children_of(pid: u32) -> Vec<u32> {
 fn an_upload_cut_by_kill_9_of_the_client_is_recorded_as_far_as_it_went() {
     use sha2::Digest as _;
     let e = env();
-    let d = e.bg.dir.path();
-    let public = keygen(&d.join("client")).expect("client key");
-    let g = e.bg.grant("alice", "web-files", "ops", "10m");
-    let cert = d.join("client-cert.pub");
-    e.certify(&g.id, &public, &cert);
     // 8 MB at 4 Mbit/s (`-l`): about 16 s, cut after the first 256 KB.
-    let body: Vec<u8> = (0..8_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let local = d.join("big.bin");
-    std::fs::write(&local, &body).expect("local file");
+    let f = SftpFixture::new(&e, 8_000_000);
+    let (g, body) = (&f.grant, &f.body);
     let remote = format!("/tmp/bg-sftp-cut-{}.bin", std::process::id());
-    let batch = d.join("batch");
-    std::fs::write(&batch, format!("put {} {remote}\n", local.display())).expect("batch");
-    let mut cmd = Command::new("sftp");
-    cmd.arg("-b")
-        .arg(&batch)
-        .args(["-l", "4000"])
-        .args(cert_options(&d.join("client"), &cert))
-        .arg("-P")
-        .arg(e.bg.gw_port.to_string())
-        .arg("web-files@127.0.0.1")
-        .stdin(Stdio::null());
+    let mut cmd = f.sftp(
+        &e,
+        &["-l", "4000"],
+        &format!("put {} {remote}\n", f.local.display()),
+    );
+    cmd.stdin(Stdio::null());
     let client = Spawned::spawn(&mut cmd);
     let grown = poll(Duration::from_secs(20), || {
         std::fs::metadata(&remote)
@@ -1067,7 +1091,7 @@ fn an_upload_cut_by_kill_9_of_the_client_is_recorded_as_far_as_it_went() {
         .status();
     let out = client.wait(Duration::from_secs(20));
     assert_ne!(out.code, 0, "{out:#?}");
-    let s = e.ended_session(&g);
+    let s = e.ended_session(g);
     let rec = e.bg.recording(s["session_id"].as_str().expect("sid"));
     let files = kinds(&rec, "file");
     assert_eq!(files.len(), 1, "{files:#?}");

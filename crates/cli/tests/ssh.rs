@@ -466,6 +466,31 @@ fn through_forward(port: u16, line: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&got).into_owned())
 }
 
+/// Revokes `g` as its holder and waits for `client` to end.
+fn revoke_and_wait(e: &Env, g: &Grant, client: Spawned) {
+    let (st, v) = e.bg.post(
+        &g.principal,
+        &format!("/v1/requests/{}/revoke", g.id),
+        json!({"reason": "done"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let _ = client.wait(Duration::from_secs(20));
+}
+
+/// `ssh -N -R` on `web-fwd` with grant `g`: the target listens on a free
+/// port (returned) and forwards to `to` on the client's side.
+fn remote_forward(e: &Env, g: &Grant, to: u16) -> (u16, Spawned) {
+    let remote = free_port();
+    let spec = format!("{remote}:127.0.0.1:{to}");
+    let client = Spawned::spawn(&mut e.ssh_with(
+        "web-fwd",
+        &g.token,
+        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
+        &[],
+    ));
+    (remote, client)
+}
+
 #[test]
 fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwise() {
     let e = start_with(
@@ -524,14 +549,7 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
 
     // Remote forwarding: the target listens, the client's side answers.
     let g = e.bg.grant("alice", "web-fwd", "ops", "10m");
-    let remote = free_port();
-    let spec = format!("{remote}:127.0.0.1:{echo}");
-    let client = Spawned::spawn(&mut e.ssh_with(
-        "web-fwd",
-        &g.token,
-        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
-        &[],
-    ));
+    let (remote, client) = remote_forward(&e, &g, echo);
     let answer = poll(Duration::from_secs(20), || {
         through_forward(remote, "ping\n").filter(|a| !a.is_empty())
     });
@@ -540,13 +558,7 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
         .as_str()
         .expect("sid")
         .to_string();
-    let (st, v) = e.bg.post(
-        "alice",
-        &format!("/v1/requests/{}/revoke", g.id),
-        json!({"reason": "done"}),
-    );
-    assert_eq!(st, 200, "{v}");
-    let _ = client.wait(Duration::from_secs(20));
+    revoke_and_wait(&e, &g, client);
     let rec = e.bg.recording(&sid);
     let listening = kinds(&rec, "remote_forward");
     assert_eq!(listening.len(), 1, "{rec:#?}");
@@ -635,16 +647,9 @@ fn connections_a_target_forwards_back_are_bounded_per_connection_and_the_rest_re
     let e = env();
     let echo = shouting_echo();
     let g = e.bg.grant("alice", "web-fwd", "ops", "10m");
-    let remote = free_port();
-    let spec = format!("{remote}:127.0.0.1:{echo}");
     // `-N`: no session channel, so every channel of the connection is a
     // forwarded one; the gateway allows 10 (the default).
-    let client = Spawned::spawn(&mut e.ssh_with(
-        "web-fwd",
-        &g.token,
-        &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &spec],
-        &[],
-    ));
+    let (remote, client) = remote_forward(&e, &g, echo);
     let first = poll(Duration::from_secs(20), || {
         held_through_forward(remote, "ping\n")
     })
@@ -675,13 +680,7 @@ fn connections_a_target_forwards_back_are_bounded_per_connection_and_the_rest_re
         held_through_forward(remote, "again\n")
     });
     assert!(again.is_some(), "a closed channel frees its slot");
-    let (st, v) = e.bg.post(
-        "alice",
-        &format!("/v1/requests/{}/revoke", g.id),
-        json!({"reason": "done"}),
-    );
-    assert_eq!(st, 200, "{v}");
-    let _ = client.wait(Duration::from_secs(20));
+    revoke_and_wait(&e, &g, client);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use breakglass_testkit::Sshd;
+use breakglass_testkit::os;
 use breakglass_testkit::sshd::keygen;
 use gateway_support::{Bg, Grant, Out, Spawned, free_port, poll, principals_config, run};
 use serde_json::{Value, json};
@@ -448,9 +449,9 @@ fn shouting_echo() -> u16 {
     port
 }
 
-/// Connects to a forwarded local port, sends `line`, returns the answer
-/// (empty when the forwarded connection was refused).
-fn through_forward(port: u16, line: &str) -> Option<String> {
+/// Connects to a forwarded port, sends `line`, and reads as many bytes
+/// back (fewer at the end of the stream); the connection stays open.
+fn exchange(port: u16, line: &str) -> Option<(std::net::TcpStream, Vec<u8>)> {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     c.write_all(line.as_bytes()).ok()?;
@@ -463,7 +464,13 @@ fn through_forward(port: u16, line: &str) -> Option<String> {
         }
     }
     got.truncate(at);
-    Some(String::from_utf8_lossy(&got).into_owned())
+    Some((c, got))
+}
+
+/// Connects to a forwarded local port, sends `line`, returns the answer
+/// (empty when the forwarded connection was refused).
+fn through_forward(port: u16, line: &str) -> Option<String> {
+    exchange(port, line).map(|(_, got)| String::from_utf8_lossy(&got).into_owned())
 }
 
 /// Revokes `g` as its holder and waits for `client` to end.
@@ -634,12 +641,9 @@ fn local_port_forwarding_is_recorded_when_the_role_allows_it_and_refused_otherwi
 /// Opens a connection to `port`, sends `line` and reads the echo; the
 /// connection is kept open when the echo came back (None otherwise).
 fn held_through_forward(port: u16, line: &str) -> Option<std::net::TcpStream> {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    c.write_all(line.as_bytes()).ok()?;
-    let mut got = vec![0u8; line.len()];
-    c.read_exact(&mut got).ok()?;
-    (got == line.to_ascii_uppercase().as_bytes()).then_some(c)
+    exchange(port, line)
+        .filter(|(_, got)| *got == line.to_ascii_uppercase().as_bytes())
+        .map(|(c, _)| c)
 }
 
 #[test]
@@ -1041,21 +1045,6 @@ fn sftp_transfers_are_recorded_with_path_direction_size_and_sha256_when_the_role
     );
 }
 
-/// The pids of `pid`'s children, from `/proc/*/stat`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-        // After "pid (comm) state ": the parent's pid.
-        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
-        (ppid == pid).then_some(child)
-    })
-    .collect()
-}
-
 #[test]
 fn an_upload_cut_by_kill_9_of_the_client_is_recorded_as_far_as_it_went() {
     use sha2::Digest as _;
@@ -1079,15 +1068,12 @@ fn an_upload_cut_by_kill_9_of_the_client_is_recorded_as_far_as_it_went() {
     assert!(grown.is_some(), "the upload did not start");
     // The transport is `ssh`, a child of `sftp`: killed first, it cannot
     // close its channel; the gateway sees the connection drop mid-write.
-    let transports = children_of(client.pid());
+    let transports = os::children(client.pid());
     assert!(!transports.is_empty(), "sftp runs ssh as its child");
     for pid in transports {
-        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        os::signal(pid, "KILL");
     }
-    let _ = Command::new("kill")
-        .arg("-9")
-        .arg(client.pid().to_string())
-        .status();
+    os::signal(client.pid(), "KILL");
     let out = client.wait(Duration::from_secs(20));
     assert_ne!(out.code, 0, "{out:#?}");
     let s = e.ended_session(g);

@@ -168,6 +168,27 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The pids of `pid`'s children, from `/proc/*/stat` (the parent's pid is
+/// the second field after the parenthesised command name).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == pid).then_some(child)
+    })
+    .collect()
+}
+
 /// Sends `signal` (e.g. `"KILL"`) to `pid` with the `kill` command; this
 /// crate forbids `unsafe`, so it does not call `kill(2)` directly.
 pub fn signal(pid: u32, signal: &str) {

@@ -31,6 +31,8 @@ pub use pgbouncer::{PgBouncer, pgbouncer_bin};
 pub use sshd::Sshd;
 use std::time::{Duration, Instant};
 
+/// Process helpers (signals, children, polling) the tests share.
+pub use breakglass_localpg::os;
 pub use breakglass_localpg::{
     AuthMethod, PgCluster, client_command, free_port, pg_bin_dir, psql_at,
 };

@@ -14,14 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use breakglass_localpg::os::{output, running_as_root, stop_child};
+use breakglass_localpg::os::{output, port_was_taken, running_as_root, stop_child};
 
 /// The user sshd runs as (and the tests log in as) when started as root.
 pub const SSHD_USER: &str = "breakglass-sshd";
 /// How long sshd may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// Starts of sshd tried before giving up (see [`Sshd::start`]).
-const START_ATTEMPTS: u32 = 3;
+/// Starts tried when another process took the chosen port first.
+const PORT_ATTEMPTS_MAX: u32 = 3;
 
 /// A running sshd.
 pub struct Sshd {
@@ -160,11 +160,16 @@ impl Sshd {
         let host_key = keygen(&d.join("host_ed25519_key"))?;
         std::fs::write(d.join("ca.pub"), format!("{ca_public}\n"))?;
         std::fs::write(d.join("authorized_keys"), authorized.join("\n") + "\n")?;
-        // An sshd that exits at once (its port taken between `free_port`
-        // and its bind by another test binary, or the sshd user still being
-        // created by one) is started again, on a new port.
-        let mut last = String::new();
-        for _ in 0..START_ATTEMPTS {
+        for f in [
+            "host_ed25519_key",
+            "host_ed25519_key.pub",
+            "ca.pub",
+            "authorized_keys",
+        ] {
+            chown(&d.join(f), ids)?;
+        }
+        chown(d, ids)?;
+        for attempt in 1..=PORT_ATTEMPTS_MAX {
             let port = crate::free_port();
             let config = format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519_key\n\
@@ -176,16 +181,7 @@ impl Sshd {
                 d = d.display()
             );
             std::fs::write(d.join("sshd_config"), config)?;
-            for f in [
-                "host_ed25519_key",
-                "host_ed25519_key.pub",
-                "ca.pub",
-                "authorized_keys",
-                "sshd_config",
-            ] {
-                chown(&d.join(f), ids)?;
-            }
-            chown(d, ids)?;
+            chown(&d.join("sshd_config"), ids)?;
             let mut cmd = match ids {
                 Some((uid, gid)) => {
                     // With the `tty` group as its group, the pseudo terminals
@@ -215,13 +211,11 @@ impl Sshd {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr);
-            let child = cmd.spawn().context("spawn sshd")?;
-            let mut child = Some(child);
+            let mut child = cmd.spawn().context("spawn sshd")?;
+            let mut exited = None;
             let listening = crate::poll(START_TIMEOUT, || {
-                if let Some(c) = child.as_mut()
-                    && let Ok(Some(_)) = c.try_wait()
-                {
-                    // Exited: no point in waiting for it.
+                if let Ok(Some(st)) = child.try_wait() {
+                    exited = Some(st);
                     return Some(false);
                 }
                 std::net::TcpStream::connect(("127.0.0.1", port))
@@ -234,21 +228,23 @@ impl Sshd {
                     user,
                     host_key,
                     dir: Some(dir),
-                    child,
+                    child: Some(child),
                 });
             }
-            let what = match child.as_mut().map(Child::try_wait) {
-                Some(Ok(Some(st))) => format!("sshd exited ({st})"),
-                _ => format!("sshd did not listen on port {port} within {START_TIMEOUT:?}"),
-            };
-            stop_child(child.take(), Duration::from_secs(2));
+            stop_child(Some(child), Duration::from_secs(2));
             let log = std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default();
             let err = std::fs::read_to_string(d.join("sshd.stderr")).unwrap_or_default();
-            last = format!("{what}:\n{log}\nstderr:\n{err}");
-            eprintln!("testkit: starting sshd again: {last}");
+            let what = match exited {
+                Some(st) => format!("sshd exited ({st})"),
+                None => format!("sshd did not listen on port {port} within {START_TIMEOUT:?}"),
+            };
+            if exited.is_none() || attempt == PORT_ATTEMPTS_MAX || !port_was_taken(&log) {
+                bail!("{what}:\n{log}\nstderr:\n{err}");
+            }
+            eprintln!("breakglass-testkit: sshd's port {port} taken, retrying");
             let _ = std::fs::remove_file(d.join("sshd.log"));
         }
-        bail!("{last}")
+        unreachable!("the last attempt returns or fails")
     }
 
     /// sshd's log (it names every certificate's key id).
